@@ -1,0 +1,293 @@
+"""Public Python API: ``load``, ``logits``, ``generate``.
+
+```python
+import qspec_jax as qj
+model = qj.load(path, dtype="bfloat16")
+logits = qj.logits(model, token_ids, mode="w16")
+out = qj.generate(model, prompts, max_new_tokens=32, mode="w16", temperature=0.0)
+out.tokens, out.text, out.stats
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import quant as quant_lib
+from .config import (ModelConfig, QuantConfig, generation_eos_ids, model_config_from_hf,
+                     read_hf_config, round_up)
+from .generate import decode_autoregressive
+from .model import KVCache, Transformer
+from .sampling import SamplingConfig
+
+log = logging.getLogger("qspec_jax")
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+PROMPT_BUCKET = 16
+CACHE_BUCKET = 64
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclasses.dataclass
+class QSpecModel:
+    """A loaded model: config, NNX graph definition and parameter state, tokenizer."""
+
+    cfg: ModelConfig
+    qcfg: QuantConfig
+    graphdef: Any
+    state: Any
+    dtype: Any
+    tokenizer: Any = None
+    eos_ids: tuple = ()
+    path: str | None = None
+
+    @property
+    def module(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Execution modes this model's weights support."""
+        return quant_lib.QUANT_MODES if self.qcfg.quantized else ("w16",)
+
+    def check_mode(self, mode: str) -> None:
+        quant_lib.check_mode(mode)
+        if mode not in self.modes:
+            kind = "quantized" if self.qcfg.quantized else "unquantized (16-bit)"
+            raise ValueError(f"mode {mode!r} is not available for this {kind} model; available: "
+                             f"{', '.join(self.modes)}" + ("" if self.qcfg.quantized else
+                             ". Load with quant='w4' for the quantized modes"))
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: list[list[int]]      # generated tokens only, stopped at EOS (EOS included)
+    text: list[str] | None       # decoded continuations when the model has a tokenizer
+    stats: dict
+
+
+def resolve_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def abstract_model(cfg: ModelConfig, qcfg: QuantConfig, dtype) -> Transformer:
+    """The model with shapes only (no memory): its pure-dict state is the parameter schema."""
+    return nnx.eval_shape(lambda: Transformer(cfg, qcfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def flat_shapes(tree: dict, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_shapes(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = tuple(v.shape)
+    return out
+
+
+def assemble(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, tokenizer=None,
+             eos_ids=(), path=None) -> QSpecModel:
+    """Put a parameter pure dict into the NNX model structure."""
+    graphdef, state = nnx.split(abstract_model(cfg, qcfg, dtype))
+    nnx.replace_by_pure_dict(state, params)
+    return QSpecModel(cfg, qcfg, graphdef, state, dtype, tokenizer, tuple(eos_ids), path)
+
+
+def load_tokenizer(path: str):
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str | None = None,
+         method: str = "rtn", rotate: bool | None = None, group_size: int | None = None,
+         calib: str | None = None, calib_tokens: int = 16384) -> QSpecModel:
+    """Load an HF checkpoint folder or a ``qspec-convert`` output.
+
+    On an HF folder, ``quant="w4"`` quantizes on load (``method`` rtn|gptq, ``group_size``),
+    ``rotate`` (default: True when quantizing) folds the QuaRot rotation in. On a converted
+    folder the stored settings are used and conflicting arguments are rejected.
+    ``path=None`` loads the embedded default model.
+    """
+    from conversion import checkpoint, hf
+    path = os.fspath(path) if path is not None else default_model_path()
+    dtype = resolve_dtype(dtype)
+    if checkpoint.is_converted(path):
+        return checkpoint.load_converted(path, dtype=dtype, quant=quant, method=method,
+                                         rotate=rotate, group_size=group_size)
+    cfg = model_config_from_hf(read_hf_config(path))
+    qcfg = make_quant_config(quant, method, rotate, group_size)
+    params = hf.load_hf_params(path, cfg, flat_shapes(
+        nnx.state(abstract_model(cfg, QuantConfig(), dtype)).to_pure_dict()), dtype)
+    if qcfg.rotate or qcfg.quantized:
+        from conversion.quantize import prepare_params
+        cfg, params = prepare_params(cfg, qcfg, params, dtype, calib=calib, calib_tokens=calib_tokens,
+                                     tokenizer_path=path)
+    return assemble(cfg, qcfg, params, dtype, tokenizer=load_tokenizer(path),
+                    eos_ids=generation_eos_ids(path, cfg), path=path)
+
+
+def make_quant_config(quant, method, rotate, group_size) -> QuantConfig:
+    if quant not in (None, "w4"):
+        raise ValueError(f"unknown quant={quant!r}; use 'w4' (4-bit weights) or None (16-bit)")
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"unknown quantization method {method!r}; use 'rtn' or 'gptq'")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    if rotate is None:
+        rotate = quant is not None
+    return QuantConfig(quant=quant, method=method if quant else None,
+                       group_size=group_size if quant else None, rotate=bool(rotate))
+
+
+def default_model_path() -> str:
+    path = os.path.join(os.path.dirname(__file__), "default_model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError("the embedded default model is not installed with this package "
+                                f"(expected {path}); pass a model folder instead")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# logits
+
+
+@partial(jax.jit, static_argnames=("graphdef", "mode", "kernels"))
+def _logits_jit(graphdef, state, tokens, *, mode, kernels):
+    model = nnx.merge(graphdef, state)
+    B, T = tokens.shape
+    cache = KVCache(*(jnp.zeros((model.cfg.num_hidden_layers, B, model.cfg.num_key_value_heads,
+                                 T, model.cfg.head_dim), model.dtype) for _ in range(2)))
+    logits, _ = model(tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode, kernels=kernels)
+    return logits
+
+
+def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "xla") -> jax.Array:
+    """token_ids int [B, T] -> logits float32 [B, T, vocab] (a full causal pass, no cache)."""
+    model.check_mode(mode)
+    tokens = jnp.asarray(token_ids, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"token_ids must be [batch, length], got shape {tokens.shape}")
+    check_token_range(np.asarray(tokens), model.cfg.vocab_size)
+    return _logits_jit(model.graphdef, model.state, tokens, mode=mode, kernels=kernels)
+
+
+def check_token_range(tokens: np.ndarray, vocab: int) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}); got values in "
+                         f"[{tokens.min()}, {tokens.max()}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def encode_prompts(model: QSpecModel, prompts) -> list[list[int]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer files; pass prompts as token-id lists")
+            p = model.tokenizer(p)["input_ids"]
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        out.append(p)
+    check_token_range(np.asarray([t for p in out for t in p]), model.cfg.vocab_size)
+    return out
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a length bucket so nearby prompt lengths share one compilation."""
+    width = round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max_new_tokens: int,
+                 lookahead: int, max_len: int | None) -> int:
+    """Static cache length: room for the prompt, the new tokens and a verify window."""
+    needed = longest_prompt + max_new_tokens + lookahead
+    if max_len is None:
+        max_len = round_up(max(needed, padded_prompt), CACHE_BUCKET)
+        window = model.cfg.sliding_window
+        if window is not None and needed <= window < max_len:
+            max_len = window
+    elif needed > max_len:
+        raise ValueError(f"the KV cache (max_len={max_len}) cannot hold the longest prompt "
+                         f"({longest_prompt} tokens) + max_new_tokens ({max_new_tokens})"
+                         + (f" + {lookahead} speculative positions" if lookahead else "")
+                         + f" = {needed}; raise max_len or shorten the request")
+    model.cfg.check_cache_len(max_len)
+    return max_len
+
+
+def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
+    return [tokens[i, :counts[i]].tolist() for i in range(tokens.shape[0])]
+
+
+def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
+             draft: str = "w4a8", gamma: int = 3, max_len: int | None = None,
+             kernels: str = "xla") -> GenerateOutput:
+    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec"."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    sampling = SamplingConfig(float(temperature) if isinstance(temperature, (int, float)) else temperature,
+                              top_k, float(top_p) if isinstance(top_p, (int, float)) else top_p)
+    speculative = mode == "qspec"
+    if speculative:
+        from .speculative import check_speculation
+        check_speculation(model, draft, gamma)
+    else:
+        model.check_mode(mode)
+    prompt_ids = encode_prompts(model, prompts)
+    pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
+    tokens, lens = pad_prompts(prompt_ids, pad_id)
+    lookahead = gamma + 1 if speculative else 0
+    L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
+    cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
+    eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
+    args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,
+            jax.random.PRNGKey(seed), sampling.arrays(), eos)
+    t0 = time.perf_counter()
+    if speculative:
+        from .speculative import decode_speculative
+        res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
+                                 draft_mode=draft, verify_mode="w4a16", gamma=gamma, kernels=kernels)
+    else:
+        res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
+                                    mode=mode, kernels=kernels)
+    out_tokens, counts = np.asarray(res.tokens), np.asarray(res.num_generated)
+    wall = time.perf_counter() - t0
+    new = int(counts.sum())
+    stats = {"mode": mode, "batch": len(prompt_ids), "prompt_tokens": int(lens.sum()),
+             "new_tokens": new, "new_tokens_per_sequence": counts.tolist(), "wall_s": wall,
+             "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": L}
+    stats.update({k: np.asarray(v).tolist() for k, v in res.stats.items()})
+    token_lists = _to_lists(out_tokens, counts)
+    text = None
+    if model.tokenizer is not None:
+        text = [model.tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+    return GenerateOutput(token_lists, text, stats)

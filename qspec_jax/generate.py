@@ -1,0 +1,93 @@
+"""Autoregressive decoding as one jitted program: prefill, then a ``lax.while_loop``.
+
+``decode_autoregressive`` is the jittable array-level function (tokens, lengths, cache, rng in
+and out); ``qspec_jax.api.generate`` wraps it for lists of prompts and strings. Shapes are
+static (batch, padded prompt length, cache length, max_new_tokens), so repeated calls with the
+same shapes reuse one compilation; sampling parameters are traced values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .model import KVCache
+from .sampling import select_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeResult:
+    tokens: jax.Array          # [B, max_new_tokens] int32, -1 past each sequence's end
+    num_generated: jax.Array   # [B] int32, EOS included when hit
+    lengths: jax.Array         # [B] int32, tokens whose K/V are in the cache
+    cache: KVCache
+    rng: jax.Array
+    stats: dict                # device-side counters (speculative decoding adds its own)
+
+
+def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    """tokens [...] vs eos_ids [E] (E may be 0) -> bool [...]."""
+    return (tokens[..., None] == eos_ids).any(-1)
+
+
+def prefill(model, prompt_tokens, prompt_lens, cache, *, mode, kernels):
+    """Run the (right-padded) prompts; return logits at each prompt's last token [B, V]."""
+    B = prompt_tokens.shape[0]
+    last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
+    logits, cache = model(prompt_tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode,
+                          kernels=kernels, logits_positions=last)
+    return logits[:, 0], cache
+
+
+def record_tokens(out, count, new, active, max_new_tokens):
+    """Write new [B] at out[b, count[b]] for active rows; return (out, count)."""
+    B = out.shape[0]
+    idx = jnp.minimum(count, max_new_tokens - 1)
+    rows = jnp.arange(B)
+    out = out.at[rows, idx].set(jnp.where(active, new, out[rows, idx]))
+    return out, count + active.astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mode", "kernels"),
+         donate_argnames=("cache",))
+def decode_autoregressive(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling,
+                          eos_ids, *, max_new_tokens: int, greedy: bool, mode: str = "w16",
+                          kernels: str = "xla") -> DecodeResult:
+    """Plain decoding. prompt_tokens [B, P] right-padded, prompt_lens [B], eos_ids [E] int32.
+
+    ``sampling`` is ``SamplingConfig.arrays()``; ``graphdef``/``state`` come from
+    ``nnx.split(model)``. Each sequence stops after EOS or ``max_new_tokens`` tokens.
+    """
+    model = nnx.merge(graphdef, state)
+    B = prompt_tokens.shape[0]
+    select = partial(select_tokens, greedy=greedy, **sampling)
+    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=mode, kernels=kernels)
+    rng, key = jax.random.split(rng)
+    first = select(logits, key)
+    out = jnp.full((B, max_new_tokens), -1, jnp.int32)
+    active = jnp.ones((B,), bool)
+    out, count = record_tokens(out, jnp.zeros((B,), jnp.int32), first, active, max_new_tokens)
+    done = is_eos(first, eos_ids) | (count >= max_new_tokens)
+
+    def cond(carry):
+        return ~jnp.all(carry[5])
+
+    def body(carry):
+        out, count, last, lengths, cache, done, rng, steps = carry
+        logits, cache = model(last[:, None], cache, lengths, mode=mode, kernels=kernels)
+        rng, key = jax.random.split(rng)
+        tok = select(logits[:, 0], key)
+        active = ~done
+        out, count = record_tokens(out, count, tok, active, max_new_tokens)
+        lengths = lengths + active.astype(jnp.int32)
+        done = done | is_eos(tok, eos_ids) | (count >= max_new_tokens)
+        return out, count, jnp.where(active, tok, last), lengths, cache, done, rng, steps + 1
+
+    carry = (out, count, first, prompt_lens.astype(jnp.int32), cache, done, rng, jnp.int32(0))
+    out, count, _, lengths, cache, _, rng, steps = jax.lax.while_loop(cond, body, carry)
+    return DecodeResult(out, count, lengths, cache, rng, {"decode_steps": steps})

@@ -1,0 +1,134 @@
+"""Building blocks: the one quantizable linear layer, RMSNorm, embedding, rotary embedding.
+
+Every dense layer of the model is a ``QLinear``. Its parameters are either a 16-bit
+``kernel`` [in, out] or the 4-bit store ``qweight`` [in/2, out] + ``scales`` [in/G, out]
+(docs/DESIGN.md); the execution ``mode`` is a static argument of each call, so draft and verify
+passes are two traces over the same parameter bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import quant
+from .config import QuantConfig, RopeConfig
+
+log = logging.getLogger("qspec_jax")
+
+KERNEL_BACKENDS = ("auto", "pallas", "xla")
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class QLinear(nnx.Module):
+    """y = x @ W (+ b) with W stored 16-bit or as 4-bit weights; see ``quant`` for the modes."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, qcfg: QuantConfig | None,
+                 dtype, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        if qcfg is not None and qcfg.quantized:
+            group = qcfg.group_size or in_features
+            if in_features % 2 or in_features % group:
+                raise ValueError(
+                    f"cannot quantize a linear layer with {in_features} inputs in groups of {group}: "
+                    f"the input size must be even and divisible by the group size")
+            self.qweight = nnx.Param(jnp.zeros((in_features // 2, out_features), jnp.int8))
+            self.scales = nnx.Param(jnp.ones((in_features // group, out_features), jnp.float32))
+        else:
+            self.kernel = nnx.Param(_init(rngs, (in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    @property
+    def is_quantized(self) -> bool:
+        return hasattr(self, "qweight")
+
+    def __call__(self, x: jax.Array, mode: str, kernels: str = "xla") -> jax.Array:
+        if mode == "w16":
+            if self.is_quantized:
+                raise ValueError("mode 'w16' needs 16-bit weights but this model is quantized; "
+                                 f"use one of {', '.join(quant.QUANT_MODES)}")
+            y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+            y = y.astype(x.dtype)
+        else:
+            quant.check_mode(mode)
+            if not self.is_quantized:
+                raise ValueError(f"mode {mode!r} needs a quantized model; load it with quant='w4' "
+                                 "(or convert with --quant w4), or use mode='w16'")
+            y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def quantized_matmul(x, qweight, scales, mode: str, kernels: str):
+    """Route one quantized GEMM to the Pallas kernels or the XLA reference path."""
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    y = None
+    if kernels != "xla":
+        from . import kernel_dispatch
+        y = kernel_dispatch.quantized_matmul(x2, qweight, scales, mode, required=kernels == "pallas")
+    if y is None:
+        y = quant.quantized_matmul_reference(x2, qweight, scales, mode, out_dtype=x.dtype)
+    return y.reshape(*lead, y.shape[-1])
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As HF: normalize in f32, cast back, then multiply by the gain in the input dtype.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_init(rngs, (vocab, dim), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied lm_head: logits = x @ E^T, f32 accumulation."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
+    """Inverse frequencies [head_dim/2], with HF's 'linear' and 'llama3' scaling rules."""
+    inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * jnp.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [B, T, heads, hd], positions [B, T] -> rotated x (HF 'rotate_half' convention)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -1,0 +1,174 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Qwen2/2.5, Mistral) as a Flax NNX module.
+
+One forward serves every use: it appends T new tokens per sequence to a statically shaped KV
+cache at per-sequence start positions and returns logits. T = prompt length for prefill (ragged
+prompts right-padded), T = 1 for decoding, T = gamma + 1 for speculative verification. The
+execution mode ("w16", "w4a16", "w4a8", ...) is a static argument that reaches every QLinear.
+
+References: Touvron et al. 2023 (Llama), HF transformers' modeling_llama / modeling_qwen2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig, QuantConfig
+from .layers import Embed, QLinear, RMSNorm, apply_rope, rope_inv_freq
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    Sequence lengths are kept by the caller (the decode loops decide how far each sequence
+    advances, e.g. by its number of accepted speculative tokens).
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        cfg.check_cache_len(max_len)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
+    """Causal attention of new queries over the whole cache.
+
+    q [B, T, H, hd]; k, v [B, KVH, S, hd] (the new tokens already written); q_pos [B, T].
+    Key s is visible to query t iff s <= q_pos[b, t]. Softmax statistics in f32.
+    Returns [B, T, H, hd].
+    """
+    B, T, H, hd = q.shape
+    kvh = k.shape[1]
+    qg = q.reshape(B, T, kvh, H // kvh, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(hd))
+    key_pos = jnp.arange(k.shape[2])
+    visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, hd).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+        lin = dict(qcfg=qcfg, dtype=dtype, rngs=rngs)
+        self.q_proj = QLinear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias, **lin)
+        self.k_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
+        self.v_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
+        self.o_proj = QLinear(cfg.q_size, cfg.hidden_size, bias=False, **lin)
+        self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                    cfg.head_dim)
+        self.rotate = qcfg.rotate
+
+    def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels):
+        B, T, _ = x.shape
+        q = self.q_proj(x, mode, kernels).reshape(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        b = jnp.arange(B)[:, None]  # [B, 1]
+        cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
+        cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
+        out = attention_reference(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
+                                  positions)
+        out = out.reshape(B, T, self.heads * self.head_dim)
+        if self.rotate:
+            from .rotation import online_hadamard
+            out = online_hadamard(out)
+        return self.o_proj(out, mode, kernels), KVCache(cache_k, cache_v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+        lin = dict(bias=False, qcfg=qcfg, dtype=dtype, rngs=rngs)
+        self.gate_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.up_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size, **lin)
+        self.rotate = qcfg.rotate
+
+    def __call__(self, x, mode, kernels):
+        h = jax.nn.silu(self.gate_proj(x, mode, kernels)) * self.up_proj(x, mode, kernels)
+        if self.rotate:
+            from .rotation import online_hadamard
+            h = online_hadamard(h)
+        return self.down_proj(h, mode, kernels)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, qcfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, qcfg, dtype, rngs)
+
+    def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels):
+        h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x), mode, kernels)
+        return x, cache
+
+
+def _module_list(items):
+    # flax >= 0.12 wants nnx.List for lists of modules; older versions take plain lists.
+    return nnx.List(items) if hasattr(nnx, "List") else list(items)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer; see the module docstring for the call contract."""
+
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig | None = None, *, dtype=jnp.bfloat16,
+                 rngs: nnx.Rngs):
+        qcfg = qcfg or QuantConfig()
+        self.cfg, self.qcfg, self.dtype = cfg, qcfg, dtype
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+        self.layers = _module_list(DecoderLayer(cfg, qcfg, dtype, rngs)
+                                   for _ in range(cfg.num_hidden_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            lm_qcfg = qcfg if qcfg.quantize_lm_head else None
+            self.lm_head = QLinear(cfg.hidden_size, cfg.vocab_size, bias=False, qcfg=lm_qcfg,
+                                   dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, cache: KVCache, start: jax.Array, *, mode: str,
+                 kernels: str = "xla", logits_positions: jax.Array | None = None):
+        """tokens [B, T] int, start [B] int (cache position of tokens[:, 0]).
+
+        Returns (logits f32 [B, T, V] or [B, P, V] at ``logits_positions`` [B, P] (indices into
+        T), updated cache). Positions past the cache end are not written.
+        """
+        B, T = tokens.shape
+        positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
+        inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
+        x = self.embed(tokens).astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cache, i, positions, inv_freq, mode, kernels)
+        if logits_positions is not None:
+            x = jnp.take_along_axis(x, logits_positions[:, :, None].astype(jnp.int32), axis=1)
+        x = self.final_norm(x)
+        return self.head(x, mode, kernels), cache
+
+    def head(self, x: jax.Array, mode: str, kernels: str = "xla") -> jax.Array:
+        if self.cfg.tie_word_embeddings:
+            return self.embed.attend(x)
+        # A 16-bit lm_head runs the same in every mode.
+        head_mode = mode if self.lm_head.is_quantized else "w16"
+        return self.lm_head(x, head_mode, kernels).astype(jnp.float32)
