@@ -8,6 +8,7 @@ passes are two traces over the same parameter bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -20,6 +21,20 @@ from .config import QuantConfig, RopeConfig
 log = logging.getLogger("qspec_jax")
 
 KERNEL_BACKENDS = ("auto", "pallas", "xla")
+
+# Active calibration captures: each maps id(QLinear) -> its input, for GPTQ's Hessians.
+_CAPTURES: list[dict] = []
+
+
+@contextlib.contextmanager
+def capture_linear_inputs():
+    """Record the input of every QLinear called inside the block (works under tracing too)."""
+    captured: dict = {}
+    _CAPTURES.append(captured)
+    try:
+        yield captured
+    finally:
+        _CAPTURES.pop()
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -49,6 +64,8 @@ class QLinear(nnx.Module):
         return hasattr(self, "qweight")
 
     def __call__(self, x: jax.Array, mode: str, kernels: str = "xla") -> jax.Array:
+        for captured in _CAPTURES:
+            captured[id(self)] = x
         if mode == "w16":
             if self.is_quantized:
                 raise ValueError("mode 'w16' needs 16-bit weights but this model is quantized; "

@@ -1,0 +1,59 @@
+"""``qspec-generate [--model DIR] --prompt TEXT [...]``: print continuations and statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qspec-generate", description="Generate text with qspec-jax.")
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint or qspec-convert output (default: the embedded model)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default=None,
+                   help="w16 | w4a16 | w4a8 | w4a4 | w4a8_fp8 | qspec (default: qspec on quantized models, else w16)")
+    p.add_argument("--draft", default="w4a8", help="draft mode for --mode qspec (w4a8 | w4a4 | w4a8_fp8)")
+    p.add_argument("--gamma", type=int, default=3, help="draft tokens per QSpec cycle")
+    p.add_argument("--quant", default=None, choices=["w4"], help="quantize an HF checkpoint on load")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--kernels", default="xla", choices=["auto", "pallas", "xla"])
+    p.add_argument("--stats", action="store_true", help="print the statistics as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import qspec_jax as qj
+    try:
+        model = qj.load(args.model, dtype=args.dtype, quant=args.quant,
+                        method=args.method if args.quant else "rtn")
+        mode = args.mode or ("qspec" if model.qcfg.quantized else "w16")
+        out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=mode,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, draft=args.draft, gamma=args.gamma, kernels=args.kernels)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qspec-generate: error: {e}", file=sys.stderr)
+        return 2
+    texts = out.text if out.text is not None else [" ".join(map(str, t)) for t in out.tokens]
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt}{text}")
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    summary = {k: v for k, v in out.stats.items() if not isinstance(v, list)}
+    print(json.dumps(summary if not args.stats else out.stats, indent=None if not args.stats else 2),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
