@@ -109,6 +109,7 @@ def load_converted(path: str, *, dtype, quant=None, method=None, rotate=None, gr
     import orbax.checkpoint as ocp
     from qspec_jax.api import abstract_model, assemble, load_tokenizer
     from qspec_jax.config import generation_eos_ids
+    from qspec_jax.model import pure_dict
 
     meta = read_meta(path)
     qcfg = QuantConfig.from_json(meta["quant"])
@@ -120,13 +121,8 @@ def load_converted(path: str, *, dtype, quant=None, method=None, rotate=None, gr
         raise ValueError(f"{path} is already converted with other settings: {', '.join(conflicts)}; "
                          "load it without these arguments or convert the HF checkpoint again")
     cfg = dataclasses.replace(model_config_from_hf(read_hf_config(path)), **meta["config_overrides"])
-    target = nnx_pure_dict_abstract(abstract_model(cfg, qcfg, dtype))
+    target = pure_dict(abstract_model(cfg, qcfg, dtype))
     restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"),
                                                   _str_keys(target))
     return assemble(cfg, qcfg, _int_layer_keys(restored), dtype, tokenizer=load_tokenizer(path),
                     eos_ids=generation_eos_ids(path, cfg), path=path)
-
-
-def nnx_pure_dict_abstract(model) -> dict:
-    from flax import nnx
-    return nnx.state(model).to_pure_dict()

@@ -6,10 +6,9 @@ import dataclasses
 import logging
 import os
 
-from flax import nnx
-
 from qspec_jax.api import abstract_model, flat_shapes, make_quant_config, resolve_dtype
 from qspec_jax.config import QuantConfig, model_config_from_hf, read_hf_config
+from qspec_jax.model import pure_dict
 
 from . import checkpoint, hf
 from .quantize import prepare_params
@@ -33,7 +32,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype="bfloat16", quant: str | None = 
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     hf_cfg = model_config_from_hf(read_hf_config(hf_dir))
     qcfg = make_quant_config(quant, method, rotate, group_size)
-    expected = flat_shapes(nnx.state(abstract_model(hf_cfg, QuantConfig(), dtype)).to_pure_dict())
+    expected = flat_shapes(pure_dict(abstract_model(hf_cfg, QuantConfig(), dtype)))
     params = hf.load_hf_params(hf_dir, hf_cfg, expected, dtype)
     cfg = hf_cfg
     if qcfg.rotate or qcfg.quantized:

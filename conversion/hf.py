@@ -155,11 +155,11 @@ def load_hf_params(path: str, cfg: ModelConfig, expected_shapes: dict, dtype) ->
             continue
         if transpose:
             arr = arr.T
+        seen.add(our)
         if tuple(arr.shape) != tuple(expected_shapes[our]):
             mismatched.append(f"{name}: checkpoint {tuple(arr.shape[::-1] if transpose else arr.shape)}"
                               f" vs config {tuple(expected_shapes[our][::-1] if transpose else expected_shapes[our])}")
             continue
-        seen.add(our)
         _set(params, our, jnp.asarray(arr, dtype=dtype))
     missing = [_hf_name(p) for p in expected_shapes if p not in seen]
     problems = []

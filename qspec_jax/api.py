@@ -27,7 +27,7 @@ from . import quant as quant_lib
 from .config import (ModelConfig, QuantConfig, generation_eos_ids, model_config_from_hf,
                      read_hf_config, round_up)
 from .generate import decode_autoregressive
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, pure_dict
 from .sampling import SamplingConfig
 
 log = logging.getLogger("qspec_jax")
@@ -133,7 +133,7 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
     cfg = model_config_from_hf(read_hf_config(path))
     qcfg = make_quant_config(quant, method, rotate, group_size)
     params = hf.load_hf_params(path, cfg, flat_shapes(
-        nnx.state(abstract_model(cfg, QuantConfig(), dtype)).to_pure_dict()), dtype)
+        pure_dict(abstract_model(cfg, QuantConfig(), dtype))), dtype)
     if qcfg.rotate or qcfg.quantized:
         from conversion.quantize import prepare_params
         cfg, params = prepare_params(cfg, qcfg, params, dtype, calib=calib, calib_tokens=calib_tokens,

@@ -127,6 +127,14 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
+def pure_dict(module_or_state) -> dict:
+    """The parameter tree of a module (or NNX state) as a plain nested dict (docs/DESIGN.md)."""
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state)
+    if hasattr(nnx, "to_pure_dict"):
+        return nnx.to_pure_dict(state)
+    return state.to_pure_dict()
+
+
 def _module_list(items):
     # flax >= 0.12 wants nnx.List for lists of modules; older versions take plain lists.
     return nnx.List(items) if hasattr(nnx, "List") else list(items)

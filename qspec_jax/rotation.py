@@ -1,0 +1,296 @@
+"""QuaRot rotations: Hadamard matrices of any size, the fast online transform, and the
+offline folding of norms and rotations into a pure-dict parameter tree.
+
+Hadamard matrices
+-----------------
+``hadamard_matrix(n)`` is ``kron(B_m, S_p)`` with ``n = m * p``, ``p`` a power of two and
+``S_p`` the Sylvester Hadamard matrix. ``m`` is the smallest ``odd(n) * 2^j`` (j <= the power
+of two in n) that has a Paley construction from a prime q (at most MAX_PALEY_ORDER = 256):
+
+- Paley I, order q + 1 for q = 3 (mod 4): 4, 8, 12, 20, 24, 32, 44, 48, 60, 68, 72, 80, ...
+- Paley II, order 2 (q + 1) for q = 1 (mod 4): 12, 28, 36, 60, 76, 84, 108, ...
+
+e.g. 14336 = 28 x 512 (Paley II, q = 13), 96 = 12 x 8, 80 = 20 x 4. Then ``H H^T = n I`` with
+entries +-1. When no such m exists (n = 2 * odd: 6, 10, ...; or an odd factor without a
+Paley order up to 256: 11008 = 43 x 256, 52 = 13 x 4), the odd part m = odd(n) gets an exact
+orthogonal block instead of a Hadamard one, ``sqrt(m) * DCT-II`` (the orthonormal DCT-II of
+size m), so every n works and ``H H^T = n I`` still holds. Everything is a deterministic
+function of n.
+
+``online_hadamard(x) = x @ hadamard_matrix(n) / sqrt(n)`` along the last axis, computed as a
+Walsh-Hadamard butterfly over the 2^k part (O(n log n)) and one small m x m matmul.
+"""
+
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# ----------------------------------------------------------------------------- matrices
+
+
+def _is_prime(q):
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
+
+
+def _jacobsthal(q):
+    """Q[i, j] = Legendre symbol of (j - i) mod q, for prime q: [q, q]."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if r in squares else -1 for r in range(1, q)], np.float64)
+    idx = (np.arange(q)[None, :] - np.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def _paley1(q):
+    """Hadamard matrix of order q + 1 for prime q = 3 (mod 4): I + [[0, 1^T], [-1, Q]]."""
+    s = np.zeros((q + 1, q + 1))
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, _jacobsthal(q)
+    return np.eye(q + 1) + s
+
+
+def _paley2(q):
+    """Hadamard matrix of order 2 (q + 1) for prime q = 1 (mod 4): the symmetric conference
+    matrix C = [[0, 1^T], [1, Q]] with 0 -> [[1, -1], [-1, -1]] and +-1 -> +-[[1, 1], [1, -1]]."""
+    c = np.zeros((q + 1, q + 1))
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
+    sign_block, zero_block = [[1.0, 1.0], [1.0, -1.0]], [[1.0, -1.0], [-1.0, -1.0]]
+    return np.kron(c, sign_block) + np.kron(np.eye(q + 1), zero_block)
+
+
+def _paley_kind(m):
+    """Which Paley construction gives a Hadamard matrix of order m, or None."""
+    if m % 4:
+        return None
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return "paley1"
+    if _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return "paley2"
+    return None
+
+
+# The online transform spends m multiply-adds per element on the m x m block, so a Paley
+# block much larger than the odd factor it replaces (11008 = 43 x 256 would need 5504) is
+# worse than the exact DCT block of size odd(n).
+MAX_PALEY_ORDER = 256
+
+
+def _decompose(n):
+    """n -> (m, p, kind): n = m * p, p a power of two, kind of the m x m block
+    ('sylvester' for m = 1, 'paley1', 'paley2', or 'dct' when no Hadamard block is known)."""
+    if n < 1:
+        raise ValueError(f"Hadamard size must be positive, got {n}")
+    twos = (n & -n).bit_length() - 1  # n = odd * 2^twos
+    odd = n >> twos
+    if odd == 1:
+        return 1, n, "sylvester"
+    for j in range(twos + 1):
+        if odd << j > MAX_PALEY_ORDER:
+            break
+        kind = _paley_kind(odd << j)
+        if kind:
+            return odd << j, n // (odd << j), kind
+    return odd, n // odd, "dct"
+
+
+@functools.lru_cache(maxsize=None)
+def _block(m, kind):
+    """The m x m block with B B^T = m I (read-only, cached)."""
+    if kind == "sylvester":
+        b = np.ones((1, 1))
+    elif kind == "paley1":
+        b = _paley1(m - 1)
+    elif kind == "paley2":
+        b = _paley2(m // 2 - 1)
+    else:  # sqrt(m) * orthonormal DCT-II: rows k, columns i
+        k, i = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+        b = np.sqrt(2.0) * np.cos(np.pi * (2 * i + 1) * k / (2 * m))
+        b[0] = 1.0
+    b.setflags(write=False)
+    return b
+
+
+def _sylvester(p):
+    s = np.ones((1, 1))
+    while s.shape[0] < p:
+        s = np.block([[s, s], [s, -s]])
+    return s
+
+
+def has_hadamard(n):
+    """Whether hadamard_matrix(n) is a true +-1 Hadamard matrix (not a DCT fallback)."""
+    return _decompose(n)[2] != "dct"
+
+
+def hadamard_matrix(n):
+    """float64 [n, n] with H H^T = n I (a +-1 Hadamard matrix when ``has_hadamard(n)``).
+    Dense: for offline use and tests; apply it to data with ``online_hadamard``."""
+    m, p, kind = _decompose(n)
+    return np.kron(_block(m, kind), _sylvester(p))
+
+
+# ----------------------------------------------------------------------------- fast transform
+
+
+def _walsh_hadamard(y, xp):
+    """y @ S_p along the last axis (p a power of two) by log2(p) butterfly stages."""
+    *lead, p = y.shape
+    h = 1
+    while h < p:
+        y = y.reshape(*lead, p // (2 * h), 2, h)  # pairs (a, b) that are h apart
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = xp.stack([a + b, a - b], axis=-2).reshape(*lead, p)
+        h *= 2
+    return y
+
+
+def _fast_transform(x, xp, block_matmul):
+    """x @ hadamard_matrix(n) / sqrt(n) along the last axis with array module ``xp``.
+
+    With x reshaped to X [m, p] (index a * p + b), x @ kron(B, S) is B^T X S."""
+    *lead, n = x.shape
+    m, p, kind = _decompose(n)
+    y = _walsh_hadamard(x.reshape(*lead, m, p), xp)  # [..., m, p]
+    if m > 1:
+        y = block_matmul(y, _block(m, kind))
+    return y.reshape(*lead, n) * (1.0 / math.sqrt(n))
+
+
+def _block_matmul_jnp(y, b):
+    # HIGHEST: f32 must not be rounded to TF32 on GPU.
+    return jnp.einsum("...ab,ac->...cb", y, jnp.asarray(b, jnp.float32),
+                      precision=lax.Precision.HIGHEST)
+
+
+def _block_matmul_np(y, b):
+    return np.einsum("...ab,ac->...cb", y, b)
+
+
+def online_hadamard(x):
+    """Orthonormal Hadamard-type transform of x [..., n] along the last axis:
+    ``x @ hadamard_matrix(n) / sqrt(n)``, computed in float32, returned in x.dtype."""
+    y = _fast_transform(jnp.asarray(x).astype(jnp.float32), jnp, _block_matmul_jnp)
+    return y.astype(x.dtype)
+
+
+def hadamard_transform_np(x):
+    """float64 NumPy twin of ``online_hadamard`` for offline folding: x [..., n] -> [..., n]."""
+    return _fast_transform(np.asarray(x, np.float64), np, _block_matmul_np)
+
+
+# ----------------------------------------------------------------------------- folding
+
+_ROW_CHUNK = 8192  # rows transformed at once in float64, to bound host memory
+
+
+def _out_dtype(a):
+    """float64 stays float64 (exactness tests); bf16/f16/f32 come back as float32."""
+    return np.float64 if np.asarray(a).dtype == np.float64 else np.float32
+
+
+def _right(w, fn):
+    """w @ R row-chunk by row-chunk, where fn(rows) = rows @ R in float64."""
+    w = np.asarray(w)
+    out = np.empty(w.shape, _out_dtype(w))
+    for i in range(0, w.shape[0], _ROW_CHUNK):
+        out[i:i + _ROW_CHUNK] = fn(w[i:i + _ROW_CHUNK].astype(np.float64))
+    return out
+
+
+def _left_t(w, fn):
+    """R^T @ w for w [K, N], where fn(rows) = rows @ R: (w^T R)^T, chunked over columns."""
+    return _right(np.asarray(w).T, fn).T
+
+
+def _residual_rotation(d, seed):
+    """(fn, note): fn(rows) = rows @ Q for the residual-stream rotation Q [D, D].
+
+    Q = diag(+-1) @ H_D / sqrt(D) (randomized Hadamard) when D has a Hadamard matrix, else a
+    seeded random orthogonal matrix (QR of a Gaussian, signs fixed by the diagonal of R)."""
+    rng = np.random.default_rng(seed)
+    if has_hadamard(d):
+        signs = rng.choice([-1.0, 1.0], size=d)
+        note = f"randomized_hadamard {_describe(d)}"
+        return (lambda rows: hadamard_transform_np(rows * signs)), note
+    qm, r = np.linalg.qr(rng.standard_normal((d, d)))
+    qm = qm * np.sign(np.diag(r))
+    return (lambda rows: rows @ qm), f"random_orthogonal {d}"
+
+
+def _describe(n):
+    m, p, kind = _decompose(n)
+    return f"{n} = {m} x {p} ({kind})"
+
+
+def rotate_params(params, config, seed=0):
+    """QuaRot folding on an unquantized pure-dict tree -> (new params, notes).
+
+    The math runs in float64; arrays come back as float32 (float64 if they were float64).
+
+    1. RMSNorm gains go into the following linears (attn_norm -> q/k/v, mlp_norm -> gate/up,
+       final_norm -> lm_head) and become 1; a tied lm_head becomes an explicit
+       ``{'kernel': embedding^T}`` first (the caller sets tie_word_embeddings False).
+    2. The residual stream is rotated by an orthogonal Q (see _residual_rotation): E -> E Q,
+       q/k/v/gate/up/lm_head W -> Q^T W, o/down W -> W Q (and their biases b -> b Q). RMSNorm
+       without gain commutes with Q (mean(x^2) is invariant), so this is exact.
+    3. Online rotations: with H_n = hadamard_matrix(n) / sqrt(n), o_proj W -> H_n^T W for
+       n = num_heads * head_dim and down_proj W -> H_I^T W for I = intermediate_size, so that
+       online_hadamard(a) @ W' == a @ W for the activations a the model rotates online.
+
+    ``config`` needs hidden_size, intermediate_size, num_attention_heads, head_dim and
+    tie_word_embeddings (a tree without 'lm_head' counts as tied). ``notes`` records what
+    was done (JSON-serializable)."""
+    d = config.hidden_size
+    n_attn = config.num_attention_heads * config.head_dim
+    rot, rot_note = _residual_rotation(d, seed)
+    ones = np.ones(d, _out_dtype(params["final_norm"]["scale"]))
+
+    def input_side(lin, gain):
+        """Q^T diag(gain) W for a linear that reads the normed residual stream."""
+        g = np.asarray(gain, np.float64)
+        # Columns of W are rows of W^T [N, D]: scale them by the gain, then rotate.
+        return {**lin, "kernel": _left_t(lin["kernel"], lambda rows: rot(rows * g))}
+
+    def output_side(lin, n_online):
+        """H_n^T W Q for a linear that writes the residual stream after an online rotation."""
+        if lin["kernel"].shape[0] != n_online:
+            raise ValueError(f"online rotation size {n_online} from the config does not match "
+                             f"the input size {lin['kernel'].shape[0]} of the weight")
+        w = _left_t(lin["kernel"], hadamard_transform_np)
+        out = {**lin, "kernel": _right(w, rot)}
+        if "bias" in lin:
+            out["bias"] = _right(np.asarray(lin["bias"])[None], rot)[0]
+        return out
+
+    layers = {}
+    for idx, layer in params["layers"].items():
+        attn, mlp = layer["attn"], layer["mlp"]
+        g_attn, g_mlp = layer["attn_norm"]["scale"], layer["mlp_norm"]["scale"]
+        layers[idx] = {
+            **layer,
+            "attn_norm": {"scale": ones},
+            "attn": {**attn,
+                     **{k: input_side(attn[k], g_attn) for k in ("q_proj", "k_proj", "v_proj")},
+                     "o_proj": output_side(attn["o_proj"], n_attn)},
+            "mlp_norm": {"scale": ones},
+            "mlp": {**mlp,
+                    **{k: input_side(mlp[k], g_mlp) for k in ("gate_proj", "up_proj")},
+                    "down_proj": output_side(mlp["down_proj"], config.intermediate_size)},
+        }
+
+    embedding = params["embed"]["embedding"]
+    # A tied model reads the embedding as lm_head even if the tree also holds one.
+    tied = bool(config.tie_word_embeddings) or "lm_head" not in params
+    lm_head = {"kernel": np.asarray(embedding).T} if tied else params["lm_head"]
+    out = {**params,
+           "embed": {"embedding": _right(embedding, rot)},
+           "layers": layers,
+           "final_norm": {"scale": ones},
+           "lm_head": input_side(lm_head, params["final_norm"]["scale"])}
+    notes = {"seed": seed,
+             "residual": rot_note,
+             "online_o_proj": _describe(n_attn),
+             "online_down_proj": _describe(config.intermediate_size),
+             "untied_lm_head": tied}
+    return out, notes
