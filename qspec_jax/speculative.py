@@ -1,0 +1,188 @@
+"""QSpec: self-speculative decoding with a quantized draft mode and a weight-only verify mode.
+
+One jitted program: prefill in verify mode, then a ``lax.while_loop`` whose body
+
+1. drafts ``gamma`` tokens one at a time in the draft mode (``w4a8``/``w4a4``), writing their
+   K/V into the shared cache at positions ``lengths .. lengths + gamma - 1``;
+2. verifies the last committed token plus the drafts in ONE verify-mode pass of gamma + 1
+   tokens, which overwrites those cache positions with verify-mode K/V;
+3. accepts per sequence (exact greedy prefix match at temperature 0; lossless speculative
+   sampling otherwise: accept d with prob min(1, p(d)/q(d)), on rejection resample from
+   norm(max(p - q, 0)), bonus token from p when all drafts pass);
+4. advances each sequence by its own count. Positions past a sequence's new length hold stale
+   draft/verify K/V that is never read (attention stops at the query position) and is
+   overwritten by the next cycle, so nothing is copied or rolled back.
+
+Committed K/V is therefore always the verifier's, and the emitted tokens are distributed exactly
+as verify-mode decoding (greedy: identical, up to float differences between a 1-token and a
+(gamma+1)-token verify pass).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import quant
+from .generate import DecodeResult, is_eos, prefill, record_tokens
+from .sampling import filtered_logits, sampling_probs, select_tokens
+
+DRAFT_MODES = ("w4a8", "w4a4", "w4a8_fp8", "w4a16")
+VERIFY_MODE = "w4a16"
+MAX_GAMMA = 16
+
+
+def check_speculation(model, draft: str, gamma) -> None:
+    """Validate QSpec arguments against the model (clear errors, before any tracing)."""
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"unknown draft mode {draft!r}; choose one of {', '.join(DRAFT_MODES)} "
+                         "(w4a16 as draft only makes sense for testing: acceptance 1.0)")
+    if not isinstance(gamma, int) or isinstance(gamma, bool) or not 1 <= gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma (draft tokens per cycle) must be an integer in [1, {MAX_GAMMA}], "
+                         f"got {gamma!r}")
+    if not model.qcfg.quantized:
+        raise ValueError("mode 'qspec' needs a quantized model (its draft and verify modes run on "
+                         "4-bit weights); load it with quant='w4' or convert with --quant w4")
+
+
+def accept_greedy(drafts, verify_logits):
+    """drafts [B, g], verify_logits [B, g+1, V] -> (n_accepted [B], emitted [B, g+1]).
+
+    emitted[:, :n] are the accepted drafts, emitted[:, n] the verifier's own token.
+    """
+    target = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # [B, g+1]
+    return _splice(drafts, target[:, :-1] == drafts, target)
+
+
+def _splice(drafts, ok, fallback):
+    """n = length of the all-ok prefix of ok [B, g]; emitted = drafts[:n] + fallback[n]."""
+    g = drafts.shape[1]
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B]
+    idx = jnp.arange(g + 1)[None]
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)  # [B, g+1]
+    chosen = jnp.take_along_axis(fallback, n[:, None], axis=1)  # [B, 1]
+    emitted = jnp.where(idx < n[:, None], padded, jnp.where(idx == n[:, None], chosen, -1))
+    return n, emitted
+
+
+def accept_sampling(drafts, draft_probs, verify_logits, rng, temperature, top_k, top_p):
+    """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    drafts [B, g], draft_probs q [B, g, V] (the filtered draft distributions the drafts were
+    sampled from), verify_logits [B, g+1, V]. Returns (n_accepted [B], emitted [B, g+1]).
+    """
+    B, g = drafts.shape
+    p = sampling_probs(verify_logits, temperature, top_k, top_p)  # [B, g+1, V]
+    p_d = jnp.take_along_axis(p[:, :g], drafts[..., None], axis=-1)[..., 0]  # [B, g]
+    q_d = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
+    k_accept, k_fix = jax.random.split(rng)
+    u = jax.random.uniform(k_accept, (B, g))
+    ok = u * q_d < p_d  # u < p/q without dividing (q_d > 0: d was sampled from q)
+    # Token after the accepted prefix: from norm(max(p - q, 0)) at a rejection, from p after
+    # all gamma drafts (q padded with zeros there).
+    q_pad = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+    residual = jnp.maximum(p - q_pad, 0.0)
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)  # p == q: use p
+    fix = jax.random.categorical(k_fix, jnp.log(residual), axis=-1).astype(jnp.int32)  # [B, g+1]
+    return _splice(drafts, ok, fix)
+
+
+def _first_true(mask):
+    """Index of the first True along axis 1, or mask.shape[1] when none."""
+    n = mask.shape[1]
+    return jnp.min(jnp.where(mask, jnp.arange(n)[None], n), axis=1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "draft_mode",
+                                   "verify_mode", "gamma", "kernels"),
+         donate_argnames=("cache",))
+def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling, eos_ids,
+                       *, max_new_tokens: int, greedy: bool, draft_mode: str = "w4a8",
+                       verify_mode: str = VERIFY_MODE, gamma: int = 3,
+                       kernels: str = "xla") -> DecodeResult:
+    """QSpec decoding over one shared cache. Same arrays in/out as ``decode_autoregressive``.
+
+    The cache needs ``gamma + 1`` positions of room past each sequence's last token.
+    ``stats`` holds device-side counters: cycles, per-sequence cycles/drafted/accepted.
+    """
+    quant.check_mode(draft_mode)
+    quant.check_mode(verify_mode)
+    model = nnx.merge(graphdef, state)
+    B = prompt_tokens.shape[0]
+    temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
+    select = partial(select_tokens, greedy=greedy, **sampling)
+    forward = partial(model, kernels=kernels)
+
+    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=verify_mode, kernels=kernels)
+    rng, key = jax.random.split(rng)
+    first = select(logits, key)
+    width = max_new_tokens + gamma + 1  # room for a whole cycle past the limit
+    out = jnp.full((B, width), -1, jnp.int32)
+    out, count = record_tokens(out, jnp.zeros((B,), jnp.int32), first, jnp.ones((B,), bool), width)
+    done = is_eos(first, eos_ids) | (count >= max_new_tokens)
+    zeros = jnp.zeros((B,), jnp.int32)
+
+    def draft_step(carry, i):
+        tok, cache, lengths, rng = carry
+        logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode)
+        logits = logits[:, 0]
+        rng, key = jax.random.split(rng)
+        nxt = select(logits, key)
+        q = None if greedy else jax.nn.softmax(filtered_logits(logits, temperature, top_k, top_p), -1)
+        return (nxt, cache, lengths, rng), (nxt, q)
+
+    def cond(c):
+        return ~jnp.all(c["done"])
+
+    def body(c):
+        active = ~c["done"]
+        (_, cache, _, rng), (drafts, q) = jax.lax.scan(
+            draft_step, (c["last"], c["cache"], c["lengths"], c["rng"]), jnp.arange(gamma))
+        drafts = drafts.T  # [B, gamma]
+        verify_in = jnp.concatenate([c["last"][:, None], drafts], axis=1)  # [B, gamma + 1]
+        v_logits, cache = forward(verify_in, cache, c["lengths"], mode=verify_mode)
+        rng, key = jax.random.split(rng)
+        if greedy:
+            n_acc, emitted = accept_greedy(drafts, v_logits)
+        else:
+            n_acc, emitted = accept_sampling(drafts, jnp.swapaxes(q, 0, 1), v_logits, key,
+                                             temperature, top_k, top_p)
+        # Keep emitted[:k]: up to the first EOS and within max_new_tokens.
+        valid = jnp.arange(gamma + 1)[None] <= n_acc[:, None]
+        eos_at = _first_true(is_eos(emitted, eos_ids) & valid)
+        k = jnp.minimum(jnp.minimum(n_acc + 1, eos_at + 1), max_new_tokens - c["count"])
+        k = jnp.where(active, k, 0)
+        rows = jnp.arange(B)[:, None]
+        cols = c["count"][:, None] + jnp.arange(gamma + 1)[None]
+        keep = jnp.arange(gamma + 1)[None] < k[:, None]
+        out = c["out"].at[rows, cols].set(jnp.where(keep, emitted, c["out"][rows, cols]), mode="drop")
+        count = c["count"] + k
+        last = jnp.take_along_axis(emitted, n_acc[:, None], axis=1)[:, 0]
+        a = active.astype(jnp.int32)
+        return {
+            "out": out, "count": count, "cache": cache, "rng": rng,
+            "last": jnp.where(active, last, c["last"]),
+            "lengths": c["lengths"] + a * (n_acc + 1),
+            "done": c["done"] | (eos_at <= n_acc) | (count >= max_new_tokens),
+            "cycles": c["cycles"] + 1,
+            "seq_cycles": c["seq_cycles"] + a,
+            "drafted": c["drafted"] + a * gamma,
+            "accepted": c["accepted"] + a * n_acc,
+        }
+
+    carry = {"out": out, "count": count, "cache": cache, "rng": rng, "last": first,
+             "lengths": prompt_lens.astype(jnp.int32), "done": done, "cycles": jnp.int32(0),
+             "seq_cycles": zeros, "drafted": zeros, "accepted": zeros}
+    c = jax.lax.while_loop(cond, body, carry)
+    drafted, accepted = c["drafted"].sum(), c["accepted"].sum()
+    stats = {
+        "cycles": c["cycles"], "seq_cycles": c["seq_cycles"], "drafted": c["drafted"],
+        "accepted": c["accepted"],
+        "acceptance_rate": accepted / jnp.maximum(drafted, 1),
+        "tokens_per_cycle": (accepted + c["seq_cycles"].sum()) / jnp.maximum(c["seq_cycles"].sum(), 1),
+    }
+    return DecodeResult(c["out"][:, :max_new_tokens], c["count"], c["lengths"], c["cache"], c["rng"],
+                        stats)

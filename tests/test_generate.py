@@ -1,0 +1,89 @@
+"""Plain decoding behaviour: EOS, limits, sampling parameters, no recompilation, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qspec_jax as qj
+from qspec_jax.generate import decode_autoregressive
+
+
+@pytest.fixture(scope="module")
+def model(hf_dirs):
+    return qj.load(hf_dirs["llama"][0], dtype="float32")
+
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+
+
+def test_eos_stops_each_sequence(model):
+    free = qj.generate(model, PROMPTS, max_new_tokens=10)
+    # Make the 4th token of sequence 0 an EOS: that sequence must stop there, the other not.
+    eos = free.tokens[0][3]
+    model_eos = qj.QSpecModel(**{**model.__dict__, "eos_ids": (eos,)})
+    out = qj.generate(model_eos, PROMPTS, max_new_tokens=10)
+    assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(eos) + 1]
+    if eos not in free.tokens[1]:
+        assert out.tokens[1] == free.tokens[1]
+    assert out.stats["new_tokens_per_sequence"][0] == len(out.tokens[0])
+
+
+def test_no_retrace_between_calls_with_same_shapes(model):
+    qj.generate(model, PROMPTS, max_new_tokens=6)
+    size = decode_autoregressive._cache_size()
+    # Other prompts of the same padded length, other sampling values, other seed: same program.
+    qj.generate(model, [[3, 4], [8] * 9], max_new_tokens=6, temperature=0.7, top_k=5, seed=3)
+    qj.generate(model, [[3, 4, 5, 6], [8]], max_new_tokens=6, temperature=1.3, top_p=0.5, seed=4)
+    assert decode_autoregressive._cache_size() == size + 1  # greedy vs sampling is static
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    greedy = qj.generate(model, PROMPTS, max_new_tokens=8).tokens
+    a = qj.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1).tokens
+    b = qj.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1).tokens
+    c = qj.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=2).tokens
+    assert a == b and a != c
+    assert qj.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1).tokens == greedy
+    assert qj.generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=1e-6).tokens == greedy
+
+
+def test_sampled_first_token_distribution(model):
+    """The first sampled token follows softmax(logits / T) restricted by top-k (chi-square)."""
+    from scipy.stats import chisquare
+    prompt = [5, 6, 7]
+    logits = np.asarray(qj.logits(model, [prompt]))[0, -1] / 0.5
+    keep = np.argsort(-logits)[:4]
+    p = np.exp((logits[keep] - logits[keep].max()).astype(np.float64))
+    p /= p.sum()
+    n = 1200
+    out = qj.generate(model, [prompt] * n, max_new_tokens=1, temperature=0.5, top_k=4, seed=7)
+    firsts = np.array([t[0] for t in out.tokens])
+    assert set(firsts) <= set(keep.tolist())
+    counts = np.array([(firsts == k).sum() for k in keep])
+    # False-alarm rate 1e-3 for a correct sampler.
+    assert chisquare(counts, p * counts.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"temperature": -1.0}, "temperature must be a number >= 0"),
+    ({"top_k": -2}, "top_k must be an integer >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"mode": "w4a16"}, "mode 'w4a16' is not available for this unquantized"),
+    ({"mode": "int3"}, "unknown mode 'int3'; valid modes: w16, w4a16"),
+    ({"max_len": 8}, r"KV cache \(max_len=8\) cannot hold the longest prompt \(7 tokens\)"),
+])
+def test_bad_arguments_fail_clearly(model, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        qj.generate(model, PROMPTS, **{"max_new_tokens": 4, **kwargs})
+
+
+def test_bad_prompts_fail_clearly(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        qj.generate(model, [[]])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 128\)"):
+        qj.generate(model, [[1, 500]])
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        qj.generate(model, ["hello"])
