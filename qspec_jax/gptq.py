@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.scipy.linalg import cho_solve
 
 from qspec_jax import quant
 
@@ -54,8 +55,8 @@ def clip_search_scales(w, h_diag, group_size=None, grid=CLIP_GRID):
 
     def error(ratio):
         scales = quant.weight_scales(w, group_size, ratio)
-        deq = quant.quantize_with_scales(w, scales).astype(jnp.float32).reshape(k // g, g, n)
-        return jnp.sum(weight * (w.reshape(k // g, g, n) - deq * scales[:, None, :]) ** 2, 1)
+        q = quant.quantize_with_scales(w, scales).astype(jnp.float32).reshape(k // g, g, n)
+        return jnp.sum(weight * (w.reshape(k // g, g, n) - q * scales[:, None, :]) ** 2, 1)
 
     errors = jnp.stack([error(r) for r in grid])  # [len(grid), K/G, N]
     best = jnp.asarray(grid, jnp.float32)[jnp.argmin(errors, axis=0)]  # first minimum wins
@@ -70,7 +71,7 @@ def _inverse_hessian_factor(h, damp):
     for attempt in range(_MAX_DAMP_RETRIES + 1):
         hd = h + (damp * 10.0 ** attempt) * mean_diag * jnp.eye(k, dtype=h.dtype)
         lower = jnp.linalg.cholesky(hd)
-        hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(k, dtype=h.dtype))
+        hinv = cho_solve((lower, True), jnp.eye(k, dtype=h.dtype))
         upper = jnp.linalg.cholesky(hinv).T
         if bool(jnp.all(jnp.isfinite(upper))):
             return upper
@@ -85,16 +86,6 @@ def _gptq_rows(w, hinv, row_scales, block):
 
     Row i's error, divided by hinv[i, i], is pushed into the later rows j of its block with
     weight hinv[i, j] at once, and into the rows after the block by one matmul per block."""
-    kp, n = w.shape
-
-    def row_step(i, carry):
-        w1, s1, h1, q1, err1 = carry  # [B, N], [B, N], [B, B], [B, N], [B, N]
-        qi = jnp.clip(jnp.round(w1[i] / s1[i]), quant.INT4_MIN, quant.INT4_MAX)  # [N]
-        ei = (w1[i] - qi * s1[i]) / h1[i, i]
-        later = jnp.where(jnp.arange(block) > i, h1[i], 0.0)  # [B]
-        w1 = w1 - later[:, None] * ei[None, :]
-        return w1, s1, h1, q1.at[i].set(qi), err1.at[i].set(ei)
-
     def block_step(b, carry):
         w, q = carry
         i1 = b * block
@@ -102,14 +93,23 @@ def _gptq_rows(w, hinv, row_scales, block):
         s1 = lax.dynamic_slice_in_dim(row_scales, i1, block, 0)  # [B, N]
         hrows = lax.dynamic_slice_in_dim(hinv, i1, block, 0)  # [B, Kp]
         h1 = lax.dynamic_slice_in_dim(hrows, i1, block, 1)  # [B, B]
+
+        def row_step(i, carry):
+            w1, q1, err1 = carry  # [B, N] each
+            qi = jnp.clip(jnp.round(w1[i] / s1[i]), quant.INT4_MIN, quant.INT4_MAX)  # [N]
+            ei = (w1[i] - qi * s1[i]) / h1[i, i]
+            later = jnp.where(jnp.arange(block) > i, h1[i], 0.0)  # [B]
+            w1 = w1 - later[:, None] * ei[None, :]
+            return w1, q1.at[i].set(qi), err1.at[i].set(ei)
+
         zeros = jnp.zeros_like(w1)
-        _, _, _, q1, err1 = lax.fori_loop(0, block, row_step, (w1, s1, h1, zeros, zeros))
+        _, q1, err1 = lax.fori_loop(0, block, row_step, (w1, zeros, zeros))
         # hinv is upper triangular: rows before the block get nothing, and the block's own
         # rows are already quantized, so the full-height update only matters after it.
         w = w - jnp.dot(hrows.T, err1, precision=_HIGHEST)
         return w, lax.dynamic_update_slice_in_dim(q, q1, i1, 0)
 
-    _, q = lax.fori_loop(0, kp // block, block_step, (w, jnp.zeros_like(w)))
+    _, q = lax.fori_loop(0, w.shape[0] // block, block_step, (w, jnp.zeros_like(w)))
     return q
 
 

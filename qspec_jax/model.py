@@ -47,6 +47,14 @@ class KVCache:
         return self.k.shape[1]
 
 
+def einsum_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with f32 accumulation. XLA:CPU has no batched bf16 x bf16 -> f32 dot, so on CPU
+    the operands are upcast (exact); GPUs keep 16-bit operands on the tensor cores."""
+    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
     """Causal attention of new queries over the whole cache.
 
@@ -57,13 +65,13 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     B, T, H, hd = q.shape
     kvh = k.shape[1]
     qg = q.reshape(B, T, kvh, H // kvh, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = einsum_f32("btkgd,bksd->bkgts", qg, k)
     scores = scores / jnp.sqrt(jnp.float32(hd))
     key_pos = jnp.arange(k.shape[2])
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 

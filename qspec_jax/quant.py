@@ -141,8 +141,8 @@ def _token_scale(x, qmax):
 def quantize_activations(x, bits):
     """Per-token symmetric quantization of x [..., K] to ``bits`` in {8, 4}.
 
-    Returns (xq int8 [..., K], sx f32 [..., 1]); 8 bits give [-127, 127], 4 bits [-8, 7]
-    (scale max|x| / 7, so -8 is only reached by rounding noise, as in the reference)."""
+    Returns (xq int8 [..., K], sx f32 [..., 1]): 8 bits use sx = max|x| / 127 and clip to
+    [-127, 127]; 4 bits use sx = max|x| / 7 and clip to the int4 range [-8, 7]."""
     if bits not in _ACT_RANGE:
         raise ValueError(f"activation bits must be one of {sorted(_ACT_RANGE)}, got {bits}")
     qmin, qmax = _ACT_RANGE[bits]

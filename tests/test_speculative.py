@@ -1,0 +1,172 @@
+"""QSpec decoding: exactness against verify-mode decoding, lossless sampling, statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+import qspec_jax as qj
+from qspec_jax.speculative import decode_speculative
+
+from conftest import build_hf_model
+
+
+@pytest.fixture(scope="module")
+def quantized(hf_dirs):
+    return {arch: qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
+            for arch in ("llama", "qwen2")}
+
+
+def ragged_prompts(seed, n=3, vocab=128):
+    r = np.random.RandomState(seed)
+    return [r.randint(3, vocab, int(k)).tolist() for k in r.randint(2, 12, n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("draft", ["w4a8", "w4a4"])
+def test_greedy_qspec_equals_verify_mode_greedy(arch, draft, quantized):
+    model = quantized[arch]
+    for seed in (0, 1):
+        prompts = ragged_prompts(seed)
+        ref = qj.generate(model, prompts, max_new_tokens=24, mode="w4a16").tokens
+        for gamma in (1, 2, 3, 4, 5):
+            out = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", draft=draft,
+                              gamma=gamma)
+            assert out.tokens == ref, (seed, gamma)
+
+
+def test_greedy_qspec_bfloat16_tokens_are_verify_argmax(hf_dirs):
+    """bf16 guarantee: each emitted token is the verify-mode argmax of its prefix up to the
+    rounding difference between a (gamma+1)-token and a full-sequence pass (tolerance below)."""
+    model = qj.load(hf_dirs["llama"][0], dtype="bfloat16", quant="w4", method="rtn")
+    prompts = ragged_prompts(3)
+    out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", draft="w4a8", gamma=3)
+    for p, gen in zip(prompts, out.tokens):
+        logits = np.asarray(qj.logits(model, [p + gen], mode="w4a16"))[0, len(p) - 1:-1]
+        chosen = logits[np.arange(len(gen)), gen]
+        tol = 0.02 * np.abs(logits).max(axis=-1)  # about 3 bf16 ulps of the largest logit
+        assert np.all(chosen >= logits.max(axis=-1) - tol)
+
+
+def test_stats_are_consistent(quantized):
+    model = qj.QSpecModel(**{**quantized["llama"].__dict__, "eos_ids": ()})
+    max_new = 30
+    out = qj.generate(model, ragged_prompts(5, n=4), max_new_tokens=max_new, mode="qspec",
+                      draft="w4a4", gamma=4)
+    s = out.stats
+    acc, drafted, cycles = map(np.asarray, (s["accepted"], s["drafted"], s["seq_cycles"]))
+    assert np.all(acc <= drafted) and np.all(drafted == 4 * cycles)
+    # First token from prefill, then accepted + 1 per cycle, cut at max_new_tokens.
+    np.testing.assert_array_equal(s["new_tokens_per_sequence"], np.minimum(max_new, 1 + acc + cycles))
+    assert s["acceptance_rate"] == pytest.approx(acc.sum() / drafted.sum())
+    assert s["tokens_per_cycle"] == pytest.approx((acc.sum() + cycles.sum()) / cycles.sum())
+
+
+def test_identical_draft_accepts_everything(quantized):
+    out = qj.generate(quantized["llama"], ragged_prompts(6), max_new_tokens=16, mode="qspec",
+                      draft="w4a16", gamma=3)
+    assert out.stats["acceptance_rate"] == 1.0
+
+
+def test_one_compilation_per_shape(quantized):
+    model = quantized["llama"]
+    kw = dict(max_new_tokens=8, mode="qspec", draft="w4a8", gamma=2)
+    qj.generate(model, ragged_prompts(7), **kw)
+    size = decode_speculative._cache_size()
+    qj.generate(model, ragged_prompts(8), **kw)
+    qj.generate(model, ragged_prompts(9), seed=5, **kw)
+    assert decode_speculative._cache_size() == size
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"gamma": 0}, r"gamma .* must be an integer in \[1, 16\]"),
+    ({"gamma": 2.5}, r"gamma .* must be an integer"),
+    ({"draft": "w8a8"}, "unknown draft mode 'w8a8'"),
+    ({"temperature": -0.1}, "temperature must be"),
+    ({"top_p": 2.0}, "top_p must be in"),
+])
+def test_bad_qspec_arguments(quantized, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        qj.generate(quantized["llama"], [[3, 4]], **{"mode": "qspec", **kwargs})
+
+
+def test_qspec_needs_quantized_model(hf_dirs):
+    model = qj.load(hf_dirs["llama"][0], dtype="float32")
+    with pytest.raises(ValueError, match="mode 'qspec' needs a quantized model"):
+        qj.generate(model, [[3, 4]], mode="qspec")
+
+
+# ---- lossless sampling -------------------------------------------------------------------------
+
+VOCAB = 12
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small_vocab")
+    # Large weights: peaked distributions on which the w4a4 draft is often rejected.
+    build_hf_model("llama", seed=3, vocab_size=VOCAB, eos_token_id=None, bos_token_id=None,
+                   pad_token_id=None, initializer_range=0.5).save_pretrained(path)
+    return qj.load(str(path), dtype="float32", quant="w4", method="rtn")
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """Independent float64 NumPy version of the sampling distribution."""
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, bool)
+    keep[order[before < top_p]] = True
+    p = np.where(keep, p, 0)
+    return p / p.sum()
+
+
+def exact_joint(model, prompt, n_tokens, **sampling):
+    """Exact verify-mode (w4a16) probability of every continuation of length n_tokens."""
+    seqs, probs = [list(prompt)], np.ones(1)
+    for _ in range(n_tokens):
+        logits = np.asarray(qj.logits(model, np.asarray(seqs), mode="w4a16"))[:, -1]
+        step = np.stack([filtered_probs(l, **sampling) for l in logits])  # [S, V]
+        seqs = [s + [v] for s in seqs for v in range(VOCAB)]
+        probs = (probs[:, None] * step).reshape(-1)
+    return probs.reshape((VOCAB,) * n_tokens)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(temperature=0.7, top_k=6, top_p=0.9)])
+def test_sampling_is_lossless(small_vocab_model, sampling):
+    """The first tokens of QSpec (gamma=3: prefill token + one full cycle) follow the exact
+    verify-mode joint distribution. Chi-square tests on each marginal and on the pair (t2, t3),
+    each at false-alarm rate 1e-3 (5 tests per case)."""
+    model = small_vocab_model
+    prompt = [3, 7, 1, 4]
+    n = 4000
+    out = qj.generate(model, [prompt] * n, max_new_tokens=4, mode="qspec", draft="w4a4", gamma=3,
+                      seed=11, **sampling)
+    samples = np.asarray(out.tokens)  # [n, 4]
+    assert out.stats["acceptance_rate"] < 0.9  # the rejection path is exercised
+    joint = exact_joint(model, prompt, 4, **sampling)
+    for pos in range(4):
+        marginal = joint.sum(axis=tuple(a for a in range(4) if a != pos))
+        counts = np.bincount(samples[:, pos], minlength=VOCAB)
+        _assert_fits(counts, marginal)
+    pair = joint.sum(axis=(0, 3)).reshape(-1)
+    _assert_fits(np.bincount(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB ** 2), pair)
+
+
+def _assert_fits(counts, probs, min_expected=5.0):
+    """Chi-square goodness of fit, pooling cells with small expectation."""
+    expected = probs * counts.sum()
+    assert counts[probs == 0].sum() == 0, "sampled a token outside the distribution's support"
+    big = expected >= min_expected
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] < min_expected:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    assert chisquare(obs, exp).pvalue > 1e-3
