@@ -133,7 +133,8 @@ def _run_layer_fn(cfg: ModelConfig, rotate: bool):
     def run(state, x):
         layer = nnx.merge(graphdef, state)
         B, S, _ = x.shape
-        names = {id(m): tuple(str(p) for p in path) for path, m in layer.iter_modules()}
+        modules = nnx.iter_modules(layer) if hasattr(nnx, "iter_modules") else layer.iter_modules()
+        names = {id(m): tuple(str(p) for p in path) for path, m in modules}
         cache = KVCache.create(dataclasses.replace(cfg, num_hidden_layers=1, sliding_window=None),
                                B, S, jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
