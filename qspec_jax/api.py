@@ -177,14 +177,24 @@ def _logits_jit(graphdef, state, tokens, *, mode, kernels):
     return logits
 
 
-def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "xla") -> jax.Array:
-    """token_ids int [B, T] -> logits float32 [B, T, vocab] (a full causal pass, no cache)."""
+def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "auto") -> jax.Array:
+    """token_ids int [B, T] -> logits float32 [B, T, vocab] (a full causal pass, no cache).
+
+    kernels: "auto" (Pallas kernels on GPU, XLA elsewhere), "pallas" or "xla".
+    """
     model.check_mode(mode)
+    check_kernels(kernels)
     tokens = jnp.asarray(token_ids, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"token_ids must be [batch, length], got shape {tokens.shape}")
     check_token_range(np.asarray(tokens), model.cfg.vocab_size)
     return _logits_jit(model.graphdef, model.state, tokens, mode=mode, kernels=kernels)
+
+
+def check_kernels(kernels: str) -> None:
+    from .layers import KERNEL_BACKENDS
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
 
 
 def check_token_range(tokens: np.ndarray, vocab: int) -> None:
@@ -250,8 +260,12 @@ def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
 def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int = 3, max_len: int | None = None,
-             kernels: str = "xla") -> GenerateOutput:
-    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec"."""
+             kernels: str = "auto") -> GenerateOutput:
+    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
+
+    ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".
+    """
+    check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingConfig(float(temperature) if isinstance(temperature, (int, float)) else temperature,

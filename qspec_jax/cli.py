@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=["w4"], help="quantize an HF checkpoint on load")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--kernels", default="xla", choices=["auto", "pallas", "xla"])
-    p.add_argument("--stats", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+                   help="quantized GEMMs: Pallas kernels on GPU (auto), always Pallas, or XLA")
+    p.add_argument("--stats", action="store_true", help="include per-sequence statistics in the JSON line on stderr")
     return p
 
 
@@ -49,9 +50,8 @@ def main(argv=None) -> int:
         print(f"{prompt}{text}")
         if len(args.prompt) > 1:
             print("-" * 40)
-    summary = {k: v for k, v in out.stats.items() if not isinstance(v, list)}
-    print(json.dumps(summary if not args.stats else out.stats, indent=None if not args.stats else 2),
-          file=sys.stderr)
+    summary = {k: v for k, v in out.stats.items() if args.stats or not isinstance(v, list)}
+    print(json.dumps(summary), file=sys.stderr)  # one line: easy to parse
     return 0
 
 

@@ -28,7 +28,7 @@ def _windows(ids: np.ndarray, window: int) -> np.ndarray:
 
 
 def quality_report(model: api.QSpecModel, text_or_ids, modes=None, window: int = 256,
-                   batch: int = 8, kernels: str = "xla") -> dict:
+                   batch: int = 8, kernels: str = "auto") -> dict:
     """{mode: {"nll", "ppl", "greedy_agreement_vs_w4a16"?, "tokens"}} on the given text."""
     if isinstance(text_or_ids, str):
         if model.tokenizer is None:

@@ -160,12 +160,14 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         keep = jnp.arange(gamma + 1)[None] < k[:, None]
         out = c["out"].at[rows, cols].set(jnp.where(keep, emitted, c["out"][rows, cols]), mode="drop")
         count = c["count"] + k
-        last = jnp.take_along_axis(emitted, n_acc[:, None], axis=1)[:, 0]
+        # The last emitted token is the next input; the k - 1 before it and the previous input
+        # are now committed in the cache (k = n_acc + 1 unless cut by EOS or the limit).
+        last = jnp.take_along_axis(emitted, jnp.maximum(k - 1, 0)[:, None], axis=1)[:, 0]
         a = active.astype(jnp.int32)
         return {
             "out": out, "count": count, "cache": cache, "rng": rng,
             "last": jnp.where(active, last, c["last"]),
-            "lengths": c["lengths"] + a * (n_acc + 1),
+            "lengths": c["lengths"] + k,
             "done": c["done"] | (eos_at <= n_acc) | (count >= max_new_tokens),
             "cycles": c["cycles"] + 1,
             "seq_cycles": c["seq_cycles"] + a,

@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 import qspec_jax as qj
 from qspec_jax.speculative import decode_speculative
 
-from conftest import build_hf_model
+from hf_models import build_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,33 @@ def _assert_fits(counts, probs, min_expected=5.0):
         obs, exp = obs[:-1], exp[:-1]
     exp = exp * obs.sum() / exp.sum()
     assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_jittable_function_composes_with_user_jit(quantized):
+    """decode_speculative inside a user's own jax.jit, arrays in and out."""
+    import jax
+    import jax.numpy as jnp
+    from qspec_jax.model import KVCache
+    from qspec_jax.sampling import SamplingConfig
+
+    model = quantized["llama"]
+    prompts = ragged_prompts(12, n=2)
+    tokens = np.zeros((2, 16), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lens = np.array([len(p) for p in prompts], np.int32)
+
+    @jax.jit
+    def user_fn(state, tokens, lens, rng):
+        cache = KVCache.create(model.cfg, 2, 64, model.dtype)
+        res = decode_speculative(model.graphdef, state, tokens, lens, cache, rng,
+                                 SamplingConfig().arrays(), jnp.asarray(model.eos_ids, jnp.int32),
+                                 max_new_tokens=10, greedy=True, draft_mode="w4a8", gamma=3)
+        return res.tokens, res.num_generated, res.lengths
+
+    toks, counts, lengths = user_fn(model.state, tokens, lens, jax.random.PRNGKey(0))
+    ref = qj.generate(model, prompts, max_new_tokens=10, mode="w4a16").tokens
+    assert [np.asarray(toks)[i, :c].tolist() for i, c in enumerate(np.asarray(counts))] == ref
+    # Cache holds the prompt and every generated token but the last (the next input), as in
+    # plain decoding: the arrays can seed another call.
+    np.testing.assert_array_equal(np.asarray(lengths), lens + np.asarray(counts) - 1)

@@ -1,0 +1,371 @@
+"""Attention of T new queries per sequence over the static KV cache (issue 7).
+
+One kernel serves decode (T = 1), speculative verify (T = gamma + 1 <= 16) and prefill (T up to
+the cache length): query t of sequence b sees cache key s iff s <= q_pos[b, t] (and s < kv_len[b]
+when given). The new tokens' K/V are already written into the cache by the model step, so the
+causal mask among the new tokens falls out of the position test. Semantics are those of
+qspec_jax.model.attention_reference; `cached_attention_reference` below is the plain-jnp twin.
+
+Cache layout (docs/DESIGN.md, unchanged): [B, KVH, S, hd] per layer (the model's KVCache is
+[L, B, KVH, S, hd]; pass the whole 5-D array with `layer=i` to read layer i in place, without
+XLA materialising the slice). One (b, kv_head) is a contiguous [S, hd] slab: every K/V tile the
+kernel loads is a contiguous, fully coalesced [block_k, hd] run of memory.
+
+Design (Pallas Triton backend, runs in interpret mode on CPU):
+- GQA packing: the G = H / KVH query heads of a KV head and all T queries form one query block of
+  R = T * G rows (row r = query t = r // G of head kv_head * G + r % G), padded to a power of two
+  >= 16 (tl.dot minimum). K and V of a KV head are thus read once for all its query heads and all
+  T queries. The rows are gathered straight from q [B, T, H, hd] and the results scattered
+  straight into the [B, T, H, hd] output (padding rows repeat the last real row), so no XLA
+  transpose/pad runs around the kernel: one launch without splits, two with.
+- R > 128 (prefill) is tiled over the grid in blocks of `block_q` rows; each tile reads only the
+  keys its own rows can see (causal skip).
+- Grid (B, KVH, cdiv(R, block_q), num_splits). Flash-decoding: the keys a query tile needs,
+  [0, max over its rows of q_pos + 1), are cut into `num_splits` contiguous chunks of whole
+  blocks *at run time*, so the splits stay balanced whatever the actual lengths are, and blocks
+  past a sequence's last visible key are never read (the loop stops there). num_splits is chosen
+  statically from B * KVH * tiles and S to give about two programs per SM (132 SMs on H200).
+- Online softmax per program in f32 (running max m, sum l, unnormalised accumulator o). With one
+  split the kernel normalises and writes the output in q.dtype; with several it writes (o, m, l)
+  in f32 and a second small Pallas kernel merges them (log-sum-exp) into the output.
+- Rows with no visible key (padding rows with q_pos < 0) give 0 (the model reference gives NaN).
+- Prefill uses the same kernel (query tiles of 64/128 rows, tensor-core dots); it is written for
+  correctness and reuse, not tuned as a compute-bound flash-attention forward.
+
+Public: cached_attention, cached_attention_reference, supported, default_config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+  pltriton = None
+
+_NEG = -1e30        # finite "minus infinity" for masked scores / empty running max
+MIN_BLOCK_K = 16    # tl.dot minimum
+MAX_Q_ROWS = 128    # largest query block kept in one program (decode / verify)
+PROGRAMS_PER_SM = 2  # flash-decoding target: about this many programs per SM
+MIN_BLOCKS_PER_SPLIT = 2
+SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+
+
+# ----------------------------------------------------------------------------- reference
+def cached_attention_reference(q, k_cache, v_cache, q_pos, kv_len=None, *, layer=None):
+  """Plain-jnp reference with the kernel's signature and semantics.
+
+  q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] (or [L, B, KVH, S, hd] with `layer`);
+  q_pos int [B, T]; kv_len optional int [B]. Key s is visible to query (b, t) iff
+  s <= q_pos[b, t] and s < kv_len[b]. f32 scores and softmax; the probabilities are cast to
+  v's dtype for the PV product (as qspec_jax.model.attention_reference). Rows that see no key
+  give 0. Returns [B, T, H, hd] in q.dtype.
+  """
+  if layer is not None:
+    k_cache, v_cache = k_cache[layer], v_cache[layer]
+  B, T, H, hd = q.shape
+  kvh, S = k_cache.shape[1], k_cache.shape[2]
+  G = H // kvh
+  hp = lax.Precision.HIGHEST
+  f32 = jnp.float32
+  up = (lambda a: a.astype(f32)) if jax.default_backend() == "cpu" else (lambda a: a)
+  qg = q.reshape(B, T, kvh, G, hd)
+  scores = jnp.einsum("btkgd,bksd->bkgts", up(qg), up(k_cache), precision=hp,
+                      preferred_element_type=f32)
+  scores = scores / jnp.sqrt(f32(hd))
+  lim = _row_limits(q_pos, kv_len, S)  # [B, T]
+  visible = jnp.arange(S)[None, None, :] <= lim[:, :, None]  # [B, T, S]
+  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(scores - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  probs = p / jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("bkgts,bksd->btkgd", up(probs.astype(v_cache.dtype)), up(v_cache),
+                   precision=hp, preferred_element_type=f32)
+  return out.reshape(B, T, H, hd).astype(q.dtype)
+
+
+def _row_limits(q_pos, kv_len, S):
+  """Last visible key per query: min(q_pos, kv_len - 1, S - 1), -1 when none. int32 [B, T]."""
+  lim = q_pos.astype(jnp.int32)
+  if kv_len is not None:
+    lim = jnp.minimum(lim, kv_len.astype(jnp.int32)[:, None] - 1)
+  return jnp.clip(lim, -1, S - 1)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+  """Static launch configuration. block_q: query rows (T*G packed) per program; block_k: keys
+  per loop step; num_splits: programs along the key axis (flash-decoding)."""
+  block_q: int
+  block_k: int
+  num_splits: int
+  num_warps: int
+  num_stages: int
+
+
+def _next_pow2(v: int) -> int:
+  return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _sm_count() -> int:
+  try:
+    d = jax.devices()[0]
+    if d.platform == "gpu":
+      return int(getattr(d, "core_count", 132) or 132)
+  except Exception:  # pragma: no cover  # noqa: BLE001
+    pass
+  return 132
+
+
+def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: int = 2, *,
+                   block_q: int | None = None, block_k: int | None = None,
+                   num_splits: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> AttnConfig:
+  """The launch configuration for a shape; explicit arguments override the heuristics."""
+  R = T * (H // KVH)
+  if block_q is None:
+    block_q = max(16, _next_pow2(R)) if R <= MAX_Q_ROWS else (64 if hd >= 128 else 128)
+  block_q = max(16, _next_pow2(block_q))
+  if block_k is None:
+    block_k = 64 if (block_q >= 128 or hd > 128) else 128
+  block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
+  while block_k > MIN_BLOCK_K and S % block_k:
+    block_k //= 2
+  n_blocks = S // block_k
+  n_q = pl.cdiv(R, block_q)
+  if num_splits is None:
+    base = B * KVH * n_q
+    want = pl.cdiv(PROGRAMS_PER_SM * _sm_count(), base)
+    num_splits = max(1, min(want, n_blocks // MIN_BLOCKS_PER_SPLIT))
+  num_splits = max(1, min(int(num_splits), n_blocks))
+  if num_warps is None:
+    num_warps = 4 if block_q * hd <= 64 * 128 else 8
+  if num_stages is None:
+    stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
+    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
+  return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
+
+
+def supported(q_shape, k_shape, dtype=None) -> tuple[bool, str]:
+  """Whether cached_attention takes these shapes. q [B, T, H, hd]; k [B, KVH, S, hd] or
+  [L, B, KVH, S, hd]. Returns (ok, reason)."""
+  if len(q_shape) != 4:
+    return False, f"q must be [B, T, H, hd], got shape {tuple(q_shape)}"
+  if len(k_shape) not in (4, 5):
+    return False, f"k cache must be [B, KVH, S, hd] or [L, B, KVH, S, hd], got {tuple(k_shape)}"
+  B, T, H, hd = q_shape
+  Bk, KVH, S, hdk = k_shape[-4:]
+  if Bk != B:
+    return False, f"batch of q ({B}) and of the cache ({Bk}) differ"
+  if hdk != hd:
+    return False, f"head_dim of q ({hd}) and of the cache ({hdk}) differ"
+  if hd < 16 or hd > 256 or hd & (hd - 1):
+    return False, f"head_dim={hd} must be a power of two in [16, 256] (tested: 64, 128)"
+  if KVH < 1 or H % KVH:
+    return False, f"query heads H={H} must be a multiple of kv heads KVH={KVH}"
+  if S < MIN_BLOCK_K or S % MIN_BLOCK_K:
+    return False, f"cache length S={S} must be a multiple of {MIN_BLOCK_K}"
+  if T < 1 or B < 1:
+    return False, f"empty batch or query block (B={B}, T={T})"
+  if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
+    return False, f"dtype {jnp.dtype(dtype).name} not in {SUPPORTED_DTYPES}"
+  return True, "ok"
+
+
+# ----------------------------------------------------------------------------- kernel
+def _packed_rows(tile, bq, R, G, kv_head):
+  """Rows r = tile * bq + [0, bq) of one KV head's packed query block -> (t, head) int32 [bq].
+
+  Row r is query t = r // G of query head kv_head * G + r % G. Rows past R (padding up to a
+  power of two) repeat row R - 1: they load valid memory, compute that row's result again and
+  store the same values to the same place, so neither loads nor stores need a mask."""
+  r = jnp.minimum(tile * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), R - 1)
+  return r // G, kv_head * G + r % G
+
+
+def _attn_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, block_k, num_splits,
+                 scale, partial):
+  # pos_ref: [T] int32        q_pos of sequence b (its rows gathered below)
+  # q_ref:   [T, H, hd]       all queries of sequence b, read in place (rows gathered below)
+  # k_ref:   [S, hd]          key slab of (b, kv_head); only blocks < n_blocks are read
+  # v_ref:   [S, hd]
+  # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
+  # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
+  hd = q_ref.shape[-1]
+  bq = block_q
+  h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  t_idx, head_idx = _packed_rows(tile, bq, R, G, h)      # [bq], [bq]
+  q = q_ref[t_idx, head_idx, :]                          # [bq, hd]
+  lim = jnp.clip(pos_ref[t_idx], -1, S - 1)              # [bq] last visible key (-1: none)
+  # Blocks this tile needs: cdiv(max(lim) + 1, block_k) (lim >= -1: no negative division),
+  # cut into num_splits contiguous chunks at run time.
+  n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
+  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
+  lo = split * per_split
+  hi = jnp.minimum(lo + per_split, n_blocks)
+  hp = lax.Precision.HIGHEST  # f32 inputs: IEEE, not TF32; 16-bit inputs: unaffected
+  key_iota = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)  # [1, bk]
+
+  def body(j, carry):
+    o, m, l = carry                                      # [bq, hd], [bq], [bq] f32
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]                  # [bk, hd]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hp,
+                        preferred_element_type=jnp.float32) * scale  # [bq, bk]
+    visible = (start + key_iota) <= lim[:, None]         # [bq, bk]
+    s = jnp.where(visible, s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))           # [bq]
+    alpha = jnp.exp(m - m_new)                           # [bq]
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)  # [bq, bk]
+    l = alpha * l + jnp.sum(p, axis=1)
+    v = v_ref[pl.ds(start, block_k), :]                  # [bk, hd]
+    pv = jnp.dot(p.astype(v.dtype), v, precision=hp, preferred_element_type=jnp.float32)
+    o = alpha[:, None] * o + pv                          # [bq, hd]
+    return o, m_new, l
+
+  init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  o, m, l = lax.fori_loop(lo, hi, body, init)
+  if partial:
+    o_ref, m_ref, l_ref = out_refs
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+  else:
+    (o_ref,) = out_refs
+    inv = 1.0 / jnp.where(l > 0, l, 1.0)                 # rows without keys -> 0
+    o_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(o_ref.dtype)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, R, G, block_q, num_splits):
+  # o_ref:   [ns, bq, hd] f32  unnormalised partial outputs of the splits
+  # m_ref:   [ns, bq] f32      running max per split (_NEG: split saw no key)
+  # l_ref:   [ns, bq] f32      softmax denominators per split
+  # out_ref: [T, H, hd]        output of sequence b, rows scattered in place
+  bq = block_q
+  hd = o_ref.shape[-1]
+  t_idx, head_idx = _packed_rows(pl.program_id(2), bq, R, G, pl.program_id(1))
+
+  def body(s, carry):                                    # online log-sum-exp merge
+    o, m, l = carry
+    m_s = m_ref[s, :]                                    # [bq]
+    m_new = jnp.maximum(m, m_s)
+    a, b = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
+    return (a[:, None] * o + b[:, None] * o_ref[s, :, :], m_new, a * l + b * l_ref[s, :])
+
+  init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  o, _, l = lax.fori_loop(0, num_splits, body, init)
+  inv = 1.0 / jnp.where(l > 0, l, 1.0)
+  out_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(out_ref.dtype)
+
+
+def _compiler_params(num_warps, num_stages):
+  if pltriton is not None and hasattr(pltriton, "CompilerParams"):
+    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps,
+                                                       num_stages=num_stages)}
+  return {}  # pragma: no cover
+
+
+def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool):
+  B, T, H, hd = q.shape
+  KVH, S = k_cache.shape[-3], k_cache.shape[-2]
+  G = H // KVH
+  R = T * G
+  bq, ns = cfg.block_q, cfg.num_splits
+  n_q = pl.cdiv(R, bq)
+  grid = (B, KVH, n_q, ns)
+  partial = ns > 1
+  kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
+                             num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial)
+  if layer is None:
+    kv_spec = pl.BlockSpec((None, None, S, hd), lambda b, h, i, s: (b, h, 0, 0))
+  else:
+    kv_spec = pl.BlockSpec((None, None, None, S, hd), lambda b, h, i, s: (layer, b, h, 0, 0))
+  seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
+  in_specs = [pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0)),  # q_pos [B, T]
+              seq_spec, kv_spec, kv_spec]
+  if partial:
+    R_pad = n_q * bq
+    out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, R_pad, hd), jnp.float32),
+                 jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, bq, hd), lambda b, h, i, s: (b, h, s, i, 0)),
+                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
+                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((B, T, H, hd), q.dtype)]
+    out_specs = [seq_spec]
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      interpret=interpret, name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}",
+      **_compiler_params(cfg.num_warps, cfg.num_stages))(q_pos, q, k_cache, v_cache)
+  if not partial:
+    return outs[0]
+  combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
+  return pl.pallas_call(
+      combine, out_shape=jax.ShapeDtypeStruct((B, T, H, hd), q.dtype), grid=(B, KVH, n_q),
+      in_specs=[pl.BlockSpec((None, None, ns, bq, hd), lambda b, h, i: (b, h, 0, i, 0)),
+                pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i)),
+                pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i))],
+      out_specs=pl.BlockSpec((None, T, H, hd), lambda b, h, i: (b, 0, 0, 0)),
+      interpret=interpret, name=f"cached_attn_combine_s{ns}",
+      **_compiler_params(4, 1))(*outs)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "block_q", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "interpret"))
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
+                     kv_len: jax.Array | None = None, *, layer: int | None = None,
+                     block_q: int | None = None, block_k: int | None = None,
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+  """Attention of T new queries per sequence over the KV cache (see the module docstring).
+
+  q [B, T, H, hd] (bf16 / f16 / f32); k_cache, v_cache [B, KVH, S, hd] in q's dtype (checked,
+  never cast: a cast would copy the cache), or the
+  model's whole [L, B, KVH, S, hd] cache with a static `layer`; q_pos int [B, T] (cache position
+  of each query; key s is visible iff s <= q_pos[b, t]); kv_len optional int [B] (keys
+  s >= kv_len[b] are masked too; without it the per-sequence bound is max_t q_pos[b, t]).
+  Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
+  block_q / block_k / num_splits / num_warps / num_stages override default_config.
+  interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
+  """
+  ok, why = supported(q.shape, k_cache.shape, q.dtype)
+  if not ok:
+    raise ValueError(f"cached_attention: {why}")
+  if k_cache.shape != v_cache.shape:
+    raise ValueError(f"cached_attention: k {k_cache.shape} and v {v_cache.shape} differ")
+  if (k_cache.ndim == 5) != (layer is not None):
+    raise ValueError("cached_attention: pass layer=i exactly when the cache is [L, B, KVH, S, hd]")
+  B, T, H, hd = q.shape
+  if q_pos.shape != (B, T):
+    raise ValueError(f"cached_attention: q_pos shape {q_pos.shape} must be {(B, T)}")
+  if kv_len is not None and kv_len.shape != (B,):
+    raise ValueError(f"cached_attention: kv_len shape {kv_len.shape} must be {(B,)}")
+  if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    # Not cast here: a cast would copy the whole cache on every call.
+    raise ValueError(f"cached_attention: cache dtype {k_cache.dtype}/{v_cache.dtype} must equal "
+                     f"q dtype {q.dtype}")
+  KVH, S = k_cache.shape[-3], k_cache.shape[-2]
+  cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(q.dtype).itemsize, block_q=block_q,
+                       block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                       num_stages=num_stages)
+  q_pos = q_pos.astype(jnp.int32)
+  if kv_len is not None:  # one tiny fusion; without kv_len the kernel reads q_pos as is
+    q_pos = jnp.minimum(q_pos, kv_len.astype(jnp.int32)[:, None] - 1)
+  return _attention_call(q, q_pos, k_cache, v_cache, layer, cfg, interpret)
+
+
+__all__ = ["AttnConfig", "cached_attention", "cached_attention_reference", "default_config",
+           "supported"]

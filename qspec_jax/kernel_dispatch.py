@@ -1,0 +1,57 @@
+"""Choose, per quantized GEMM, between the Pallas kernels and the XLA reference path.
+
+``kernels="auto"`` uses the Pallas kernels on a GPU and the XLA reference elsewhere;
+``kernels="pallas"`` insists on them (on CPU they run in the Pallas interpreter: slow, for
+tests). Every fallback is logged once per reason, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from . import quant
+
+log = logging.getLogger("qspec_jax")
+_ANNOUNCED: set = set()
+
+# Modes with a Pallas kernel; w4a8_fp8 has none (it runs on XLA's bf16 GEMM).
+PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
+
+
+def _announce(key, message: str, level=logging.INFO) -> None:
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        log.log(level, message)
+
+
+def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
+    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
+    import pallas_kernels as pk
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not required:
+        _announce("cpu", f"qspec_jax: no GPU ({jax.default_backend()}): quantized GEMMs use the XLA "
+                         "reference path")
+        return None
+    if mode not in PALLAS_MODES:
+        _announce(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "
+                                  "reference path for it", logging.WARNING)
+        return None
+    M, K = x2.shape
+    N = qweight.shape[1]
+    group = K // scales.shape[0]
+    ok, reason = pk.supported(M, K, N, group)
+    if not ok:
+        _announce(("shape", K, N, group), f"qspec_jax: Pallas GEMM cannot take K={K} N={N} "
+                  f"G={group} ({reason}): using the XLA reference path for this layer",
+                  logging.WARNING)
+        return None
+    interpret = not on_gpu
+    _announce(("pallas", interpret), "qspec_jax: quantized GEMMs use the Pallas kernels"
+              + (" (interpret mode: no GPU)" if interpret else ""))
+    if mode == "w4a16":
+        return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
+    xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
+    return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)

@@ -1,0 +1,73 @@
+"""Command-line front ends: qspec-convert, qspec-generate, qspec-report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conversion.cli import main as convert_main
+from qspec_jax.cli import main as generate_main
+from qspec_jax.report import main as report_main
+
+
+def last_json_line(err: str) -> dict:
+    """The statistics line; progress bars share stderr and end their lines with \\r."""
+    return json.loads(re.split(r"[\r\n]", err.strip())[-1])
+
+
+def test_convert_then_generate_qspec(hf_dirs, tmp_path, capsys):
+    src = hf_dirs["llama"][0]
+    out = tmp_path / "q"
+    assert convert_main([src, str(out), "--quant", "w4", "--method", "rtn", "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    # No tokenizer in the tiny model: prompts as text fail clearly...
+    assert generate_main(["--model", str(out), "--prompt", "hi"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+    # ...and errors in arguments are reported without a traceback.
+    assert generate_main(["--model", str(out), "--prompt", "hi", "--gamma", "0"]) == 2
+    assert "gamma" in capsys.readouterr().err
+
+
+def test_generate_cli_with_tokenizer(tmp_path, capsys):
+    """A tiny model with a real (locally trained) tokenizer, end to end through the CLI."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from hf_models import build_hf_model
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world " * 50, "def f(x): return x + 1\n" * 50],
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>")
+    path = tmp_path / "m"
+    build_hf_model("llama", vocab_size=max(128, len(hf_tok))).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    argv = ["--model", str(path), "--prompt", "hello", "--prompt", "def f", "--max-new-tokens", "5",
+            "--dtype", "float32", "--stats"]
+    assert generate_main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hello")
+    stats = last_json_line(captured.err)
+    assert stats["batch"] == 2 and stats["new_tokens"] <= 10
+    assert generate_main(argv[:-1] + ["--quant", "w4", "--mode", "qspec", "--gamma", "2"]) == 0
+    stats = last_json_line(capsys.readouterr().err)
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world def f(x): return x + 1\n" * 40)
+    assert report_main(["--model", str(path), "--quant", "w4", "--text", str(text), "--window", "32",
+                        "--dtype", "float32"]) == 0
+    table = capsys.readouterr().out
+    assert "w4a16" in table and "w4a4" in table
+
+
+def test_convert_cli_errors(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert convert_main([str(tmp_path / "m"), str(tmp_path / "o")]) == 2
+    assert "unsupported model_type 'bert'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert convert_main([str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
