@@ -17,7 +17,7 @@ from conversion.convert import convert
 from conversion.hf import CheckpointError
 from qspec_jax.config import ConfigError
 
-from conftest import build_hf_model
+from hf_models import build_hf_model
 
 
 def logits_of(path, ids, **kw):

@@ -9,7 +9,7 @@ import torch
 import qspec_jax as qj
 from qspec_jax.model import KVCache
 
-from conftest import ARCHS
+from hf_models import ARCHS
 
 RTOL = 1e-4
 
