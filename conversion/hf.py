@@ -108,16 +108,6 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
-def _flatten(tree: dict, prefix=()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def _our_path(name: str, cfg: ModelConfig):
     layer_map, global_map = NAME_TABLES[cfg.model_type]
     m = _LAYER_RE.match(name)
