@@ -50,6 +50,7 @@ class QSpecModel:
     tokenizer: Any = None
     eos_ids: tuple = ()
     path: str | None = None
+    cycle_costs: dict = dataclasses.field(default_factory=dict)  # gamma="auto" calibrations
 
     @property
     def module(self) -> Transformer:
@@ -253,17 +254,38 @@ def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max
     return max_len
 
 
+def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, draft: str,
+                 kernels: str, given) -> jax.Array:
+    """Validated user costs, or measured ones cached per (batch, context bucket, ...)."""
+    if given is not None:
+        costs = np.asarray(given, np.float32)
+        if costs.shape != (max_gamma + 1,) or not np.all(np.isfinite(costs)) or np.any(costs <= 0):
+            raise ValueError(f"cycle_costs must be {max_gamma + 1} positive numbers (seconds per "
+                             f"cycle for gamma = 0..{max_gamma}), got {given!r}")
+        return jnp.asarray(costs)
+    from .cost_model import measure_cycle_costs
+    key = (batch, round_up(context, 256), max_gamma, draft, kernels)
+    if key not in model.cycle_costs:
+        model.cycle_costs[key] = measure_cycle_costs(model, batch, key[1], max_gamma, draft,
+                                                     kernels=kernels)
+    return jnp.asarray(model.cycle_costs[key], jnp.float32)
+
+
 def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
     return [tokens[i, :counts[i]].tolist() for i in range(tokens.shape[0])]
 
 
 def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
-             draft: str = "w4a8", gamma: int = 3, max_len: int | None = None,
+             draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
+             max_len: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
     """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
 
     ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".
+    ``gamma="auto"`` picks gamma in {0..max_gamma} every cycle from ``cycle_costs`` (seconds
+    per cycle for each gamma; measured once per batch size and cached on the model when None,
+    see ``qspec_jax.cost_model``) and the running acceptance rate.
     """
     check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -272,14 +294,15 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
                               top_k, float(top_p) if isinstance(top_p, (int, float)) else top_p)
     speculative = mode == "qspec"
     if speculative:
-        from .speculative import check_speculation
-        check_speculation(model, draft, gamma)
+        from .speculative import DEFAULT_MAX_GAMMA, check_speculation
+        check_speculation(model, draft, gamma, max_gamma)
     else:
         model.check_mode(mode)
     prompt_ids = encode_prompts(model, prompts)
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lens = pad_prompts(prompt_ids, pad_id)
-    lookahead = gamma + 1 if speculative else 0
+    auto = speculative and gamma == "auto"
+    lookahead = ((max_gamma if auto else gamma) + 1) if speculative else 0
     L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
     cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
     eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
@@ -287,9 +310,14 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     t0 = time.perf_counter()
     if speculative:
-        from .speculative import decode_speculative
+        from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
+        if auto:
+            cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
+                                       kernels, cycle_costs)
         res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
-                                 draft_mode=draft, verify_mode="w4a16", gamma=gamma, kernels=kernels)
+                                 draft_mode=draft, verify_mode="w4a16", gamma=gamma,
+                                 max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
+                                 cycle_costs=cycle_costs, kernels=kernels)
     else:
         res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
                                     mode=mode, kernels=kernels)

@@ -8,6 +8,10 @@ import logging
 import sys
 
 
+def _gamma(value: str):
+    return value if value == "auto" else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qspec-generate", description="Generate text with qspec-jax.")
     p.add_argument("--model", default=None,
@@ -21,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None,
                    help="w16 | w4a16 | w4a8 | w4a4 | w4a8_fp8 | qspec (default: qspec on quantized models, else w16)")
     p.add_argument("--draft", default="w4a8", help="draft mode for --mode qspec (w4a8 | w4a4 | w4a8_fp8)")
-    p.add_argument("--gamma", type=int, default=3, help="draft tokens per QSpec cycle")
+    p.add_argument("--gamma", type=_gamma, default=3,
+                   help="draft tokens per QSpec cycle, or 'auto' (chosen each cycle from measured costs)")
+    p.add_argument("--max-gamma", type=int, default=7, help="upper bound for --gamma auto")
     p.add_argument("--quant", default=None, choices=["w4"], help="quantize an HF checkpoint on load")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -41,7 +47,8 @@ def main(argv=None) -> int:
         mode = args.mode or ("qspec" if model.qcfg.quantized else "w16")
         out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, draft=args.draft, gamma=args.gamma, kernels=args.kernels)
+                          seed=args.seed, draft=args.draft, gamma=args.gamma,
+                          max_gamma=args.max_gamma, kernels=args.kernels)
     except (ValueError, FileNotFoundError) as e:
         print(f"qspec-generate: error: {e}", file=sys.stderr)
         return 2

@@ -33,16 +33,27 @@ from .sampling import filtered_logits, sampling_probs, select_tokens
 DRAFT_MODES = ("w4a8", "w4a4", "w4a8_fp8", "w4a16")
 VERIFY_MODE = "w4a16"
 MAX_GAMMA = 16
+DEFAULT_MAX_GAMMA = 7
+PROBE_EVERY = 16         # gamma="auto": draft at least once every this many cycles
+ACC_EMA = 0.25           # weight of the newest cycle in the running acceptance estimate
+PRIOR_ACCEPTANCE = 0.8
 
 
-def check_speculation(model, draft: str, gamma) -> None:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_speculation(model, draft: str, gamma, max_gamma: int = DEFAULT_MAX_GAMMA) -> None:
     """Validate QSpec arguments against the model (clear errors, before any tracing)."""
     if draft not in DRAFT_MODES:
         raise ValueError(f"unknown draft mode {draft!r}; choose one of {', '.join(DRAFT_MODES)} "
                          "(w4a16 as draft only makes sense for testing: acceptance 1.0)")
-    if not isinstance(gamma, int) or isinstance(gamma, bool) or not 1 <= gamma <= MAX_GAMMA:
-        raise ValueError(f"gamma (draft tokens per cycle) must be an integer in [1, {MAX_GAMMA}], "
-                         f"got {gamma!r}")
+    if gamma == "auto":
+        if not _is_int(max_gamma) or not 1 <= max_gamma <= MAX_GAMMA:
+            raise ValueError(f"max_gamma must be an integer in [1, {MAX_GAMMA}], got {max_gamma!r}")
+    elif not _is_int(gamma) or not 1 <= gamma <= MAX_GAMMA:
+        raise ValueError(f"gamma (draft tokens per cycle) must be an integer in [1, {MAX_GAMMA}] "
+                         f"or 'auto', got {gamma!r}")
     if not model.qcfg.quantized:
         raise ValueError("mode 'qspec' needs a quantized model (its draft and verify modes run on "
                          "4-bit weights); load it with quant='w4' or convert with --quant w4")
@@ -62,7 +73,7 @@ def _splice(drafts, ok, fallback):
     g = drafts.shape[1]
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B]
     idx = jnp.arange(g + 1)[None]
-    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)  # [B, g+1]
+    padded = jnp.concatenate([drafts, jnp.zeros((drafts.shape[0], 1), drafts.dtype)], axis=1)
     chosen = jnp.take_along_axis(fallback, n[:, None], axis=1)  # [B, 1]
     emitted = jnp.where(idx < n[:, None], padded, jnp.where(idx == n[:, None], chosen, -1))
     return n, emitted
@@ -97,19 +108,27 @@ def _first_true(mask):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "draft_mode",
-                                   "verify_mode", "gamma", "kernels"),
+                                   "verify_mode", "gamma", "max_gamma", "kernels"),
          donate_argnames=("cache",))
 def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling, eos_ids,
                        *, max_new_tokens: int, greedy: bool, draft_mode: str = "w4a8",
-                       verify_mode: str = VERIFY_MODE, gamma: int = 3,
+                       verify_mode: str = VERIFY_MODE, gamma: int | str = 3,
+                       max_gamma: int = DEFAULT_MAX_GAMMA, cycle_costs=None,
                        kernels: str = "xla") -> DecodeResult:
     """QSpec decoding over one shared cache. Same arrays in/out as ``decode_autoregressive``.
 
-    The cache needs ``gamma + 1`` positions of room past each sequence's last token.
-    ``stats`` holds device-side counters: cycles, per-sequence cycles/drafted/accepted.
+    ``gamma``: drafts per cycle, or "auto": each cycle picks gamma in {0, ..., max_gamma}
+    (0 = one plain verify-mode step) minimizing ``cycle_costs[g] / E(g, a)``, where
+    ``cycle_costs`` [max_gamma + 1] are measured seconds per cycle (see cost_model) and a is a
+    running estimate of the per-token acceptance rate (a drafting probe every PROBE_EVERY
+    cycles keeps it current while gamma = 0 wins).
+    The cache needs ``gamma + 1`` (auto: ``max_gamma + 1``) positions of room past each
+    sequence's last token. ``stats`` holds device-side counters.
     """
     quant.check_mode(draft_mode)
     quant.check_mode(verify_mode)
+    auto = gamma == "auto"
+    top_gamma = max_gamma if auto else gamma
     model = nnx.merge(graphdef, state)
     B = prompt_tokens.shape[0]
     temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
@@ -119,7 +138,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=verify_mode, kernels=kernels)
     rng, key = jax.random.split(rng)
     first = select(logits, key)
-    width = max_new_tokens + gamma + 1  # room for a whole cycle past the limit
+    width = max_new_tokens + top_gamma + 1  # room for a whole cycle past the limit
     out = jnp.full((B, width), -1, jnp.int32)
     out, count = record_tokens(out, jnp.zeros((B,), jnp.int32), first, jnp.ones((B,), bool), width)
     done = is_eos(first, eos_ids) | (count >= max_new_tokens)
@@ -134,50 +153,77 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         q = None if greedy else jax.nn.softmax(filtered_logits(logits, temperature, top_k, top_p), -1)
         return (nxt, cache, lengths, rng), (nxt, q)
 
-    def cond(c):
-        return ~jnp.all(c["done"])
-
-    def body(c):
+    def cycle(c, g: int):
+        """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
         active = ~c["done"]
-        (_, cache, _, rng), (drafts, q) = jax.lax.scan(
-            draft_step, (c["last"], c["cache"], c["lengths"], c["rng"]), jnp.arange(gamma))
-        drafts = drafts.T  # [B, gamma]
-        verify_in = jnp.concatenate([c["last"][:, None], drafts], axis=1)  # [B, gamma + 1]
+        cache, rng = c["cache"], c["rng"]
+        drafts, q = jnp.zeros((B, 0), jnp.int32), None
+        if g:
+            (_, cache, _, rng), (drafts, q) = jax.lax.scan(
+                draft_step, (c["last"], cache, c["lengths"], rng), jnp.arange(g))
+            drafts = drafts.T  # [B, g]
+        verify_in = jnp.concatenate([c["last"][:, None], drafts], axis=1)  # [B, g + 1]
         v_logits, cache = forward(verify_in, cache, c["lengths"], mode=verify_mode)
         rng, key = jax.random.split(rng)
         if greedy:
             n_acc, emitted = accept_greedy(drafts, v_logits)
         else:
-            n_acc, emitted = accept_sampling(drafts, jnp.swapaxes(q, 0, 1), v_logits, key,
-                                             temperature, top_k, top_p)
+            q = jnp.zeros((B, 0, v_logits.shape[-1])) if q is None else jnp.swapaxes(q, 0, 1)
+            n_acc, emitted = accept_sampling(drafts, q, v_logits, key, temperature, top_k, top_p)
         # Keep emitted[:k]: up to the first EOS and within max_new_tokens.
-        valid = jnp.arange(gamma + 1)[None] <= n_acc[:, None]
+        valid = jnp.arange(g + 1)[None] <= n_acc[:, None]
         eos_at = _first_true(is_eos(emitted, eos_ids) & valid)
         k = jnp.minimum(jnp.minimum(n_acc + 1, eos_at + 1), max_new_tokens - c["count"])
         k = jnp.where(active, k, 0)
         rows = jnp.arange(B)[:, None]
-        cols = c["count"][:, None] + jnp.arange(gamma + 1)[None]
-        keep = jnp.arange(gamma + 1)[None] < k[:, None]
+        cols = c["count"][:, None] + jnp.arange(g + 1)[None]
+        keep = jnp.arange(g + 1)[None] < k[:, None]
         out = c["out"].at[rows, cols].set(jnp.where(keep, emitted, c["out"][rows, cols]), mode="drop")
         count = c["count"] + k
         # The last emitted token is the next input; the k - 1 before it and the previous input
         # are now committed in the cache (k = n_acc + 1 unless cut by EOS or the limit).
         last = jnp.take_along_axis(emitted, jnp.maximum(k - 1, 0)[:, None], axis=1)[:, 0]
         a = active.astype(jnp.int32)
+        # Acceptance trials: accepted drafts plus the rejection that ended the run, if any.
+        trials = jnp.sum(a * jnp.minimum(n_acc + 1, g))
         return {
-            "out": out, "count": count, "cache": cache, "rng": rng,
+            **c, "out": out, "count": count, "cache": cache, "rng": rng,
             "last": jnp.where(active, last, c["last"]),
             "lengths": c["lengths"] + k,
             "done": c["done"] | (eos_at <= n_acc) | (count >= max_new_tokens),
             "cycles": c["cycles"] + 1,
             "seq_cycles": c["seq_cycles"] + a,
-            "drafted": c["drafted"] + a * gamma,
+            "drafted": c["drafted"] + a * g,
             "accepted": c["accepted"] + a * n_acc,
+            "trials": trials, "trial_accepts": jnp.sum(a * n_acc),
         }
+
+    def cond(c):
+        return ~jnp.all(c["done"])
+
+    if auto:
+        branches = [partial(cycle, g=g) for g in range(max_gamma + 1)]
+        costs = jnp.asarray(cycle_costs, jnp.float32)
+
+        def body(c):
+            g = choose_gamma(costs, c["acc_est"])
+            g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), 1, g)
+            c = jax.lax.switch(g, branches, c)
+            rate = c["trial_accepts"] / jnp.maximum(c["trials"], 1)
+            acc_est = jnp.where(c["trials"] > 0, (1 - ACC_EMA) * c["acc_est"] + ACC_EMA * rate,
+                                c["acc_est"])
+            return {**c, "acc_est": acc_est, "since_draft": jnp.where(g > 0, 0, c["since_draft"] + 1),
+                    "gamma_cycles": c["gamma_cycles"].at[g].add(1)}
+    else:
+        def body(c):
+            return {**cycle(c, gamma), "gamma_cycles": c["gamma_cycles"].at[gamma].add(1)}
 
     carry = {"out": out, "count": count, "cache": cache, "rng": rng, "last": first,
              "lengths": prompt_lens.astype(jnp.int32), "done": done, "cycles": jnp.int32(0),
-             "seq_cycles": zeros, "drafted": zeros, "accepted": zeros}
+             "seq_cycles": zeros, "drafted": zeros, "accepted": zeros,
+             "trials": jnp.int32(0), "trial_accepts": jnp.int32(0),
+             "acc_est": jnp.float32(PRIOR_ACCEPTANCE), "since_draft": jnp.int32(0),
+             "gamma_cycles": jnp.zeros((top_gamma + 1,), jnp.int32)}
     c = jax.lax.while_loop(cond, body, carry)
     drafted, accepted = c["drafted"].sum(), c["accepted"].sum()
     stats = {
@@ -185,6 +231,16 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         "accepted": c["accepted"],
         "acceptance_rate": accepted / jnp.maximum(drafted, 1),
         "tokens_per_cycle": (accepted + c["seq_cycles"].sum()) / jnp.maximum(c["seq_cycles"].sum(), 1),
+        "gamma_cycles": c["gamma_cycles"],
     }
+    if auto:
+        stats["acceptance_estimate"] = c["acc_est"]
     return DecodeResult(c["out"][:, :max_new_tokens], c["count"], c["lengths"], c["cache"], c["rng"],
                         stats)
+
+
+def choose_gamma(cycle_costs: jax.Array, a: jax.Array) -> jax.Array:
+    """argmin over g of seconds per token: cycle_costs[g] / E(g, a)."""
+    g = jnp.arange(cycle_costs.shape[0])
+    powers = jnp.where(g[None, :] <= g[:, None], a ** g[None, :].astype(jnp.float32), 0.0)
+    return jnp.argmin(cycle_costs / powers.sum(axis=1)).astype(jnp.int32)

@@ -200,3 +200,58 @@ def test_jittable_function_composes_with_user_jit(quantized):
     # Cache holds the prompt and every generated token but the last (the next input), as in
     # plain decoding: the arrays can seed another call.
     np.testing.assert_array_equal(np.asarray(lengths), lens + np.asarray(counts) - 1)
+
+
+# ---- gamma="auto" -------------------------------------------------------------------------------
+
+def test_auto_gamma_follows_costs_and_stays_exact(quantized):
+    model = quantized["llama"]
+    prompts = ragged_prompts(13)
+    ref = qj.generate(model, prompts, max_new_tokens=40, mode="w4a16").tokens
+    # Drafting 10x dearer than a verify step: plain decoding (gamma 0) except the probes that
+    # keep the acceptance estimate fresh (one every PROBE_EVERY cycles).
+    from qspec_jax.speculative import PROBE_EVERY
+    dear = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
+                       cycle_costs=[1, 10, 20, 30, 40])
+    g = np.asarray(dear.stats["gamma_cycles"])
+    assert dear.tokens == ref
+    assert g[0] > 0 and g[2:].sum() == 0 and g[1] <= g.sum() // PROBE_EVERY + 1
+    # Drafts almost free: long drafts win at any sensible acceptance.
+    cheap = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
+                        cycle_costs=[1, 1.01, 1.02, 1.03, 1.04])
+    g = np.asarray(cheap.stats["gamma_cycles"])
+    assert cheap.tokens == ref
+    assert g[4] == g.sum()
+    assert 0 < cheap.stats["acceptance_estimate"] <= 1
+
+
+def test_auto_gamma_measures_costs_once(quantized):
+    model = qj.QSpecModel(**{**quantized["llama"].__dict__, "cycle_costs": {}})
+    prompts = ragged_prompts(14)
+    out = qj.generate(model, prompts, max_new_tokens=6, mode="qspec", gamma="auto", max_gamma=2)
+    assert len(model.cycle_costs) == 1
+    costs = next(iter(model.cycle_costs.values()))
+    assert costs.shape == (3,) and np.all(costs > 0)
+    qj.generate(model, prompts, max_new_tokens=6, mode="qspec", gamma="auto", max_gamma=2)
+    assert len(model.cycle_costs) == 1
+    assert out.tokens == qj.generate(model, prompts, max_new_tokens=6, mode="w4a16").tokens
+
+
+def test_cost_model_prediction():
+    from qspec_jax.cost_model import best_gamma, expected_tokens, predicted_speedup
+    assert expected_tokens(3, 0.5) == pytest.approx(1.875)
+    costs = [1.0, 1.2, 1.4, 1.6]  # draft 0.1 + verify growing 0.1 per token
+    s = predicted_speedup(costs, 0.9)
+    assert s[0] == 1.0 and s[3] == pytest.approx((1 + 0.9 + 0.81 + 0.729) / 1.6)
+    assert best_gamma(costs, 0.9) == 3 and best_gamma(costs, 0.05) == 0
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"gamma": "auto", "max_gamma": 0}, r"max_gamma must be an integer in \[1, 16\]"),
+    ({"gamma": "auto", "max_gamma": 2, "cycle_costs": [1, 2]}, "cycle_costs must be 3 positive"),
+    ({"gamma": "auto", "max_gamma": 2, "cycle_costs": [1, -2, 3]}, "cycle_costs must be 3 positive"),
+    ({"gamma": "fast"}, "or 'auto'"),
+])
+def test_bad_auto_arguments(quantized, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        qj.generate(quantized["llama"], [[3, 4]], mode="qspec", **kwargs)

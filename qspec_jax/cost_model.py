@@ -1,0 +1,87 @@
+"""QSpec's cost model: measured step costs -> predicted throughput -> the gamma to use.
+
+A QSpec cycle with gamma = g costs ``g * T_draft(B) + T_verify(B, g + 1)`` (both full model
+forwards, attention and norms included) and emits ``E(g, a) = 1 + a + ... + a^g`` tokens per
+sequence for a per-token acceptance rate a. g = 0 is plain verify-mode decoding, so
+``cycle_costs[0] = T_verify(B, 1)`` is the w4a16 AR step and the predicted speedup of g is
+``E(g, a) * cycle_costs[0] / cycle_costs[g]``. See METHOD.md, "When can QSpec be faster".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .model import KVCache
+
+log = logging.getLogger("qspec_jax")
+
+
+def expected_tokens(g: int, a: float) -> float:
+    """E(g, a) = sum_{i=0..g} a^i."""
+    return float(sum(a ** i for i in range(g + 1)))
+
+
+def predicted_speedup(cycle_costs, a: float) -> np.ndarray:
+    """[max_gamma + 1] predicted speedup over verify-mode AR for each gamma at acceptance a."""
+    costs = np.asarray(cycle_costs, np.float64)
+    return np.array([expected_tokens(g, a) * costs[0] / costs[g] for g in range(len(costs))])
+
+
+def best_gamma(cycle_costs, a: float) -> int:
+    return int(np.argmax(predicted_speedup(cycle_costs, a)))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "T", "mode", "kernels", "steps"),
+         donate_argnames=("cache",))
+def _timed_forwards(graphdef, state, cache, start, *, T, mode, kernels, steps):
+    model = nnx.merge(graphdef, state)
+    B = start.shape[0]
+
+    def body(i, carry):
+        cache, acc = carry
+        tokens = jnp.full((B, T), 1, jnp.int32) + (i % 7)
+        logits, cache = model(tokens, cache, start, mode=mode, kernels=kernels)
+        return cache, acc + logits[:, -1, 0]
+
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((B,), jnp.float32)))
+
+
+def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels: str = "auto",
+                 steps: int = 8, repeats: int = 3) -> float:
+    """Median seconds of one forward of T new tokens per sequence at cache position ``context``,
+    timed inside one jitted loop of ``steps`` forwards (no host dispatch in the figure)."""
+    max_len = context + T
+    cache = KVCache.create(model.cfg, batch, max_len, model.dtype)
+    start = jnp.full((batch,), context, jnp.int32)
+    run = partial(_timed_forwards, model.graphdef, model.state, T=T, mode=mode, kernels=kernels,
+                  steps=steps)
+    cache, acc = run(cache, start)  # compile + warm up
+    jax.block_until_ready(acc)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cache, acc = run(cache, start)
+        jax.block_until_ready(acc)
+        times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times))
+
+
+def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: str, *,
+                        kernels: str = "auto", steps: int = 8, repeats: int = 3) -> np.ndarray:
+    """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma."""
+    t_draft = time_forward(model, batch, context, 1, draft, kernels=kernels, steps=steps,
+                           repeats=repeats)
+    t_verify = [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
+                             repeats=repeats) for g in range(max_gamma + 1)]
+    costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])
+    log.info("qspec_jax: measured cycle costs (batch %d, context %d, draft %s): T_draft=%.3g s, "
+             "T_verify(g + 1)=%s s", batch, context, draft, t_draft,
+             ", ".join(f"{t:.3g}" for t in t_verify))
+    return costs
