@@ -1,0 +1,30 @@
+"""Smoke test of the end-to-end sweep script (tiny random model, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.sweep import main as sweep_main
+
+
+def test_sweep_quick_is_resumable(tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    argv = ["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "2", "--gammas", "2",
+            "--out", str(out)]
+    assert sweep_main(argv) == 0
+    rows = [json.loads(l) for l in open(out)]
+    runs = [r for r in rows if "mode" in r]
+    assert {(r["mode"], r["gamma"]) for r in runs} == {("w4a16", None), ("qspec-w4a8", 2)}
+    for r in runs:
+        assert "error" not in r, r
+        assert r["decode_tokens_per_s"] > 0 and r["random_weights"] and r["backend"] == "cpu"
+    qs = next(r for r in runs if r["mode"] == "qspec-w4a8")
+    assert 0 <= qs["acceptance_rate"] <= 1 and qs["tokens_per_cycle"] >= 1
+    costs = [r for r in rows if "cycle_costs" in r]
+    assert len(costs) == 1 and len(costs[0]["cycle_costs"]) == 3
+    n = len(rows)
+    assert sweep_main(argv[:-2] + ["--out", str(out)]) == 0
+    # Resumed with everything done: nothing is measured again.
+    assert len(open(out).readlines()) == n
+    assert sweep_main(["--plot", "--out", str(out)]) == 0
+    assert (tmp_path / "sweep_tiny_throughput.png").exists()
