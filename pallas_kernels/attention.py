@@ -8,8 +8,10 @@ qspec_jax.model.attention_reference; `cached_attention_reference` below is the p
 
 Cache layout (docs/DESIGN.md, unchanged): [B, KVH, S, hd] per layer (the model's KVCache is
 [L, B, KVH, S, hd]; pass the whole 5-D array with `layer=i` to read layer i in place, without
-XLA materialising the slice). One (b, kv_head) is a contiguous [S, hd] slab: every K/V tile the
-kernel loads is a contiguous, fully coalesced [block_k, hd] run of memory.
+XLA materialising the slice; `layer` is a run-time value, so all layers share one kernel).
+One (b, kv_head) is a contiguous [S, hd] slab: every K/V tile the kernel loads is a contiguous,
+fully coalesced [block_k, hd] run of memory. This layout is kept: it is already the fastest for
+this kernel.
 
 Design (Pallas Triton backend, runs in interpret mode on CPU):
 - GQA packing: the G = H / KVH query heads of a KV head and all T queries form one query block of
@@ -55,6 +57,7 @@ MIN_BLOCK_K = 16    # tl.dot minimum
 MAX_Q_ROWS = 128    # largest query block kept in one program (decode / verify)
 PROGRAMS_PER_SM = 2  # flash-decoding target: about this many programs per SM
 MIN_BLOCKS_PER_SPLIT = 2
+KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_k)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -127,6 +130,25 @@ def _sm_count() -> int:
   return 132
 
 
+def _choose_splits(base: int, n_blocks: int, sms: int) -> int:
+  """Flash-decoding splits: up to PROGRAMS_PER_SM waves of programs, whole waves preferred.
+
+  Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(PROGRAMS_PER_SM * sms, base)) splits,
+  take the one whose programs fill their waves best (p / (waves * sms), or p / sms below one
+  wave); ties (within 2%) go to more splits (more programs to hide latency). No splits when
+  there are already a wave of programs (large batches, prefill tiles)."""
+  if base >= sms:
+    return 1
+  top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(PROGRAMS_PER_SM * sms, base)))
+  best, best_eff = 1, -1.0
+  for ns in range(1, top + 1):
+    p = base * ns
+    eff = p / sms if p < sms else p / (pl.cdiv(p, sms) * sms)
+    if eff >= best_eff - 0.02:
+      best, best_eff = ns, max(eff, best_eff)
+  return best
+
+
 def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: int = 2, *,
                    block_q: int | None = None, block_k: int | None = None,
                    num_splits: int | None = None, num_warps: int | None = None,
@@ -136,23 +158,30 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
   if block_q is None:
     block_q = max(16, _next_pow2(R)) if R <= MAX_Q_ROWS else (64 if hd >= 128 else 128)
   block_q = max(16, _next_pow2(block_q))
+  n_q = pl.cdiv(R, block_q)
+  base = B * KVH * n_q          # programs without splitting
+  sms = _sm_count()
   if block_k is None:
-    block_k = 64 if (block_q >= 128 or hd > 128) else 128
+    # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
+    # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
+    block_k = min(128, KV_TILE_BYTES // (2 * hd * itemsize))
+    if block_q >= 128:
+      block_k = min(block_k, 64)
+    # Short caches: smaller key blocks leave enough of them to split over the SMs.
+    if base * (S // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
+      block_k = min(block_k, 64)
   block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
   while block_k > MIN_BLOCK_K and S % block_k:
     block_k //= 2
   n_blocks = S // block_k
-  n_q = pl.cdiv(R, block_q)
   if num_splits is None:
-    base = B * KVH * n_q
-    want = pl.cdiv(PROGRAMS_PER_SM * _sm_count(), base)
-    num_splits = max(1, min(want, n_blocks // MIN_BLOCKS_PER_SPLIT))
+    num_splits = _choose_splits(base, n_blocks, sms)
   num_splits = max(1, min(int(num_splits), n_blocks))
   if num_warps is None:
     num_warps = 4 if block_q * hd <= 64 * 128 else 8
   if num_stages is None:
     stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
-    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
+    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
   return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
 
 
@@ -193,12 +222,13 @@ def _packed_rows(tile, bq, R, G, kv_head):
   return r // G, kv_head * G + r % G
 
 
-def _attn_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, block_k, num_splits,
-                 scale, partial):
+def _attn_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, block_k,
+                 num_splits, scale, partial):
+  # layer_ref: [1] int32      layer to read (0 for a single-layer cache)
   # pos_ref: [T] int32        q_pos of sequence b (its rows gathered below)
   # q_ref:   [T, H, hd]       all queries of sequence b, read in place (rows gathered below)
-  # k_ref:   [S, hd]          key slab of (b, kv_head); only blocks < n_blocks are read
-  # v_ref:   [S, hd]
+  # k_ref:   [L, S, hd]       key slabs of (b, kv_head) of every layer; only layer `layer`,
+  # v_ref:   [L, S, hd]       blocks < n_blocks, are read
   # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
   # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
   hd = q_ref.shape[-1]
@@ -207,6 +237,7 @@ def _attn_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, bloc
   t_idx, head_idx = _packed_rows(tile, bq, R, G, h)      # [bq], [bq]
   q = q_ref[t_idx, head_idx, :]                          # [bq, hd]
   lim = jnp.clip(pos_ref[t_idx], -1, S - 1)              # [bq] last visible key (-1: none)
+  layer = layer_ref[0]
   # Blocks this tile needs: cdiv(max(lim) + 1, block_k) (lim >= -1: no negative division),
   # cut into num_splits contiguous chunks at run time.
   n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
@@ -219,7 +250,7 @@ def _attn_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, bloc
   def body(j, carry):
     o, m, l = carry                                      # [bq, hd], [bq], [bq] f32
     start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]                  # [bk, hd]
+    k = k_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hp,
                         preferred_element_type=jnp.float32) * scale  # [bq, bk]
     visible = (start + key_iota) <= lim[:, None]         # [bq, bk]
@@ -228,7 +259,7 @@ def _attn_kernel(pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, bloc
     alpha = jnp.exp(m - m_new)                           # [bq]
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)  # [bq, bk]
     l = alpha * l + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, block_k), :]                  # [bk, hd]
+    v = v_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
     pv = jnp.dot(p.astype(v.dtype), v, precision=hp, preferred_element_type=jnp.float32)
     o = alpha[:, None] * o + pv                          # [bq, hd]
     return o, m_new, l
@@ -279,7 +310,7 @@ def _compiler_params(num_warps, num_stages):
 
 def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool):
   B, T, H, hd = q.shape
-  KVH, S = k_cache.shape[-3], k_cache.shape[-2]
+  L, _, KVH, S, _ = k_cache.shape
   G = H // KVH
   R = T * G
   bq, ns = cfg.block_q, cfg.num_splits
@@ -288,12 +319,10 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
   partial = ns > 1
   kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
                              num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial)
-  if layer is None:
-    kv_spec = pl.BlockSpec((None, None, S, hd), lambda b, h, i, s: (b, h, 0, 0))
-  else:
-    kv_spec = pl.BlockSpec((None, None, None, S, hd), lambda b, h, i, s: (layer, b, h, 0, 0))
+  kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
   seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
-  in_specs = [pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0)),  # q_pos [B, T]
+  in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
+              pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0)),  # q_pos [B, T]
               seq_spec, kv_spec, kv_spec]
   if partial:
     R_pad = n_q * bq
@@ -309,7 +338,7 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       interpret=interpret, name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}",
-      **_compiler_params(cfg.num_warps, cfg.num_stages))(q_pos, q, k_cache, v_cache)
+      **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, q_pos, q, k_cache, v_cache)
   if not partial:
     return outs[0]
   combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
@@ -323,20 +352,22 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
       **_compiler_params(4, 1))(*outs)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "block_q", "block_k", "num_splits",
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_splits",
                                              "num_warps", "num_stages", "interpret"))
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
-                     kv_len: jax.Array | None = None, *, layer: int | None = None,
+                     kv_len: jax.Array | None = None, *, layer: int | jax.Array | None = None,
                      block_q: int | None = None, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, interpret: bool = False) -> jax.Array:
   """Attention of T new queries per sequence over the KV cache (see the module docstring).
 
-  q [B, T, H, hd] (bf16 / f16 / f32); k_cache, v_cache [B, KVH, S, hd] in q's dtype (checked,
-  never cast: a cast would copy the cache), or the
-  model's whole [L, B, KVH, S, hd] cache with a static `layer`; q_pos int [B, T] (cache position
-  of each query; key s is visible iff s <= q_pos[b, t]); kv_len optional int [B] (keys
-  s >= kv_len[b] are masked too; without it the per-sequence bound is max_t q_pos[b, t]).
+  q [B, T, H, hd] (bf16 / f16 / f32).
+  k_cache, v_cache: [B, KVH, S, hd] in q's dtype (checked, never cast: a cast would copy the
+    cache), or the model's whole [L, B, KVH, S, hd] cache with `layer` (a Python int or a
+    traced int32 scalar: one compiled kernel serves every layer, whose slab is read in place).
+  q_pos int [B, T]: cache position of each query; key s is visible iff s <= q_pos[b, t].
+  kv_len optional int [B]: keys s >= kv_len[b] are masked too. Without it the keys read per
+    sequence are those up to max_t q_pos[b, t] (clipped to the cache).
   Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
   block_q / block_k / num_splits / num_warps / num_stages override default_config.
   interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
@@ -364,6 +395,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
   q_pos = q_pos.astype(jnp.int32)
   if kv_len is not None:  # one tiny fusion; without kv_len the kernel reads q_pos as is
     q_pos = jnp.minimum(q_pos, kv_len.astype(jnp.int32)[:, None] - 1)
+  if k_cache.ndim == 4:  # a single layer: [1, B, KVH, S, hd] (a free reshape)
+    k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
   return _attention_call(q, q_pos, k_cache, v_cache, layer, cfg, interpret)
 
 

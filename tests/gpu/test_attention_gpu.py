@@ -1,0 +1,157 @@
+"""GPU checks of the cached-attention kernel (issue 7) against its references.
+
+Matrix (issue 7): ragged lengths in one batch (a length-0 sequence, a padding row that sees no
+key, lengths not a multiple of the block, a sequence at the cache end), T in {1, 4, 8, 16,
+prefill}, GQA ratios 1, 4, 8, head_dim 64 and 128, bf16 and f32; plus Llama-3-8B shapes with
+long caches (flash-decoding splits), a cache length that is not a multiple of 128, kv_len, and
+the whole [L, B, KVH, S, hd] cache read in place with `layer` (also one above 4 GB).
+All programs (kernel + f32 reference in one jit) are compiled in parallel threads first.
+Criteria: f32 inputs: relative Frobenius error <= 1e-5 against the f32 reference (the kernel's
+dots use IEEE f32, not TF32). bf16: <= 1e-2 against the f32 reference on the same bf16 values,
+and <= 1e-2 against qspec_jax.model.attention_reference (bf16, as the model runs it). Rows
+that see no key are exactly 0; no NaN anywhere.
+Seed: QSPEC_TEST_SEED (default 0).
+"""
+import concurrent.futures as cf
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import cached_attention, cached_attention_reference, supported
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+SEED = int(os.environ.get("QSPEC_TEST_SEED", "0"))
+
+
+def _cases():
+  cs = []
+  # id, B, T, H, KVH, S, hd, dtype, positions, kwargs, layers
+  for hd in (64, 128):
+    for G in (1, 4, 8):
+      H, KVH = 4 * G, 4
+      for T in (1, 4, 8, 16):
+        cs.append((f"T{T}_G{G}_d{hd}_bf16", 6, T, H, KVH, 1024, hd, BF16, "ragged", {}, None))
+      cs.append((f"prefill_G{G}_d{hd}_bf16", 3, 200, H, KVH, 256, hd, BF16, "prefill", {}, None))
+  for T in (1, 4, 16):
+    cs.append((f"T{T}_G4_d128_f32", 6, T, 16, 4, 512, 128, F32, "ragged", {}, None))
+  cs.append(("T8_G8_d64_f32_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
+             dict(num_splits=5), None))
+  cs.append(("prefill_G4_d64_f32", 2, 100, 16, 4, 128, 64, F32, "prefill", {}, None))
+  # Llama-3-8B heads
+  cs.append(("llama_B1_S32768_T1", 1, 1, 32, 8, 32768, 128, BF16, "full", {}, None))
+  cs.append(("llama_B4_S8192_T4", 4, 4, 32, 8, 8192, 128, BF16, "ragged", {}, None))
+  cs.append(("llama_B64_S2048_T8", 64, 8, 32, 8, 2048, 128, BF16, "ragged", {}, None))
+  cs.append(("llama_B8_S4160_T4_bk64", 8, 4, 32, 8, 4160, 128, BF16, "ragged", {}, None))
+  cs.append(("llama_B2_S1024_T8_layer", 2, 8, 32, 8, 1024, 128, BF16, "ragged", {}, 4))
+  # whole cache of 4.3 GB per K / V: 64-bit address offsets
+  cs.append(("llama_B16_S4096_T4_layers32", 16, 4, 32, 8, 4096, 128, BF16, "ragged", {}, 32))
+  cs.append(("llama_B6_S2048_T4_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen", {}, None))
+  cs.append(("llama_B1_S4096_prefill", 1, 512, 32, 8, 4096, 128, BF16, "prefill", {}, None))
+  return cs
+
+
+CASES = _cases()
+
+
+def _positions(kind, B, T, S):
+  """(q_pos [B, T], kv_len [B] or None). Ragged rows: a length-0 sequence (start 0), a padding
+  row that sees no key (q_pos = -1), odd lengths, the cache end, past the end (dropped)."""
+  if kind == "prefill":
+    return np.broadcast_to(np.arange(T), (B, T)).astype(np.int32), None
+  if kind == "full":
+    return np.broadcast_to(np.arange(S - T, S), (B, T)).astype(np.int32), None
+  starts = [0, None, 37, S - T, S // 2 + 5, S - 2, 129, 1000][:B]
+  rows = []
+  for st in starts:
+    rows.append(np.full(T, -1) if st is None else st + np.arange(T))
+  while len(rows) < B:
+    rows.append((len(rows) * 97) % (S - T) + np.arange(T))
+  q_pos = np.stack(rows).astype(np.int32)
+  kv_len = None
+  if kind == "kvlen":
+    kv_len = np.clip(q_pos.max(axis=1) + 1 - np.arange(B) * 3, 0, S).astype(np.int32)
+  return q_pos, kv_len
+
+
+def _program(case):
+  _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+  layer = layers - 1 if layers else None
+
+  def fn(key, q_pos, kv_len):
+    k1, k2, k3 = jax.random.split(key, 3)
+    lead = (layers,) if layers else ()
+    q = jax.random.normal(k1, (B, T, H, hd), F32).astype(dtype)
+    kc = jax.random.normal(k2, lead + (B, KVH, S, hd), F32).astype(dtype)
+    vc = jax.random.normal(k3, lead + (B, KVH, S, hd), F32).astype(dtype)
+    out = cached_attention(q, kc, vc, q_pos, kv_len, layer=layer, **kw)
+    if layers:
+      kc, vc = kc[layer], vc[layer]
+    ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos,
+                                       kv_len)
+    ref16 = cached_attention_reference(q, kc, vc, q_pos, kv_len)
+    return out, ref32, ref16
+
+  return jax.jit(fn)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  def build(case):
+    _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+    q_pos, kv_len = _positions(kind, B, T, S)
+    args = (jax.random.key(SEED + CASES.index(case)), jnp.asarray(q_pos),
+            None if kv_len is None else jnp.asarray(kv_len))
+    exe = _program(case).lower(*args).compile()
+    return case[0], (exe, args)
+
+  with cf.ThreadPoolExecutor(8) as ex:
+    return dict(ex.map(build, CASES))
+
+
+def _rel(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention_gpu(case, compiled):
+  name, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+  assert supported((B, T, H, hd), ((layers,) if layers else ()) + (B, KVH, S, hd), dtype)[0]
+  exe, args = compiled[name]
+  out, ref32, ref16 = jax.block_until_ready(exe(*args))
+  out = np.asarray(out.astype(F32))
+  assert out.shape == (B, T, H, hd)
+  assert np.all(np.isfinite(out)), "NaN/inf in the kernel output"
+  q_pos = np.asarray(args[1])
+  kv_len = args[2]
+  lim = q_pos if kv_len is None else np.minimum(q_pos, np.asarray(kv_len)[:, None] - 1)
+  empty = lim < 0                                    # [B, T]: rows that see no key
+  assert np.all(out[empty] == 0)
+  tol = 1e-5 if dtype == F32 else 1e-2
+  err = _rel(out[~empty], np.asarray(ref32)[~empty])
+  assert err <= tol, f"{name}: rel err {err:.2e} vs f32 reference (tol {tol})"
+  if dtype == BF16:
+    err16 = _rel(out[~empty], np.asarray(ref16.astype(F32))[~empty])
+    assert err16 <= tol, f"{name}: rel err {err16:.2e} vs bf16 reference"
+
+
+def test_matches_model_reference_gpu():
+  """The model's own attention_reference (bf16 on the GPU), Llama-3-8B heads, verify step."""
+  from qspec_jax.model import attention_reference
+  B, T, H, KVH, S, hd = 4, 4, 32, 8, 2048, 128
+  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1000), 3)
+  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+  q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [2044, 2045, 2046, 2047],
+                       [1023, 1024, 1025, 1026]], jnp.int32)
+  out = cached_attention(q, kc, vc, q_pos)
+  ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
+  assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
