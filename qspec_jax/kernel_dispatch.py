@@ -1,8 +1,10 @@
-"""Choose, per quantized GEMM, between the Pallas kernels and the XLA reference path.
+"""Choose, per quantized GEMM and per attention call, between Pallas kernels and XLA.
 
-``kernels="auto"`` uses the Pallas kernels on a GPU and the XLA reference elsewhere;
+``kernels="auto"`` uses the Pallas GEMM kernels on a GPU and the XLA reference elsewhere;
 ``kernels="pallas"`` insists on them (on CPU they run in the Pallas interpreter: slow, for
-tests). Every fallback is logged once per reason, never silently.
+tests). The Pallas attention kernel runs only with ``kernels="pallas"`` until it has been
+verified on the GPU (see experiments/results). Every fallback is logged once per reason, never
+silently.
 """
 
 from __future__ import annotations
@@ -55,3 +57,25 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
         return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
     xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
+
+
+def attention(q, cache_k, cache_v, positions, layer: int, kernels: str):
+    """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
+
+    q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache (the kernel reads layer
+    ``layer`` in place, so XLA copies nothing); positions [B, T].
+    """
+    if kernels != "pallas":
+        return None
+    from pallas_kernels import attention as pk_attention
+    ok, reason = pk_attention.supported(q.shape, cache_k.shape[1:], q.dtype)
+    if not ok:
+        _announce(("attn", q.shape[1:], cache_k.shape[1:]), f"qspec_jax: Pallas attention cannot "
+                  f"take q {q.shape} / cache {cache_k.shape[1:]} ({reason}): using XLA attention",
+                  logging.WARNING)
+        return None
+    interpret = jax.default_backend() != "gpu"
+    _announce(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
+              + (" (interpret mode: no GPU)" if interpret else ""))
+    return pk_attention.cached_attention(q, cache_k, cache_v, positions, layer=layer,
+                                         interpret=interpret)

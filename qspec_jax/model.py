@@ -96,8 +96,13 @@ class Attention(nnx.Module):
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
         cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
-        out = attention_reference(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
-                                  positions)
+        out = None
+        if kernels == "pallas":
+            from .kernel_dispatch import attention
+            out = attention(q, cache_k, cache_v, positions, layer, kernels)
+        if out is None:
+            out = attention_reference(q, cache_k[layer].astype(q.dtype),
+                                      cache_v[layer].astype(q.dtype), positions)
         out = out.reshape(B, T, self.heads * self.head_dim)
         if self.rotate:
             from .rotation import online_hadamard

@@ -113,3 +113,18 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
     assert caplog.text.count("Pallas GEMM cannot take K=96") == 1
     with pytest.raises(ValueError, match="unknown kernels='cuda'"):
         qj.logits(model, ids, mode="w4a16", kernels="cuda")
+
+
+def test_pallas_attention_in_the_model(hf_dirs, caplog):
+    """Decoding through the cache with kernels="pallas" (GEMMs and attention, interpret mode):
+    same greedy tokens as the XLA path."""
+    import logging
+    from qspec_jax import kernel_dispatch
+    kernel_dispatch._ANNOUNCED.clear()
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    ref = qj.generate(model, prompts, max_new_tokens=5, mode="w4a8", kernels="xla")
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        out = qj.generate(model, prompts, max_new_tokens=5, mode="w4a8", kernels="pallas")
+    assert "attention uses the Pallas kernel" in caplog.text
+    assert out.tokens == ref.tokens
