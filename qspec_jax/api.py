@@ -255,7 +255,7 @@ def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max
 
 
 def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, draft: str,
-                 kernels: str, given) -> jax.Array:
+                 kernels: str, given, draft_window=None, draft_layers=None) -> jax.Array:
     """Validated user costs, or measured ones cached per (batch, context bucket, ...)."""
     if given is not None:
         costs = np.asarray(given, np.float32)
@@ -264,10 +264,11 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
                              f"cycle for gamma = 0..{max_gamma}), got {given!r}")
         return jnp.asarray(costs)
     from .cost_model import measure_cycle_costs
-    key = (batch, round_up(context, 256), max_gamma, draft, kernels)
+    key = (batch, round_up(context, 256), max_gamma, draft, kernels, draft_window, draft_layers)
     if key not in model.cycle_costs:
         model.cycle_costs[key] = measure_cycle_costs(model, batch, key[1], max_gamma, draft,
-                                                     kernels=kernels)
+                                                     kernels=kernels, draft_window=draft_window,
+                                                     draft_layers=draft_layers)
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 
@@ -278,6 +279,7 @@ def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
 def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
+             draft_window: tuple[int, int] | None = None, draft_layers=None,
              max_len: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
     """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
@@ -286,6 +288,8 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     ``gamma="auto"`` picks gamma in {0..max_gamma} every cycle from ``cycle_costs`` (seconds
     per cycle for each gamma; measured once per batch size and cached on the model when None,
     see ``qspec_jax.cost_model``) and the running acceptance rate.
+    ``draft_window=(sink, window)`` and ``draft_layers=[...]`` make the draft cheaper (windowed
+    attention over the shared cache, a subset of layers); the output stays exact.
     """
     check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -294,8 +298,9 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
                               top_k, float(top_p) if isinstance(top_p, (int, float)) else top_p)
     speculative = mode == "qspec"
     if speculative:
-        from .speculative import DEFAULT_MAX_GAMMA, check_speculation
+        from .speculative import DEFAULT_MAX_GAMMA, check_speculation, normalize_draft_options
         check_speculation(model, draft, gamma, max_gamma)
+        draft_window, draft_layers = normalize_draft_options(model, draft_window, draft_layers)
     else:
         model.check_mode(mode)
     prompt_ids = encode_prompts(model, prompts)
@@ -313,11 +318,12 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
         from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
         if auto:
             cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
-                                       kernels, cycle_costs)
+                                       kernels, cycle_costs, draft_window, draft_layers)
         res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
                                  draft_mode=draft, verify_mode="w4a16", gamma=gamma,
                                  max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
-                                 cycle_costs=cycle_costs, kernels=kernels)
+                                 cycle_costs=cycle_costs, kernels=kernels,
+                                 draft_window=draft_window, draft_layers=draft_layers)
     else:
         res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
                                     mode=mode, kernels=kernels)

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=_gamma, default=3,
                    help="draft tokens per QSpec cycle, or 'auto' (chosen each cycle from measured costs)")
     p.add_argument("--max-gamma", type=int, default=7, help="upper bound for --gamma auto")
+    p.add_argument("--draft-window", type=int, nargs=2, metavar=("SINK", "WINDOW"), default=None,
+                   help="draft attends only to the first SINK and last WINDOW cached tokens")
+    p.add_argument("--draft-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                   help="comma-separated decoder layers the draft runs (default: all)")
     p.add_argument("--quant", default=None, choices=["w4"], help="quantize an HF checkpoint on load")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -48,7 +52,9 @@ def main(argv=None) -> int:
         out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
-                          max_gamma=args.max_gamma, kernels=args.kernels)
+                          max_gamma=args.max_gamma, kernels=args.kernels,
+                          draft_window=tuple(args.draft_window) if args.draft_window else None,
+                          draft_layers=args.draft_layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"qspec-generate: error: {e}", file=sys.stderr)
         return 2

@@ -38,30 +38,31 @@ def best_gamma(cycle_costs, a: float) -> int:
     return int(np.argmax(predicted_speedup(cycle_costs, a)))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "T", "mode", "kernels", "steps"),
+@partial(jax.jit, static_argnames=("graphdef", "T", "mode", "kernels", "steps", "window", "layers"),
          donate_argnames=("cache",))
-def _timed_forwards(graphdef, state, cache, start, *, T, mode, kernels, steps):
+def _timed_forwards(graphdef, state, cache, start, *, T, mode, kernels, steps, window, layers):
     model = nnx.merge(graphdef, state)
     B = start.shape[0]
 
     def body(i, carry):
         cache, acc = carry
         tokens = jnp.full((B, T), 1, jnp.int32) + (i % 7)
-        logits, cache = model(tokens, cache, start, mode=mode, kernels=kernels)
+        logits, cache = model(tokens, cache, start, mode=mode, kernels=kernels, window=window,
+                              layers=layers)
         return cache, acc + logits[:, -1, 0]
 
     return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((B,), jnp.float32)))
 
 
 def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels: str = "auto",
-                 steps: int = 8, repeats: int = 3) -> float:
+                 steps: int = 8, repeats: int = 3, window=None, layers=None) -> float:
     """Median seconds of one forward of T new tokens per sequence at cache position ``context``,
     timed inside one jitted loop of ``steps`` forwards (no host dispatch in the figure)."""
     max_len = context + T
     cache = KVCache.create(model.cfg, batch, max_len, model.dtype)
     start = jnp.full((batch,), context, jnp.int32)
     run = partial(_timed_forwards, model.graphdef, model.state, T=T, mode=mode, kernels=kernels,
-                  steps=steps)
+                  steps=steps, window=window, layers=layers)
     cache, acc = run(cache, start)  # compile + warm up
     jax.block_until_ready(acc)
     times = []
@@ -74,10 +75,13 @@ def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels:
 
 
 def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: str, *,
-                        kernels: str = "auto", steps: int = 8, repeats: int = 3) -> np.ndarray:
-    """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma."""
+                        kernels: str = "auto", steps: int = 8, repeats: int = 3,
+                        draft_window=None, draft_layers=None) -> np.ndarray:
+    """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma.
+
+    The draft is timed with its own options (windowed attention, layer subset)."""
     t_draft = time_forward(model, batch, context, 1, draft, kernels=kernels, steps=steps,
-                           repeats=repeats)
+                           repeats=repeats, window=draft_window, layers=draft_layers)
     t_verify = [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
                              repeats=repeats) for g in range(max_gamma + 1)]
     costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])

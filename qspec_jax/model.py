@@ -55,12 +55,14 @@ def einsum_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                        window: tuple[int, int] | None = None) -> jax.Array:
     """Causal attention of new queries over the whole cache.
 
     q [B, T, H, hd]; k, v [B, KVH, S, hd] (the new tokens already written); q_pos [B, T].
-    Key s is visible to query t iff s <= q_pos[b, t]. Softmax statistics in f32.
-    Returns [B, T, H, hd].
+    Key s is visible to query t iff s <= q_pos[b, t]; with ``window = (sink, recent)`` also
+    only if s < sink or q_pos[b, t] - s < recent (windowed draft attention). Softmax
+    statistics in f32. Returns [B, T, H, hd].
     """
     B, T, H, hd = q.shape
     kvh = k.shape[1]
@@ -69,6 +71,9 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     scores = scores / jnp.sqrt(jnp.float32(hd))
     key_pos = jnp.arange(k.shape[2])
     visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window is not None:
+        sink, recent = window
+        visible &= (key_pos[None, None, :] < sink) | (q_pos[:, :, None] - key_pos[None, None, :] < recent)
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = einsum_f32("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
@@ -86,7 +91,8 @@ class Attention(nnx.Module):
                                                     cfg.head_dim)
         self.rotate = qcfg.rotate
 
-    def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels):
+    def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
+                 window=None):
         B, T, _ = x.shape
         q = self.q_proj(x, mode, kernels).reshape(B, T, self.heads, self.head_dim)
         k = self.k_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
@@ -97,12 +103,12 @@ class Attention(nnx.Module):
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
         cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
         out = None
-        if kernels == "pallas":
+        if kernels == "pallas" and window is None:
             from .kernel_dispatch import attention
             out = attention(q, cache_k, cache_v, positions, layer, kernels)
         if out is None:
             out = attention_reference(q, cache_k[layer].astype(q.dtype),
-                                      cache_v[layer].astype(q.dtype), positions)
+                                      cache_v[layer].astype(q.dtype), positions, window)
         out = out.reshape(B, T, self.heads * self.head_dim)
         if self.rotate:
             from .rotation import online_hadamard
@@ -133,8 +139,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, qcfg, dtype, rngs)
 
-    def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels):
-        h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels)
+    def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None):
+        h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels,
+                             window)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x), mode, kernels)
         return x, cache
@@ -170,18 +177,23 @@ class Transformer(nnx.Module):
                                    dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, cache: KVCache, start: jax.Array, *, mode: str,
-                 kernels: str = "xla", logits_positions: jax.Array | None = None):
+                 kernels: str = "xla", logits_positions: jax.Array | None = None,
+                 window: tuple[int, int] | None = None, layers: tuple[int, ...] | None = None):
         """tokens [B, T] int, start [B] int (cache position of tokens[:, 0]).
 
         Returns (logits f32 [B, T, V] or [B, P, V] at ``logits_positions`` [B, P] (indices into
-        T), updated cache). Positions past the cache end are not written.
+        T), updated cache). Positions past the cache end are not written. Draft-only options
+        (static): ``window=(sink, recent)`` limits attention to the first ``sink`` and the last
+        ``recent`` positions; ``layers`` runs only those decoder layers (the others pass the
+        residual stream through and write no K/V).
         """
         B, T = tokens.shape
         positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
         inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         x = self.embed(tokens).astype(self.dtype)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cache, i, positions, inv_freq, mode, kernels)
+            if layers is None or i in layers:
+                x, cache = layer(x, cache, i, positions, inv_freq, mode, kernels, window)
         if logits_positions is not None:
             x = jnp.take_along_axis(x, logits_positions[:, :, None].astype(jnp.int32), axis=1)
         x = self.final_norm(x)

@@ -43,6 +43,25 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def normalize_draft_options(model, draft_window, draft_layers):
+    """Validate the cheaper-draft options; return them as hashable static values (or None)."""
+    if draft_window is not None:
+        if (not isinstance(draft_window, (tuple, list)) or len(draft_window) != 2
+                or not all(_is_int(v) for v in draft_window)
+                or draft_window[0] < 0 or draft_window[1] < 1):
+            raise ValueError(f"draft_window must be (sink, window) with integers sink >= 0 and "
+                             f"window >= 1, got {draft_window!r}")
+        draft_window = (int(draft_window[0]), int(draft_window[1]))
+    if draft_layers is not None:
+        n = model.cfg.num_hidden_layers
+        layers = tuple(sorted(set(draft_layers))) if isinstance(draft_layers, (tuple, list, range)) else None
+        if not layers or not all(_is_int(i) and 0 <= i < n for i in layers):
+            raise ValueError(f"draft_layers must be a non-empty list of layer indices in [0, {n}), "
+                             f"got {draft_layers!r}")
+        draft_layers = None if len(layers) == n else layers
+    return draft_window, draft_layers
+
+
 def check_speculation(model, draft: str, gamma, max_gamma: int = DEFAULT_MAX_GAMMA) -> None:
     """Validate QSpec arguments against the model (clear errors, before any tracing)."""
     if draft not in DRAFT_MODES:
@@ -108,13 +127,15 @@ def _first_true(mask):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "draft_mode",
-                                   "verify_mode", "gamma", "max_gamma", "kernels"),
+                                   "verify_mode", "gamma", "max_gamma", "kernels", "draft_window",
+                                   "draft_layers"),
          donate_argnames=("cache",))
 def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling, eos_ids,
                        *, max_new_tokens: int, greedy: bool, draft_mode: str = "w4a8",
                        verify_mode: str = VERIFY_MODE, gamma: int | str = 3,
                        max_gamma: int = DEFAULT_MAX_GAMMA, cycle_costs=None,
-                       kernels: str = "xla") -> DecodeResult:
+                       kernels: str = "xla", draft_window: tuple[int, int] | None = None,
+                       draft_layers: tuple[int, ...] | None = None) -> DecodeResult:
     """QSpec decoding over one shared cache. Same arrays in/out as ``decode_autoregressive``.
 
     ``gamma``: drafts per cycle, or "auto": each cycle picks gamma in {0, ..., max_gamma}
@@ -124,6 +145,11 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     cycles keeps it current while gamma = 0 wins).
     The cache needs ``gamma + 1`` (auto: ``max_gamma + 1``) positions of room past each
     sequence's last token. ``stats`` holds device-side counters.
+
+    Cheaper drafts over the same cache (outputs stay exact; only acceptance changes):
+    ``draft_window=(sink, window)``: draft attention sees only the first ``sink`` and the last
+    ``window`` positions; ``draft_layers``: the draft runs only these decoder layers (the
+    skipped layers' K/V for drafted positions are filled by the verify pass).
     """
     quant.check_mode(draft_mode)
     quant.check_mode(verify_mode)
@@ -146,7 +172,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def draft_step(carry, i):
         tok, cache, lengths, rng = carry
-        logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode)
+        logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode,
+                                window=draft_window, layers=draft_layers)
         logits = logits[:, 0]
         rng, key = jax.random.split(rng)
         nxt = select(logits, key)

@@ -255,3 +255,56 @@ def test_cost_model_prediction():
 def test_bad_auto_arguments(quantized, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         qj.generate(quantized["llama"], [[3, 4]], mode="qspec", **kwargs)
+
+
+# ---- cheaper drafts: windowed attention, layer skipping -----------------------------------------
+
+@pytest.mark.parametrize("opts", [dict(draft_window=(2, 4)), dict(draft_layers=[0]),
+                                  dict(draft_window=(1, 3), draft_layers=[1])])
+def test_cheaper_drafts_stay_exact(quantized, opts):
+    model = quantized["llama"]
+    prompts = ragged_prompts(15)
+    ref = qj.generate(model, prompts, max_new_tokens=24, mode="w4a16").tokens
+    out = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", gamma=3, **opts)
+    assert out.tokens == ref
+    full = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", gamma=3)
+    # A weaker draft accepts less (a sanity check that the option does something).
+    assert out.stats["acceptance_rate"] < full.stats["acceptance_rate"]
+
+
+def test_windowed_attention_reference_masks_the_middle():
+    from qspec_jax.model import attention_reference
+    r = np.random.RandomState(0)
+    q = r.randn(1, 1, 2, 8).astype(np.float32)
+    k = r.randn(1, 1, 32, 8).astype(np.float32)
+    v = r.randn(1, 1, 32, 8).astype(np.float32)
+    pos = np.array([[20]])
+    out = attention_reference(q, k, v, pos, window=(3, 5))
+    keep = np.r_[0:3, 16:21]  # sink 0..2 and the 5 most recent 16..20
+    ref = attention_reference(q, k[:, :, keep], v[:, :, keep], np.array([[len(keep) - 1]]))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"draft_window": (4,)}, r"draft_window must be \(sink, window\)"),
+    ({"draft_window": (0, 0)}, r"draft_window must be \(sink, window\)"),
+    ({"draft_layers": [5]}, r"draft_layers must be a non-empty list of layer indices in \[0, 2\)"),
+    ({"draft_layers": []}, "draft_layers must be a non-empty list"),
+])
+def test_bad_draft_options(quantized, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        qj.generate(quantized["llama"], [[3, 4]], mode="qspec", **kwargs)
+
+
+def test_sampling_stays_lossless_with_cheaper_drafts(small_vocab_model):
+    model = small_vocab_model
+    prompt = [3, 7, 1, 4]
+    n = 3000
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
+    out = qj.generate(model, [prompt] * n, max_new_tokens=3, mode="qspec", draft="w4a8", gamma=2,
+                      seed=5, draft_window=(1, 2), draft_layers=[1], **sampling)
+    samples = np.asarray(out.tokens)
+    joint = exact_joint(model, prompt, 3, **sampling)
+    for pos in range(3):
+        marginal = joint.sum(axis=tuple(a for a in range(3) if a != pos))
+        _assert_fits(np.bincount(samples[:, pos], minlength=VOCAB), marginal)
