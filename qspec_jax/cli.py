@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -15,7 +16,8 @@ def _gamma(value: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qspec-generate", description="Generate text with qspec-jax.")
     p.add_argument("--model", default=None,
-                   help="HF checkpoint or qspec-convert output (default: the embedded model)")
+                   help="HF checkpoint or qspec-convert output (default: the embedded model, "
+                        "quantized on load to 4-bit with --quant w4 unless --quant none)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft attends only to the first SINK and last WINDOW cached tokens")
     p.add_argument("--draft-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
                    help="comma-separated decoder layers the draft runs (default: all)")
-    p.add_argument("--quant", default=None, choices=["w4"], help="quantize an HF checkpoint on load")
+    p.add_argument("--quant", default=None, choices=["w4", "none"],
+                   help="quantize an HF checkpoint on load (w4) or keep it 16-bit (none)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
@@ -44,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
+    quant = args.quant or ("w4" if args.model is None else None)
+    quant = None if quant == "none" else quant
     try:
-        model = qj.load(args.model, dtype=args.dtype, quant=args.quant,
-                        method=args.method if args.quant else "rtn")
+        model = qj.load(args.model, dtype=args.dtype, quant=quant,
+                        method=args.method if quant else "rtn")
         mode = args.mode or ("qspec" if model.qcfg.quantized else "w16")
         out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
