@@ -17,7 +17,9 @@ def test_sweep_quick_is_resumable(tmp_path):
     assert {(r["mode"], r["gamma"]) for r in runs} == {("w4a16", None), ("qspec-w4a8", 2)}
     for r in runs:
         assert "error" not in r, r
-        assert r["decode_tokens_per_s"] > 0 and r["random_weights"] and r["backend"] == "cpu"
+        assert r["random_weights"] and r["backend"] == "cpu" and r["prefill_s"] > 0
+        # Decode time is a difference of two timings: positive, or NaN when below the noise.
+        assert not r["decode_tokens_per_s"] <= 0
     qs = next(r for r in runs if r["mode"] == "qspec-w4a8")
     assert 0 <= qs["acceptance_rate"] <= 1 and qs["tokens_per_cycle"] >= 1
     costs = [r for r in rows if "cycle_costs" in r]
