@@ -104,7 +104,8 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load_converted(path: str, *, dtype, quant=None, method=None, rotate=None, group_size=None):
+def load_converted(path: str, *, dtype, quant=None, method=None, rotate=None, group_size=None,
+                   quantize_lm_head=None):
     """Load a qspec-convert output; arguments that contradict the stored settings are errors."""
     import orbax.checkpoint as ocp
     from qspec_jax.api import abstract_model, assemble, load_tokenizer
@@ -114,7 +115,7 @@ def load_converted(path: str, *, dtype, quant=None, method=None, rotate=None, gr
     meta = read_meta(path)
     qcfg = QuantConfig.from_json(meta["quant"])
     asked = {"quant": quant, "rotate": rotate, "group_size": group_size,
-             "method": method if quant is not None else None}
+             "method": method if quant is not None else None, "quantize_lm_head": quantize_lm_head}
     conflicts = [f"{k}={v!r} (stored: {getattr(qcfg, k)!r})" for k, v in asked.items()
                  if v is not None and v != getattr(qcfg, k)]
     if conflicts:

@@ -56,6 +56,10 @@ def prepare_params(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, 
         params, notes = rotate_params(params, cfg, seed=qcfg.seed)
         log.info("QuaRot rotation folded in: %s", notes)
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    if qcfg.quantize_lm_head and "lm_head" not in params:
+        # A tied head gets its own copy so that it can be stored in int4.
+        params = {**params, "lm_head": {"kernel": np.asarray(params["embed"]["embedding"]).T}}
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     if qcfg.quantized:
         if qcfg.method == "gptq":
             tokens = calibration_tokens(cfg, calib, calib_tokens, tokenizer_path)

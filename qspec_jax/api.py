@@ -117,11 +117,13 @@ def load_tokenizer(path: str):
 
 def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str | None = None,
          method: str = "rtn", rotate: bool | None = None, group_size: int | None = None,
-         calib: str | None = None, calib_tokens: int = 16384) -> QSpecModel:
+         quantize_lm_head: bool = False, calib: str | None = None,
+         calib_tokens: int = 16384) -> QSpecModel:
     """Load an HF checkpoint folder or a ``qspec-convert`` output.
 
     On an HF folder, ``quant="w4"`` quantizes on load (``method`` rtn|gptq, ``group_size``),
-    ``rotate`` (default: True when quantizing) folds the QuaRot rotation in. On a converted
+    ``rotate`` (default: True when quantizing) folds the QuaRot rotation in;
+    ``quantize_lm_head`` stores the lm_head in int4 too (off by default). On a converted
     folder the stored settings are used and conflicting arguments are rejected.
     ``path=None`` loads the embedded default model.
     """
@@ -130,9 +132,10 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
     dtype = resolve_dtype(dtype)
     if checkpoint.is_converted(path):
         return checkpoint.load_converted(path, dtype=dtype, quant=quant, method=method,
-                                         rotate=rotate, group_size=group_size)
+                                         rotate=rotate, group_size=group_size,
+                                         quantize_lm_head=quantize_lm_head or None)
     cfg = model_config_from_hf(read_hf_config(path))
-    qcfg = make_quant_config(quant, method, rotate, group_size)
+    qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head)
     params = hf.load_hf_params(path, cfg, flat_shapes(
         pure_dict(abstract_model(cfg, QuantConfig(), dtype))), dtype)
     if qcfg.rotate or qcfg.quantized:
@@ -143,7 +146,7 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
                     eos_ids=generation_eos_ids(path, cfg), path=path)
 
 
-def make_quant_config(quant, method, rotate, group_size) -> QuantConfig:
+def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False) -> QuantConfig:
     if quant not in (None, "w4"):
         raise ValueError(f"unknown quant={quant!r}; use 'w4' (4-bit weights) or None (16-bit)")
     if method not in ("rtn", "gptq"):
@@ -152,8 +155,11 @@ def make_quant_config(quant, method, rotate, group_size) -> QuantConfig:
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     if rotate is None:
         rotate = quant is not None
+    if quantize_lm_head and quant is None:
+        raise ValueError("quantize_lm_head needs quant='w4'")
     return QuantConfig(quant=quant, method=method if quant else None,
-                       group_size=group_size if quant else None, rotate=bool(rotate))
+                       group_size=group_size if quant else None, rotate=bool(rotate),
+                       quantize_lm_head=bool(quantize_lm_head))
 
 
 def default_model_path() -> str:

@@ -128,3 +128,17 @@ def test_pallas_attention_in_the_model(hf_dirs, caplog):
         out = qj.generate(model, prompts, max_new_tokens=5, mode="w4a8", kernels="pallas")
     assert "attention uses the Pallas kernel" in caplog.text
     assert out.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int4_lm_head_option(hf_dirs, arch):
+    src = hf_dirs[arch][0]
+    plain = qj.load(src, dtype="float32", quant="w4", method="rtn", rotate=False)
+    q = qj.load(src, dtype="float32", quant="w4", method="rtn", rotate=False, quantize_lm_head=True)
+    assert "qweight" in q.state["lm_head"] and q.qcfg.quantize_lm_head
+    assert "lm_head" not in plain.state or "kernel" in plain.state["lm_head"]
+    ref = np.asarray(qj.logits(plain, IDS, mode="w4a16"))
+    got = np.asarray(qj.logits(q, IDS, mode="w4a16"))
+    assert 0 < rel(got, ref) < 0.2  # the head is quantized too, but still close
+    with pytest.raises(ValueError, match="quantize_lm_head needs quant='w4'"):
+        qj.load(src, quantize_lm_head=True)
