@@ -174,28 +174,34 @@ def default_model_path() -> str:
 # logits
 
 
-@partial(jax.jit, static_argnames=("graphdef", "mode", "kernels"))
-def _logits_jit(graphdef, state, tokens, *, mode, kernels):
+@partial(jax.jit, static_argnames=("graphdef", "mode", "kernels", "window", "layers"))
+def _logits_jit(graphdef, state, tokens, *, mode, kernels, window=None, layers=None):
     model = nnx.merge(graphdef, state)
     B, T = tokens.shape
     cache = KVCache(*(jnp.zeros((model.cfg.num_hidden_layers, B, model.cfg.num_key_value_heads,
                                  T, model.cfg.head_dim), model.dtype) for _ in range(2)))
-    logits, _ = model(tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode, kernels=kernels)
+    logits, _ = model(tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode, kernels=kernels,
+                      window=window, layers=layers)
     return logits
 
 
-def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "auto") -> jax.Array:
+def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "auto", *,
+           window: tuple[int, int] | None = None, layers=None) -> jax.Array:
     """token_ids int [B, T] -> logits float32 [B, T, vocab] (a full causal pass, no cache).
 
     kernels: "auto" (Pallas kernels on GPU, XLA elsewhere), "pallas" or "xla".
+    window=(sink, recent) / layers=[...]: the cheaper-draft options of ``generate``.
     """
+    from .speculative import normalize_draft_options
+    window, layers = normalize_draft_options(model, window, layers)
     model.check_mode(mode)
     check_kernels(kernels)
     tokens = jnp.asarray(token_ids, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"token_ids must be [batch, length], got shape {tokens.shape}")
     check_token_range(np.asarray(tokens), model.cfg.vocab_size)
-    return _logits_jit(model.graphdef, model.state, tokens, mode=mode, kernels=kernels)
+    return _logits_jit(model.graphdef, model.state, tokens, mode=mode, kernels=kernels,
+                       window=window, layers=layers)
 
 
 def check_kernels(kernels: str) -> None:

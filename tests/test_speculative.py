@@ -308,3 +308,20 @@ def test_sampling_stays_lossless_with_cheaper_drafts(small_vocab_model):
     for pos in range(3):
         marginal = joint.sum(axis=tuple(a for a in range(3) if a != pos))
         _assert_fits(np.bincount(samples[:, pos], minlength=VOCAB), marginal)
+
+
+def test_draft_layer_search(quantized):
+    from qspec_jax.draft_search import draft_agreement, predicted_speedup, select_draft_layers
+    model = quantized["llama"]
+    tokens = np.random.RandomState(16).randint(3, 128, (4, 24))
+    assert draft_agreement(model, tokens, draft="w4a16") == 1.0
+    layers, history = select_draft_layers(model, tokens, draft="w4a8", max_gamma=3)
+    assert history[0].layers == (0, 1) and history[-1].layers == layers
+    speeds = [h.predicted_speedup for h in history]
+    assert speeds == sorted(speeds) and len(set(speeds)) == len(speeds)  # strictly improving
+    # The cost model: perfect agreement and a free draft give E(g) = g + 1 tokens per step.
+    assert predicted_speedup(1.0, 0, 10**6, max_gamma=3)[0] == pytest.approx(4.0, rel=1e-5)
+    assert predicted_speedup(0.0, 2, 2)[1] == 0  # a useless draft: plain decoding
+    out = qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="qspec",
+                      draft_layers=list(layers))
+    assert out.tokens == qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="w4a16").tokens
