@@ -253,6 +253,44 @@ def plot(path: str) -> None:
         fig.tight_layout()
         fig.savefig(f"{base}_{name}_throughput.png", dpi=120)
         plt.close(fig)
+        speedups = speedup_table(rows, name)
+        if not speedups:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for (mode, gamma) in sorted({(s["mode"], s["gamma"]) for s in speedups}):
+            pts = sorted((s["batch"], s["measured"]) for s in speedups
+                         if s["mode"] == mode and s["gamma"] == gamma)
+            ax1.plot(*zip(*pts), marker="o", label=f"{mode} gamma {gamma}")
+        ax1.axhline(1.0, color="k", lw=0.8)
+        ax1.set(xscale="log", xlabel="batch", ylabel="speedup over w4a16 AR", title=name)
+        ax1.legend(fontsize=7)
+        pairs = [(s["predicted"], s["measured"]) for s in speedups if s["predicted"] is not None]
+        if pairs:
+            ax2.scatter(*zip(*pairs), s=12)
+            hi = max(max(p) for p in pairs) * 1.1
+            ax2.plot([0, hi], [0, hi], color="k", lw=0.8)
+        ax2.set(xlabel="predicted speedup (cost model, measured acceptance)",
+                ylabel="measured speedup", title="measured vs predicted")
+        fig.tight_layout()
+        fig.savefig(f"{base}_{name}_speedup.png", dpi=120)
+        plt.close(fig)
+
+
+def speedup_table(rows: list[dict], name: str) -> list[dict]:
+    """QSpec over w4a16 AR per (mode, gamma, batch), measured and predicted from cycle costs."""
+    runs = [r for r in rows if r.get("model") == name and "decode_tokens_per_s" in r]
+    base = {r["batch"]: r["decode_tokens_per_s"] for r in runs if r["mode"] == "w4a16"}
+    costs = {r["batch"]: r["cycle_costs"] for r in rows if r.get("model") == name and "cycle_costs" in r}
+    out = []
+    for r in runs:
+        if not r["mode"].startswith("qspec") or r["batch"] not in base:
+            continue
+        predicted = None
+        if r["batch"] in costs and r["gamma"] < len(costs[r["batch"]]):
+            predicted = float(predicted_speedup(costs[r["batch"]], r["acceptance_rate"])[r["gamma"]])
+        out.append({"mode": r["mode"], "gamma": r["gamma"], "batch": r["batch"],
+                    "measured": r["decode_tokens_per_s"] / base[r["batch"]], "predicted": predicted})
+    return out
 
 
 if __name__ == "__main__":

@@ -30,3 +30,7 @@ def test_sweep_quick_is_resumable(tmp_path):
     assert len(open(out).readlines()) == n
     assert sweep_main(["--plot", "--out", str(out)]) == 0
     assert (tmp_path / "sweep_tiny_throughput.png").exists()
+    assert (tmp_path / "sweep_tiny_speedup.png").exists()
+    from experiments.sweep import speedup_table
+    (row,) = speedup_table(rows, "tiny")
+    assert row["gamma"] == 2 and row["predicted"] > 0
