@@ -16,6 +16,11 @@ One jitted program: prefill in verify mode, then a ``lax.while_loop`` whose body
 Committed K/V is therefore always the verifier's, and the emitted tokens are distributed exactly
 as verify-mode decoding (greedy: identical, up to float differences between a 1-token and a
 (gamma+1)-token verify pass).
+
+Also here: ``gamma="auto"`` (gamma chosen per cycle in {0..max_gamma} by ``lax.switch`` over
+precompiled cycle bodies, from measured cycle costs and a running acceptance estimate) and the
+cheaper-draft options (windowed draft attention, draft layer subsets), which change only the
+acceptance rate, never the output.
 """
 
 from __future__ import annotations
