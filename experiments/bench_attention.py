@@ -4,6 +4,8 @@
   PYTHONPATH=. python3 experiments/bench_attention.py --sweep --out $OUT/attention_sweep_h200.json
   PYTHONPATH=. python3 experiments/bench_attention.py --quick --out /tmp/a.json      # CPU smoke run
   python3 experiments/bench_attention.py --merge a.json b.json --out all.json         # join runs
+  PYTHONPATH=. python3 experiments/bench_attention.py --window 4 1020 \
+      --out $OUT/attention_window_h200.json --commit <hash>         # windowed draft (issue 9)
 
 Grid: batch {1, 8, 32, 64} x context {512, 2048, 8192, 32768} x T {1, 4, 8}; Llama-3-8B
 attention (32 q heads, 8 kv heads, head_dim 128), bf16, one layer's cache [B, 8, ctx, 128].
@@ -28,6 +30,16 @@ Correctness: each implementation's output (from the timed program itself) agains
 reference on the same bf16 values (relative Frobenius error).
 Writes JSON (commit, GPU, jax version, per point results) after every point, and a Markdown
 table beside it (same name, .md).
+
+Windowed draft attention (issue 9), --window SINK RECENT: grid batch {1, 4, 16, 32, 64} x
+context {2k, 8k, 32k} x T {1} (one layer's cache: up to 8.6 GB); implementations ours (the full-cache kernel,
+what verify reads) and ours_window (the same kernel with window=(SINK, RECENT), what the draft
+reads), optionally xla_window (the model's reference with the window: reads everything).
+`kv_bytes_window` counts the K/V bytes the windowed kernel actually loads (its key blocks per
+query tile, pallas_kernels.attention.window_blocks, at its block size); the windowed TB/s figures
+are on those bytes. The cache copies R are chosen on the windowed bytes (R * bytes read >= 256 MB,
+at most 32 copies and 32 GB of caches), so the windowed reads do not stay in L2 either.
+Caches above 4 GB are generated and checked in batch chunks (bounded memory).
 """
 from __future__ import annotations
 
@@ -50,7 +62,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention import cached_attention, cached_attention_reference, default_config
+from pallas_kernels.attention import (cached_attention, cached_attention_reference, default_config,
+                                      window_blocks)
 
 HBM_TBS = 4.8
 L2_BYTES_TARGET = 256 << 20
@@ -58,6 +71,12 @@ H, KVH, HD = 32, 8, 128
 BATCHES = (1, 8, 32, 64)
 CONTEXTS = (512, 2048, 8192, 32768)
 TS = (1, 4, 8)
+WINDOW_BATCHES = (1, 4, 16, 32, 64)
+WINDOW_CONTEXTS = (2048, 8192, 32768)
+WINDOW_TS = (1,)
+WINDOWED = ("ours_window", "xla_window")  # implementations that read only the window
+MAX_COPIES_WINDOW = 32
+CHUNK_BYTES = 4 << 30  # caches above this are generated / checked in batch chunks
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -94,7 +113,7 @@ def _decode_attention_impl(interpret):
   return run, "jax.experimental.pallas.ops.gpu.decode_attention.mqa (vmapped over kv heads)"
 
 
-def make_impls(names, interpret, cfg_kwargs=None):
+def make_impls(names, interpret, cfg_kwargs=None, window=None):
   impls = {}
   notes = {}
   cfg_kwargs = cfg_kwargs or {}
@@ -114,6 +133,14 @@ def make_impls(names, interpret, cfg_kwargs=None):
     notes["decode_attention"] = note
     if fn is not None:
       impls["decode_attention"] = fn
+  if window is not None and "ours_window" in names:
+    impls["ours_window"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
+                                                               window=window, **cfg_kwargs)
+    notes["ours_window"] = f"pallas_kernels.attention.cached_attention(window={window})"
+  if window is not None and "xla_window" in names:
+    fn, note = _xla_attention()
+    impls["xla_window"] = lambda q, k, v, p: fn(q, k, v, p, window=window)
+    notes["xla_window"] = f"{note}(window={window}) (reads the whole cache, masks)"
   return impls, notes
 
 
@@ -122,14 +149,43 @@ def kv_bytes(B, ctx, itemsize=2):
   return 2 * B * KVH * ctx * HD * itemsize
 
 
+def window_kv_bytes(B, ctx, T, window, block_q, block_k, itemsize=2):
+  """K/V bytes the windowed kernel loads: its key blocks per (sequence, kv head, query tile),
+  with q_pos = ctx - T .. ctx - 1 as in make_inputs (pallas_kernels.attention.window_blocks)."""
+  G = H // KVH
+  q_pos = np.arange(ctx - T, ctx)
+  rows = np.arange(T * G)
+  n_blocks = 0
+  for i in range(-(-T * G // block_q)):
+    lim = q_pos[rows[i * block_q:(i + 1) * block_q] // G]
+    n_sink, start, n_all = window_blocks(lim, lim, block_k, window[0], window[1], ctx)
+    n_blocks += int(n_sink + n_all - start)
+  return 2 * B * KVH * n_blocks * block_k * HD * itemsize
+
+
+def _random_cache(key, shape, dtype):
+  """jax.random.normal(key, shape, dtype); above CHUNK_BYTES filled batch chunk by batch chunk
+  in place (no full-size f32 intermediate)."""
+  nbytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+  if nbytes <= CHUNK_BYTES:
+    return jax.random.normal(key, shape, dtype)
+  bc = max(1, int(shape[0] * CHUNK_BYTES // nbytes))
+  fill = jax.jit(lambda c, k, b0: lax.dynamic_update_slice_in_dim(
+      c, jax.random.normal(k, (bc,) + shape[1:], dtype), b0, 0), donate_argnums=0)
+  out = jnp.zeros(shape, dtype)
+  for i, b0 in enumerate(range(0, shape[0], bc)):  # the last chunk may overlap the previous one
+    out = fill(out, jax.random.fold_in(key, i), min(b0, shape[0] - bc))
+  return out
+
+
 def make_inputs(key, B, ctx, T, R, dtype):
   kq, kk = jax.random.split(key)
   q = jax.random.normal(kq, (B, T, H, HD), jnp.float32).astype(dtype)
   ks, vs = [], []
   for r in range(R):
     k1, k2 = jax.random.split(jax.random.fold_in(kk, r))
-    ks.append(jax.random.normal(k1, (B, KVH, ctx, HD), dtype))
-    vs.append(jax.random.normal(k2, (B, KVH, ctx, HD), dtype))
+    ks.append(_random_cache(k1, (B, KVH, ctx, HD), dtype))
+    vs.append(_random_cache(k2, (B, KVH, ctx, HD), dtype))
   q_pos = jnp.broadcast_to(jnp.arange(ctx - T, ctx, dtype=jnp.int32)[None], (B, T))
   return q, ks, vs, q_pos
 
@@ -182,26 +238,49 @@ def rel_err(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@jax.jit
-def f32_reference(q, k, v, q_pos):
+@functools.partial(jax.jit, static_argnames="window")
+def _f32_reference(q, k, v, q_pos, window=None):
   f32 = jnp.float32
-  return cached_attention_reference(q.astype(f32), k.astype(f32), v.astype(f32), q_pos)
+  return cached_attention_reference(q.astype(f32), k.astype(f32), v.astype(f32), q_pos,
+                                    window=window)
+
+
+def f32_reference(q, k, v, q_pos, window=None):
+  """The float32 reference as numpy, in batch chunks of <= CHUNK_BYTES of (bf16) cache."""
+  B = q.shape[0]
+  nbytes = k.size * k.dtype.itemsize
+  bc = max(1, int(B * CHUNK_BYTES // nbytes)) if nbytes > CHUNK_BYTES else B
+  return np.concatenate([np.asarray(_f32_reference(q[b:b + bc], k[b:b + bc], v[b:b + bc],
+                                                   q_pos[b:b + bc], window=window))
+                         for b in range(0, B, bc)])
 
 
 # ----------------------------------------------------------------------------- one point
-def prepare(B, ctx, T, *, quick, dtype, key):
-  """Inputs (R cache copies) and the f32 reference of one benchmark point."""
-  nbytes = kv_bytes(B, ctx, jnp.dtype(dtype).itemsize)
+def prepare(B, ctx, T, *, quick, dtype, key, window=None):
+  """Inputs (R cache copies) and the f32 reference(s) of one benchmark point."""
+  isz = jnp.dtype(dtype).itemsize
+  nbytes = kv_bytes(B, ctx, isz)
   R = 1 if quick else int(min(16, max(1, math.ceil(L2_BYTES_TARGET / nbytes))))
+  prep = dict(B=B, ctx=ctx, T=T, nbytes=nbytes)
+  if window is not None:
+    cfg = default_config(B, T, H, KVH, ctx, HD, isz, window=window)
+    prep["window_config"] = cfg
+    prep["nbytes_window"] = window_kv_bytes(B, ctx, T, window, cfg.block_q, cfg.block_k, isz)
+    if not quick:  # enough copies that the windowed reads do not stay in L2 either
+      R = int(min(MAX_COPIES_WINDOW, max(1, math.ceil(L2_BYTES_TARGET / prep["nbytes_window"])),
+                  max(1, (32 << 30) // nbytes)))
   q, ks, vs, q_pos = make_inputs(key, B, ctx, T, R, dtype)
-  ref = np.asarray(f32_reference(q, ks[0], vs[0], q_pos))
-  return dict(B=B, ctx=ctx, T=T, nbytes=nbytes, R=R, args=(q, tuple(ks), tuple(vs), q_pos),
-              ref=ref)
+  prep.update(R=R, args=(q, tuple(ks), tuple(vs), q_pos), ref=f32_reference(q, ks[0], vs[0], q_pos))
+  if window is not None:
+    prep["ref_window"] = f32_reference(q, ks[0], vs[0], q_pos, window=window)
+  return prep
 
 
-def time_impl(fn, prep, *, quick, reps, target_s):
-  """Builds, checks and times one implementation on prepared inputs -> result dict."""
-  nbytes, R = prep["nbytes"], prep["R"]
+def time_impl(fn, prep, *, quick, reps, target_s, windowed=False):
+  """Builds, checks and times one implementation on prepared inputs -> result dict.
+  windowed: checked against the windowed reference, TB/s on the bytes the window reads."""
+  nbytes, R = prep["nbytes_window" if windowed else "nbytes"], prep["R"]
+  ref = prep["ref_window" if windowed else "ref"]
   predicted = nbytes / 2e12 + 5e-6  # at 2 TB/s + launch
   n = 2 if quick else int(min(2000, max(5, target_s / (predicted * R))))
   res = {"n_iter": n}
@@ -217,7 +296,7 @@ def time_impl(fn, prep, *, quick, reps, target_s):
       args = prep["args"]
     _, out = jax.block_until_ready(run(*args))
     res["compile_and_first_s"] = round(time.perf_counter() - t0, 3)
-    res["rel_err_vs_f32"] = rel_err(out, prep["ref"])
+    res["rel_err_vs_f32"] = rel_err(out, ref)
     ts = measure(run, args, reps) / (n * R)
     us = ts * 1e6
     res.update(us_median=float(np.median(us)), us_min=float(us.min()), us_max=float(us.max()))
@@ -229,16 +308,22 @@ def time_impl(fn, prep, *, quick, reps, target_s):
   return res
 
 
-def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key):
-  prep = prepare(B, ctx, T, quick=quick, dtype=dtype, key=key)
+def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=None):
+  prep = prepare(B, ctx, T, quick=quick, dtype=dtype, key=key, window=window)
   cfg = default_config(B, T, H, KVH, ctx, HD, jnp.dtype(dtype).itemsize)
   point = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"], "copies": prep["R"],
            "l2_resident": bool(prep["R"] * prep["nbytes"] < 100e6),
            "ours_config": dataclasses.asdict(cfg), "impls": {}}
+  if window is not None:
+    point.update(window=list(window), kv_bytes_window=prep["nbytes_window"],
+                 kv_fraction_window=prep["nbytes_window"] / prep["nbytes"],
+                 l2_resident_window=bool(prep["R"] * prep["nbytes_window"] < 100e6),
+                 ours_window_config=dataclasses.asdict(prep["window_config"]))
   for name, fn in impls.items():
     if name == "decode_attention" and T != 1:
       continue
-    point["impls"][name] = time_impl(fn, prep, quick=quick, reps=reps, target_s=target_s)
+    point["impls"][name] = time_impl(fn, prep, quick=quick, reps=reps, target_s=target_s,
+                                     windowed=name in WINDOWED)
   # The loop's own per-call cost (the q update and the output sum, ~2 tiny kernels), measured
   # with an implementation that returns q: informative; figures above include it.
   ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
@@ -250,6 +335,10 @@ def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key):
       for peer in ("xla", "decode_attention"):
         if "us_median" in o.get(peer, {}):
           o[mine][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o[mine]["us_median"]
+  if "us_median" in o.get("ours_window", {}):
+    for peer in ("ours", "xla_window"):
+      if "us_median" in o.get(peer, {}):
+        o["ours_window"][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o["ours_window"]["us_median"]
   del prep
   gc.collect()
   return point
@@ -314,12 +403,43 @@ def markdown(doc):
   return "\n".join(lines) + "\n"
 
 
+def markdown_window(doc):
+  env = doc["env"]
+  sink, recent = doc["window"]
+  lines = [f"# Windowed draft attention (issue 9): {env['gpu']}, jax {env['jax']}, "
+           f"commit {env['commit']}", "",
+           f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache, "
+           f"window = {sink} sink + {recent} recent tokens. ours = full-cache kernel (verify); "
+           "ours_window = the same kernel with the window (draft): it loads only the key blocks "
+           "of the window ('KV MB read', at its block size). us per call (median); TB/s on the "
+           f"bytes each reads; % of {HBM_TBS} TB/s. 'x' = ours us / ours_window us.", "",
+           "| B | ctx | T | KV MB | KV MB read (window) | read fraction | ours us | ours TB/s | "
+           "window us | window TB/s | window % | x vs ours | xla_window us | window err | "
+           "window cfg | copies | loop us |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for p in doc["points"]:
+    o, w, x = (p["impls"].get(k, {}) for k in ("ours", "ours_window", "xla_window"))
+    c = p.get("ours_window_config", {})
+    cfg = f"q{c.get('block_q')}/k{c.get('block_k')}/s{c.get('num_splits')}" if c else "-"
+    lines.append(
+        f"| {p['batch']} | {p['context']} | {p['T']} | {p['kv_bytes'] / 1e6:.1f} | "
+        f"{p.get('kv_bytes_window', 0) / 1e6:.2f}{' (L2)' if p.get('l2_resident_window') else ''}"
+        f" | {p.get('kv_fraction_window', 0):.3f} | {_fmt(o, 'us_median', '.1f')} | "
+        f"{_fmt(o, 'tbs', '.2f')} | {_fmt(w, 'us_median', '.1f')} | {_fmt(w, 'tbs', '.2f')} | "
+        f"{_fmt(w, 'pct_hbm', '.0f')} | {_fmt(w, 'speedup_vs_ours', '.2f')} | "
+        f"{_fmt(x, 'us_median', '.1f')} | {_fmt(w, 'rel_err_vs_f32', '.1e')} | {cfg} | "
+        f"{p['copies']} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
+  if doc.get("skipped"):
+    lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
+  return "\n".join(lines) + "\n"
+
+
 def write(doc, out):
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(doc, f, indent=1)
   with open(os.path.splitext(out)[0] + ".md", "w") as f:
-    f.write(markdown(doc))
+    f.write(markdown_window(doc) if doc.get("window") else markdown(doc))
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -390,7 +510,7 @@ def merge(paths, out):
   doc["notes"] = {k: v for d in docs for k, v in d.get("notes", {}).items()}
   doc["merged_from"] = [{"path": p, "env": d.get("env")} for p, d in zip(paths, docs)]
   write(doc, out)
-  print(markdown(doc))
+  print(markdown_window(doc) if doc.get("window") else markdown(doc))
   return doc
 
 
@@ -404,7 +524,10 @@ def main(argv=None):
   ap.add_argument("--batches", type=int, nargs="*", default=None)
   ap.add_argument("--contexts", type=int, nargs="*", default=None)
   ap.add_argument("--ts", type=int, nargs="*", default=None)
-  ap.add_argument("--impls", nargs="*", default=["ours", "xla", "decode_attention"])
+  ap.add_argument("--impls", nargs="*", default=None,
+                  help="default: ours xla decode_attention; with --window: ours ours_window")
+  ap.add_argument("--window", type=int, nargs=2, default=None, metavar=("SINK", "RECENT"),
+                  help="windowed draft attention: ours_window vs the full-cache kernel")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--target-ms", type=float, default=25.0)
   ap.add_argument("--max-gb", type=float, default=40.0, help="skip points with a larger cache")
@@ -416,15 +539,23 @@ def main(argv=None):
   if args.merge:
     return merge(args.merge, args.out)
 
+  window = tuple(args.window) if args.window else None
+  if args.impls is None:
+    args.impls = ["ours", "ours_window"] if window else ["ours", "xla", "decode_attention"]
   if args.quick:
     batches, contexts, ts = args.batches or [1, 2], args.contexts or [64, 256], args.ts or [1, 4]
     args.reps = min(args.reps, 2)
+  elif window:
+    batches = args.batches or WINDOW_BATCHES
+    contexts, ts = args.contexts or WINDOW_CONTEXTS, args.ts or WINDOW_TS
   else:
     batches, contexts, ts = args.batches or BATCHES, args.contexts or CONTEXTS, args.ts or TS
   key = jax.random.key(0)
-  impls, notes = make_impls(args.impls, args.quick)
+  impls, notes = make_impls(args.impls, args.quick, window=window)
   doc = {"env": environment(args.commit), "dtype": "bfloat16", "heads": [H, KVH, HD],
          "notes": notes, "points": [], "skipped": []}
+  if window and not args.sweep:
+    doc["window"] = list(window)
   print(json.dumps(doc["env"]), flush=True)
   if args.sweep:
     run_sweep(args, doc, key)
@@ -443,7 +574,8 @@ def main(argv=None):
           doc["skipped"].append(f"B={B} ctx={ctx} T={T}: time budget")
           continue
         p = bench_point(B, ctx, T, impls, quick=args.quick, reps=args.reps, dtype=jnp.bfloat16,
-                        target_s=args.target_ms * 1e-3, key=jax.random.fold_in(key, B * ctx + T))
+                        target_s=args.target_ms * 1e-3, key=jax.random.fold_in(key, B * ctx + T),
+                        window=window)
         doc["points"].append(p)
         o = p["impls"]
         print(f"B={B:3d} ctx={ctx:6d} T={T}: " + "  ".join(
@@ -451,7 +583,7 @@ def main(argv=None):
             f"err {_fmt(v, 'rel_err_vs_f32', '.1e')}" for k, v in o.items()), flush=True)
         write(doc, args.out)
   write(doc, args.out)
-  print(markdown(doc))
+  print(markdown_window(doc) if window else markdown(doc))
   return doc
 
 

@@ -34,7 +34,15 @@ Design (Pallas Triton backend, runs in interpret mode on CPU):
 - Prefill uses the same kernel (query tiles of 64/128 rows, tensor-core dots); it is written for
   correctness and reuse, not tuned as a compute-bound flash-attention forward.
 
-Public: cached_attention, cached_attention_reference, supported, default_config.
+- Windowed (draft) attention, window=(sink, recent) (issue 9): key s is also visible only if
+  s < sink or q_pos - s < recent. A query tile's rows are one sequence's consecutive positions,
+  so the keys it needs are [0, sink) and [min q_pos - recent + 1, max q_pos]: the tile loops over
+  just those blocks (one loop over n_sink + n_recent steps, the step index mapped to the block),
+  the splits divide those blocks, and partially covered blocks are masked. The skipped blocks
+  of the cache are never loaded, so the draft reads about (sink + recent) / context of the KV
+  bytes the full kernel reads.
+
+Public: cached_attention, cached_attention_reference, supported, default_config, window_blocks.
 """
 from __future__ import annotations
 
@@ -62,12 +70,15 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 
 # ----------------------------------------------------------------------------- reference
-def cached_attention_reference(q, k_cache, v_cache, q_pos, kv_len=None, *, layer=None):
+def cached_attention_reference(q, k_cache, v_cache, q_pos, kv_len=None, *, layer=None,
+                               window=None):
   """Plain-jnp reference with the kernel's signature and semantics.
 
   q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] (or [L, B, KVH, S, hd] with `layer`);
   q_pos int [B, T]; kv_len optional int [B]. Key s is visible to query (b, t) iff
-  s <= q_pos[b, t] and s < kv_len[b]. f32 scores and softmax; the probabilities are cast to
+  s <= q_pos[b, t] and s < kv_len[b]; with window=(sink, recent) also only if s < sink or
+  q_pos[b, t] - s < recent (the unclipped q_pos, as qspec_jax.model.attention_reference).
+  f32 scores and softmax; the probabilities are cast to
   v's dtype for the PV product (as qspec_jax.model.attention_reference). Rows that see no key
   give 0. Returns [B, T, H, hd] in q.dtype.
   """
@@ -84,7 +95,11 @@ def cached_attention_reference(q, k_cache, v_cache, q_pos, kv_len=None, *, layer
                       preferred_element_type=f32)
   scores = scores / jnp.sqrt(f32(hd))
   lim = _row_limits(q_pos, kv_len, S)  # [B, T]
-  visible = jnp.arange(S)[None, None, :] <= lim[:, :, None]  # [B, T, S]
+  key_pos = jnp.arange(S)[None, None, :]
+  visible = key_pos <= lim[:, :, None]  # [B, T, S]
+  if window is not None:
+    sink, recent = _check_window(window)
+    visible &= (key_pos < sink) | (q_pos.astype(jnp.int32)[:, :, None] - key_pos < recent)
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   m = jnp.max(scores, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -102,6 +117,38 @@ def _row_limits(q_pos, kv_len, S):
   if kv_len is not None:
     lim = jnp.minimum(lim, kv_len.astype(jnp.int32)[:, None] - 1)
   return jnp.clip(lim, -1, S - 1)
+
+
+def _check_window(window):
+  """(sink, recent) as Python ints; ValueError unless sink >= 0 and recent >= 1."""
+  ok = (isinstance(window, (tuple, list)) and len(window) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in window))
+  if not ok or window[0] < 0 or window[1] < 1:
+    raise ValueError(f"window must be (sink, recent) with integers sink >= 0 and recent >= 1, "
+                     f"got {window!r}")
+  return int(window[0]), int(window[1])
+
+
+def window_blocks(lim, anchor, block_k, sink, recent, S):
+  """Key blocks one query tile reads with window=(sink, recent): (n_sink, start, n_all).
+
+  lim [rows]: last visible key of each row (-1: none); anchor [rows]: its q_pos. The tile reads
+  blocks [0, n_sink) (the sink keys) then [start, n_all) (from the block of the smallest window
+  start min(q_pos) - recent + 1 to the block of the last visible key): n_sink + n_all - start
+  blocks in all; no other block of the cache is loaded. Every block read holds a key that some
+  row of the tile sees. jnp values (in the kernel) or numpy arrays (benchmark byte counts)."""
+  if isinstance(lim, jax.Array):
+    xp, div = jnp, (lambda a, b: lax.div(a, jnp.int32(b)))   # operands >= 0: truncation is floor
+  else:
+    import numpy as xp
+    div = xp.floor_divide
+  n_all = div(xp.max(lim) + block_k, block_k)         # cdiv(max(lim) + 1, block_k); lim >= -1
+  n_sink = xp.minimum(min(-(-sink // block_k), S // block_k), n_all)
+  big = S + block_k                                   # rows without keys impose nothing
+  wlo = xp.where(lim >= 0, anchor - min(recent, 1 << 30) + 1, big)
+  wlo = xp.clip(xp.min(wlo), 0, big)                  # smallest key of any row's recent window
+  start = xp.clip(div(wlo, block_k), n_sink, n_all)
+  return n_sink, start, n_all
 
 
 # ----------------------------------------------------------------------------- config
@@ -152,9 +199,17 @@ def _choose_splits(base: int, n_blocks: int, sms: int) -> int:
 def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: int = 2, *,
                    block_q: int | None = None, block_k: int | None = None,
                    num_splits: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> AttnConfig:
-  """The launch configuration for a shape; explicit arguments override the heuristics."""
+                   num_stages: int | None = None,
+                   window: tuple[int, int] | None = None) -> AttnConfig:
+  """The launch configuration for a shape; explicit arguments override the heuristics.
+
+  With window=(sink, recent) the block size and the splits are chosen for the keys a query
+  tile actually reads (about sink + recent + T - 1 of them), not for the whole cache."""
   R = T * (H // KVH)
+  S_read = S  # keys one query tile reads at most (decode / verify: the cache)
+  if window is not None:
+    sink, recent = _check_window(window)
+    S_read = min(S, sink + recent + T - 1)
   if block_q is None:
     block_q = max(16, _next_pow2(R)) if R <= MAX_Q_ROWS else (64 if hd >= 128 else 128)
   block_q = max(16, _next_pow2(block_q))
@@ -168,12 +223,14 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if block_q >= 128:
       block_k = min(block_k, 64)
     # Short caches: smaller key blocks leave enough of them to split over the SMs.
-    if base * (S // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
+    if base * (S_read // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
       block_k = min(block_k, 64)
   block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
   while block_k > MIN_BLOCK_K and S % block_k:
     block_k //= 2
   n_blocks = S // block_k
+  if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
+    n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
   if num_splits is None:
     num_splits = _choose_splits(base, n_blocks, sms)
   num_splits = max(1, min(int(num_splits), n_blocks))
@@ -185,9 +242,10 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
   return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
 
 
-def supported(q_shape, k_shape, dtype=None) -> tuple[bool, str]:
-  """Whether cached_attention takes these shapes. q [B, T, H, hd]; k [B, KVH, S, hd] or
-  [L, B, KVH, S, hd]. Returns (ok, reason)."""
+def supported(q_shape, k_shape, dtype=None, window=None) -> tuple[bool, str]:
+  """Whether cached_attention takes these shapes (and window). q [B, T, H, hd]; k
+  [B, KVH, S, hd] or [L, B, KVH, S, hd]; window None or (sink >= 0, recent >= 1) ints.
+  Returns (ok, reason)."""
   if len(q_shape) != 4:
     return False, f"q must be [B, T, H, hd], got shape {tuple(q_shape)}"
   if len(k_shape) not in (4, 5):
@@ -208,6 +266,11 @@ def supported(q_shape, k_shape, dtype=None) -> tuple[bool, str]:
     return False, f"empty batch or query block (B={B}, T={T})"
   if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
     return False, f"dtype {jnp.dtype(dtype).name} not in {SUPPORTED_DTYPES}"
+  if window is not None:
+    try:
+      _check_window(window)
+    except ValueError as e:
+      return False, str(e)
   return True, "ok"
 
 
@@ -222,15 +285,20 @@ def _packed_rows(tile, bq, R, G, kv_head):
   return r // G, kv_head * G + r % G
 
 
-def _attn_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, block_q, block_k,
-                 num_splits, scale, partial):
+def _attn_kernel(layer_ref, pos_ref, *refs, R, G, S, block_q, block_k, num_splits, scale,
+                 partial, window, has_anchor):
   # layer_ref: [1] int32      layer to read (0 for a single-layer cache)
-  # pos_ref: [T] int32        q_pos of sequence b (its rows gathered below)
+  # pos_ref: [T] int32        q_pos of sequence b (clipped by kv_len; rows gathered below)
+  # anchor_ref (has_anchor): [T] int32  unclipped q_pos (window anchor) when kv_len clipped pos
   # q_ref:   [T, H, hd]       all queries of sequence b, read in place (rows gathered below)
   # k_ref:   [L, S, hd]       key slabs of (b, kv_head) of every layer; only layer `layer`,
   # v_ref:   [L, S, hd]       blocks < n_blocks, are read
   # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
   # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
+  if has_anchor:
+    anchor_ref, q_ref, k_ref, v_ref, *out_refs = refs
+  else:
+    (q_ref, k_ref, v_ref, *out_refs), anchor_ref = refs, pos_ref
   hd = q_ref.shape[-1]
   bq = block_q
   h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -238,22 +306,36 @@ def _attn_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, *out_refs, R, G, S, bl
   q = q_ref[t_idx, head_idx, :]                          # [bq, hd]
   lim = jnp.clip(pos_ref[t_idx], -1, S - 1)              # [bq] last visible key (-1: none)
   layer = layer_ref[0]
-  # Blocks this tile needs: cdiv(max(lim) + 1, block_k) (lim >= -1: no negative division),
-  # cut into num_splits contiguous chunks at run time.
-  n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
+  if window is None:
+    # Blocks this tile needs: [0, cdiv(max(lim) + 1, block_k)) (lim >= -1: no negative division).
+    n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
+  else:
+    # Windowed: blocks [0, n_sink) then [start, n_all); loop step i reads block
+    # i (i < n_sink) or i + start - n_sink. The blocks in between are never loaded.
+    sink, recent = window
+    anchor = anchor_ref[t_idx]                           # [bq] unclipped q_pos
+    n_sink, start_blk, n_all = window_blocks(lim, anchor, block_k, sink, recent, S)
+    n_blocks = n_sink + n_all - start_blk
+    skip = start_blk - n_sink
+    wlo = anchor - min(recent, 1 << 30) + 1               # [bq] first key of each row's window
+  # The needed blocks are cut into num_splits contiguous chunks at run time.
   per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
   lo = split * per_split
   hi = jnp.minimum(lo + per_split, n_blocks)
   hp = lax.Precision.HIGHEST  # f32 inputs: IEEE, not TF32; 16-bit inputs: unaffected
   key_iota = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)  # [1, bk]
 
-  def body(j, carry):
+  def body(i, carry):
     o, m, l = carry                                      # [bq, hd], [bq], [bq] f32
+    j = i if window is None else jnp.where(i < n_sink, i, i + skip)  # key block
     start = pl.multiple_of(j * block_k, block_k)
     k = k_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hp,
                         preferred_element_type=jnp.float32) * scale  # [bq, bk]
-    visible = (start + key_iota) <= lim[:, None]         # [bq, bk]
+    key = start + key_iota                               # [1, bk]
+    visible = key <= lim[:, None]                        # [bq, bk]
+    if window is not None:
+      visible &= (key < sink) | (key >= wlo[:, None])
     s = jnp.where(visible, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))           # [bq]
     alpha = jnp.exp(m - m_new)                           # [bq]
@@ -308,7 +390,8 @@ def _compiler_params(num_warps, num_stages):
   return {}  # pragma: no cover
 
 
-def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool):
+def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool,
+                    window):
   B, T, H, hd = q.shape
   L, _, KVH, S, _ = k_cache.shape
   G = H // KVH
@@ -317,13 +400,16 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
   n_q = pl.cdiv(R, bq)
   grid = (B, KVH, n_q, ns)
   partial = ns > 1
+  has_anchor = anchor is not None
   kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
-                             num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial)
+                             num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial,
+                             window=window, has_anchor=has_anchor)
   kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
   seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
+  pos_spec = pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0))  # q_pos [B, T]
   in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
-              pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0)),  # q_pos [B, T]
-              seq_spec, kv_spec, kv_spec]
+              pos_spec] + [pos_spec] * has_anchor + [seq_spec, kv_spec, kv_spec]
+  pos_args = (q_pos, anchor) if has_anchor else (q_pos,)
   if partial:
     R_pad = n_q * bq
     out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, R_pad, hd), jnp.float32),
@@ -337,8 +423,9 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
     out_specs = [seq_spec]
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      interpret=interpret, name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}",
-      **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, q_pos, q, k_cache, v_cache)
+      interpret=interpret,
+      name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}" + ("_win" if window else ""),
+      **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, *pos_args, q, k_cache, v_cache)
   if not partial:
     return outs[0]
   combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
@@ -353,12 +440,13 @@ def _attention_call(q, q_pos, k_cache, v_cache, layer, cfg: AttnConfig, interpre
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret", "window"))
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
                      kv_len: jax.Array | None = None, *, layer: int | jax.Array | None = None,
                      block_q: int | None = None, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+                     num_stages: int | None = None, interpret: bool = False,
+                     window: tuple[int, int] | None = None) -> jax.Array:
   """Attention of T new queries per sequence over the KV cache (see the module docstring).
 
   q [B, T, H, hd] (bf16 / f16 / f32).
@@ -368,11 +456,18 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
   q_pos int [B, T]: cache position of each query; key s is visible iff s <= q_pos[b, t].
   kv_len optional int [B]: keys s >= kv_len[b] are masked too. Without it the keys read per
     sequence are those up to max_t q_pos[b, t] (clipped to the cache).
+  window (static) (sink, recent): windowed (draft) attention; key s is visible only if also
+    s < sink or q_pos[b, t] - s < recent. Each query tile loads only the key blocks holding
+    such keys (the first cdiv(sink, block_k) blocks and those from its smallest window start
+    to its last visible key); the blocks in between are never read, and the flash-decoding
+    splits divide the blocks actually read. None: full causal attention.
   Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
   block_q / block_k / num_splits / num_warps / num_stages override default_config.
   interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
   """
-  ok, why = supported(q.shape, k_cache.shape, q.dtype)
+  if window is not None:
+    window = _check_window(window)
+  ok, why = supported(q.shape, k_cache.shape, q.dtype, window)
   if not ok:
     raise ValueError(f"cached_attention: {why}")
   if k_cache.shape != v_cache.shape:
@@ -391,15 +486,18 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
   KVH, S = k_cache.shape[-3], k_cache.shape[-2]
   cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(q.dtype).itemsize, block_q=block_q,
                        block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                       num_stages=num_stages)
+                       num_stages=num_stages, window=window)
   q_pos = q_pos.astype(jnp.int32)
+  anchor = None  # the window's anchor, when it differs from the clipped q_pos
   if kv_len is not None:  # one tiny fusion; without kv_len the kernel reads q_pos as is
+    if window is not None:
+      anchor = q_pos
     q_pos = jnp.minimum(q_pos, kv_len.astype(jnp.int32)[:, None] - 1)
   if k_cache.ndim == 4:  # a single layer: [1, B, KVH, S, hd] (a free reshape)
     k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
-  return _attention_call(q, q_pos, k_cache, v_cache, layer, cfg, interpret)
+  return _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg, interpret, window)
 
 
 __all__ = ["AttnConfig", "cached_attention", "cached_attention_reference", "default_config",
-           "supported"]
+           "supported", "window_blocks"]

@@ -59,23 +59,26 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
-def attention(q, cache_k, cache_v, positions, layer: int, kernels: str):
+def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None):
     """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
 
     q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache (the kernel reads layer
-    ``layer`` in place, so XLA copies nothing); positions [B, T].
+    ``layer`` in place, so XLA copies nothing); positions [B, T]; ``window=(sink, recent)``
+    (static): windowed draft attention, the kernel loads only the sink and recent key blocks.
     """
     if kernels != "pallas":
         return None
     from pallas_kernels import attention as pk_attention
-    ok, reason = pk_attention.supported(q.shape, cache_k.shape[1:], q.dtype)
+    if window is not None:
+        window = (int(window[0]), int(window[1]))  # hashable and static for the kernel's jit
+    ok, reason = pk_attention.supported(q.shape, cache_k.shape[1:], q.dtype, window)
     if not ok:
-        _announce(("attn", q.shape[1:], cache_k.shape[1:]), f"qspec_jax: Pallas attention cannot "
-                  f"take q {q.shape} / cache {cache_k.shape[1:]} ({reason}): using XLA attention",
-                  logging.WARNING)
+        _announce(("attn", q.shape[1:], cache_k.shape[1:], window), f"qspec_jax: Pallas attention "
+                  f"cannot take q {q.shape} / cache {cache_k.shape[1:]} / window {window} "
+                  f"({reason}): using XLA attention", logging.WARNING)
         return None
     interpret = jax.default_backend() != "gpu"
     _announce(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
               + (" (interpret mode: no GPU)" if interpret else ""))
     return pk_attention.cached_attention(q, cache_k, cache_v, positions, layer=layer,
-                                         interpret=interpret)
+                                         interpret=interpret, window=window)

@@ -103,9 +103,9 @@ class Attention(nnx.Module):
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
         cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
         out = None
-        if kernels == "pallas" and window is None:
+        if kernels == "pallas":
             from .kernel_dispatch import attention
-            out = attention(q, cache_k, cache_v, positions, layer, kernels)
+            out = attention(q, cache_k, cache_v, positions, layer, kernels, window)
         if out is None:
             out = attention_reference(q, cache_k[layer].astype(q.dtype),
                                       cache_v[layer].astype(q.dtype), positions, window)

@@ -15,10 +15,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import cached_attention, default_config, supported
+from pallas_kernels.attention import cached_attention, default_config, supported, window_blocks
 from pallas_kernels.attention import cached_attention_reference as _reference
 
-cached_attention_reference = jax.jit(_reference, static_argnames=("layer",))
+cached_attention_reference = jax.jit(_reference, static_argnames=("layer", "window"))
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -173,6 +173,121 @@ def test_default_config():
           assert B * 8 * c.num_splits * -(-T * 4 // c.block_q) >= min(132, B * 8 * S // 256), c
 
 
+# ----------------------------------------------------------------------------- windowed (issue 9)
+def _window_positions(B, T, S):
+  """Ragged q_pos [B, T]: a padding row (no key), an empty sequence, odd lengths, near the cache
+  end, past the end (T > 1: writes dropped, the window anchored at the unclipped position)."""
+  starts = [None, 0, 37, S - T - 3, S - 2, 90][:B]
+  return np.stack([np.full(T, -1) if st is None else st + np.arange(T) for st in starts]
+                  ).astype(np.int32)
+
+
+def _visible(q_pos, kv_len, S, window):
+  """[B, T, S] bool: the reference semantics, in numpy."""
+  s = np.arange(S)[None, None]
+  qp = q_pos[:, :, None]
+  vis = s <= qp
+  if kv_len is not None:
+    vis &= s < kv_len[:, None, None]
+  if window is not None:
+    vis &= (s < window[0]) | (qp - s < window[1])
+  return vis
+
+
+def _poison_unread_blocks(kc, vc, q_pos, kv_len, window, block_k):
+  """K and V with NaN in every key block that holds no key visible to any query of its sequence
+  (one query tile per sequence here: T * G <= 128). A kernel that loads such a block and masks
+  it after the dot still multiplies its V rows by p = 0, and 0 * NaN = NaN poisons the output;
+  only a kernel that never loads the block gives a finite result. Returns (k, v, n_poisoned)."""
+  B, S = kc.shape[0], kc.shape[2]
+  vis = _visible(q_pos, kv_len, S, window).any(axis=1)             # [B, S]
+  needed = vis.reshape(B, S // block_k, block_k).any(axis=2)       # [B, n_blocks]
+  bad = np.repeat(~needed, block_k, axis=1)                        # [B, S]
+  mask = jnp.asarray(bad)[:, None, :, None]
+  return jnp.where(mask, jnp.nan, kc), jnp.where(mask, jnp.nan, vc), int((~needed).sum())
+
+
+WINDOW_CASES = [  # id, B, T, H, KVH, S, hd, dtype, window, kwargs, with kv_len
+    # recent < block_k, not a multiple of it; 4 sinks; flash-decoding splits over the read blocks
+    ("t1_g4_sink4_r20_bk32_split3", 6, 1, 8, 2, 192, 64, F32, (4, 20),
+     dict(block_k=32, num_splits=3), False),
+    # recent > block_k, not a multiple; one sink; one split
+    ("t4_g1_sink1_r37_bk16", 6, 4, 2, 2, 160, 64, F32, (1, 37), dict(block_k=16), False),
+    # no sink, bf16, kv_len (window anchored at the unclipped q_pos), two splits
+    ("t4_g4_sink0_r45_bk32_split2_bf16_kvlen", 6, 4, 8, 2, 128, 128, BF16, (0, 45),
+     dict(block_k=32, num_splits=2), True),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_windowed_matches_reference_without_reading_skipped_blocks(case):
+  name, B, T, H, KVH, S, hd, dtype, window, kw, with_kv_len = case
+  q, kc, vc = _inputs(100 + WINDOW_CASES.index(case), B, T, H, KVH, S, hd, dtype)
+  q_pos_np = _window_positions(B, T, S)
+  kv_len_np = np.asarray([5, 1, 30, S - 40, S, 50], np.int32)[:B] if with_kv_len else None
+  q_pos = jnp.asarray(q_pos_np)
+  kv_len = None if kv_len_np is None else jnp.asarray(kv_len_np)
+  cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(dtype).itemsize, window=window, **kw)
+  kp, vp, n_bad = _poison_unread_blocks(kc, vc, q_pos_np, kv_len_np, window, cfg.block_k)
+  assert n_bad > 0  # every case has blocks to skip (at least the padding row's)
+  out = cached_attention(q, kp, vp, q_pos, kv_len, interpret=True, window=window, **kw)
+  assert out.shape == (B, T, H, hd) and out.dtype == dtype
+  out = np.asarray(out.astype(F32))
+  assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
+  # The test can tell: reading everything and masking (the reference) is poisoned.
+  assert np.isnan(np.asarray(cached_attention_reference(q, kp, vp, q_pos, kv_len,
+                                                        window=window))).any()
+  f32 = lambda a: a.astype(F32)  # noqa: E731
+  ref = cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len, window=window)
+  empty = ~_visible(q_pos_np, kv_len_np, S, window).any(axis=2)  # [B, T] rows without keys
+  assert empty[0].all() and np.all(out[empty] == 0)
+  tol = 1e-5 if dtype == F32 else 1e-2
+  assert _rel(out, ref) <= tol
+  if dtype == F32:
+    assert float(np.max(np.abs(out - np.asarray(ref)))) <= 1e-5
+  # Sequences shorter than the window (q_pos < recent, e.g. positions 37..40 with recent 45):
+  # plain causal attention.
+  full = np.asarray(cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len))
+  short = (q_pos_np < window[1]) & ~empty
+  assert short.sum() >= T
+  assert _rel(out[short], full[short]) <= tol
+
+
+def test_windowed_reference_is_the_model_reference():
+  """cached_attention_reference(window=...) == qspec_jax.model.attention_reference(window=...)
+  on rows with keys, including positions past the cache end (T > 1)."""
+  from qspec_jax.model import attention_reference
+  for _, B, T, H, KVH, S, hd, dtype, window, _, _ in WINDOW_CASES[1:]:
+    q, kc, vc = _inputs(3, B, T, H, KVH, S, hd, F32)
+    q_pos = jnp.asarray(_window_positions(B, T, S))
+    a = cached_attention_reference(q, kc, vc, q_pos, window=window)
+    b = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos, window=window)
+    assert _rel(a[1:], b[1:]) <= 1e-6 and np.all(np.asarray(a[0]) == 0)
+
+
+def test_window_config_and_checks():
+  # batch 1 at 32k with a 4 + 508 window: the splits divide the ~5 blocks read, not 256
+  full = default_config(1, 1, 32, 8, 32768, 128)
+  win = default_config(1, 1, 32, 8, 32768, 128, window=(4, 508))
+  assert full.num_splits >= 16 and win.num_splits <= 8 and win.block_k <= full.block_k
+  assert default_config(64, 1, 32, 8, 8192, 128, window=(4, 1020)).num_splits == 1
+  assert supported((1, 1, 8, 64), (1, 2, 64, 64), None, (0, 1)) == (True, "ok")
+  for bad in ((0, 0), (-1, 4), (4,), (1.5, 4)):
+    ok, why = supported((1, 1, 8, 64), (1, 2, 64, 64), None, bad)
+    assert not ok and "window" in why
+  q, kc, vc = _inputs(0, 1, 1, 8, 2, 64, 64, F32)
+  with pytest.raises(ValueError, match="window"):
+    cached_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), interpret=True, window=(2, 0))
+  # window_blocks (numpy): sink blocks, then from the window start's block to the last key's
+  lim = np.asarray([99, 100, 101, 102])
+  blocks = window_blocks(lim, lim, 16, 4, 20, 256)
+  assert tuple(int(x) for x in blocks) == (1, 5, 7)  # blocks 0 and 5, 6: keys 80..102
+  assert tuple(int(x) for x in window_blocks(np.asarray([-1]), np.asarray([-1]), 16, 4, 20,
+                                             256)) == (0, 0, 0)
+  # a window longer than the cache: every block up to the last key, no overflow
+  assert tuple(int(x) for x in window_blocks(lim, lim, 16, 4, 10**12, 256)) == (1, 1, 7)
+
+
 # ----------------------------------------------------------------------------- Triton lowering
 def _lower_cuda(fn, *avals):
   return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
@@ -202,6 +317,8 @@ LOWER_CASES = [  # B, T, H, KVH, S, hd, dtype, layers, kwargs
     (1, 300, 32, 8, 1024, 64, BF16, None, {}),                 # prefill, q tiles
     (2, 4, 8, 2, 256, 64, F32, None, dict(num_splits=2)),      # f32 (IEEE dots)
     (64, 4, 32, 8, 4096, 128, BF16, 32, {}),                   # 34 GB cache: 64-bit offsets
+    (2, 1, 32, 8, 8192, 128, BF16, None, dict(window=(4, 1020))),           # windowed, splits
+    (16, 8, 32, 8, 4096, 128, BF16, 32, dict(window=(0, 500), num_splits=2)),  # + layer
 ]
 
 
@@ -233,3 +350,17 @@ def test_bench_quick(tmp_path):
     for name in ("ours", "xla"):
       r = p["impls"][name]
       assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
+
+
+def test_bench_quick_window(tmp_path):
+  from experiments import bench_attention
+  out = tmp_path / "attn_window.json"
+  doc = bench_attention.main(["--quick", "--window", "2", "20", "--batches", "2", "--contexts",
+                              "256", "--ts", "1", "--out", str(out), "--commit", "test"])
+  assert "Windowed draft attention" in (tmp_path / "attn_window.md").read_text()
+  (p,) = doc["points"]
+  assert p["window"] == [2, 20] and 0 < p["kv_bytes_window"] < p["kv_bytes"]
+  for name in ("ours", "ours_window"):
+    r = p["impls"][name]
+    assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
+  assert p["impls"]["ours_window"]["speedup_vs_ours"] > 0

@@ -6,6 +6,10 @@ prefill}, GQA ratios 1, 4, 8, head_dim 64 and 128, bf16 and f32; plus Llama-3-8B
 long caches (flash-decoding splits), a cache length that is not a multiple of 128, kv_len, and
 the whole [L, B, KVH, S, hd] cache read in place with `layer` (also one above 4 GB).
 All programs (kernel + f32 reference in one jit) are compiled in parallel threads first.
+Windowed draft attention (issue 9, kwargs window=(sink, recent)): the same checks against the
+windowed references for T 1 / 4 / 8 / 16 / prefill, GQA 4 / 8, splits, layer, kv_len, Llama-3-8B
+shapes up to 32k; and a test that the kernel never loads the key blocks outside the window
+(they hold NaN: a load followed by masking would give NaN through 0 * NaN in p @ V).
 Criteria: f32 inputs: relative Frobenius error <= 1e-5 against the f32 reference (the kernel's
 dots use IEEE f32, not TF32). bf16: <= 1e-2 against the f32 reference on the same bf16 values,
 and <= 1e-2 against qspec_jax.model.attention_reference (bf16, as the model runs it). Rows
@@ -53,6 +57,21 @@ def _cases():
   cs.append(("llama_B16_S4096_T4_layers32", 16, 4, 32, 8, 4096, 128, BF16, "ragged", {}, 32))
   cs.append(("llama_B6_S2048_T4_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen", {}, None))
   cs.append(("llama_B1_S4096_prefill", 1, 512, 32, 8, 4096, 128, BF16, "prefill", {}, None))
+  # windowed draft attention (issue 9)
+  cs.append(("win_llama_B6_S8192_T1_s4_r1020", 6, 1, 32, 8, 8192, 128, BF16, "ragged",
+             dict(window=(4, 1020)), None))
+  cs.append(("win_llama_B1_S32768_T1_s4_r508", 1, 1, 32, 8, 32768, 128, BF16, "full",
+             dict(window=(4, 508)), None))
+  cs.append(("win_llama_B4_S4096_T4_s0_r300_layer", 4, 4, 32, 8, 4096, 128, BF16, "ragged",
+             dict(window=(0, 300)), 4))
+  cs.append(("win_llama_B6_S2048_T4_s4_r100_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen",
+             dict(window=(4, 100)), None))
+  cs.append(("win_T16_G8_d128_s2_r40", 6, 16, 64, 8, 2048, 128, BF16, "ragged",
+             dict(window=(2, 40)), None))
+  cs.append(("win_T8_G8_d64_f32_s1_r77_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
+             dict(window=(1, 77), num_splits=5), None))
+  cs.append(("win_prefill_G4_d64_s4_r50", 2, 200, 16, 4, 256, 64, BF16, "prefill",
+             dict(window=(4, 50)), None))
   return cs
 
 
@@ -82,6 +101,7 @@ def _positions(kind, B, T, S):
 def _program(case):
   _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
   layer = layers - 1 if layers else None
+  window = kw.get("window")
 
   def fn(key, q_pos, kv_len):
     k1, k2, k3 = jax.random.split(key, 3)
@@ -93,8 +113,8 @@ def _program(case):
     if layers:
       kc, vc = kc[layer], vc[layer]
     ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos,
-                                       kv_len)
-    ref16 = cached_attention_reference(q, kc, vc, q_pos, kv_len)
+                                       kv_len, window=window)
+    ref16 = cached_attention_reference(q, kc, vc, q_pos, kv_len, window=window)
     return out, ref32, ref16
 
   return jax.jit(fn)
@@ -114,6 +134,18 @@ def compiled():
     return dict(ex.map(build, CASES))
 
 
+def _visible(q_pos, kv_len, S, window):
+  """[B, T, S] bool: key s visible to query (b, t) (the references' semantics, numpy)."""
+  s = np.arange(S)[None, None]
+  qp = np.asarray(q_pos)[:, :, None]
+  vis = s <= qp
+  if kv_len is not None:
+    vis &= s < np.asarray(kv_len)[:, None, None]
+  if window is not None:
+    vis &= (s < window[0]) | (qp - s < window[1])
+  return vis
+
+
 def _rel(a, b):
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
@@ -131,8 +163,7 @@ def test_attention_gpu(case, compiled):
   assert np.all(np.isfinite(out)), "NaN/inf in the kernel output"
   q_pos = np.asarray(args[1])
   kv_len = args[2]
-  lim = q_pos if kv_len is None else np.minimum(q_pos, np.asarray(kv_len)[:, None] - 1)
-  empty = lim < 0                                    # [B, T]: rows that see no key
+  empty = ~_visible(q_pos, kv_len, S, kw.get("window")).any(axis=2)  # [B, T] rows see no key
   assert np.all(out[empty] == 0)
   tol = 1e-5 if dtype == F32 else 1e-2
   err = _rel(out[~empty], np.asarray(ref32)[~empty])
@@ -154,4 +185,48 @@ def test_matches_model_reference_gpu():
                        [1023, 1024, 1025, 1026]], jnp.int32)
   out = cached_attention(q, kc, vc, q_pos)
   ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
+  assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
+
+
+@pytest.mark.parametrize("T, window, kw", [(1, (4, 1020), {}), (4, (0, 300), {}),
+                                          (1, (4, 100), dict(num_splits=7)),
+                                          (8, (1, 77), dict(block_k=64))])
+def test_windowed_never_loads_skipped_blocks_gpu(T, window, kw):
+  """Llama-3-8B heads, 8k cache: every key block that holds no key visible to its sequence is
+  NaN in K and V. A kernel that loads such a block and masks after the dot multiplies its V
+  rows by p = 0 (0 * NaN = NaN); only one that never loads them matches the clean reference."""
+  from pallas_kernels.attention import default_config
+  B, H, KVH, S, hd = 6, 32, 8, 8192, 128
+  q_pos, _ = _positions("ragged", B, T, S)
+  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 2000 + T), 3)
+  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+  bk = default_config(B, T, H, KVH, S, hd, 2, window=window, **kw).block_k
+  vis = _visible(q_pos, None, S, window).any(axis=1)                   # [B, S]
+  needed = vis.reshape(B, S // bk, bk).any(axis=2)
+  bad = jnp.asarray(np.repeat(~needed, bk, axis=1))[:, None, :, None]
+  assert float(needed.mean()) < 0.3
+  kp, vp = jnp.where(bad, jnp.nan, kc), jnp.where(bad, jnp.nan, vc)
+  q_pos = jnp.asarray(q_pos)
+  out = np.asarray(cached_attention(q, kp, vp, q_pos, window=window, **kw).astype(F32))
+  assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
+  ref = np.asarray(cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32),
+                                              q_pos, window=window))
+  assert _rel(out, ref) <= 1e-2
+
+
+def test_windowed_matches_model_reference_gpu():
+  """qspec_jax.model.attention_reference(window=...) (bf16 on the GPU), Llama-3-8B heads."""
+  from qspec_jax.model import attention_reference
+  B, T, H, KVH, S, hd = 4, 4, 32, 8, 4096, 128
+  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1001), 3)
+  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+  q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [4092, 4093, 4094, 4095],
+                       [3000, 3001, 3002, 3003]], jnp.int32)
+  out = cached_attention(q, kc, vc, q_pos, window=(4, 1020))
+  ref = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos,
+                                                               window=(4, 1020))
   assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
