@@ -258,11 +258,15 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
              "gamma_cycles": jnp.zeros((top_gamma + 1,), jnp.int32)}
     c = jax.lax.while_loop(cond, body, carry)
     drafted, accepted = c["drafted"].sum(), c["accepted"].sum()
+    seq_cycles = jnp.maximum(c["seq_cycles"].sum(), 1)
+    # accepted counts what verification accepted, including drafts past an EOS or the token
+    # limit in a sequence's last cycle; committed_tokens_per_cycle counts only kept tokens.
     stats = {
         "cycles": c["cycles"], "seq_cycles": c["seq_cycles"], "drafted": c["drafted"],
         "accepted": c["accepted"],
         "acceptance_rate": accepted / jnp.maximum(drafted, 1),
-        "tokens_per_cycle": (accepted + c["seq_cycles"].sum()) / jnp.maximum(c["seq_cycles"].sum(), 1),
+        "tokens_per_cycle": (accepted + c["seq_cycles"].sum()) / seq_cycles,
+        "committed_tokens_per_cycle": (c["count"].sum() - B) / seq_cycles,
         "gamma_cycles": c["gamma_cycles"],
     }
     if auto:

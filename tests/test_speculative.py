@@ -61,6 +61,9 @@ def test_stats_are_consistent(quantized):
     np.testing.assert_array_equal(s["new_tokens_per_sequence"], np.minimum(max_new, 1 + acc + cycles))
     assert s["acceptance_rate"] == pytest.approx(acc.sum() / drafted.sum())
     assert s["tokens_per_cycle"] == pytest.approx((acc.sum() + cycles.sum()) / cycles.sum())
+    kept = np.asarray(s["new_tokens_per_sequence"]).sum() - len(acc)  # minus the prefill tokens
+    assert s["committed_tokens_per_cycle"] == pytest.approx(kept / cycles.sum())
+    assert s["committed_tokens_per_cycle"] <= s["tokens_per_cycle"]
 
 
 def test_identical_draft_accepts_everything(quantized):
