@@ -1,0 +1,106 @@
+"""Acceptance of cheaper drafts (windowed attention, layer subsets) on held-out code.
+
+    PYTHONPATH=. python3 experiments/draft_acceptance.py --out-prefix experiments/results/draft_acceptance_cpu
+
+For each draft configuration, QSpec (greedy, gamma 3, draft w4a8 unless --draft) continues
+prompts cut from held-out standard-library files at a given context length and records the
+acceptance rate and tokens per cycle; outputs are checked equal to w4a16 decoding. Speed is not
+measured here (see experiments/sweep.py): this is the acceptance side of the trade-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+import qspec_jax as qj  # noqa: E402
+from experiments import data as D  # noqa: E402
+from experiments.sweep import environment  # noqa: E402
+from qspec_jax.draft_search import select_draft_layers  # noqa: E402
+
+
+def code_prompts(model, n: int, context: int) -> list[list[int]]:
+    """n prompts of exactly ``context`` tokens from held-out stdlib files (one per file)."""
+    out = []
+    for text in D.read_code(D.code_split()[1]):
+        ids = model.tokenizer(text)["input_ids"]
+        if len(ids) >= context:
+            out.append(ids[:context])
+        if len(out) == n:
+            return out
+    raise ValueError(f"only {len(out)} held-out files have {context} tokens")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="128,448")
+    p.add_argument("--windows", default="4:32,4:64,4:128", help="sink:window pairs")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--draft", default="w4a8")
+    p.add_argument("--dtype", default="bfloat16")
+    # T_w4a8 / T_w4a16 at M = 1 on the 8B layer shapes (experiments/results/kernels_h200.md).
+    p.add_argument("--draft-cost", type=float, default=88.9 / 115.8,
+                   help="cost of a full-model draft step relative to a verify step")
+    p.add_argument("--out-prefix", required=True)
+    args = p.parse_args(argv)
+
+    model = qj.load(None, dtype=args.dtype, quant="w4", method="rtn")
+    t0 = time.perf_counter()
+    search_tokens = np.asarray(code_prompts(model, 4, 128), np.int32)
+    layers, history = select_draft_layers(model, search_tokens, args.draft,
+                                          draft_cost=args.draft_cost)
+    configs = [("full", None, None)]
+    configs += [(f"window {w}", tuple(map(int, w.split(":"))), None) for w in args.windows.split(",")]
+    configs += [(f"layers {','.join(map(str, layers))}", None, layers)]
+    rows = []
+    for context in map(int, args.contexts.split(",")):
+        prompts = code_prompts(model, args.prompts, context)
+        ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="w4a16").tokens
+        for name, window, subset in configs:
+            out = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="qspec",
+                              draft=args.draft, gamma=args.gamma, draft_window=window,
+                              draft_layers=list(subset) if subset else None)
+            rows.append({"context": context, "draft_config": name, "window": window,
+                         "layers": list(subset) if subset else None,
+                         "acceptance_rate": out.stats["acceptance_rate"],
+                         "tokens_per_cycle": out.stats["tokens_per_cycle"],
+                         "equals_w4a16": out.tokens == ref})
+            print(json.dumps(rows[-1]))
+    result = {"env": environment(None), "args": vars(args), "wall_s": time.perf_counter() - t0,
+              "layer_search": [vars(h) for h in history], "rows": rows}
+    with open(args.out_prefix + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.out_prefix + ".md", "w") as f:
+        f.write(f"# Acceptance of cheaper drafts on held-out code ({result['env']['backend']})\n\n"
+                f"`PYTHONPATH=. python3 experiments/draft_acceptance.py "
+                f"--out-prefix {args.out_prefix}` at commit `{result['env']['commit']}`, jax "
+                f"{jax.__version__}; default model, RTN + rotation, draft {args.draft}, gamma "
+                f"{args.gamma}, greedy, {args.prompts} prompts per context, {args.new_tokens} new "
+                f"tokens, {args.dtype}; {result['wall_s']:.0f} s.\n\n"
+                "| context | draft | acceptance | tokens/cycle | output = w4a16 |\n|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['context']} | {r['draft_config']} | {r['acceptance_rate']:.3f} | "
+                    f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} |\n")
+        f.write("\nLayer search (teacher-forced agreement with w4a16 on 4 x 128 code tokens; "
+                f"predicted speedup assumes a full draft step costs {args.draft_cost:.3f} verify "
+                "steps, scaled by the share of layers it runs):\n\n")
+        for h in history:
+            f.write(f"- layers {list(h.layers)}: agreement {h.agreement:.3f}, predicted "
+                    f"{h.predicted_speedup:.2f}x at gamma {h.gamma}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
