@@ -81,365 +81,365 @@ CHUNK_BYTES = 4 << 30  # caches above this are generated / checked in batch chun
 
 # ----------------------------------------------------------------------------- implementations
 def _xla_attention():
-  try:
-    from qspec_jax.model import attention_reference
-    return attention_reference, "qspec_jax.model.attention_reference"
-  except Exception:  # noqa: BLE001  (flax missing): same math, our file's reference
-    return cached_attention_reference, "pallas_kernels.attention.cached_attention_reference"
+    try:
+        from qspec_jax.model import attention_reference
+        return attention_reference, "qspec_jax.model.attention_reference"
+    except Exception:  # noqa: BLE001  (flax missing): same math, our file's reference
+        return cached_attention_reference, "pallas_kernels.attention.cached_attention_reference"
 
 
 def _decode_attention_impl(interpret):
-  """decode_attention.mqa vmapped over KV heads on [B, KVH, S, hd]; None if not importable."""
-  try:
-    from jax.experimental.pallas.ops.gpu import decode_attention as da
-  except Exception as e:  # noqa: BLE001
-    return None, f"not importable: {type(e).__name__}: {e}"
-  mqa = functools.partial(da.mqa, interpret=interpret)
+    """decode_attention.mqa vmapped over KV heads on [B, KVH, S, hd]; None if not importable."""
+    try:
+        from jax.experimental.pallas.ops.gpu import decode_attention as da
+    except Exception as e:  # noqa: BLE001
+        return None, f"not importable: {type(e).__name__}: {e}"
+    mqa = functools.partial(da.mqa, interpret=interpret)
 
-  def run(q, k, v, q_pos):
-    B, T, Hq, hd = q.shape
-    assert T == 1
-    kvh = k.shape[1]
-    qg = q.reshape(B, kvh, Hq // kvh, hd)          # [B, KVH, G, hd]
-    kv_len = q_pos[:, -1] + 1                      # [B]
-    S = k.shape[2]
-    splits = 16                                    # its default; smaller only for tiny S
-    while splits > 1 and (S % splits or S // splits < 16):
-      splits //= 2
-    out = jax.vmap(lambda qh, kh, vh: mqa(qh, kh, vh, None, kv_len, k_splits=splits),
-                   in_axes=(1, 1, 1), out_axes=1)(qg, k, v)  # [B, KVH, G, hd]
-    return out.reshape(B, 1, Hq, hd).astype(q.dtype)  # mqa returns f32 after its combine
+    def run(q, k, v, q_pos):
+        B, T, Hq, hd = q.shape
+        assert T == 1
+        kvh = k.shape[1]
+        qg = q.reshape(B, kvh, Hq // kvh, hd)          # [B, KVH, G, hd]
+        kv_len = q_pos[:, -1] + 1                      # [B]
+        S = k.shape[2]
+        splits = 16                                    # its default; smaller only for tiny S
+        while splits > 1 and (S % splits or S // splits < 16):
+            splits //= 2
+        out = jax.vmap(lambda qh, kh, vh: mqa(qh, kh, vh, None, kv_len, k_splits=splits),
+                       in_axes=(1, 1, 1), out_axes=1)(qg, k, v)  # [B, KVH, G, hd]
+        return out.reshape(B, 1, Hq, hd).astype(q.dtype)  # mqa returns f32 after its combine
 
-  return run, "jax.experimental.pallas.ops.gpu.decode_attention.mqa (vmapped over kv heads)"
+    return run, "jax.experimental.pallas.ops.gpu.decode_attention.mqa (vmapped over kv heads)"
 
 
 def make_impls(names, interpret, cfg_kwargs=None, window=None):
-  impls = {}
-  notes = {}
-  cfg_kwargs = cfg_kwargs or {}
-  if "ours" in names:
-    impls["ours"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
-                                                        **cfg_kwargs)
-    notes["ours"] = "pallas_kernels.attention.cached_attention"
-  if "ours_layer" in names:  # the model's path: whole [L, B, KVH, S, hd] cache + layer index
-    impls["ours_layer"] = Stacked(lambda q, k, v, p, r: cached_attention(
-        q, k, v, p, layer=r, interpret=interpret, **cfg_kwargs))
-    notes["ours_layer"] = ("cached_attention on one [R, B, KVH, S, hd] array with layer=r "
-                           "(the R copies are the layers)")
-  if "xla" in names:
-    impls["xla"], notes["xla"] = _xla_attention()
-  if "decode_attention" in names:
-    fn, note = _decode_attention_impl(interpret)
-    notes["decode_attention"] = note
-    if fn is not None:
-      impls["decode_attention"] = fn
-  if window is not None and "ours_window" in names:
-    impls["ours_window"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
-                                                               window=window, **cfg_kwargs)
-    notes["ours_window"] = f"pallas_kernels.attention.cached_attention(window={window})"
-  if window is not None and "xla_window" in names:
-    fn, note = _xla_attention()
-    impls["xla_window"] = lambda q, k, v, p: fn(q, k, v, p, window=window)
-    notes["xla_window"] = f"{note}(window={window}) (reads the whole cache, masks)"
-  return impls, notes
+    impls = {}
+    notes = {}
+    cfg_kwargs = cfg_kwargs or {}
+    if "ours" in names:
+        impls["ours"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
+                                                            **cfg_kwargs)
+        notes["ours"] = "pallas_kernels.attention.cached_attention"
+    if "ours_layer" in names:  # the model's path: whole [L, B, KVH, S, hd] cache + layer index
+        impls["ours_layer"] = Stacked(lambda q, k, v, p, r: cached_attention(
+            q, k, v, p, layer=r, interpret=interpret, **cfg_kwargs))
+        notes["ours_layer"] = ("cached_attention on one [R, B, KVH, S, hd] array with layer=r "
+                               "(the R copies are the layers)")
+    if "xla" in names:
+        impls["xla"], notes["xla"] = _xla_attention()
+    if "decode_attention" in names:
+        fn, note = _decode_attention_impl(interpret)
+        notes["decode_attention"] = note
+        if fn is not None:
+            impls["decode_attention"] = fn
+    if window is not None and "ours_window" in names:
+        impls["ours_window"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
+                                                                   window=window, **cfg_kwargs)
+        notes["ours_window"] = f"pallas_kernels.attention.cached_attention(window={window})"
+    if window is not None and "xla_window" in names:
+        fn, note = _xla_attention()
+        impls["xla_window"] = lambda q, k, v, p: fn(q, k, v, p, window=window)
+        notes["xla_window"] = f"{note}(window={window}) (reads the whole cache, masks)"
+    return impls, notes
 
 
 # ----------------------------------------------------------------------------- data / timing
 def kv_bytes(B, ctx, itemsize=2):
-  return 2 * B * KVH * ctx * HD * itemsize
+    return 2 * B * KVH * ctx * HD * itemsize
 
 
 def window_kv_bytes(B, ctx, T, window, block_q, block_k, itemsize=2):
-  """K/V bytes the windowed kernel loads: its key blocks per (sequence, kv head, query tile),
-  with q_pos = ctx - T .. ctx - 1 as in make_inputs (pallas_kernels.attention.window_blocks)."""
-  G = H // KVH
-  q_pos = np.arange(ctx - T, ctx)
-  rows = np.arange(T * G)
-  n_blocks = 0
-  for i in range(-(-T * G // block_q)):
-    lim = q_pos[rows[i * block_q:(i + 1) * block_q] // G]
-    n_sink, start, n_all = window_blocks(lim, lim, block_k, window[0], window[1], ctx)
-    n_blocks += int(n_sink + n_all - start)
-  return 2 * B * KVH * n_blocks * block_k * HD * itemsize
+    """K/V bytes the windowed kernel loads: its key blocks per (sequence, kv head, query tile),
+    with q_pos = ctx - T .. ctx - 1 as in make_inputs (pallas_kernels.attention.window_blocks)."""
+    G = H // KVH
+    q_pos = np.arange(ctx - T, ctx)
+    rows = np.arange(T * G)
+    n_blocks = 0
+    for i in range(-(-T * G // block_q)):
+        lim = q_pos[rows[i * block_q:(i + 1) * block_q] // G]
+        n_sink, start, n_all = window_blocks(lim, lim, block_k, window[0], window[1], ctx)
+        n_blocks += int(n_sink + n_all - start)
+    return 2 * B * KVH * n_blocks * block_k * HD * itemsize
 
 
 def _random_cache(key, shape, dtype):
-  """jax.random.normal(key, shape, dtype); above CHUNK_BYTES filled batch chunk by batch chunk
-  in place (no full-size f32 intermediate)."""
-  nbytes = math.prod(shape) * jnp.dtype(dtype).itemsize
-  if nbytes <= CHUNK_BYTES:
-    return jax.random.normal(key, shape, dtype)
-  bc = max(1, int(shape[0] * CHUNK_BYTES // nbytes))
-  fill = jax.jit(lambda c, k, b0: lax.dynamic_update_slice_in_dim(
-      c, jax.random.normal(k, (bc,) + shape[1:], dtype), b0, 0), donate_argnums=0)
-  out = jnp.zeros(shape, dtype)
-  for i, b0 in enumerate(range(0, shape[0], bc)):  # the last chunk may overlap the previous one
-    out = fill(out, jax.random.fold_in(key, i), min(b0, shape[0] - bc))
-  return out
+    """jax.random.normal(key, shape, dtype); above CHUNK_BYTES filled batch chunk by batch chunk
+    in place (no full-size f32 intermediate)."""
+    nbytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+    if nbytes <= CHUNK_BYTES:
+        return jax.random.normal(key, shape, dtype)
+    bc = max(1, int(shape[0] * CHUNK_BYTES // nbytes))
+    fill = jax.jit(lambda c, k, b0: lax.dynamic_update_slice_in_dim(
+        c, jax.random.normal(k, (bc,) + shape[1:], dtype), b0, 0), donate_argnums=0)
+    out = jnp.zeros(shape, dtype)
+    for i, b0 in enumerate(range(0, shape[0], bc)):  # the last chunk may overlap the previous one
+        out = fill(out, jax.random.fold_in(key, i), min(b0, shape[0] - bc))
+    return out
 
 
 def make_inputs(key, B, ctx, T, R, dtype):
-  kq, kk = jax.random.split(key)
-  q = jax.random.normal(kq, (B, T, H, HD), jnp.float32).astype(dtype)
-  ks, vs = [], []
-  for r in range(R):
-    k1, k2 = jax.random.split(jax.random.fold_in(kk, r))
-    ks.append(_random_cache(k1, (B, KVH, ctx, HD), dtype))
-    vs.append(_random_cache(k2, (B, KVH, ctx, HD), dtype))
-  q_pos = jnp.broadcast_to(jnp.arange(ctx - T, ctx, dtype=jnp.int32)[None], (B, T))
-  return q, ks, vs, q_pos
+    kq, kk = jax.random.split(key)
+    q = jax.random.normal(kq, (B, T, H, HD), jnp.float32).astype(dtype)
+    ks, vs = [], []
+    for r in range(R):
+        k1, k2 = jax.random.split(jax.random.fold_in(kk, r))
+        ks.append(_random_cache(k1, (B, KVH, ctx, HD), dtype))
+        vs.append(_random_cache(k2, (B, KVH, ctx, HD), dtype))
+    q_pos = jnp.broadcast_to(jnp.arange(ctx - T, ctx, dtype=jnp.int32)[None], (B, T))
+    return q, ks, vs, q_pos
 
 
 class Stacked:
-  """An implementation called as f(q, k_all, v_all, q_pos, r) on [R, B, KVH, S, hd] caches."""
+    """An implementation called as f(q, k_all, v_all, q_pos, r) on [R, B, KVH, S, hd] caches."""
 
-  def __init__(self, f):
-    self.f = f
+    def __init__(self, f):
+        self.f = f
 
 
 def timed_loop(fn, n, R):
-  """jit(q, ks, vs, q_pos) -> (scalar, output of copy 0 in the last iteration).
+    """jit(q, ks, vs, q_pos) -> (scalar, output of copy 0 in the last iteration).
 
-  ks / vs: tuples of R caches, or (Stacked fn) one [R, ...] array each."""
+    ks / vs: tuples of R caches, or (Stacked fn) one [R, ...] array each."""
 
-  @jax.jit
-  def run(q, ks, vs, q_pos):
-    def body(i, carry):
-      acc, _ = carry
-      qq = q + (acc * 0).astype(q.dtype)     # data dependency on the previous iteration
-      first = None
-      for r in range(R):
-        if isinstance(fn, Stacked):
-          o = fn.f(qq, ks, vs, q_pos, r)
-        else:
-          o = fn(qq, ks[r], vs[r], q_pos)
-        first = o if first is None else first
-        acc = acc + jnp.sum(o.astype(jnp.float32)) * 1e-30
-      return acc, first
-    out0 = jnp.zeros(q.shape, q.dtype)
-    return lax.fori_loop(0, n, body, (jnp.float32(0), out0))
+    @jax.jit
+    def run(q, ks, vs, q_pos):
+        def body(i, carry):
+            acc, _ = carry
+            qq = q + (acc * 0).astype(q.dtype)     # data dependency on the previous iteration
+            first = None
+            for r in range(R):
+                if isinstance(fn, Stacked):
+                    o = fn.f(qq, ks, vs, q_pos, r)
+                else:
+                    o = fn(qq, ks[r], vs[r], q_pos)
+                first = o if first is None else first
+                acc = acc + jnp.sum(o.astype(jnp.float32)) * 1e-30
+            return acc, first
+        out0 = jnp.zeros(q.shape, q.dtype)
+        return lax.fori_loop(0, n, body, (jnp.float32(0), out0))
 
-  return run
+    return run
 
 
 def measure(run, args, reps):
-  jax.block_until_ready(run(*args))  # compile + warm
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(*args))
-    ts.append(time.perf_counter() - t0)
-  return np.asarray(ts)
+    jax.block_until_ready(run(*args))  # compile + warm
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        ts.append(time.perf_counter() - t0)
+    return np.asarray(ts)
 
 
 def rel_err(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @functools.partial(jax.jit, static_argnames="window")
 def _f32_reference(q, k, v, q_pos, window=None):
-  f32 = jnp.float32
-  return cached_attention_reference(q.astype(f32), k.astype(f32), v.astype(f32), q_pos,
-                                    window=window)
+    f32 = jnp.float32
+    return cached_attention_reference(q.astype(f32), k.astype(f32), v.astype(f32), q_pos,
+                                      window=window)
 
 
 def f32_reference(q, k, v, q_pos, window=None):
-  """The float32 reference as numpy, in batch chunks of <= CHUNK_BYTES of (bf16) cache."""
-  B = q.shape[0]
-  nbytes = k.size * k.dtype.itemsize
-  bc = max(1, int(B * CHUNK_BYTES // nbytes)) if nbytes > CHUNK_BYTES else B
-  return np.concatenate([np.asarray(_f32_reference(q[b:b + bc], k[b:b + bc], v[b:b + bc],
-                                                   q_pos[b:b + bc], window=window))
-                         for b in range(0, B, bc)])
+    """The float32 reference as numpy, in batch chunks of <= CHUNK_BYTES of (bf16) cache."""
+    B = q.shape[0]
+    nbytes = k.size * k.dtype.itemsize
+    bc = max(1, int(B * CHUNK_BYTES // nbytes)) if nbytes > CHUNK_BYTES else B
+    return np.concatenate([np.asarray(_f32_reference(q[b:b + bc], k[b:b + bc], v[b:b + bc],
+                                                     q_pos[b:b + bc], window=window))
+                           for b in range(0, B, bc)])
 
 
 # ----------------------------------------------------------------------------- one point
 def prepare(B, ctx, T, *, quick, dtype, key, window=None):
-  """Inputs (R cache copies) and the f32 reference(s) of one benchmark point."""
-  isz = jnp.dtype(dtype).itemsize
-  nbytes = kv_bytes(B, ctx, isz)
-  R = 1 if quick else int(min(16, max(1, math.ceil(L2_BYTES_TARGET / nbytes))))
-  prep = dict(B=B, ctx=ctx, T=T, nbytes=nbytes)
-  if window is not None:
-    cfg = default_config(B, T, H, KVH, ctx, HD, isz, window=window)
-    prep["window_config"] = cfg
-    prep["nbytes_window"] = window_kv_bytes(B, ctx, T, window, cfg.block_q, cfg.block_k, isz)
-    if not quick:  # enough copies that the windowed reads do not stay in L2 either
-      R = int(min(MAX_COPIES_WINDOW, max(1, math.ceil(L2_BYTES_TARGET / prep["nbytes_window"])),
-                  max(1, (32 << 30) // nbytes)))
-  q, ks, vs, q_pos = make_inputs(key, B, ctx, T, R, dtype)
-  prep.update(R=R, args=(q, tuple(ks), tuple(vs), q_pos), ref=f32_reference(q, ks[0], vs[0], q_pos))
-  if window is not None:
-    prep["ref_window"] = f32_reference(q, ks[0], vs[0], q_pos, window=window)
-  return prep
+    """Inputs (R cache copies) and the f32 reference(s) of one benchmark point."""
+    isz = jnp.dtype(dtype).itemsize
+    nbytes = kv_bytes(B, ctx, isz)
+    R = 1 if quick else int(min(16, max(1, math.ceil(L2_BYTES_TARGET / nbytes))))
+    prep = dict(B=B, ctx=ctx, T=T, nbytes=nbytes)
+    if window is not None:
+        cfg = default_config(B, T, H, KVH, ctx, HD, isz, window=window)
+        prep["window_config"] = cfg
+        prep["nbytes_window"] = window_kv_bytes(B, ctx, T, window, cfg.block_q, cfg.block_k, isz)
+        if not quick:  # enough copies that the windowed reads do not stay in L2 either
+            R = int(min(MAX_COPIES_WINDOW, max(1, math.ceil(L2_BYTES_TARGET / prep["nbytes_window"])),
+                        max(1, (32 << 30) // nbytes)))
+    q, ks, vs, q_pos = make_inputs(key, B, ctx, T, R, dtype)
+    prep.update(R=R, args=(q, tuple(ks), tuple(vs), q_pos), ref=f32_reference(q, ks[0], vs[0], q_pos))
+    if window is not None:
+        prep["ref_window"] = f32_reference(q, ks[0], vs[0], q_pos, window=window)
+    return prep
 
 
 def time_impl(fn, prep, *, quick, reps, target_s, windowed=False):
-  """Builds, checks and times one implementation on prepared inputs -> result dict.
-  windowed: checked against the windowed reference, TB/s on the bytes the window reads."""
-  nbytes, R = prep["nbytes_window" if windowed else "nbytes"], prep["R"]
-  ref = prep["ref_window" if windowed else "ref"]
-  predicted = nbytes / 2e12 + 5e-6  # at 2 TB/s + launch
-  n = 2 if quick else int(min(2000, max(5, target_s / (predicted * R))))
-  res = {"n_iter": n}
-  try:
-    t0 = time.perf_counter()
-    run = timed_loop(fn, n, R)
-    if isinstance(fn, Stacked):
-      if "args_stacked" not in prep:
-        q, ks, vs, q_pos = prep["args"]
-        prep["args_stacked"] = (q, jnp.stack(ks), jnp.stack(vs), q_pos)
-      args = prep["args_stacked"]
-    else:
-      args = prep["args"]
-    _, out = jax.block_until_ready(run(*args))
-    res["compile_and_first_s"] = round(time.perf_counter() - t0, 3)
-    res["rel_err_vs_f32"] = rel_err(out, ref)
-    ts = measure(run, args, reps) / (n * R)
-    us = ts * 1e6
-    res.update(us_median=float(np.median(us)), us_min=float(us.min()), us_max=float(us.max()))
-    tbs = nbytes / (np.median(ts) * 1e12)
-    res.update(tbs=float(tbs), pct_hbm=float(100 * tbs / HBM_TBS))
-  except Exception as e:  # noqa: BLE001
-    res["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-    traceback.print_exc()
-  return res
+    """Builds, checks and times one implementation on prepared inputs -> result dict.
+    windowed: checked against the windowed reference, TB/s on the bytes the window reads."""
+    nbytes, R = prep["nbytes_window" if windowed else "nbytes"], prep["R"]
+    ref = prep["ref_window" if windowed else "ref"]
+    predicted = nbytes / 2e12 + 5e-6  # at 2 TB/s + launch
+    n = 2 if quick else int(min(2000, max(5, target_s / (predicted * R))))
+    res = {"n_iter": n}
+    try:
+        t0 = time.perf_counter()
+        run = timed_loop(fn, n, R)
+        if isinstance(fn, Stacked):
+            if "args_stacked" not in prep:
+                q, ks, vs, q_pos = prep["args"]
+                prep["args_stacked"] = (q, jnp.stack(ks), jnp.stack(vs), q_pos)
+            args = prep["args_stacked"]
+        else:
+            args = prep["args"]
+        _, out = jax.block_until_ready(run(*args))
+        res["compile_and_first_s"] = round(time.perf_counter() - t0, 3)
+        res["rel_err_vs_f32"] = rel_err(out, ref)
+        ts = measure(run, args, reps) / (n * R)
+        us = ts * 1e6
+        res.update(us_median=float(np.median(us)), us_min=float(us.min()), us_max=float(us.max()))
+        tbs = nbytes / (np.median(ts) * 1e12)
+        res.update(tbs=float(tbs), pct_hbm=float(100 * tbs / HBM_TBS))
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        traceback.print_exc()
+    return res
 
 
 def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=None):
-  prep = prepare(B, ctx, T, quick=quick, dtype=dtype, key=key, window=window)
-  cfg = default_config(B, T, H, KVH, ctx, HD, jnp.dtype(dtype).itemsize)
-  point = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"], "copies": prep["R"],
-           "l2_resident": bool(prep["R"] * prep["nbytes"] < 100e6),
-           "ours_config": dataclasses.asdict(cfg), "impls": {}}
-  if window is not None:
-    point.update(window=list(window), kv_bytes_window=prep["nbytes_window"],
-                 kv_fraction_window=prep["nbytes_window"] / prep["nbytes"],
-                 l2_resident_window=bool(prep["R"] * prep["nbytes_window"] < 100e6),
-                 ours_window_config=dataclasses.asdict(prep["window_config"]))
-  for name, fn in impls.items():
-    if name == "decode_attention" and T != 1:
-      continue
-    point["impls"][name] = time_impl(fn, prep, quick=quick, reps=reps, target_s=target_s,
-                                     windowed=name in WINDOWED)
-  # The loop's own per-call cost (the q update and the output sum, ~2 tiny kernels), measured
-  # with an implementation that returns q: informative; figures above include it.
-  ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
-                 target_s=target_s)  # (reads one element of each copy: no CSE across copies)
-  point["loop_overhead_us"] = ov.get("us_median")
-  o = point["impls"]
-  for mine in ("ours", "ours_layer"):
-    if "us_median" in o.get(mine, {}):
-      for peer in ("xla", "decode_attention"):
-        if "us_median" in o.get(peer, {}):
-          o[mine][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o[mine]["us_median"]
-  if "us_median" in o.get("ours_window", {}):
-    for peer in ("ours", "xla_window"):
-      if "us_median" in o.get(peer, {}):
-        o["ours_window"][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o["ours_window"]["us_median"]
-  del prep
-  gc.collect()
-  return point
+    prep = prepare(B, ctx, T, quick=quick, dtype=dtype, key=key, window=window)
+    cfg = default_config(B, T, H, KVH, ctx, HD, jnp.dtype(dtype).itemsize)
+    point = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"], "copies": prep["R"],
+             "l2_resident": bool(prep["R"] * prep["nbytes"] < 100e6),
+             "ours_config": dataclasses.asdict(cfg), "impls": {}}
+    if window is not None:
+        point.update(window=list(window), kv_bytes_window=prep["nbytes_window"],
+                     kv_fraction_window=prep["nbytes_window"] / prep["nbytes"],
+                     l2_resident_window=bool(prep["R"] * prep["nbytes_window"] < 100e6),
+                     ours_window_config=dataclasses.asdict(prep["window_config"]))
+    for name, fn in impls.items():
+        if name == "decode_attention" and T != 1:
+            continue
+        point["impls"][name] = time_impl(fn, prep, quick=quick, reps=reps, target_s=target_s,
+                                         windowed=name in WINDOWED)
+    # The loop's own per-call cost (the q update and the output sum, ~2 tiny kernels), measured
+    # with an implementation that returns q: informative; figures above include it.
+    ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
+                   target_s=target_s)  # (reads one element of each copy: no CSE across copies)
+    point["loop_overhead_us"] = ov.get("us_median")
+    o = point["impls"]
+    for mine in ("ours", "ours_layer"):
+        if "us_median" in o.get(mine, {}):
+            for peer in ("xla", "decode_attention"):
+                if "us_median" in o.get(peer, {}):
+                    o[mine][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o[mine]["us_median"]
+    if "us_median" in o.get("ours_window", {}):
+        for peer in ("ours", "xla_window"):
+            if "us_median" in o.get(peer, {}):
+                o["ours_window"][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o["ours_window"]["us_median"]
+    del prep
+    gc.collect()
+    return point
 
 
 # ----------------------------------------------------------------------------- reporting
 def environment(commit):
-  d = jax.devices()[0]
-  return {"commit": commit, "gpu": getattr(d, "device_kind", str(d)), "platform": d.platform,
-          "jax": jax.__version__, "python": platform.python_version(),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "argv": sys.argv[1:]}
+    d = jax.devices()[0]
+    return {"commit": commit, "gpu": getattr(d, "device_kind", str(d)), "platform": d.platform,
+            "jax": jax.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:]}
 
 
 def _fmt(res, key, spec):
-  if not res or key not in res:
-    return "err" if res and "error" in res else "-"
-  return format(res[key], spec)
+    if not res or key not in res:
+        return "err" if res and "error" in res else "-"
+    return format(res[key], spec)
 
 
 def markdown(doc):
-  env = doc["env"]
-  lines = [f"# Cached attention (issue 7): {env['gpu']}, jax {env['jax']}, commit {env['commit']}",
-           "",
-           f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache; "
-           "us per call (median of repeats inside one jitted loop), TB/s on KV bytes, "
-           f"% of {HBM_TBS} TB/s; 'loop us' is the timing loop's own per-call cost (included "
-           "in every figure; an implementation that returns q). "
-           f"Peers: xla = {doc['notes'].get('xla', '-')}; "
-           f"decode_attention = {doc['notes'].get('decode_attention', '-')} (T=1).",
-           "",
-           "| B | ctx | T | KV MB | ours us | ours TB/s | ours % | ours_layer TB/s | xla us | "
-           "xla TB/s | decode_attn us | decode_attn TB/s | x vs xla | x vs decode_attn | "
-           "ours err | cfg | loop us |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for p in doc["points"]:
-    o, ol, x, d = (p["impls"].get(k, {}) for k in ("ours", "ours_layer", "xla",
-                                                    "decode_attention"))
-    c = p.get("ours_config", {})
-    cfg = f"q{c.get('block_q')}/k{c.get('block_k')}/s{c.get('num_splits')}" if c else "-"
-    lines.append(
-        f"| {p['batch']} | {p['context']} | {p['T']} | {p['kv_bytes'] / 1e6:.1f}"
-        f"{' (L2)' if p.get('l2_resident') else ''} | {_fmt(o, 'us_median', '.1f')} | "
-        f"{_fmt(o, 'tbs', '.2f')} | {_fmt(o, 'pct_hbm', '.0f')} | {_fmt(ol, 'tbs', '.2f')} | "
-        f"{_fmt(x, 'us_median', '.1f')} | "
-        f"{_fmt(x, 'tbs', '.2f')} | {_fmt(d, 'us_median', '.1f')} | {_fmt(d, 'tbs', '.2f')} | "
-        f"{_fmt(o, 'speedup_vs_xla', '.2f')} | {_fmt(o, 'speedup_vs_decode_attention', '.2f')} | "
-        f"{_fmt(o, 'rel_err_vs_f32', '.1e')} | {cfg} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
-  if doc.get("skipped"):
-    lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
-  if doc.get("sweep"):
-    lines += ["", "## Configuration sweep (ours)", "",
-              "| B | ctx | T | block_q | block_k | splits | warps | stages | us | TB/s | err |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in doc["sweep"]:
-      c = s["config"]
-      dflt = " (default)" if s.get("default") else ""
-      lines.append(f"| {s['batch']} | {s['context']} | {s['T']}{dflt} | {c.get('block_q')} | "
-                   f"{c.get('block_k')} | {c.get('num_splits')} | {c.get('num_warps')} | "
-                   f"{c.get('num_stages')} | {_fmt(s, 'us_median', '.1f')} | "
-                   f"{_fmt(s, 'tbs', '.2f')} | {_fmt(s, 'rel_err_vs_f32', '.1e')} |")
-  return "\n".join(lines) + "\n"
+    env = doc["env"]
+    lines = [f"# Cached attention (issue 7): {env['gpu']}, jax {env['jax']}, commit {env['commit']}",
+             "",
+             f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache; "
+             "us per call (median of repeats inside one jitted loop), TB/s on KV bytes, "
+             f"% of {HBM_TBS} TB/s; 'loop us' is the timing loop's own per-call cost (included "
+             "in every figure; an implementation that returns q). "
+             f"Peers: xla = {doc['notes'].get('xla', '-')}; "
+             f"decode_attention = {doc['notes'].get('decode_attention', '-')} (T=1).",
+             "",
+             "| B | ctx | T | KV MB | ours us | ours TB/s | ours % | ours_layer TB/s | xla us | "
+             "xla TB/s | decode_attn us | decode_attn TB/s | x vs xla | x vs decode_attn | "
+             "ours err | cfg | loop us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in doc["points"]:
+        o, ol, x, d = (p["impls"].get(k, {}) for k in ("ours", "ours_layer", "xla",
+                                                        "decode_attention"))
+        c = p.get("ours_config", {})
+        cfg = f"q{c.get('block_q')}/k{c.get('block_k')}/s{c.get('num_splits')}" if c else "-"
+        lines.append(
+            f"| {p['batch']} | {p['context']} | {p['T']} | {p['kv_bytes'] / 1e6:.1f}"
+            f"{' (L2)' if p.get('l2_resident') else ''} | {_fmt(o, 'us_median', '.1f')} | "
+            f"{_fmt(o, 'tbs', '.2f')} | {_fmt(o, 'pct_hbm', '.0f')} | {_fmt(ol, 'tbs', '.2f')} | "
+            f"{_fmt(x, 'us_median', '.1f')} | "
+            f"{_fmt(x, 'tbs', '.2f')} | {_fmt(d, 'us_median', '.1f')} | {_fmt(d, 'tbs', '.2f')} | "
+            f"{_fmt(o, 'speedup_vs_xla', '.2f')} | {_fmt(o, 'speedup_vs_decode_attention', '.2f')} | "
+            f"{_fmt(o, 'rel_err_vs_f32', '.1e')} | {cfg} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
+    if doc.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
+    if doc.get("sweep"):
+        lines += ["", "## Configuration sweep (ours)", "",
+                  "| B | ctx | T | block_q | block_k | splits | warps | stages | us | TB/s | err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in doc["sweep"]:
+            c = s["config"]
+            dflt = " (default)" if s.get("default") else ""
+            lines.append(f"| {s['batch']} | {s['context']} | {s['T']}{dflt} | {c.get('block_q')} | "
+                         f"{c.get('block_k')} | {c.get('num_splits')} | {c.get('num_warps')} | "
+                         f"{c.get('num_stages')} | {_fmt(s, 'us_median', '.1f')} | "
+                         f"{_fmt(s, 'tbs', '.2f')} | {_fmt(s, 'rel_err_vs_f32', '.1e')} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_window(doc):
-  env = doc["env"]
-  sink, recent = doc["window"]
-  lines = [f"# Windowed draft attention (issue 9): {env['gpu']}, jax {env['jax']}, "
-           f"commit {env['commit']}", "",
-           f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache, "
-           f"window = {sink} sink + {recent} recent tokens. ours = full-cache kernel (verify); "
-           "ours_window = the same kernel with the window (draft): it loads only the key blocks "
-           "of the window ('KV MB read', at its block size). us per call (median); TB/s on the "
-           f"bytes each reads; % of {HBM_TBS} TB/s. 'x' = ours us / ours_window us.", "",
-           "| B | ctx | T | KV MB | KV MB read (window) | read fraction | ours us | ours TB/s | "
-           "window us | window TB/s | window % | x vs ours | xla_window us | window err | "
-           "window cfg | copies | loop us |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for p in doc["points"]:
-    o, w, x = (p["impls"].get(k, {}) for k in ("ours", "ours_window", "xla_window"))
-    c = p.get("ours_window_config", {})
-    cfg = f"q{c.get('block_q')}/k{c.get('block_k')}/s{c.get('num_splits')}" if c else "-"
-    lines.append(
-        f"| {p['batch']} | {p['context']} | {p['T']} | {p['kv_bytes'] / 1e6:.1f} | "
-        f"{p.get('kv_bytes_window', 0) / 1e6:.2f}{' (L2)' if p.get('l2_resident_window') else ''}"
-        f" | {p.get('kv_fraction_window', 0):.3f} | {_fmt(o, 'us_median', '.1f')} | "
-        f"{_fmt(o, 'tbs', '.2f')} | {_fmt(w, 'us_median', '.1f')} | {_fmt(w, 'tbs', '.2f')} | "
-        f"{_fmt(w, 'pct_hbm', '.0f')} | {_fmt(w, 'speedup_vs_ours', '.2f')} | "
-        f"{_fmt(x, 'us_median', '.1f')} | {_fmt(w, 'rel_err_vs_f32', '.1e')} | {cfg} | "
-        f"{p['copies']} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
-  if doc.get("skipped"):
-    lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
-  return "\n".join(lines) + "\n"
+    env = doc["env"]
+    sink, recent = doc["window"]
+    lines = [f"# Windowed draft attention (issue 9): {env['gpu']}, jax {env['jax']}, "
+             f"commit {env['commit']}", "",
+             f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache, "
+             f"window = {sink} sink + {recent} recent tokens. ours = full-cache kernel (verify); "
+             "ours_window = the same kernel with the window (draft): it loads only the key blocks "
+             "of the window ('KV MB read', at its block size). us per call (median); TB/s on the "
+             f"bytes each reads; % of {HBM_TBS} TB/s. 'x' = ours us / ours_window us.", "",
+             "| B | ctx | T | KV MB | KV MB read (window) | read fraction | ours us | ours TB/s | "
+             "window us | window TB/s | window % | x vs ours | xla_window us | window err | "
+             "window cfg | copies | loop us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in doc["points"]:
+        o, w, x = (p["impls"].get(k, {}) for k in ("ours", "ours_window", "xla_window"))
+        c = p.get("ours_window_config", {})
+        cfg = f"q{c.get('block_q')}/k{c.get('block_k')}/s{c.get('num_splits')}" if c else "-"
+        lines.append(
+            f"| {p['batch']} | {p['context']} | {p['T']} | {p['kv_bytes'] / 1e6:.1f} | "
+            f"{p.get('kv_bytes_window', 0) / 1e6:.2f}{' (L2)' if p.get('l2_resident_window') else ''}"
+            f" | {p.get('kv_fraction_window', 0):.3f} | {_fmt(o, 'us_median', '.1f')} | "
+            f"{_fmt(o, 'tbs', '.2f')} | {_fmt(w, 'us_median', '.1f')} | {_fmt(w, 'tbs', '.2f')} | "
+            f"{_fmt(w, 'pct_hbm', '.0f')} | {_fmt(w, 'speedup_vs_ours', '.2f')} | "
+            f"{_fmt(x, 'us_median', '.1f')} | {_fmt(w, 'rel_err_vs_f32', '.1e')} | {cfg} | "
+            f"{p['copies']} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
+    if doc.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
+    return "\n".join(lines) + "\n"
 
 
 def write(doc, out):
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(doc, f, indent=1)
-  with open(os.path.splitext(out)[0] + ".md", "w") as f:
-    f.write(markdown_window(doc) if doc.get("window") else markdown(doc))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(markdown_window(doc) if doc.get("window") else markdown(doc))
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -448,144 +448,144 @@ SWEEP_POINTS = [(1, 8192, 1), (1, 32768, 4), (8, 2048, 8), (8, 8192, 1), (32, 81
 
 
 def sweep_configs(B, ctx, T):
-  """The default configuration, then variations of block_k / warps / stages / splits."""
-  base = default_config(B, T, H, KVH, ctx, HD, 2)
-  cfgs = [base]
-  for bk in (64, 128):
-    for warps in (4, 8):
-      for stages in (2, 3, 4):
-        c = default_config(B, T, H, KVH, ctx, HD, 2, block_k=bk, num_warps=warps,
-                           num_stages=stages)
+    """The default configuration, then variations of block_k / warps / stages / splits."""
+    base = default_config(B, T, H, KVH, ctx, HD, 2)
+    cfgs = [base]
+    for bk in (64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                c = default_config(B, T, H, KVH, ctx, HD, 2, block_k=bk, num_warps=warps,
+                                   num_stages=stages)
+                if c not in cfgs:
+                    cfgs.append(c)
+    for mult in (0.25, 0.5, 2.0, 4.0):
+        c = dataclasses.replace(base, num_splits=max(1, int(round(base.num_splits * mult))))
         if c not in cfgs:
-          cfgs.append(c)
-  for mult in (0.25, 0.5, 2.0, 4.0):
-    c = dataclasses.replace(base, num_splits=max(1, int(round(base.num_splits * mult))))
-    if c not in cfgs:
-      cfgs.append(c)
-  return cfgs
+            cfgs.append(c)
+    return cfgs
 
 
 def run_sweep(args, doc, key):
-  points = [(1, 512, 1), (2, 256, 4)] if args.quick else SWEEP_POINTS
-  doc["sweep"] = []
-  t_start = time.perf_counter()
-  for B, ctx, T in points:
-    if time.perf_counter() - t_start > args.time_budget:
-      doc.setdefault("skipped", []).append(f"sweep B={B} ctx={ctx} T={T}: time budget")
-      continue
-    prep = prepare(B, ctx, T, quick=args.quick, dtype=jnp.bfloat16,
-                   key=jax.random.fold_in(key, B * ctx + T))
-    cfgs = sweep_configs(B, ctx, T)
-    for cfg in (cfgs[:2] if args.quick else cfgs):
-      if time.perf_counter() - t_start > args.time_budget:
-        doc.setdefault("skipped", []).append(f"sweep B={B} ctx={ctx} T={T} {cfg}: time budget")
-        continue
-      impls, _ = make_impls(("ours",), args.quick, cfg_kwargs=dataclasses.asdict(cfg))
-      res = time_impl(impls["ours"], prep, quick=args.quick, reps=args.reps,
-                      target_s=args.target_ms * 1e-3)
-      rec = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"],
-             "config": dataclasses.asdict(cfg), "default": cfg == cfgs[0], **res}
-      doc["sweep"].append(rec)
-      print(f"[sweep] B={B} ctx={ctx} T={T} {cfg}: {_fmt(rec, 'us_median', '.1f')} us "
-            f"{_fmt(rec, 'tbs', '.2f')} TB/s", flush=True)
-      write(doc, args.out)
-    del prep
-    gc.collect()
+    points = [(1, 512, 1), (2, 256, 4)] if args.quick else SWEEP_POINTS
+    doc["sweep"] = []
+    t_start = time.perf_counter()
+    for B, ctx, T in points:
+        if time.perf_counter() - t_start > args.time_budget:
+            doc.setdefault("skipped", []).append(f"sweep B={B} ctx={ctx} T={T}: time budget")
+            continue
+        prep = prepare(B, ctx, T, quick=args.quick, dtype=jnp.bfloat16,
+                       key=jax.random.fold_in(key, B * ctx + T))
+        cfgs = sweep_configs(B, ctx, T)
+        for cfg in (cfgs[:2] if args.quick else cfgs):
+            if time.perf_counter() - t_start > args.time_budget:
+                doc.setdefault("skipped", []).append(f"sweep B={B} ctx={ctx} T={T} {cfg}: time budget")
+                continue
+            impls, _ = make_impls(("ours",), args.quick, cfg_kwargs=dataclasses.asdict(cfg))
+            res = time_impl(impls["ours"], prep, quick=args.quick, reps=args.reps,
+                            target_s=args.target_ms * 1e-3)
+            rec = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"],
+                   "config": dataclasses.asdict(cfg), "default": cfg == cfgs[0], **res}
+            doc["sweep"].append(rec)
+            print(f"[sweep] B={B} ctx={ctx} T={T} {cfg}: {_fmt(rec, 'us_median', '.1f')} us "
+                  f"{_fmt(rec, 'tbs', '.2f')} TB/s", flush=True)
+            write(doc, args.out)
+        del prep
+        gc.collect()
 
 
 def merge(paths, out):
-  """Joins result files of several runs (e.g. split by --ts to fit the 10-minute limit)."""
-  docs = [json.load(open(p)) for p in paths]
-  doc = dict(docs[0])
-  key = lambda p: (p["T"], p["context"], p["batch"])  # noqa: E731
-  points = {}
-  for d in docs:
-    for p in d.get("points", []):
-      points[key(p)] = p
-  doc["points"] = [points[k] for k in sorted(points)]
-  done = {f"B={b} ctx={c} T={t}" for t, c, b in points}
-  doc["skipped"] = sorted({s for d in docs for s in d.get("skipped", [])
-                           if s.split(":")[0] not in done})
-  doc["sweep"] = [s for d in docs for s in d.get("sweep", [])]
-  doc["notes"] = {k: v for d in docs for k, v in d.get("notes", {}).items()}
-  doc["merged_from"] = [{"path": p, "env": d.get("env")} for p, d in zip(paths, docs)]
-  write(doc, out)
-  print(markdown_window(doc) if doc.get("window") else markdown(doc))
-  return doc
+    """Joins result files of several runs (e.g. split by --ts to fit the 10-minute limit)."""
+    docs = [json.load(open(p)) for p in paths]
+    doc = dict(docs[0])
+    key = lambda p: (p["T"], p["context"], p["batch"])  # noqa: E731
+    points = {}
+    for d in docs:
+        for p in d.get("points", []):
+            points[key(p)] = p
+    doc["points"] = [points[k] for k in sorted(points)]
+    done = {f"B={b} ctx={c} T={t}" for t, c, b in points}
+    doc["skipped"] = sorted({s for d in docs for s in d.get("skipped", [])
+                             if s.split(":")[0] not in done})
+    doc["sweep"] = [s for d in docs for s in d.get("sweep", [])]
+    doc["notes"] = {k: v for d in docs for k, v in d.get("notes", {}).items()}
+    doc["merged_from"] = [{"path": p, "env": d.get("env")} for p, d in zip(paths, docs)]
+    write(doc, out)
+    print(markdown_window(doc) if doc.get("window") else markdown(doc))
+    return doc
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", default="experiments/results/attention_h200.json")
-  ap.add_argument("--commit", default="unknown")
-  ap.add_argument("--quick", action="store_true", help="tiny shapes, Pallas interpret (CPU)")
-  ap.add_argument("--sweep", action="store_true", help="configuration sweep of our kernel")
-  ap.add_argument("--batches", type=int, nargs="*", default=None)
-  ap.add_argument("--contexts", type=int, nargs="*", default=None)
-  ap.add_argument("--ts", type=int, nargs="*", default=None)
-  ap.add_argument("--impls", nargs="*", default=None,
-                  help="default: ours xla decode_attention; with --window: ours ours_window")
-  ap.add_argument("--window", type=int, nargs=2, default=None, metavar=("SINK", "RECENT"),
-                  help="windowed draft attention: ours_window vs the full-cache kernel")
-  ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--target-ms", type=float, default=25.0)
-  ap.add_argument("--max-gb", type=float, default=40.0, help="skip points with a larger cache")
-  ap.add_argument("--time-budget", type=float, default=520.0,
-                  help="seconds; later points are skipped (and listed) past it")
-  ap.add_argument("--merge", nargs="*", default=None, metavar="JSON",
-                  help="no run: merge the points/sweeps of these result files into --out")
-  args = ap.parse_args(argv)
-  if args.merge:
-    return merge(args.merge, args.out)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="experiments/results/attention_h200.json")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, Pallas interpret (CPU)")
+    ap.add_argument("--sweep", action="store_true", help="configuration sweep of our kernel")
+    ap.add_argument("--batches", type=int, nargs="*", default=None)
+    ap.add_argument("--contexts", type=int, nargs="*", default=None)
+    ap.add_argument("--ts", type=int, nargs="*", default=None)
+    ap.add_argument("--impls", nargs="*", default=None,
+                    help="default: ours xla decode_attention; with --window: ours ours_window")
+    ap.add_argument("--window", type=int, nargs=2, default=None, metavar=("SINK", "RECENT"),
+                    help="windowed draft attention: ours_window vs the full-cache kernel")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--target-ms", type=float, default=25.0)
+    ap.add_argument("--max-gb", type=float, default=40.0, help="skip points with a larger cache")
+    ap.add_argument("--time-budget", type=float, default=520.0,
+                    help="seconds; later points are skipped (and listed) past it")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                    help="no run: merge the points/sweeps of these result files into --out")
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
 
-  window = tuple(args.window) if args.window else None
-  if args.impls is None:
-    args.impls = ["ours", "ours_window"] if window else ["ours", "xla", "decode_attention"]
-  if args.quick:
-    batches, contexts, ts = args.batches or [1, 2], args.contexts or [64, 256], args.ts or [1, 4]
-    args.reps = min(args.reps, 2)
-  elif window:
-    batches = args.batches or WINDOW_BATCHES
-    contexts, ts = args.contexts or WINDOW_CONTEXTS, args.ts or WINDOW_TS
-  else:
-    batches, contexts, ts = args.batches or BATCHES, args.contexts or CONTEXTS, args.ts or TS
-  key = jax.random.key(0)
-  impls, notes = make_impls(args.impls, args.quick, window=window)
-  doc = {"env": environment(args.commit), "dtype": "bfloat16", "heads": [H, KVH, HD],
-         "notes": notes, "points": [], "skipped": []}
-  if window and not args.sweep:
-    doc["window"] = list(window)
-  print(json.dumps(doc["env"]), flush=True)
-  if args.sweep:
-    run_sweep(args, doc, key)
-    write(doc, args.out)
-    print(markdown(doc))
-    return doc
-
-  t_start = time.perf_counter()
-  for T in ts:
-    for ctx in contexts:
-      for B in batches:
-        if kv_bytes(B, ctx) > args.max_gb * 1e9:
-          doc["skipped"].append(f"B={B} ctx={ctx} T={T}: cache {kv_bytes(B, ctx) / 1e9:.1f} GB")
-          continue
-        if time.perf_counter() - t_start > args.time_budget:
-          doc["skipped"].append(f"B={B} ctx={ctx} T={T}: time budget")
-          continue
-        p = bench_point(B, ctx, T, impls, quick=args.quick, reps=args.reps, dtype=jnp.bfloat16,
-                        target_s=args.target_ms * 1e-3, key=jax.random.fold_in(key, B * ctx + T),
-                        window=window)
-        doc["points"].append(p)
-        o = p["impls"]
-        print(f"B={B:3d} ctx={ctx:6d} T={T}: " + "  ".join(
-            f"{k} {_fmt(v, 'us_median', '.1f')}us {_fmt(v, 'tbs', '.2f')}TB/s "
-            f"err {_fmt(v, 'rel_err_vs_f32', '.1e')}" for k, v in o.items()), flush=True)
+    window = tuple(args.window) if args.window else None
+    if args.impls is None:
+        args.impls = ["ours", "ours_window"] if window else ["ours", "xla", "decode_attention"]
+    if args.quick:
+        batches, contexts, ts = args.batches or [1, 2], args.contexts or [64, 256], args.ts or [1, 4]
+        args.reps = min(args.reps, 2)
+    elif window:
+        batches = args.batches or WINDOW_BATCHES
+        contexts, ts = args.contexts or WINDOW_CONTEXTS, args.ts or WINDOW_TS
+    else:
+        batches, contexts, ts = args.batches or BATCHES, args.contexts or CONTEXTS, args.ts or TS
+    key = jax.random.key(0)
+    impls, notes = make_impls(args.impls, args.quick, window=window)
+    doc = {"env": environment(args.commit), "dtype": "bfloat16", "heads": [H, KVH, HD],
+           "notes": notes, "points": [], "skipped": []}
+    if window and not args.sweep:
+        doc["window"] = list(window)
+    print(json.dumps(doc["env"]), flush=True)
+    if args.sweep:
+        run_sweep(args, doc, key)
         write(doc, args.out)
-  write(doc, args.out)
-  print(markdown_window(doc) if window else markdown(doc))
-  return doc
+        print(markdown(doc))
+        return doc
+
+    t_start = time.perf_counter()
+    for T in ts:
+        for ctx in contexts:
+            for B in batches:
+                if kv_bytes(B, ctx) > args.max_gb * 1e9:
+                    doc["skipped"].append(f"B={B} ctx={ctx} T={T}: cache {kv_bytes(B, ctx) / 1e9:.1f} GB")
+                    continue
+                if time.perf_counter() - t_start > args.time_budget:
+                    doc["skipped"].append(f"B={B} ctx={ctx} T={T}: time budget")
+                    continue
+                p = bench_point(B, ctx, T, impls, quick=args.quick, reps=args.reps, dtype=jnp.bfloat16,
+                                target_s=args.target_ms * 1e-3, key=jax.random.fold_in(key, B * ctx + T),
+                                window=window)
+                doc["points"].append(p)
+                o = p["impls"]
+                print(f"B={B:3d} ctx={ctx:6d} T={T}: " + "  ".join(
+                    f"{k} {_fmt(v, 'us_median', '.1f')}us {_fmt(v, 'tbs', '.2f')}TB/s "
+                    f"err {_fmt(v, 'rel_err_vs_f32', '.1e')}" for k, v in o.items()), flush=True)
+                write(doc, args.out)
+    write(doc, args.out)
+    print(markdown_window(doc) if window else markdown(doc))
+    return doc
 
 
 if __name__ == "__main__":
-  main()
+    main()

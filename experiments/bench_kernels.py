@@ -53,129 +53,129 @@ L2_BYTES_TARGET = 256 << 20
 
 # ----------------------------------------------------------------------------- timing
 def _cupti_measure(fn, args, iters):
-  from jax.experimental.mosaic.gpu import profiler
-  _, ts = profiler.measure(fn, iterations=iters)(*args)
-  if ts is None:
-    raise RuntimeError("CUPTI returned no kernels")
-  if not isinstance(ts, (list, tuple)):
-    ts = [ts]
-  return np.asarray(ts, dtype=np.float64) * 1e3  # us per iteration
+    from jax.experimental.mosaic.gpu import profiler
+    _, ts = profiler.measure(fn, iterations=iters)(*args)
+    if ts is None:
+        raise RuntimeError("CUPTI returned no kernels")
+    if not isinstance(ts, (list, tuple)):
+        ts = [ts]
+    return np.asarray(ts, dtype=np.float64) * 1e3  # us per iteration
 
 
 def _loop_measure(fn, args, iters):
-  """Fallback: per-iteration time of a jitted fori_loop (difference of two lengths)."""
-  x, rest = args[0], args[1:]
+    """Fallback: per-iteration time of a jitted fori_loop (difference of two lengths)."""
+    x, rest = args[0], args[1:]
 
-  def make(n):
-    @jax.jit
-    def run(x, *rest):
-      def body(i, c):
-        xx = x + (c * 0).astype(x.dtype)  # carried dependency: no hoisting out of the loop
-        outs = jax.tree_util.tree_leaves(fn(xx, *rest))
-        return c + sum(o.reshape(-1)[0].astype(jnp.float32) for o in outs)
-      return lax.fori_loop(0, n, body, jnp.float32(0))
-    return run
+    def make(n):
+        @jax.jit
+        def run(x, *rest):
+            def body(i, c):
+                xx = x + (c * 0).astype(x.dtype)  # carried dependency: no hoisting out of the loop
+                outs = jax.tree_util.tree_leaves(fn(xx, *rest))
+                return c + sum(o.reshape(-1)[0].astype(jnp.float32) for o in outs)
+            return lax.fori_loop(0, n, body, jnp.float32(0))
+        return run
 
-  r1, r2 = make(2), make(2 + iters)
-  jax.block_until_ready(r1(x, *rest)); jax.block_until_ready(r2(x, *rest))
-  out = []
-  for _ in range(5):
-    t0 = time.perf_counter(); jax.block_until_ready(r1(x, *rest)); t1 = time.perf_counter()
-    jax.block_until_ready(r2(x, *rest)); t2 = time.perf_counter()
-    out.append(((t2 - t1) - (t1 - t0)) / iters * 1e6)
-  return np.asarray(out)
+    r1, r2 = make(2), make(2 + iters)
+    jax.block_until_ready(r1(x, *rest)); jax.block_until_ready(r2(x, *rest))
+    out = []
+    for _ in range(5):
+        t0 = time.perf_counter(); jax.block_until_ready(r1(x, *rest)); t1 = time.perf_counter()
+        jax.block_until_ready(r2(x, *rest)); t2 = time.perf_counter()
+        out.append(((t2 - t1) - (t1 - t0)) / iters * 1e6)
+    return np.asarray(out)
 
 
 def _pipelined_measure(fn, args, iters):
-  """Fallback without extra compiles: back-to-back async calls, blocked once per batch of 10."""
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    for _ in range(10):
-      r = fn(*args)
-    jax.block_until_ready(r)
-    out.append((time.perf_counter() - t0) / 10 * 1e6)
-  return np.asarray(out)
+    """Fallback without extra compiles: back-to-back async calls, blocked once per batch of 10."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        out.append((time.perf_counter() - t0) / 10 * 1e6)
+    return np.asarray(out)
 
 
 def _host_measure(fn, args, iters):
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(iters):
-    t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); out.append((time.perf_counter() - t0) * 1e6)
-  return np.asarray(out)
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); out.append((time.perf_counter() - t0) * 1e6)
+    return np.asarray(out)
 
 
 TIMER = {"name": None}
 
 
 def measure(fn, args, iters):
-  if TIMER["name"] in (None, "cupti"):
-    try:
-      r = _cupti_measure(fn, args, iters)
-      TIMER["name"] = "cupti"
-      return r
-    except Exception as e:  # noqa: BLE001
-      if TIMER["name"] == "cupti":
-        raise
-      TIMER["name"] = "pipelined" if jax.devices()[0].platform == "gpu" else "host"
-      print(f"[timer] CUPTI unavailable ({type(e).__name__}: {e}); using {TIMER['name']} timing",
-            flush=True)
-  if TIMER["name"] == "loop":
-    return _loop_measure(fn, args, iters)
-  if TIMER["name"] == "pipelined":
-    return _pipelined_measure(fn, args, iters)
-  return _host_measure(fn, args, iters)
+    if TIMER["name"] in (None, "cupti"):
+        try:
+            r = _cupti_measure(fn, args, iters)
+            TIMER["name"] = "cupti"
+            return r
+        except Exception as e:  # noqa: BLE001
+            if TIMER["name"] == "cupti":
+                raise
+            TIMER["name"] = "pipelined" if jax.devices()[0].platform == "gpu" else "host"
+            print(f"[timer] CUPTI unavailable ({type(e).__name__}: {e}); using {TIMER['name']} timing",
+                  flush=True)
+    if TIMER["name"] == "loop":
+        return _loop_measure(fn, args, iters)
+    if TIMER["name"] == "pipelined":
+        return _pipelined_measure(fn, args, iters)
+    return _host_measure(fn, args, iters)
 
 
 # ----------------------------------------------------------------------------- data
 def n_copies(nbytes: int, quick: bool) -> int:
-  if quick:
-    return 1
-  return int(min(16, max(1, math.ceil(L2_BYTES_TARGET / max(nbytes, 1)))))
+    if quick:
+        return 1
+    return int(min(16, max(1, math.ceil(L2_BYTES_TARGET / max(nbytes, 1)))))
 
 
 def make_weights(key, K, N, G, R):
-  ws = []
-  for r in range(R):
-    k1, k2 = jax.random.split(jax.random.fold_in(key, r))
-    qw = jax.random.randint(k1, (K // 2, N), -128, 128, jnp.int32).astype(jnp.int8)
-    s = jax.random.uniform(k2, (K // G, N), jnp.float32, 0.5, 1.5) * 0.02
-    ws.append((qw, s))
-  return ws
+    ws = []
+    for r in range(R):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, r))
+        qw = jax.random.randint(k1, (K // 2, N), -128, 128, jnp.int32).astype(jnp.int8)
+        s = jax.random.uniform(k2, (K // G, N), jnp.float32, 0.5, 1.5) * 0.02
+        ws.append((qw, s))
+    return ws
 
 
 def make_x(key, M, K):
-  return jax.random.normal(key, (M, K), jnp.float32).astype(jnp.bfloat16)
+    return jax.random.normal(key, (M, K), jnp.float32).astype(jnp.bfloat16)
 
 
 # ----------------------------------------------------------------------------- variants
 def _cfg16(M, K, N, G, dequant):
-  return dataclasses.replace(w4a16_mod.default_config(M, K, N, G), dequant=dequant)
+    return dataclasses.replace(w4a16_mod.default_config(M, K, N, G), dequant=dequant)
 
 
 def _cfg8(M, K, N, G, dequant):
-  return dataclasses.replace(w4a8_mod.default_config(M, K, N, G), dequant=dequant)
+    return dataclasses.replace(w4a8_mod.default_config(M, K, N, G), dequant=dequant)
 
 
 def _ours_w4a16(cfg=None, backend=None):
-  def f(x, ws):
-    return tuple(w4a16_matmul(x, qw, s, config=cfg, backend=backend) for qw, s in ws)
-  return f
+    def f(x, ws):
+        return tuple(w4a16_matmul(x, qw, s, config=cfg, backend=backend) for qw, s in ws)
+    return f
 
 
 def _ours_w4a8(cfg=None):
-  def f(xq, sx, ws):
-    return tuple(w4a8_matmul(xq, sx, qw, s, config=cfg) for qw, s in ws)
-  return f
+    def f(xq, sx, ws):
+        return tuple(w4a8_matmul(xq, sx, qw, s, config=cfg) for qw, s in ws)
+    return f
 
 
 def _ours_w4a8_q(cfg=None):
-  def f(x, ws):
-    xq, sx = quantize_per_token_reference(x, 8)
-    return tuple(w4a8_matmul(xq, sx, qw, s, config=cfg) for qw, s in ws)
-  return f
+    def f(x, ws):
+        xq, sx = quantize_per_token_reference(x, 8)
+        return tuple(w4a8_matmul(xq, sx, qw, s, config=cfg) for qw, s in ws)
+    return f
 
 
 # variant -> largest M it is run at (None: all)
@@ -184,504 +184,504 @@ VARIANT_MIN_M = {"ours_w4a16_triton": 128}
 
 
 def _xla_bf16(x, ws):
-  return tuple(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype) for w in ws)
+    return tuple(jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype) for w in ws)
 
 
 def _xla_int4(x, ws):
-  return tuple(jnp.dot(x, w.astype(jnp.bfloat16) * s.astype(jnp.bfloat16),
-                       preferred_element_type=jnp.float32).astype(x.dtype) for w, s in ws)
+    return tuple(jnp.dot(x, w.astype(jnp.bfloat16) * s.astype(jnp.bfloat16),
+                         preferred_element_type=jnp.float32).astype(x.dtype) for w, s in ws)
 
 
 def _xla_int8(xq, sx, ws):
-  return tuple((sx * (lax.dot(xq, w, preferred_element_type=jnp.int32).astype(jnp.float32) * s)
-                ).astype(jnp.bfloat16) for w, s in ws)
+    return tuple((sx * (lax.dot(xq, w, preferred_element_type=jnp.int32).astype(jnp.float32) * s)
+                  ).astype(jnp.bfloat16) for w, s in ws)
 
 
 def bytes_read(variant, M, K, N, G):
-  xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "xla_w8a8") else 2)
-  if variant.startswith("ours") or variant == "xla_int4_dequant":
-    return K * N // 2 + 4 * N * (K // G) + xb
-  if variant == "xla_bf16":
-    return 2 * K * N + xb
-  if variant == "xla_w8a8":
-    return K * N + 4 * N + 4 * M + xb
-  raise KeyError(variant)
+    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "xla_w8a8") else 2)
+    if variant.startswith("ours") or variant == "xla_int4_dequant":
+        return K * N // 2 + 4 * N * (K // G) + xb
+    if variant == "xla_bf16":
+        return 2 * K * N + xb
+    if variant == "xla_w8a8":
+        return K * N + 4 * N + 4 * M + xb
+    raise KeyError(variant)
 
 
 def weight_bytes(K, N, G):
-  return K * N // 2 + 4 * N * (K // G)
+    return K * N // 2 + 4 * N * (K // G)
 
 
 # ----------------------------------------------------------------------------- bench
 @dataclasses.dataclass
 class Job:
-  variant: str
-  K: int
-  N: int
-  M: int
-  G: int
-  cfg: TileConfig | None
-  fn: object = None
-  args: tuple = ()
-  R: int = 1
-  compiled: object = None
-  error: str | None = None
+    variant: str
+    K: int
+    N: int
+    M: int
+    G: int
+    cfg: TileConfig | None
+    fn: object = None
+    args: tuple = ()
+    R: int = 1
+    compiled: object = None
+    error: str | None = None
 
 
 def _compile(job: Job):
-  try:
-    job.compiled = jax.jit(job.fn).lower(*job.args).compile()
-  except Exception as e:  # noqa: BLE001
-    job.error = f"{type(e).__name__}: {str(e)[:400]}"
-  return job
+    try:
+        job.compiled = jax.jit(job.fn).lower(*job.args).compile()
+    except Exception as e:  # noqa: BLE001
+        job.error = f"{type(e).__name__}: {str(e)[:400]}"
+    return job
 
 
 def compile_all(jobs, workers):
-  t0 = time.time()
-  if workers <= 1:
-    for j in jobs:
-      _compile(j)
-  else:
-    with cf.ThreadPoolExecutor(workers) as ex:
-      list(ex.map(_compile, jobs))
-  print(f"[compile] {len(jobs)} programs in {time.time() - t0:.1f}s "
-        f"({sum(j.error is not None for j in jobs)} failed)", flush=True)
+    t0 = time.time()
+    if workers <= 1:
+        for j in jobs:
+            _compile(j)
+    else:
+        with cf.ThreadPoolExecutor(workers) as ex:
+            list(ex.map(_compile, jobs))
+    print(f"[compile] {len(jobs)} programs in {time.time() - t0:.1f}s "
+          f"({sum(j.error is not None for j in jobs)} failed)", flush=True)
 
 
 def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
-  """Creates data (shared per shape) and jobs. Returns (jobs, checks)."""
-  jobs = []
-  key = jax.random.key(int(time.time()) & 0xFFFF)
-  for (K, N) in shapes:
-    G = G_of(K)
-    if not supported(None, K, N, G)[0]:
-      print(f"skip {K}x{N}: {supported(None, K, N, G)[1]}")
-      continue
-    R4 = n_copies(weight_bytes(K, N, G), quick)
-    ws4 = make_weights(jax.random.fold_in(key, K * 7 + N), K, N, G, R4)
-    need = set(variants)
-    ws16 = ws8 = ws_int4 = None
-    if "xla_bf16" in need:
-      R16 = n_copies(2 * K * N, quick)
-      ws16 = [(unpack_int4(ws4[r % R4][0]).astype(jnp.bfloat16)
-               * ws4[r % R4][1].astype(jnp.bfloat16)) for r in range(R16)]
-    if "xla_int4_dequant" in need:
-      ws_int4 = [(unpack_int4(qw).astype(jnp.int4), s) for qw, s in ws4]
-    if "xla_w8a8" in need:
-      R8 = n_copies(K * N, quick)
-      ws8 = [(unpack_int4(ws4[r % R4][0]), ws4[r % R4][1]) for r in range(R8)]
-    for M in ms:
-      x = make_x(jax.random.fold_in(key, M * 131 + K + N), M, K)
-      xq, sx = quantize_per_token_reference(x, 8)
-      for v in variants:
-        if M > VARIANT_MAX_M.get(v, 1 << 30) or M < VARIANT_MIN_M.get(v, 0):
-          continue
-        cfgs = [None]
-        if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8"):
-          cfgs = sweep_cfgs(v, M)
-        for cfg in cfgs:
-          if v == "ours_w4a16":
-            j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg), (x, ws4), R4)
-          elif v == "ours_w4a16_triton":
-            j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg, "triton"), (x, ws4), R4)
-          elif v in ("ours_w4a16_cvt", "ours_w4a16_magic"):
-            c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
-            j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
-          elif v == "ours_w4a8":
-            j = Job(v, K, N, M, G, cfg, _ours_w4a8(cfg), (xq, sx, ws4), R4)
-          elif v == "ours_w4a8_magic":
-            c = _cfg8(M, K, N, G, "magic")
-            j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
-          elif v == "ours_w4a8_quant":
-            j = Job(v, K, N, M, G, cfg, _ours_w4a8_q(cfg), (x, ws4), R4)
-          elif v == "xla_bf16":
-            j = Job(v, K, N, M, G, None, _xla_bf16, (x, ws16), len(ws16))
-          elif v == "xla_int4_dequant":
-            j = Job(v, K, N, M, G, None, _xla_int4, (x, ws_int4), len(ws_int4))
-          elif v == "xla_w8a8":
-            j = Job(v, K, N, M, G, None, _xla_int8, (xq, sx, ws8), len(ws8))
-          else:
-            raise KeyError(v)
-          jobs.append(j)
-  return jobs
+    """Creates data (shared per shape) and jobs. Returns (jobs, checks)."""
+    jobs = []
+    key = jax.random.key(int(time.time()) & 0xFFFF)
+    for (K, N) in shapes:
+        G = G_of(K)
+        if not supported(None, K, N, G)[0]:
+            print(f"skip {K}x{N}: {supported(None, K, N, G)[1]}")
+            continue
+        R4 = n_copies(weight_bytes(K, N, G), quick)
+        ws4 = make_weights(jax.random.fold_in(key, K * 7 + N), K, N, G, R4)
+        need = set(variants)
+        ws16 = ws8 = ws_int4 = None
+        if "xla_bf16" in need:
+            R16 = n_copies(2 * K * N, quick)
+            ws16 = [(unpack_int4(ws4[r % R4][0]).astype(jnp.bfloat16)
+                     * ws4[r % R4][1].astype(jnp.bfloat16)) for r in range(R16)]
+        if "xla_int4_dequant" in need:
+            ws_int4 = [(unpack_int4(qw).astype(jnp.int4), s) for qw, s in ws4]
+        if "xla_w8a8" in need:
+            R8 = n_copies(K * N, quick)
+            ws8 = [(unpack_int4(ws4[r % R4][0]), ws4[r % R4][1]) for r in range(R8)]
+        for M in ms:
+            x = make_x(jax.random.fold_in(key, M * 131 + K + N), M, K)
+            xq, sx = quantize_per_token_reference(x, 8)
+            for v in variants:
+                if M > VARIANT_MAX_M.get(v, 1 << 30) or M < VARIANT_MIN_M.get(v, 0):
+                    continue
+                cfgs = [None]
+                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8"):
+                    cfgs = sweep_cfgs(v, M)
+                for cfg in cfgs:
+                    if v == "ours_w4a16":
+                        j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg), (x, ws4), R4)
+                    elif v == "ours_w4a16_triton":
+                        j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg, "triton"), (x, ws4), R4)
+                    elif v in ("ours_w4a16_cvt", "ours_w4a16_magic"):
+                        c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
+                        j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
+                    elif v == "ours_w4a8":
+                        j = Job(v, K, N, M, G, cfg, _ours_w4a8(cfg), (xq, sx, ws4), R4)
+                    elif v == "ours_w4a8_magic":
+                        c = _cfg8(M, K, N, G, "magic")
+                        j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
+                    elif v == "ours_w4a8_quant":
+                        j = Job(v, K, N, M, G, cfg, _ours_w4a8_q(cfg), (x, ws4), R4)
+                    elif v == "xla_bf16":
+                        j = Job(v, K, N, M, G, None, _xla_bf16, (x, ws16), len(ws16))
+                    elif v == "xla_int4_dequant":
+                        j = Job(v, K, N, M, G, None, _xla_int4, (x, ws_int4), len(ws_int4))
+                    elif v == "xla_w8a8":
+                        j = Job(v, K, N, M, G, None, _xla_int8, (xq, sx, ws8), len(ws8))
+                    else:
+                        raise KeyError(v)
+                    jobs.append(j)
+    return jobs
 
 
 def check_job(job: Job):
-  """Runs the compiled program once on its inputs and compares copy 0 with the reference."""
-  out = job.compiled(*job.args)[0]
-  if job.variant.startswith("ours_w4a16"):
-    x, ws = job.args
-    ref = w4a16_matmul_reference(x, *ws[0])
-  elif job.variant in ("ours_w4a8", "ours_w4a8_magic"):
-    xq, sx, ws = job.args
-    ref = w4a8_matmul_reference(xq, sx, *ws[0])
-  elif job.variant == "ours_w4a8_quant":
-    x, ws = job.args
-    xq, sx = quantize_per_token_reference(x, 8)
-    ref = w4a8_matmul_reference(xq, sx, *ws[0])
-  else:
-    return None, None
-  o = np.asarray(out.astype(jnp.float32)); r = np.asarray(ref.astype(jnp.float32))
-  err = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
-  if not np.isfinite(o).all():
-    err = float("inf")
-  exact = float(np.mean(o == r))
-  return err, exact
+    """Runs the compiled program once on its inputs and compares copy 0 with the reference."""
+    out = job.compiled(*job.args)[0]
+    if job.variant.startswith("ours_w4a16"):
+        x, ws = job.args
+        ref = w4a16_matmul_reference(x, *ws[0])
+    elif job.variant in ("ours_w4a8", "ours_w4a8_magic"):
+        xq, sx, ws = job.args
+        ref = w4a8_matmul_reference(xq, sx, *ws[0])
+    elif job.variant == "ours_w4a8_quant":
+        x, ws = job.args
+        xq, sx = quantize_per_token_reference(x, 8)
+        ref = w4a8_matmul_reference(xq, sx, *ws[0])
+    else:
+        return None, None
+    o = np.asarray(out.astype(jnp.float32)); r = np.asarray(ref.astype(jnp.float32))
+    err = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
+    if not np.isfinite(o).all():
+        err = float("inf")
+    exact = float(np.mean(o == r))
+    return err, exact
 
 
 def run_jobs(jobs, iters, check=True, partial_path=None):
-  rows = []
-  t0 = time.time()
-  for ij, j in enumerate(jobs):
-    if partial_path and ij % 40 == 39:
-      with open(partial_path, "w") as f:
-        json.dump(rows, f)
-      print(f"[run] {ij}/{len(jobs)} rows in {time.time() - t0:.0f}s", flush=True)
-    row = dict(variant=j.variant, K=j.K, N=j.N, M=j.M, G=j.G,
-               config=(j.cfg.short() if j.cfg else None), R=j.R)
-    if j.error:
-      row["error"] = j.error
-      rows.append(row)
-      continue
-    try:
-      if check:
-        err, exact = check_job(j)
-        row["rel_err"], row["frac_bitexact"] = err, exact
-      ts = measure(j.fn if TIMER["name"] == "loop" else j.compiled, j.args, iters) / j.R
-      med = float(np.median(ts))
-      row.update(us_median=med, us_p10=float(np.percentile(ts, 10)),
-                 us_p90=float(np.percentile(ts, 90)), n_iter=len(ts))
-      b = bytes_read(j.variant, j.M, j.K, j.N, j.G)
-      row["TBps"] = b / med / 1e6
-      row["TBps_weights"] = (weight_bytes(j.K, j.N, j.G) if j.variant.startswith("ours")
-                             else b - j.M * j.K) / med / 1e6
-      row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
-      fl = 2 * j.M * j.N * j.K
-      row["TFLOPs"] = fl / med / 1e6
-      peak = PEAK_INT8 if j.variant in ("ours_w4a8", "ours_w4a8_quant", "xla_w8a8") else PEAK_BF16
-      row["config_full"] = repr(j.cfg) if j.cfg else None
-      row["pct_mma"] = 100 * row["TFLOPs"] / peak
-    except Exception as e:  # noqa: BLE001
-      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-    rows.append(row)
-    j.compiled = None  # free executables as we go
-  return rows
+    rows = []
+    t0 = time.time()
+    for ij, j in enumerate(jobs):
+        if partial_path and ij % 40 == 39:
+            with open(partial_path, "w") as f:
+                json.dump(rows, f)
+            print(f"[run] {ij}/{len(jobs)} rows in {time.time() - t0:.0f}s", flush=True)
+        row = dict(variant=j.variant, K=j.K, N=j.N, M=j.M, G=j.G,
+                   config=(j.cfg.short() if j.cfg else None), R=j.R)
+        if j.error:
+            row["error"] = j.error
+            rows.append(row)
+            continue
+        try:
+            if check:
+                err, exact = check_job(j)
+                row["rel_err"], row["frac_bitexact"] = err, exact
+            ts = measure(j.fn if TIMER["name"] == "loop" else j.compiled, j.args, iters) / j.R
+            med = float(np.median(ts))
+            row.update(us_median=med, us_p10=float(np.percentile(ts, 10)),
+                       us_p90=float(np.percentile(ts, 90)), n_iter=len(ts))
+            b = bytes_read(j.variant, j.M, j.K, j.N, j.G)
+            row["TBps"] = b / med / 1e6
+            row["TBps_weights"] = (weight_bytes(j.K, j.N, j.G) if j.variant.startswith("ours")
+                                   else b - j.M * j.K) / med / 1e6
+            row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
+            fl = 2 * j.M * j.N * j.K
+            row["TFLOPs"] = fl / med / 1e6
+            peak = PEAK_INT8 if j.variant in ("ours_w4a8", "ours_w4a8_quant", "xla_w8a8") else PEAK_BF16
+            row["config_full"] = repr(j.cfg) if j.cfg else None
+            row["pct_mma"] = 100 * row["TFLOPs"] / peak
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rows.append(row)
+        j.compiled = None  # free executables as we go
+    return rows
 
 
 # ----------------------------------------------------------------------------- sweep configs
 def sweep_cfgs(variant, M):
-  C = TileConfig
-  if M <= 16:
-    cs = [C(16, 64, 256, 1, 4, 4), C(16, 64, 256, 2, 4, 4), C(16, 64, 256, 4, 4, 4),
-          C(16, 64, 128, 4, 4, 4), C(16, 128, 256, 4, 4, 4), C(16, 128, 128, 8, 4, 4),
-          C(16, 32, 256, 2, 4, 4), C(16, 32, 512, 4, 4, 3), C(16, 64, 512, 2, 4, 3),
-          C(16, 128, 256, 4, 8, 4), C(16, 64, 256, 2, 4, 4, True), C(16, 128, 256, 4, 4, 4, True),
-          C(16, 128, 128, 2, 4, 4, True), C(16, 256, 128, 8, 4, 4, True), C(16, 64, 256, 1, 4, 4, True)]
-  elif M <= 64:
-    cs = [C(64, 64, 128, 1, 4, 4), C(64, 64, 128, 2, 4, 4), C(64, 128, 64, 1, 4, 4),
-          C(64, 128, 64, 2, 4, 4), C(64, 128, 128, 1, 4, 4, True), C(64, 64, 128, 2, 4, 4, True),
-          C(64, 128, 128, 2, 8, 3, True), C(32, 64, 128, 2, 4, 4)]
-  else:
-    cs = [C(128, 128, 64, 1, 8, 3), C(128, 128, 64, 1, 4, 4), C(128, 256, 64, 1, 8, 3),
-          C(64, 128, 64, 1, 4, 4), C(128, 128, 128, 1, 8, 3), C(128, 128, 64, 1, 8, 3, True),
-          C(64, 256, 64, 1, 8, 3, True), C(128, 256, 64, 1, 8, 3, True), C(256, 128, 64, 1, 8, 3)]
-  return cs
+    C = TileConfig
+    if M <= 16:
+        cs = [C(16, 64, 256, 1, 4, 4), C(16, 64, 256, 2, 4, 4), C(16, 64, 256, 4, 4, 4),
+              C(16, 64, 128, 4, 4, 4), C(16, 128, 256, 4, 4, 4), C(16, 128, 128, 8, 4, 4),
+              C(16, 32, 256, 2, 4, 4), C(16, 32, 512, 4, 4, 3), C(16, 64, 512, 2, 4, 3),
+              C(16, 128, 256, 4, 8, 4), C(16, 64, 256, 2, 4, 4, True), C(16, 128, 256, 4, 4, 4, True),
+              C(16, 128, 128, 2, 4, 4, True), C(16, 256, 128, 8, 4, 4, True), C(16, 64, 256, 1, 4, 4, True)]
+    elif M <= 64:
+        cs = [C(64, 64, 128, 1, 4, 4), C(64, 64, 128, 2, 4, 4), C(64, 128, 64, 1, 4, 4),
+              C(64, 128, 64, 2, 4, 4), C(64, 128, 128, 1, 4, 4, True), C(64, 64, 128, 2, 4, 4, True),
+              C(64, 128, 128, 2, 8, 3, True), C(32, 64, 128, 2, 4, 4)]
+    else:
+        cs = [C(128, 128, 64, 1, 8, 3), C(128, 128, 64, 1, 4, 4), C(128, 256, 64, 1, 8, 3),
+              C(64, 128, 64, 1, 4, 4), C(128, 128, 128, 1, 8, 3), C(128, 128, 64, 1, 8, 3, True),
+              C(64, 256, 64, 1, 8, 3, True), C(128, 256, 64, 1, 8, 3, True), C(256, 128, 64, 1, 8, 3)]
+    return cs
 
 
 # ----------------------------------------------------------------------------- report
 def qspec_implication(rows, shapes, gamma=3, a=0.9):
-  """Per-layer linear time (sum over the 4 shapes) -> QSpec cycle vs plain W4A16 decoding.
+    """Per-layer linear time (sum over the 4 shapes) -> QSpec cycle vs plain W4A16 decoding.
 
-  T16(M) = fastest of our w4a16 variants (what default_config then selects), T8(M) = fastest of
-  our w4a8 variants; T8q adds the measured cost of the per-token quantization (XLA fusion).
-  """
-  t = {}
-  for r in rows:
-    if "us_median" in r and (r["K"], r["N"]) in shapes:
-      t.setdefault((r["variant"], r["K"], r["N"]), {})[r["M"]] = r["us_median"]
+    T16(M) = fastest of our w4a16 variants (what default_config then selects), T8(M) = fastest of
+    our w4a8 variants; T8q adds the measured cost of the per-token quantization (XLA fusion).
+    """
+    t = {}
+    for r in rows:
+        if "us_median" in r and (r["K"], r["N"]) in shapes:
+            t.setdefault((r["variant"], r["K"], r["N"]), {})[r["M"]] = r["us_median"]
 
-  def layer(variants, M):
-    tot = 0.0
-    for (K, N) in shapes:
-      c = [t[(v, K, N)][M] for v in variants if M in t.get((v, K, N), {})]
-      if not c:
-        return None
-      tot += min(c)
-    return tot
+    def layer(variants, M):
+        tot = 0.0
+        for (K, N) in shapes:
+            c = [t[(v, K, N)][M] for v in variants if M in t.get((v, K, N), {})]
+            if not c:
+                return None
+            tot += min(c)
+        return tot
 
-  v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_triton"]
-  v8 = ["ours_w4a8", "ours_w4a8_magic"]
-  E = (1 - a ** (gamma + 1)) / (1 - a)
-  out = []
-  Ms = sorted({r["M"] for r in rows})
-  for B in Ms:
-    T16, T8, Tv = layer(v16, B), layer(v8, B), layer(v16, B * (gamma + 1))
-    if None in (T16, T8, Tv):
-      continue
-    q8, q8q = layer(["ours_w4a8"], B), layer(["ours_w4a8_quant"], B)
-    T8q = T8 + (q8q - q8 if q8 is not None and q8q is not None else 0.0)
-    for name, td in (("w4a8 kernel", T8), ("w4a8 + quant", T8q)):
-      cycle = gamma * td + Tv
-      out.append(dict(draft=name, B=B, T16_B=T16, T8_B=td, T16_verify=Tv,
-                      us_per_token_w4a16=T16, us_per_token_qspec=cycle / E,
-                      speedup=E * T16 / cycle, E=E))
-  return out
+    v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_triton"]
+    v8 = ["ours_w4a8", "ours_w4a8_magic"]
+    E = (1 - a ** (gamma + 1)) / (1 - a)
+    out = []
+    Ms = sorted({r["M"] for r in rows})
+    for B in Ms:
+        T16, T8, Tv = layer(v16, B), layer(v8, B), layer(v16, B * (gamma + 1))
+        if None in (T16, T8, Tv):
+            continue
+        q8, q8q = layer(["ours_w4a8"], B), layer(["ours_w4a8_quant"], B)
+        T8q = T8 + (q8q - q8 if q8 is not None and q8q is not None else 0.0)
+        for name, td in (("w4a8 kernel", T8), ("w4a8 + quant", T8q)):
+            cycle = gamma * td + Tv
+            out.append(dict(draft=name, B=B, T16_B=T16, T8_B=td, T16_verify=Tv,
+                            us_per_token_w4a16=T16, us_per_token_qspec=cycle / E,
+                            speedup=E * T16 / cycle, E=E))
+    return out
 
 
 def write_md(path, meta, rows, qs, shapes):
-  L = [f"# Int4 GEMM kernels on {meta['gpu']}", "",
-       f"commit `{meta['commit']}`, jax {meta['jax']}, {meta['date']}, timer: {meta['timer']}. "
-       "Per-call device time (median, [p10, p90]) of one kernel call, averaged over R distinct weight "
-       "copies per timed call (weights never L2-resident). TB/s counts weight+scale+activation bytes read; "
-       "% HBM is against 4.8 TB/s; % MMA against 990 (bf16) / 1979 (int8) dense TFLOP/s.", ""]
-  by = {}
-  for r in rows:
-    by.setdefault((r["K"], r["N"]), []).append(r)
-  variants = []
-  for r in rows:
-    if r["variant"] not in variants:
-      variants.append(r["variant"])
-  for (K, N) in shapes:
-    rs = by.get((K, N), [])
-    if not rs:
-      continue
-    L += [f"## K x N = {K} x {N} (int4 weight bytes {K * N // 2 / 1e6:.1f} MB)", "",
-          "| M | " + " | ".join(variants) + " | w4a16 TB/s (%HBM) | w4a8 TFLOP/s (%MMA) |",
-          "|---|" + "---|" * (len(variants) + 2)]
-    for M in sorted({r["M"] for r in rs}):
-      cells = []
-      extra16 = extra8 = ""
-      for v in variants:
-        rr = [r for r in rs if r["M"] == M and r["variant"] == v]
-        if not rr or "us_median" not in rr[0]:
-          cells.append("err" if rr else "-")
-          continue
-        r = rr[0]
-        cells.append(f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]")
-        if v == "ours_w4a16":
-          extra16 = f"{r['TBps']:.2f} ({r['pct_hbm']:.0f}%)"
-        if v == "ours_w4a8":
-          extra8 = f"{r['TFLOPs']:.0f} ({r['pct_mma']:.0f}%)"
-      L.append(f"| {M} | " + " | ".join(cells) + f" | {extra16} | {extra8} |")
-    L.append("")
-  errs = [r for r in rows if r.get("rel_err") is not None]
-  if errs:
-    worst = {}
-    for r in errs:
-      worst[r["variant"]] = max(worst.get(r["variant"], 0), r["rel_err"])
-    L += ["## Correctness (fresh random inputs, copy 0 of every timed program vs its reference)", ""]
-    for v, e in worst.items():
-      ex = [r["frac_bitexact"] for r in errs if r["variant"] == v]
-      L.append(f"- {v}: worst relative error {e:.2e}; fraction of bit-identical outputs min {min(ex):.4f}")
-    L.append("")
-  bad = [r for r in rows if "error" in r]
-  if bad:
-    L += ["## Failures", ""] + [f"- {r['variant']} {r['K']}x{r['N']} M={r['M']}: {r['error'][:200]}"
-                                for r in bad[:20]] + [""]
-  if qs:
-    L += ["## What T_w4a16(M) and T_w4a8(M) imply for QSpec (gamma = 3, acceptance a = 0.9)", "",
-          "Linear layers of one Llama-3-8B decoder layer (sum of the 4 shapes). A QSpec cycle costs "
-          "3 draft steps at M = B plus one verify pass at M = 4B and yields E = (1 - a^4)/(1 - a) = "
-          f"{qs[0]['E']:.3f} tokens; plain W4A16 decoding costs T_w4a16(B) per token. Attention, norms, "
-          "lm_head and sampling are not included.", "",
-          "| draft | B | T_w4a16(B) us | T_w4a8(B) us | T_w4a16(4B) us | us/token W4A16 | us/token QSpec | speedup |",
-          "|---|---|---|---|---|---|---|---|"]
-    for q in qs:
-      L.append(f"| {q['draft']} | {q['B']} | {q['T16_B']:.1f} | {q['T8_B']:.1f} | {q['T16_verify']:.1f} | "
-               f"{q['us_per_token_w4a16']:.1f} | {q['us_per_token_qspec']:.1f} | {q['speedup']:.2f}x |")
-    L.append("")
-  with open(path, "w") as f:
-    f.write("\n".join(L))
+    L = [f"# Int4 GEMM kernels on {meta['gpu']}", "",
+         f"commit `{meta['commit']}`, jax {meta['jax']}, {meta['date']}, timer: {meta['timer']}. "
+         "Per-call device time (median, [p10, p90]) of one kernel call, averaged over R distinct weight "
+         "copies per timed call (weights never L2-resident). TB/s counts weight+scale+activation bytes read; "
+         "% HBM is against 4.8 TB/s; % MMA against 990 (bf16) / 1979 (int8) dense TFLOP/s.", ""]
+    by = {}
+    for r in rows:
+        by.setdefault((r["K"], r["N"]), []).append(r)
+    variants = []
+    for r in rows:
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    for (K, N) in shapes:
+        rs = by.get((K, N), [])
+        if not rs:
+            continue
+        L += [f"## K x N = {K} x {N} (int4 weight bytes {K * N // 2 / 1e6:.1f} MB)", "",
+              "| M | " + " | ".join(variants) + " | w4a16 TB/s (%HBM) | w4a8 TFLOP/s (%MMA) |",
+              "|---|" + "---|" * (len(variants) + 2)]
+        for M in sorted({r["M"] for r in rs}):
+            cells = []
+            extra16 = extra8 = ""
+            for v in variants:
+                rr = [r for r in rs if r["M"] == M and r["variant"] == v]
+                if not rr or "us_median" not in rr[0]:
+                    cells.append("err" if rr else "-")
+                    continue
+                r = rr[0]
+                cells.append(f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]")
+                if v == "ours_w4a16":
+                    extra16 = f"{r['TBps']:.2f} ({r['pct_hbm']:.0f}%)"
+                if v == "ours_w4a8":
+                    extra8 = f"{r['TFLOPs']:.0f} ({r['pct_mma']:.0f}%)"
+            L.append(f"| {M} | " + " | ".join(cells) + f" | {extra16} | {extra8} |")
+        L.append("")
+    errs = [r for r in rows if r.get("rel_err") is not None]
+    if errs:
+        worst = {}
+        for r in errs:
+            worst[r["variant"]] = max(worst.get(r["variant"], 0), r["rel_err"])
+        L += ["## Correctness (fresh random inputs, copy 0 of every timed program vs its reference)", ""]
+        for v, e in worst.items():
+            ex = [r["frac_bitexact"] for r in errs if r["variant"] == v]
+            L.append(f"- {v}: worst relative error {e:.2e}; fraction of bit-identical outputs min {min(ex):.4f}")
+        L.append("")
+    bad = [r for r in rows if "error" in r]
+    if bad:
+        L += ["## Failures", ""] + [f"- {r['variant']} {r['K']}x{r['N']} M={r['M']}: {r['error'][:200]}"
+                                    for r in bad[:20]] + [""]
+    if qs:
+        L += ["## What T_w4a16(M) and T_w4a8(M) imply for QSpec (gamma = 3, acceptance a = 0.9)", "",
+              "Linear layers of one Llama-3-8B decoder layer (sum of the 4 shapes). A QSpec cycle costs "
+              "3 draft steps at M = B plus one verify pass at M = 4B and yields E = (1 - a^4)/(1 - a) = "
+              f"{qs[0]['E']:.3f} tokens; plain W4A16 decoding costs T_w4a16(B) per token. Attention, norms, "
+              "lm_head and sampling are not included.", "",
+              "| draft | B | T_w4a16(B) us | T_w4a8(B) us | T_w4a16(4B) us | us/token W4A16 | us/token QSpec | speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+        for q in qs:
+            L.append(f"| {q['draft']} | {q['B']} | {q['T16_B']:.1f} | {q['T8_B']:.1f} | {q['T16_verify']:.1f} | "
+                     f"{q['us_per_token_w4a16']:.1f} | {q['us_per_token_qspec']:.1f} | {q['speedup']:.2f}x |")
+        L.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
 
 
 def plot(path, rows, shapes):
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except Exception as e:  # noqa: BLE001
-    print("no matplotlib:", e)
-    return
-  fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-  for ax, (K, N) in zip(axes[0], shapes):
-    rs = [r for r in rows if r["K"] == K and r["N"] == N and "us_median" in r]
-    for v in sorted({r["variant"] for r in rs}):
-      pts = sorted((r["M"], r["us_median"]) for r in rs if r["variant"] == v)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=v)
-    ax.set_xscale("log", base=2); ax.set_yscale("log")
-    ax.set_title(f"K={K} N={N}"); ax.set_xlabel("M"); ax.set_ylabel("us / call")
-    ax.grid(True, which="both", alpha=0.3)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print("no matplotlib:", e)
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, (K, N) in zip(axes[0], shapes):
+        rs = [r for r in rows if r["K"] == K and r["N"] == N and "us_median" in r]
+        for v in sorted({r["variant"] for r in rs}):
+            pts = sorted((r["M"], r["us_median"]) for r in rs if r["variant"] == v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=v)
+        ax.set_xscale("log", base=2); ax.set_yscale("log")
+        ax.set_title(f"K={K} N={N}"); ax.set_xlabel("M"); ax.set_ylabel("us / call")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def env_meta(commit):
-  d = jax.devices()[0]
-  try:
-    import flax
-    fv = flax.__version__
-  except Exception:  # noqa: BLE001
-    fv = None
-  return dict(commit=commit, gpu=getattr(d, "device_kind", d.platform), platform=d.platform,
-              jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or jax.__version__,
-              flax=fv, python=platform.python_version(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              timer=TIMER["name"], hbm_TBps=HBM_TBS, peak_bf16=PEAK_BF16, peak_int8=PEAK_INT8)
+    d = jax.devices()[0]
+    try:
+        import flax
+        fv = flax.__version__
+    except Exception:  # noqa: BLE001
+        fv = None
+    return dict(commit=commit, gpu=getattr(d, "device_kind", d.platform), platform=d.platform,
+                jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or jax.__version__,
+                flax=fv, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                timer=TIMER["name"], hbm_TBps=HBM_TBS, peak_bf16=PEAK_BF16, peak_int8=PEAK_INT8)
 
 
 def probe(out):
-  """First-call checks: versions, GPU, Triton + Mosaic GPU lowering, timer."""
-  info = env_meta(None)
-  try:
-    info["nvidia_smi"] = subprocess.check_output(
-        ["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
-         "--format=csv"], text=True).strip()
-  except Exception as e:  # noqa: BLE001
-    info["nvidia_smi"] = str(e)
-  print("[probe]", json.dumps(info), flush=True)
-  # Triton backend: one small call of each kernel.
-  K, N, M = 4096, 4096, 5
-  x = make_x(jax.random.key(1), M, K)
-  (qw, s), = make_weights(jax.random.key(2), K, N, K, 1)
-  for name, f in [("triton_w4a16", lambda: w4a16_matmul(x, qw, s)),
-                  ("triton_w4a8", lambda: w4a8_matmul(*quantize_per_token_reference(x, 8), qw, s))]:
+    """First-call checks: versions, GPU, Triton + Mosaic GPU lowering, timer."""
+    info = env_meta(None)
     try:
-      jax.block_until_ready(f()); info[name] = "ok"
+        info["nvidia_smi"] = subprocess.check_output(
+            ["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+             "--format=csv"], text=True).strip()
     except Exception as e:  # noqa: BLE001
-      info[name] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(f"[probe] {name}: {info[name]}", flush=True)
-  # Mosaic GPU: JAX's own Hopper mixed-type (int8 x bf16) matmul, computing (W^T x^T) with the
-  # unpacked int8 weight as the register operand: what a Mosaic W4A16 in transposed form could
-  # reach at large M (it reads 2x the weight bytes and applies no scales).
-  try:
-    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as hm
-    res = []
-    for (Mx, Kx, Nx) in [(256, 4096, 28672), (4096, 4096, 28672), (4096, 4096, 4096)]:
-      a = jax.random.randint(jax.random.key(3), (Nx, Kx), -8, 8, jnp.int8)
-      b = jax.random.normal(jax.random.key(4), (Kx, Mx), jnp.bfloat16)
-      best = None
-      for tm, tn, tk, wg in [(128, 128, 64, hm.MatmulDimension.N), (128, 64, 128, hm.MatmulDimension.N),
-                             (64, 128, 64, hm.MatmulDimension.M)]:
-        cfg = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=4,
-                              grid_minor_dim=hm.MatmulDimension.N, grid_tile_width=4, wg_dimension=wg)
+        info["nvidia_smi"] = str(e)
+    print("[probe]", json.dumps(info), flush=True)
+    # Triton backend: one small call of each kernel.
+    K, N, M = 4096, 4096, 5
+    x = make_x(jax.random.key(1), M, K)
+    (qw, s), = make_weights(jax.random.key(2), K, N, K, 1)
+    for name, f in [("triton_w4a16", lambda: w4a16_matmul(x, qw, s)),
+                    ("triton_w4a8", lambda: w4a8_matmul(*quantize_per_token_reference(x, 8), qw, s))]:
         try:
-          f = jax.jit(lambda a, b, cfg=cfg: hm.mixed_matmul_kernel(a, b, out_dtype=jnp.bfloat16, config=cfg))
-          o = f(a, b)
-          r = jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
-          err = float(jnp.linalg.norm(o.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-          t = float(np.median(measure(f, (a, b), 10)))
-          res.append(dict(M=Mx, K=Kx, N=Nx, cfg=[tm, tn, tk, str(wg)], us=t, err=err,
-                          TFLOPs=2 * Mx * Nx * Kx / t / 1e6))
+            jax.block_until_ready(f()); info[name] = "ok"
         except Exception as e:  # noqa: BLE001
-          res.append(dict(M=Mx, K=Kx, N=Nx, cfg=[tm, tn, tk, str(wg)], error=f"{type(e).__name__}: {str(e)[:200]}"))
-        print("[probe] mgpu", res[-1], flush=True)
-    info["mosaic_mixed"] = res
-  except Exception as e:  # noqa: BLE001
-    info["mosaic_mixed"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print("[probe] mosaic:", info["mosaic_mixed"], flush=True)
-  info["timer"] = TIMER["name"]
-  with open(os.path.join(out, "kernels_probe.json"), "w") as f:
-    json.dump(info, f, indent=1)
+            info[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"[probe] {name}: {info[name]}", flush=True)
+    # Mosaic GPU: JAX's own Hopper mixed-type (int8 x bf16) matmul, computing (W^T x^T) with the
+    # unpacked int8 weight as the register operand: what a Mosaic W4A16 in transposed form could
+    # reach at large M (it reads 2x the weight bytes and applies no scales).
+    try:
+        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as hm
+        res = []
+        for (Mx, Kx, Nx) in [(256, 4096, 28672), (4096, 4096, 28672), (4096, 4096, 4096)]:
+            a = jax.random.randint(jax.random.key(3), (Nx, Kx), -8, 8, jnp.int8)
+            b = jax.random.normal(jax.random.key(4), (Kx, Mx), jnp.bfloat16)
+            best = None
+            for tm, tn, tk, wg in [(128, 128, 64, hm.MatmulDimension.N), (128, 64, 128, hm.MatmulDimension.N),
+                                   (64, 128, 64, hm.MatmulDimension.M)]:
+                cfg = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=4,
+                                      grid_minor_dim=hm.MatmulDimension.N, grid_tile_width=4, wg_dimension=wg)
+                try:
+                    f = jax.jit(lambda a, b, cfg=cfg: hm.mixed_matmul_kernel(a, b, out_dtype=jnp.bfloat16, config=cfg))
+                    o = f(a, b)
+                    r = jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
+                    err = float(jnp.linalg.norm(o.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+                    t = float(np.median(measure(f, (a, b), 10)))
+                    res.append(dict(M=Mx, K=Kx, N=Nx, cfg=[tm, tn, tk, str(wg)], us=t, err=err,
+                                    TFLOPs=2 * Mx * Nx * Kx / t / 1e6))
+                except Exception as e:  # noqa: BLE001
+                    res.append(dict(M=Mx, K=Kx, N=Nx, cfg=[tm, tn, tk, str(wg)], error=f"{type(e).__name__}: {str(e)[:200]}"))
+                print("[probe] mgpu", res[-1], flush=True)
+        info["mosaic_mixed"] = res
+    except Exception as e:  # noqa: BLE001
+        info["mosaic_mixed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print("[probe] mosaic:", info["mosaic_mixed"], flush=True)
+    info["timer"] = TIMER["name"]
+    with open(os.path.join(out, "kernels_probe.json"), "w") as f:
+        json.dump(info, f, indent=1)
 
 
 def git_commit():
-  try:
-    return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL,
-                                   text=True).strip()
-  except Exception:  # noqa: BLE001
-    return "unknown"
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], stderr=subprocess.DEVNULL,
+                                       text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
-  p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
-  p.add_argument("--sweep", action="store_true", help="tile-config sweep of our kernels")
-  p.add_argument("--probe", action="store_true", help="print versions, test lowering, then go on")
-  p.add_argument("--out", default=None)
-  p.add_argument("--commit", default=None)
-  p.add_argument("--tag", default="h200")
-  p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--workers", type=int, default=16)
-  p.add_argument("--timer", default=None, choices=["cupti", "loop", "pipelined", "host"])
-  p.add_argument("--ms", default=None, help="comma list of M")
-  p.add_argument("--shapes", default=None, help="comma list KxN")
-  p.add_argument("--group", type=int, default=0, help="group size (0: per-channel)")
-  p.add_argument("--variants", default=None)
-  a = p.parse_args(argv)
-  commit = a.commit or git_commit()
-  G_of = (lambda K: K) if a.group <= 0 else (lambda K: a.group)
-  if a.quick:
-    # CPU smoke run: interpret mode, tiny shapes.
-    w4a16_mod_call = w4a16_mod.w4a16_matmul
-    w4a8_mod_call = w4a8_mod.w4a8_matmul
-    VARIANT_MIN_M["ours_w4a16_triton"] = 4
-    global w4a16_matmul, w4a8_matmul  # noqa: PLW0603
-    w4a16_matmul = lambda *args, **kw: w4a16_mod_call(*args, interpret=True, **kw)  # noqa: E731
-    w4a8_matmul = lambda *args, **kw: w4a8_mod_call(*args, interpret=True, **kw)  # noqa: E731
-    shapes = [(256, 128), (512, 64)]
-    ms = [1, 4, 16]
-    a.iters = 3
-    out = a.out or "/tmp/bench_kernels_quick"
-  else:
-    shapes = SHAPES_8B
-    ms = MS
-    out = a.out or "experiments/results"
-  if a.shapes:
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-  if a.ms:
-    ms = [int(v) for v in a.ms.split(",")]
-  variants = (a.variants.split(",") if a.variants else
-              ["ours_w4a16", "ours_w4a16_triton", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a8",
-               "ours_w4a8_magic",
-               "ours_w4a8_quant", "xla_bf16", "xla_int4_dequant", "xla_w8a8"])
-  os.makedirs(out, exist_ok=True)
-  print(f"jax {jax.__version__} devices {jax.devices()} commit {commit}", flush=True)
-  if a.timer:
-    TIMER["name"] = a.timer
-  if a.probe:
-    probe(out)
-  tag = a.tag + ("_sweep" if a.sweep else "") + ("_quick" if a.quick else "")
-  jobs = build_jobs(shapes, ms, variants, G_of, a.quick, sweep_cfgs if a.sweep else None)
-  compile_all(jobs, 1 if a.quick else a.workers)
-  rows = run_jobs(jobs, a.iters, partial_path=os.path.join(out, f"kernels_{tag}_partial.json"))
-  meta = env_meta(commit)
-  qs = [] if a.sweep else qspec_implication(rows, shapes)
-  res = dict(meta=meta, shapes=shapes, ms=ms, rows=rows, qspec=qs)
-  with open(os.path.join(out, f"kernels_{tag}.json"), "w") as f:
-    json.dump(res, f, indent=1)
-  if os.path.exists(os.path.join(out, f"kernels_{tag}_partial.json")):
-    os.remove(os.path.join(out, f"kernels_{tag}_partial.json"))
-  if a.sweep:
-    best = {}
-    for r in rows:
-      if "us_median" not in r or not r["variant"].startswith("ours") or not ((r.get("rel_err") or 0) < 2e-2):
-        continue
-      k = (r["variant"], r["K"], r["N"], r["M"])
-      if k not in best or r["us_median"] < best[k]["us_median"]:
-        best[k] = r
-    print("\nbest configs:")
-    for k in sorted(best):
-      r = best[k]
-      alts = sorted((x["us_median"], x["config"]) for x in rows
-                    if (x["variant"], x["K"], x["N"], x["M"]) == k and "us_median" in x)
-      print(f"{k[0]:16s} {k[1]:5d}x{k[2]:<5d} M={k[3]:<5d} {r['us_median']:8.1f}us {r['config']:28s} "
-            f"next: {[f'{t:.1f}:{c}' for t, c in alts[1:3]]}")
-    base = [r for r in rows if r["variant"].startswith("xla") and "us_median" in r]
-    for r in base:
-      print(f"{r['variant']:16s} {r['K']:5d}x{r['N']:<5d} M={r['M']:<5d} {r['us_median']:8.1f}us")
-  else:
-    write_md(os.path.join(out, f"kernels_{tag}.md"), meta, rows, qs, shapes)
-    plot(os.path.join(out, f"kernels_{tag}.png"), rows, shapes)
-    print()
-    print(open(os.path.join(out, f"kernels_{tag}.md")).read()[-6000:])
-  nerr = sum("error" in r for r in rows)
-  bad = [r for r in rows if r.get("rel_err") is not None and not r["rel_err"] < 1e-2]
-  print(f"\n{len(rows)} rows, {nerr} errors, {len(bad)} failed checks", flush=True)
-  for r in bad[:10]:
-    print("BAD", r)
-  return 0
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
+    p.add_argument("--sweep", action="store_true", help="tile-config sweep of our kernels")
+    p.add_argument("--probe", action="store_true", help="print versions, test lowering, then go on")
+    p.add_argument("--out", default=None)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--tag", default="h200")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--timer", default=None, choices=["cupti", "loop", "pipelined", "host"])
+    p.add_argument("--ms", default=None, help="comma list of M")
+    p.add_argument("--shapes", default=None, help="comma list KxN")
+    p.add_argument("--group", type=int, default=0, help="group size (0: per-channel)")
+    p.add_argument("--variants", default=None)
+    a = p.parse_args(argv)
+    commit = a.commit or git_commit()
+    G_of = (lambda K: K) if a.group <= 0 else (lambda K: a.group)
+    if a.quick:
+        # CPU smoke run: interpret mode, tiny shapes.
+        w4a16_mod_call = w4a16_mod.w4a16_matmul
+        w4a8_mod_call = w4a8_mod.w4a8_matmul
+        VARIANT_MIN_M["ours_w4a16_triton"] = 4
+        global w4a16_matmul, w4a8_matmul  # noqa: PLW0603
+        w4a16_matmul = lambda *args, **kw: w4a16_mod_call(*args, interpret=True, **kw)  # noqa: E731
+        w4a8_matmul = lambda *args, **kw: w4a8_mod_call(*args, interpret=True, **kw)  # noqa: E731
+        shapes = [(256, 128), (512, 64)]
+        ms = [1, 4, 16]
+        a.iters = 3
+        out = a.out or "/tmp/bench_kernels_quick"
+    else:
+        shapes = SHAPES_8B
+        ms = MS
+        out = a.out or "experiments/results"
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    if a.ms:
+        ms = [int(v) for v in a.ms.split(",")]
+    variants = (a.variants.split(",") if a.variants else
+                ["ours_w4a16", "ours_w4a16_triton", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a8",
+                 "ours_w4a8_magic",
+                 "ours_w4a8_quant", "xla_bf16", "xla_int4_dequant", "xla_w8a8"])
+    os.makedirs(out, exist_ok=True)
+    print(f"jax {jax.__version__} devices {jax.devices()} commit {commit}", flush=True)
+    if a.timer:
+        TIMER["name"] = a.timer
+    if a.probe:
+        probe(out)
+    tag = a.tag + ("_sweep" if a.sweep else "") + ("_quick" if a.quick else "")
+    jobs = build_jobs(shapes, ms, variants, G_of, a.quick, sweep_cfgs if a.sweep else None)
+    compile_all(jobs, 1 if a.quick else a.workers)
+    rows = run_jobs(jobs, a.iters, partial_path=os.path.join(out, f"kernels_{tag}_partial.json"))
+    meta = env_meta(commit)
+    qs = [] if a.sweep else qspec_implication(rows, shapes)
+    res = dict(meta=meta, shapes=shapes, ms=ms, rows=rows, qspec=qs)
+    with open(os.path.join(out, f"kernels_{tag}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    if os.path.exists(os.path.join(out, f"kernels_{tag}_partial.json")):
+        os.remove(os.path.join(out, f"kernels_{tag}_partial.json"))
+    if a.sweep:
+        best = {}
+        for r in rows:
+            if "us_median" not in r or not r["variant"].startswith("ours") or not ((r.get("rel_err") or 0) < 2e-2):
+                continue
+            k = (r["variant"], r["K"], r["N"], r["M"])
+            if k not in best or r["us_median"] < best[k]["us_median"]:
+                best[k] = r
+        print("\nbest configs:")
+        for k in sorted(best):
+            r = best[k]
+            alts = sorted((x["us_median"], x["config"]) for x in rows
+                          if (x["variant"], x["K"], x["N"], x["M"]) == k and "us_median" in x)
+            print(f"{k[0]:16s} {k[1]:5d}x{k[2]:<5d} M={k[3]:<5d} {r['us_median']:8.1f}us {r['config']:28s} "
+                  f"next: {[f'{t:.1f}:{c}' for t, c in alts[1:3]]}")
+        base = [r for r in rows if r["variant"].startswith("xla") and "us_median" in r]
+        for r in base:
+            print(f"{r['variant']:16s} {r['K']:5d}x{r['N']:<5d} M={r['M']:<5d} {r['us_median']:8.1f}us")
+    else:
+        write_md(os.path.join(out, f"kernels_{tag}.md"), meta, rows, qs, shapes)
+        plot(os.path.join(out, f"kernels_{tag}.png"), rows, shapes)
+        print()
+        print(open(os.path.join(out, f"kernels_{tag}.md")).read()[-6000:])
+    nerr = sum("error" in r for r in rows)
+    bad = [r for r in rows if r.get("rel_err") is not None and not r["rel_err"] < 1e-2]
+    print(f"\n{len(rows)} rows, {nerr} errors, {len(bad)} failed checks", flush=True)
+    for r in bad[:10]:
+        print("BAD", r)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -21,34 +21,34 @@ MIN_BK = 32
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-  """One kernel configuration (all static).
+    """One kernel configuration (all static).
 
-  bm: rows of x per program (M is padded up to it by masking; >= 16).
-  bn: output columns per program.
-  bk: packed weight rows per K step (each step covers 2*bk of K: bk low, bk high).
-  split_k: programs along K; partial sums are reduced by one small XLA fusion.
-  transpose: compute (W^T x^T)^T so the weight tile fills the MMA's M dimension.
-  """
-  bm: int = 16
-  bn: int = 64
-  bk: int = 128
-  split_k: int = 1
-  num_warps: int = 4
-  num_stages: int = 3
-  transpose: bool = False
-  # How int4 nibbles become MMA operands:
-  #  "magic": (bf16/f16 MMA) qweight read as int16 pairs of bytes; each nibble is turned into
-  #           the float 136+v (bf16) / 1032+v (f16) by integer and/xor on its bits, then the
-  #           offset is subtracted: exact, no int->float conversion instructions.
-  #  "cvt":   int8 shifts then int->float conversion (bf16/f16/f32 MMA).
-  #  "int8":  int8 shifts, int8 MMA with int32 accumulation (w4a8 only).
-  #  For w4a8 "magic" converts xq to bf16 and runs bf16 MMA with f32 accumulation, which is
-  #  exact while |acc| < 2**24 (127 * 8 * K < 2**24, i.e. K <= 16384).
-  dequant: str = "magic"
+    bm: rows of x per program (M is padded up to it by masking; >= 16).
+    bn: output columns per program.
+    bk: packed weight rows per K step (each step covers 2*bk of K: bk low, bk high).
+    split_k: programs along K; partial sums are reduced by one small XLA fusion.
+    transpose: compute (W^T x^T)^T so the weight tile fills the MMA's M dimension.
+    """
+    bm: int = 16
+    bn: int = 64
+    bk: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    transpose: bool = False
+    # How int4 nibbles become MMA operands:
+    #  "magic": (bf16/f16 MMA) qweight read as int16 pairs of bytes; each nibble is turned into
+    #           the float 136+v (bf16) / 1032+v (f16) by integer and/xor on its bits, then the
+    #           offset is subtracted: exact, no int->float conversion instructions.
+    #  "cvt":   int8 shifts then int->float conversion (bf16/f16/f32 MMA).
+    #  "int8":  int8 shifts, int8 MMA with int32 accumulation (w4a8 only).
+    #  For w4a8 "magic" converts xq to bf16 and runs bf16 MMA with f32 accumulation, which is
+    #  exact while |acc| < 2**24 (127 * 8 * K < 2**24, i.e. K <= 16384).
+    dequant: str = "magic"
 
-  def short(self) -> str:
-    return (f"bm{self.bm}_bn{self.bn}_bk{self.bk}_s{self.split_k}_w{self.num_warps}"
-            f"_st{self.num_stages}{'_T' if self.transpose else ''}_{self.dequant}")
+    def short(self) -> str:
+        return (f"bm{self.bm}_bn{self.bn}_bk{self.bk}_s{self.split_k}_w{self.num_warps}"
+                f"_st{self.num_stages}{'_T' if self.transpose else ''}_{self.dequant}")
 
 
 _MAGIC = {  # dtype name -> (bit pattern OR-ed with the unsigned nibble u = v + 8, offset 128+8)
@@ -58,121 +58,121 @@ _MAGIC = {  # dtype name -> (bit pattern OR-ed with the unsigned nibble u = v + 
 
 
 def magic_dequant(w16, dtype):
-  """int16 [bk, bn//2] (bytes of columns 2c, 2c+1) -> (lo, hi) [bk, bn] in dtype, exact.
+    """int16 [bk, bn//2] (bytes of columns 2c, 2c+1) -> (lo, hi) [bk, bn] in dtype, exact.
 
-  lo holds the low nibbles (K rows i), hi the high nibbles (K rows K/2 + i); the int4 value v
-  (two's complement nibble n) is v = (n ^ 8) - 8.
-  """
-  import jax.numpy as jnp
-  from jax import lax
-  base, off = _MAGIC[jnp.dtype(dtype).name]
-  pat = jnp.int16(base | 8)
-  m = jnp.int16(0xF)
+    lo holds the low nibbles (K rows i), hi the high nibbles (K rows K/2 + i); the int4 value v
+    (two's complement nibble n) is v = (n ^ 8) - 8.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+    base, off = _MAGIC[jnp.dtype(dtype).name]
+    pat = jnp.int16(base | 8)
+    m = jnp.int16(0xF)
 
-  def plane(shift_a, shift_b):
-    a = lax.shift_right_logical(w16, jnp.int16(shift_a)) if shift_a else w16
-    b = lax.shift_right_logical(w16, jnp.int16(shift_b))
-    a = (a & m) ^ pat
-    b = (b & m) ^ pat
-    ab = jnp.stack([a, b], axis=-1)  # [bk, bn//2, 2]: columns 2c, 2c+1
-    ab = ab.reshape(w16.shape[0], 2 * w16.shape[1])
-    return lax.bitcast_convert_type(ab, dtype) - jnp.asarray(off, dtype)
+    def plane(shift_a, shift_b):
+        a = lax.shift_right_logical(w16, jnp.int16(shift_a)) if shift_a else w16
+        b = lax.shift_right_logical(w16, jnp.int16(shift_b))
+        a = (a & m) ^ pat
+        b = (b & m) ^ pat
+        ab = jnp.stack([a, b], axis=-1)  # [bk, bn//2, 2]: columns 2c, 2c+1
+        ab = ab.reshape(w16.shape[0], 2 * w16.shape[1])
+        return lax.bitcast_convert_type(ab, dtype) - jnp.asarray(off, dtype)
 
-  return plane(0, 8), plane(4, 12)
+    return plane(0, 8), plane(4, 12)
 
 
 def as_int16_pairs(qweight):
-  """int8 [K//2, N] -> int16 [K//2, N//2] view (little endian: low byte = even column)."""
-  import jax.numpy as jnp
-  from jax import lax
-  kh, n = qweight.shape
-  return lax.bitcast_convert_type(qweight.reshape(kh, n // 2, 2), jnp.int16)
+    """int8 [K//2, N] -> int16 [K//2, N//2] view (little endian: low byte = even column)."""
+    import jax.numpy as jnp
+    from jax import lax
+    kh, n = qweight.shape
+    return lax.bitcast_convert_type(qweight.reshape(kh, n // 2, 2), jnp.int16)
 
 
 def _next_pow2(v: int) -> int:
-  return 1 << max(0, (int(v) - 1).bit_length())
+    return 1 << max(0, (int(v) - 1).bit_length())
 
 
 def check_group(K: int, G: int) -> str | None:
-  if K % G:
-    return f"group size G={G} must divide K={K}"
-  if G != K and (G % MIN_BK or (K // 2) % G):
-    return (f"group size G={G} (K={K}) unsupported: need G == K (per-channel) or "
-            f"G a multiple of {MIN_BK} dividing K/2={K // 2}")
-  return None
+    if K % G:
+        return f"group size G={G} must divide K={K}"
+    if G != K and (G % MIN_BK or (K // 2) % G):
+        return (f"group size G={G} (K={K}) unsupported: need G == K (per-channel) or "
+                f"G a multiple of {MIN_BK} dividing K/2={K // 2}")
+    return None
 
 
 def supported(M: int | None, K: int, N: int, group_size: int | None = None) -> tuple[bool, str]:
-  """Whether the int4 GEMM kernels accept this shape. Returns (ok, reason).
+    """Whether the int4 GEMM kernels accept this shape. Returns (ok, reason).
 
-  group_size None or == K means per-output-channel scales.
-  """
-  G = K if group_size is None else int(group_size)
-  if M is not None and M < 1:
-    return False, f"M={M} must be >= 1"
-  if K % (2 * MIN_BK):
-    return False, f"K={K} must be a multiple of {2 * MIN_BK} (K/2 a multiple of the smallest K tile {MIN_BK})"
-  if N % MIN_BN:
-    return False, f"N={N} must be a multiple of the smallest N tile {MIN_BN}"
-  msg = check_group(K, G)
-  if msg:
-    return False, msg
-  return True, "ok"
+    group_size None or == K means per-output-channel scales.
+    """
+    G = K if group_size is None else int(group_size)
+    if M is not None and M < 1:
+        return False, f"M={M} must be >= 1"
+    if K % (2 * MIN_BK):
+        return False, f"K={K} must be a multiple of {2 * MIN_BK} (K/2 a multiple of the smallest K tile {MIN_BK})"
+    if N % MIN_BN:
+        return False, f"N={N} must be a multiple of the smallest N tile {MIN_BN}"
+    msg = check_group(K, G)
+    if msg:
+        return False, msg
+    return True, "ok"
 
 
 def check_operands(name: str, M: int, K: int, qweight_shape, scales_shape) -> tuple[int, int]:
-  """Validates shapes; returns (N, G). Raises ValueError naming shape and constraint."""
-  if len(qweight_shape) != 2:
-    raise ValueError(f"{name}: qweight must be [K//2, N], got shape {tuple(qweight_shape)}")
-  kh, N = qweight_shape
-  if 2 * kh != K:
-    raise ValueError(f"{name}: x has K={K} but qweight {tuple(qweight_shape)} implies K={2 * kh} "
-                     "(qweight must be [K//2, N])")
-  if len(scales_shape) != 2 or scales_shape[1] != N or scales_shape[0] < 1 or K % scales_shape[0]:
-    raise ValueError(f"{name}: scales shape {tuple(scales_shape)} must be [K//G, N] with N={N} "
-                     f"and K//G dividing K={K}")
-  G = K // scales_shape[0]
-  ok, why = supported(M, K, N, G)
-  if not ok:
-    raise ValueError(f"{name}: unsupported shape M={M} K={K} N={N} G={G}: {why}")
-  return N, G
+    """Validates shapes; returns (N, G). Raises ValueError naming shape and constraint."""
+    if len(qweight_shape) != 2:
+        raise ValueError(f"{name}: qweight must be [K//2, N], got shape {tuple(qweight_shape)}")
+    kh, N = qweight_shape
+    if 2 * kh != K:
+        raise ValueError(f"{name}: x has K={K} but qweight {tuple(qweight_shape)} implies K={2 * kh} "
+                         "(qweight must be [K//2, N])")
+    if len(scales_shape) != 2 or scales_shape[1] != N or scales_shape[0] < 1 or K % scales_shape[0]:
+        raise ValueError(f"{name}: scales shape {tuple(scales_shape)} must be [K//G, N] with N={N} "
+                         f"and K//G dividing K={K}")
+    G = K // scales_shape[0]
+    ok, why = supported(M, K, N, G)
+    if not ok:
+        raise ValueError(f"{name}: unsupported shape M={M} K={K} N={N} G={G}: {why}")
+    return N, G
 
 
 def fit_config(cfg: TileConfig, M: int, K: int, N: int, G: int, *, int8: bool) -> TileConfig:
-  """Shrinks a requested config so that its tiles divide the problem."""
-  kh = K // 2
-  bm = max(16, min(cfg.bm, _next_pow2(M)))
-  bn = cfg.bn
-  while bn > MIN_BN and N % bn:
-    bn //= 2
-  min_bk = MIN_BK if int8 else 16
-  bk = max(min_bk, cfg.bk)
-  while bk > MIN_BK and (kh % bk or (G != K and G % bk)):
-    bk //= 2
-  split = max(1, cfg.split_k)
-  while split > 1 and kh % (bk * split):
-    split //= 2
-  return dataclasses.replace(cfg, bm=bm, bn=bn, bk=bk, split_k=split)
+    """Shrinks a requested config so that its tiles divide the problem."""
+    kh = K // 2
+    bm = max(16, min(cfg.bm, _next_pow2(M)))
+    bn = cfg.bn
+    while bn > MIN_BN and N % bn:
+        bn //= 2
+    min_bk = MIN_BK if int8 else 16
+    bk = max(min_bk, cfg.bk)
+    while bk > MIN_BK and (kh % bk or (G != K and G % bk)):
+        bk //= 2
+    split = max(1, cfg.split_k)
+    while split > 1 and kh % (bk * split):
+        split //= 2
+    return dataclasses.replace(cfg, bm=bm, bn=bn, bk=bk, split_k=split)
 
 
 def sm_count() -> int:
-  try:
-    import jax
-    d = jax.devices()[0]
-    if d.platform == "gpu":
-      return int(getattr(d, "core_count", 132) or 132)
-  except Exception:  # pragma: no cover
-    pass
-  return 132
+    try:
+        import jax
+        d = jax.devices()[0]
+        if d.platform == "gpu":
+            return int(getattr(d, "core_count", 132) or 132)
+    except Exception:  # pragma: no cover
+        pass
+    return 132
 
 
 def auto_split(M: int, K: int, N: int, bn: int, bk: int, bm: int, max_split: int = 8) -> int:
-  """Split-K factor so that small-M launches cover the SMs (at least ~1 wave)."""
-  progs = (N // bn) * math.ceil(M / bm)
-  sms = sm_count()
-  split = 1
-  kh = K // 2
-  while progs * split < sms and split < max_split and kh % (bk * split * 2) == 0 \
-      and kh // (split * 2) >= 4 * bk:
-    split *= 2
-  return split
+    """Split-K factor so that small-M launches cover the SMs (at least ~1 wave)."""
+    progs = (N // bn) * math.ceil(M / bm)
+    sms = sm_count()
+    split = 1
+    kh = K // 2
+    while progs * split < sms and split < max_split and kh % (bk * split * 2) == 0 \
+        and kh // (split * 2) >= 4 * bk:
+        split *= 2
+    return split

@@ -56,9 +56,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
-  from jax.experimental.pallas import triton as pltriton
+    from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
-  pltriton = None
+    pltriton = None
 
 _NEG = -1e30        # finite "minus infinity" for masked scores / empty running max
 MIN_BLOCK_K = 16    # tl.dot minimum
@@ -72,128 +72,128 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 # ----------------------------------------------------------------------------- reference
 def cached_attention_reference(q, k_cache, v_cache, q_pos, kv_len=None, *, layer=None,
                                window=None):
-  """Plain-jnp reference with the kernel's signature and semantics.
+    """Plain-jnp reference with the kernel's signature and semantics.
 
-  q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] (or [L, B, KVH, S, hd] with `layer`);
-  q_pos int [B, T]; kv_len optional int [B]. Key s is visible to query (b, t) iff
-  s <= q_pos[b, t] and s < kv_len[b]; with window=(sink, recent) also only if s < sink or
-  q_pos[b, t] - s < recent (the unclipped q_pos, as qspec_jax.model.attention_reference).
-  f32 scores and softmax; the probabilities are cast to
-  v's dtype for the PV product (as qspec_jax.model.attention_reference). Rows that see no key
-  give 0. Returns [B, T, H, hd] in q.dtype.
-  """
-  if layer is not None:
-    k_cache, v_cache = k_cache[layer], v_cache[layer]
-  B, T, H, hd = q.shape
-  kvh, S = k_cache.shape[1], k_cache.shape[2]
-  G = H // kvh
-  hp = lax.Precision.HIGHEST
-  f32 = jnp.float32
-  up = (lambda a: a.astype(f32)) if jax.default_backend() == "cpu" else (lambda a: a)
-  qg = q.reshape(B, T, kvh, G, hd)
-  scores = jnp.einsum("btkgd,bksd->bkgts", up(qg), up(k_cache), precision=hp,
-                      preferred_element_type=f32)
-  scores = scores / jnp.sqrt(f32(hd))
-  lim = _row_limits(q_pos, kv_len, S)  # [B, T]
-  key_pos = jnp.arange(S)[None, None, :]
-  visible = key_pos <= lim[:, :, None]  # [B, T, S]
-  if window is not None:
-    sink, recent = _check_window(window)
-    visible &= (key_pos < sink) | (q_pos.astype(jnp.int32)[:, :, None] - key_pos < recent)
-  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-  m = jnp.max(scores, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(scores - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  probs = p / jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("bkgts,bksd->btkgd", up(probs.astype(v_cache.dtype)), up(v_cache),
-                   precision=hp, preferred_element_type=f32)
-  return out.reshape(B, T, H, hd).astype(q.dtype)
+    q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] (or [L, B, KVH, S, hd] with `layer`);
+    q_pos int [B, T]; kv_len optional int [B]. Key s is visible to query (b, t) iff
+    s <= q_pos[b, t] and s < kv_len[b]; with window=(sink, recent) also only if s < sink or
+    q_pos[b, t] - s < recent (the unclipped q_pos, as qspec_jax.model.attention_reference).
+    f32 scores and softmax; the probabilities are cast to
+    v's dtype for the PV product (as qspec_jax.model.attention_reference). Rows that see no key
+    give 0. Returns [B, T, H, hd] in q.dtype.
+    """
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
+    B, T, H, hd = q.shape
+    kvh, S = k_cache.shape[1], k_cache.shape[2]
+    G = H // kvh
+    hp = lax.Precision.HIGHEST
+    f32 = jnp.float32
+    up = (lambda a: a.astype(f32)) if jax.default_backend() == "cpu" else (lambda a: a)
+    qg = q.reshape(B, T, kvh, G, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", up(qg), up(k_cache), precision=hp,
+                        preferred_element_type=f32)
+    scores = scores / jnp.sqrt(f32(hd))
+    lim = _row_limits(q_pos, kv_len, S)  # [B, T]
+    key_pos = jnp.arange(S)[None, None, :]
+    visible = key_pos <= lim[:, :, None]  # [B, T, S]
+    if window is not None:
+        sink, recent = _check_window(window)
+        visible &= (key_pos < sink) | (q_pos.astype(jnp.int32)[:, :, None] - key_pos < recent)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(scores - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    probs = p / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bkgts,bksd->btkgd", up(probs.astype(v_cache.dtype)), up(v_cache),
+                     precision=hp, preferred_element_type=f32)
+    return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
 def _row_limits(q_pos, kv_len, S):
-  """Last visible key per query: min(q_pos, kv_len - 1, S - 1), -1 when none. int32 [B, T]."""
-  lim = q_pos.astype(jnp.int32)
-  if kv_len is not None:
-    lim = jnp.minimum(lim, kv_len.astype(jnp.int32)[:, None] - 1)
-  return jnp.clip(lim, -1, S - 1)
+    """Last visible key per query: min(q_pos, kv_len - 1, S - 1), -1 when none. int32 [B, T]."""
+    lim = q_pos.astype(jnp.int32)
+    if kv_len is not None:
+        lim = jnp.minimum(lim, kv_len.astype(jnp.int32)[:, None] - 1)
+    return jnp.clip(lim, -1, S - 1)
 
 
 def _check_window(window):
-  """(sink, recent) as Python ints; ValueError unless sink >= 0 and recent >= 1."""
-  ok = (isinstance(window, (tuple, list)) and len(window) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in window))
-  if not ok or window[0] < 0 or window[1] < 1:
-    raise ValueError(f"window must be (sink, recent) with integers sink >= 0 and recent >= 1, "
-                     f"got {window!r}")
-  return int(window[0]), int(window[1])
+    """(sink, recent) as Python ints; ValueError unless sink >= 0 and recent >= 1."""
+    ok = (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in window))
+    if not ok or window[0] < 0 or window[1] < 1:
+        raise ValueError(f"window must be (sink, recent) with integers sink >= 0 and recent >= 1, "
+                         f"got {window!r}")
+    return int(window[0]), int(window[1])
 
 
 def window_blocks(lim, anchor, block_k, sink, recent, S):
-  """Key blocks one query tile reads with window=(sink, recent): (n_sink, start, n_all).
+    """Key blocks one query tile reads with window=(sink, recent): (n_sink, start, n_all).
 
-  lim [rows]: last visible key of each row (-1: none); anchor [rows]: its q_pos. The tile reads
-  blocks [0, n_sink) (the sink keys) then [start, n_all) (from the block of the smallest window
-  start min(q_pos) - recent + 1 to the block of the last visible key): n_sink + n_all - start
-  blocks in all; no other block of the cache is loaded. Every block read holds a key that some
-  row of the tile sees. jnp values (in the kernel) or numpy arrays (benchmark byte counts)."""
-  if isinstance(lim, jax.Array):
-    xp, div = jnp, (lambda a, b: lax.div(a, jnp.int32(b)))   # operands >= 0: truncation is floor
-  else:
-    import numpy as xp
-    div = xp.floor_divide
-  n_all = div(xp.max(lim) + block_k, block_k)         # cdiv(max(lim) + 1, block_k); lim >= -1
-  n_sink = xp.minimum(min(-(-sink // block_k), S // block_k), n_all)
-  big = S + block_k                                   # rows without keys impose nothing
-  wlo = xp.where(lim >= 0, anchor - min(recent, 1 << 30) + 1, big)
-  wlo = xp.clip(xp.min(wlo), 0, big)                  # smallest key of any row's recent window
-  start = xp.clip(div(wlo, block_k), n_sink, n_all)
-  return n_sink, start, n_all
+    lim [rows]: last visible key of each row (-1: none); anchor [rows]: its q_pos. The tile reads
+    blocks [0, n_sink) (the sink keys) then [start, n_all) (from the block of the smallest window
+    start min(q_pos) - recent + 1 to the block of the last visible key): n_sink + n_all - start
+    blocks in all; no other block of the cache is loaded. Every block read holds a key that some
+    row of the tile sees. jnp values (in the kernel) or numpy arrays (benchmark byte counts)."""
+    if isinstance(lim, jax.Array):
+        xp, div = jnp, (lambda a, b: lax.div(a, jnp.int32(b)))   # operands >= 0: truncation is floor
+    else:
+        import numpy as xp
+        div = xp.floor_divide
+    n_all = div(xp.max(lim) + block_k, block_k)         # cdiv(max(lim) + 1, block_k); lim >= -1
+    n_sink = xp.minimum(min(-(-sink // block_k), S // block_k), n_all)
+    big = S + block_k                                   # rows without keys impose nothing
+    wlo = xp.where(lim >= 0, anchor - min(recent, 1 << 30) + 1, big)
+    wlo = xp.clip(xp.min(wlo), 0, big)                  # smallest key of any row's recent window
+    start = xp.clip(div(wlo, block_k), n_sink, n_all)
+    return n_sink, start, n_all
 
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class AttnConfig:
-  """Static launch configuration. block_q: query rows (T*G packed) per program; block_k: keys
-  per loop step; num_splits: programs along the key axis (flash-decoding)."""
-  block_q: int
-  block_k: int
-  num_splits: int
-  num_warps: int
-  num_stages: int
+    """Static launch configuration. block_q: query rows (T*G packed) per program; block_k: keys
+    per loop step; num_splits: programs along the key axis (flash-decoding)."""
+    block_q: int
+    block_k: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
 
 
 def _next_pow2(v: int) -> int:
-  return 1 << max(0, (int(v) - 1).bit_length())
+    return 1 << max(0, (int(v) - 1).bit_length())
 
 
 def _sm_count() -> int:
-  try:
-    d = jax.devices()[0]
-    if d.platform == "gpu":
-      return int(getattr(d, "core_count", 132) or 132)
-  except Exception:  # pragma: no cover  # noqa: BLE001
-    pass
-  return 132
+    try:
+        d = jax.devices()[0]
+        if d.platform == "gpu":
+            return int(getattr(d, "core_count", 132) or 132)
+    except Exception:  # pragma: no cover  # noqa: BLE001
+        pass
+    return 132
 
 
 def _choose_splits(base: int, n_blocks: int, sms: int) -> int:
-  """Flash-decoding splits: up to PROGRAMS_PER_SM waves of programs, whole waves preferred.
+    """Flash-decoding splits: up to PROGRAMS_PER_SM waves of programs, whole waves preferred.
 
-  Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(PROGRAMS_PER_SM * sms, base)) splits,
-  take the one whose programs fill their waves best (p / (waves * sms), or p / sms below one
-  wave); ties (within 2%) go to more splits (more programs to hide latency). No splits when
-  there are already a wave of programs (large batches, prefill tiles)."""
-  if base >= sms:
-    return 1
-  top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(PROGRAMS_PER_SM * sms, base)))
-  best, best_eff = 1, -1.0
-  for ns in range(1, top + 1):
-    p = base * ns
-    eff = p / sms if p < sms else p / (pl.cdiv(p, sms) * sms)
-    if eff >= best_eff - 0.02:
-      best, best_eff = ns, max(eff, best_eff)
-  return best
+    Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(PROGRAMS_PER_SM * sms, base)) splits,
+    take the one whose programs fill their waves best (p / (waves * sms), or p / sms below one
+    wave); ties (within 2%) go to more splits (more programs to hide latency). No splits when
+    there are already a wave of programs (large batches, prefill tiles)."""
+    if base >= sms:
+        return 1
+    top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(PROGRAMS_PER_SM * sms, base)))
+    best, best_eff = 1, -1.0
+    for ns in range(1, top + 1):
+        p = base * ns
+        eff = p / sms if p < sms else p / (pl.cdiv(p, sms) * sms)
+        if eff >= best_eff - 0.02:
+            best, best_eff = ns, max(eff, best_eff)
+    return best
 
 
 def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: int = 2, *,
@@ -201,242 +201,242 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
                    num_splits: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None,
                    window: tuple[int, int] | None = None) -> AttnConfig:
-  """The launch configuration for a shape; explicit arguments override the heuristics.
+    """The launch configuration for a shape; explicit arguments override the heuristics.
 
-  With window=(sink, recent) the block size and the splits are chosen for the keys a query
-  tile actually reads (about sink + recent + T - 1 of them), not for the whole cache."""
-  R = T * (H // KVH)
-  S_read = S  # keys one query tile reads at most (decode / verify: the cache)
-  if window is not None:
-    sink, recent = _check_window(window)
-    S_read = min(S, sink + recent + T - 1)
-  if block_q is None:
-    block_q = max(16, _next_pow2(R)) if R <= MAX_Q_ROWS else (64 if hd >= 128 else 128)
-  block_q = max(16, _next_pow2(block_q))
-  n_q = pl.cdiv(R, block_q)
-  base = B * KVH * n_q          # programs without splitting
-  sms = _sm_count()
-  if block_k is None:
-    # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
-    # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
-    block_k = min(128, KV_TILE_BYTES // (2 * hd * itemsize))
-    if block_q >= 128:
-      block_k = min(block_k, 64)
-    # Short caches: smaller key blocks leave enough of them to split over the SMs.
-    if base * (S_read // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
-      block_k = min(block_k, 64)
-  block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
-  while block_k > MIN_BLOCK_K and S % block_k:
-    block_k //= 2
-  n_blocks = S // block_k
-  if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
-    n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
-  if num_splits is None:
-    num_splits = _choose_splits(base, n_blocks, sms)
-  num_splits = max(1, min(int(num_splits), n_blocks))
-  if num_warps is None:
-    num_warps = 4 if block_q * hd <= 64 * 128 else 8
-  if num_stages is None:
-    stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
-    num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
-  return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
+    With window=(sink, recent) the block size and the splits are chosen for the keys a query
+    tile actually reads (about sink + recent + T - 1 of them), not for the whole cache."""
+    R = T * (H // KVH)
+    S_read = S  # keys one query tile reads at most (decode / verify: the cache)
+    if window is not None:
+        sink, recent = _check_window(window)
+        S_read = min(S, sink + recent + T - 1)
+    if block_q is None:
+        block_q = max(16, _next_pow2(R)) if R <= MAX_Q_ROWS else (64 if hd >= 128 else 128)
+    block_q = max(16, _next_pow2(block_q))
+    n_q = pl.cdiv(R, block_q)
+    base = B * KVH * n_q          # programs without splitting
+    sms = _sm_count()
+    if block_k is None:
+        # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
+        # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
+        block_k = min(128, KV_TILE_BYTES // (2 * hd * itemsize))
+        if block_q >= 128:
+            block_k = min(block_k, 64)
+        # Short caches: smaller key blocks leave enough of them to split over the SMs.
+        if base * (S_read // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
+            block_k = min(block_k, 64)
+    block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
+    while block_k > MIN_BLOCK_K and S % block_k:
+        block_k //= 2
+    n_blocks = S // block_k
+    if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
+        n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
+    if num_splits is None:
+        num_splits = _choose_splits(base, n_blocks, sms)
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    if num_warps is None:
+        num_warps = 4 if block_q * hd <= 64 * 128 else 8
+    if num_stages is None:
+        stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
+        num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
+    return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
 
 
 def supported(q_shape, k_shape, dtype=None, window=None) -> tuple[bool, str]:
-  """Whether cached_attention takes these shapes (and window). q [B, T, H, hd]; k
-  [B, KVH, S, hd] or [L, B, KVH, S, hd]; window None or (sink >= 0, recent >= 1) ints.
-  Returns (ok, reason)."""
-  if len(q_shape) != 4:
-    return False, f"q must be [B, T, H, hd], got shape {tuple(q_shape)}"
-  if len(k_shape) not in (4, 5):
-    return False, f"k cache must be [B, KVH, S, hd] or [L, B, KVH, S, hd], got {tuple(k_shape)}"
-  B, T, H, hd = q_shape
-  Bk, KVH, S, hdk = k_shape[-4:]
-  if Bk != B:
-    return False, f"batch of q ({B}) and of the cache ({Bk}) differ"
-  if hdk != hd:
-    return False, f"head_dim of q ({hd}) and of the cache ({hdk}) differ"
-  if hd < 16 or hd > 256 or hd & (hd - 1):
-    return False, f"head_dim={hd} must be a power of two in [16, 256] (tested: 64, 128)"
-  if KVH < 1 or H % KVH:
-    return False, f"query heads H={H} must be a multiple of kv heads KVH={KVH}"
-  if S < MIN_BLOCK_K or S % MIN_BLOCK_K:
-    return False, f"cache length S={S} must be a multiple of {MIN_BLOCK_K}"
-  if T < 1 or B < 1:
-    return False, f"empty batch or query block (B={B}, T={T})"
-  if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
-    return False, f"dtype {jnp.dtype(dtype).name} not in {SUPPORTED_DTYPES}"
-  if window is not None:
-    try:
-      _check_window(window)
-    except ValueError as e:
-      return False, str(e)
-  return True, "ok"
+    """Whether cached_attention takes these shapes (and window). q [B, T, H, hd]; k
+    [B, KVH, S, hd] or [L, B, KVH, S, hd]; window None or (sink >= 0, recent >= 1) ints.
+    Returns (ok, reason)."""
+    if len(q_shape) != 4:
+        return False, f"q must be [B, T, H, hd], got shape {tuple(q_shape)}"
+    if len(k_shape) not in (4, 5):
+        return False, f"k cache must be [B, KVH, S, hd] or [L, B, KVH, S, hd], got {tuple(k_shape)}"
+    B, T, H, hd = q_shape
+    Bk, KVH, S, hdk = k_shape[-4:]
+    if Bk != B:
+        return False, f"batch of q ({B}) and of the cache ({Bk}) differ"
+    if hdk != hd:
+        return False, f"head_dim of q ({hd}) and of the cache ({hdk}) differ"
+    if hd < 16 or hd > 256 or hd & (hd - 1):
+        return False, f"head_dim={hd} must be a power of two in [16, 256] (tested: 64, 128)"
+    if KVH < 1 or H % KVH:
+        return False, f"query heads H={H} must be a multiple of kv heads KVH={KVH}"
+    if S < MIN_BLOCK_K or S % MIN_BLOCK_K:
+        return False, f"cache length S={S} must be a multiple of {MIN_BLOCK_K}"
+    if T < 1 or B < 1:
+        return False, f"empty batch or query block (B={B}, T={T})"
+    if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
+        return False, f"dtype {jnp.dtype(dtype).name} not in {SUPPORTED_DTYPES}"
+    if window is not None:
+        try:
+            _check_window(window)
+        except ValueError as e:
+            return False, str(e)
+    return True, "ok"
 
 
 # ----------------------------------------------------------------------------- kernel
 def _packed_rows(tile, bq, R, G, kv_head):
-  """Rows r = tile * bq + [0, bq) of one KV head's packed query block -> (t, head) int32 [bq].
+    """Rows r = tile * bq + [0, bq) of one KV head's packed query block -> (t, head) int32 [bq].
 
-  Row r is query t = r // G of query head kv_head * G + r % G. Rows past R (padding up to a
-  power of two) repeat row R - 1: they load valid memory, compute that row's result again and
-  store the same values to the same place, so neither loads nor stores need a mask."""
-  r = jnp.minimum(tile * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), R - 1)
-  return r // G, kv_head * G + r % G
+    Row r is query t = r // G of query head kv_head * G + r % G. Rows past R (padding up to a
+    power of two) repeat row R - 1: they load valid memory, compute that row's result again and
+    store the same values to the same place, so neither loads nor stores need a mask."""
+    r = jnp.minimum(tile * bq + lax.broadcasted_iota(jnp.int32, (bq,), 0), R - 1)
+    return r // G, kv_head * G + r % G
 
 
 def _attn_kernel(layer_ref, pos_ref, *refs, R, G, S, block_q, block_k, num_splits, scale,
                  partial, window, has_anchor):
-  # layer_ref: [1] int32      layer to read (0 for a single-layer cache)
-  # pos_ref: [T] int32        q_pos of sequence b (clipped by kv_len; rows gathered below)
-  # anchor_ref (has_anchor): [T] int32  unclipped q_pos (window anchor) when kv_len clipped pos
-  # q_ref:   [T, H, hd]       all queries of sequence b, read in place (rows gathered below)
-  # k_ref:   [L, S, hd]       key slabs of (b, kv_head) of every layer; only layer `layer`,
-  # v_ref:   [L, S, hd]       blocks < n_blocks, are read
-  # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
-  # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
-  if has_anchor:
-    anchor_ref, q_ref, k_ref, v_ref, *out_refs = refs
-  else:
-    (q_ref, k_ref, v_ref, *out_refs), anchor_ref = refs, pos_ref
-  hd = q_ref.shape[-1]
-  bq = block_q
-  h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  t_idx, head_idx = _packed_rows(tile, bq, R, G, h)      # [bq], [bq]
-  q = q_ref[t_idx, head_idx, :]                          # [bq, hd]
-  lim = jnp.clip(pos_ref[t_idx], -1, S - 1)              # [bq] last visible key (-1: none)
-  layer = layer_ref[0]
-  if window is None:
-    # Blocks this tile needs: [0, cdiv(max(lim) + 1, block_k)) (lim >= -1: no negative division).
-    n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
-  else:
-    # Windowed: blocks [0, n_sink) then [start, n_all); loop step i reads block
-    # i (i < n_sink) or i + start - n_sink. The blocks in between are never loaded.
-    sink, recent = window
-    anchor = anchor_ref[t_idx]                           # [bq] unclipped q_pos
-    n_sink, start_blk, n_all = window_blocks(lim, anchor, block_k, sink, recent, S)
-    n_blocks = n_sink + n_all - start_blk
-    skip = start_blk - n_sink
-    wlo = anchor - min(recent, 1 << 30) + 1               # [bq] first key of each row's window
-  # The needed blocks are cut into num_splits contiguous chunks at run time.
-  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
-  lo = split * per_split
-  hi = jnp.minimum(lo + per_split, n_blocks)
-  hp = lax.Precision.HIGHEST  # f32 inputs: IEEE, not TF32; 16-bit inputs: unaffected
-  key_iota = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)  # [1, bk]
+    # layer_ref: [1] int32      layer to read (0 for a single-layer cache)
+    # pos_ref: [T] int32        q_pos of sequence b (clipped by kv_len; rows gathered below)
+    # anchor_ref (has_anchor): [T] int32  unclipped q_pos (window anchor) when kv_len clipped pos
+    # q_ref:   [T, H, hd]       all queries of sequence b, read in place (rows gathered below)
+    # k_ref:   [L, S, hd]       key slabs of (b, kv_head) of every layer; only layer `layer`,
+    # v_ref:   [L, S, hd]       blocks < n_blocks, are read
+    # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
+    # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
+    if has_anchor:
+        anchor_ref, q_ref, k_ref, v_ref, *out_refs = refs
+    else:
+        (q_ref, k_ref, v_ref, *out_refs), anchor_ref = refs, pos_ref
+    hd = q_ref.shape[-1]
+    bq = block_q
+    h, tile, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    t_idx, head_idx = _packed_rows(tile, bq, R, G, h)      # [bq], [bq]
+    q = q_ref[t_idx, head_idx, :]                          # [bq, hd]
+    lim = jnp.clip(pos_ref[t_idx], -1, S - 1)              # [bq] last visible key (-1: none)
+    layer = layer_ref[0]
+    if window is None:
+        # Blocks this tile needs: [0, cdiv(max(lim) + 1, block_k)) (lim >= -1: no negative division).
+        n_blocks = lax.div(jnp.max(lim) + block_k, jnp.int32(block_k))
+    else:
+        # Windowed: blocks [0, n_sink) then [start, n_all); loop step i reads block
+        # i (i < n_sink) or i + start - n_sink. The blocks in between are never loaded.
+        sink, recent = window
+        anchor = anchor_ref[t_idx]                           # [bq] unclipped q_pos
+        n_sink, start_blk, n_all = window_blocks(lim, anchor, block_k, sink, recent, S)
+        n_blocks = n_sink + n_all - start_blk
+        skip = start_blk - n_sink
+        wlo = anchor - min(recent, 1 << 30) + 1               # [bq] first key of each row's window
+    # The needed blocks are cut into num_splits contiguous chunks at run time.
+    per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
+    lo = split * per_split
+    hi = jnp.minimum(lo + per_split, n_blocks)
+    hp = lax.Precision.HIGHEST  # f32 inputs: IEEE, not TF32; 16-bit inputs: unaffected
+    key_iota = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)  # [1, bk]
 
-  def body(i, carry):
-    o, m, l = carry                                      # [bq, hd], [bq], [bq] f32
-    j = i if window is None else jnp.where(i < n_sink, i, i + skip)  # key block
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hp,
-                        preferred_element_type=jnp.float32) * scale  # [bq, bk]
-    key = start + key_iota                               # [1, bk]
-    visible = key <= lim[:, None]                        # [bq, bk]
-    if window is not None:
-      visible &= (key < sink) | (key >= wlo[:, None])
-    s = jnp.where(visible, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))           # [bq]
-    alpha = jnp.exp(m - m_new)                           # [bq]
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)  # [bq, bk]
-    l = alpha * l + jnp.sum(p, axis=1)
-    v = v_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
-    pv = jnp.dot(p.astype(v.dtype), v, precision=hp, preferred_element_type=jnp.float32)
-    o = alpha[:, None] * o + pv                          # [bq, hd]
-    return o, m_new, l
+    def body(i, carry):
+        o, m, l = carry                                      # [bq, hd], [bq], [bq] f32
+        j = i if window is None else jnp.where(i < n_sink, i, i + skip)  # key block
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hp,
+                            preferred_element_type=jnp.float32) * scale  # [bq, bk]
+        key = start + key_iota                               # [1, bk]
+        visible = key <= lim[:, None]                        # [bq, bk]
+        if window is not None:
+            visible &= (key < sink) | (key >= wlo[:, None])
+        s = jnp.where(visible, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))           # [bq]
+        alpha = jnp.exp(m - m_new)                           # [bq]
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)  # [bq, bk]
+        l = alpha * l + jnp.sum(p, axis=1)
+        v = v_ref[layer, pl.ds(start, block_k), :]           # [bk, hd]
+        pv = jnp.dot(p.astype(v.dtype), v, precision=hp, preferred_element_type=jnp.float32)
+        o = alpha[:, None] * o + pv                          # [bq, hd]
+        return o, m_new, l
 
-  init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
-  o, m, l = lax.fori_loop(lo, hi, body, init)
-  if partial:
-    o_ref, m_ref, l_ref = out_refs
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
-  else:
-    (o_ref,) = out_refs
-    inv = 1.0 / jnp.where(l > 0, l, 1.0)                 # rows without keys -> 0
-    o_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(o_ref.dtype)
+    init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    o, m, l = lax.fori_loop(lo, hi, body, init)
+    if partial:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
+    else:
+        (o_ref,) = out_refs
+        inv = 1.0 / jnp.where(l > 0, l, 1.0)                 # rows without keys -> 0
+        o_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(o_ref.dtype)
 
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, R, G, block_q, num_splits):
-  # o_ref:   [ns, bq, hd] f32  unnormalised partial outputs of the splits
-  # m_ref:   [ns, bq] f32      running max per split (_NEG: split saw no key)
-  # l_ref:   [ns, bq] f32      softmax denominators per split
-  # out_ref: [T, H, hd]        output of sequence b, rows scattered in place
-  bq = block_q
-  hd = o_ref.shape[-1]
-  t_idx, head_idx = _packed_rows(pl.program_id(2), bq, R, G, pl.program_id(1))
+    # o_ref:   [ns, bq, hd] f32  unnormalised partial outputs of the splits
+    # m_ref:   [ns, bq] f32      running max per split (_NEG: split saw no key)
+    # l_ref:   [ns, bq] f32      softmax denominators per split
+    # out_ref: [T, H, hd]        output of sequence b, rows scattered in place
+    bq = block_q
+    hd = o_ref.shape[-1]
+    t_idx, head_idx = _packed_rows(pl.program_id(2), bq, R, G, pl.program_id(1))
 
-  def body(s, carry):                                    # online log-sum-exp merge
-    o, m, l = carry
-    m_s = m_ref[s, :]                                    # [bq]
-    m_new = jnp.maximum(m, m_s)
-    a, b = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
-    return (a[:, None] * o + b[:, None] * o_ref[s, :, :], m_new, a * l + b * l_ref[s, :])
+    def body(s, carry):                                    # online log-sum-exp merge
+        o, m, l = carry
+        m_s = m_ref[s, :]                                    # [bq]
+        m_new = jnp.maximum(m, m_s)
+        a, b = jnp.exp(m - m_new), jnp.exp(m_s - m_new)
+        return (a[:, None] * o + b[:, None] * o_ref[s, :, :], m_new, a * l + b * l_ref[s, :])
 
-  init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
-  o, _, l = lax.fori_loop(0, num_splits, body, init)
-  inv = 1.0 / jnp.where(l > 0, l, 1.0)
-  out_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(out_ref.dtype)
+    init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    o, _, l = lax.fori_loop(0, num_splits, body, init)
+    inv = 1.0 / jnp.where(l > 0, l, 1.0)
+    out_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(out_ref.dtype)
 
 
 def _compiler_params(num_warps, num_stages):
-  if pltriton is not None and hasattr(pltriton, "CompilerParams"):
-    return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps,
-                                                       num_stages=num_stages)}
-  return {}  # pragma: no cover
+    if pltriton is not None and hasattr(pltriton, "CompilerParams"):
+        return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps,
+                                                           num_stages=num_stages)}
+    return {}  # pragma: no cover
 
 
 def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool,
                     window):
-  B, T, H, hd = q.shape
-  L, _, KVH, S, _ = k_cache.shape
-  G = H // KVH
-  R = T * G
-  bq, ns = cfg.block_q, cfg.num_splits
-  n_q = pl.cdiv(R, bq)
-  grid = (B, KVH, n_q, ns)
-  partial = ns > 1
-  has_anchor = anchor is not None
-  kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
-                             num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial,
-                             window=window, has_anchor=has_anchor)
-  kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
-  seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
-  pos_spec = pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0))  # q_pos [B, T]
-  in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
-              pos_spec] + [pos_spec] * has_anchor + [seq_spec, kv_spec, kv_spec]
-  pos_args = (q_pos, anchor) if has_anchor else (q_pos,)
-  if partial:
-    R_pad = n_q * bq
-    out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, R_pad, hd), jnp.float32),
-                 jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32),
-                 jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, None, None, bq, hd), lambda b, h, i, s: (b, h, s, i, 0)),
-                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
-                 pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
-  else:
-    out_shape = [jax.ShapeDtypeStruct((B, T, H, hd), q.dtype)]
-    out_specs = [seq_spec]
-  outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      interpret=interpret,
-      name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}" + ("_win" if window else ""),
-      **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, *pos_args, q, k_cache, v_cache)
-  if not partial:
-    return outs[0]
-  combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
-  return pl.pallas_call(
-      combine, out_shape=jax.ShapeDtypeStruct((B, T, H, hd), q.dtype), grid=(B, KVH, n_q),
-      in_specs=[pl.BlockSpec((None, None, ns, bq, hd), lambda b, h, i: (b, h, 0, i, 0)),
-                pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i)),
-                pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i))],
-      out_specs=pl.BlockSpec((None, T, H, hd), lambda b, h, i: (b, 0, 0, 0)),
-      interpret=interpret, name=f"cached_attn_combine_s{ns}",
-      **_compiler_params(4, 1))(*outs)
+    B, T, H, hd = q.shape
+    L, _, KVH, S, _ = k_cache.shape
+    G = H // KVH
+    R = T * G
+    bq, ns = cfg.block_q, cfg.num_splits
+    n_q = pl.cdiv(R, bq)
+    grid = (B, KVH, n_q, ns)
+    partial = ns > 1
+    has_anchor = anchor is not None
+    kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
+                               num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial,
+                               window=window, has_anchor=has_anchor)
+    kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
+    seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
+    pos_spec = pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0))  # q_pos [B, T]
+    in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
+                pos_spec] + [pos_spec] * has_anchor + [seq_spec, kv_spec, kv_spec]
+    pos_args = (q_pos, anchor) if has_anchor else (q_pos,)
+    if partial:
+        R_pad = n_q * bq
+        out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, R_pad, hd), jnp.float32),
+                     jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32),
+                     jax.ShapeDtypeStruct((B, KVH, ns, R_pad), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, bq, hd), lambda b, h, i, s: (b, h, s, i, 0)),
+                     pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
+                     pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, T, H, hd), q.dtype)]
+        out_specs = [seq_spec]
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        interpret=interpret,
+        name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}" + ("_win" if window else ""),
+        **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, *pos_args, q, k_cache, v_cache)
+    if not partial:
+        return outs[0]
+    combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
+    return pl.pallas_call(
+        combine, out_shape=jax.ShapeDtypeStruct((B, T, H, hd), q.dtype), grid=(B, KVH, n_q),
+        in_specs=[pl.BlockSpec((None, None, ns, bq, hd), lambda b, h, i: (b, h, 0, i, 0)),
+                  pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i)),
+                  pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i))],
+        out_specs=pl.BlockSpec((None, T, H, hd), lambda b, h, i: (b, 0, 0, 0)),
+        interpret=interpret, name=f"cached_attn_combine_s{ns}",
+        **_compiler_params(4, 1))(*outs)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_splits",
@@ -447,56 +447,56 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, interpret: bool = False,
                      window: tuple[int, int] | None = None) -> jax.Array:
-  """Attention of T new queries per sequence over the KV cache (see the module docstring).
+    """Attention of T new queries per sequence over the KV cache (see the module docstring).
 
-  q [B, T, H, hd] (bf16 / f16 / f32).
-  k_cache, v_cache: [B, KVH, S, hd] in q's dtype (checked, never cast: a cast would copy the
-    cache), or the model's whole [L, B, KVH, S, hd] cache with `layer` (a Python int or a
-    traced int32 scalar: one compiled kernel serves every layer, whose slab is read in place).
-  q_pos int [B, T]: cache position of each query; key s is visible iff s <= q_pos[b, t].
-  kv_len optional int [B]: keys s >= kv_len[b] are masked too. Without it the keys read per
-    sequence are those up to max_t q_pos[b, t] (clipped to the cache).
-  window (static) (sink, recent): windowed (draft) attention; key s is visible only if also
-    s < sink or q_pos[b, t] - s < recent. Each query tile loads only the key blocks holding
-    such keys (the first cdiv(sink, block_k) blocks and those from its smallest window start
-    to its last visible key); the blocks in between are never read, and the flash-decoding
-    splits divide the blocks actually read. None: full causal attention.
-  Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
-  block_q / block_k / num_splits / num_warps / num_stages override default_config.
-  interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
-  """
-  if window is not None:
-    window = _check_window(window)
-  ok, why = supported(q.shape, k_cache.shape, q.dtype, window)
-  if not ok:
-    raise ValueError(f"cached_attention: {why}")
-  if k_cache.shape != v_cache.shape:
-    raise ValueError(f"cached_attention: k {k_cache.shape} and v {v_cache.shape} differ")
-  if (k_cache.ndim == 5) != (layer is not None):
-    raise ValueError("cached_attention: pass layer=i exactly when the cache is [L, B, KVH, S, hd]")
-  B, T, H, hd = q.shape
-  if q_pos.shape != (B, T):
-    raise ValueError(f"cached_attention: q_pos shape {q_pos.shape} must be {(B, T)}")
-  if kv_len is not None and kv_len.shape != (B,):
-    raise ValueError(f"cached_attention: kv_len shape {kv_len.shape} must be {(B,)}")
-  if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-    # Not cast here: a cast would copy the whole cache on every call.
-    raise ValueError(f"cached_attention: cache dtype {k_cache.dtype}/{v_cache.dtype} must equal "
-                     f"q dtype {q.dtype}")
-  KVH, S = k_cache.shape[-3], k_cache.shape[-2]
-  cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(q.dtype).itemsize, block_q=block_q,
-                       block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                       num_stages=num_stages, window=window)
-  q_pos = q_pos.astype(jnp.int32)
-  anchor = None  # the window's anchor, when it differs from the clipped q_pos
-  if kv_len is not None:  # one tiny fusion; without kv_len the kernel reads q_pos as is
+    q [B, T, H, hd] (bf16 / f16 / f32).
+    k_cache, v_cache: [B, KVH, S, hd] in q's dtype (checked, never cast: a cast would copy the
+      cache), or the model's whole [L, B, KVH, S, hd] cache with `layer` (a Python int or a
+      traced int32 scalar: one compiled kernel serves every layer, whose slab is read in place).
+    q_pos int [B, T]: cache position of each query; key s is visible iff s <= q_pos[b, t].
+    kv_len optional int [B]: keys s >= kv_len[b] are masked too. Without it the keys read per
+      sequence are those up to max_t q_pos[b, t] (clipped to the cache).
+    window (static) (sink, recent): windowed (draft) attention; key s is visible only if also
+      s < sink or q_pos[b, t] - s < recent. Each query tile loads only the key blocks holding
+      such keys (the first cdiv(sink, block_k) blocks and those from its smallest window start
+      to its last visible key); the blocks in between are never read, and the flash-decoding
+      splits divide the blocks actually read. None: full causal attention.
+    Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
+    block_q / block_k / num_splits / num_warps / num_stages override default_config.
+    interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
+    """
     if window is not None:
-      anchor = q_pos
-    q_pos = jnp.minimum(q_pos, kv_len.astype(jnp.int32)[:, None] - 1)
-  if k_cache.ndim == 4:  # a single layer: [1, B, KVH, S, hd] (a free reshape)
-    k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
-  layer = jnp.asarray(layer, jnp.int32).reshape(1)
-  return _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg, interpret, window)
+        window = _check_window(window)
+    ok, why = supported(q.shape, k_cache.shape, q.dtype, window)
+    if not ok:
+        raise ValueError(f"cached_attention: {why}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"cached_attention: k {k_cache.shape} and v {v_cache.shape} differ")
+    if (k_cache.ndim == 5) != (layer is not None):
+        raise ValueError("cached_attention: pass layer=i exactly when the cache is [L, B, KVH, S, hd]")
+    B, T, H, hd = q.shape
+    if q_pos.shape != (B, T):
+        raise ValueError(f"cached_attention: q_pos shape {q_pos.shape} must be {(B, T)}")
+    if kv_len is not None and kv_len.shape != (B,):
+        raise ValueError(f"cached_attention: kv_len shape {kv_len.shape} must be {(B,)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        # Not cast here: a cast would copy the whole cache on every call.
+        raise ValueError(f"cached_attention: cache dtype {k_cache.dtype}/{v_cache.dtype} must equal "
+                         f"q dtype {q.dtype}")
+    KVH, S = k_cache.shape[-3], k_cache.shape[-2]
+    cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(q.dtype).itemsize, block_q=block_q,
+                         block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                         num_stages=num_stages, window=window)
+    q_pos = q_pos.astype(jnp.int32)
+    anchor = None  # the window's anchor, when it differs from the clipped q_pos
+    if kv_len is not None:  # one tiny fusion; without kv_len the kernel reads q_pos as is
+        if window is not None:
+            anchor = q_pos
+        q_pos = jnp.minimum(q_pos, kv_len.astype(jnp.int32)[:, None] - 1)
+    if k_cache.ndim == 4:  # a single layer: [1, B, KVH, S, hd] (a free reshape)
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    return _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg, interpret, window)
 
 
 __all__ = ["AttnConfig", "cached_attention", "cached_attention_reference", "default_config",

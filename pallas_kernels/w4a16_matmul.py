@@ -27,9 +27,9 @@ from pallas_kernels._common import (TileConfig, as_int16_pairs, auto_split, chec
                                     fit_config, magic_dequant)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
-  from jax.experimental.pallas import triton as pltriton
+    from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
-  pltriton = None
+    pltriton = None
 
 _BACKENDS = ("triton", "xla")
 # From M = XLA_MIN_M on (per-channel scales), the default backend dequantizes the weight to the
@@ -42,198 +42,198 @@ XLA_MIN_M = 128
 
 # ----------------------------------------------------------------------------- reference
 def unpack_int4(qweight: jax.Array) -> jax.Array:
-  """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
-  lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
-  hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
-  return jnp.concatenate([lo, hi], axis=0)
+    """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
+    lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
+    return jnp.concatenate([lo, hi], axis=0)
 
 
 def w4a16_matmul_reference(x: jax.Array, qweight: jax.Array, scales: jax.Array) -> jax.Array:
-  """Plain-jnp reference: sum_g (x_g @ q_g) * s[g] in f32 (g in order), cast to x.dtype."""
-  M, K = x.shape
-  q = unpack_int4(qweight).astype(x.dtype)  # exact in bf16/f16/f32
-  ng = scales.shape[0]
-  G = K // ng
-  hp = lax.Precision.HIGHEST
-  if ng == 1:
-    acc = jnp.dot(x, q, preferred_element_type=jnp.float32, precision=hp)
-    return (acc * scales[0][None, :]).astype(x.dtype)
+    """Plain-jnp reference: sum_g (x_g @ q_g) * s[g] in f32 (g in order), cast to x.dtype."""
+    M, K = x.shape
+    q = unpack_int4(qweight).astype(x.dtype)  # exact in bf16/f16/f32
+    ng = scales.shape[0]
+    G = K // ng
+    hp = lax.Precision.HIGHEST
+    if ng == 1:
+        acc = jnp.dot(x, q, preferred_element_type=jnp.float32, precision=hp)
+        return (acc * scales[0][None, :]).astype(x.dtype)
 
-  def body(g, acc):
-    xg = lax.dynamic_slice_in_dim(x, g * G, G, axis=1)
-    qg = lax.dynamic_slice_in_dim(q, g * G, G, axis=0)
-    part = jnp.dot(xg, qg, preferred_element_type=jnp.float32, precision=hp)
-    return acc + part * lax.dynamic_index_in_dim(scales, g, axis=0, keepdims=True)
+    def body(g, acc):
+        xg = lax.dynamic_slice_in_dim(x, g * G, G, axis=1)
+        qg = lax.dynamic_slice_in_dim(q, g * G, G, axis=0)
+        part = jnp.dot(xg, qg, preferred_element_type=jnp.float32, precision=hp)
+        return acc + part * lax.dynamic_index_in_dim(scales, g, axis=0, keepdims=True)
 
-  acc = lax.fori_loop(0, ng, body, jnp.zeros((M, qweight.shape[1]), jnp.float32))
-  return acc.astype(x.dtype)
+    acc = lax.fori_loop(0, ng, body, jnp.zeros((M, qweight.shape[1]), jnp.float32))
+    return acc.astype(x.dtype)
 
 
 def _xla_dequant_matmul(x, qweight, scales):
-  """Large-M path: exact int4 -> x.dtype in one XLA fusion, XLA GEMM, f32 scale epilogue.
+    """Large-M path: exact int4 -> x.dtype in one XLA fusion, XLA GEMM, f32 scale epilogue.
 
-  Per-channel scales only (the scale multiplies the f32 accumulator: the verify-mode math)."""
-  if scales.shape[0] != 1:
-    raise ValueError("w4a16_matmul: backend='xla' needs per-channel scales (G == K)")
-  q = unpack_int4(qweight).astype(x.dtype)
-  acc = jnp.dot(x, q, preferred_element_type=jnp.float32)
-  return (acc * scales).astype(x.dtype)
+    Per-channel scales only (the scale multiplies the f32 accumulator: the verify-mode math)."""
+    if scales.shape[0] != 1:
+        raise ValueError("w4a16_matmul: backend='xla' needs per-channel scales (G == K)")
+    q = unpack_int4(qweight).astype(x.dtype)
+    acc = jnp.dot(x, q, preferred_element_type=jnp.float32)
+    return (acc * scales).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- kernel
 def _unpack_tile(q):
-  # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
-  lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
-  hi = lax.shift_right_arithmetic(q, jnp.int8(4))
-  return lo, hi
+    # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
+    lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(q, jnp.int8(4))
+    return lo, hi
 
 
 def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                   partial_out, dequant):
-  # x_ref: [bm, K]        rows m*bm .. of x (rows >= M are masked to 0)
-  # q_ref: [kh_split, bn] int8 packed rows of this K split
-  #        (dequant == "magic": int16 [kh_split, bn//2], two packed bytes per element)
-  # s_ref: [K//G, bn]     f32 scales of this N tile
-  # o_ref: [bm, bn]       x.dtype (partial_out: f32 partial sum of this K split)
-  bm = x_ref.shape[0]
-  bn = s_ref.shape[1]
-  kh = K // 2
-  m_idx = pl.program_id(1)
-  s_idx = pl.program_id(2)
-  base = s_idx * kh_split
-  cdt = x_ref.dtype
-  per_channel = G == K
-  if masked:
-    rows = m_idx * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    row_mask = rows < M  # [bm, 1]
-
-  def load_x(col):
-    ref = x_ref.at[:, pl.ds(col, bk)]  # [bm, bk]
+    # x_ref: [bm, K]        rows m*bm .. of x (rows >= M are masked to 0)
+    # q_ref: [kh_split, bn] int8 packed rows of this K split
+    #        (dequant == "magic": int16 [kh_split, bn//2], two packed bytes per element)
+    # s_ref: [K//G, bn]     f32 scales of this N tile
+    # o_ref: [bm, bn]       x.dtype (partial_out: f32 partial sum of this K split)
+    bm = x_ref.shape[0]
+    bn = s_ref.shape[1]
+    kh = K // 2
+    m_idx = pl.program_id(1)
+    s_idx = pl.program_id(2)
+    base = s_idx * kh_split
+    cdt = x_ref.dtype
+    per_channel = G == K
     if masked:
-      return pltriton.load(ref, mask=row_mask, other=0) if pltriton else ref[...]
-    return ref[...]
+        rows = m_idx * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        row_mask = rows < M  # [bm, 1]
 
-  def mma(xt, wt):
-    # xt: [bm, bk] cdt, wt: [bk, bn] cdt -> f32 [bm, bn] (or [bn, bm] when transposed)
-    if transpose:
-      return lax.dot_general(wt, xt, (((0,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    return jnp.dot(xt, wt, preferred_element_type=jnp.float32)
+    def load_x(col):
+        ref = x_ref.at[:, pl.ds(col, bk)]  # [bm, bk]
+        if masked:
+            return pltriton.load(ref, mask=row_mask, other=0) if pltriton else ref[...]
+        return ref[...]
 
-  def scale_row(g):
-    s = s_ref[pl.ds(g, 1), :]  # [1, bn] f32
-    return s.T if transpose else s
+    def mma(xt, wt):
+        # xt: [bm, bk] cdt, wt: [bk, bn] cdt -> f32 [bm, bn] (or [bn, bm] when transposed)
+        if transpose:
+            return lax.dot_general(wt, xt, (((0,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        return jnp.dot(xt, wt, preferred_element_type=jnp.float32)
 
-  def body(i, acc):
-    k0 = pl.multiple_of(i * bk, bk)
-    if dequant == "magic":
-      lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], cdt)  # cdt [bk, bn] each
-    else:
-      lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
-      lo, hi = lo.astype(cdt), hi.astype(cdt)
-    d_lo = mma(load_x(base + k0), lo)
-    d_hi = mma(load_x(kh + base + k0), hi)
+    def scale_row(g):
+        s = s_ref[pl.ds(g, 1), :]  # [1, bn] f32
+        return s.T if transpose else s
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * bk, bk)
+        if dequant == "magic":
+            lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], cdt)  # cdt [bk, bn] each
+        else:
+            lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
+            lo, hi = lo.astype(cdt), hi.astype(cdt)
+        d_lo = mma(load_x(base + k0), lo)
+        d_hi = mma(load_x(kh + base + k0), hi)
+        if per_channel:
+            return acc + d_lo + d_hi
+        g_lo = (base + k0) // G
+        g_hi = (kh + base + k0) // G
+        return acc + d_lo * scale_row(g_lo) + d_hi * scale_row(g_hi)
+
+    shape = (bn, bm) if transpose else (bm, bn)
+    acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, jnp.float32))
     if per_channel:
-      return acc + d_lo + d_hi
-    g_lo = (base + k0) // G
-    g_hi = (kh + base + k0) // G
-    return acc + d_lo * scale_row(g_lo) + d_hi * scale_row(g_hi)
-
-  shape = (bn, bm) if transpose else (bm, bn)
-  acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, jnp.float32))
-  if per_channel:
-    acc = acc * scale_row(0)
-  if transpose:
-    acc = acc.T  # [bm, bn]
-  out = acc.astype(o_ref.dtype)
-  if masked and pltriton is not None:
-    pltriton.store(o_ref, out, mask=row_mask)
-  else:
-    o_ref[...] = out
+        acc = acc * scale_row(0)
+    if transpose:
+        acc = acc.T  # [bm, bn]
+    out = acc.astype(o_ref.dtype)
+    if masked and pltriton is not None:
+        pltriton.store(o_ref, out, mask=row_mask)
+    else:
+        o_ref[...] = out
 
 
 def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
-  bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
-  kh = K // 2
-  kh_split = kh // split
-  grid = (N // bn, pl.cdiv(M, bm), split)
-  partial_out = split > 1
-  kernel = functools.partial(
-      _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-      masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
-  qbn = bn // 2 if cfg.dequant == "magic" else bn
-  in_specs = [
-      pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
-      pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
-      pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
-  ]
-  if partial_out:
-    out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
-    out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
-  else:
-    out_shape = jax.ShapeDtypeStruct((M, N), dtype)
-    out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
-  params = None
-  if pltriton is not None:
-    params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      compiler_params=params, interpret=interpret, name=f"w4a16_{cfg.short()}")
+    bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
+    kh = K // 2
+    kh_split = kh // split
+    grid = (N // bn, pl.cdiv(M, bm), split)
+    partial_out = split > 1
+    kernel = functools.partial(
+        _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
+        masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
+    qbn = bn // 2 if cfg.dequant == "magic" else bn
+    in_specs = [
+        pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
+        pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
+        pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
+    ]
+    if partial_out:
+        out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
+        out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
+    else:
+        out_shape = jax.ShapeDtypeStruct((M, N), dtype)
+        out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
+    params = None
+    if pltriton is not None:
+        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        compiler_params=params, interpret=interpret, name=f"w4a16_{cfg.short()}")
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
-  """Tile configuration by M (H200 sweep + bench, experiments/results/kernels_h200*.{json,md}).
+    """Tile configuration by M (H200 sweep + bench, experiments/results/kernels_h200*.{json,md}).
 
-  dequant: "cvt" for M <= 32 (12.5-56.5 us vs 14.2-78.9 us for "magic" at M = 1, four shapes),
-  "magic" for 33 <= M <= 64 (sum over the four shapes at M = 64: 179 vs 196 us).
-  """
-  if M <= 16:
-    cfg = TileConfig(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=4, dequant="cvt")
-  elif M <= 32:
-    cfg = TileConfig(bm=32, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
-                     dequant="cvt")
-  elif M <= 64:
-    cfg = TileConfig(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
-                     dequant="magic")
-  elif M <= 128:
-    cfg = TileConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
-  else:
-    cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
-  return fit_config(cfg, M, K, N, G, int8=False)
+    dequant: "cvt" for M <= 32 (12.5-56.5 us vs 14.2-78.9 us for "magic" at M = 1, four shapes),
+    "magic" for 33 <= M <= 64 (sum over the four shapes at M = 64: 179 vs 196 us).
+    """
+    if M <= 16:
+        cfg = TileConfig(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=4, dequant="cvt")
+    elif M <= 32:
+        cfg = TileConfig(bm=32, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
+                         dequant="cvt")
+    elif M <= 64:
+        cfg = TileConfig(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
+                         dequant="magic")
+    elif M <= 128:
+        cfg = TileConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
+    else:
+        cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
+    return fit_config(cfg, M, K, N, G, int8=False)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret", "config"))
 def w4a16_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, backend: str | None = None,
                  interpret: bool = False, config: TileConfig | None = None) -> jax.Array:
-  """x [M, K] (bf16/f16/f32) @ int4 weights -> [M, N] in x.dtype, fp32 accumulation.
+    """x [M, K] (bf16/f16/f32) @ int4 weights -> [M, N] in x.dtype, fp32 accumulation.
 
-  backend: None (auto: Triton kernel; for M >= XLA_MIN_M with per-channel scales, XLA
-  dequantize + GEMM), "triton" (always the kernel) or "xla" (always dequantize + GEMM).
-  interpret: run the Pallas interpreter (CPU tests).
-  config: optional TileConfig (tuning); shrunk to fit the shape.
-  Raises ValueError for shapes the kernel does not support (see pallas_kernels.supported).
-  """
-  if backend not in (None,) + _BACKENDS:
-    raise ValueError(f"w4a16_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
-  if x.ndim != 2:
-    raise ValueError(f"w4a16_matmul: x must be [M, K], got shape {x.shape}")
-  if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"w4a16_matmul: x dtype {x.dtype} must be bfloat16, float16 or float32")
-  if qweight.dtype != jnp.int8:
-    raise ValueError(f"w4a16_matmul: qweight dtype {qweight.dtype} must be int8")
-  M, K = x.shape
-  N, G = check_operands("w4a16_matmul", M, K, qweight.shape, scales.shape)
-  scales = scales.astype(jnp.float32)
-  if backend == "xla" or (backend is None and config is None and G == K and M >= XLA_MIN_M):
-    return _xla_dequant_matmul(x, qweight, scales)
-  if config is None:
-    cfg = default_config(M, K, N, G)
-  else:
-    cfg = fit_config(config, M, K, N, G, int8=False)
-  if cfg.dequant == "magic" and x.dtype == jnp.float32:
-    cfg = dataclasses.replace(cfg, dequant="cvt")  # no magic constant for f32 (not a fast path)
-  q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
-  out = _build(M, K, N, G, x.dtype, cfg, interpret)(x, q, scales)
-  if cfg.split_k > 1:
-    out = out.sum(axis=0).astype(x.dtype)
-  return out
+    backend: None (auto: Triton kernel; for M >= XLA_MIN_M with per-channel scales, XLA
+    dequantize + GEMM), "triton" (always the kernel) or "xla" (always dequantize + GEMM).
+    interpret: run the Pallas interpreter (CPU tests).
+    config: optional TileConfig (tuning); shrunk to fit the shape.
+    Raises ValueError for shapes the kernel does not support (see pallas_kernels.supported).
+    """
+    if backend not in (None,) + _BACKENDS:
+        raise ValueError(f"w4a16_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
+    if x.ndim != 2:
+        raise ValueError(f"w4a16_matmul: x must be [M, K], got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"w4a16_matmul: x dtype {x.dtype} must be bfloat16, float16 or float32")
+    if qweight.dtype != jnp.int8:
+        raise ValueError(f"w4a16_matmul: qweight dtype {qweight.dtype} must be int8")
+    M, K = x.shape
+    N, G = check_operands("w4a16_matmul", M, K, qweight.shape, scales.shape)
+    scales = scales.astype(jnp.float32)
+    if backend == "xla" or (backend is None and config is None and G == K and M >= XLA_MIN_M):
+        return _xla_dequant_matmul(x, qweight, scales)
+    if config is None:
+        cfg = default_config(M, K, N, G)
+    else:
+        cfg = fit_config(config, M, K, N, G, int8=False)
+    if cfg.dequant == "magic" and x.dtype == jnp.float32:
+        cfg = dataclasses.replace(cfg, dequant="cvt")  # no magic constant for f32 (not a fast path)
+    q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
+    out = _build(M, K, N, G, x.dtype, cfg, interpret)(x, q, scales)
+    if cfg.split_k > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out

@@ -32,217 +32,217 @@ from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, 
                                     magic_dequant)
 
 try:
-  from jax.experimental.pallas import triton as pltriton
+    from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
-  pltriton = None
+    pltriton = None
 
 _BACKENDS = ("triton",)
 
 
 # ----------------------------------------------------------------------------- references
 def unpack_int4(qweight: jax.Array) -> jax.Array:
-  """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
-  lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
-  hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
-  return jnp.concatenate([lo, hi], axis=0)
+    """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
+    lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
+    return jnp.concatenate([lo, hi], axis=0)
 
 
 def quantize_per_token_reference(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
-  """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
-  qmax, qmin = (127.0, -127.0) if bits == 8 else (7.0, -8.0)
-  xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-  sx = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
-  xq = jnp.clip(jnp.round(xf / sx), qmin, qmax).astype(jnp.int8)
-  return xq, sx
+    """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
+    qmax, qmin = (127.0, -127.0) if bits == 8 else (7.0, -8.0)
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    sx = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
+    xq = jnp.clip(jnp.round(xf / sx), qmin, qmax).astype(jnp.int8)
+    return xq, sx
 
 
 def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Array,
                           out_dtype=jnp.bfloat16) -> jax.Array:
-  """Plain-jnp reference: y = sx * sum_g s[g] * int32(xq_g @ q_g), g in order."""
-  M, K = xq.shape
-  q = unpack_int4(qweight)
-  ng = scales.shape[0]
-  G = K // ng
-  sx = sx.astype(jnp.float32).reshape(M, 1)
-  if ng == 1:
-    acc = jnp.dot(xq, q, preferred_element_type=jnp.int32)
-    return (sx * (acc.astype(jnp.float32) * scales[0][None, :])).astype(out_dtype)
+    """Plain-jnp reference: y = sx * sum_g s[g] * int32(xq_g @ q_g), g in order."""
+    M, K = xq.shape
+    q = unpack_int4(qweight)
+    ng = scales.shape[0]
+    G = K // ng
+    sx = sx.astype(jnp.float32).reshape(M, 1)
+    if ng == 1:
+        acc = jnp.dot(xq, q, preferred_element_type=jnp.int32)
+        return (sx * (acc.astype(jnp.float32) * scales[0][None, :])).astype(out_dtype)
 
-  def body(g, y):
-    xg = lax.dynamic_slice_in_dim(xq, g * G, G, axis=1)
-    qg = lax.dynamic_slice_in_dim(q, g * G, G, axis=0)
-    acc = jnp.dot(xg, qg, preferred_element_type=jnp.int32)
-    return y + lax.dynamic_index_in_dim(scales, g, axis=0, keepdims=True) * acc.astype(jnp.float32)
+    def body(g, y):
+        xg = lax.dynamic_slice_in_dim(xq, g * G, G, axis=1)
+        qg = lax.dynamic_slice_in_dim(q, g * G, G, axis=0)
+        acc = jnp.dot(xg, qg, preferred_element_type=jnp.int32)
+        return y + lax.dynamic_index_in_dim(scales, g, axis=0, keepdims=True) * acc.astype(jnp.float32)
 
-  y = lax.fori_loop(0, ng, body, jnp.zeros((M, qweight.shape[1]), jnp.float32))
-  return (sx * y).astype(out_dtype)
+    y = lax.fori_loop(0, ng, body, jnp.zeros((M, qweight.shape[1]), jnp.float32))
+    return (sx * y).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- kernel
 def _unpack_tile(q):
-  # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
-  lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
-  hi = lax.shift_right_arithmetic(q, jnp.int8(4))
-  return lo, hi
+    # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
+    lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(q, jnp.int8(4))
+    return lo, hi
 
 
 def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                  partial_out, dequant):
-  # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
-  # sx_ref: [bm, 1]        f32 per-token scales
-  # q_ref:  [kh_split, bn] int8 packed rows of this K split
-  #         (dequant == "magic": int16 [kh_split, bn//2], bf16 MMA with exact f32 accumulation)
-  # s_ref:  [K//G, bn]     f32 weight scales of this N tile
-  # o_ref:  [bm, bn]       out dtype; partial_out: int32 (per-channel) / f32 (groups) partials
-  bm = x_ref.shape[0]
-  bn = s_ref.shape[1]
-  kh = K // 2
-  magic = dequant == "magic"
-  acc_t = jnp.float32 if magic else jnp.int32
-  m_idx = pl.program_id(1)
-  s_idx = pl.program_id(2)
-  base = s_idx * kh_split
-  per_channel = G == K
-  if masked:
-    rows = m_idx * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    row_mask = rows < M  # [bm, 1]
+    # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
+    # sx_ref: [bm, 1]        f32 per-token scales
+    # q_ref:  [kh_split, bn] int8 packed rows of this K split
+    #         (dequant == "magic": int16 [kh_split, bn//2], bf16 MMA with exact f32 accumulation)
+    # s_ref:  [K//G, bn]     f32 weight scales of this N tile
+    # o_ref:  [bm, bn]       out dtype; partial_out: int32 (per-channel) / f32 (groups) partials
+    bm = x_ref.shape[0]
+    bn = s_ref.shape[1]
+    kh = K // 2
+    magic = dequant == "magic"
+    acc_t = jnp.float32 if magic else jnp.int32
+    m_idx = pl.program_id(1)
+    s_idx = pl.program_id(2)
+    base = s_idx * kh_split
+    per_channel = G == K
+    if masked:
+        rows = m_idx * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        row_mask = rows < M  # [bm, 1]
 
-  def load(ref):
-    if masked and pltriton is not None:
-      return pltriton.load(ref, mask=row_mask, other=0)
-    return ref[...]
+    def load(ref):
+        if masked and pltriton is not None:
+            return pltriton.load(ref, mask=row_mask, other=0)
+        return ref[...]
 
-  def mma(xt, wt):
-    # xt: int8 [bm, bk], wt: int8 [bk, bn] -> int32 [bm, bn] (or [bn, bm] transposed)
-    # magic: xt -> bf16 (exact), wt bf16; f32 accumulation of integers (exact below 2**24)
-    if magic:
-      xt = xt.astype(jnp.bfloat16)
+    def mma(xt, wt):
+        # xt: int8 [bm, bk], wt: int8 [bk, bn] -> int32 [bm, bn] (or [bn, bm] transposed)
+        # magic: xt -> bf16 (exact), wt bf16; f32 accumulation of integers (exact below 2**24)
+        if magic:
+            xt = xt.astype(jnp.bfloat16)
+        if transpose:
+            return lax.dot_general(wt, xt, (((0,), (1,)), ((), ())), preferred_element_type=acc_t)
+        return jnp.dot(xt, wt, preferred_element_type=acc_t)
+
+    def scale_row(g):
+        s = s_ref[pl.ds(g, 1), :]  # [1, bn] f32
+        return s.T if transpose else s
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * bk, bk)
+        if magic:
+            lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], jnp.bfloat16)  # bf16 [bk, bn] each
+        else:
+            lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
+        d_lo = mma(load(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
+        d_hi = mma(load(x_ref.at[:, pl.ds(kh + base + k0, bk)]), hi)
+        if per_channel:
+            return acc + d_lo + d_hi
+        g_lo = (base + k0) // G
+        g_hi = (kh + base + k0) // G
+        return (acc + d_lo.astype(jnp.float32) * scale_row(g_lo)
+                + d_hi.astype(jnp.float32) * scale_row(g_hi))
+
+    shape = (bn, bm) if transpose else (bm, bn)
+    acc_dt = acc_t if per_channel else jnp.float32
+    acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, acc_dt))
+    if magic and per_channel:
+        acc = acc.astype(jnp.int32)  # exact integers
     if transpose:
-      return lax.dot_general(wt, xt, (((0,), (1,)), ((), ())), preferred_element_type=acc_t)
-    return jnp.dot(xt, wt, preferred_element_type=acc_t)
-
-  def scale_row(g):
-    s = s_ref[pl.ds(g, 1), :]  # [1, bn] f32
-    return s.T if transpose else s
-
-  def body(i, acc):
-    k0 = pl.multiple_of(i * bk, bk)
-    if magic:
-      lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], jnp.bfloat16)  # bf16 [bk, bn] each
+        acc = acc.T  # [bm, bn]
+    if partial_out:
+        out = acc  # epilogue after the split-K reduction (XLA)
     else:
-      lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
-    d_lo = mma(load(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
-    d_hi = mma(load(x_ref.at[:, pl.ds(kh + base + k0, bk)]), hi)
-    if per_channel:
-      return acc + d_lo + d_hi
-    g_lo = (base + k0) // G
-    g_hi = (kh + base + k0) // G
-    return (acc + d_lo.astype(jnp.float32) * scale_row(g_lo)
-            + d_hi.astype(jnp.float32) * scale_row(g_hi))
-
-  shape = (bn, bm) if transpose else (bm, bn)
-  acc_dt = acc_t if per_channel else jnp.float32
-  acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, acc_dt))
-  if magic and per_channel:
-    acc = acc.astype(jnp.int32)  # exact integers
-  if transpose:
-    acc = acc.T  # [bm, bn]
-  if partial_out:
-    out = acc  # epilogue after the split-K reduction (XLA)
-  else:
-    if per_channel:
-      acc = acc.astype(jnp.float32) * s_ref[pl.ds(0, 1), :]
-    out = (load(sx_ref) * acc).astype(o_ref.dtype)
-  if masked and pltriton is not None:
-    pltriton.store(o_ref, out, mask=row_mask)
-  else:
-    o_ref[...] = out
+        if per_channel:
+            acc = acc.astype(jnp.float32) * s_ref[pl.ds(0, 1), :]
+        out = (load(sx_ref) * acc).astype(o_ref.dtype)
+    if masked and pltriton is not None:
+        pltriton.store(o_ref, out, mask=row_mask)
+    else:
+        o_ref[...] = out
 
 
 def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
-  bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
-  kh = K // 2
-  kh_split = kh // split
-  grid = (N // bn, pl.cdiv(M, bm), split)
-  partial_out = split > 1
-  kernel = functools.partial(
-      _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-      masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
-  qbn = bn // 2 if cfg.dequant == "magic" else bn
-  in_specs = [
-      pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
-      pl.BlockSpec((bm, 1), lambda n, m, s: (m, 0)),
-      pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
-      pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
-  ]
-  if partial_out:
-    pdt = jnp.int32 if G == K else jnp.float32
-    out_shape = jax.ShapeDtypeStruct((split, M, N), pdt)
-    out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
-  else:
-    out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
-    out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
-  params = None
-  if pltriton is not None:
-    params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-  return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      compiler_params=params, interpret=interpret, name=f"w4a8_{cfg.short()}")
+    bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
+    kh = K // 2
+    kh_split = kh // split
+    grid = (N // bn, pl.cdiv(M, bm), split)
+    partial_out = split > 1
+    kernel = functools.partial(
+        _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
+        masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
+    qbn = bn // 2 if cfg.dequant == "magic" else bn
+    in_specs = [
+        pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
+        pl.BlockSpec((bm, 1), lambda n, m, s: (m, 0)),
+        pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
+        pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
+    ]
+    if partial_out:
+        pdt = jnp.int32 if G == K else jnp.float32
+        out_shape = jax.ShapeDtypeStruct((split, M, N), pdt)
+        out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
+    else:
+        out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
+        out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
+    params = None
+    if pltriton is not None:
+        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        compiler_params=params, interpret=interpret, name=f"w4a8_{cfg.short()}")
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
-  """Tile configuration by M (H200 sweep + bench, experiments/results/kernels_h200*.{json,md})."""
-  d = "int8"
-  if M <= 16:
-    cfg = TileConfig(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=4, dequant=d)
-  elif M <= 32:
-    cfg = TileConfig(bm=32, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, dequant=d)
-  elif M <= 64:
-    cfg = TileConfig(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
-                     dequant=d)
-  elif M <= 128:
-    cfg = TileConfig(bm=64, bn=128, bk=128, num_warps=4, num_stages=4, transpose=True, dequant=d)
-  elif M <= 512 or N < 8192:
-    cfg = TileConfig(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, transpose=True, dequant=d)
-  else:
-    cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True, dequant=d)
-  return fit_config(cfg, M, K, N, G, int8=True)
+    """Tile configuration by M (H200 sweep + bench, experiments/results/kernels_h200*.{json,md})."""
+    d = "int8"
+    if M <= 16:
+        cfg = TileConfig(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=4, dequant=d)
+    elif M <= 32:
+        cfg = TileConfig(bm=32, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, dequant=d)
+    elif M <= 64:
+        cfg = TileConfig(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
+                         dequant=d)
+    elif M <= 128:
+        cfg = TileConfig(bm=64, bn=128, bk=128, num_warps=4, num_stages=4, transpose=True, dequant=d)
+    elif M <= 512 or N < 8192:
+        cfg = TileConfig(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, transpose=True, dequant=d)
+    else:
+        cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True, dequant=d)
+    return fit_config(cfg, M, K, N, G, int8=True)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "interpret", "config"))
 def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Array, *,
                 out_dtype=jnp.bfloat16, backend: str | None = None, interpret: bool = False,
                 config: TileConfig | None = None) -> jax.Array:
-  """xq int8 [M, K], sx f32 [M, 1] @ int4 weights -> [M, N] out_dtype (int8 MMA, int32 acc).
+    """xq int8 [M, K], sx f32 [M, 1] @ int4 weights -> [M, N] out_dtype (int8 MMA, int32 acc).
 
-  Serves w4a8 and w4a4 (xq in [-8, 7]). backend: None or "triton". Raises ValueError for
-  unsupported shapes (see pallas_kernels.supported).
-  """
-  if backend not in (None,) + _BACKENDS:
-    raise ValueError(f"w4a8_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
-  if xq.ndim != 2 or xq.dtype != jnp.int8:
-    raise ValueError(f"w4a8_matmul: xq must be int8 [M, K], got {xq.dtype} {xq.shape}")
-  if qweight.dtype != jnp.int8:
-    raise ValueError(f"w4a8_matmul: qweight dtype {qweight.dtype} must be int8")
-  M, K = xq.shape
-  if sx.size != M:
-    raise ValueError(f"w4a8_matmul: sx shape {sx.shape} must be [M, 1] with M={M}")
-  N, G = check_operands("w4a8_matmul", M, K, qweight.shape, scales.shape)
-  out_dtype = jnp.dtype(out_dtype)
-  if config is None:
-    cfg = default_config(M, K, N, G)
-  else:
-    cfg = fit_config(config, M, K, N, G, int8=True)
-  if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
-    cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
-  sx = sx.astype(jnp.float32).reshape(M, 1)
-  scales = scales.astype(jnp.float32)
-  q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
-  out = _build(M, K, N, G, out_dtype, cfg, interpret)(xq, sx, q, scales)
-  if cfg.split_k > 1:
-    acc = out.sum(axis=0)
-    if G == K:
-      acc = acc.astype(jnp.float32) * scales
-    out = (sx * acc).astype(out_dtype)
-  return out
+    Serves w4a8 and w4a4 (xq in [-8, 7]). backend: None or "triton". Raises ValueError for
+    unsupported shapes (see pallas_kernels.supported).
+    """
+    if backend not in (None,) + _BACKENDS:
+        raise ValueError(f"w4a8_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
+    if xq.ndim != 2 or xq.dtype != jnp.int8:
+        raise ValueError(f"w4a8_matmul: xq must be int8 [M, K], got {xq.dtype} {xq.shape}")
+    if qweight.dtype != jnp.int8:
+        raise ValueError(f"w4a8_matmul: qweight dtype {qweight.dtype} must be int8")
+    M, K = xq.shape
+    if sx.size != M:
+        raise ValueError(f"w4a8_matmul: sx shape {sx.shape} must be [M, 1] with M={M}")
+    N, G = check_operands("w4a8_matmul", M, K, qweight.shape, scales.shape)
+    out_dtype = jnp.dtype(out_dtype)
+    if config is None:
+        cfg = default_config(M, K, N, G)
+    else:
+        cfg = fit_config(config, M, K, N, G, int8=True)
+    if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
+        cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
+    sx = sx.astype(jnp.float32).reshape(M, 1)
+    scales = scales.astype(jnp.float32)
+    q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
+    out = _build(M, K, N, G, out_dtype, cfg, interpret)(xq, sx, q, scales)
+    if cfg.split_k > 1:
+        acc = out.sum(axis=0)
+        if G == K:
+            acc = acc.astype(jnp.float32) * scales
+        out = (sx * acc).astype(out_dtype)
+    return out

@@ -24,28 +24,28 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 
 
 def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _inputs(seed, B, T, H, KVH, S, hd, dtype, layers=None):
-  k = jax.random.split(jax.random.key(seed), 3)
-  lead = (layers,) if layers else ()
-  q = jax.random.normal(k[0], (B, T, H, hd), F32).astype(dtype)
-  kc = jax.random.normal(k[1], lead + (B, KVH, S, hd), F32).astype(dtype)
-  vc = jax.random.normal(k[2], lead + (B, KVH, S, hd), F32).astype(dtype)
-  return q, kc, vc
+    k = jax.random.split(jax.random.key(seed), 3)
+    lead = (layers,) if layers else ()
+    q = jax.random.normal(k[0], (B, T, H, hd), F32).astype(dtype)
+    kc = jax.random.normal(k[1], lead + (B, KVH, S, hd), F32).astype(dtype)
+    vc = jax.random.normal(k[2], lead + (B, KVH, S, hd), F32).astype(dtype)
+    return q, kc, vc
 
 
 def _positions(kind, B, T, S):
-  """q_pos [B, T]: each row b starts at start[b] (its cache length before the step)."""
-  if kind == "prefill":  # right-padded prompts from position 0; one row fully padded (pos 0..)
-    return np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)
-  # ragged: 0 (empty sequence / padding row), lengths not multiple of any block, near the end,
-  # and past the end (writes dropped: every key visible).
-  starts = [0, 37, S - T - 3, S - 2, 77, 1][:B]
-  return (np.asarray(starts)[:, None] + np.arange(T)[None]).astype(np.int32)
+    """q_pos [B, T]: each row b starts at start[b] (its cache length before the step)."""
+    if kind == "prefill":  # right-padded prompts from position 0; one row fully padded (pos 0..)
+        return np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)
+    # ragged: 0 (empty sequence / padding row), lengths not multiple of any block, near the end,
+    # and past the end (writes dropped: every key visible).
+    starts = [0, 37, S - T - 3, S - 2, 77, 1][:B]
+    return (np.asarray(starts)[:, None] + np.arange(T)[None]).astype(np.int32)
 
 
 CASES = [  # id, B, T, H, KVH, S, hd, dtype, positions, kwargs
@@ -64,147 +64,147 @@ CASES = [  # id, B, T, H, KVH, S, hd, dtype, positions, kwargs
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(case):
-  _, B, T, H, KVH, S, hd, dtype, kind, kw = case
-  q, kc, vc = _inputs(CASES.index(case), B, T, H, KVH, S, hd, dtype)
-  q_pos = jnp.asarray(_positions(kind, B, T, S))
-  out = cached_attention(q, kc, vc, q_pos, interpret=True, **kw)
-  assert out.shape == (B, T, H, hd) and out.dtype == dtype
-  ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos)
-  if dtype == F32:
-    assert _rel(out, ref32) <= 1e-5
-    assert float(jnp.max(jnp.abs(out - ref32))) <= 1e-5
-  else:
-    assert _rel(out, ref32) <= 1e-2
-    assert _rel(out, cached_attention_reference(q, kc, vc, q_pos)) <= 1e-2
-  if case[0] in ("t4_g4_d64_bk32_split2", "t16_g4_d128_bf16", "prefill48_g4_d64"):
-    # The model's own reference; q_pos >= 0 everywhere here.
-    from qspec_jax.model import attention_reference
-    model_ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
-    assert _rel(out, model_ref) <= (1e-5 if dtype == F32 else 1e-2)
+    _, B, T, H, KVH, S, hd, dtype, kind, kw = case
+    q, kc, vc = _inputs(CASES.index(case), B, T, H, KVH, S, hd, dtype)
+    q_pos = jnp.asarray(_positions(kind, B, T, S))
+    out = cached_attention(q, kc, vc, q_pos, interpret=True, **kw)
+    assert out.shape == (B, T, H, hd) and out.dtype == dtype
+    ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos)
+    if dtype == F32:
+        assert _rel(out, ref32) <= 1e-5
+        assert float(jnp.max(jnp.abs(out - ref32))) <= 1e-5
+    else:
+        assert _rel(out, ref32) <= 1e-2
+        assert _rel(out, cached_attention_reference(q, kc, vc, q_pos)) <= 1e-2
+    if case[0] in ("t4_g4_d64_bk32_split2", "t16_g4_d128_bf16", "prefill48_g4_d64"):
+        # The model's own reference; q_pos >= 0 everywhere here.
+        from qspec_jax.model import attention_reference
+        model_ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
+        assert _rel(out, model_ref) <= (1e-5 if dtype == F32 else 1e-2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_reference_is_the_model_reference(case):
-  """cached_attention_reference == qspec_jax.model.attention_reference (rows with keys)."""
-  from qspec_jax.model import attention_reference
-  _, B, T, H, KVH, S, hd, dtype, kind, kw = case
-  q, kc, vc = _inputs(CASES.index(case), B, T, H, KVH, S, hd, dtype)
-  q_pos = jnp.asarray(_positions(kind, B, T, S))
-  a = cached_attention_reference(q, kc, vc, q_pos)
-  b = jax.jit(attention_reference)(q, kc, vc, q_pos)
-  assert _rel(a, b) <= (1e-6 if dtype == F32 else 1e-2)
+    """cached_attention_reference == qspec_jax.model.attention_reference (rows with keys)."""
+    from qspec_jax.model import attention_reference
+    _, B, T, H, KVH, S, hd, dtype, kind, kw = case
+    q, kc, vc = _inputs(CASES.index(case), B, T, H, KVH, S, hd, dtype)
+    q_pos = jnp.asarray(_positions(kind, B, T, S))
+    a = cached_attention_reference(q, kc, vc, q_pos)
+    b = jax.jit(attention_reference)(q, kc, vc, q_pos)
+    assert _rel(a, b) <= (1e-6 if dtype == F32 else 1e-2)
 
 
 def test_padding_rows_without_keys_and_kv_len():
-  """q_pos = -1 (nothing visible) gives 0 in kernel and reference; kv_len masks keys too."""
-  B, T, H, KVH, S, hd = 3, 4, 8, 2, 128, 64
-  q, kc, vc = _inputs(5, B, T, H, KVH, S, hd, F32)
-  q_pos = jnp.asarray([[-1, -1, -1, -1], [10, 11, 12, 13], [100, 101, 102, 103]], jnp.int32)
-  for ns in (1, 2):
-    out = cached_attention(q, kc, vc, q_pos, interpret=True, num_splits=ns, block_k=32)
-    ref = cached_attention_reference(q, kc, vc, q_pos)
-    assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(out)))
-    assert _rel(out[1:], ref[1:]) <= 1e-5
-  kv_len = jnp.asarray([0, 12, 50], jnp.int32)  # sequence 2 sees only keys < 50
-  out = cached_attention(q, kc, vc, q_pos, kv_len, interpret=True, num_splits=2, block_k=32)
-  ref = cached_attention_reference(q, kc, vc, q_pos, kv_len)
-  assert _rel(out[1:], ref[1:]) <= 1e-5 and np.all(np.asarray(out[0]) == 0)
-  ref_trunc = cached_attention_reference(q, kc[:, :, :50], vc[:, :, :50], q_pos)
-  assert _rel(out[2], ref_trunc[2]) <= 1e-5
+    """q_pos = -1 (nothing visible) gives 0 in kernel and reference; kv_len masks keys too."""
+    B, T, H, KVH, S, hd = 3, 4, 8, 2, 128, 64
+    q, kc, vc = _inputs(5, B, T, H, KVH, S, hd, F32)
+    q_pos = jnp.asarray([[-1, -1, -1, -1], [10, 11, 12, 13], [100, 101, 102, 103]], jnp.int32)
+    for ns in (1, 2):
+        out = cached_attention(q, kc, vc, q_pos, interpret=True, num_splits=ns, block_k=32)
+        ref = cached_attention_reference(q, kc, vc, q_pos)
+        assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(out)))
+        assert _rel(out[1:], ref[1:]) <= 1e-5
+    kv_len = jnp.asarray([0, 12, 50], jnp.int32)  # sequence 2 sees only keys < 50
+    out = cached_attention(q, kc, vc, q_pos, kv_len, interpret=True, num_splits=2, block_k=32)
+    ref = cached_attention_reference(q, kc, vc, q_pos, kv_len)
+    assert _rel(out[1:], ref[1:]) <= 1e-5 and np.all(np.asarray(out[0]) == 0)
+    ref_trunc = cached_attention_reference(q, kc[:, :, :50], vc[:, :, :50], q_pos)
+    assert _rel(out[2], ref_trunc[2]) <= 1e-5
 
 
 def test_whole_cache_with_layer_index():
-  L, B, T, H, KVH, S, hd = 3, 2, 4, 8, 2, 128, 128
-  q, kc, vc = _inputs(7, B, T, H, KVH, S, hd, BF16, layers=L)
-  q_pos = jnp.asarray(_positions("ragged", B, T, S))
-  for layer, ns in ((0, 1), (2, 2)):
-    out = cached_attention(q, kc, vc, q_pos, layer=layer, interpret=True, num_splits=ns)
-    ref = cached_attention_reference(q, kc[layer], vc[layer], q_pos)
-    assert _rel(out, ref) <= 1e-2
-    assert _rel(out, cached_attention_reference(q, kc, vc, q_pos, layer=layer)) <= 1e-2
-  # a traced layer index (e.g. a scan over layers): the same kernel for every layer
-  out = jax.jit(lambda l: cached_attention(q, kc, vc, q_pos, layer=l, interpret=True))(
-      jnp.int32(1))
-  assert _rel(out, cached_attention_reference(q, kc[1], vc[1], q_pos)) <= 1e-2
+    L, B, T, H, KVH, S, hd = 3, 2, 4, 8, 2, 128, 128
+    q, kc, vc = _inputs(7, B, T, H, KVH, S, hd, BF16, layers=L)
+    q_pos = jnp.asarray(_positions("ragged", B, T, S))
+    for layer, ns in ((0, 1), (2, 2)):
+        out = cached_attention(q, kc, vc, q_pos, layer=layer, interpret=True, num_splits=ns)
+        ref = cached_attention_reference(q, kc[layer], vc[layer], q_pos)
+        assert _rel(out, ref) <= 1e-2
+        assert _rel(out, cached_attention_reference(q, kc, vc, q_pos, layer=layer)) <= 1e-2
+    # a traced layer index (e.g. a scan over layers): the same kernel for every layer
+    out = jax.jit(lambda l: cached_attention(q, kc, vc, q_pos, layer=l, interpret=True))(
+        jnp.int32(1))
+    assert _rel(out, cached_attention_reference(q, kc[1], vc[1], q_pos)) <= 1e-2
 
 
 def test_supported_and_errors():
-  assert supported((2, 1, 32, 128), (2, 8, 4096, 128)) == (True, "ok")
-  assert supported((2, 1, 32, 128), (32, 2, 8, 4096, 128))[0]
-  assert supported((2, 16, 32, 64), (2, 8, 64, 64))[0]
-  for qs, ks, word in [((2, 1, 32, 96), (2, 8, 64, 96), "head_dim"),
-                       ((2, 1, 30, 128), (2, 8, 64, 128), "multiple"),
-                       ((2, 1, 32, 128), (2, 8, 100, 128), "cache length"),
-                       ((2, 1, 32, 128), (3, 8, 64, 128), "batch"),
-                       ((2, 32, 128), (2, 8, 64, 128), "q must")]:
-    ok, why = supported(qs, ks)
-    assert not ok and word in why, (qs, ks, why)
-  assert not supported((1, 1, 8, 64), (1, 2, 64, 64), jnp.int8)[0]
-  q, kc, vc = _inputs(0, 1, 1, 8, 2, 64, 64, F32)
-  with pytest.raises(ValueError, match="dtype"):
-    cached_attention(q, kc.astype(BF16), vc.astype(BF16), jnp.zeros((1, 1), jnp.int32),
-                     interpret=True)
-  with pytest.raises(ValueError, match="layer"):
-    cached_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), layer=0, interpret=True)
+    assert supported((2, 1, 32, 128), (2, 8, 4096, 128)) == (True, "ok")
+    assert supported((2, 1, 32, 128), (32, 2, 8, 4096, 128))[0]
+    assert supported((2, 16, 32, 64), (2, 8, 64, 64))[0]
+    for qs, ks, word in [((2, 1, 32, 96), (2, 8, 64, 96), "head_dim"),
+                         ((2, 1, 30, 128), (2, 8, 64, 128), "multiple"),
+                         ((2, 1, 32, 128), (2, 8, 100, 128), "cache length"),
+                         ((2, 1, 32, 128), (3, 8, 64, 128), "batch"),
+                         ((2, 32, 128), (2, 8, 64, 128), "q must")]:
+        ok, why = supported(qs, ks)
+        assert not ok and word in why, (qs, ks, why)
+    assert not supported((1, 1, 8, 64), (1, 2, 64, 64), jnp.int8)[0]
+    q, kc, vc = _inputs(0, 1, 1, 8, 2, 64, 64, F32)
+    with pytest.raises(ValueError, match="dtype"):
+        cached_attention(q, kc.astype(BF16), vc.astype(BF16), jnp.zeros((1, 1), jnp.int32),
+                         interpret=True)
+    with pytest.raises(ValueError, match="layer"):
+        cached_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), layer=0, interpret=True)
 
 
 def test_default_config():
-  # batch 1, 32k: flash-decoding fills the GPU (8 kv heads x splits >= 132 programs)
-  c = default_config(1, 1, 32, 8, 32768, 128)
-  assert c.block_q == 16 and c.block_k == 128 and 8 * c.num_splits >= 132
-  # batch 64: enough programs without splitting
-  assert default_config(64, 1, 32, 8, 2048, 128).num_splits == 1
-  # verify T=8, G=4 -> 32 packed rows in one block; T=16, G=8 -> 128 rows, 8 warps
-  assert default_config(8, 8, 32, 8, 4096, 128).block_q == 32
-  c = default_config(8, 16, 64, 8, 4096, 128)
-  assert c.block_q == 128 and c.num_warps == 8
-  # prefill tiles; block_k shrinks to divide S
-  assert default_config(1, 512, 32, 8, 4096, 128).block_q == 64
-  assert default_config(1, 1, 32, 8, 4160, 128).block_k == 64
-  assert default_config(1, 1, 32, 8, 48, 128).block_k == 16
-  assert default_config(4, 4, 32, 8, 4096, 128, itemsize=4).block_k == 64  # f32: 64 KB K+V tile
-  # shared memory of the pipelined K/V tiles stays within the H200's 227 KB per block
-  for B in (1, 8, 32, 64):
-    for S in (512, 2048, 8192, 32768):
-      for T in (1, 4, 8, 16, 512):
-        for hd, isz in ((64, 2), (128, 2), (128, 4)):
-          c = default_config(B, T, 32, 8, S, hd, isz)
-          assert 2 * c.block_k * hd * isz * c.num_stages <= 192 * 1024, c
-          assert B * 8 * c.num_splits * -(-T * 4 // c.block_q) >= min(132, B * 8 * S // 256), c
+    # batch 1, 32k: flash-decoding fills the GPU (8 kv heads x splits >= 132 programs)
+    c = default_config(1, 1, 32, 8, 32768, 128)
+    assert c.block_q == 16 and c.block_k == 128 and 8 * c.num_splits >= 132
+    # batch 64: enough programs without splitting
+    assert default_config(64, 1, 32, 8, 2048, 128).num_splits == 1
+    # verify T=8, G=4 -> 32 packed rows in one block; T=16, G=8 -> 128 rows, 8 warps
+    assert default_config(8, 8, 32, 8, 4096, 128).block_q == 32
+    c = default_config(8, 16, 64, 8, 4096, 128)
+    assert c.block_q == 128 and c.num_warps == 8
+    # prefill tiles; block_k shrinks to divide S
+    assert default_config(1, 512, 32, 8, 4096, 128).block_q == 64
+    assert default_config(1, 1, 32, 8, 4160, 128).block_k == 64
+    assert default_config(1, 1, 32, 8, 48, 128).block_k == 16
+    assert default_config(4, 4, 32, 8, 4096, 128, itemsize=4).block_k == 64  # f32: 64 KB K+V tile
+    # shared memory of the pipelined K/V tiles stays within the H200's 227 KB per block
+    for B in (1, 8, 32, 64):
+        for S in (512, 2048, 8192, 32768):
+            for T in (1, 4, 8, 16, 512):
+                for hd, isz in ((64, 2), (128, 2), (128, 4)):
+                    c = default_config(B, T, 32, 8, S, hd, isz)
+                    assert 2 * c.block_k * hd * isz * c.num_stages <= 192 * 1024, c
+                    assert B * 8 * c.num_splits * -(-T * 4 // c.block_q) >= min(132, B * 8 * S // 256), c
 
 
 # ----------------------------------------------------------------------------- windowed (issue 9)
 def _window_positions(B, T, S):
-  """Ragged q_pos [B, T]: a padding row (no key), an empty sequence, odd lengths, near the cache
-  end, past the end (T > 1: writes dropped, the window anchored at the unclipped position)."""
-  starts = [None, 0, 37, S - T - 3, S - 2, 90][:B]
-  return np.stack([np.full(T, -1) if st is None else st + np.arange(T) for st in starts]
-                  ).astype(np.int32)
+    """Ragged q_pos [B, T]: a padding row (no key), an empty sequence, odd lengths, near the cache
+    end, past the end (T > 1: writes dropped, the window anchored at the unclipped position)."""
+    starts = [None, 0, 37, S - T - 3, S - 2, 90][:B]
+    return np.stack([np.full(T, -1) if st is None else st + np.arange(T) for st in starts]
+                    ).astype(np.int32)
 
 
 def _visible(q_pos, kv_len, S, window):
-  """[B, T, S] bool: the reference semantics, in numpy."""
-  s = np.arange(S)[None, None]
-  qp = q_pos[:, :, None]
-  vis = s <= qp
-  if kv_len is not None:
-    vis &= s < kv_len[:, None, None]
-  if window is not None:
-    vis &= (s < window[0]) | (qp - s < window[1])
-  return vis
+    """[B, T, S] bool: the reference semantics, in numpy."""
+    s = np.arange(S)[None, None]
+    qp = q_pos[:, :, None]
+    vis = s <= qp
+    if kv_len is not None:
+        vis &= s < kv_len[:, None, None]
+    if window is not None:
+        vis &= (s < window[0]) | (qp - s < window[1])
+    return vis
 
 
 def _poison_unread_blocks(kc, vc, q_pos, kv_len, window, block_k):
-  """K and V with NaN in every key block that holds no key visible to any query of its sequence
-  (one query tile per sequence here: T * G <= 128). A kernel that loads such a block and masks
-  it after the dot still multiplies its V rows by p = 0, and 0 * NaN = NaN poisons the output;
-  only a kernel that never loads the block gives a finite result. Returns (k, v, n_poisoned)."""
-  B, S = kc.shape[0], kc.shape[2]
-  vis = _visible(q_pos, kv_len, S, window).any(axis=1)             # [B, S]
-  needed = vis.reshape(B, S // block_k, block_k).any(axis=2)       # [B, n_blocks]
-  bad = np.repeat(~needed, block_k, axis=1)                        # [B, S]
-  mask = jnp.asarray(bad)[:, None, :, None]
-  return jnp.where(mask, jnp.nan, kc), jnp.where(mask, jnp.nan, vc), int((~needed).sum())
+    """K and V with NaN in every key block that holds no key visible to any query of its sequence
+    (one query tile per sequence here: T * G <= 128). A kernel that loads such a block and masks
+    it after the dot still multiplies its V rows by p = 0, and 0 * NaN = NaN poisons the output;
+    only a kernel that never loads the block gives a finite result. Returns (k, v, n_poisoned)."""
+    B, S = kc.shape[0], kc.shape[2]
+    vis = _visible(q_pos, kv_len, S, window).any(axis=1)             # [B, S]
+    needed = vis.reshape(B, S // block_k, block_k).any(axis=2)       # [B, n_blocks]
+    bad = np.repeat(~needed, block_k, axis=1)                        # [B, S]
+    mask = jnp.asarray(bad)[:, None, :, None]
+    return jnp.where(mask, jnp.nan, kc), jnp.where(mask, jnp.nan, vc), int((~needed).sum())
 
 
 WINDOW_CASES = [  # id, B, T, H, KVH, S, hd, dtype, window, kwargs, with kv_len
@@ -221,93 +221,93 @@ WINDOW_CASES = [  # id, B, T, H, KVH, S, hd, dtype, window, kwargs, with kv_len
 
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
 def test_windowed_matches_reference_without_reading_skipped_blocks(case):
-  name, B, T, H, KVH, S, hd, dtype, window, kw, with_kv_len = case
-  q, kc, vc = _inputs(100 + WINDOW_CASES.index(case), B, T, H, KVH, S, hd, dtype)
-  q_pos_np = _window_positions(B, T, S)
-  kv_len_np = np.asarray([5, 1, 30, S - 40, S, 50], np.int32)[:B] if with_kv_len else None
-  q_pos = jnp.asarray(q_pos_np)
-  kv_len = None if kv_len_np is None else jnp.asarray(kv_len_np)
-  cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(dtype).itemsize, window=window, **kw)
-  kp, vp, n_bad = _poison_unread_blocks(kc, vc, q_pos_np, kv_len_np, window, cfg.block_k)
-  assert n_bad > 0  # every case has blocks to skip (at least the padding row's)
-  out = cached_attention(q, kp, vp, q_pos, kv_len, interpret=True, window=window, **kw)
-  assert out.shape == (B, T, H, hd) and out.dtype == dtype
-  out = np.asarray(out.astype(F32))
-  assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
-  # The test can tell: reading everything and masking (the reference) is poisoned.
-  assert np.isnan(np.asarray(cached_attention_reference(q, kp, vp, q_pos, kv_len,
-                                                        window=window))).any()
-  f32 = lambda a: a.astype(F32)  # noqa: E731
-  ref = cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len, window=window)
-  empty = ~_visible(q_pos_np, kv_len_np, S, window).any(axis=2)  # [B, T] rows without keys
-  assert empty[0].all() and np.all(out[empty] == 0)
-  tol = 1e-5 if dtype == F32 else 1e-2
-  assert _rel(out, ref) <= tol
-  if dtype == F32:
-    assert float(np.max(np.abs(out - np.asarray(ref)))) <= 1e-5
-  # Sequences shorter than the window (q_pos < recent, e.g. positions 37..40 with recent 45):
-  # plain causal attention.
-  full = np.asarray(cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len))
-  short = (q_pos_np < window[1]) & ~empty
-  assert short.sum() >= T
-  assert _rel(out[short], full[short]) <= tol
+    name, B, T, H, KVH, S, hd, dtype, window, kw, with_kv_len = case
+    q, kc, vc = _inputs(100 + WINDOW_CASES.index(case), B, T, H, KVH, S, hd, dtype)
+    q_pos_np = _window_positions(B, T, S)
+    kv_len_np = np.asarray([5, 1, 30, S - 40, S, 50], np.int32)[:B] if with_kv_len else None
+    q_pos = jnp.asarray(q_pos_np)
+    kv_len = None if kv_len_np is None else jnp.asarray(kv_len_np)
+    cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(dtype).itemsize, window=window, **kw)
+    kp, vp, n_bad = _poison_unread_blocks(kc, vc, q_pos_np, kv_len_np, window, cfg.block_k)
+    assert n_bad > 0  # every case has blocks to skip (at least the padding row's)
+    out = cached_attention(q, kp, vp, q_pos, kv_len, interpret=True, window=window, **kw)
+    assert out.shape == (B, T, H, hd) and out.dtype == dtype
+    out = np.asarray(out.astype(F32))
+    assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
+    # The test can tell: reading everything and masking (the reference) is poisoned.
+    assert np.isnan(np.asarray(cached_attention_reference(q, kp, vp, q_pos, kv_len,
+                                                          window=window))).any()
+    f32 = lambda a: a.astype(F32)  # noqa: E731
+    ref = cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len, window=window)
+    empty = ~_visible(q_pos_np, kv_len_np, S, window).any(axis=2)  # [B, T] rows without keys
+    assert empty[0].all() and np.all(out[empty] == 0)
+    tol = 1e-5 if dtype == F32 else 1e-2
+    assert _rel(out, ref) <= tol
+    if dtype == F32:
+        assert float(np.max(np.abs(out - np.asarray(ref)))) <= 1e-5
+    # Sequences shorter than the window (q_pos < recent, e.g. positions 37..40 with recent 45):
+    # plain causal attention.
+    full = np.asarray(cached_attention_reference(f32(q), f32(kc), f32(vc), q_pos, kv_len))
+    short = (q_pos_np < window[1]) & ~empty
+    assert short.sum() >= T
+    assert _rel(out[short], full[short]) <= tol
 
 
 def test_windowed_reference_is_the_model_reference():
-  """cached_attention_reference(window=...) == qspec_jax.model.attention_reference(window=...)
-  on rows with keys, including positions past the cache end (T > 1)."""
-  from qspec_jax.model import attention_reference
-  for _, B, T, H, KVH, S, hd, dtype, window, _, _ in WINDOW_CASES[1:]:
-    q, kc, vc = _inputs(3, B, T, H, KVH, S, hd, F32)
-    q_pos = jnp.asarray(_window_positions(B, T, S))
-    a = cached_attention_reference(q, kc, vc, q_pos, window=window)
-    b = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos, window=window)
-    assert _rel(a[1:], b[1:]) <= 1e-6 and np.all(np.asarray(a[0]) == 0)
+    """cached_attention_reference(window=...) == qspec_jax.model.attention_reference(window=...)
+    on rows with keys, including positions past the cache end (T > 1)."""
+    from qspec_jax.model import attention_reference
+    for _, B, T, H, KVH, S, hd, dtype, window, _, _ in WINDOW_CASES[1:]:
+        q, kc, vc = _inputs(3, B, T, H, KVH, S, hd, F32)
+        q_pos = jnp.asarray(_window_positions(B, T, S))
+        a = cached_attention_reference(q, kc, vc, q_pos, window=window)
+        b = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos, window=window)
+        assert _rel(a[1:], b[1:]) <= 1e-6 and np.all(np.asarray(a[0]) == 0)
 
 
 def test_window_config_and_checks():
-  # batch 1 at 32k with a 4 + 508 window: the splits divide the ~5 blocks read, not 256
-  full = default_config(1, 1, 32, 8, 32768, 128)
-  win = default_config(1, 1, 32, 8, 32768, 128, window=(4, 508))
-  assert full.num_splits >= 16 and win.num_splits <= 8 and win.block_k <= full.block_k
-  assert default_config(64, 1, 32, 8, 8192, 128, window=(4, 1020)).num_splits == 1
-  assert supported((1, 1, 8, 64), (1, 2, 64, 64), None, (0, 1)) == (True, "ok")
-  for bad in ((0, 0), (-1, 4), (4,), (1.5, 4)):
-    ok, why = supported((1, 1, 8, 64), (1, 2, 64, 64), None, bad)
-    assert not ok and "window" in why
-  q, kc, vc = _inputs(0, 1, 1, 8, 2, 64, 64, F32)
-  with pytest.raises(ValueError, match="window"):
-    cached_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), interpret=True, window=(2, 0))
-  # window_blocks (numpy): sink blocks, then from the window start's block to the last key's
-  lim = np.asarray([99, 100, 101, 102])
-  blocks = window_blocks(lim, lim, 16, 4, 20, 256)
-  assert tuple(int(x) for x in blocks) == (1, 5, 7)  # blocks 0 and 5, 6: keys 80..102
-  assert tuple(int(x) for x in window_blocks(np.asarray([-1]), np.asarray([-1]), 16, 4, 20,
-                                             256)) == (0, 0, 0)
-  # a window longer than the cache: every block up to the last key, no overflow
-  assert tuple(int(x) for x in window_blocks(lim, lim, 16, 4, 10**12, 256)) == (1, 1, 7)
+    # batch 1 at 32k with a 4 + 508 window: the splits divide the ~5 blocks read, not 256
+    full = default_config(1, 1, 32, 8, 32768, 128)
+    win = default_config(1, 1, 32, 8, 32768, 128, window=(4, 508))
+    assert full.num_splits >= 16 and win.num_splits <= 8 and win.block_k <= full.block_k
+    assert default_config(64, 1, 32, 8, 8192, 128, window=(4, 1020)).num_splits == 1
+    assert supported((1, 1, 8, 64), (1, 2, 64, 64), None, (0, 1)) == (True, "ok")
+    for bad in ((0, 0), (-1, 4), (4,), (1.5, 4)):
+        ok, why = supported((1, 1, 8, 64), (1, 2, 64, 64), None, bad)
+        assert not ok and "window" in why
+    q, kc, vc = _inputs(0, 1, 1, 8, 2, 64, 64, F32)
+    with pytest.raises(ValueError, match="window"):
+        cached_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), interpret=True, window=(2, 0))
+    # window_blocks (numpy): sink blocks, then from the window start's block to the last key's
+    lim = np.asarray([99, 100, 101, 102])
+    blocks = window_blocks(lim, lim, 16, 4, 20, 256)
+    assert tuple(int(x) for x in blocks) == (1, 5, 7)  # blocks 0 and 5, 6: keys 80..102
+    assert tuple(int(x) for x in window_blocks(np.asarray([-1]), np.asarray([-1]), 16, 4, 20,
+                                               256)) == (0, 0, 0)
+    # a window longer than the cache: every block up to the last key, no overflow
+    assert tuple(int(x) for x in window_blocks(lim, lim, 16, 4, 10**12, 256)) == (1, 1, 7)
 
 
 # ----------------------------------------------------------------------------- Triton lowering
 def _lower_cuda(fn, *avals):
-  return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _cuda_lowering_available():
-  from jax.experimental import pallas as pl
+    from jax.experimental import pallas as pl
 
-  def k(x_ref, o_ref):
-    o_ref[...] = x_ref[...] + 1.0
-  from pallas_kernels.attention import pltriton
-  if pltriton is None:
-    return False
-  f = pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct((16,), F32),
-                     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))
-  try:
-    _lower_cuda(f, jax.ShapeDtypeStruct((16,), F32))
-    return True
-  except Exception:  # noqa: BLE001
-    return False
+    def k(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+    from pallas_kernels.attention import pltriton
+    if pltriton is None:
+        return False
+    f = pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct((16,), F32),
+                       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))
+    try:
+        _lower_cuda(f, jax.ShapeDtypeStruct((16,), F32))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 LOWER_CASES = [  # B, T, H, KVH, S, hd, dtype, layers, kwargs
@@ -324,43 +324,43 @@ LOWER_CASES = [  # B, T, H, KVH, S, hd, dtype, layers, kwargs
 
 @pytest.mark.parametrize("case", LOWER_CASES)
 def test_lowers_to_triton(case):
-  if not _cuda_lowering_available():
-    pytest.skip("this jaxlib cannot lower Pallas for CUDA on CPU")
-  B, T, H, KVH, S, hd, dtype, layers, kw = case
-  lead = (layers,) if layers else ()
-  q = jax.ShapeDtypeStruct((B, T, H, hd), dtype)
-  kc = jax.ShapeDtypeStruct(lead + (B, KVH, S, hd), dtype)
-  pos = jax.ShapeDtypeStruct((B, T), jnp.int32)
-  layer = 1 if layers else None
-  txt = _lower_cuda(lambda a, b, c, d: cached_attention(a, b, c, d, layer=layer, **kw),
-                    q, kc, kc, pos)
-  assert "xla.gpu.triton" in txt
+    if not _cuda_lowering_available():
+        pytest.skip("this jaxlib cannot lower Pallas for CUDA on CPU")
+    B, T, H, KVH, S, hd, dtype, layers, kw = case
+    lead = (layers,) if layers else ()
+    q = jax.ShapeDtypeStruct((B, T, H, hd), dtype)
+    kc = jax.ShapeDtypeStruct(lead + (B, KVH, S, hd), dtype)
+    pos = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    layer = 1 if layers else None
+    txt = _lower_cuda(lambda a, b, c, d: cached_attention(a, b, c, d, layer=layer, **kw),
+                      q, kc, kc, pos)
+    assert "xla.gpu.triton" in txt
 
 
 # ----------------------------------------------------------------------------- bench smoke
 def test_bench_quick(tmp_path):
-  from experiments import bench_attention
-  out = tmp_path / "attn.json"
-  doc = bench_attention.main(["--quick", "--batches", "2", "--contexts", "256", "--ts", "4",
-                              "--impls", "ours", "xla", "--out", str(out), "--commit", "test"])
-  assert out.exists() and (tmp_path / "attn.md").exists()
-  saved = json.loads(out.read_text())
-  assert saved["env"]["commit"] == "test" and len(saved["points"]) == 1
-  for p in doc["points"]:
-    for name in ("ours", "xla"):
-      r = p["impls"][name]
-      assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
+    from experiments import bench_attention
+    out = tmp_path / "attn.json"
+    doc = bench_attention.main(["--quick", "--batches", "2", "--contexts", "256", "--ts", "4",
+                                "--impls", "ours", "xla", "--out", str(out), "--commit", "test"])
+    assert out.exists() and (tmp_path / "attn.md").exists()
+    saved = json.loads(out.read_text())
+    assert saved["env"]["commit"] == "test" and len(saved["points"]) == 1
+    for p in doc["points"]:
+        for name in ("ours", "xla"):
+            r = p["impls"][name]
+            assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
 
 
 def test_bench_quick_window(tmp_path):
-  from experiments import bench_attention
-  out = tmp_path / "attn_window.json"
-  doc = bench_attention.main(["--quick", "--window", "2", "20", "--batches", "2", "--contexts",
-                              "256", "--ts", "1", "--out", str(out), "--commit", "test"])
-  assert "Windowed draft attention" in (tmp_path / "attn_window.md").read_text()
-  (p,) = doc["points"]
-  assert p["window"] == [2, 20] and 0 < p["kv_bytes_window"] < p["kv_bytes"]
-  for name in ("ours", "ours_window"):
-    r = p["impls"][name]
-    assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
-  assert p["impls"]["ours_window"]["speedup_vs_ours"] > 0
+    from experiments import bench_attention
+    out = tmp_path / "attn_window.json"
+    doc = bench_attention.main(["--quick", "--window", "2", "20", "--batches", "2", "--contexts",
+                                "256", "--ts", "1", "--out", str(out), "--commit", "test"])
+    assert "Windowed draft attention" in (tmp_path / "attn_window.md").read_text()
+    (p,) = doc["points"]
+    assert p["window"] == [2, 20] and 0 < p["kv_bytes_window"] < p["kv_bytes"]
+    for name in ("ours", "ours_window"):
+        r = p["impls"][name]
+        assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
+    assert p["impls"]["ours_window"]["speedup_vs_ours"] > 0

@@ -18,27 +18,27 @@ from pallas_kernels.w4a8_matmul import quantize_per_token_reference, unpack_int4
 
 
 def _weights(key, K, N, G):
-  k1, k2 = jax.random.split(key)
-  qw = jax.random.randint(k1, (K // 2, N), -128, 128, jnp.int32).astype(jnp.int8)
-  s = jax.random.uniform(k2, (K // G, N), jnp.float32, 0.5, 1.5) * 0.01
-  return qw, s
+    k1, k2 = jax.random.split(key)
+    qw = jax.random.randint(k1, (K // 2, N), -128, 128, jnp.int32).astype(jnp.int8)
+    s = jax.random.uniform(k2, (K // G, N), jnp.float32, 0.5, 1.5) * 0.01
+    return qw, s
 
 
 def _rel(a, b):
-  a = np.asarray(a, np.float64); b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    a = np.asarray(a, np.float64); b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _dense_ref(x, qw, s):
-  """Independent float64 numpy check of the layout: w[k, n] = q[k, n] * s[k // G, n]."""
-  qw = np.asarray(qw).astype(np.int16)
-  lo = ((qw & 0xF) ^ 8) - 8
-  hi = (((qw >> 4) & 0xF) ^ 8) - 8
-  q = np.concatenate([lo, hi], 0).astype(np.float64)
-  K = q.shape[0]
-  G = K // s.shape[0]
-  w = q * np.repeat(np.asarray(s, np.float64), G, axis=0)
-  return np.asarray(x, np.float64) @ w
+    """Independent float64 numpy check of the layout: w[k, n] = q[k, n] * s[k // G, n]."""
+    qw = np.asarray(qw).astype(np.int16)
+    lo = ((qw & 0xF) ^ 8) - 8
+    hi = (((qw >> 4) & 0xF) ^ 8) - 8
+    q = np.concatenate([lo, hi], 0).astype(np.float64)
+    K = q.shape[0]
+    G = K // s.shape[0]
+    w = q * np.repeat(np.asarray(s, np.float64), G, axis=0)
+    return np.asarray(x, np.float64) @ w
 
 
 CASES = [  # M, K, N, G, config
@@ -56,95 +56,95 @@ CASES = [  # M, K, N, G, config
 
 
 def test_w4a16_xla_backend_and_auto_dispatch():
-  w16 = __import__("importlib").import_module("pallas_kernels.w4a16_matmul")
-  K, N = 128, 64
-  qw, s = _weights(jax.random.key(3), K, N, K)
-  for M in (3, w16.XLA_MIN_M):
-    x = jax.random.normal(jax.random.key(M), (M, K), jnp.float32)
-    ref = w4a16_matmul_reference(x, qw, s)
-    for backend in ("xla", None):
-      y = w4a16_matmul(x, qw, s, backend=backend, interpret=True)
-      assert _rel(y, ref) < 1e-5
+    w16 = __import__("importlib").import_module("pallas_kernels.w4a16_matmul")
+    K, N = 128, 64
+    qw, s = _weights(jax.random.key(3), K, N, K)
+    for M in (3, w16.XLA_MIN_M):
+        x = jax.random.normal(jax.random.key(M), (M, K), jnp.float32)
+        ref = w4a16_matmul_reference(x, qw, s)
+        for backend in ("xla", None):
+            y = w4a16_matmul(x, qw, s, backend=backend, interpret=True)
+            assert _rel(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("M,K,N,G,cfg", CASES)
 def test_w4a16_matches_reference(M, K, N, G, cfg):
-  key = jax.random.key(M * 1000 + K + N + G)
-  qw, s = _weights(key, K, N, G)
-  x32 = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.float32)
-  ref32 = w4a16_matmul_reference(x32, qw, s)
-  assert _rel(ref32, _dense_ref(x32, qw, s)) < 1e-5  # reference itself vs float64 layout check
-  y32 = w4a16_matmul(x32, qw, s, interpret=True, config=cfg)
-  assert y32.shape == (M, N) and y32.dtype == jnp.float32
-  assert _rel(y32, ref32) < 1e-5
-  xb = x32.astype(jnp.bfloat16)
-  yb = w4a16_matmul(xb, qw, s, interpret=True, config=cfg)
-  assert yb.dtype == jnp.bfloat16
-  refb = w4a16_matmul_reference(xb, qw, s)
-  assert _rel(yb.astype(jnp.float32), w4a16_matmul_reference(xb.astype(jnp.float32), qw, s)) < 1e-2
-  assert _rel(yb.astype(jnp.float32), refb.astype(jnp.float32)) < 1e-2
+    key = jax.random.key(M * 1000 + K + N + G)
+    qw, s = _weights(key, K, N, G)
+    x32 = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.float32)
+    ref32 = w4a16_matmul_reference(x32, qw, s)
+    assert _rel(ref32, _dense_ref(x32, qw, s)) < 1e-5  # reference itself vs float64 layout check
+    y32 = w4a16_matmul(x32, qw, s, interpret=True, config=cfg)
+    assert y32.shape == (M, N) and y32.dtype == jnp.float32
+    assert _rel(y32, ref32) < 1e-5
+    xb = x32.astype(jnp.bfloat16)
+    yb = w4a16_matmul(xb, qw, s, interpret=True, config=cfg)
+    assert yb.dtype == jnp.bfloat16
+    refb = w4a16_matmul_reference(xb, qw, s)
+    assert _rel(yb.astype(jnp.float32), w4a16_matmul_reference(xb.astype(jnp.float32), qw, s)) < 1e-2
+    assert _rel(yb.astype(jnp.float32), refb.astype(jnp.float32)) < 1e-2
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,K,N,G,cfg", CASES)
 def test_w4a8_matches_reference(M, K, N, G, cfg, bits):
-  key = jax.random.key(M * 7 + K + N + G + bits)
-  qw, s = _weights(key, K, N, G)
-  x = jax.random.normal(jax.random.fold_in(key, 2), (M, K), jnp.float32)
-  if M > 1:
-    x = x.at[M - 1].set(0.0)  # an all-zero row (sx = 1, output 0)
-  xq, sx = quantize_per_token_reference(x, bits)
-  lim = 127 if bits == 8 else 8
-  assert int(jnp.max(jnp.abs(xq.astype(jnp.int32)))) <= lim
-  ref = w4a8_matmul_reference(xq, sx, qw, s, out_dtype=jnp.float32)
-  dq = np.asarray(xq, np.float64) * np.asarray(sx, np.float64)
-  assert _rel(ref, _dense_ref(dq, qw, s)) < 1e-5
-  y = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True, config=cfg)
-  assert y.shape == (M, N) and y.dtype == jnp.float32
-  if G == K:
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))  # exact
-  else:
-    assert _rel(y, ref) < 1e-5
-  if M > 1:
-    assert not np.any(np.asarray(y[M - 1]))
-  yb = w4a8_matmul(xq, sx, qw, s, interpret=True, config=cfg)  # default bf16 out
-  assert yb.dtype == jnp.bfloat16
-  if G == K:
-    np.testing.assert_array_equal(np.asarray(yb), np.asarray(ref.astype(jnp.bfloat16)))
+    key = jax.random.key(M * 7 + K + N + G + bits)
+    qw, s = _weights(key, K, N, G)
+    x = jax.random.normal(jax.random.fold_in(key, 2), (M, K), jnp.float32)
+    if M > 1:
+        x = x.at[M - 1].set(0.0)  # an all-zero row (sx = 1, output 0)
+    xq, sx = quantize_per_token_reference(x, bits)
+    lim = 127 if bits == 8 else 8
+    assert int(jnp.max(jnp.abs(xq.astype(jnp.int32)))) <= lim
+    ref = w4a8_matmul_reference(xq, sx, qw, s, out_dtype=jnp.float32)
+    dq = np.asarray(xq, np.float64) * np.asarray(sx, np.float64)
+    assert _rel(ref, _dense_ref(dq, qw, s)) < 1e-5
+    y = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True, config=cfg)
+    assert y.shape == (M, N) and y.dtype == jnp.float32
+    if G == K:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))  # exact
+    else:
+        assert _rel(y, ref) < 1e-5
+    if M > 1:
+        assert not np.any(np.asarray(y[M - 1]))
+    yb = w4a8_matmul(xq, sx, qw, s, interpret=True, config=cfg)  # default bf16 out
+    assert yb.dtype == jnp.bfloat16
+    if G == K:
+        np.testing.assert_array_equal(np.asarray(yb), np.asarray(ref.astype(jnp.bfloat16)))
 
 
 def test_int_path_exact_accumulation():
-  """Large |values| at the int4/int8 extremes: the int32 accumulator must be exact."""
-  M, K, N = 3, 512, 64
-  qw = jnp.full((K // 2, N), -0x78, jnp.int8)  # low nibble 8 -> -8, high nibble 0x8 -> -8
-  s = jnp.ones((1, N), jnp.float32)
-  xq = jnp.full((M, K), -127, jnp.int8)
-  sx = jnp.ones((M, 1), jnp.float32)
-  y = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True)
-  assert float(y[0, 0]) == 127.0 * 8 * K
-  assert np.asarray(unpack_int4(qw)).min() == -8
+    """Large |values| at the int4/int8 extremes: the int32 accumulator must be exact."""
+    M, K, N = 3, 512, 64
+    qw = jnp.full((K // 2, N), -0x78, jnp.int8)  # low nibble 8 -> -8, high nibble 0x8 -> -8
+    s = jnp.ones((1, N), jnp.float32)
+    xq = jnp.full((M, K), -127, jnp.int8)
+    sx = jnp.ones((M, 1), jnp.float32)
+    y = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True)
+    assert float(y[0, 0]) == 127.0 * 8 * K
+    assert np.asarray(unpack_int4(qw)).min() == -8
 
 
 def test_cross_check_with_qspec_quant():
-  quant = pytest.importorskip("qspec_jax.quant")
-  needed = ("quantized_matmul_reference", "quantize_weight_rtn", "quantize_activations")
-  if not all(hasattr(quant, n) for n in needed):
-    pytest.skip("qspec_jax.quant API not complete yet")
-  K, N, M = 256, 64, 6
-  key = jax.random.key(0)
-  w = jax.random.normal(key, (K, N), jnp.float32)
-  try:
-    qw, s = quant.quantize_weight_rtn(w)
-  except TypeError:
-    pytest.skip("quantize_weight_rtn signature differs")
-  x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.float32)
-  y16 = w4a16_matmul(x, qw, s, interpret=True)
-  r16 = quant.quantized_matmul_reference(x, qw, s, "w4a16")
-  assert _rel(y16, r16) < 1e-5
-  xq, sx = quant.quantize_activations(x, 8)
-  y8 = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True)
-  r8 = quant.quantized_matmul_reference(x, qw, s, "w4a8")
-  assert _rel(y8, r8) < 1e-5
+    quant = pytest.importorskip("qspec_jax.quant")
+    needed = ("quantized_matmul_reference", "quantize_weight_rtn", "quantize_activations")
+    if not all(hasattr(quant, n) for n in needed):
+        pytest.skip("qspec_jax.quant API not complete yet")
+    K, N, M = 256, 64, 6
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (K, N), jnp.float32)
+    try:
+        qw, s = quant.quantize_weight_rtn(w)
+    except TypeError:
+        pytest.skip("quantize_weight_rtn signature differs")
+    x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.float32)
+    y16 = w4a16_matmul(x, qw, s, interpret=True)
+    r16 = quant.quantized_matmul_reference(x, qw, s, "w4a16")
+    assert _rel(y16, r16) < 1e-5
+    xq, sx = quant.quantize_activations(x, 8)
+    y8 = w4a8_matmul(xq, sx, qw, s, out_dtype=jnp.float32, interpret=True)
+    r8 = quant.quantized_matmul_reference(x, qw, s, "w4a8")
+    assert _rel(y8, r8) < 1e-5
 
 
 @pytest.mark.parametrize("K,N,G,msg", [
@@ -154,27 +154,27 @@ def test_cross_check_with_qspec_quant():
     (384, 64, 128, "group size G=128"),      # G divides K but not K/2
 ])
 def test_unsupported_shapes_raise(K, N, G, msg):
-  ok, why = supported(4, K, N, G)
-  assert not ok and msg in why
-  nscale = K // G if K % G == 0 else -(-K // G)  # a G that does not divide K: 3 scale rows
-  qw = jnp.zeros((K // 2, N), jnp.int8)
-  s = jnp.ones((nscale, N), jnp.float32)
-  with pytest.raises(ValueError, match="unsupported shape|must divide|scales shape"):
-    w4a16_matmul(jnp.ones((4, K), jnp.bfloat16), qw, s, interpret=True)
-  with pytest.raises(ValueError, match="unsupported shape|must divide|scales shape"):
-    w4a8_matmul(jnp.ones((4, K), jnp.int8), jnp.ones((4, 1)), qw, s, interpret=True)
+    ok, why = supported(4, K, N, G)
+    assert not ok and msg in why
+    nscale = K // G if K % G == 0 else -(-K // G)  # a G that does not divide K: 3 scale rows
+    qw = jnp.zeros((K // 2, N), jnp.int8)
+    s = jnp.ones((nscale, N), jnp.float32)
+    with pytest.raises(ValueError, match="unsupported shape|must divide|scales shape"):
+        w4a16_matmul(jnp.ones((4, K), jnp.bfloat16), qw, s, interpret=True)
+    with pytest.raises(ValueError, match="unsupported shape|must divide|scales shape"):
+        w4a8_matmul(jnp.ones((4, K), jnp.int8), jnp.ones((4, 1)), qw, s, interpret=True)
 
 
 def test_operand_errors():
-  qw = jnp.zeros((128, 64), jnp.int8)
-  s = jnp.ones((1, 64), jnp.float32)
-  with pytest.raises(ValueError, match="qweight"):
-    w4a16_matmul(jnp.ones((2, 128), jnp.bfloat16), qw, s, interpret=True)  # K mismatch
-  with pytest.raises(ValueError, match="scales shape"):
-    w4a16_matmul(jnp.ones((2, 256), jnp.bfloat16), qw, jnp.ones((3, 64)), interpret=True)
-  with pytest.raises(ValueError, match="xq must be int8"):
-    w4a8_matmul(jnp.ones((2, 256), jnp.bfloat16), jnp.ones((2, 1)), qw, s, interpret=True)
-  with pytest.raises(ValueError, match="backend"):
-    w4a16_matmul(jnp.ones((2, 256), jnp.bfloat16), qw, s, backend="cuda-c")
-  assert supported(1, 4096, 4096, 128) == (True, "ok")
-  assert supported(None, 14336, 4096, None)[0]
+    qw = jnp.zeros((128, 64), jnp.int8)
+    s = jnp.ones((1, 64), jnp.float32)
+    with pytest.raises(ValueError, match="qweight"):
+        w4a16_matmul(jnp.ones((2, 128), jnp.bfloat16), qw, s, interpret=True)  # K mismatch
+    with pytest.raises(ValueError, match="scales shape"):
+        w4a16_matmul(jnp.ones((2, 256), jnp.bfloat16), qw, jnp.ones((3, 64)), interpret=True)
+    with pytest.raises(ValueError, match="xq must be int8"):
+        w4a8_matmul(jnp.ones((2, 256), jnp.bfloat16), jnp.ones((2, 1)), qw, s, interpret=True)
+    with pytest.raises(ValueError, match="backend"):
+        w4a16_matmul(jnp.ones((2, 256), jnp.bfloat16), qw, s, backend="cuda-c")
+    assert supported(1, 4096, 4096, 128) == (True, "ok")
+    assert supported(None, 14336, 4096, None)[0]

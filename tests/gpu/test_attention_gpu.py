@@ -34,199 +34,199 @@ SEED = int(os.environ.get("QSPEC_TEST_SEED", "0"))
 
 
 def _cases():
-  cs = []
-  # id, B, T, H, KVH, S, hd, dtype, positions, kwargs, layers
-  for hd in (64, 128):
-    for G in (1, 4, 8):
-      H, KVH = 4 * G, 4
-      for T in (1, 4, 8, 16):
-        cs.append((f"T{T}_G{G}_d{hd}_bf16", 6, T, H, KVH, 1024, hd, BF16, "ragged", {}, None))
-      cs.append((f"prefill_G{G}_d{hd}_bf16", 3, 200, H, KVH, 256, hd, BF16, "prefill", {}, None))
-  for T in (1, 4, 16):
-    cs.append((f"T{T}_G4_d128_f32", 6, T, 16, 4, 512, 128, F32, "ragged", {}, None))
-  cs.append(("T8_G8_d64_f32_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
-             dict(num_splits=5), None))
-  cs.append(("prefill_G4_d64_f32", 2, 100, 16, 4, 128, 64, F32, "prefill", {}, None))
-  # Llama-3-8B heads
-  cs.append(("llama_B1_S32768_T1", 1, 1, 32, 8, 32768, 128, BF16, "full", {}, None))
-  cs.append(("llama_B4_S8192_T4", 4, 4, 32, 8, 8192, 128, BF16, "ragged", {}, None))
-  cs.append(("llama_B64_S2048_T8", 64, 8, 32, 8, 2048, 128, BF16, "ragged", {}, None))
-  cs.append(("llama_B8_S4160_T4_bk64", 8, 4, 32, 8, 4160, 128, BF16, "ragged", {}, None))
-  cs.append(("llama_B2_S1024_T8_layer", 2, 8, 32, 8, 1024, 128, BF16, "ragged", {}, 4))
-  # whole cache of 4.3 GB per K / V: 64-bit address offsets
-  cs.append(("llama_B16_S4096_T4_layers32", 16, 4, 32, 8, 4096, 128, BF16, "ragged", {}, 32))
-  cs.append(("llama_B6_S2048_T4_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen", {}, None))
-  cs.append(("llama_B1_S4096_prefill", 1, 512, 32, 8, 4096, 128, BF16, "prefill", {}, None))
-  # windowed draft attention (issue 9)
-  cs.append(("win_llama_B6_S8192_T1_s4_r1020", 6, 1, 32, 8, 8192, 128, BF16, "ragged",
-             dict(window=(4, 1020)), None))
-  cs.append(("win_llama_B1_S32768_T1_s4_r508", 1, 1, 32, 8, 32768, 128, BF16, "full",
-             dict(window=(4, 508)), None))
-  cs.append(("win_llama_B4_S4096_T4_s0_r300_layer", 4, 4, 32, 8, 4096, 128, BF16, "ragged",
-             dict(window=(0, 300)), 4))
-  cs.append(("win_llama_B6_S2048_T4_s4_r100_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen",
-             dict(window=(4, 100)), None))
-  cs.append(("win_T16_G8_d128_s2_r40", 6, 16, 64, 8, 2048, 128, BF16, "ragged",
-             dict(window=(2, 40)), None))
-  cs.append(("win_T8_G8_d64_f32_s1_r77_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
-             dict(window=(1, 77), num_splits=5), None))
-  cs.append(("win_prefill_G4_d64_s4_r50", 2, 200, 16, 4, 256, 64, BF16, "prefill",
-             dict(window=(4, 50)), None))
-  return cs
+    cs = []
+    # id, B, T, H, KVH, S, hd, dtype, positions, kwargs, layers
+    for hd in (64, 128):
+        for G in (1, 4, 8):
+            H, KVH = 4 * G, 4
+            for T in (1, 4, 8, 16):
+                cs.append((f"T{T}_G{G}_d{hd}_bf16", 6, T, H, KVH, 1024, hd, BF16, "ragged", {}, None))
+            cs.append((f"prefill_G{G}_d{hd}_bf16", 3, 200, H, KVH, 256, hd, BF16, "prefill", {}, None))
+    for T in (1, 4, 16):
+        cs.append((f"T{T}_G4_d128_f32", 6, T, 16, 4, 512, 128, F32, "ragged", {}, None))
+    cs.append(("T8_G8_d64_f32_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
+               dict(num_splits=5), None))
+    cs.append(("prefill_G4_d64_f32", 2, 100, 16, 4, 128, 64, F32, "prefill", {}, None))
+    # Llama-3-8B heads
+    cs.append(("llama_B1_S32768_T1", 1, 1, 32, 8, 32768, 128, BF16, "full", {}, None))
+    cs.append(("llama_B4_S8192_T4", 4, 4, 32, 8, 8192, 128, BF16, "ragged", {}, None))
+    cs.append(("llama_B64_S2048_T8", 64, 8, 32, 8, 2048, 128, BF16, "ragged", {}, None))
+    cs.append(("llama_B8_S4160_T4_bk64", 8, 4, 32, 8, 4160, 128, BF16, "ragged", {}, None))
+    cs.append(("llama_B2_S1024_T8_layer", 2, 8, 32, 8, 1024, 128, BF16, "ragged", {}, 4))
+    # whole cache of 4.3 GB per K / V: 64-bit address offsets
+    cs.append(("llama_B16_S4096_T4_layers32", 16, 4, 32, 8, 4096, 128, BF16, "ragged", {}, 32))
+    cs.append(("llama_B6_S2048_T4_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen", {}, None))
+    cs.append(("llama_B1_S4096_prefill", 1, 512, 32, 8, 4096, 128, BF16, "prefill", {}, None))
+    # windowed draft attention (issue 9)
+    cs.append(("win_llama_B6_S8192_T1_s4_r1020", 6, 1, 32, 8, 8192, 128, BF16, "ragged",
+               dict(window=(4, 1020)), None))
+    cs.append(("win_llama_B1_S32768_T1_s4_r508", 1, 1, 32, 8, 32768, 128, BF16, "full",
+               dict(window=(4, 508)), None))
+    cs.append(("win_llama_B4_S4096_T4_s0_r300_layer", 4, 4, 32, 8, 4096, 128, BF16, "ragged",
+               dict(window=(0, 300)), 4))
+    cs.append(("win_llama_B6_S2048_T4_s4_r100_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen",
+               dict(window=(4, 100)), None))
+    cs.append(("win_T16_G8_d128_s2_r40", 6, 16, 64, 8, 2048, 128, BF16, "ragged",
+               dict(window=(2, 40)), None))
+    cs.append(("win_T8_G8_d64_f32_s1_r77_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
+               dict(window=(1, 77), num_splits=5), None))
+    cs.append(("win_prefill_G4_d64_s4_r50", 2, 200, 16, 4, 256, 64, BF16, "prefill",
+               dict(window=(4, 50)), None))
+    return cs
 
 
 CASES = _cases()
 
 
 def _positions(kind, B, T, S):
-  """(q_pos [B, T], kv_len [B] or None). Ragged rows: a length-0 sequence (start 0), a padding
-  row that sees no key (q_pos = -1), odd lengths, the cache end, past the end (dropped)."""
-  if kind == "prefill":
-    return np.broadcast_to(np.arange(T), (B, T)).astype(np.int32), None
-  if kind == "full":
-    return np.broadcast_to(np.arange(S - T, S), (B, T)).astype(np.int32), None
-  starts = [0, None, 37, S - T, S // 2 + 5, S - 2, 129, 1000][:B]
-  rows = []
-  for st in starts:
-    rows.append(np.full(T, -1) if st is None else st + np.arange(T))
-  while len(rows) < B:
-    rows.append((len(rows) * 97) % (S - T) + np.arange(T))
-  q_pos = np.stack(rows).astype(np.int32)
-  kv_len = None
-  if kind == "kvlen":
-    kv_len = np.clip(q_pos.max(axis=1) + 1 - np.arange(B) * 3, 0, S).astype(np.int32)
-  return q_pos, kv_len
+    """(q_pos [B, T], kv_len [B] or None). Ragged rows: a length-0 sequence (start 0), a padding
+    row that sees no key (q_pos = -1), odd lengths, the cache end, past the end (dropped)."""
+    if kind == "prefill":
+        return np.broadcast_to(np.arange(T), (B, T)).astype(np.int32), None
+    if kind == "full":
+        return np.broadcast_to(np.arange(S - T, S), (B, T)).astype(np.int32), None
+    starts = [0, None, 37, S - T, S // 2 + 5, S - 2, 129, 1000][:B]
+    rows = []
+    for st in starts:
+        rows.append(np.full(T, -1) if st is None else st + np.arange(T))
+    while len(rows) < B:
+        rows.append((len(rows) * 97) % (S - T) + np.arange(T))
+    q_pos = np.stack(rows).astype(np.int32)
+    kv_len = None
+    if kind == "kvlen":
+        kv_len = np.clip(q_pos.max(axis=1) + 1 - np.arange(B) * 3, 0, S).astype(np.int32)
+    return q_pos, kv_len
 
 
 def _program(case):
-  _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
-  layer = layers - 1 if layers else None
-  window = kw.get("window")
+    _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+    layer = layers - 1 if layers else None
+    window = kw.get("window")
 
-  def fn(key, q_pos, kv_len):
-    k1, k2, k3 = jax.random.split(key, 3)
-    lead = (layers,) if layers else ()
-    q = jax.random.normal(k1, (B, T, H, hd), F32).astype(dtype)
-    kc = jax.random.normal(k2, lead + (B, KVH, S, hd), F32).astype(dtype)
-    vc = jax.random.normal(k3, lead + (B, KVH, S, hd), F32).astype(dtype)
-    out = cached_attention(q, kc, vc, q_pos, kv_len, layer=layer, **kw)
-    if layers:
-      kc, vc = kc[layer], vc[layer]
-    ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos,
-                                       kv_len, window=window)
-    ref16 = cached_attention_reference(q, kc, vc, q_pos, kv_len, window=window)
-    return out, ref32, ref16
+    def fn(key, q_pos, kv_len):
+        k1, k2, k3 = jax.random.split(key, 3)
+        lead = (layers,) if layers else ()
+        q = jax.random.normal(k1, (B, T, H, hd), F32).astype(dtype)
+        kc = jax.random.normal(k2, lead + (B, KVH, S, hd), F32).astype(dtype)
+        vc = jax.random.normal(k3, lead + (B, KVH, S, hd), F32).astype(dtype)
+        out = cached_attention(q, kc, vc, q_pos, kv_len, layer=layer, **kw)
+        if layers:
+            kc, vc = kc[layer], vc[layer]
+        ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos,
+                                           kv_len, window=window)
+        ref16 = cached_attention_reference(q, kc, vc, q_pos, kv_len, window=window)
+        return out, ref32, ref16
 
-  return jax.jit(fn)
+    return jax.jit(fn)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-  def build(case):
-    _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
-    q_pos, kv_len = _positions(kind, B, T, S)
-    args = (jax.random.key(SEED + CASES.index(case)), jnp.asarray(q_pos),
-            None if kv_len is None else jnp.asarray(kv_len))
-    exe = _program(case).lower(*args).compile()
-    return case[0], (exe, args)
+    def build(case):
+        _, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+        q_pos, kv_len = _positions(kind, B, T, S)
+        args = (jax.random.key(SEED + CASES.index(case)), jnp.asarray(q_pos),
+                None if kv_len is None else jnp.asarray(kv_len))
+        exe = _program(case).lower(*args).compile()
+        return case[0], (exe, args)
 
-  with cf.ThreadPoolExecutor(8) as ex:
-    return dict(ex.map(build, CASES))
+    with cf.ThreadPoolExecutor(8) as ex:
+        return dict(ex.map(build, CASES))
 
 
 def _visible(q_pos, kv_len, S, window):
-  """[B, T, S] bool: key s visible to query (b, t) (the references' semantics, numpy)."""
-  s = np.arange(S)[None, None]
-  qp = np.asarray(q_pos)[:, :, None]
-  vis = s <= qp
-  if kv_len is not None:
-    vis &= s < np.asarray(kv_len)[:, None, None]
-  if window is not None:
-    vis &= (s < window[0]) | (qp - s < window[1])
-  return vis
+    """[B, T, S] bool: key s visible to query (b, t) (the references' semantics, numpy)."""
+    s = np.arange(S)[None, None]
+    qp = np.asarray(q_pos)[:, :, None]
+    vis = s <= qp
+    if kv_len is not None:
+        vis &= s < np.asarray(kv_len)[:, None, None]
+    if window is not None:
+        vis &= (s < window[0]) | (qp - s < window[1])
+    return vis
 
 
 def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_attention_gpu(case, compiled):
-  name, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
-  assert supported((B, T, H, hd), ((layers,) if layers else ()) + (B, KVH, S, hd), dtype)[0]
-  exe, args = compiled[name]
-  out, ref32, ref16 = jax.block_until_ready(exe(*args))
-  out = np.asarray(out.astype(F32))
-  assert out.shape == (B, T, H, hd)
-  assert np.all(np.isfinite(out)), "NaN/inf in the kernel output"
-  q_pos = np.asarray(args[1])
-  kv_len = args[2]
-  empty = ~_visible(q_pos, kv_len, S, kw.get("window")).any(axis=2)  # [B, T] rows see no key
-  assert np.all(out[empty] == 0)
-  tol = 1e-5 if dtype == F32 else 1e-2
-  err = _rel(out[~empty], np.asarray(ref32)[~empty])
-  assert err <= tol, f"{name}: rel err {err:.2e} vs f32 reference (tol {tol})"
-  if dtype == BF16:
-    err16 = _rel(out[~empty], np.asarray(ref16.astype(F32))[~empty])
-    assert err16 <= tol, f"{name}: rel err {err16:.2e} vs bf16 reference"
+    name, B, T, H, KVH, S, hd, dtype, kind, kw, layers = case
+    assert supported((B, T, H, hd), ((layers,) if layers else ()) + (B, KVH, S, hd), dtype)[0]
+    exe, args = compiled[name]
+    out, ref32, ref16 = jax.block_until_ready(exe(*args))
+    out = np.asarray(out.astype(F32))
+    assert out.shape == (B, T, H, hd)
+    assert np.all(np.isfinite(out)), "NaN/inf in the kernel output"
+    q_pos = np.asarray(args[1])
+    kv_len = args[2]
+    empty = ~_visible(q_pos, kv_len, S, kw.get("window")).any(axis=2)  # [B, T] rows see no key
+    assert np.all(out[empty] == 0)
+    tol = 1e-5 if dtype == F32 else 1e-2
+    err = _rel(out[~empty], np.asarray(ref32)[~empty])
+    assert err <= tol, f"{name}: rel err {err:.2e} vs f32 reference (tol {tol})"
+    if dtype == BF16:
+        err16 = _rel(out[~empty], np.asarray(ref16.astype(F32))[~empty])
+        assert err16 <= tol, f"{name}: rel err {err16:.2e} vs bf16 reference"
 
 
 def test_matches_model_reference_gpu():
-  """The model's own attention_reference (bf16 on the GPU), Llama-3-8B heads, verify step."""
-  from qspec_jax.model import attention_reference
-  B, T, H, KVH, S, hd = 4, 4, 32, 8, 2048, 128
-  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1000), 3)
-  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
-  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
-  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
-  q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [2044, 2045, 2046, 2047],
-                       [1023, 1024, 1025, 1026]], jnp.int32)
-  out = cached_attention(q, kc, vc, q_pos)
-  ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
-  assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
+    """The model's own attention_reference (bf16 on the GPU), Llama-3-8B heads, verify step."""
+    from qspec_jax.model import attention_reference
+    B, T, H, KVH, S, hd = 4, 4, 32, 8, 2048, 128
+    k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1000), 3)
+    q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+    kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+    vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+    q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [2044, 2045, 2046, 2047],
+                         [1023, 1024, 1025, 1026]], jnp.int32)
+    out = cached_attention(q, kc, vc, q_pos)
+    ref = jax.jit(attention_reference)(q, kc, vc, q_pos)
+    assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
 
 
 @pytest.mark.parametrize("T, window, kw", [(1, (4, 1020), {}), (4, (0, 300), {}),
                                           (1, (4, 100), dict(num_splits=7)),
                                           (8, (1, 77), dict(block_k=64))])
 def test_windowed_never_loads_skipped_blocks_gpu(T, window, kw):
-  """Llama-3-8B heads, 8k cache: every key block that holds no key visible to its sequence is
-  NaN in K and V. A kernel that loads such a block and masks after the dot multiplies its V
-  rows by p = 0 (0 * NaN = NaN); only one that never loads them matches the clean reference."""
-  from pallas_kernels.attention import default_config
-  B, H, KVH, S, hd = 6, 32, 8, 8192, 128
-  q_pos, _ = _positions("ragged", B, T, S)
-  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 2000 + T), 3)
-  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
-  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
-  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
-  bk = default_config(B, T, H, KVH, S, hd, 2, window=window, **kw).block_k
-  vis = _visible(q_pos, None, S, window).any(axis=1)                   # [B, S]
-  needed = vis.reshape(B, S // bk, bk).any(axis=2)
-  bad = jnp.asarray(np.repeat(~needed, bk, axis=1))[:, None, :, None]
-  assert float(needed.mean()) < 0.3
-  kp, vp = jnp.where(bad, jnp.nan, kc), jnp.where(bad, jnp.nan, vc)
-  q_pos = jnp.asarray(q_pos)
-  out = np.asarray(cached_attention(q, kp, vp, q_pos, window=window, **kw).astype(F32))
-  assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
-  ref = np.asarray(cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32),
-                                              q_pos, window=window))
-  assert _rel(out, ref) <= 1e-2
+    """Llama-3-8B heads, 8k cache: every key block that holds no key visible to its sequence is
+    NaN in K and V. A kernel that loads such a block and masks after the dot multiplies its V
+    rows by p = 0 (0 * NaN = NaN); only one that never loads them matches the clean reference."""
+    from pallas_kernels.attention import default_config
+    B, H, KVH, S, hd = 6, 32, 8, 8192, 128
+    q_pos, _ = _positions("ragged", B, T, S)
+    k1, k2, k3 = jax.random.split(jax.random.key(SEED + 2000 + T), 3)
+    q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+    kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+    vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+    bk = default_config(B, T, H, KVH, S, hd, 2, window=window, **kw).block_k
+    vis = _visible(q_pos, None, S, window).any(axis=1)                   # [B, S]
+    needed = vis.reshape(B, S // bk, bk).any(axis=2)
+    bad = jnp.asarray(np.repeat(~needed, bk, axis=1))[:, None, :, None]
+    assert float(needed.mean()) < 0.3
+    kp, vp = jnp.where(bad, jnp.nan, kc), jnp.where(bad, jnp.nan, vc)
+    q_pos = jnp.asarray(q_pos)
+    out = np.asarray(cached_attention(q, kp, vp, q_pos, window=window, **kw).astype(F32))
+    assert np.all(np.isfinite(out)), "the kernel loaded a key block outside the window"
+    ref = np.asarray(cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32),
+                                                q_pos, window=window))
+    assert _rel(out, ref) <= 1e-2
 
 
 def test_windowed_matches_model_reference_gpu():
-  """qspec_jax.model.attention_reference(window=...) (bf16 on the GPU), Llama-3-8B heads."""
-  from qspec_jax.model import attention_reference
-  B, T, H, KVH, S, hd = 4, 4, 32, 8, 4096, 128
-  k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1001), 3)
-  q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
-  kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
-  vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
-  q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [4092, 4093, 4094, 4095],
-                       [3000, 3001, 3002, 3003]], jnp.int32)
-  out = cached_attention(q, kc, vc, q_pos, window=(4, 1020))
-  ref = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos,
-                                                               window=(4, 1020))
-  assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
+    """qspec_jax.model.attention_reference(window=...) (bf16 on the GPU), Llama-3-8B heads."""
+    from qspec_jax.model import attention_reference
+    B, T, H, KVH, S, hd = 4, 4, 32, 8, 4096, 128
+    k1, k2, k3 = jax.random.split(jax.random.key(SEED + 1001), 3)
+    q = jax.random.normal(k1, (B, T, H, hd), F32).astype(BF16)
+    kc = jax.random.normal(k2, (B, KVH, S, hd), F32).astype(BF16)
+    vc = jax.random.normal(k3, (B, KVH, S, hd), F32).astype(BF16)
+    q_pos = jnp.asarray([[0, 1, 2, 3], [500, 501, 502, 503], [4092, 4093, 4094, 4095],
+                         [3000, 3001, 3002, 3003]], jnp.int32)
+    out = cached_attention(q, kc, vc, q_pos, window=(4, 1020))
+    ref = jax.jit(attention_reference, static_argnames="window")(q, kc, vc, q_pos,
+                                                                 window=(4, 1020))
+    assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
