@@ -263,6 +263,11 @@ def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max
                          + (f" + {lookahead} speculative positions" if lookahead else "")
                          + f" = {needed}; raise max_len or shorten the request")
     model.cfg.check_cache_len(max_len)
+    if longest_prompt + max_new_tokens > model.cfg.max_position_embeddings:
+        log.warning("qspec_jax: prompt + max_new_tokens = %d exceeds the model's "
+                    "max_position_embeddings (%d); quality past that length is not what the model "
+                    "was trained for", longest_prompt + max_new_tokens,
+                    model.cfg.max_position_embeddings)
     return max_len
 
 

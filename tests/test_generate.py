@@ -87,3 +87,10 @@ def test_bad_prompts_fail_clearly(model):
         qj.generate(model, [[1, 500]])
     with pytest.raises(ValueError, match="no tokenizer files"):
         qj.generate(model, ["hello"])
+
+
+def test_warns_past_max_position_embeddings(model, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING, logger="qspec_jax"):
+        qj.generate(model, [[5] * 500], max_new_tokens=20)  # tiny config: 512 positions
+    assert "exceeds the model's max_position_embeddings (512)" in caplog.text
