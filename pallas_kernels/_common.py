@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+from jax import lax
+
 # Smallest tiles the kernels use. tl.dot needs K >= 16 (bf16) / 32 (int8) and the
 # block shapes must be powers of two.
 MIN_BN = 32
@@ -63,8 +66,6 @@ def magic_dequant(w16, dtype):
     lo holds the low nibbles (K rows i), hi the high nibbles (K rows K/2 + i); the int4 value v
     (two's complement nibble n) is v = (n ^ 8) - 8.
     """
-    import jax.numpy as jnp
-    from jax import lax
     base, off = _MAGIC[jnp.dtype(dtype).name]
     pat = jnp.int16(base | 8)
     m = jnp.int16(0xF)
@@ -83,8 +84,6 @@ def magic_dequant(w16, dtype):
 
 def as_int16_pairs(qweight):
     """int8 [K//2, N] -> int16 [K//2, N//2] view (little endian: low byte = even column)."""
-    import jax.numpy as jnp
-    from jax import lax
     kh, n = qweight.shape
     return lax.bitcast_convert_type(qweight.reshape(kh, n // 2, 2), jnp.int16)
 
@@ -176,3 +175,17 @@ def auto_split(M: int, K: int, N: int, bn: int, bk: int, bm: int, max_split: int
         and kh // (split * 2) >= 4 * bk:
         split *= 2
     return split
+
+
+def split_nibbles(q):
+    """int8 [r, c] of packed pairs -> (low nibbles, high nibbles), both int8 [r, c] in [-8, 7].
+
+    Sign-extends each nibble with shifts (works on refs' values inside kernels and in jnp)."""
+    lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
+    hi = lax.shift_right_arithmetic(q, jnp.int8(4))
+    return lo, hi
+
+
+def unpack_int4(qweight):
+    """int8 [K//2, N] half-split (docs/DESIGN.md) -> int8 [K, N] values in [-8, 7]."""
+    return jnp.concatenate(split_nibbles(qweight), axis=0)

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, auto_split, check_operands,
-                                    fit_config, magic_dequant)
+                                    fit_config, magic_dequant, split_nibbles, unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -41,13 +41,6 @@ XLA_MIN_M = 128
 
 
 # ----------------------------------------------------------------------------- reference
-def unpack_int4(qweight: jax.Array) -> jax.Array:
-    """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
-    lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
-    hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
-    return jnp.concatenate([lo, hi], axis=0)
-
-
 def w4a16_matmul_reference(x: jax.Array, qweight: jax.Array, scales: jax.Array) -> jax.Array:
     """Plain-jnp reference: sum_g (x_g @ q_g) * s[g] in f32 (g in order), cast to x.dtype."""
     M, K = x.shape
@@ -81,13 +74,6 @@ def _xla_dequant_matmul(x, qweight, scales):
 
 
 # ----------------------------------------------------------------------------- kernel
-def _unpack_tile(q):
-    # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
-    lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
-    hi = lax.shift_right_arithmetic(q, jnp.int8(4))
-    return lo, hi
-
-
 def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                   partial_out, dequant):
     # x_ref: [bm, K]        rows m*bm .. of x (rows >= M are masked to 0)
@@ -129,7 +115,7 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
         if dequant == "magic":
             lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], cdt)  # cdt [bk, bn] each
         else:
-            lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
+            lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
             lo, hi = lo.astype(cdt), hi.astype(cdt)
         d_lo = mma(load_x(base + k0), lo)
         d_hi = mma(load_x(kh + base + k0), hi)

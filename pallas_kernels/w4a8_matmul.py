@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    magic_dequant)
+                                    magic_dequant, split_nibbles, unpack_int4)
 
 try:
     from jax.experimental.pallas import triton as pltriton
@@ -40,13 +40,6 @@ _BACKENDS = ("triton",)
 
 
 # ----------------------------------------------------------------------------- references
-def unpack_int4(qweight: jax.Array) -> jax.Array:
-    """int8 [K//2, N] half-split -> int8 [K, N] values in [-8, 7]."""
-    lo = lax.shift_right_arithmetic(lax.shift_left(qweight, jnp.int8(4)), jnp.int8(4))
-    hi = lax.shift_right_arithmetic(qweight, jnp.int8(4))
-    return jnp.concatenate([lo, hi], axis=0)
-
-
 def quantize_per_token_reference(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
     """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
     qmax, qmin = (127.0, -127.0) if bits == 8 else (7.0, -8.0)
@@ -80,13 +73,6 @@ def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scal
 
 
 # ----------------------------------------------------------------------------- kernel
-def _unpack_tile(q):
-    # q: int8 [bk, bn] -> (low nibbles, high nibbles), both int8 [bk, bn] in [-8, 7]
-    lo = lax.shift_right_arithmetic(lax.shift_left(q, jnp.int8(4)), jnp.int8(4))
-    hi = lax.shift_right_arithmetic(q, jnp.int8(4))
-    return lo, hi
-
-
 def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                  partial_out, dequant):
     # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
@@ -131,7 +117,7 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
         if magic:
             lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], jnp.bfloat16)  # bf16 [bk, bn] each
         else:
-            lo, hi = _unpack_tile(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
+            lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
         d_lo = mma(load(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
         d_hi = mma(load(x_ref.at[:, pl.ds(kh + base + k0, bk)]), hi)
         if per_channel:
