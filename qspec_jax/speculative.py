@@ -181,9 +181,13 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
                                 window=draft_window, layers=draft_layers)
         logits = logits[:, 0]
         rng, key = jax.random.split(rng)
-        nxt = select(logits, key)
-        q = None if greedy else jax.nn.softmax(filtered_logits(logits, temperature, top_k, top_p), -1)
-        return (nxt, cache, lengths, rng), (nxt, q)
+        if greedy:
+            nxt = select(logits, key)
+            return (nxt, cache, lengths, rng), (nxt, None)
+        # Filter once: the draft token is sampled from q, and q is kept for acceptance.
+        filtered = filtered_logits(logits, temperature, top_k, top_p)
+        nxt = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return (nxt, cache, lengths, rng), (nxt, jax.nn.softmax(filtered, axis=-1))
 
     def cycle(c, g: int):
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
