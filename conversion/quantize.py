@@ -156,7 +156,7 @@ def _run_layer_fn(cfg: ModelConfig, rotate: bool):
 
 def gptq_params(cfg: ModelConfig, qcfg: QuantConfig, params: dict, tokens: np.ndarray) -> dict:
     """GPTQ every decoder linear, layer by layer, on calibration ``tokens`` [n_seq, S]."""
-    from qspec_jax.gptq import gptq_quantize
+    from qspec_jax.gptq import HessianAccumulator, gptq_quantize
     run_layer = _run_layer_fn(cfg, qcfg.rotate)
     x = jnp.take(jnp.asarray(params["embed"]["embedding"]), jnp.asarray(tokens), axis=0)
     layers = {}
@@ -168,8 +168,9 @@ def gptq_params(cfg: ModelConfig, qcfg: QuantConfig, params: dict, tokens: np.nd
             dequantized = float_layer        # same, with the dequantized weights as kernels
             for stage in GPTQ_STAGES:
                 _, inputs = run_layer(dequantized, x)
-                a = np.asarray(inputs[stage[0]], np.float64).reshape(-1, inputs[stage[0]].shape[-1])
-                hessian = a.T @ a  # [K, K], shared by the stage's linears
+                acc = HessianAccumulator(inputs[stage[0]].shape[-1])
+                acc.add(inputs[stage[0]])
+                hessian = acc.hessian  # [K, K], shared by the stage's linears
                 for path in stage:
                     lin = _get(float_layer, path)
                     qw, sc = gptq_quantize(np.asarray(lin["kernel"]), hessian, group_size=qcfg.group_size)
