@@ -40,6 +40,7 @@ from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 MODES = ("w16", "w4a16", "w4a8", "qspec-w4a8", "qspec-w4a4")
+DEFAULT_AUTO_MAX_GAMMA = 7
 
 # Shapes of public models (random weights: timing only).
 SHAPED = {
@@ -103,20 +104,30 @@ def _run(model, prompts, new_tokens, mode, gamma, draft, kernels):
 
 
 def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_tokens: int,
-                  kernels: str, repeats: int) -> dict:
+                  kernels: str, repeats: int, cycle_costs=None, max_gamma: int = 7) -> dict:
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
     qmode, draft = ("qspec", mode.split("-")[1]) if mode.startswith("qspec") else (mode, "w4a8")
-    compile_s, _ = _run(model, prompts, new_tokens, qmode, gamma, draft, kernels)
-    _run(model, prompts, 1, qmode, gamma, draft, kernels)  # compile the prefill-only shape
+    kw = dict(mode=qmode, gamma=gamma, draft=draft, kernels=kernels)
+    if gamma == "auto":
+        kw.update(max_gamma=max_gamma, cycle_costs=cycle_costs)
+
+    def run(n):
+        t0 = time.perf_counter()
+        out = qj.generate(model, prompts, max_new_tokens=n, **kw)
+        return time.perf_counter() - t0, out
+
+    compile_s, _ = run(new_tokens)
+    compile1_s, _ = run(1)  # compile the prefill-only shape
     full, one = [], []
     for _ in range(repeats):
-        t, out = _run(model, prompts, new_tokens, qmode, gamma, draft, kernels)
+        t, out = run(new_tokens)
         full.append(t)
-        one.append(_run(model, prompts, 1, qmode, gamma, draft, kernels)[0])
+        one.append(run(1)[0])
     # Paired differences remove the prefill; a non-positive one means the decode time is
     # below the timer noise (tiny CPU runs) and is reported as NaN.
-    decode_s = float(np.median(np.asarray(full) - np.asarray(one)))
+    diffs = np.asarray(full) - np.asarray(one)
+    decode_s = float(np.median(diffs))
     decode_s = decode_s if decode_s > 0 else float("nan")
     steps = out.stats.get("decode_steps", out.stats.get("cycles"))
     decoded = batch * (new_tokens - 1)
@@ -126,13 +137,14 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
         "prefill_s": float(np.median(one)), "decode_s": decode_s,
         "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
         "ms_per_step": 1e3 * decode_s / max(int(steps), 1),
-        "decode_spread_s": [float(np.min(np.asarray(full) - np.asarray(one))),
-                            float(np.max(np.asarray(full) - np.asarray(one)))],
-        "compile_s": compile_s - float(np.median(full)),
+        "decode_spread_s": [float(diffs.min()), float(diffs.max())],
+        "compile_s": compile_s - float(np.median(full)) + compile1_s - float(np.median(one)),
         "steps": int(steps),
     }
     if qmode == "qspec":
         row.update(acceptance_rate=out.stats["acceptance_rate"], tokens_per_cycle=out.stats["tokens_per_cycle"])
+        if gamma == "auto":
+            row.update(max_gamma=max_gamma, gamma_cycles=out.stats.get("gamma_cycles"))
     # % of the HBM roofline of one decode step (context: the mean cache length while decoding).
     context = prompt_len + new_tokens // 2
     tokens_per_step = batch * (row.get("tokens_per_cycle") or 1.0)
@@ -142,6 +154,9 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
     row["tokens_per_step"] = tokens_per_step
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
+        # Process-wide peak so far: points run batch by batch, w4a16 AR before the other modes
+        # of the same batch and w16 last, so a mode that needs more memory than w4a16 AR at
+        # its batch raises this figure above w4a16's.
         row["peak_bytes"] = int(stats["peak_bytes_in_use"])
     return row
 
@@ -173,7 +188,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="default (the trained model), llama3-8b, llama3.2-1b")
     p.add_argument("--batches", default=None, help="default 1,2,4,...,256")
-    p.add_argument("--gammas", default=None, help="default 1..7")
+    p.add_argument("--gammas", default=None, help="default 1..7; 'auto' runs gamma='auto'")
+    p.add_argument("--max-gamma", type=int, default=None,
+                   help="largest gamma of the cost table and of gamma='auto' (default: the largest "
+                        f"integer gamma, or {DEFAULT_AUTO_MAX_GAMMA})")
+    p.add_argument("--cost-gammas", default=None,
+                   help="time the verify pass only at these gammas and interpolate the others "
+                        "(saves compilations on large models; default: all)")
+    p.add_argument("--time-budget", type=float, default=float("inf"),
+                   help="seconds; start no new point after this (resume later)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=None, help="default 128")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
@@ -195,42 +218,86 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     from tqdm.auto import tqdm
+    t_start = time.perf_counter()
     env = environment(args.commit)
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    gammas = [int(g) for g in args.gammas.split(",")]
+    gammas = [g if g == "auto" else int(g) for g in args.gammas.split(",")]
+    int_gammas = [g for g in gammas if g != "auto"]
+    max_gamma = args.max_gamma or max(int_gammas or [DEFAULT_AUTO_MAX_GAMMA])
+    verify_gammas = ([int(g) for g in args.cost_gammas.split(",")] if args.cost_gammas else None)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    context = args.prompt_len + args.new_tokens // 2
+
+    def write(row):
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     for name in args.models.split(","):
         models = {}
-        points = [(m, b, g if m.startswith("qspec") else None) for m in modes for b in batches
-                  for g in (gammas if m.startswith("qspec") else [None])]
-        for mode, batch, gamma in tqdm(points, desc=f"sweep {name}"):
-            if (name, mode, batch, gamma) in done:
-                continue
-            quantized = mode != "w16"
+
+        def get_model(quantized):
             if quantized not in models:
+                t0 = time.perf_counter()
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
                                              method="rtn") if name == "default"
                                      else random_model(name, quantized))
-            model = models[quantized]
+                print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
+            return models[quantized]
+
+        # Batch by batch, w4a16 AR first and the 16-bit model last (see the peak memory note).
+        points = [(m, b, g if m.startswith("qspec") else None) for b in batches
+                  for m in sorted((m for m in modes if m != "w16"), key=lambda m: m != "w4a16")
+                  for g in (gammas if m.startswith("qspec") else [None])]
+        points += [("w16", b, None) for b in batches if "w16" in modes]
+        costs = dict(done_costs(args.out, name))
+        for mode, batch, gamma in tqdm(points, desc=f"sweep {name}"):
+            if (name, mode, batch, gamma) in done:
+                continue
+            if time.perf_counter() - t_start > args.time_budget:
+                print(f"[sweep] time budget of {args.time_budget:.0f} s spent; stopping before "
+                      f"{name} {mode} batch {batch} gamma {gamma} (run again to resume)", flush=True)
+                return 0
+            quantized = mode != "w16"
+            model = get_model(quantized)
+            if mode.startswith("qspec") and batch not in costs:
+                t0 = time.perf_counter()
+                c = measure_cycle_costs(model, batch, context, max_gamma, "w4a8", kernels=args.kernels,
+                                        verify_gammas=verify_gammas)
+                costs[batch] = c.tolist()
+                write({"model": name, "cycle_costs": costs[batch], "batch": batch, "context": context,
+                       "draft": "w4a8", "verify_gammas_timed": verify_gammas or "all",
+                       "predicted_speedup_a0.9": predicted_speedup(c, 0.9).tolist(),
+                       "measure_s": time.perf_counter() - t0, "random_weights": name != "default",
+                       **env})
+                print(f"[sweep] {name} batch {batch}: cycle costs (ms) "
+                      f"{', '.join(f'{1e3 * x:.3f}' for x in c)} in {time.perf_counter() - t0:.1f} s",
+                      flush=True)
+            t0 = time.perf_counter()
             try:
                 row = measure_point(model, mode, batch, gamma, args.prompt_len, args.new_tokens,
-                                    args.kernels, args.repeats)
+                                    args.kernels, args.repeats, cycle_costs=costs.get(batch),
+                                    max_gamma=max_gamma)
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
-            row.update(model=name, random_weights=name != "default", **env)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if any(m.startswith("qspec") for m in modes) and True in models:
-            with open(args.out, "a") as f:
-                for batch in batches:
-                    costs = measure_cycle_costs(models[True], batch, args.prompt_len, max(gammas), "w4a8",
-                                                kernels=args.kernels)
-                    f.write(json.dumps({"model": name, "cycle_costs": costs.tolist(), "batch": batch,
-                                        "predicted_speedup_a0.9": predicted_speedup(costs, 0.9).tolist(),
-                                        **env}) + "\n")
+            row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0, **env)
+            write(row)
+            print(f"[sweep] {name} {mode} b={batch} gamma={gamma}: "
+                  + (f"{row['decode_tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.3f} ms/step, "
+                     f"compile {row['compile_s']:.1f} s, point {row['point_s']:.1f} s"
+                     if "error" not in row else row["error"]), flush=True)
     return 0
+
+
+def done_costs(path: str, name: str):
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("model") == name and "cycle_costs" in r:
+                    yield r["batch"], r["cycle_costs"]
 
 
 def plot(path: str) -> None:
@@ -257,7 +324,7 @@ def plot(path: str) -> None:
         if not speedups:
             continue
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for (mode, gamma) in sorted({(s["mode"], s["gamma"]) for s in speedups}):
+        for (mode, gamma) in sorted({(s["mode"], s["gamma"]) for s in speedups}, key=str):
             pts = sorted((s["batch"], s["measured"]) for s in speedups
                          if s["mode"] == mode and s["gamma"] == gamma)
             ax1.plot(*zip(*pts), marker="o", label=f"{mode} gamma {gamma}")
@@ -286,8 +353,12 @@ def speedup_table(rows: list[dict], name: str) -> list[dict]:
         if not r["mode"].startswith("qspec") or r["batch"] not in base:
             continue
         predicted = None
-        if r["batch"] in costs and r["gamma"] < len(costs[r["batch"]]):
-            predicted = float(predicted_speedup(costs[r["batch"]], r["acceptance_rate"])[r["gamma"]])
+        if r["batch"] in costs:
+            pred = predicted_speedup(costs[r["batch"]], r["acceptance_rate"])
+            if r["gamma"] == "auto":  # the policy aims at the best gamma of the table
+                predicted = float(pred.max())
+            elif r["gamma"] < len(pred):
+                predicted = float(pred[r["gamma"]])
         out.append({"mode": r["mode"], "gamma": r["gamma"], "batch": r["batch"],
                     "measured": r["decode_tokens_per_s"] / base[r["batch"]], "predicted": predicted})
     return out

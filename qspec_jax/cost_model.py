@@ -76,14 +76,21 @@ def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels:
 
 def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: str, *,
                         kernels: str = "auto", steps: int = 8, repeats: int = 3,
-                        draft_window=None, draft_layers=None) -> np.ndarray:
+                        draft_window=None, draft_layers=None, verify_gammas=None) -> np.ndarray:
     """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma.
 
-    The draft is timed with its own options (windowed attention, layer subset)."""
+    The draft is timed with its own options (windowed attention, layer subset). Every verify
+    width is timed (one compiled program each) unless ``verify_gammas`` names a subset: then
+    T_verify is timed at those gammas (0 and max_gamma are always added) and linearly
+    interpolated in between (verify cost is close to linear in its width), which saves
+    compilations on large models."""
     t_draft = time_forward(model, batch, context, 1, draft, kernels=kernels, steps=steps,
                            repeats=repeats, window=draft_window, layers=draft_layers)
-    t_verify = [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
-                             repeats=repeats) for g in range(max_gamma + 1)]
+    timed = sorted({0, max_gamma} | {int(g) for g in (verify_gammas or range(max_gamma + 1))
+                                     if 0 <= int(g) <= max_gamma})
+    measured = [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
+                             repeats=repeats) for g in timed]
+    t_verify = np.interp(np.arange(max_gamma + 1), timed, measured)
     costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])
     log.info("qspec_jax: measured cycle costs (batch %d, context %d, draft %s): T_draft=%.3g s, "
              "T_verify(g + 1)=%s s", batch, context, draft, t_draft,
