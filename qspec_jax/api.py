@@ -35,6 +35,8 @@ log = logging.getLogger("qspec_jax")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
+# gamma="auto" decodes plainly when the best predicted speedup at full acceptance is below this.
+AUTO_MIN_GAIN = 1.03
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -289,6 +291,26 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 
+def _speculation_cannot_pay(costs: np.ndarray, batch: int) -> bool:
+    """gamma="auto" guard: True (and one log line) when even full acceptance would not make any
+    gamma pay by AUTO_MIN_GAIN over plain decoding; then plain w4a16 decoding runs, which is
+    exactly what the speculative loop would emit, without the loop's per-cycle overhead."""
+    from .cost_model import predicted_speedup
+    best = predicted_speedup(costs, 1.0)
+    if best.max() >= AUTO_MIN_GAIN:
+        return False
+    key = ("auto-plain", batch, tuple(np.round(costs, 9)))
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("qspec_jax: gamma='auto' at batch %d: drafting cannot pay here (best predicted "
+                 "speedup %.3fx at acceptance 1.0 from cycle costs %s s); decoding plain w4a16",
+                 batch, best.max(), ", ".join(f"{c:.3g}" for c in costs))
+    return True
+
+
+_LOGGED: set = set()
+
+
 def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
     return [tokens[i, :counts[i]].tolist() for i in range(tokens.shape[0])]
 
@@ -331,11 +353,13 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     t0 = time.perf_counter()
-    if speculative:
+    plain = False
+    if auto:
+        cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
+                                   kernels, cycle_costs, draft_window, draft_layers)
+        plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
+    if speculative and not plain:
         from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
-        if auto:
-            cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
-                                       kernels, cycle_costs, draft_window, draft_layers)
         res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
                                  draft_mode=draft, verify_mode="w4a16", gamma=gamma,
                                  max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
@@ -343,7 +367,14 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
                                  draft_window=draft_window, draft_layers=draft_layers)
     else:
         res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
-                                    mode=mode, kernels=kernels)
+                                    mode="w4a16" if plain else mode, kernels=kernels)
+        if plain:  # report it in QSpec's terms: every cycle was a gamma = 0 cycle
+            steps = int(res.stats["decode_steps"])
+            per_seq = np.asarray(res.num_generated) - 1
+            res.stats.update(cycles=steps, seq_cycles=per_seq, drafted=0 * per_seq,
+                             accepted=0 * per_seq, acceptance_rate=0.0, tokens_per_cycle=1.0,
+                             committed_tokens_per_cycle=1.0, plain_decoding=True,
+                             gamma_cycles=[steps] + [0] * max_gamma)
     out_tokens, counts = np.asarray(res.tokens), np.asarray(res.num_generated)
     wall = time.perf_counter() - t0
     new = int(counts.sum())

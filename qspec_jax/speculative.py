@@ -40,8 +40,9 @@ VERIFY_MODE = "w4a16"
 MAX_GAMMA = 16
 DEFAULT_MAX_GAMMA = 7
 PROBE_EVERY = 16         # gamma="auto": draft at least once every this many cycles
-ACC_EMA = 0.25           # weight of the newest cycle in the running acceptance estimate
-PRIOR_ACCEPTANCE = 0.8
+ACC_DECAY = 0.9          # per drafting cycle: weight kept by older acceptance trials
+PRIOR_ACCEPTANCE = 0.8   # the estimate's prior mean ...
+PRIOR_TRIALS = 2.0       # ... worth this many draft trials
 
 
 def _is_int(v) -> bool:
@@ -146,8 +147,10 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     ``gamma``: drafts per cycle, or "auto": each cycle picks gamma in {0, ..., max_gamma}
     (0 = one plain verify-mode step) minimizing ``cycle_costs[g] / E(g, a)``, where
     ``cycle_costs`` [max_gamma + 1] are measured seconds per cycle (see cost_model) and a is a
-    running estimate of the per-token acceptance rate (a drafting probe every PROBE_EVERY
-    cycles keeps it current while gamma = 0 wins).
+    running estimate of the per-token acceptance rate: decayed counts of accepted and tried
+    drafts with a weak prior (PRIOR_ACCEPTANCE worth PRIOR_TRIALS trials). The first cycle,
+    and one cycle in PROBE_EVERY while gamma = 0 wins, is a probe that drafts the gamma that
+    would pay most at full acceptance, so the estimate starts from and stays near measurement.
     The cache needs ``gamma + 1`` (auto: ``max_gamma + 1``) positions of room past each
     sequence's last token. ``stats`` holds device-side counters.
 
@@ -240,15 +243,22 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     if auto:
         branches = [partial(cycle, g=g) for g in range(max_gamma + 1)]
         costs = jnp.asarray(cycle_costs, jnp.float32)
+        # Probes draft the gamma that would pay most at full acceptance (at least 1): several
+        # trials per probe, so one probe can lift a pessimistic estimate over the break-even.
+        probe_gamma = jnp.maximum(choose_gamma(costs, jnp.float32(1.0)), 1)
 
         def body(c):
             g = choose_gamma(costs, c["acc_est"])
-            g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), 1, g)
+            g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
             c = jax.lax.switch(g, branches, c)
-            rate = c["trial_accepts"] / jnp.maximum(c["trials"], 1)
-            acc_est = jnp.where(c["trials"] > 0, (1 - ACC_EMA) * c["acc_est"] + ACC_EMA * rate,
-                                c["acc_est"])
-            return {**c, "acc_est": acc_est, "since_draft": jnp.where(g > 0, 0, c["since_draft"] + 1),
+            # Decayed counts of accepted / tried drafts (a drafting cycle ages older ones).
+            drafted = c["trials"] > 0
+            decay = jnp.where(drafted, ACC_DECAY, 1.0)
+            hits = decay * c["acc_hits"] + c["trial_accepts"]
+            trials = decay * c["acc_trials"] + c["trials"]
+            return {**c, "acc_hits": hits, "acc_trials": trials,
+                    "acc_est": (hits + PRIOR_ACCEPTANCE * PRIOR_TRIALS) / (trials + PRIOR_TRIALS),
+                    "since_draft": jnp.where(g > 0, 0, c["since_draft"] + 1),
                     "gamma_cycles": c["gamma_cycles"].at[g].add(1)}
     else:
         def body(c):
@@ -258,7 +268,10 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
              "lengths": prompt_lens.astype(jnp.int32), "done": done, "cycles": jnp.int32(0),
              "seq_cycles": zeros, "drafted": zeros, "accepted": zeros,
              "trials": jnp.int32(0), "trial_accepts": jnp.int32(0),
-             "acc_est": jnp.float32(PRIOR_ACCEPTANCE), "since_draft": jnp.int32(0),
+             "acc_est": jnp.float32(PRIOR_ACCEPTANCE), "acc_hits": jnp.float32(0),
+             "acc_trials": jnp.float32(0),
+             # The first cycle is a probe: the estimate starts from measured trials.
+             "since_draft": jnp.int32(PROBE_EVERY),
              "gamma_cycles": jnp.zeros((top_gamma + 1,), jnp.int32)}
     c = jax.lax.while_loop(cond, body, carry)
     drafted, accepted = c["drafted"].sum(), c["accepted"].sum()

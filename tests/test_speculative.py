@@ -207,18 +207,41 @@ def test_jittable_function_composes_with_user_jit(quantized):
 
 # ---- gamma="auto" -------------------------------------------------------------------------------
 
+def _auto_in_loop(model, prompts, max_new_tokens, costs):
+    """decode_speculative with gamma="auto" called directly (the jittable path: no host-side
+    guard), returning (token lists, stats)."""
+    import jax
+    import jax.numpy as jnp
+    from qspec_jax.model import KVCache
+    from qspec_jax.sampling import SamplingConfig
+
+    tokens = np.zeros((len(prompts), 16), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lens = np.array([len(p) for p in prompts], np.int32)
+    max_gamma = len(costs) - 1
+    cache = KVCache.create(model.cfg, len(prompts), 16 + max_new_tokens + max_gamma + 1, model.dtype)
+    res = decode_speculative(model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens),
+                             cache, jax.random.PRNGKey(0), SamplingConfig().arrays(),
+                             jnp.asarray(model.eos_ids, jnp.int32), max_new_tokens=max_new_tokens,
+                             greedy=True, draft_mode="w4a8", gamma="auto", max_gamma=max_gamma,
+                             cycle_costs=jnp.asarray(costs, jnp.float32))
+    toks, counts = np.asarray(res.tokens), np.asarray(res.num_generated)
+    return [toks[i, :c].tolist() for i, c in enumerate(counts)], jax.device_get(res.stats)
+
+
 def test_auto_gamma_follows_costs_and_stays_exact(quantized):
     model = quantized["llama"]
     prompts = ragged_prompts(13)
     ref = qj.generate(model, prompts, max_new_tokens=40, mode="w4a16").tokens
     # Drafting 10x dearer than a verify step: plain decoding (gamma 0) except the probes that
-    # keep the acceptance estimate fresh (one every PROBE_EVERY cycles).
+    # keep the acceptance estimate fresh (the first cycle, then one every PROBE_EVERY cycles;
+    # they draft 1 token here, the most that could pay at full acceptance, floored at 1).
     from qspec_jax.speculative import PROBE_EVERY
-    dear = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
-                       cycle_costs=[1, 10, 20, 30, 40])
-    g = np.asarray(dear.stats["gamma_cycles"])
-    assert dear.tokens == ref
-    assert g[0] > 0 and g[2:].sum() == 0 and g[1] <= g.sum() // PROBE_EVERY + 1
+    toks, stats = _auto_in_loop(model, prompts, 40, [1, 10, 20, 30, 40])
+    g = np.asarray(stats["gamma_cycles"])
+    assert toks == ref
+    assert g[0] > 0 and g[2:].sum() == 0 and 1 <= g[1] <= g.sum() // PROBE_EVERY + 1
     # Drafts almost free: long drafts win at any sensible acceptance.
     cheap = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
                         cycle_costs=[1, 1.01, 1.02, 1.03, 1.04])
@@ -226,6 +249,40 @@ def test_auto_gamma_follows_costs_and_stays_exact(quantized):
     assert cheap.tokens == ref
     assert g[4] == g.sum()
     assert 0 < cheap.stats["acceptance_estimate"] <= 1
+
+
+def test_auto_gamma_estimate_tracks_measured_acceptance(quantized):
+    """From the first cycle on, the estimate is decayed counts of measured draft trials with a
+    weak prior: with drafts always accepted (w4a16 drafting for w4a16) it rises to ~1."""
+    from qspec_jax.speculative import PRIOR_ACCEPTANCE
+    model = quantized["llama"]
+    prompts = ragged_prompts(15)
+    out = qj.generate(model, prompts, max_new_tokens=30, mode="qspec", gamma="auto", max_gamma=3,
+                      draft="w4a16", cycle_costs=[1, 1.6, 2.2, 2.8])
+    assert out.stats["acceptance_rate"] == 1.0
+    assert out.stats["acceptance_estimate"] > 0.97 > PRIOR_ACCEPTANCE
+    g = np.asarray(out.stats["gamma_cycles"])
+    # At acceptance 1 the table's best is gamma 3 (4 tokens for 2.8); the estimate gets there
+    # after the first probe, so nearly every cycle drafts 3.
+    assert g[3] >= g.sum() - 2
+
+
+def test_auto_gamma_decodes_plainly_when_drafting_cannot_pay(quantized, caplog):
+    import logging
+    model = quantized["llama"]
+    prompts = ragged_prompts(16)
+    ref = qj.generate(model, prompts, max_new_tokens=20, mode="w4a16")
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", gamma="auto",
+                          max_gamma=3, cycle_costs=[1, 2.5, 4, 5.5])  # best possible: 4/5.5
+    assert out.tokens == ref.tokens
+    assert out.stats["plain_decoding"] and out.stats["drafted"] == [0, 0, 0]
+    assert out.stats["gamma_cycles"] == [ref.stats["decode_steps"], 0, 0, 0]
+    assert "drafting cannot pay here" in caplog.text
+    # Just above the guard's margin: the speculative loop runs.
+    out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", gamma="auto", max_gamma=1,
+                      cycle_costs=[1, 1.9])  # 2 tokens for 1.9 at full acceptance: 1.053x
+    assert "plain_decoding" not in out.stats and out.tokens == ref.tokens
 
 
 def test_auto_gamma_measures_costs_once(quantized):
