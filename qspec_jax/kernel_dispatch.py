@@ -1,10 +1,12 @@
 """Choose, per quantized GEMM and per attention call, between Pallas kernels and XLA.
 
-``kernels="auto"`` uses the Pallas GEMM kernels on a GPU and the XLA reference elsewhere;
-``kernels="pallas"`` insists on them (on CPU they run in the Pallas interpreter: slow, for
-tests). The Pallas attention kernel runs only with ``kernels="pallas"`` until it has been
-verified on the GPU (see experiments/results). Every fallback is logged once per reason, never
-silently.
+``kernels="auto"`` uses the Pallas GEMM kernels on a GPU and the XLA reference elsewhere,
+and the Pallas attention kernel on a GPU for batches of at least ``ATTN_MIN_BATCH`` sequences,
+where the H200 benchmark measured it faster than XLA's attention (1.2-2.2x at batch 8 and 32,
+contexts 2k-8k, T = 1 and 4; experiments/results/attention_h200.md); at batch 1 XLA's was
+faster (21.7 vs 36.6 us at 8k), so it keeps XLA there. ``kernels="pallas"`` insists on the
+kernels everywhere (on CPU they run in the Pallas interpreter: slow, for tests). Every
+fallback is logged once per reason, never silently.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ _ANNOUNCED: set = set()
 
 # Modes with a Pallas kernel; w4a8_fp8 has none (it runs on XLA's bf16 GEMM).
 PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
+# kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring).
+ATTN_MIN_BATCH = 8
 
 
 def _announce(key, message: str, level=logging.INFO) -> None:
@@ -66,8 +70,16 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     ``layer`` in place, so XLA copies nothing); positions [B, T]; ``window=(sink, recent)``
     (static): windowed draft attention, the kernel loads only the sink and recent key blocks.
     """
-    if kernels != "pallas":
+    if kernels == "xla":
         return None
+    if kernels == "auto":
+        if jax.default_backend() != "gpu":
+            return None  # the GEMM dispatch already said that there is no GPU
+        if q.shape[0] < ATTN_MIN_BATCH:
+            _announce(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH}: attention "
+                      "uses XLA (faster than the Pallas kernel there on the H200; "
+                      "kernels='pallas' forces the kernel)")
+            return None
     from pallas_kernels import attention as pk_attention
     if window is not None:
         window = (int(window[0]), int(window[1]))  # hashable and static for the kernel's jit

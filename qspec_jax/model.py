@@ -103,7 +103,7 @@ class Attention(nnx.Module):
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
         cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
         out = None
-        if kernels == "pallas":
+        if kernels != "xla":
             from .kernel_dispatch import attention
             out = attention(q, cache_k, cache_v, positions, layer, kernels, window)
         if out is None:

@@ -364,3 +364,27 @@ def test_bench_quick_window(tmp_path):
         r = p["impls"][name]
         assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
     assert p["impls"]["ours_window"]["speedup_vs_ours"] > 0
+
+
+def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monkeypatch, caplog):
+    """kernels="auto": XLA attention on CPU and for small batches on a GPU, the Pallas kernel
+    on a GPU from ATTN_MIN_BATCH sequences; "xla" never, "pallas" always."""
+    import logging
+    from pallas_kernels import attention as pk_attention
+    from qspec_jax import kernel_dispatch as kd
+
+    calls = []
+    monkeypatch.setattr(pk_attention, "cached_attention",
+                        lambda q, *a, **kw: calls.append((q.shape[0], kw["interpret"])) or q)
+    cache = jnp.zeros((2, kd.ATTN_MIN_BATCH, 2, 64, 32), BF16)
+    pos = jnp.zeros((kd.ATTN_MIN_BATCH, 1), jnp.int32)
+    q_small, q_big = (jnp.zeros((b, 1, 4, 32), BF16) for b in (kd.ATTN_MIN_BATCH - 1, kd.ATTN_MIN_BATCH))
+    assert kd.attention(q_big, cache, cache, pos, 0, "auto") is None  # CPU
+    assert kd.attention(q_big, cache, cache, pos, 0, "xla") is None
+    assert kd.attention(q_big, cache, cache, pos, 0, "pallas") is q_big and calls == [(8, True)]
+    monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        assert kd.attention(q_small, cache[:, :7], cache[:, :7], pos[:7], 1, "auto") is None
+    assert "attention uses XLA" in caplog.text
+    assert kd.attention(q_big, cache, cache, pos, 1, "auto") is q_big
+    assert calls == [(8, True), (8, False)]
