@@ -10,7 +10,8 @@ Per point (model, mode, batch, gamma): prefill time (apart), decode tokens/s and
 (decode time = time(N new tokens) - time(1 new token), EOS disabled), acceptance and tokens per
 cycle, compile time, peak device memory, % of the HBM roofline (weight + KV bytes per step at
 4.8 TB/s). Results are appended one JSON line per point, so an interrupted sweep resumes where
-it stopped; ``--plot`` draws the figures from the file.
+it stopped; ``--plot`` draws the figures and writes the Markdown report from the file, ``--report``
+writes only the report (same base name as ``--out``, ``.md``).
 """
 
 from __future__ import annotations
@@ -205,10 +206,15 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
-    p.add_argument("--plot", action="store_true", help="only draw the plots from --out")
+    p.add_argument("--plot", action="store_true",
+                   help="only draw the plots and write the Markdown report from --out")
+    p.add_argument("--report", action="store_true",
+                   help="only write the Markdown report (--out with .md) from --out")
     args = p.parse_args(argv)
-    if args.plot:
-        plot(args.out)
+    if args.plot or args.report:
+        if args.plot:
+            plot(args.out)
+        print(f"[sweep] wrote {report(args.out)}", flush=True)
         return 0
     defaults = (dict(models="tiny", batches="1,2", gammas="1,3", prompt_len=8, new_tokens=24, repeats=2)
                 if args.quick else
@@ -300,23 +306,61 @@ def done_costs(path: str, name: str):
                     yield r["batch"], r["cycle_costs"]
 
 
+def _gamma_key(g) -> tuple:
+    """Sort key for gammas: None (AR modes), then integers, then 'auto'."""
+    if g is None:
+        return (0, 0)
+    if g == "auto":
+        return (2, 0)
+    return (1, int(g))
+
+
+def _gamma_label(g, max_gamma=None) -> str:
+    if g == "auto":
+        return "auto" + (f" (≤{max_gamma})" if max_gamma is not None else "")
+    return "—" if g is None else str(g)
+
+
+def _mode_key(mode: str) -> tuple:
+    return (MODES.index(mode) if mode in MODES else len(MODES), mode)
+
+
+def _read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _model_names(rows: list[dict]) -> list[str]:
+    """Models in the order they first appear in the file."""
+    return list(dict.fromkeys(r["model"] for r in rows if "model" in r))
+
+
 def plot(path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in open(path)]
+    rows = _read_rows(path)
     runs = [r for r in rows if "decode_tokens_per_s" in r]
     base = os.path.splitext(path)[0]
     for name in sorted({r["model"] for r in runs}):
+        mine = [r for r in runs if r["model"] == name]
+        auto_max = {r.get("max_gamma") for r in mine if r["gamma"] == "auto"} - {None}
+        auto_label = "auto" + (f", cost-model policy, max {max(auto_max)}" if auto_max else "")
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode in MODES:
-            pts = sorted((r["batch"], r["decode_tokens_per_s"]) for r in runs
-                         if r["model"] == name and r["mode"] == mode and r["gamma"] in (None, 3))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=mode + (" (gamma 3)" if "qspec" in mode else ""))
+            ints = sorted({r["gamma"] for r in mine if r["mode"] == mode and isinstance(r["gamma"], int)})
+            # One fixed gamma per QSpec mode (3 where measured) plus gamma='auto' (dashed).
+            shown = ([None] if not mode.startswith("qspec") else
+                     ([3] if 3 in ints else ints[:1]) + ["auto"])
+            for g in shown:
+                pts = sorted((r["batch"], r["decode_tokens_per_s"]) for r in mine
+                             if r["mode"] == mode and r["gamma"] == g)
+                if pts:
+                    label = mode if g is None else f"{mode} (gamma {auto_label if g == 'auto' else g})"
+                    ax.plot(*zip(*pts), marker="o", ls="--" if g == "auto" else "-", label=label)
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
                title=f"{name}" + (" (random weights)" if name != "default" else ""))
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(f"{base}_{name}_throughput.png", dpi=120)
         plt.close(fig)
@@ -324,18 +368,28 @@ def plot(path: str) -> None:
         if not speedups:
             continue
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for (mode, gamma) in sorted({(s["mode"], s["gamma"]) for s in speedups}, key=str):
+        for (mode, gamma) in sorted({(s["mode"], s["gamma"]) for s in speedups},
+                                    key=lambda mg: (_mode_key(mg[0]), _gamma_key(mg[1]))):
             pts = sorted((s["batch"], s["measured"]) for s in speedups
                          if s["mode"] == mode and s["gamma"] == gamma)
-            ax1.plot(*zip(*pts), marker="o", label=f"{mode} gamma {gamma}")
+            auto = gamma == "auto"
+            ax1.plot(*zip(*pts), marker="s" if auto else "o", ls="--" if auto else "-", lw=2 if auto else 1,
+                     label=f"{mode} gamma {auto_label if auto else gamma}")
         ax1.axhline(1.0, color="k", lw=0.8)
-        ax1.set(xscale="log", xlabel="batch", ylabel="speedup over w4a16 AR", title=name)
+        ax1.set(xscale="log", xlabel="batch", ylabel="speedup over w4a16 AR",
+                title=name + (" (random weights)" if name != "default" else ""))
         ax1.legend(fontsize=7)
-        pairs = [(s["predicted"], s["measured"]) for s in speedups if s["predicted"] is not None]
+        pairs = [(s["predicted"], s["measured"], s["gamma"] == "auto") for s in speedups
+                 if s["predicted"] is not None and np.isfinite(s["predicted"]) and np.isfinite(s["measured"])]
+        for auto, marker, label in ((False, "o", "fixed gamma"),
+                                    (True, "s", "gamma auto (predicted: best gamma of the table)")):
+            sel = [(p, m) for p, m, a in pairs if a == auto]
+            if sel:
+                ax2.scatter(*zip(*sel), s=18, marker=marker, label=label)
         if pairs:
-            ax2.scatter(*zip(*pairs), s=12)
-            hi = max(max(p) for p in pairs) * 1.1
+            hi = max(max(p, m) for p, m, _ in pairs) * 1.1
             ax2.plot([0, hi], [0, hi], color="k", lw=0.8)
+            ax2.legend(fontsize=7)
         ax2.set(xlabel="predicted speedup (cost model, measured acceptance)",
                 ylabel="measured speedup", title="measured vs predicted")
         fig.tight_layout()
@@ -362,6 +416,172 @@ def speedup_table(rows: list[dict], name: str) -> list[dict]:
         out.append({"mode": r["mode"], "gamma": r["gamma"], "batch": r["batch"],
                     "measured": r["decode_tokens_per_s"] / base[r["batch"]], "predicted": predicted})
     return out
+
+
+# --- Markdown report --------------------------------------------------------------------------
+
+SHAPED_AS = {"llama3-8b": "Llama-3-8B", "llama3.2-1b": "Llama-3.2-1B",
+             "tiny": "a tiny Llama-style test configuration"}
+REPORT_ACCEPTANCES = (0.9, 1.0)
+
+
+def fmt(x, spec: str = ".2f") -> str:
+    """A number for the report: '—' when absent, 'nan' when not finite (e.g. CPU timer noise)."""
+    if x is None:
+        return "—"
+    x = float(x)
+    return format(x, spec) if np.isfinite(x) else "nan"
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def _join(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def reproduce_commands(rows: list[dict], out: str) -> list[str]:
+    """Sweep commands that produce the points in ``rows`` (one per group of models that share
+    their options). The number of repeats is not recorded in the rows (default 3)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in _model_names(rows):
+        mine = [r for r in rows if r.get("model") == name]
+        runs = [r for r in mine if "mode" in r]
+        costs = [r for r in mine if "cycle_costs" in r]
+        batches = sorted({r["batch"] for r in mine if "batch" in r})
+        modes = sorted({r["mode"] for r in runs}, key=_mode_key)
+        gammas = sorted({r["gamma"] for r in runs
+                         if r["mode"].startswith("qspec") and r["gamma"] is not None}, key=_gamma_key)
+        args = [("--batches", _join(batches)), ("--modes", _join(modes))]
+        if gammas:
+            max_gammas = ({len(r["cycle_costs"]) - 1 for r in costs}
+                          | {r["max_gamma"] for r in runs if r.get("max_gamma") is not None})
+            args.append(("--gammas", _join(gammas)))
+            if max_gammas:
+                args.append(("--max-gamma", _join(sorted(max_gammas))))
+            timed = sorted({g for r in costs if r.get("verify_gammas_timed", "all") != "all"
+                            for g in r["verify_gammas_timed"]})
+            if timed:
+                args.append(("--cost-gammas", _join(timed)))
+        for key, flag in (("prompt_len", "--prompt-len"), ("new_tokens", "--new-tokens"),
+                          ("kernels", "--kernels")):
+            vals = sorted({r[key] for r in runs if key in r}, key=str)
+            if vals and not (key == "kernels" and vals == ["auto"]):
+                args.append((flag, _join(vals)))
+        groups.setdefault(tuple(args), []).append(name)
+    return ["PYTHONPATH=. python3 experiments/sweep.py --models " + ",".join(names)
+            + "".join(f" {flag} {val}" for flag, val in args) + f" --out {out}"
+            for args, names in groups.items()]
+
+
+def report(path: str) -> str:
+    """Write the Markdown report of a sweep JSONL file next to it (same base name, .md)."""
+    rows = _read_rows(path)
+    names = _model_names(rows)
+    runs = [r for r in rows if "mode" in r and "error" not in r]
+    errors = [r for r in rows if "error" in r]
+    costs = [r for r in rows if "cycle_costs" in r]
+
+    def values(key, src=rows):
+        return ", ".join(sorted({str(r[key]) for r in src if key in r})) or "?"
+
+    md_path = os.path.splitext(path)[0] + ".md"
+    L = [f"# QSpec end-to-end sweep: {os.path.basename(path)}", ""]
+    L.append(f"Commit {values('commit')}; device {values('device')} ({values('backend')}); "
+             f"jax {values('jax')}; prompt {values('prompt_len', runs)} tokens, "
+             f"{values('new_tokens', runs)} new tokens per sequence (EOS disabled); "
+             f"measured points: {len(runs)}, cost tables: {len(costs)}, errors: {len(errors)}. "
+             "Reproduce at the commit above (the command appends to the file and skips the points it "
+             "already holds; the number of repeats is not recorded, default 3):")
+    L += ["", "```"] + reproduce_commands(rows, path) + ["```", ""]
+    random = [n for n in names if any(r.get("random_weights") for r in rows if r.get("model") == n)]
+    trained = [n for n in names if n not in random]
+    words = []
+    words = ["**Weights.** The sweep's `llama3-8b` and `llama3.2-1b` are models with **random weights** "
+             "shaped like Llama-3-8B and Llama-3.2-1B (timing only: their acceptance rates, tokens per "
+             "cycle and the predicted speedups that use them are not meaningful); `default` is the "
+             "trained model (its acceptance rates are real)."]
+    if random:
+        words.append("Random weights in this file: " + ", ".join(
+            f"`{n}`" + (f" (shaped like {SHAPED_AS[n]})" if n in SHAPED_AS else "") for n in random) + ".")
+    if trained:
+        words.append("Trained weights: " + ", ".join(f"`{n}`" for n in trained) + ".")
+    L += [" ".join(words), ""]
+    L += ["Columns: decode tokens/s = batch × (new tokens − 1) / decode seconds (decode = time of N new "
+          "tokens − time of 1, median of the paired repeats; nan when below the timer noise); ms/step is "
+          "per decode step, per QSpec cycle for qspec modes; decode s = [min, max] over the repeats; "
+          "speedup = decode tokens/s over w4a16 AR at the same batch (measured); predicted = cost model "
+          "(the cycle costs below) at the measured acceptance, for gamma auto the best gamma of the table; "
+          "gamma cycles (auto) = cycles run at gamma 0, 1, ... (zeros left out); peak GiB = process-wide "
+          "peak device memory so far; % HBM roofline = (weight + KV bytes per step at 4.8 TB/s) / measured "
+          "step time (meaningful on an H200 only).", ""]
+    for name in names:
+        mine = sorted((r for r in runs if r["model"] == name),
+                      key=lambda r: (r["batch"], _mode_key(r["mode"]), _gamma_key(r["gamma"])))
+        mine_costs = sorted((r for r in costs if r["model"] == name), key=lambda r: r["batch"])
+        if not mine and not mine_costs:
+            continue
+        L += [f"## {name}" + (" (random weights: timing only)" if name in random else " (trained)"), ""]
+        if mine:
+            base = {r["batch"]: r["decode_tokens_per_s"] for r in mine if r["mode"] == "w4a16"}
+            spd = {(s["mode"], s["gamma"], s["batch"]): s for s in speedup_table(rows, name)}
+            body = []
+            for r in mine:
+                s = spd.get((r["mode"], r["gamma"], r["batch"]))
+                measured = (s["measured"] if s else r["decode_tokens_per_s"] / base[r["batch"]]
+                            if r["batch"] in base else None)
+                spread = r.get("decode_spread_s")
+                cycles = r.get("gamma_cycles")
+                body.append([
+                    r["mode"], str(r["batch"]), _gamma_label(r["gamma"], r.get("max_gamma")),
+                    fmt(r["decode_tokens_per_s"], ".1f"), fmt(r["ms_per_step"], ".3f"),
+                    f"{fmt(spread[0], '.3f')}–{fmt(spread[1], '.3f')}" if spread else "—",
+                    fmt(measured), fmt(s["predicted"] if s else None),
+                    # gamma='auto' may run every cycle at gamma 0: no draft, no acceptance.
+                    "— (no drafts)" if cycles and not any(cycles[1:])
+                    else fmt(r.get("acceptance_rate"), ".3f"),
+                    fmt(r.get("tokens_per_cycle")),
+                    ", ".join(f"{g}:{n}" for g, n in enumerate(cycles) if n) if cycles else "—",
+                    fmt(r.get("compile_s"), ".1f"),
+                    fmt(r["peak_bytes"] / 2 ** 30 if "peak_bytes" in r else None),
+                    fmt(r.get("hbm_roofline_pct"), ".1f")])
+            L += _md_table(["mode", "batch", "gamma", "decode tok/s", "ms/step (qspec: /cycle)",
+                            "decode s [min–max]", "speedup vs w4a16 (measured)", "predicted speedup",
+                            "acceptance", "tokens/cycle", "gamma cycles (auto)", "compile s", "peak GiB",
+                            "% HBM roofline"], body) + [""]
+        if mine_costs:
+            G = max(len(r["cycle_costs"]) for r in mine_costs)
+            L += [f"Cost model of {name}: seconds per QSpec cycle (gamma drafts w4a8 + one w4a16 verify of "
+                  "gamma + 1 tokens; gamma 0 = the plain w4a16 AR step) from timed forwards, and the "
+                  "speedup over w4a16 AR it predicts at acceptance "
+                  + " and ".join(str(a) for a in REPORT_ACCEPTANCES) + ".", ""]
+            body = []
+            for r in mine_costs:
+                c = r["cycle_costs"]
+                timed = r.get("verify_gammas_timed", "all")
+                timed = ("all" if timed == "all" else
+                         ", ".join(str(g) for g in timed) + " (others interpolated)")
+                pad = [""] * (G - len(c))
+                body.append([str(r["batch"]), str(r.get("context", "?")), timed,
+                             fmt(r.get("measure_s"), ".1f"), "cycle ms"]
+                            + [fmt(1e3 * x, ".3f") for x in c] + pad + [""])
+                for a in REPORT_ACCEPTANCES:
+                    pred = predicted_speedup(c, a)
+                    body.append(["", "", "", "", f"speedup a={a}"] + [fmt(x) for x in pred] + pad
+                                + [str(int(np.argmax(pred))) if np.all(np.isfinite(pred)) else "—"])
+            L += _md_table(["batch", "context", "verify widths timed", "measure s", "quantity"]
+                           + [f"γ={g}" for g in range(G)] + ["best γ"], body) + [""]
+    if errors:
+        L += ["## Errors", ""]
+        L += _md_table(["model", "mode", "batch", "gamma", "error"],
+                       [[r.get("model", "?"), r.get("mode", "?"), str(r.get("batch", "?")),
+                         _gamma_label(r.get("gamma")), r["error"].replace("|", "\\|").replace("\n", " ")]
+                        for r in errors]) + [""]
+    with open(md_path, "w") as f:
+        f.write("\n".join(L))
+    return md_path
 
 
 if __name__ == "__main__":

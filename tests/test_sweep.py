@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from experiments.sweep import main as sweep_main
 
@@ -35,10 +36,103 @@ def test_sweep_quick_is_resumable(tmp_path):
     assert sweep_main(argv[:-2] + ["--out", str(out)]) == 0
     # Resumed with everything done: nothing is measured again.
     assert len(open(out).readlines()) == n
+    # --report writes only the Markdown report, next to the JSONL.
+    md = tmp_path / "sweep.md"
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert md.exists() and not (tmp_path / "sweep_tiny_throughput.png").exists()
+    check_report(md.read_text(), rows, str(out))
+    md.unlink()
+    # --plot draws the figures and writes the report too.
     assert sweep_main(["--plot", "--out", str(out)]) == 0
     assert (tmp_path / "sweep_tiny_throughput.png").exists()
     assert (tmp_path / "sweep_tiny_speedup.png").exists()
+    assert md.exists()
     from experiments.sweep import speedup_table
     fixed, auto_row = speedup_table(rows, "tiny")
     assert fixed["gamma"] == 2 and fixed["predicted"] > 0
     assert auto_row["gamma"] == "auto" and auto_row["predicted"] >= fixed["predicted"]
+
+
+def md_tables(text: str) -> list[list[dict]]:
+    """The Markdown tables of ``text``, each a list of {header: cell} rows."""
+    tables, lines = [], text.splitlines()
+
+    def cells(line):  # split on unescaped pipes
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            header = cells(lines[i])
+            body, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                body.append(dict(zip(header, cells(lines[i]))))
+                i += 1
+            tables.append(body)
+        else:
+            i += 1
+    return tables
+
+
+def check_report(text: str, rows: list[dict], out: str) -> None:
+    from experiments.sweep import fmt, speedup_table
+    from qspec_jax.cost_model import predicted_speedup
+    assert text.startswith("# ") and "## tiny (random weights: timing only)" in text
+    assert "random weights" in text and "`default` is the trained model" in text
+    assert ("PYTHONPATH=. python3 experiments/sweep.py --models tiny --batches 2 --modes w4a16,qspec-w4a8 "
+            "--gammas 2,auto --max-gamma 3 --cost-gammas 0,3 --prompt-len 8 --new-tokens 24 "
+            f"--out {out}") in text
+    assert rows[0]["commit"] in text and rows[0]["jax"] in text
+    runs, (cost,) = [r for r in rows if "mode" in r], [r for r in rows if "cycle_costs" in r]
+    points, costs = md_tables(text)
+    # One row per measured point, in batch / mode / gamma order.
+    assert [(p["mode"], p["batch"], p["gamma"]) for p in points] == [
+        ("w4a16", "2", "—"), ("qspec-w4a8", "2", "2"), ("qspec-w4a8", "2", "auto (≤3)")]
+    for p, r in zip(points, runs):
+        assert p["decode tok/s"] == fmt(r["decode_tokens_per_s"], ".1f")
+    assert points[0]["speedup vs w4a16 (measured)"] == fmt(1.0 if runs[0]["decode_tokens_per_s"] > 0
+                                                           else float("nan"))
+    assert points[2]["gamma cycles (auto)"] == ", ".join(
+        f"{g}:{n}" for g, n in enumerate(runs[2]["gamma_cycles"]) if n)
+    # Speedups exactly as speedup_table gives them.
+    for s, p in zip(speedup_table(rows, "tiny"), points[1:]):
+        assert p["speedup vs w4a16 (measured)"] == fmt(s["measured"])
+        assert p["predicted speedup"] == fmt(s["predicted"])
+    # Cost table: cycle ms and the predicted speedup at a = 0.9 and 1.0, one column per gamma 0..3.
+    gamma_cols = [k for k in costs[0] if k.startswith("γ=")]
+    assert gamma_cols == ["γ=0", "γ=1", "γ=2", "γ=3"]
+    assert [c["quantity"] for c in costs] == ["cycle ms", "speedup a=0.9", "speedup a=1.0"]
+    assert costs[0]["batch"] == "2" and costs[0]["verify widths timed"].startswith("0, 3")
+    assert [costs[0][k] for k in gamma_cols] == [fmt(1e3 * x, ".3f") for x in cost["cycle_costs"]]
+    for c, a in zip(costs[1:], (0.9, 1.0)):
+        assert [c[k] for k in gamma_cols] == [fmt(x) for x in predicted_speedup(cost["cycle_costs"], a)]
+    assert "## Errors" not in text
+
+
+def test_report_lists_errors_and_nans(tmp_path):
+    """The report of a file with an error row, a NaN decode time and gammas 10 / 2 / 'auto'."""
+    from experiments.sweep import main as sweep_main
+    env = dict(model="m", random_weights=False, commit="c0ffee", device="dev", backend="cpu", jax="9.9")
+    run = dict(prompt_len=4, new_tokens=8, ms_per_step=1.0, decode_spread_s=[0.1, 0.2], compile_s=1.0,
+               steps=7, hbm_roofline_pct=1.0, **env)
+    rows = [dict(mode="w4a16", batch=1, gamma=None, decode_tokens_per_s=100.0, **run),
+            dict(mode="qspec-w4a8", batch=1, gamma=10, decode_tokens_per_s=float("nan"),
+                 acceptance_rate=0.5, tokens_per_cycle=2.0, **run),
+            dict(mode="qspec-w4a8", batch=1, gamma="auto", decode_tokens_per_s=150.0, acceptance_rate=1.0,
+                 tokens_per_cycle=3.0, max_gamma=2, gamma_cycles=[0, 1, 3], **run),
+            dict(mode="qspec-w4a8", batch=1, gamma=2, decode_tokens_per_s=120.0, acceptance_rate=1.0,
+                 tokens_per_cycle=3.0, **run),
+            dict(cycle_costs=[1.0, 1.5, 2.0], batch=1, context=8, verify_gammas_timed="all", **env),
+            dict(mode="w16", batch=4, gamma=None, error="OOM: out | of memory", **env)]
+    out = tmp_path / "r.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    text = (tmp_path / "r.md").read_text()
+    points, costs, errors = md_tables(text)
+    assert [(p["gamma"], p["decode tok/s"], p["speedup vs w4a16 (measured)"], p["predicted speedup"])
+            for p in points] == [("—", "100.0", "1.00", "—"), ("2", "120.0", "1.20", "1.50"),
+                                 ("10", "nan", "nan", "—"), ("auto (≤2)", "150.0", "1.50", "1.50")]
+    assert points[-1]["gamma cycles (auto)"] == "1:1, 2:3"
+    assert [k for k in costs[0] if k.startswith("γ=")] == ["γ=0", "γ=1", "γ=2"]
+    assert costs[2]["best γ"] == "2" and errors == [
+        {"model": "m", "mode": "w16", "batch": "4", "gamma": "—", "error": "OOM: out \\| of memory"}]
+    assert "--batches 1,4 --modes w16,w4a16,qspec-w4a8 --gammas 2,10,auto --max-gamma 2" in text
