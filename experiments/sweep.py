@@ -134,7 +134,7 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
     decoded = batch * (new_tokens - 1)
     row = {
         "mode": mode, "batch": batch, "gamma": gamma if qmode == "qspec" else None,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "kernels": kernels,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "kernels": kernels, "repeats": repeats,
         "prefill_s": float(np.median(one)), "decode_s": decode_s,
         "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
         "ms_per_step": 1e3 * decode_s / max(int(steps), 1),
@@ -444,7 +444,7 @@ def _join(values) -> str:
 
 def reproduce_commands(rows: list[dict], out: str) -> list[str]:
     """Sweep commands that produce the points in ``rows`` (one per group of models that share
-    their options). The number of repeats is not recorded in the rows (default 3)."""
+    their options)."""
     groups: dict[tuple, list[str]] = {}
     for name in _model_names(rows):
         mine = [r for r in rows if r.get("model") == name]
@@ -466,7 +466,7 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             if timed:
                 args.append(("--cost-gammas", _join(timed)))
         for key, flag in (("prompt_len", "--prompt-len"), ("new_tokens", "--new-tokens"),
-                          ("kernels", "--kernels")):
+                          ("repeats", "--repeats"), ("kernels", "--kernels")):
             vals = sorted({r[key] for r in runs if key in r}, key=str)
             if vals and not (key == "kernels" and vals == ["auto"]):
                 args.append((flag, _join(vals)))
@@ -494,7 +494,7 @@ def report(path: str) -> str:
              f"{values('new_tokens', runs)} new tokens per sequence (EOS disabled); "
              f"measured points: {len(runs)}, cost tables: {len(costs)}, errors: {len(errors)}. "
              "Reproduce at the commit above (the command appends to the file and skips the points it "
-             "already holds; the number of repeats is not recorded, default 3):")
+             "already holds):")
     L += ["", "```"] + reproduce_commands(rows, path) + ["```", ""]
     random = [n for n in names if any(r.get("random_weights") for r in rows if r.get("model") == n)]
     trained = [n for n in names if n not in random]
