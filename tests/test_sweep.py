@@ -79,7 +79,7 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
     assert text.startswith("# ") and "## tiny (random weights: timing only)" in text
     assert "random weights" in text and "`default` is the trained model" in text
     assert ("PYTHONPATH=. python3 experiments/sweep.py --models tiny --batches 2 --modes w4a16,qspec-w4a8 "
-            "--gammas 2,auto --max-gamma 3 --cost-gammas 0,3 --prompt-len 8 --new-tokens 24 "
+            "--gammas 2,auto --max-gamma 3 --cost-gammas 0,3 --prompt-len 8 --new-tokens 24 --repeats 2 "
             f"--out {out}") in text
     assert rows[0]["commit"] in text and rows[0]["jax"] in text
     runs, (cost,) = [r for r in rows if "mode" in r], [r for r in rows if "cycle_costs" in r]
