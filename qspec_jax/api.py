@@ -37,6 +37,9 @@ PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
 # gamma="auto" decodes plainly when the best predicted speedup at full acceptance is below this.
 AUTO_MIN_GAIN = 1.03
+# gamma="auto" calibration: verify widths timed (gamma + 1 tokens; 0 and max_gamma always), the
+# others interpolated linearly: each timed width is one compiled program (~30 s on 8B shapes).
+AUTO_TIMED_GAMMAS = (0, 1, 3, 7)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -285,9 +288,12 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
     from .cost_model import measure_cycle_costs
     key = (batch, round_up(context, 256), max_gamma, draft, kernels, draft_window, draft_layers)
     if key not in model.cycle_costs:
+        timed = sorted({0, max_gamma} | {g for g in AUTO_TIMED_GAMMAS if g <= max_gamma})
+        log.info("qspec_jax: gamma='auto': timing the draft step and verify widths %s once for "
+                 "batch %d, context %d (cached on the model)", [g + 1 for g in timed], batch, key[1])
         model.cycle_costs[key] = measure_cycle_costs(model, batch, key[1], max_gamma, draft,
                                                      kernels=kernels, draft_window=draft_window,
-                                                     draft_layers=draft_layers)
+                                                     draft_layers=draft_layers, verify_gammas=timed)
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 

@@ -385,3 +385,22 @@ def test_draft_layer_search(quantized):
     out = qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="qspec",
                       draft_layers=list(layers))
     assert out.tokens == qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="w4a16").tokens
+
+
+def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
+    """measure_cycle_costs(verify_gammas=...) times the draft once and the verify pass at the
+    requested widths (plus gamma 0 and max), interpolating the others linearly in gamma."""
+    from qspec_jax import cost_model
+    calls = []
+
+    def fake_time_forward(model, batch, context, T, mode, **kw):
+        calls.append((T, mode))
+        return 0.5 if mode == "w4a8" else 1.0 + 0.1 * T ** 2  # convex in T: interpolation shows
+
+    monkeypatch.setattr(cost_model, "time_forward", fake_time_forward)
+    costs = cost_model.measure_cycle_costs(None, 4, 128, 5, "w4a8", verify_gammas=[2])
+    assert calls == [(1, "w4a8"), (1, "w4a16"), (3, "w4a16"), (6, "w4a16")]
+    timed = {0: 1.1, 2: 1.9, 5: 4.6}
+    verify = np.interp(np.arange(6), list(timed), list(timed.values()))
+    np.testing.assert_allclose(costs, [g * 0.5 + verify[g] for g in range(6)])
+    assert costs[2] == pytest.approx(2 * 0.5 + 1.9)
