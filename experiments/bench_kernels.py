@@ -179,7 +179,8 @@ def _ours_w4a8_q(cfg=None):
 
 
 # variant -> largest M it is run at (None: all)
-VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128}
+VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
+                 "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M}
 VARIANT_MIN_M = {"ours_w4a16_triton": 128}
 
 
@@ -277,13 +278,16 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                 if M > VARIANT_MAX_M.get(v, 1 << 30) or M < VARIANT_MIN_M.get(v, 0):
                     continue
                 cfgs = [None]
-                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8"):
+                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8", "ours_w4a16_gemv"):
                     cfgs = sweep_cfgs(v, M)
                 for cfg in cfgs:
                     if v == "ours_w4a16":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg), (x, ws4), R4)
                     elif v == "ours_w4a16_triton":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg, "triton"), (x, ws4), R4)
+                    elif v == "ours_w4a16_gemv":
+                        c = cfg or w4a16_mod.gemv_config(M, K, N, G)
+                        j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v in ("ours_w4a16_cvt", "ours_w4a16_magic"):
                         c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
@@ -371,6 +375,10 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
 # ----------------------------------------------------------------------------- sweep configs
 def sweep_cfgs(variant, M):
     C = TileConfig
+    if variant == "ours_w4a16_gemv":  # FMA path (M <= GEMV_MAX_M): tiles x split-K x warps
+        return [C(16, bn, bk, sp, w, st, dequant="gemv")
+                for bn, bk in ((128, 32), (256, 32), (256, 16), (512, 16), (128, 64))
+                for sp in (4, 8, 16) for w, st in ((4, 3), (8, 2))]
     if M <= 16:
         cs = [C(16, 64, 256, 1, 4, 4), C(16, 64, 256, 2, 4, 4), C(16, 64, 256, 4, 4, 4),
               C(16, 64, 128, 4, 4, 4), C(16, 128, 256, 4, 4, 4), C(16, 128, 128, 8, 4, 4),
@@ -632,7 +640,8 @@ def main(argv=None):
     if a.ms:
         ms = [int(v) for v in a.ms.split(",")]
     variants = (a.variants.split(",") if a.variants else
-                ["ours_w4a16", "ours_w4a16_triton", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a8",
+                ["ours_w4a16", "ours_w4a16_triton", "ours_w4a16_cvt", "ours_w4a16_magic",
+                 "ours_w4a16_gemv", "ours_w4a8",
                  "ours_w4a8_magic",
                  "ours_w4a8_quant", "xla_bf16", "xla_int4_dequant", "xla_w8a8"])
     os.makedirs(out, exist_ok=True)

@@ -45,6 +45,8 @@ class TileConfig:
     #           offset is subtracted: exact, no int->float conversion instructions.
     #  "cvt":   int8 shifts then int->float conversion (bf16/f16/f32 MMA).
     #  "int8":  int8 shifts, int8 MMA with int32 accumulation (w4a8 only).
+    #  "gemv":  (w4a16, M <= bm) no MMA: int8 shifts, int->f32 conversion, FMAs into one
+    #           [bk, bn] f32 accumulator per token row, reduced over K at the end.
     #  For w4a8 "magic" converts xq to bf16 and runs bf16 MMA with f32 accumulation, which is
     #  exact while |acc| < 2**24 (127 * 8 * K < 2**24, i.e. K <= 16384).
     dequant: str = "magic"

@@ -11,6 +11,9 @@ Backends (chosen by measurement, experiments/results/kernels_h200.md):
   at M = 4096 (kernels_probe.json), about 2x this kernel there, so it is the next step for
   prefill shapes.
 - M >= XLA_MIN_M with per-channel scales: exact dequantization + XLA GEMM (backend="xla").
+- dequant="gemv" (TileConfig, see gemv_config): an FMA path without MMA for M <= GEMV_MAX_M,
+  written after the H200 benchmark showed the MMA kernel at 14-22% of HBM bandwidth at M = 1;
+  tested (CPU interpret, CUDA lowering) but not yet timed, so not a default.
 Runs in CPU interpret mode for tests.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, auto_split, check_operands,
-                                    fit_config, magic_dequant, split_nibbles, unpack_int4)
+                                    fit_config, magic_dequant, sm_count, split_nibbles,
+                                    unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -138,15 +142,56 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
         o_ref[...] = out
 
 
+def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
+    """dequant == "gemv" (M <= GEMV_MAX_M): no MMA. The few token rows are multiplied into
+    the converted weight tile with FMAs on [bk, bn] f32 accumulators (one per row), reduced
+    over K once at the end: at M = 1-4 an MMA tile is at most 1/4 used, and the weight stream,
+    not arithmetic, is the cost.
+
+    x_ref [bm, K] (only rows < M are read), q_ref [kh_split, bn] int8, s_ref [K//G, bn] f32,
+    o_ref [bm, bn] (rows < M written; f32 partial sums when split-K)."""
+    bn = s_ref.shape[1]
+    kh = K // 2
+    base = pl.program_id(2) * kh_split
+    per_channel = G == K
+
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
+        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        if not per_channel:  # the step lies inside one group on each half
+            lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
+            hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]
+        out = []
+        for m in range(M):
+            x_lo = x_ref[m, pl.ds(base + k0, bk)].astype(jnp.float32)
+            x_hi = x_ref[m, pl.ds(kh + base + k0, bk)].astype(jnp.float32)
+            out.append(accs[m] + lo * x_lo[:, None] + hi * x_hi[:, None])
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(M))
+    accs = lax.fori_loop(0, kh_split // bk, body, zeros)
+    for m in range(M):
+        row = jnp.sum(accs[m], axis=0)  # [bn]
+        if per_channel:
+            row = row * s_ref[0, :]
+        o_ref[m, :] = row.astype(o_ref.dtype)
+
+
 def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
     bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
     kh = K // 2
     kh_split = kh // split
     grid = (N // bn, pl.cdiv(M, bm), split)
     partial_out = split > 1
-    kernel = functools.partial(
-        _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-        masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
+    if cfg.dequant == "gemv":
+        if M > bm:
+            raise ValueError(f"w4a16_matmul: dequant='gemv' takes M <= bm ({bm}), got M={M}")
+        kernel = functools.partial(_w4a16_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split)
+    else:
+        kernel = functools.partial(
+            _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
+            masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
     qbn = bn // 2 if cfg.dequant == "magic" else bn
     in_specs = [
         pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
@@ -186,6 +231,29 @@ def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
     else:
         cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
     return fit_config(cfg, M, K, N, G, int8=False)
+
+
+GEMV_MAX_M = 8
+
+
+def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
+    """A starting configuration of the FMA ("gemv") path for M <= GEMV_MAX_M: wide N tiles
+    (16-byte weight loads per thread), short K steps, split-K until ~2 programs per SM.
+
+    Not the default yet: it lowers and matches the reference (CPU interpret, CUDA lowering),
+    but it has not been timed on the GPU (experiments/bench_kernels.py variant
+    ``ours_w4a16_gemv`` and the --sweep configurations do that)."""
+    if M > GEMV_MAX_M:
+        raise ValueError(f"gemv_config: the gemv path is for M <= {GEMV_MAX_M}, got M={M}")
+    bn = 256 if M <= 2 else 128
+    bk = 32 if M <= 4 else 16
+    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant="gemv"),
+                     M, K, N, G, int8=False)
+    split = 1
+    while ((N // cfg.bn) * split < 2 * sm_count() and split < 16
+           and (K // 2) % (cfg.bk * split * 2) == 0):
+        split *= 2
+    return dataclasses.replace(cfg, split_k=split)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret", "config"))

@@ -220,6 +220,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
         cfg = default_config(M, K, N, G)
     else:
         cfg = fit_config(config, M, K, N, G, int8=True)
+    if cfg.dequant == "gemv":
+        raise ValueError("w4a8_matmul: dequant='gemv' is a w4a16-only path; use 'int8' or 'magic'")
     if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
     sx = sx.astype(jnp.float32).reshape(M, 1)

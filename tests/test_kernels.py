@@ -51,6 +51,11 @@ CASES = [  # M, K, N, G, config
     (9, 256, 64, 256, TileConfig(16, 64, 64, 2, dequant="cvt")),    # int->float conversion path
     (9, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8")),
 ]
+GEMV_CASES = [  # w4a16 only: the FMA path for a few token rows
+    (1, 256, 64, 256, TileConfig(16, 64, 32, 1, dequant="gemv")),
+    (3, 512, 128, 128, TileConfig(16, 64, 32, 2, dequant="gemv")),  # groups + split-K
+    (4, 256, 64, 64, TileConfig(16, 32, 32, 2, dequant="gemv")),    # group = bk step
+]
 # Default configs use dequant="magic" for w4a16 (bf16) and "int8" MMA for w4a8; an explicit
 # TileConfig defaults to "magic" (w4a8: bf16 MMA with exact f32 accumulation).
 
@@ -67,7 +72,7 @@ def test_w4a16_xla_backend_and_auto_dispatch():
             assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("M,K,N,G,cfg", CASES)
+@pytest.mark.parametrize("M,K,N,G,cfg", CASES + GEMV_CASES)
 def test_w4a16_matches_reference(M, K, N, G, cfg):
     key = jax.random.key(M * 1000 + K + N + G)
     qw, s = _weights(key, K, N, G)
@@ -178,3 +183,29 @@ def test_operand_errors():
         w4a16_matmul(jnp.ones((2, 256), jnp.bfloat16), qw, s, backend="cuda-c")
     assert supported(1, 4096, 4096, 128) == (True, "ok")
     assert supported(None, 14336, 4096, None)[0]
+
+
+def test_gemv_path_limits():
+    qw, s = _weights(jax.random.key(5), 256, 64, 256)
+    x = jnp.ones((20, 256), jnp.float32)
+    with pytest.raises(ValueError, match="dequant='gemv' takes M <= bm"):
+        w4a16_matmul(x, qw, s, interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
+    xq, sx = quantize_per_token_reference(x[:2], 8)
+    with pytest.raises(ValueError, match="w4a16-only"):
+        w4a8_matmul(xq, sx, qw, s, interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
+
+
+def test_gemv_kernel_lowers_for_cuda():
+    """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
+    shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
+    for M, K, N, G in [(1, 4096, 4096, 4096), (4, 4096, 6144, 128), (3, 14336, 4096, 14336)]:
+        cfg = TileConfig(16, 256, 32, 4, 4, 3, dequant="gemv")
+        try:
+            txt = jax.jit(lambda x, q, s: w4a16_matmul(x, q, s, config=cfg)).trace(
+                jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K // 2, N), jnp.int8),
+                jax.ShapeDtypeStruct((K // G, N), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+        except Exception as e:  # noqa: BLE001
+            if "cuda" in str(e).lower() and "platform" in str(e).lower():
+                pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+            raise
+        assert "w4a16_bm16_bn256_bk32_s4" in txt and "gemv" in txt

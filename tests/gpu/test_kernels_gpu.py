@@ -39,9 +39,12 @@ def _cases():
             if M <= 64:
                 cs.append(("w4a8_magic", M, K, N, K, None))
                 cs.append(("w4a16_magic", M, K, N, K, None))
+            if M <= w16mod.GEMV_MAX_M:
+                cs.append(("w4a16_gemv", M, K, N, K, None))
     for K, N in [(4096, 4096), (14336, 4096)]:
         for M in (3, 50, 300):
             cs += [("w4a16", M, K, N, 128, None), ("w4a8", M, K, N, 128, None)]
+    cs.append(("w4a16_gemv", 3, 4096, 4096, 128, None))
     for M in (1, 17):
         cs += [("w4a16", M, 64, 32, 64, None), ("w4a8", M, 64, 32, 64, None),
                ("w4a8_4bit", M, 64, 32, 64, None)]
@@ -64,6 +67,8 @@ def _program(kind, M, K, N, G):
             backend = "triton" if kind == "w4a16_triton" else None
             if kind == "w4a16_magic":
                 cfg = dataclasses.replace(w16mod.default_config(M, K, N, G), dequant="magic")
+            if kind == "w4a16_gemv":
+                cfg = w16mod.gemv_config(M, K, N, G)
             y = w4a16_matmul(x, qw, s, backend=backend, config=cfg)
             # Outputs leave the program in their own dtype: inside one jit XLA may drop a
             # bf16 -> f32 round trip (xla_allow_excess_precision) on one side only.
