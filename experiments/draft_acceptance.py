@@ -1,6 +1,11 @@
 """Acceptance of cheaper drafts (windowed attention, layer subsets) on held-out code.
 
     PYTHONPATH=. python3 experiments/draft_acceptance.py --out-prefix experiments/results/draft_acceptance_cpu
+    # long contexts (issue 9) need a model trained on long rows, e.g. (H200, cuDNN attention):
+    #   python3 experiments/train.py --seq-len 16384 --batch-size 4 --max-position-embeddings 32768 \
+    #       --rope-theta 500000 --code-fraction 0.5 --minutes 5 --out /tmp/long --export /tmp/long/hf
+    PYTHONPATH=. python3 experiments/draft_acceptance.py --model /tmp/long/hf \
+        --contexts 2048,8192,32000 --windows 4:1020,4:2044 --out-prefix $OUT/draft_acceptance_long
 
 For each draft configuration, QSpec (greedy, gamma 3, draft w4a8 unless --draft) continues
 prompts cut from held-out standard-library files at a given context length and records the
@@ -29,16 +34,23 @@ from experiments.sweep import environment  # noqa: E402
 from qspec_jax.draft_search import select_draft_layers  # noqa: E402
 
 
-def code_prompts(model, n: int, context: int) -> list[list[int]]:
-    """n prompts of exactly ``context`` tokens from held-out stdlib files (one per file)."""
-    out = []
+def code_stream(model) -> list[int]:
+    """Token ids of the held-out standard-library files, concatenated (~170k tokens)."""
+    ids: list[int] = []
     for text in D.read_code(D.code_split()[1]):
-        ids = model.tokenizer(text)["input_ids"]
-        if len(ids) >= context:
-            out.append(ids[:context])
-        if len(out) == n:
-            return out
-    raise ValueError(f"only {len(out)} held-out files have {context} tokens")
+        ids += model.tokenizer(text + "\n\n")["input_ids"]
+    return ids
+
+
+def code_prompts(model, n: int, context: int, stream: list[int] | None = None) -> list[list[int]]:
+    """n prompts of exactly ``context`` tokens cut from the concatenated held-out files at
+    evenly spaced offsets (long contexts span several files; windows overlap only when
+    n * context exceeds the stream)."""
+    stream = code_stream(model) if stream is None else stream
+    if context > len(stream):
+        raise ValueError(f"context {context} exceeds the {len(stream)} held-out code tokens")
+    starts = np.linspace(0, len(stream) - context, n).astype(int)
+    return [stream[s:s + context] for s in starts]
 
 
 def main(argv=None) -> int:
@@ -53,12 +65,17 @@ def main(argv=None) -> int:
     # T_w4a8 / T_w4a16 at M = 1 on the 8B layer shapes (experiments/results/kernels_h200.md).
     p.add_argument("--draft-cost", type=float, default=88.9 / 115.8,
                    help="cost of a full-model draft step relative to a verify step")
+    p.add_argument("--model", default=None,
+                   help="model folder (HF checkpoint or qspec-convert output; default: the "
+                        "embedded model, trained on 512-token rows)")
+    p.add_argument("--kernels", default="auto")
     p.add_argument("--out-prefix", required=True)
     args = p.parse_args(argv)
 
-    model = qj.load(None, dtype=args.dtype, quant="w4", method="rtn")
+    model = qj.load(args.model, dtype=args.dtype, quant="w4", method="rtn")
     t0 = time.perf_counter()
-    search_tokens = np.asarray(code_prompts(model, 4, 128), np.int32)
+    stream = code_stream(model)
+    search_tokens = np.asarray(code_prompts(model, 4, 128, stream), np.int32)
     layers, history = select_draft_layers(model, search_tokens, args.draft,
                                           draft_cost=args.draft_cost)
     configs = [("full", None, None)]
@@ -66,12 +83,17 @@ def main(argv=None) -> int:
     configs += [(f"layers {','.join(map(str, layers))}", None, layers)]
     rows = []
     for context in map(int, args.contexts.split(",")):
-        prompts = code_prompts(model, args.prompts, context)
-        ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="w4a16").tokens
+        if context + args.new_tokens + args.gamma + 1 > model.cfg.max_position_embeddings:
+            print(f"[draft_acceptance] context {context}: past the model's "
+                  f"max_position_embeddings ({model.cfg.max_position_embeddings}), skipped")
+            continue
+        prompts = code_prompts(model, args.prompts, context, stream)
+        ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="w4a16",
+                          kernels=args.kernels).tokens
         for name, window, subset in configs:
             out = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="qspec",
                               draft=args.draft, gamma=args.gamma, draft_window=window,
-                              draft_layers=list(subset) if subset else None)
+                              draft_layers=list(subset) if subset else None, kernels=args.kernels)
             rows.append({"context": context, "draft_config": name, "window": window,
                          "layers": list(subset) if subset else None,
                          "acceptance_rate": out.stats["acceptance_rate"],
@@ -85,8 +107,11 @@ def main(argv=None) -> int:
     with open(args.out_prefix + ".md", "w") as f:
         f.write(f"# Acceptance of cheaper drafts on held-out code ({result['env']['backend']})\n\n"
                 f"`PYTHONPATH=. python3 experiments/draft_acceptance.py "
-                f"--out-prefix {args.out_prefix}` at commit `{result['env']['commit']}`, jax "
-                f"{jax.__version__}; default model, RTN + rotation, draft {args.draft}, gamma "
+                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                           if v is not None and k not in ("draft_cost",))
+                + f"` at commit `{result['env']['commit']}`, jax "
+                f"{jax.__version__}, {result['env']['device']}; model "
+                f"{args.model or 'default (embedded)'}, 4-bit RTN + rotation, draft {args.draft}, gamma "
                 f"{args.gamma}, greedy, {args.prompts} prompts per context, {args.new_tokens} new "
                 f"tokens, {args.dtype}; {result['wall_s']:.0f} s.\n\n"
                 "| context | draft | acceptance | tokens/cycle | output = w4a16 |\n|---|---|---|---|---|\n")
