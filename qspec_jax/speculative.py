@@ -148,7 +148,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     (0 = one plain verify-mode step) minimizing ``cycle_costs[g] / E(g, a)``, where
     ``cycle_costs`` [max_gamma + 1] are measured seconds per cycle (see cost_model) and a is a
     running estimate of the per-token acceptance rate: decayed counts of accepted and tried
-    drafts with a weak prior (PRIOR_ACCEPTANCE worth PRIOR_TRIALS trials). The first cycle,
+    drafts, starting from a weak prior (PRIOR_ACCEPTANCE worth PRIOR_TRIALS trials, decaying
+    with them, so a steady acceptance of 1 drives the estimate to 1). The first cycle,
     and one cycle in PROBE_EVERY while gamma = 0 wins, is a probe that drafts the gamma that
     would pay most at full acceptance, so the estimate starts from and stays near measurement.
     The cache needs ``gamma + 1`` (auto: ``max_gamma + 1``) positions of room past each
@@ -256,8 +257,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             decay = jnp.where(drafted, ACC_DECAY, 1.0)
             hits = decay * c["acc_hits"] + c["trial_accepts"]
             trials = decay * c["acc_trials"] + c["trials"]
-            return {**c, "acc_hits": hits, "acc_trials": trials,
-                    "acc_est": (hits + PRIOR_ACCEPTANCE * PRIOR_TRIALS) / (trials + PRIOR_TRIALS),
+            return {**c, "acc_hits": hits, "acc_trials": trials, "acc_est": hits / trials,
                     "since_draft": jnp.where(g > 0, 0, c["since_draft"] + 1),
                     "gamma_cycles": c["gamma_cycles"].at[g].add(1)}
     else:
@@ -268,8 +268,10 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
              "lengths": prompt_lens.astype(jnp.int32), "done": done, "cycles": jnp.int32(0),
              "seq_cycles": zeros, "drafted": zeros, "accepted": zeros,
              "trials": jnp.int32(0), "trial_accepts": jnp.int32(0),
-             "acc_est": jnp.float32(PRIOR_ACCEPTANCE), "acc_hits": jnp.float32(0),
-             "acc_trials": jnp.float32(0),
+             # The prior enters as pseudo-counts and decays with the measured trials.
+             "acc_est": jnp.float32(PRIOR_ACCEPTANCE),
+             "acc_hits": jnp.float32(PRIOR_ACCEPTANCE * PRIOR_TRIALS),
+             "acc_trials": jnp.float32(PRIOR_TRIALS),
              # The first cycle is a probe: the estimate starts from measured trials.
              "since_draft": jnp.int32(PROBE_EVERY),
              "gamma_cycles": jnp.zeros((top_gamma + 1,), jnp.int32)}

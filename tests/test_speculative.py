@@ -260,7 +260,7 @@ def test_auto_gamma_estimate_tracks_measured_acceptance(quantized):
     out = qj.generate(model, prompts, max_new_tokens=30, mode="qspec", gamma="auto", max_gamma=3,
                       draft="w4a16", cycle_costs=[1, 1.6, 2.2, 2.8])
     assert out.stats["acceptance_rate"] == 1.0
-    assert out.stats["acceptance_estimate"] > 0.97 > PRIOR_ACCEPTANCE
+    assert out.stats["acceptance_estimate"] > 0.99 > PRIOR_ACCEPTANCE  # the prior has decayed
     g = np.asarray(out.stats["gamma_cycles"])
     # At acceptance 1 the table's best is gamma 3 (4 tokens for 2.8); the estimate gets there
     # after the first probe, so nearly every cycle drafts 3.
