@@ -180,7 +180,7 @@ def _ours_w4a8_q(cfg=None):
 
 # variant -> largest M it is run at (None: all)
 VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
-                 "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M}
+                 "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M}
 VARIANT_MIN_M = {"ours_w4a16_triton": 128}
 
 
@@ -199,7 +199,7 @@ def _xla_int8(xq, sx, ws):
 
 
 def bytes_read(variant, M, K, N, G):
-    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "xla_w8a8") else 2)
+    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "xla_w8a8") else 2)
     if variant.startswith("ours") or variant == "xla_int4_dequant":
         return K * N // 2 + 4 * N * (K // G) + xb
     if variant == "xla_bf16":
@@ -278,7 +278,8 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                 if M > VARIANT_MAX_M.get(v, 1 << 30) or M < VARIANT_MIN_M.get(v, 0):
                     continue
                 cfgs = [None]
-                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8", "ours_w4a16_gemv"):
+                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8", "ours_w4a16_gemv",
+                                                       "ours_w4a8_gemv"):
                     cfgs = sweep_cfgs(v, M)
                 for cfg in cfgs:
                     if v == "ours_w4a16":
@@ -293,6 +294,9 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v == "ours_w4a8":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a8(cfg), (xq, sx, ws4), R4)
+                    elif v == "ours_w4a8_gemv":
+                        c = cfg or w4a16_mod.gemv_config(M, K, N, G)
+                        j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
                     elif v == "ours_w4a8_magic":
                         c = _cfg8(M, K, N, G, "magic")
                         j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
@@ -316,7 +320,7 @@ def check_job(job: Job):
     if job.variant.startswith("ours_w4a16"):
         x, ws = job.args
         ref = w4a16_matmul_reference(x, *ws[0])
-    elif job.variant in ("ours_w4a8", "ours_w4a8_magic"):
+    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv"):
         xq, sx, ws = job.args
         ref = w4a8_matmul_reference(xq, sx, *ws[0])
     elif job.variant == "ours_w4a8_quant":
@@ -375,7 +379,7 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
 # ----------------------------------------------------------------------------- sweep configs
 def sweep_cfgs(variant, M):
     C = TileConfig
-    if variant == "ours_w4a16_gemv":  # FMA path (M <= GEMV_MAX_M): tiles x split-K x warps
+    if variant in ("ours_w4a16_gemv", "ours_w4a8_gemv"):  # FMA path: tiles x split-K x warps
         return [C(16, bn, bk, sp, w, st, dequant="gemv")
                 for bn, bk in ((128, 32), (256, 32), (256, 16), (512, 16), (128, 64))
                 for sp in (4, 8, 16) for w, st in ((4, 3), (8, 2))]
@@ -641,7 +645,7 @@ def main(argv=None):
         ms = [int(v) for v in a.ms.split(",")]
     variants = (a.variants.split(",") if a.variants else
                 ["ours_w4a16", "ours_w4a16_triton", "ours_w4a16_cvt", "ours_w4a16_magic",
-                 "ours_w4a16_gemv", "ours_w4a8",
+                 "ours_w4a16_gemv", "ours_w4a8", "ours_w4a8_gemv",
                  "ours_w4a8_magic",
                  "ours_w4a8_quant", "xla_bf16", "xla_int4_dequant", "xla_w8a8"])
     os.makedirs(out, exist_ok=True)

@@ -179,6 +179,31 @@ def auto_split(M: int, K: int, N: int, bn: int, bk: int, bm: int, max_split: int
     return split
 
 
+GEMV_MAX_M = 8
+
+
+def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
+    """A starting configuration of the FMA ("gemv") path of both kernels for M <= GEMV_MAX_M:
+    wide N tiles (16-byte weight loads per thread), short K steps, split-K until ~2 programs
+    per SM. fit_config(int8=True) keeps bk >= 32 for the w4a8 kernel.
+
+    Not a default yet: it lowers and matches the references (CPU interpret, CUDA lowering),
+    but it has not been timed on the GPU (experiments/bench_kernels.py variants
+    ``ours_w4a16_gemv`` / ``ours_w4a8_gemv`` and the --sweep configurations do that)."""
+    if M > GEMV_MAX_M:
+        raise ValueError(f"gemv_config: the gemv path is for M <= {GEMV_MAX_M}, got M={M}")
+    bn = 256 if M <= 2 else 128
+    bk = 32 if M <= 4 else 16
+    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant="gemv"),
+                     M, K, N, G, int8=False)
+    split = 1
+    while ((N // cfg.bn) * split < 2 * sm_count() and split < 16
+           and (K // 2) % (cfg.bk * split * 2) == 0):
+        split *= 2
+    return dataclasses.replace(cfg, split_k=split)
+
+
+
 def split_nibbles(q):
     """int8 [r, c] of packed pairs -> (low nibbles, high nibbles), both int8 [r, c] in [-8, 7].
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (TileConfig, as_int16_pairs, auto_split, check_operands,
-                                    fit_config, magic_dequant, sm_count, split_nibbles,
-                                    unpack_int4)
+from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
+                                    check_operands, fit_config, gemv_config, magic_dequant,
+                                    split_nibbles, unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -231,29 +231,6 @@ def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
     else:
         cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
     return fit_config(cfg, M, K, N, G, int8=False)
-
-
-GEMV_MAX_M = 8
-
-
-def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
-    """A starting configuration of the FMA ("gemv") path for M <= GEMV_MAX_M: wide N tiles
-    (16-byte weight loads per thread), short K steps, split-K until ~2 programs per SM.
-
-    Not the default yet: it lowers and matches the reference (CPU interpret, CUDA lowering),
-    but it has not been timed on the GPU (experiments/bench_kernels.py variant
-    ``ours_w4a16_gemv`` and the --sweep configurations do that)."""
-    if M > GEMV_MAX_M:
-        raise ValueError(f"gemv_config: the gemv path is for M <= {GEMV_MAX_M}, got M={M}")
-    bn = 256 if M <= 2 else 128
-    bk = 32 if M <= 4 else 16
-    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant="gemv"),
-                     M, K, N, G, int8=False)
-    split = 1
-    while ((N // cfg.bn) * split < 2 * sm_count() and split < 16
-           and (K // 2) % (cfg.bk * split * 2) == 0):
-        split *= 2
-    return dataclasses.replace(cfg, split_k=split)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret", "config"))

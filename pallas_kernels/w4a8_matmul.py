@@ -146,15 +146,56 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
         o_ref[...] = out
 
 
+def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, partial_out):
+    """dequant == "gemv" (M <= bm): no MMA. int8 activations and int4 weights become f32 and
+    are multiplied with FMAs into one [bk, bn] accumulator per token row, reduced over K at the
+    end. Per-channel: the accumulators hold exact integers (|sum| < 127 * 8 * K < 2**24 for
+    K <= 16384), so the result equals the int32 MMA's and the epilogue is the MMA kernel's.
+    Group scales multiply the weights of each step (its group), as floats."""
+    bn = s_ref.shape[1]
+    kh = K // 2
+    base = pl.program_id(2) * kh_split
+    per_channel = G == K
+
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
+        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        if not per_channel:
+            lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
+            hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]
+        out = []
+        for m in range(M):
+            x_lo = x_ref[m, pl.ds(base + k0, bk)].astype(jnp.float32)
+            x_hi = x_ref[m, pl.ds(kh + base + k0, bk)].astype(jnp.float32)
+            out.append(accs[m] + lo * x_lo[:, None] + hi * x_hi[:, None])
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(M))
+    accs = lax.fori_loop(0, kh_split // bk, body, zeros)
+    for m in range(M):
+        row = jnp.sum(accs[m], axis=0)  # [bn]
+        if partial_out:  # epilogue after the split-K reduction (XLA)
+            o_ref[m, :] = row.astype(o_ref.dtype)  # int32 (exact integers) / f32 partials
+            continue
+        if per_channel:
+            row = row * s_ref[0, :]
+        o_ref[m, :] = (sx_ref[m, 0] * row).astype(o_ref.dtype)
+
+
 def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
     bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
     kh = K // 2
     kh_split = kh // split
     grid = (N // bn, pl.cdiv(M, bm), split)
     partial_out = split > 1
-    kernel = functools.partial(
-        _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-        masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
+    if cfg.dequant == "gemv":
+        kernel = functools.partial(_w4a8_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
+                                   partial_out=partial_out)
+    else:
+        kernel = functools.partial(
+            _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
+            masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
     qbn = bn // 2 if cfg.dequant == "magic" else bn
     in_specs = [
         pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
@@ -220,8 +261,11 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
         cfg = default_config(M, K, N, G)
     else:
         cfg = fit_config(config, M, K, N, G, int8=True)
-    if cfg.dequant == "gemv":
-        raise ValueError("w4a8_matmul: dequant='gemv' is a w4a16-only path; use 'int8' or 'magic'")
+    if cfg.dequant == "gemv" and M > cfg.bm:
+        raise ValueError(f"w4a8_matmul: dequant='gemv' takes M <= bm ({cfg.bm}), got M={M}")
+    if cfg.dequant == "gemv" and G == K and K > 16384:
+        raise ValueError(f"w4a8_matmul: dequant='gemv' with per-channel scales needs K <= 16384 "
+                         f"(exact f32 integer sums), got K={K}; use dequant='int8'")
     if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
     sx = sx.astype(jnp.float32).reshape(M, 1)

@@ -51,7 +51,7 @@ CASES = [  # M, K, N, G, config
     (9, 256, 64, 256, TileConfig(16, 64, 64, 2, dequant="cvt")),    # int->float conversion path
     (9, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8")),
 ]
-GEMV_CASES = [  # w4a16 only: the FMA path for a few token rows
+GEMV_CASES = [  # the FMA path for a few token rows (both kernels)
     (1, 256, 64, 256, TileConfig(16, 64, 32, 1, dequant="gemv")),
     (3, 512, 128, 128, TileConfig(16, 64, 32, 2, dequant="gemv")),  # groups + split-K
     (4, 256, 64, 64, TileConfig(16, 32, 32, 2, dequant="gemv")),    # group = bk step
@@ -91,7 +91,7 @@ def test_w4a16_matches_reference(M, K, N, G, cfg):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M,K,N,G,cfg", CASES)
+@pytest.mark.parametrize("M,K,N,G,cfg", CASES + GEMV_CASES)
 def test_w4a8_matches_reference(M, K, N, G, cfg, bits):
     key = jax.random.key(M * 7 + K + N + G + bits)
     qw, s = _weights(key, K, N, G)
@@ -190,22 +190,33 @@ def test_gemv_path_limits():
     x = jnp.ones((20, 256), jnp.float32)
     with pytest.raises(ValueError, match="dequant='gemv' takes M <= bm"):
         w4a16_matmul(x, qw, s, interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
-    xq, sx = quantize_per_token_reference(x[:2], 8)
-    with pytest.raises(ValueError, match="w4a16-only"):
+    xq, sx = quantize_per_token_reference(x, 8)
+    with pytest.raises(ValueError, match="dequant='gemv' takes M <= bm"):
         w4a8_matmul(xq, sx, qw, s, interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
+    K = 16384 + 64  # per-channel sums could pass 2**24: not exact in f32
+    with pytest.raises(ValueError, match="needs K <= 16384"):
+        w4a8_matmul(jnp.zeros((1, K), jnp.int8), jnp.ones((1, 1)), jnp.zeros((K // 2, 64), jnp.int8),
+                    jnp.ones((1, 64)), interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
 
 
-def test_gemv_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("kernel", ["w4a16", "w4a8"])
+def test_gemv_kernel_lowers_for_cuda(kernel):
     """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
     shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
     for M, K, N, G in [(1, 4096, 4096, 4096), (4, 4096, 6144, 128), (3, 14336, 4096, 14336)]:
         cfg = TileConfig(16, 256, 32, 4, 4, 3, dequant="gemv")
+        if kernel == "w4a16":
+            fn = lambda x, q, s: w4a16_matmul(x, q, s, config=cfg)  # noqa: E731
+            xs = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16),)
+        else:
+            fn = lambda xq, sx, q, s: w4a8_matmul(xq, sx, q, s, config=cfg)  # noqa: E731
+            xs = (jax.ShapeDtypeStruct((M, K), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32))
         try:
-            txt = jax.jit(lambda x, q, s: w4a16_matmul(x, q, s, config=cfg)).trace(
-                jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K // 2, N), jnp.int8),
+            txt = jax.jit(fn).trace(
+                *xs, jax.ShapeDtypeStruct((K // 2, N), jnp.int8),
                 jax.ShapeDtypeStruct((K // G, N), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
         except Exception as e:  # noqa: BLE001
             if "cuda" in str(e).lower() and "platform" in str(e).lower():
                 pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
             raise
-        assert "w4a16_bm16_bn256_bk32_s4" in txt and "gemv" in txt
+        assert f"{kernel}_bm16_bn256_bk32_s4" in txt and "gemv" in txt

@@ -41,10 +41,11 @@ def _cases():
                 cs.append(("w4a16_magic", M, K, N, K, None))
             if M <= w16mod.GEMV_MAX_M:
                 cs.append(("w4a16_gemv", M, K, N, K, None))
+                cs.append(("w4a8_gemv", M, K, N, K, None))
     for K, N in [(4096, 4096), (14336, 4096)]:
         for M in (3, 50, 300):
             cs += [("w4a16", M, K, N, 128, None), ("w4a8", M, K, N, 128, None)]
-    cs.append(("w4a16_gemv", 3, 4096, 4096, 128, None))
+    cs += [("w4a16_gemv", 3, 4096, 4096, 128, None), ("w4a8_gemv", 3, 4096, 4096, 128, None)]
     for M in (1, 17):
         cs += [("w4a16", M, 64, 32, 64, None), ("w4a8", M, 64, 32, 64, None),
                ("w4a8_4bit", M, 64, 32, 64, None)]
@@ -77,6 +78,8 @@ def _program(kind, M, K, N, G):
         cfg = None
         if kind == "w4a8_magic":
             cfg = dataclasses.replace(w8mod.default_config(M, K, N, G), dequant="magic")
+        if kind == "w4a8_gemv":
+            cfg = w16mod.gemv_config(M, K, N, G)
         od = jnp.bfloat16 if G == K else jnp.float32
         y = w4a8_matmul(xq, sx, qw, s, config=cfg, out_dtype=od)
         return y, w4a8_matmul_reference(xq, sx, qw, s, out_dtype=od)
