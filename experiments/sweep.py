@@ -210,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--repeats", type=int, default=None, help="default 3")
     p.add_argument("--kernels", default="auto")
+    p.add_argument("--small-m-path", default=None, choices=["mma", "gemv"],
+                   help="GEMM kernel path for M <= 8 (qspec_jax.kernel_dispatch; default: "
+                        "QSPEC_JAX_SMALL_M or mma); use a separate --out per path")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -230,6 +233,9 @@ def main(argv=None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    from qspec_jax import kernel_dispatch
+    if args.small_m_path:
+        kernel_dispatch.set_small_m_path(args.small_m_path)
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be >= 2 (decode time = time of N tokens - time of 1), got "
                 f"{args.new_tokens}")
@@ -298,7 +304,8 @@ def main(argv=None) -> int:
                                     max_gamma=max_gamma)
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
-            row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0, **env)
+            row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,
+                       small_m_path=kernel_dispatch.small_m_path(), **env)
             write(row)
             print(f"[sweep] {name} {mode} b={batch} gamma={gamma}: "
                   + (f"{row['decode_tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.3f} ms/step, "

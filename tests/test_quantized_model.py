@@ -115,6 +115,25 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
         qj.logits(model, ids, mode="w4a16", kernels="cuda")
 
 
+def test_gemv_path_in_the_model_matches_xla(hf_dirs, caplog, monkeypatch):
+    """QSPEC_JAX_SMALL_M=gemv: GEMMs of M <= 8 rows take the FMA kernel path (interpret mode
+    here), same logits as the XLA reference; bad values are rejected by name."""
+    import logging
+    from qspec_jax import kernel_dispatch
+    monkeypatch.setitem(kernel_dispatch._SMALL_M, "path", "gemv")
+    kernel_dispatch._ANNOUNCED.discard(("gemv",))
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    ids = IDS[:1, :5]  # M = 5: a shape no other test traces (the path is read while tracing)
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        for mode in ("w4a16", "w4a8", "w4a4"):
+            ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
+            ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
+            assert rel(ours, ref) < 1e-5, mode
+    assert "use the FMA ('gemv') kernel path" in caplog.text
+    with pytest.raises(ValueError, match="small-M GEMM path must be one of"):
+        kernel_dispatch.set_small_m_path("fast")
+
+
 def test_pallas_attention_in_the_model(hf_dirs, caplog):
     """Decoding through the cache with kernels="pallas" (GEMMs and attention, interpret mode):
     same greedy tokens as the XLA path."""
