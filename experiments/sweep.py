@@ -483,9 +483,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             if timed:
                 args.append(("--cost-gammas", _join(timed)))
         for key, flag in (("prompt_len", "--prompt-len"), ("new_tokens", "--new-tokens"),
-                          ("repeats", "--repeats"), ("kernels", "--kernels")):
+                          ("repeats", "--repeats"), ("kernels", "--kernels"),
+                          ("small_m_path", "--small-m-path")):
             vals = sorted({r[key] for r in runs if key in r}, key=str)
-            if vals and not (key == "kernels" and vals == ["auto"]):
+            if vals and not (key == "kernels" and vals == ["auto"]) and vals != ["mma"]:
                 args.append((flag, _join(vals)))
         groups.setdefault(tuple(args), []).append(name)
     return ["PYTHONPATH=. python3 experiments/sweep.py --models " + ",".join(names)
