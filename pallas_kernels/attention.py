@@ -65,6 +65,7 @@ MIN_BLOCK_K = 16    # tl.dot minimum
 MAX_Q_ROWS = 128    # largest query block kept in one program (decode / verify)
 PROGRAMS_PER_SM = 2  # flash-decoding target: about this many programs per SM
 MIN_BLOCKS_PER_SPLIT = 4  # H200 sweep, batch 1 at 8k: 4 blocks per split 27.8 us, 2 blocks 36.7 us
+SHORT_CACHE_BLOCKS = 2     # fewer 128-key blocks than this per SM (all programs): 64-key blocks
 KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_k)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -223,7 +224,7 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         if block_q >= 128:
             block_k = min(block_k, 64)
         # Short caches: smaller key blocks leave enough of them to split over the SMs.
-        if base * (S_read // block_k) < sms * MIN_BLOCKS_PER_SPLIT:
+        if base * (S_read // block_k) < sms * SHORT_CACHE_BLOCKS:
             block_k = min(block_k, 64)
     block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
     while block_k > MIN_BLOCK_K and S % block_k:
