@@ -1,0 +1,102 @@
+"""Fused RMSNorm + per-token quantization (pallas_kernels/rmsnorm_quant.py) against XLA's fusion
+of the same math (issue 6: keep whichever is faster).
+
+    PYTHONPATH=. python3 experiments/bench_fused.py --commit <hash> --out $OUT        # H200
+    PYTHONPATH=. python3 experiments/bench_fused.py --quick --out /tmp/fused          # CPU smoke
+
+Per M (tokens) at hidden size D: time per call (a) inside one jitted loop, as the difference of
+two loop lengths (launch gaps between XLA's kernels included, host dispatch not), and (b) the
+summed device time of the call's kernels through CUPTI where available. Correctness: scales
+within bf16 precision and every quantized value within one step of the jnp reference (the bf16
+gain product may or may not be rounded, depending on fusion). Writes fused_<tag>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments.bench_kernels import TIMER, _loop_measure, env_meta, git_commit, measure  # noqa: E402
+from pallas_kernels.rmsnorm_quant import rmsnorm_quant, rmsnorm_quant_reference  # noqa: E402
+
+EPS = 1e-5
+
+
+def check(ours, ref) -> dict:
+    (q, s), (qr, sr) = ours, ref
+    steps = int(np.abs(np.asarray(q, np.int32) - np.asarray(qr, np.int32)).max())
+    srel = float(np.max(np.abs(np.asarray(s) - np.asarray(sr)) / np.asarray(sr)))
+    return {"max_step_diff": steps, "scale_rel_diff": srel,
+            "ok": steps <= 1 and srel <= 2 ** -7,
+            "xq_equal_fraction": float(np.mean(np.asarray(q) == np.asarray(qr)))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ms", default="1,4,16,64,256,1024,4096")
+    p.add_argument("--d", type=int, default=4096, help="hidden size (Llama-3-8B: 4096)")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--tag", default="h200")
+    p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
+    a = p.parse_args(argv)
+    interpret = a.quick or jax.default_backend() != "gpu"
+    if a.quick:
+        a.ms, a.d, a.iters, a.tag = "1,3", 256, 2, a.tag + "_quick"
+    ms = [int(m) for m in a.ms.split(",")]
+    os.makedirs(a.out, exist_ok=True)
+    ours = jax.jit(lambda x, g: rmsnorm_quant(x, g, EPS, a.bits, interpret=interpret))
+    xla = jax.jit(lambda x, g: rmsnorm_quant_reference(x, g, EPS, a.bits))
+    rows = []
+    for M in ms:
+        key = jax.random.key(M)
+        x = (2 * jax.random.normal(key, (M, a.d))).astype(jnp.bfloat16)
+        g = (1 + 0.1 * jax.random.normal(jax.random.fold_in(key, 1), (a.d,))).astype(jnp.bfloat16)
+        row = {"M": M, "D": a.d, "bits": a.bits, **check(ours(x, g), xla(x, g))}
+        for name, fn in (("ours", ours), ("xla", xla)):
+            loop = _loop_measure(fn, (x, g), a.iters)
+            row[f"{name}_loop_us"] = float(np.median(loop))
+            row[f"{name}_loop_spread_us"] = [float(loop.min()), float(loop.max())]
+            if not interpret:
+                dev = measure(fn, (x, g), a.iters)
+                row[f"{name}_device_us"] = float(np.median(dev))
+        row["speedup_loop"] = row["xla_loop_us"] / row["ours_loop_us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = env_meta(a.commit or git_commit())
+    meta["timer_device"] = TIMER["name"]
+    base = os.path.join(a.out, f"fused_{a.tag}")
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(f"# Fused RMSNorm + per-token int{a.bits} quantization vs XLA ({meta['gpu']})\n\n"
+                f"`PYTHONPATH=. python3 experiments/bench_fused.py --d {a.d} --bits {a.bits} "
+                f"--ms {a.ms}` at commit `{meta['commit']}`, jax {meta['jax']}"
+                f"{', Pallas interpret mode (timings meaningless)' if interpret else ''}. "
+                "loop us: per call inside one jitted loop (median, [min, max] over 5 repeats); "
+                "device us: summed kernel time (CUPTI).\n\n"
+                "| M | ours loop us | XLA loop us | XLA / ours | ours device us | XLA device us | "
+                "xq equal | max step diff |\n|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['M']} | {r['ours_loop_us']:.2f} | {r['xla_loop_us']:.2f} | "
+                    f"{r['speedup_loop']:.2f} | {r.get('ours_device_us', float('nan')):.2f} | "
+                    f"{r.get('xla_device_us', float('nan')):.2f} | {r['xq_equal_fraction']:.4f} | "
+                    f"{r['max_step_diff']} |\n")
+    bad = [r for r in rows if not r["ok"]]
+    print(f"wrote {base}.json/.md; {len(bad)} failed checks", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

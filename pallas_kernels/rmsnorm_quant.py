@@ -1,0 +1,111 @@
+"""RMSNorm fused with per-token activation quantization (the draft mode's layer inputs).
+
+In draft mode (w4a8 / w4a4) every consumer of an RMSNorm output is a quantized linear layer,
+so what the layer needs is (xq int8 [M, D], sx f32 [M, 1]) of the normalized activations. XLA
+computes it as RMSNorm (a reduction), the gain multiply, then a second reduction (max|y|) and
+the rounding: typically two or three kernels. This kernel does it in one program per token row:
+
+    y  = gain * bf16(x * rsqrt(mean(x^2) + eps))     (the model's RMSNorm, HF order)
+    sx = max|y| / qmax (1.0 for an all-zero row),    xq = clip(round(y / sx), qmin, qmax)
+
+The row is walked in CHUNK-column pieces three times (sum of squares, max, quantize), so any
+hidden size that is a multiple of CHUNK works (Llama / Qwen / Mistral sizes are multiples of
+128); the re-reads hit L1/L2. Pallas Triton backend; interpret mode on CPU for tests.
+Whether it beats XLA's fusion is measured by experiments/bench_fused.py before any use in the
+model (issue 6: "measure against the XLA-fused version and keep whichever is faster").
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+CHUNK = 128
+_RANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}  # as qspec_jax.quant.quantize_activations
+
+
+def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int = 8):
+    """Plain-jnp reference: the model's RMSNorm, then per-token quantization (quant.py)."""
+    qmin, qmax = _RANGE[bits]
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = (gain.astype(x.dtype) * xf.astype(x.dtype)).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+    sx = jnp.where(amax > 0, amax / qmax, 1.0)
+    xq = jnp.clip(jnp.round(y / sx), qmin, qmax).astype(jnp.int8)
+    return xq, sx
+
+
+def _round_half_even(v):
+    """jnp.round (ties to even) for |v| < 2**22 from floor, which Pallas Triton lowers (it has
+    no round primitive): floor(v + 0.5), minus one at exact ties that land on an odd number.
+    v + 0.5 and f - v are exact in f32 at these magnitudes (|y / sx| <= 127 here)."""
+    f = jnp.floor(v + 0.5)
+    odd = f - 2.0 * jnp.floor(f * 0.5)
+    return jnp.where((f - v == 0.5) & (odd != 0), f - 1.0, f)
+
+
+def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
+    # x_ref [1, D] one token row; g_ref [D] gain; q_ref [1, D] int8; s_ref [1, 1] f32
+    n = D // CHUNK
+    dtype = x_ref.dtype
+
+    def x_chunk(c):
+        return x_ref[0, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)].astype(jnp.float32)
+
+    ss = lax.fori_loop(0, n, lambda c, acc: acc + jnp.sum(x_chunk(c) * x_chunk(c)),
+                       jnp.float32(0.0))
+    rstd = lax.rsqrt(ss / D + eps)
+
+    def y_chunk(c):
+        g = g_ref[pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)].astype(dtype)
+        return (g * (x_chunk(c) * rstd).astype(dtype)).astype(jnp.float32)
+
+    amax = lax.fori_loop(0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(y_chunk(c)))),
+                         jnp.float32(0.0))
+    sx = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+
+    def store(c, carry):
+        q = jnp.clip(_round_half_even(y_chunk(c) / sx), qmin, qmax).astype(jnp.int8)
+        q_ref[0, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = q
+        return carry
+
+    lax.fori_loop(0, n, store, 0)
+    s_ref[...] = jnp.full((1, 1), sx, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "bits", "interpret", "num_warps"))
+def rmsnorm_quant(x: jax.Array, gain: jax.Array, eps: float, bits: int = 8, *,
+                  interpret: bool = False, num_warps: int = 4):
+    """x [M, D] (bf16/f16/f32), gain [D] -> (xq int8 [M, D], sx f32 [M, 1]).
+
+    Raises ValueError for shapes the kernel cannot take (D not a multiple of CHUNK)."""
+    if bits not in _RANGE:
+        raise ValueError(f"rmsnorm_quant: bits must be 8 or 4, got {bits}")
+    if x.ndim != 2 or gain.shape != (x.shape[1],):
+        raise ValueError(f"rmsnorm_quant: x must be [M, D] and gain [D], got {x.shape} and "
+                         f"{gain.shape}")
+    M, D = x.shape
+    if D % CHUNK:
+        raise ValueError(f"rmsnorm_quant: hidden size D={D} must be a multiple of {CHUNK}")
+    qmin, qmax = _RANGE[bits]
+    kernel = functools.partial(_kernel, D=D, eps=float(eps), qmin=qmin, qmax=qmax)
+    params = None
+    if pltriton is not None:
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((M, D), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
+        grid=(M,),
+        in_specs=[pl.BlockSpec((1, D), lambda m: (m, 0)), pl.BlockSpec((D,), lambda m: (0,))],
+        out_specs=(pl.BlockSpec((1, D), lambda m: (m, 0)), pl.BlockSpec((1, 1), lambda m: (m, 0))),
+        compiler_params=params, interpret=interpret, name=f"rmsnorm_quant_a{bits}",
+    )(x, gain.astype(x.dtype))

@@ -1,0 +1,87 @@
+"""CPU (interpret-mode) checks of the fused RMSNorm + per-token quantization kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.rmsnorm_quant import CHUNK, rmsnorm_quant, rmsnorm_quant_reference
+from qspec_jax import quant
+from qspec_jax.layers import RMSNorm
+
+
+def _inputs(M, D, dtype, seed=0):
+    key = jax.random.key(seed)
+    x = (3 * jax.random.normal(key, (M, D))).astype(dtype)
+    if M > 2:
+        x = x.at[1].set(0)  # an all-zero token row: sx = 1, xq = 0
+    gain = (1 + 0.1 * jax.random.normal(jax.random.fold_in(key, 1), (D,))).astype(dtype)
+    return x, gain
+
+
+@pytest.mark.parametrize("M,D,bits", [(1, 256, 8), (5, 384, 8), (3, 512, 4), (2, 1024, 4)])
+def test_float32_equals_the_model_path(M, D, bits):
+    """In f32 the fused kernel gives exactly the model's RMSNorm + quantize_activations."""
+    x, gain = _inputs(M, D, jnp.float32, M + D)
+    xq, sx = rmsnorm_quant(x, gain, 1e-5, bits, interpret=True)
+    norm = RMSNorm(D, 1e-5, jnp.float32)
+    norm.scale.value = gain
+    xq_m, sx_m = quant.quantize_activations(norm(x), bits)
+    np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq_m))
+    np.testing.assert_allclose(np.asarray(sx), np.asarray(sx_m), rtol=1e-6)
+    assert xq.dtype == jnp.int8 and sx.shape == (M, 1)
+    lim = (-127, 127) if bits == 8 else (-8, 7)
+    assert lim[0] <= int(xq.min()) and int(xq.max()) <= lim[1]
+    if M > 2:
+        assert float(sx[1, 0]) == 1.0 and not np.any(np.asarray(xq[1]))
+
+
+@pytest.mark.parametrize("M,D,bits", [(4, 384, 8), (3, 512, 4)])
+def test_bfloat16_within_one_step(M, D, bits):
+    """bf16: the gain product may be kept in f32 or rounded to bf16 depending on XLA fusion
+    (excess precision), on either side: scales agree to bf16 precision and every quantized
+    value is within one step of the reference's."""
+    x, gain = _inputs(M, D, jnp.bfloat16, 7 * M + D)
+    xq, sx = rmsnorm_quant(x, gain, 1e-5, bits, interpret=True)
+    xq_r, sx_r = rmsnorm_quant_reference(x, gain, 1e-5, bits)
+    np.testing.assert_allclose(np.asarray(sx), np.asarray(sx_r), rtol=2 ** -7)
+    assert np.abs(np.asarray(xq, np.int32) - np.asarray(xq_r, np.int32)).max() <= 1
+
+
+def test_bad_shapes():
+    x, gain = _inputs(2, CHUNK + 64, jnp.float32)
+    with pytest.raises(ValueError, match=f"multiple of {CHUNK}"):
+        rmsnorm_quant(x, gain, 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        rmsnorm_quant(x, gain, 1e-5, bits=6, interpret=True)
+    with pytest.raises(ValueError, match="gain"):
+        rmsnorm_quant(x, gain[:-1], 1e-5, interpret=True)
+
+
+def test_lowers_for_cuda():
+    """Lowers to a Triton kernel for CUDA (no GPU needed); compiling and timing it on the
+    H200 is experiments/bench_fused.py's job."""
+    try:
+        txt = jax.jit(lambda x, g: rmsnorm_quant(x, g, 1e-5)).trace(
+            jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4096,), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as e:  # noqa: BLE001
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+        raise
+    assert "rmsnorm_quant_a8" in txt
+
+
+def test_round_half_even_matches_jnp_round():
+    from pallas_kernels.rmsnorm_quant import _round_half_even
+    v = jnp.concatenate([jnp.arange(-130, 130, 0.5, dtype=jnp.float32),
+                         jax.random.uniform(jax.random.key(0), (4096,), jnp.float32, -200, 200)])
+    np.testing.assert_array_equal(np.asarray(jax.jit(_round_half_even)(v)), np.asarray(jnp.round(v)))
+
+
+def test_bench_fused_quick(tmp_path):
+    from experiments.bench_fused import main
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = __import__("json").load(open(tmp_path / "fused_h200_quick.json"))["rows"]
+    assert [r["M"] for r in rows] == [1, 3] and all(r["ok"] for r in rows)
+    assert "| 3 |" in open(tmp_path / "fused_h200_quick.md").read()
