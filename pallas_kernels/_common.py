@@ -15,6 +15,7 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # Smallest tiles the kernels use. tl.dot needs K >= 16 (bf16) / 32 (int8) and the
 # block shapes must be powers of two.
@@ -202,6 +203,38 @@ def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
         split *= 2
     return dataclasses.replace(cfg, split_k=split)
 
+
+
+def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx):
+    """The K loop of the FMA ("gemv") kernel path, shared by the w4a16 and w4a8 kernels.
+
+    Rows m < M of x_ref (any numeric dtype) times this program's packed weight rows
+    [split_idx * kh_split, +kh_split) of q_ref, as f32 FMAs into one [bk, bn] accumulator per
+    row, reduced over K once at the end. Group scales (G < K) multiply each step's weights (a
+    step lies inside one group on each half); per-channel scales are left to the caller.
+    Returns M f32 rows of [bn]."""
+    bn = s_ref.shape[1]
+    kh = K // 2
+    base = split_idx * kh_split
+    per_channel = G == K
+
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
+        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        if not per_channel:
+            lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
+            hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]
+        out = []
+        for m in range(M):
+            x_lo = x_ref[m, pl.ds(base + k0, bk)].astype(jnp.float32)
+            x_hi = x_ref[m, pl.ds(kh + base + k0, bk)].astype(jnp.float32)
+            out.append(accs[m] + lo * x_lo[:, None] + hi * x_hi[:, None])
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(M))
+    accs = lax.fori_loop(0, kh_split // bk, body, zeros)
+    return [jnp.sum(a, axis=0) for a in accs]
 
 
 def split_nibbles(q):

@@ -27,7 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
-                                    check_operands, fit_config, gemv_config, magic_dequant,
+                                    check_operands, fit_config, gemv_config, gemv_rows,
+                                    magic_dequant,
                                     split_nibbles, unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
@@ -150,30 +151,10 @@ def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
 
     x_ref [bm, K] (only rows < M are read), q_ref [kh_split, bn] int8, s_ref [K//G, bn] f32,
     o_ref [bm, bn] (rows < M written; f32 partial sums when split-K)."""
-    bn = s_ref.shape[1]
-    kh = K // 2
-    base = pl.program_id(2) * kh_split
-    per_channel = G == K
-
-    def body(i, accs):
-        k0 = pl.multiple_of(i * bk, bk)
-        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
-        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-        if not per_channel:  # the step lies inside one group on each half
-            lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
-            hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]
-        out = []
-        for m in range(M):
-            x_lo = x_ref[m, pl.ds(base + k0, bk)].astype(jnp.float32)
-            x_hi = x_ref[m, pl.ds(kh + base + k0, bk)].astype(jnp.float32)
-            out.append(accs[m] + lo * x_lo[:, None] + hi * x_hi[:, None])
-        return tuple(out)
-
-    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(M))
-    accs = lax.fori_loop(0, kh_split // bk, body, zeros)
-    for m in range(M):
-        row = jnp.sum(accs[m], axis=0)  # [bn]
-        if per_channel:
+    rows = gemv_rows(x_ref, q_ref, s_ref, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
+                     split_idx=pl.program_id(2))
+    for m, row in enumerate(rows):
+        if G == K:
             row = row * s_ref[0, :]
         o_ref[m, :] = row.astype(o_ref.dtype)
 

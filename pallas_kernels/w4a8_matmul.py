@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    magic_dequant, split_nibbles, unpack_int4)
+                                    gemv_rows, magic_dequant, split_nibbles, unpack_int4)
 
 try:
     from jax.experimental.pallas import triton as pltriton
@@ -152,33 +152,13 @@ def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_spl
     end. Per-channel: the accumulators hold exact integers (|sum| < 127 * 8 * K < 2**24 for
     K <= 16384), so the result equals the int32 MMA's and the epilogue is the MMA kernel's.
     Group scales multiply the weights of each step (its group), as floats."""
-    bn = s_ref.shape[1]
-    kh = K // 2
-    base = pl.program_id(2) * kh_split
-    per_channel = G == K
-
-    def body(i, accs):
-        k0 = pl.multiple_of(i * bk, bk)
-        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
-        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-        if not per_channel:
-            lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
-            hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]
-        out = []
-        for m in range(M):
-            x_lo = x_ref[m, pl.ds(base + k0, bk)].astype(jnp.float32)
-            x_hi = x_ref[m, pl.ds(kh + base + k0, bk)].astype(jnp.float32)
-            out.append(accs[m] + lo * x_lo[:, None] + hi * x_hi[:, None])
-        return tuple(out)
-
-    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(M))
-    accs = lax.fori_loop(0, kh_split // bk, body, zeros)
-    for m in range(M):
-        row = jnp.sum(accs[m], axis=0)  # [bn]
+    rows = gemv_rows(x_ref, q_ref, s_ref, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
+                     split_idx=pl.program_id(2))
+    for m, row in enumerate(rows):
         if partial_out:  # epilogue after the split-K reduction (XLA)
             o_ref[m, :] = row.astype(o_ref.dtype)  # int32 (exact integers) / f32 partials
             continue
-        if per_channel:
+        if G == K:
             row = row * s_ref[0, :]
         o_ref[m, :] = (sx_ref[m, 0] * row).astype(o_ref.dtype)
 
