@@ -193,15 +193,40 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         nxt = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
         return (nxt, cache, lengths, rng), (nxt, jax.nn.softmax(filtered, axis=-1))
 
+    def draft_fixed(c, g: int):
+        """g draft steps (static g): (cache, rng, drafts [B, g], q [g, B, V] or None)."""
+        if not g:
+            return c["cache"], c["rng"], jnp.zeros((B, 0), jnp.int32), None
+        (_, cache, _, rng), (drafts, q) = jax.lax.scan(
+            draft_step, (c["last"], c["cache"], c["lengths"], c["rng"]), jnp.arange(g))
+        return cache, rng, drafts.T, q
+
+    def draft_dynamic(c, g):
+        """g draft steps for a traced g <= max_gamma (gamma="auto"): one compiled draft forward
+        serves every gamma. Drafts land in [B, max_gamma] (q in [max_gamma, B, V]) buffers;
+        the same steps and random keys as draft_fixed(c, g)."""
+        qs = None if greedy else jnp.zeros((max_gamma, B, model.cfg.vocab_size), jnp.float32)
+
+        def step(i, carry):
+            tok, cache, rng, drafts, qs = carry
+            (nxt, cache, _, rng), (d, q) = draft_step((tok, cache, c["lengths"], rng), i)
+            drafts = drafts.at[:, i].set(d)
+            if qs is not None:
+                qs = qs.at[i].set(q)
+            return nxt, cache, rng, drafts, qs
+
+        init = (c["last"], c["cache"], c["rng"], jnp.zeros((B, max_gamma), jnp.int32), qs)
+        _, cache, rng, drafts, qs = jax.lax.fori_loop(0, g, step, init)
+        return cache, rng, drafts, qs
+
     def cycle(c, g: int):
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
+        return verify_and_accept(c, *draft_fixed(c, g), g)
+
+    def verify_and_accept(c, cache, rng, drafts, q, g: int):
+        """Verify the last token + g drafts ([B, g]; q [g, B, V] when sampling) in one pass,
+        accept, and advance the carry."""
         active = ~c["done"]
-        cache, rng = c["cache"], c["rng"]
-        drafts, q = jnp.zeros((B, 0), jnp.int32), None
-        if g:
-            (_, cache, _, rng), (drafts, q) = jax.lax.scan(
-                draft_step, (c["last"], cache, c["lengths"], rng), jnp.arange(g))
-            drafts = drafts.T  # [B, g]
         verify_in = jnp.concatenate([c["last"][:, None], drafts], axis=1)  # [B, g + 1]
         v_logits, cache = forward(verify_in, cache, c["lengths"], mode=verify_mode)
         rng, key = jax.random.split(rng)
@@ -242,7 +267,12 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         return ~jnp.all(c["done"])
 
     if auto:
-        branches = [partial(cycle, g=g) for g in range(max_gamma + 1)]
+        # Drafting runs as one loop of a traced length (one compiled draft forward); only the
+        # verify pass, whose width is static, is compiled once per gamma and picked by switch.
+        def verify_branch(g, c, cache, rng, drafts, qs):
+            return verify_and_accept(c, cache, rng, drafts[:, :g], None if qs is None else qs[:g], g)
+
+        branches = [partial(verify_branch, g) for g in range(max_gamma + 1)]
         costs = jnp.asarray(cycle_costs, jnp.float32)
         # Probes draft the gamma that would pay most at full acceptance (at least 1): several
         # trials per probe, so one probe can lift a pessimistic estimate over the break-even.
@@ -251,7 +281,11 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         def body(c):
             g = choose_gamma(costs, c["acc_est"])
             g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
-            c = jax.lax.switch(g, branches, c)
+            drafted = draft_dynamic(c, g)
+            # The switch gets the drafted cache only: passing the old one too would keep both
+            # alive across the conditional and make XLA copy the whole cache.
+            rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
+            c = jax.lax.switch(g, branches, rest, *drafted)
             # Decayed counts of accepted / tried drafts (a drafting cycle ages older ones).
             drafted = c["trials"] > 0
             decay = jnp.where(drafted, ACC_DECAY, 1.0)

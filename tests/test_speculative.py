@@ -370,6 +370,25 @@ def test_sampling_stays_lossless_with_cheaper_drafts(small_vocab_model):
         _assert_fits(np.bincount(samples[:, pos], minlength=VOCAB), marginal)
 
 
+def test_sampling_stays_lossless_with_auto_gamma(small_vocab_model):
+    """gamma="auto" (drafts from the traced-length loop, verify width picked by switch)
+    keeps the exact verify-mode distribution; the costs make several gammas win."""
+    model = small_vocab_model
+    prompt = [3, 7, 1, 4]
+    n = 3000
+    sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
+    out = qj.generate(model, [prompt] * n, max_new_tokens=3, mode="qspec", draft="w4a4",
+                      gamma="auto", max_gamma=2, cycle_costs=[1.0, 1.2, 1.4], seed=9, **sampling)
+    assert "plain_decoding" not in out.stats and np.asarray(out.stats["gamma_cycles"])[1:].sum() > 0
+    samples = np.asarray(out.tokens)
+    joint = exact_joint(model, prompt, 3, **sampling)
+    for pos in range(3):
+        marginal = joint.sum(axis=tuple(a for a in range(3) if a != pos))
+        _assert_fits(np.bincount(samples[:, pos], minlength=VOCAB), marginal)
+    pair = joint.sum(axis=0).reshape(-1)
+    _assert_fits(np.bincount(samples[:, 1] * VOCAB + samples[:, 2], minlength=VOCAB ** 2), pair)
+
+
 def test_draft_layer_search(quantized):
     from qspec_jax.draft_search import draft_agreement, predicted_speedup, select_draft_layers
     model = quantized["llama"]
