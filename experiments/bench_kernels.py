@@ -380,9 +380,8 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
 def sweep_cfgs(variant, M):
     C = TileConfig
     if variant in ("ours_w4a16_gemv", "ours_w4a8_gemv"):  # FMA path: tiles x split-K x warps
-        return [C(16, bn, bk, sp, w, st, dequant="gemv")
-                for bn, bk in ((128, 32), (256, 32), (256, 16), (512, 16), (128, 64))
-                for sp in (4, 8, 16) for w, st in ((4, 3), (8, 2))]
+        return [C(16, bn, bk, sp, 4, 3, dequant="gemv")
+                for bn, bk in ((128, 32), (256, 32), (512, 16)) for sp in (4, 8, 16)]
     if M <= 16:
         cs = [C(16, 64, 256, 1, 4, 4), C(16, 64, 256, 2, 4, 4), C(16, 64, 256, 4, 4, 4),
               C(16, 64, 128, 4, 4, 4), C(16, 128, 256, 4, 4, 4), C(16, 128, 128, 8, 4, 4),

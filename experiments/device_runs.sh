@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Planned H200 runs, one stage per device command (each ends well inside the 10-minute limit;
+# every step has its own timeout and writes under $OUT, so a stage that runs long still
+# returns what it measured). Copy what comes back into experiments/results/.
+#
+#   bash experiments/device_runs.sh kernels    # GPU tests, gemv + fused kernel timings (~9 min)
+#   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
+#   bash experiments/device_runs.sh sweepsmall # trained default model + attention grid (~9 min)
+#
+# Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
+# (the device copy has no .git).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+: "${OUT:?set OUT}"
+COMMIT="${COMMIT:-unknown}"
+stage="${1:?stage: kernels | sweep8b | sweepsmall}"
+
+step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
+  local t="$1" log="$2"
+  shift 2
+  echo "== $(date +%T) $* (timeout ${t}s)"
+  timeout "$t" "$@" >"$OUT/$log" 2>&1
+  echo "== rc=$? ; tail of $log:"
+  tail -n 15 "$OUT/$log"
+}
+
+case "$stage" in
+  kernels)
+    step 260 gpu_tests.log python3 -m pytest tests/gpu -q -p no:cacheprovider
+    # 9 gemv configs x 4 shapes x M 1, 4 per variant, + today's default (cvt) as an anchor;
+    # compare with kernels_h200.json (same code for the MMA paths).
+    step 200 gemv_sweep.log python3 experiments/bench_kernels.py --sweep \
+      --variants ours_w4a16_gemv,ours_w4a8_gemv,ours_w4a16_cvt --ms 1,4 \
+      --commit "$COMMIT" --out "$OUT"
+    step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  sweep8b)
+    # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
+    step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,4,16,64 \
+      --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
+      --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b.jsonl"
+    ;;
+  sweepsmall)
+    step 300 sweep_default.log python3 experiments/sweep.py --models default --batches 1,16,64 \
+      --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 --repeats 2 --time-budget 230 \
+      --commit "$COMMIT" --out "$OUT/sweep_h200_default.jsonl"
+    step 250 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
+      --contexts 512 2048 8192 32768 --time-budget 200 --reps 3 --commit "$COMMIT" \
+      --out "$OUT/attention_h200_full.json"
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
