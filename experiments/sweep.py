@@ -516,7 +516,6 @@ def report(path: str) -> str:
     L += ["", "```"] + reproduce_commands(rows, path) + ["```", ""]
     random = [n for n in names if any(r.get("random_weights") for r in rows if r.get("model") == n)]
     trained = [n for n in names if n not in random]
-    words = []
     words = ["**Weights.** The sweep's `llama3-8b` and `llama3.2-1b` are models with **random weights** "
              "shaped like Llama-3-8B and Llama-3.2-1B (timing only: their acceptance rates, tokens per "
              "cycle and the predicted speedups that use them are not meaningful); `default` is the "
