@@ -308,9 +308,9 @@ def _speculation_cannot_pay(costs: np.ndarray, batch: int) -> bool:
     key = ("auto-plain", batch, tuple(np.round(costs, 9)))
     if key not in _LOGGED:
         _LOGGED.add(key)
-        log.info("qspec_jax: gamma='auto' at batch %d: drafting cannot pay here (best predicted "
-                 "speedup %.3fx at acceptance 1.0 from cycle costs %s s); decoding plain w4a16",
-                 batch, best.max(), ", ".join(f"{c:.3g}" for c in costs))
+        log.warning("qspec_jax: gamma='auto' at batch %d: drafting cannot pay here (best predicted "
+                    "speedup %.3fx at acceptance 1.0 from cycle costs %s s); decoding plain w4a16",
+                    batch, best.max(), ", ".join(f"{c:.3g}" for c in costs))
     return True
 
 

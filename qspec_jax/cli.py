@@ -41,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
                    help="quantized GEMMs: Pallas kernels on GPU (auto), always Pallas, or XLA")
     p.add_argument("--stats", action="store_true", help="include per-sequence statistics in the JSON line on stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log which kernels run and the gamma='auto' calibration (INFO)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
     quant = args.quant or ("w4" if args.model is None else None)
