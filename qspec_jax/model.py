@@ -80,6 +80,32 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
+def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
+                         v_new: jax.Array, start: jax.Array) -> jax.Array:
+    """Causal attention of T new queries over a cache that is only read.
+
+    q [B, T, H, hd] at positions start[b] + t; k_cache, v_cache [B, KVH, S, hd] of which keys
+    s < start[b] are visible (positions from start on hold stale entries); k_new, v_new
+    [B, KVH, T, hd] the new tokens' keys and values (causal among themselves). The same set of
+    keys as attention_reference after writing the new ones into the cache; f32 softmax.
+    """
+    B, T, H, hd = q.shape
+    kvh, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, kvh, H // kvh, hd)
+    scale = 1 / jnp.sqrt(jnp.float32(hd))
+    s_old = einsum_f32("btkgd,bksd->bkgts", qg, k_cache) * scale
+    s_new = einsum_f32("btkgd,bkud->bkgtu", qg, k_new) * scale
+    old_ok = jnp.arange(S)[None, :] < start[:, None]                # [B, S]
+    new_ok = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]       # [T(query), T(key)]
+    s_old = jnp.where(old_ok[:, None, None, None, :], s_old, -jnp.inf)
+    s_new = jnp.where(new_ok[None, None, None], s_new, -jnp.inf)
+    probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
+    p_old, p_new = probs[..., :S], probs[..., S:]
+    out = (einsum_f32("bkgts,bksd->btkgd", p_old.astype(v_cache.dtype), v_cache)
+           + einsum_f32("bkgtu,bkud->btkgd", p_new.astype(v_new.dtype), v_new))
+    return out.reshape(B, T, H, hd).astype(q.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
         lin = dict(qcfg=qcfg, dtype=dtype, rngs=rngs)
@@ -92,13 +118,19 @@ class Attention(nnx.Module):
         self.rotate = qcfg.rotate
 
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
-                 window=None):
+                 window=None, readonly=False):
         B, T, _ = x.shape
         q = self.q_proj(x, mode, kernels).reshape(B, T, self.heads, self.head_dim)
         k = self.k_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
         v = self.v_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        if readonly:  # leave the cache alone; return this layer's new K/V block
+            k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
+            v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
+            out = attention_with_block(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),
+                                       k_blk.astype(q.dtype), v_blk.astype(q.dtype), positions[:, 0])
+            return self._out(out, mode, kernels), (k_blk, v_blk)
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
         cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
@@ -109,11 +141,15 @@ class Attention(nnx.Module):
         if out is None:
             out = attention_reference(q, cache_k[layer].astype(q.dtype),
                                       cache_v[layer].astype(q.dtype), positions, window)
+        return self._out(out, mode, kernels), KVCache(cache_k, cache_v)
+
+    def _out(self, out, mode, kernels):
+        B, T = out.shape[:2]
         out = out.reshape(B, T, self.heads * self.head_dim)
         if self.rotate:
             from .rotation import online_hadamard
             out = online_hadamard(out)
-        return self.o_proj(out, mode, kernels), KVCache(cache_k, cache_v)
+        return self.o_proj(out, mode, kernels)
 
 
 class MLP(nnx.Module):
@@ -139,9 +175,10 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, qcfg, dtype, rngs)
 
-    def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None):
+    def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
+                 readonly=False):
         h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels,
-                             window)
+                             window, readonly)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x), mode, kernels)
         return x, cache
@@ -178,7 +215,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, cache: KVCache, start: jax.Array, *, mode: str,
                  kernels: str = "xla", logits_positions: jax.Array | None = None,
-                 window: tuple[int, int] | None = None, layers: tuple[int, ...] | None = None):
+                 window: tuple[int, int] | None = None, layers: tuple[int, ...] | None = None,
+                 readonly_cache: bool = False):
         """tokens [B, T] int, start [B] int (cache position of tokens[:, 0]).
 
         Returns (logits f32 [B, T, V] or [B, P, V] at ``logits_positions`` [B, P] (indices into
@@ -186,14 +224,28 @@ class Transformer(nnx.Module):
         (static): ``window=(sink, recent)`` limits attention to the first ``sink`` and the last
         ``recent`` positions; ``layers`` runs only those decoder layers (the others pass the
         residual stream through and write no K/V).
+        ``readonly_cache=True`` (static) reads the cache without writing it: keys from each
+        sequence's start on are ignored and the new tokens attend to their own K/V; the second
+        result is then the new K/V blocks (k, v), each [L, B, KVH, T, hd], for the caller to
+        write (e.g. after a lax.switch, which would otherwise copy the whole cache).
         """
         B, T = tokens.shape
         positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
         inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         x = self.embed(tokens).astype(self.dtype)
+        if readonly_cache and (layers is not None or window is not None):
+            raise ValueError("readonly_cache runs every layer with full attention (verify passes)")
+        blocks = []
         for i, layer in enumerate(self.layers):
             if layers is None or i in layers:
-                x, cache = layer(x, cache, i, positions, inv_freq, mode, kernels, window)
+                x, out = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
+                               readonly_cache)
+                if readonly_cache:
+                    blocks.append(out)
+                else:
+                    cache = out
+        if readonly_cache:
+            cache = tuple(jnp.stack(t) for t in zip(*blocks))  # (k, v) [L, B, KVH, T, hd]
         if logits_positions is not None:
             x = jnp.take_along_axis(x, logits_positions[:, :, None].astype(jnp.int32), axis=1)
         x = self.final_norm(x)

@@ -223,12 +223,17 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
         return verify_and_accept(c, *draft_fixed(c, g), g)
 
-    def verify_and_accept(c, cache, rng, drafts, q, g: int):
+    def verify_and_accept(c, cache, rng, drafts, q, g: int, readonly: bool = False):
         """Verify the last token + g drafts ([B, g]; q [g, B, V] when sampling) in one pass,
-        accept, and advance the carry."""
+        accept, and advance the carry. readonly: the verify pass leaves the cache alone and
+        the result is (carry without "cache", its K/V blocks [L, B, KVH, g + 1, hd])."""
         active = ~c["done"]
         verify_in = jnp.concatenate([c["last"][:, None], drafts], axis=1)  # [B, g + 1]
-        v_logits, cache = forward(verify_in, cache, c["lengths"], mode=verify_mode)
+        if readonly:
+            v_logits, blocks = forward(verify_in, cache, c["lengths"], mode=verify_mode,
+                                       readonly_cache=True)
+        else:
+            v_logits, cache = forward(verify_in, cache, c["lengths"], mode=verify_mode)
         rng, key = jax.random.split(rng)
         if greedy:
             n_acc, emitted = accept_greedy(drafts, v_logits)
@@ -251,7 +256,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         a = active.astype(jnp.int32)
         # Acceptance trials: accepted drafts plus the rejection that ended the run, if any.
         trials = jnp.sum(a * jnp.minimum(n_acc + 1, g))
-        return {
+        new = {
             **c, "out": out, "count": count, "cache": cache, "rng": rng,
             "last": jnp.where(active, last, c["last"]),
             "lengths": c["lengths"] + k,
@@ -262,6 +267,10 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             "accepted": c["accepted"] + a * n_acc,
             "trials": trials, "trial_accepts": jnp.sum(a * n_acc),
         }
+        if readonly:
+            del new["cache"]
+            return new, blocks
+        return new
 
     def cond(c):
         return ~jnp.all(c["done"])
@@ -269,8 +278,15 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     if auto:
         # Drafting runs as one loop of a traced length (one compiled draft forward); only the
         # verify pass, whose width is static, is compiled once per gamma and picked by switch.
+        # The cache only enters the switch to be read: a conditional whose branches write a
+        # large operand makes XLA copy it every cycle, so each branch returns its K/V blocks
+        # (padded to max_gamma + 1 positions) and they are written after the switch. The
+        # padding lands past every sequence's new length: stale positions nobody reads.
         def verify_branch(g, c, cache, rng, drafts, qs):
-            return verify_and_accept(c, cache, rng, drafts[:, :g], None if qs is None else qs[:g], g)
+            new, blocks = verify_and_accept(c, cache, rng, drafts[:, :g],
+                                            None if qs is None else qs[:g], g, readonly=True)
+            pad = ((0, 0), (0, 0), (0, 0), (0, max_gamma - g), (0, 0))
+            return new, tuple(jnp.pad(b, pad) for b in blocks)
 
         branches = [partial(verify_branch, g) for g in range(max_gamma + 1)]
         costs = jnp.asarray(cycle_costs, jnp.float32)
@@ -281,11 +297,15 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         def body(c):
             g = choose_gamma(costs, c["acc_est"])
             g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
-            drafted = draft_dynamic(c, g)
-            # The switch gets the drafted cache only: passing the old one too would keep both
-            # alive across the conditional and make XLA copy the whole cache.
+            cache, *drafted = draft_dynamic(c, g)
             rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
-            c = jax.lax.switch(g, branches, rest, *drafted)
+            new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache, *drafted)
+            pos = c["lengths"][:, None] + jnp.arange(max_gamma + 1)[None]  # [B, max_gamma + 1]
+            b = jnp.arange(B)[:, None]
+            # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout
+            k = cache.k.at[:, b, :, pos, :].set(jnp.transpose(k_blk, (1, 3, 0, 2, 4)), mode="drop")
+            v = cache.v.at[:, b, :, pos, :].set(jnp.transpose(v_blk, (1, 3, 0, 2, 4)), mode="drop")
+            c = {**new, "cache": type(cache)(k, v)}
             # Decayed counts of accepted / tried drafts (a drafting cycle ages older ones).
             drafted = c["trials"] > 0
             decay = jnp.where(drafted, ACC_DECAY, 1.0)

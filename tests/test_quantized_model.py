@@ -161,3 +161,40 @@ def test_int4_lm_head_option(hf_dirs, arch):
     assert 0 < rel(got, ref) < 0.2  # the head is quantized too, but still close
     with pytest.raises(ValueError, match="quantize_lm_head needs quant='w4'"):
         qj.load(src, quantize_lm_head=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
+    """readonly_cache=True (the verify pass inside gamma="auto"'s switch): same logits as the
+    writing forward, the cache untouched, and the returned K/V blocks equal to what the writing
+    forward stores; stale cache entries at and past each sequence's start are ignored."""
+    import jax
+    import jax.numpy as jnp
+    from qspec_jax.model import KVCache
+    model = qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
+    net = model.module
+    B, S, T = 2, 32, 4
+    cache = KVCache.create(model.cfg, B, S, jnp.float32)
+    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a16")
+    start = jnp.array([6, 9], jnp.int32)
+    # Stale entries past each start (as drafts leave them): must not matter.
+    junk = jax.random.normal(jax.random.key(0), cache.k.shape, jnp.float32)
+    pos = jnp.arange(S)[None, None, None, :, None]
+    stale = pos >= start[None, :, None, None, None]
+    cache = KVCache(jnp.where(stale, junk, cache.k), jnp.where(stale, -junk, cache.v))
+    tokens = jnp.asarray(IDS[:, 9:9 + T])
+    ref_logits, written = net(tokens, cache, start, mode="w4a16")
+    logits, (k_blk, v_blk) = net(tokens, cache, start, mode="w4a16", readonly_cache=True)
+    assert rel(np.asarray(logits), np.asarray(ref_logits)) < 1e-5
+    L, KVH, hd = model.cfg.num_hidden_layers, model.cfg.num_key_value_heads, model.cfg.head_dim
+    assert k_blk.shape == (L, B, KVH, T, hd)
+    for b in range(B):
+        s = int(start[b])
+        for blk, full in ((k_blk, written.k), (v_blk, written.v)):
+            # Layer 0 sees only embeddings: identical; later layers differ by float summation
+            # order in the attention before them.
+            np.testing.assert_array_equal(np.asarray(blk[0, b]), np.asarray(full[0, b, :, s:s + T]))
+            np.testing.assert_allclose(np.asarray(blk[:, b]), np.asarray(full[:, b, :, s:s + T]),
+                                       rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="readonly_cache"):
+        net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))

@@ -423,3 +423,31 @@ def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
     verify = np.interp(np.arange(6), list(timed), list(timed.values()))
     np.testing.assert_allclose(costs, [g * 0.5 + verify[g] for g in range(6)])
     assert costs[2] == pytest.approx(2 * 0.5 + 1.9)
+
+
+def test_no_cache_copies_in_the_compiled_loops(quantized):
+    """The decode loops update the KV cache in place: XLA's optimized program holds no copy of
+    a cache-sized buffer (gamma="auto" used to copy K and V every cycle after its lax.switch,
+    which wrote the cache; now the switch only reads it and returns the new K/V blocks)."""
+    import jax
+    import jax.numpy as jnp
+    from qspec_jax.generate import decode_autoregressive
+    from qspec_jax.model import KVCache
+    from qspec_jax.sampling import SamplingConfig
+    model = quantized["llama"]
+    B, S = 2, 40
+    cache = KVCache.create(model.cfg, B, S, model.dtype)
+    shape = f"[{','.join(map(str, cache.k.shape))}]"
+    args = (model.graphdef, model.state, jnp.zeros((B, 8), jnp.int32), jnp.array([3, 5], jnp.int32),
+            cache, jax.random.PRNGKey(0), SamplingConfig().arrays(), jnp.asarray(model.eos_ids, jnp.int32))
+
+    def cache_copies(lowered):
+        return [l for l in lowered.compile().as_text().splitlines() if " copy(" in l and shape in l]
+
+    assert not cache_copies(decode_autoregressive.lower(*args, max_new_tokens=8, greedy=True,
+                                                        mode="w4a16"))
+    assert not cache_copies(decode_speculative.lower(*args, max_new_tokens=8, greedy=True, gamma=3))
+    for greedy in (True, False):
+        assert not cache_copies(decode_speculative.lower(
+            *args, max_new_tokens=8, greedy=greedy, gamma="auto", max_gamma=3,
+            cycle_costs=jnp.array([1.0, 1.1, 1.2, 1.3])))
