@@ -91,6 +91,14 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
                           config=config)
 
 
+def note_readonly_attention(kernels: str) -> None:
+    """The read-only verify pass (gamma="auto") has no Pallas attention: say so once where the
+    kernel would otherwise have run."""
+    if kernels == "pallas" or (kernels == "auto" and jax.default_backend() == "gpu"):
+        _announce(("attn-readonly",), "qspec_jax: gamma='auto' verifies with the cache read-only; "
+                  "that attention runs on XLA (the Pallas kernel has no read-only variant yet)")
+
+
 def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None):
     """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
 

@@ -126,6 +126,9 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if readonly:  # leave the cache alone; return this layer's new K/V block
+            if kernels != "xla":
+                from .kernel_dispatch import note_readonly_attention
+                note_readonly_attention(kernels)
             k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
             v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
             out = attention_with_block(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),

@@ -396,3 +396,16 @@ def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monke
     assert "attention uses XLA" in caplog.text
     assert kd.attention(q_big, cache, cache, pos, 1, "auto") is q_big
     assert calls == [(8, True), (8, False)]
+
+
+def test_readonly_verify_attention_is_announced(caplog):
+    import logging
+    from qspec_jax import kernel_dispatch as kd
+    kd._ANNOUNCED.discard(("attn-readonly",))
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        kd.note_readonly_attention("xla")
+        kd.note_readonly_attention("auto")  # CPU: the kernel would not run anyway
+        assert "read-only" not in caplog.text
+        kd.note_readonly_attention("pallas")
+        kd.note_readonly_attention("pallas")
+    assert caplog.text.count("that attention runs on XLA") == 1
