@@ -13,9 +13,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
 
 # Smallest tiles the kernels use. tl.dot needs K >= 16 (bf16) / 32 (int8) and the
 # block shapes must be powers of two.
@@ -159,7 +165,6 @@ def fit_config(cfg: TileConfig, M: int, K: int, N: int, G: int, *, int8: bool) -
 
 def sm_count() -> int:
     try:
-        import jax
         d = jax.devices()[0]
         if d.platform == "gpu":
             return int(getattr(d, "core_count", 132) or 132)
@@ -203,6 +208,34 @@ def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
         split *= 2
     return dataclasses.replace(cfg, split_k=split)
 
+
+
+def gemm_call(kernel, lead_specs, *, M, K, N, G, cfg: TileConfig, out_dtype, partial_dtype,
+              interpret: bool, name: str):
+    """The pallas_call of both int4 GEMM kernels: grid (N tiles, M tiles, K splits); inputs
+    are the activation blocks ``lead_specs`` (x, then e.g. per-token scales), the packed
+    weights of this K split and N tile (int16 pairs for dequant="magic") and this N tile's
+    scales; the output is [M, N] in out_dtype, or [split, M, N] partial sums in partial_dtype
+    when split-K (reduced by the caller)."""
+    bm, bn, split = cfg.bm, cfg.bn, cfg.split_k
+    kh_split = K // 2 // split
+    qbn = bn // 2 if cfg.dequant == "magic" else bn
+    in_specs = list(lead_specs) + [
+        pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
+        pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
+    ]
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, M, N), partial_dtype)
+        out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
+    else:
+        out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
+        out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
+    params = None
+    if pltriton is not None:
+        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(N // bn, pl.cdiv(M, bm), split), in_specs=in_specs,
+        out_specs=out_specs, compiler_params=params, interpret=interpret, name=name)
 
 
 def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx):

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
-                                    check_operands, fit_config, gemv_config, gemv_rows,
+                                    check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
                                     magic_dequant,
                                     split_nibbles, unpack_int4)
 
@@ -160,11 +160,8 @@ def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
 
 
 def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
-    bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
-    kh = K // 2
-    kh_split = kh // split
-    grid = (N // bn, pl.cdiv(M, bm), split)
-    partial_out = split > 1
+    bm, bk, split = cfg.bm, cfg.bk, cfg.split_k
+    kh_split = K // 2 // split
     if cfg.dequant == "gemv":
         if M > bm:
             raise ValueError(f"w4a16_matmul: dequant='gemv' takes M <= bm ({bm}), got M={M}")
@@ -172,25 +169,10 @@ def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
     else:
         kernel = functools.partial(
             _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-            masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
-    qbn = bn // 2 if cfg.dequant == "magic" else bn
-    in_specs = [
-        pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
-        pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
-        pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
-    ]
-    if partial_out:
-        out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
-        out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
-    else:
-        out_shape = jax.ShapeDtypeStruct((M, N), dtype)
-        out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
-    params = None
-    if pltriton is not None:
-        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        compiler_params=params, interpret=interpret, name=f"w4a16_{cfg.short()}")
+            masked=(M % bm != 0), partial_out=split > 1, dequant=cfg.dequant)
+    return gemm_call(kernel, [pl.BlockSpec((bm, K), lambda n, m, s: (m, 0))], M=M, K=K, N=N, G=G,
+                     cfg=cfg, out_dtype=dtype, partial_dtype=jnp.float32, interpret=interpret,
+                     name=f"w4a16_{cfg.short()}")
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:

@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    gemv_rows, magic_dequant, split_nibbles, unpack_int4)
+                                    gemm_call, gemv_rows, magic_dequant, split_nibbles,
+                                    unpack_int4)
 
 try:
     from jax.experimental.pallas import triton as pltriton
@@ -164,10 +165,8 @@ def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_spl
 
 
 def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
-    bm, bn, bk, split = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
-    kh = K // 2
-    kh_split = kh // split
-    grid = (N // bn, pl.cdiv(M, bm), split)
+    bm, bk, split = cfg.bm, cfg.bk, cfg.split_k
+    kh_split = K // 2 // split
     partial_out = split > 1
     if cfg.dequant == "gemv":
         kernel = functools.partial(_w4a8_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
@@ -176,26 +175,12 @@ def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
         kernel = functools.partial(
             _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
             masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
-    qbn = bn // 2 if cfg.dequant == "magic" else bn
-    in_specs = [
-        pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),
-        pl.BlockSpec((bm, 1), lambda n, m, s: (m, 0)),
-        pl.BlockSpec((kh_split, qbn), lambda n, m, s: (s, n)),
-        pl.BlockSpec((K // G, bn), lambda n, m, s: (0, n)),
-    ]
-    if partial_out:
-        pdt = jnp.int32 if G == K else jnp.float32
-        out_shape = jax.ShapeDtypeStruct((split, M, N), pdt)
-        out_specs = pl.BlockSpec((None, bm, bn), lambda n, m, s: (s, m, n))
-    else:
-        out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
-        out_specs = pl.BlockSpec((bm, bn), lambda n, m, s: (m, n))
-    params = None
-    if pltriton is not None:
-        params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        compiler_params=params, interpret=interpret, name=f"w4a8_{cfg.short()}")
+    lead = [pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),   # xq
+            pl.BlockSpec((bm, 1), lambda n, m, s: (m, 0))]   # sx
+    # Split-K partials: exact int32 sums per channel, f32 (already group-scaled) with groups.
+    return gemm_call(kernel, lead, M=M, K=K, N=N, G=G, cfg=cfg, out_dtype=out_dtype,
+                     partial_dtype=jnp.int32 if G == K else jnp.float32, interpret=interpret,
+                     name=f"w4a8_{cfg.short()}")
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
