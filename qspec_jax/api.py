@@ -37,8 +37,8 @@ PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
 # gamma="auto" decodes plainly when the best predicted speedup at full acceptance is below this.
 AUTO_MIN_GAIN = 1.03
-# gamma="auto" calibration: verify widths timed (gamma + 1 tokens; 0 and max_gamma always), the
-# others interpolated linearly: each timed width is one compiled program (~30 s on 8B shapes).
+# gamma="auto" calibration: the gammas whose verify width is timed (those <= max_gamma, plus 0 and
+# max_gamma), the others interpolated: each timed width is one compiled program (~30 s on 8B).
 AUTO_TIMED_GAMMAS = (0, 1, 3, 7)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -288,12 +288,12 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
     from .cost_model import measure_cycle_costs
     key = (batch, round_up(context, 256), max_gamma, draft, kernels, draft_window, draft_layers)
     if key not in model.cycle_costs:
-        timed = sorted({0, max_gamma} | {g for g in AUTO_TIMED_GAMMAS if g <= max_gamma})
-        log.info("qspec_jax: gamma='auto': timing the draft step and verify widths %s once for "
-                 "batch %d, context %d (cached on the model)", [g + 1 for g in timed], batch, key[1])
+        log.info("qspec_jax: gamma='auto': timing the draft and verify steps once for batch %d, "
+                 "context %d (cached on the model)", batch, key[1])
         model.cycle_costs[key] = measure_cycle_costs(model, batch, key[1], max_gamma, draft,
                                                      kernels=kernels, draft_window=draft_window,
-                                                     draft_layers=draft_layers, verify_gammas=timed)
+                                                     draft_layers=draft_layers,
+                                                     verify_gammas=AUTO_TIMED_GAMMAS)
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 
@@ -305,16 +305,12 @@ def _speculation_cannot_pay(costs: np.ndarray, batch: int) -> bool:
     best = predicted_speedup(costs, 1.0)
     if best.max() >= AUTO_MIN_GAIN:
         return False
-    key = ("auto-plain", batch, tuple(np.round(costs, 9)))
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.warning("qspec_jax: gamma='auto' at batch %d: drafting cannot pay here (best predicted "
-                    "speedup %.3fx at acceptance 1.0 from cycle costs %s s); decoding plain w4a16",
-                    batch, best.max(), ", ".join(f"{c:.3g}" for c in costs))
+    from .kernel_dispatch import log_once
+    log_once(("auto-plain", batch, tuple(np.round(costs, 9))),
+             f"qspec_jax: gamma='auto' at batch {batch}: drafting cannot pay here (best predicted "
+             f"speedup {best.max():.3f}x at acceptance 1.0 from cycle costs "
+             f"{', '.join(f'{c:.3g}' for c in costs)} s); decoding plain w4a16", logging.WARNING)
     return True
-
-
-_LOGGED: set = set()
 
 
 def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:

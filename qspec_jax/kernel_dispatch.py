@@ -47,7 +47,8 @@ def small_m_path() -> str:
     return _SMALL_M["path"]
 
 
-def _announce(key, message: str, level=logging.INFO) -> None:
+def log_once(key, message: str, level=logging.INFO) -> None:
+    """Log ``message`` the first time ``key`` is seen in this process."""
     if key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
         log.log(level, message)
@@ -58,11 +59,11 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     import pallas_kernels as pk
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not required:
-        _announce("cpu", f"qspec_jax: no GPU ({jax.default_backend()}): quantized GEMMs use the XLA "
+        log_once("cpu", f"qspec_jax: no GPU ({jax.default_backend()}): quantized GEMMs use the XLA "
                          "reference path")
         return None
     if mode not in PALLAS_MODES:
-        _announce(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "
+        log_once(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "
                                   "reference path for it", logging.WARNING)
         return None
     M, K = x2.shape
@@ -70,16 +71,16 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     group = K // scales.shape[0]
     ok, reason = pk.supported(M, K, N, group)
     if not ok:
-        _announce(("shape", K, N, group), f"qspec_jax: Pallas GEMM cannot take K={K} N={N} "
+        log_once(("shape", K, N, group), f"qspec_jax: Pallas GEMM cannot take K={K} N={N} "
                   f"G={group} ({reason}): using the XLA reference path for this layer",
                   logging.WARNING)
         return None
     interpret = not on_gpu
-    _announce(("pallas", interpret), "qspec_jax: quantized GEMMs use the Pallas kernels"
+    log_once(("pallas", interpret), "qspec_jax: quantized GEMMs use the Pallas kernels"
               + (" (interpret mode: no GPU)" if interpret else ""))
     config = None
     if M <= GEMV_MAX_M and small_m_path() == "gemv":
-        _announce(("gemv",), f"qspec_jax: GEMMs with M <= {GEMV_MAX_M} use the FMA ('gemv') "
+        log_once(("gemv",), f"qspec_jax: GEMMs with M <= {GEMV_MAX_M} use the FMA ('gemv') "
                   "kernel path (QSPEC_JAX_SMALL_M=gemv)")
         config = gemv_config(M, K, N, group)
     if mode == "w4a16":
@@ -95,7 +96,7 @@ def note_readonly_attention(kernels: str) -> None:
     """The read-only verify pass (gamma="auto") has no Pallas attention: say so once where the
     kernel would otherwise have run."""
     if kernels == "pallas" or (kernels == "auto" and jax.default_backend() == "gpu"):
-        _announce(("attn-readonly",), "qspec_jax: gamma='auto' verifies with the cache read-only; "
+        log_once(("attn-readonly",), "qspec_jax: gamma='auto' verifies with the cache read-only; "
                   "that attention runs on XLA (the Pallas kernel has no read-only variant yet)")
 
 
@@ -112,7 +113,7 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
         if jax.default_backend() != "gpu":
             return None  # the GEMM dispatch already said that there is no GPU
         if q.shape[0] < ATTN_MIN_BATCH:
-            _announce(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH}: attention "
+            log_once(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH}: attention "
                       "uses XLA (faster than the Pallas kernel there on the H200; "
                       "kernels='pallas' forces the kernel)")
             return None
@@ -121,12 +122,12 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
         window = (int(window[0]), int(window[1]))  # hashable and static for the kernel's jit
     ok, reason = pk_attention.supported(q.shape, cache_k.shape[1:], q.dtype, window)
     if not ok:
-        _announce(("attn", q.shape[1:], cache_k.shape[1:], window), f"qspec_jax: Pallas attention "
+        log_once(("attn", q.shape[1:], cache_k.shape[1:], window), f"qspec_jax: Pallas attention "
                   f"cannot take q {q.shape} / cache {cache_k.shape[1:]} / window {window} "
                   f"({reason}): using XLA attention", logging.WARNING)
         return None
     interpret = jax.default_backend() != "gpu"
-    _announce(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
+    log_once(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
               + (" (interpret mode: no GPU)" if interpret else ""))
     return pk_attention.cached_attention(q, cache_k, cache_v, positions, layer=layer,
                                          interpret=interpret, window=window)
