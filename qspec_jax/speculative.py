@@ -295,7 +295,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         probe_gamma = jnp.maximum(choose_gamma(costs, jnp.float32(1.0)), 1)
 
         def body(c):
-            g = choose_gamma(costs, c["acc_est"])
+            g = choose_gamma(costs, c["acc_hits"] / c["acc_trials"])
             g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
             cache, *drafted = draft_dynamic(c, g)
             rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
@@ -311,7 +311,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             decay = jnp.where(drafted, ACC_DECAY, 1.0)
             hits = decay * c["acc_hits"] + c["trial_accepts"]
             trials = decay * c["acc_trials"] + c["trials"]
-            return {**c, "acc_hits": hits, "acc_trials": trials, "acc_est": hits / trials,
+            return {**c, "acc_hits": hits, "acc_trials": trials,
                     "since_draft": jnp.where(g > 0, 0, c["since_draft"] + 1),
                     "gamma_cycles": c["gamma_cycles"].at[g].add(1)}
     else:
@@ -323,7 +323,6 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
              "seq_cycles": zeros, "drafted": zeros, "accepted": zeros,
              "trials": jnp.int32(0), "trial_accepts": jnp.int32(0),
              # The prior enters as pseudo-counts and decays with the measured trials.
-             "acc_est": jnp.float32(PRIOR_ACCEPTANCE),
              "acc_hits": jnp.float32(PRIOR_ACCEPTANCE * PRIOR_TRIALS),
              "acc_trials": jnp.float32(PRIOR_TRIALS),
              # The first cycle is a probe: the estimate starts from measured trials.
@@ -343,7 +342,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         "gamma_cycles": c["gamma_cycles"],
     }
     if auto:
-        stats["acceptance_estimate"] = c["acc_est"]
+        stats["acceptance_estimate"] = c["acc_hits"] / c["acc_trials"]
     return DecodeResult(c["out"][:, :max_new_tokens], c["count"], c["lengths"], c["cache"], c["rng"],
                         stats)
 
