@@ -180,7 +180,10 @@ def _ours_w4a8_q(cfg=None):
 
 # variant -> largest M it is run at (None: all)
 VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
-                 "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M}
+                 "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M,
+                 "ours_w4a16_gemvm": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemvm": w4a16_mod.GEMV_MAX_M}
+GEMV_VARIANTS = {"ours_w4a16_gemv": "gemv", "ours_w4a8_gemv": "gemv",
+                 "ours_w4a16_gemvm": "gemv_magic", "ours_w4a8_gemvm": "gemv_magic"}
 VARIANT_MIN_M = {"ours_w4a16_triton": 128}
 
 
@@ -193,14 +196,27 @@ def _xla_int4(x, ws):
                          preferred_element_type=jnp.float32).astype(x.dtype) for w, s in ws)
 
 
+def _xla_s4_dot(x, ws):
+    """int4 weights in XLA's own s4 type, converted inside the dot (XLA may fuse the convert
+    into its GEMM), per-channel scale on the f32 result."""
+    return tuple((jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) * s
+                  ).astype(x.dtype) for w, s in ws)
+
+
+def _xla_s4_w8(xq, sx, ws):
+    return tuple((sx * (lax.dot(xq, w.astype(jnp.int8), preferred_element_type=jnp.int32)
+                        .astype(jnp.float32) * s)).astype(jnp.bfloat16) for w, s in ws)
+
+
 def _xla_int8(xq, sx, ws):
     return tuple((sx * (lax.dot(xq, w, preferred_element_type=jnp.int32).astype(jnp.float32) * s)
                   ).astype(jnp.bfloat16) for w, s in ws)
 
 
 def bytes_read(variant, M, K, N, G):
-    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "xla_w8a8") else 2)
-    if variant.startswith("ours") or variant == "xla_int4_dequant":
+    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv",
+                                   "ours_w4a8_gemvm", "xla_w8a8", "xla_s4_w8") else 2)
+    if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"):
         return K * N // 2 + 4 * N * (K // G) + xb
     if variant == "xla_bf16":
         return 2 * K * N + xb
@@ -266,7 +282,7 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
             R16 = n_copies(2 * K * N, quick)
             ws16 = [(unpack_int4(ws4[r % R4][0]).astype(jnp.bfloat16)
                      * ws4[r % R4][1].astype(jnp.bfloat16)) for r in range(R16)]
-        if "xla_int4_dequant" in need:
+        if need & {"xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"}:
             ws_int4 = [(unpack_int4(qw).astype(jnp.int4), s) for qw, s in ws4]
         if "xla_w8a8" in need:
             R8 = n_copies(K * N, quick)
@@ -278,24 +294,24 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                 if M > VARIANT_MAX_M.get(v, 1 << 30) or M < VARIANT_MIN_M.get(v, 0):
                     continue
                 cfgs = [None]
-                if sweep_cfgs is not None and v in ("ours_w4a16", "ours_w4a8", "ours_w4a16_gemv",
-                                                       "ours_w4a8_gemv"):
+                if sweep_cfgs is not None and (v in ("ours_w4a16", "ours_w4a8")
+                                               or v in GEMV_VARIANTS):
                     cfgs = sweep_cfgs(v, M)
                 for cfg in cfgs:
                     if v == "ours_w4a16":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg), (x, ws4), R4)
                     elif v == "ours_w4a16_triton":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a16(cfg, "triton"), (x, ws4), R4)
-                    elif v == "ours_w4a16_gemv":
-                        c = cfg or w4a16_mod.gemv_config(M, K, N, G)
+                    elif v in ("ours_w4a16_gemv", "ours_w4a16_gemvm"):
+                        c = cfg or w4a16_mod.gemv_config(M, K, N, G, GEMV_VARIANTS[v])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v in ("ours_w4a16_cvt", "ours_w4a16_magic"):
                         c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v == "ours_w4a8":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a8(cfg), (xq, sx, ws4), R4)
-                    elif v == "ours_w4a8_gemv":
-                        c = cfg or w4a16_mod.gemv_config(M, K, N, G)
+                    elif v in ("ours_w4a8_gemv", "ours_w4a8_gemvm"):
+                        c = cfg or w4a16_mod.gemv_config(M, K, N, G, GEMV_VARIANTS[v])
                         j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
                     elif v == "ours_w4a8_magic":
                         c = _cfg8(M, K, N, G, "magic")
@@ -306,6 +322,10 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                         j = Job(v, K, N, M, G, None, _xla_bf16, (x, ws16), len(ws16))
                     elif v == "xla_int4_dequant":
                         j = Job(v, K, N, M, G, None, _xla_int4, (x, ws_int4), len(ws_int4))
+                    elif v == "xla_s4_dot":
+                        j = Job(v, K, N, M, G, None, _xla_s4_dot, (x, ws_int4), len(ws_int4))
+                    elif v == "xla_s4_w8":
+                        j = Job(v, K, N, M, G, None, _xla_s4_w8, (xq, sx, ws_int4), len(ws_int4))
                     elif v == "xla_w8a8":
                         j = Job(v, K, N, M, G, None, _xla_int8, (xq, sx, ws8), len(ws8))
                     else:
@@ -320,7 +340,7 @@ def check_job(job: Job):
     if job.variant.startswith("ours_w4a16"):
         x, ws = job.args
         ref = w4a16_matmul_reference(x, *ws[0])
-    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv"):
+    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm"):
         xq, sx, ws = job.args
         ref = w4a8_matmul_reference(xq, sx, *ws[0])
     elif job.variant == "ours_w4a8_quant":
@@ -379,9 +399,11 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
 # ----------------------------------------------------------------------------- sweep configs
 def sweep_cfgs(variant, M):
     C = TileConfig
-    if variant in ("ours_w4a16_gemv", "ours_w4a8_gemv"):  # FMA path: tiles x split-K x warps
-        return [C(16, bn, bk, sp, 4, 3, dequant="gemv")
-                for bn, bk in ((128, 32), (256, 32), (512, 16)) for sp in (4, 8, 16)]
+    if variant in GEMV_VARIANTS:  # FMA path: tiles x split-K x warps
+        d = GEMV_VARIANTS[variant]
+        return ([C(16, bn, bk, sp, 4, 3, dequant=d)
+                 for bn, bk in ((128, 32), (256, 32), (512, 16), (256, 64)) for sp in (4, 8, 16)]
+                + [C(16, 256, 32, 8, 8, 3, dequant=d), C(16, 512, 32, 8, 8, 3, dequant=d)])
     if M <= 16:
         cs = [C(16, 64, 256, 1, 4, 4), C(16, 64, 256, 2, 4, 4), C(16, 64, 256, 4, 4, 4),
               C(16, 64, 128, 4, 4, 4), C(16, 128, 256, 4, 4, 4), C(16, 128, 128, 8, 4, 4),

@@ -4,6 +4,7 @@
 # returns what it measured). Copy what comes back into experiments/results/.
 #
 #   bash experiments/device_runs.sh kernels    # GPU tests, gemv + fused kernel timings (~9 min)
+#   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model + attention grid (~9 min)
 #
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | sweep8b | sweepsmall}"
+stage="${1:?stage: kernels | gemv | sweep8b | sweepsmall}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -34,6 +35,15 @@ case "$stage" in
       --variants ours_w4a16_gemv,ours_w4a8_gemv,ours_w4a16_cvt --ms 1,4 \
       --commit "$COMMIT" --out "$OUT"
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  gemv)
+    # Small-M paths side by side (M 1-16, four 8B shapes): today's MMA default, the FMA path with
+    # int->float conversions (gemv) and with bit-trick nibbles (gemvm), XLA's own s4 type.
+    step 270 gemv_bench.log python3 experiments/bench_kernels.py --ms 1,4,8,16 --tag h200_smallm \
+      --variants ours_w4a16,ours_w4a16_gemv,ours_w4a16_gemvm,ours_w4a8,ours_w4a8_gemv,ours_w4a8_gemvm,xla_bf16,xla_s4_dot,xla_s4_w8,xla_w8a8 \
+      --commit "$COMMIT" --out "$OUT"
+    step 270 gemvm_sweep.log python3 experiments/bench_kernels.py --sweep --ms 1,4 --tag h200_gemvm \
+      --variants ours_w4a16_gemvm --commit "$COMMIT" --out "$OUT"
     ;;
   sweep8b)
     # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).

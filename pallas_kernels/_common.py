@@ -52,8 +52,11 @@ class TileConfig:
     #           offset is subtracted: exact, no int->float conversion instructions.
     #  "cvt":   int8 shifts then int->float conversion (bf16/f16/f32 MMA).
     #  "int8":  int8 shifts, int8 MMA with int32 accumulation (w4a8 only).
-    #  "gemv":  (w4a16, M <= bm) no MMA: int8 shifts, int->f32 conversion, FMAs into one
+    #  "gemv":  (M <= bm) no MMA: int8 shifts, int->f32 conversion, FMAs into one
     #           [bk, bn] f32 accumulator per token row, reduced over K at the end.
+    #  "gemv_magic": as "gemv", but each nibble becomes an f32 by bit operations (the float
+    #           2**23 + u, then the offset subtracted): no int->float conversion instructions,
+    #           which run at 1/8 of the FMA rate on Hopper.
     #  For w4a8 "magic" converts xq to bf16 and runs bf16 MMA with f32 accumulation, which is
     #  exact while |acc| < 2**24 (127 * 8 * K < 2**24, i.e. K <= 16384).
     dequant: str = "magic"
@@ -186,9 +189,14 @@ def auto_split(M: int, K: int, N: int, bn: int, bk: int, bm: int, max_split: int
 
 
 GEMV_MAX_M = 8
+GEMV_DEQUANTS = ("gemv", "gemv_magic")
 
 
-def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
+def is_gemv(dequant: str) -> bool:
+    return dequant in GEMV_DEQUANTS
+
+
+def gemv_config(M: int, K: int, N: int, G: int, dequant: str = "gemv") -> TileConfig:
     """A starting configuration of the FMA ("gemv") path of both kernels for M <= GEMV_MAX_M:
     wide N tiles (16-byte weight loads per thread), short K steps, split-K until ~2 programs
     per SM. fit_config(int8=True) keeps bk >= 32 for the w4a8 kernel.
@@ -198,9 +206,11 @@ def gemv_config(M: int, K: int, N: int, G: int) -> TileConfig:
     ``ours_w4a16_gemv`` / ``ours_w4a8_gemv`` and the --sweep configurations do that)."""
     if M > GEMV_MAX_M:
         raise ValueError(f"gemv_config: the gemv path is for M <= {GEMV_MAX_M}, got M={M}")
+    if not is_gemv(dequant):
+        raise ValueError(f"gemv_config: dequant must be one of {GEMV_DEQUANTS}, got {dequant!r}")
     bn = 256 if M <= 2 else 128
     bk = 32 if M <= 4 else 16
-    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant="gemv"),
+    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant=dequant),
                      M, K, N, G, int8=False)
     split = 1
     while ((N // cfg.bn) * split < 2 * sm_count() and split < 16
@@ -238,7 +248,23 @@ def gemm_call(kernel, lead_specs, *, M, K, N, G, cfg: TileConfig, out_dtype, par
         out_specs=out_specs, compiler_params=params, interpret=interpret, name=name)
 
 
-def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx):
+_F32_MAGIC = 0x4B000008  # f32 bits of 2**23, OR-ed with the offset-binary nibble u = v ^ 8
+_F32_OFFSET = float(2 ** 23 + 8)
+
+
+def magic_nibbles_f32(q):
+    """int8 [r, c] of packed pairs -> (low, high) nibble values as exact f32 [r, c], without
+    int->float conversions: the nibble n (two's complement v) gives u = n ^ 8 = v + 8 in 0..15,
+    the f32 with bits 0x4B000000 | u is 2**23 + u, and subtracting 2**23 + 8 leaves v."""
+    w = q.astype(jnp.int32)
+
+    def plane(bits):
+        return lax.bitcast_convert_type((bits & 0xF) ^ _F32_MAGIC, jnp.float32) - _F32_OFFSET
+
+    return plane(w), plane(lax.shift_right_arithmetic(w, 4))
+
+
+def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx, magic=False):
     """The K loop of the FMA ("gemv") kernel path, shared by the w4a16 and w4a8 kernels.
 
     Rows m < M of x_ref (any numeric dtype) times this program's packed weight rows
@@ -253,8 +279,11 @@ def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx):
 
     def body(i, accs):
         k0 = pl.multiple_of(i * bk, bk)
-        lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
-        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        if magic:
+            lo, hi = magic_nibbles_f32(q_ref[pl.ds(k0, bk), :])
+        else:
+            lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])
+            lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
         if not per_channel:
             lo = lo * s_ref[pl.ds((base + k0) // G, 1), :]
             hi = hi * s_ref[pl.ds((kh + base + k0) // G, 1), :]

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
                                     check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
-                                    magic_dequant,
+                                    is_gemv, magic_dequant,
                                     split_nibbles, unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
@@ -143,7 +143,7 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
         o_ref[...] = out
 
 
-def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
+def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, magic):
     """dequant == "gemv" (M <= GEMV_MAX_M): no MMA. The few token rows are multiplied into
     the converted weight tile with FMAs on [bk, bn] f32 accumulators (one per row), reduced
     over K once at the end: at M = 1-4 an MMA tile is at most 1/4 used, and the weight stream,
@@ -152,7 +152,7 @@ def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
     x_ref [bm, K] (only rows < M are read), q_ref [kh_split, bn] int8, s_ref [K//G, bn] f32,
     o_ref [bm, bn] (rows < M written; f32 partial sums when split-K)."""
     rows = gemv_rows(x_ref, q_ref, s_ref, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
-                     split_idx=pl.program_id(2))
+                     split_idx=pl.program_id(2), magic=magic)
     for m, row in enumerate(rows):
         if G == K:
             row = row * s_ref[0, :]
@@ -162,10 +162,11 @@ def _w4a16_gemv_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split):
 def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
     bm, bk, split = cfg.bm, cfg.bk, cfg.split_k
     kh_split = K // 2 // split
-    if cfg.dequant == "gemv":
+    if is_gemv(cfg.dequant):
         if M > bm:
-            raise ValueError(f"w4a16_matmul: dequant='gemv' takes M <= bm ({bm}), got M={M}")
-        kernel = functools.partial(_w4a16_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split)
+            raise ValueError(f"w4a16_matmul: dequant='{cfg.dequant}' takes M <= bm ({bm}), got M={M}")
+        kernel = functools.partial(_w4a16_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
+                                   magic=cfg.dequant == "gemv_magic")
     else:
         kernel = functools.partial(
             _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,

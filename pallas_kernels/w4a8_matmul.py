@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    gemm_call, gemv_rows, magic_dequant, split_nibbles,
+                                    gemm_call, gemv_rows, is_gemv, magic_dequant, split_nibbles,
                                     unpack_int4)
 
 try:
@@ -147,14 +147,15 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
         o_ref[...] = out
 
 
-def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, partial_out):
+def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, partial_out,
+                      magic):
     """dequant == "gemv" (M <= bm): no MMA. int8 activations and int4 weights become f32 and
     are multiplied with FMAs into one [bk, bn] accumulator per token row, reduced over K at the
     end. Per-channel: the accumulators hold exact integers (|sum| < 127 * 8 * K < 2**24 for
     K <= 16384), so the result equals the int32 MMA's and the epilogue is the MMA kernel's.
     Group scales multiply the weights of each step (its group), as floats."""
     rows = gemv_rows(x_ref, q_ref, s_ref, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
-                     split_idx=pl.program_id(2))
+                     split_idx=pl.program_id(2), magic=magic)
     for m, row in enumerate(rows):
         if partial_out:  # epilogue after the split-K reduction (XLA)
             o_ref[m, :] = row.astype(o_ref.dtype)  # int32 (exact integers) / f32 partials
@@ -168,9 +169,9 @@ def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
     bm, bk, split = cfg.bm, cfg.bk, cfg.split_k
     kh_split = K // 2 // split
     partial_out = split > 1
-    if cfg.dequant == "gemv":
+    if is_gemv(cfg.dequant):
         kernel = functools.partial(_w4a8_gemv_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split,
-                                   partial_out=partial_out)
+                                   partial_out=partial_out, magic=cfg.dequant == "gemv_magic")
     else:
         kernel = functools.partial(
             _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
@@ -226,10 +227,10 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
         cfg = default_config(M, K, N, G)
     else:
         cfg = fit_config(config, M, K, N, G, int8=True)
-    if cfg.dequant == "gemv" and M > cfg.bm:
-        raise ValueError(f"w4a8_matmul: dequant='gemv' takes M <= bm ({cfg.bm}), got M={M}")
-    if cfg.dequant == "gemv" and G == K and K > 16384:
-        raise ValueError(f"w4a8_matmul: dequant='gemv' with per-channel scales needs K <= 16384 "
+    if is_gemv(cfg.dequant) and M > cfg.bm:
+        raise ValueError(f"w4a8_matmul: dequant='{cfg.dequant}' takes M <= bm ({cfg.bm}), got M={M}")
+    if is_gemv(cfg.dequant) and G == K and K > 16384:
+        raise ValueError(f"w4a8_matmul: dequant='{cfg.dequant}' with per-channel scales needs K <= 16384 "
                          f"(exact f32 integer sums), got K={K}; use dequant='int8'")
     if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import (TileConfig, supported, w4a16_matmul, w4a16_matmul_reference,
                             w4a8_matmul, w4a8_matmul_reference)
+from pallas_kernels._common import split_nibbles
 from pallas_kernels.w4a8_matmul import quantize_per_token_reference, unpack_int4
 
 
@@ -55,6 +56,8 @@ GEMV_CASES = [  # the FMA path for a few token rows (both kernels)
     (1, 256, 64, 256, TileConfig(16, 64, 32, 1, dequant="gemv")),
     (3, 512, 128, 128, TileConfig(16, 64, 32, 2, dequant="gemv")),  # groups + split-K
     (4, 256, 64, 64, TileConfig(16, 32, 32, 2, dequant="gemv")),    # group = bk step
+    (2, 512, 64, 512, TileConfig(16, 64, 32, 2, dequant="gemv_magic")),  # bit-trick nibbles
+    (3, 256, 64, 64, TileConfig(16, 32, 32, 1, dequant="gemv_magic")),   # ... with groups
 ]
 # Default configs use dequant="magic" for w4a16 (bf16) and "int8" MMA for w4a8; an explicit
 # TileConfig defaults to "magic" (w4a8: bf16 MMA with exact f32 accumulation).
@@ -199,12 +202,23 @@ def test_gemv_path_limits():
                     jnp.ones((1, 64)), interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
 
 
-@pytest.mark.parametrize("kernel", ["w4a16", "w4a8"])
-def test_gemv_kernel_lowers_for_cuda(kernel):
+def test_magic_nibbles_f32_is_exact_for_every_byte():
+    from pallas_kernels._common import magic_nibbles_f32
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    lo, hi = magic_nibbles_f32(q)
+    ref_lo, ref_hi = split_nibbles(q)
+    assert lo.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(lo), np.asarray(ref_lo, np.float32))
+    np.testing.assert_array_equal(np.asarray(hi), np.asarray(ref_hi, np.float32))
+
+
+@pytest.mark.parametrize("kernel,dequant", [("w4a16", "gemv"), ("w4a8", "gemv"),
+                                            ("w4a16", "gemv_magic")])
+def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
     """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
     shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
     for M, K, N, G in [(1, 4096, 4096, 4096), (4, 4096, 6144, 128), (3, 14336, 4096, 14336)]:
-        cfg = TileConfig(16, 256, 32, 4, 4, 3, dequant="gemv")
+        cfg = TileConfig(16, 256, 32, 4, 4, 3, dequant=dequant)
         if kernel == "w4a16":
             fn = lambda x, q, s: w4a16_matmul(x, q, s, config=cfg)  # noqa: E731
             xs = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16),)
@@ -219,4 +233,4 @@ def test_gemv_kernel_lowers_for_cuda(kernel):
             if "cuda" in str(e).lower() and "platform" in str(e).lower():
                 pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
             raise
-        assert f"{kernel}_bm16_bn256_bk32_s4" in txt and "gemv" in txt
+        assert f"{kernel}_bm16_bn256_bk32_s4" in txt and dequant in txt
