@@ -397,6 +397,23 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
 
 
 # ----------------------------------------------------------------------------- sweep configs
+def sweep_cfgs_many_programs(variant, M):
+    """Configurations with many small programs (large split-K, narrow N tiles): the first H200
+    gemv_magic sweep (kernels_h200_gemvm_sweep.json) got faster with every doubling of the
+    program count (latency-bound loads), without saturating at 512-768 programs."""
+    C = TileConfig
+    if variant in GEMV_VARIANTS:
+        d = GEMV_VARIANTS[variant]
+        return ([C(16, bn, bk, sp, 4, 3, dequant=d) for bn in (64, 128) for bk in (16, 32)
+                 for sp in (16, 32, 64)]
+                + [C(16, 32, 32, sp, 4, 3, dequant=d) for sp in (32, 64)]
+                + [C(16, 64, 32, 32, 2, 3, dequant=d), C(16, 128, 32, 32, 2, 3, dequant=d)])
+    d = "int8" if variant == "ours_w4a8" else "cvt"
+    return [C(16, bn, bk, sp, 4, 4, dequant=d)
+            for bn, bk in ((128, 128), (64, 128), (128, 64), (64, 64), (32, 128))
+            for sp in (8, 16, 32)]
+
+
 def sweep_cfgs(variant, M):
     C = TileConfig
     if variant in GEMV_VARIANTS:  # FMA path: tiles x split-K x warps
@@ -630,6 +647,8 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
     p.add_argument("--sweep", action="store_true", help="tile-config sweep of our kernels")
+    p.add_argument("--sweep-set", default="base", choices=["base", "many"],
+                   help="which configurations --sweep tries ('many': many small programs)")
     p.add_argument("--probe", action="store_true", help="print versions, test lowering, then go on")
     p.add_argument("--out", default=None)
     p.add_argument("--commit", default=None)
@@ -676,7 +695,8 @@ def main(argv=None):
     if a.probe:
         probe(out)
     tag = a.tag + ("_sweep" if a.sweep else "") + ("_quick" if a.quick else "")
-    jobs = build_jobs(shapes, ms, variants, G_of, a.quick, sweep_cfgs if a.sweep else None)
+    sweeper = sweep_cfgs_many_programs if a.sweep_set == "many" else sweep_cfgs
+    jobs = build_jobs(shapes, ms, variants, G_of, a.quick, sweeper if a.sweep else None)
     compile_all(jobs, 1 if a.quick else a.workers)
     rows = run_jobs(jobs, a.iters, partial_path=os.path.join(out, f"kernels_{tag}_partial.json"))
     meta = env_meta(commit)

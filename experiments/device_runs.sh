@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | sweep8b | sweepsmall}"
+stage="${1:?stage: kernels | gemv | many | sweep8b | sweepsmall}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -44,6 +44,15 @@ case "$stage" in
       --commit "$COMMIT" --out "$OUT"
     step 270 gemvm_sweep.log python3 experiments/bench_kernels.py --sweep --ms 1,4 --tag h200_gemvm \
       --variants ours_w4a16_gemvm --commit "$COMMIT" --out "$OUT"
+    ;;
+  many)
+    # Many small programs (split-K 8-64, narrow N tiles) for the FMA path at M 1, 2, 4 and the
+    # MMA paths at M 4, 16 (the first gemv_magic sweep got faster with every doubling).
+    step 240 many_gemvm.log python3 experiments/bench_kernels.py --sweep --sweep-set many \
+      --ms 1,2,4 --tag h200_many_gemvm --variants ours_w4a16_gemvm,ours_w4a8_gemvm \
+      --commit "$COMMIT" --out "$OUT"
+    step 280 many_mma.log python3 experiments/bench_kernels.py --sweep --sweep-set many \
+      --ms 4,16 --tag h200_many_mma --variants ours_w4a16,ours_w4a8 --commit "$COMMIT" --out "$OUT"
     ;;
   sweep8b)
     # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
