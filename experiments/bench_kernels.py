@@ -408,6 +408,12 @@ def sweep_cfgs_many_programs(variant, M):
                  for sp in (16, 32, 64)]
                 + [C(16, 32, 32, sp, 4, 3, dequant=d) for sp in (32, 64)]
                 + [C(16, 64, 32, 32, 2, 3, dequant=d), C(16, 128, 32, 32, 2, 3, dequant=d)])
+    if M > 16:  # verify-pass sizes: one M tile of up to 64 rows, split-K 2-8
+        bm = min(64, M)
+        ds = ("int8",) if variant == "ours_w4a8" else ("cvt", "magic")
+        return [C(bm, bn, bk, sp, 4, 4, tr, dequant=d) for d in ds for tr in (False, True)
+                for bn in (64, 128) for bk in ((64,) if len(ds) == 2 else (64, 128))
+                for sp in (2, 4, 8)]
     d = "int8" if variant == "ours_w4a8" else "cvt"
     return [C(16, bn, bk, sp, 4, 4, dequant=d)
             for bn, bk in ((128, 128), (64, 128), (128, 64), (64, 64), (32, 128))

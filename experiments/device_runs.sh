@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | many | sweep8b | sweepsmall}"
+stage="${1:?stage: kernels | gemv | many | verifym | sweep8b | sweepsmall}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -53,6 +53,11 @@ case "$stage" in
       --commit "$COMMIT" --out "$OUT"
     step 280 many_mma.log python3 experiments/bench_kernels.py --sweep --sweep-set many \
       --ms 4,16 --tag h200_many_mma --variants ours_w4a16,ours_w4a8 --commit "$COMMIT" --out "$OUT"
+    ;;
+  verifym)
+    # Verify-pass sizes (M 32, 64, 128): split-K 2-8, one M tile of up to 64 rows.
+    step 300 verifym.log python3 experiments/bench_kernels.py --sweep --sweep-set many \
+      --ms 32,64,128 --tag h200_verifym --variants ours_w4a16,ours_w4a8 --commit "$COMMIT" --out "$OUT"
     ;;
   sweep8b)
     # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
