@@ -210,9 +210,6 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--repeats", type=int, default=None, help="default 3")
     p.add_argument("--kernels", default="auto")
-    p.add_argument("--small-m-path", default=None, choices=["mma", "gemv"],
-                   help="GEMM kernel path for M <= 8 (qspec_jax.kernel_dispatch; default: "
-                        "QSPEC_JAX_SMALL_M or mma); use a separate --out per path")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -233,9 +230,6 @@ def main(argv=None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    from qspec_jax import kernel_dispatch
-    if args.small_m_path:
-        kernel_dispatch.set_small_m_path(args.small_m_path)
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be >= 2 (decode time = time of N tokens - time of 1), got "
                 f"{args.new_tokens}")
@@ -305,7 +299,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
             row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,
-                       small_m_path=kernel_dispatch.small_m_path(), **env)
+                       **env)
             write(row)
             print(f"[sweep] {name} {mode} b={batch} gamma={gamma}: "
                   + (f"{row['decode_tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.3f} ms/step, "
@@ -483,8 +477,7 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             if timed:
                 args.append(("--cost-gammas", _join(timed)))
         for key, flag in (("prompt_len", "--prompt-len"), ("new_tokens", "--new-tokens"),
-                          ("repeats", "--repeats"), ("kernels", "--kernels"),
-                          ("small_m_path", "--small-m-path")):
+                          ("repeats", "--repeats"), ("kernels", "--kernels")):
             vals = sorted({r[key] for r in runs if key in r}, key=str)
             if vals and not (key == "kernels" and vals == ["auto"]) and vals != ["mma"]:
                 args.append((flag, _join(vals)))

@@ -196,28 +196,18 @@ def is_gemv(dequant: str) -> bool:
     return dequant in GEMV_DEQUANTS
 
 
-def gemv_config(M: int, K: int, N: int, G: int, dequant: str = "gemv") -> TileConfig:
-    """A starting configuration of the FMA ("gemv") path of both kernels for M <= GEMV_MAX_M:
-    wide N tiles (16-byte weight loads per thread), short K steps, split-K until ~2 programs
-    per SM. fit_config(int8=True) keeps bk >= 32 for the w4a8 kernel.
-
-    Not a default yet: it lowers and matches the references (CPU interpret, CUDA lowering),
-    but it has not been timed on the GPU (experiments/bench_kernels.py variants
-    ``ours_w4a16_gemv`` / ``ours_w4a8_gemv`` and the --sweep configurations do that)."""
+def gemv_config(M: int, K: int, N: int, G: int, dequant: str = "gemv_magic") -> TileConfig:
+    """The FMA ("gemv") path's configuration for M <= GEMV_MAX_M: 128-column tiles, 16-row K
+    steps, split-K 16 (shrunk to fit). On the H200 its time fell with every doubling of the
+    program count up to split-K 16 (latency-bound loads, kernels_h200_tuning.md): at M = 1,
+    9.5-36.9 us on the 8B shapes, 81.9 us per layer vs 115 us for the best MMA configuration;
+    it loses from M = 4 on (one accumulator per row)."""
     if M > GEMV_MAX_M:
         raise ValueError(f"gemv_config: the gemv path is for M <= {GEMV_MAX_M}, got M={M}")
     if not is_gemv(dequant):
         raise ValueError(f"gemv_config: dequant must be one of {GEMV_DEQUANTS}, got {dequant!r}")
-    bn = 256 if M <= 2 else 128
-    bk = 32 if M <= 4 else 16
-    cfg = fit_config(TileConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, dequant=dequant),
-                     M, K, N, G, int8=False)
-    split = 1
-    while ((N // cfg.bn) * split < 2 * sm_count() and split < 16
-           and (K // 2) % (cfg.bk * split * 2) == 0):
-        split *= 2
-    return dataclasses.replace(cfg, split_k=split)
-
+    return fit_config(TileConfig(bm=16, bn=128, bk=16, split_k=16, num_warps=4, num_stages=3,
+                                 dequant=dequant), M, K, N, G, int8=False)
 
 
 def gemm_call(kernel, lead_specs, *, M, K, N, G, cfg: TileConfig, out_dtype, partial_dtype,

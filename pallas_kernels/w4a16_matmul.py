@@ -11,9 +11,9 @@ Backends (chosen by measurement, experiments/results/kernels_h200.md):
   at M = 4096 (kernels_probe.json), about 2x this kernel there, so it is the next step for
   prefill shapes.
 - M >= XLA_MIN_M with per-channel scales: exact dequantization + XLA GEMM (backend="xla").
-- dequant="gemv" (TileConfig, see gemv_config): an FMA path without MMA for M <= GEMV_MAX_M,
-  written after the H200 benchmark showed the MMA kernel at 14-22% of HBM bandwidth at M = 1;
-  tested (CPU interpret, CUDA lowering) but not yet timed, so not a default.
+- dequant="gemv_magic" (TileConfig, see gemv_config): an FMA path without MMA, the default for
+  M <= 2 (1.42x the best MMA configuration at M = 1, 8B shapes); "gemv" is the same path with
+  int->float conversions (slower: they run at 1/8 of the FMA rate on Hopper).
 Runs in CPU interpret mode for tests.
 """
 from __future__ import annotations
@@ -39,10 +39,10 @@ except ImportError:  # pragma: no cover
 _BACKENDS = ("triton", "xla")
 # From M = XLA_MIN_M on (per-channel scales), the default backend dequantizes the weight to the
 # compute dtype in one XLA fusion and runs XLA's GEMM: at large M the Triton kernel's in-loop
-# dequantization reaches only 340-450 TFLOP/s, and at M = 128-256 its tiles underfill the chip
-# (experiments/results/kernels_h200.md: Triton 49/49/176/145 us at M = 128 on the four Llama
-# shapes vs 58/37/214/144 us for this XLA path at M = 256).
-XLA_MIN_M = 128
+# dequantization reaches only 340-450 TFLOP/s (experiments/results/kernels_h200.md: 452 us for
+# the kernel vs 405 us for this XLA path at M = 256, four Llama shapes). At M = 128 the tuned
+# kernel wins (255 vs 338 us, kernels_h200_tuning.md).
+XLA_MIN_M = 256
 
 
 # ----------------------------------------------------------------------------- reference
@@ -177,21 +177,30 @@ def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
-    """Tile configuration by M (H200 sweep + bench, experiments/results/kernels_h200*.{json,md}).
+    """Tile configuration by M, from the H200 sweeps (experiments/results/kernels_h200_tuning.md;
+    sums over the four Llama-3-8B layer shapes, per-channel scales):
 
-    dequant: "cvt" for M <= 32 (12.5-56.5 us vs 14.2-78.9 us for "magic" at M = 1, four shapes),
-    "magic" for 33 <= M <= 64 (sum over the four shapes at M = 64: 179 vs 196 us).
+    - M <= 2: the FMA path with bit-trick nibbles ("gemv_magic", gemv_config): 81.9 / 106.6 us
+      at M = 1 / 2 against 115 us for the best MMA configuration.
+    - M <= 16: MMA, int->bf16 conversions ("cvt"), 64-row K steps, split-K 8: 116.8 us at M = 16
+      (the earlier 128-row steps: 122.3 us).
+    - M <= 64: one transposed M tile, "magic" dequantization, 64-row K steps, split-K 4:
+      113.0 / 150.9 us at M = 32 / 64 (earlier defaults: 153.6 / 179.4 us).
+    - M < XLA_MIN_M: 64 x 64 tiles, 64-row K steps, split-K 2: 255.2 us at M = 128 against 337.7
+      us for XLA's dequantize + GEMM (and 420 us for the earlier M = 128 configuration).
     """
+    if M <= 2:
+        return gemv_config(M, K, N, G)
     if M <= 16:
-        cfg = TileConfig(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=4, dequant="cvt")
+        cfg = TileConfig(bm=16, bn=128, bk=64, split_k=8, num_warps=4, num_stages=4, dequant="cvt")
     elif M <= 32:
-        cfg = TileConfig(bm=32, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
-                         dequant="cvt")
-    elif M <= 64:
-        cfg = TileConfig(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4, transpose=True,
+        cfg = TileConfig(bm=32, bn=64, bk=64, split_k=4, num_warps=4, num_stages=4, transpose=True,
                          dequant="magic")
-    elif M <= 128:
-        cfg = TileConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = TileConfig(bm=64, bn=64, bk=64, split_k=4, num_warps=4, num_stages=4, transpose=True,
+                         dequant="magic")
+    elif M < XLA_MIN_M:
+        cfg = TileConfig(bm=64, bn=64, bk=64, split_k=2, num_warps=4, num_stages=4, dequant="magic")
     else:
         cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
     return fit_config(cfg, M, K, N, G, int8=False)

@@ -12,12 +12,9 @@ fallback is logged once per reason, never silently.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels._common import GEMV_MAX_M, gemv_config
 
 from . import quant
 
@@ -28,25 +25,6 @@ _ANNOUNCED: set = set()
 PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
 # kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring).
 ATTN_MIN_BATCH = 8
-# GEMM tiles for M <= GEMV_MAX_M: "mma" (the measured default configs) or "gemv" (the FMA path,
-# not yet timed on a GPU: an experiment switch for benchmarks). Set it before the first call
-# (it is read while tracing): set_small_m_path() or QSPEC_JAX_SMALL_M=gemv.
-SMALL_M_PATHS = ("mma", "gemv")
-_SMALL_M = {"path": os.environ.get("QSPEC_JAX_SMALL_M", "mma")}
-
-
-def set_small_m_path(path: str) -> None:
-    if path not in SMALL_M_PATHS:
-        raise ValueError(f"small-M GEMM path must be one of {SMALL_M_PATHS}, got {path!r}")
-    _SMALL_M["path"] = path
-
-
-def small_m_path() -> str:
-    if _SMALL_M["path"] not in SMALL_M_PATHS:
-        raise ValueError(f"QSPEC_JAX_SMALL_M must be one of {SMALL_M_PATHS}, got {_SMALL_M['path']!r}")
-    return _SMALL_M["path"]
-
-
 def log_once(key, message: str, level=logging.INFO) -> None:
     """Log ``message`` the first time ``key`` is seen in this process."""
     if key not in _ANNOUNCED:
@@ -78,18 +56,10 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     interpret = not on_gpu
     log_once(("pallas", interpret), "qspec_jax: quantized GEMMs use the Pallas kernels"
               + (" (interpret mode: no GPU)" if interpret else ""))
-    config = None
-    if M <= GEMV_MAX_M and small_m_path() == "gemv":
-        log_once(("gemv",), f"qspec_jax: GEMMs with M <= {GEMV_MAX_M} use the FMA ('gemv') "
-                  "kernel path (QSPEC_JAX_SMALL_M=gemv)")
-        config = gemv_config(M, K, N, group)
     if mode == "w4a16":
-        return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret, config=config)
+        return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
     xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
-    if config is not None and group == K and K > 16384:
-        config = None  # the FMA path's exact per-channel sums need K <= 16384
-    return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret,
-                          config=config)
+    return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
 def note_readonly_attention(kernels: str) -> None:
