@@ -61,7 +61,7 @@ case "$stage" in
     ;;
   sweep8b)
     # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
-    step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,4,16,64 \
+    step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,4,64 \
       --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
       --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b.jsonl"
     ;;
