@@ -25,7 +25,7 @@ from pallas_kernels.w4a16_matmul import w4a16_matmul_reference
 from pallas_kernels.w4a8_matmul import quantize_per_token_reference, w4a8_matmul_reference
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
-ODD_MS = [1, 7, 16, 37, 64, 300]
+ODD_MS = [1, 2, 7, 16, 37, 64, 100, 300]  # 2: last FMA-path M; 100: Triton 64x64 tiles (M < 256)
 
 
 def _cases():
