@@ -3,7 +3,7 @@
 # every step has its own timeout and writes under $OUT, so a stage that runs long still
 # returns what it measured). Copy what comes back into experiments/results/.
 #
-#   bash experiments/device_runs.sh kernels    # GPU tests, gemv + fused kernel timings (~9 min)
+#   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model + attention grid (~9 min)
@@ -28,11 +28,11 @@ step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, ne
 
 case "$stage" in
   kernels)
-    step 260 gpu_tests.log python3 -m pytest tests/gpu -q -p no:cacheprovider
-    # 9 gemv configs x 4 shapes x M 1, 4 per variant, + today's default (cvt) as an anchor;
-    # compare with kernels_h200.json (same code for the MMA paths).
-    step 200 gemv_sweep.log python3 experiments/bench_kernels.py --sweep \
-      --variants ours_w4a16_gemv,ours_w4a8_gemv,ours_w4a16_cvt --ms 1,4 \
+    # GPU kernel tests (M 2 and 100 are new), the full kernel table with the tuned defaults
+    # (all M, README's table), and the fused RMSNorm + quantization kernel against XLA.
+    step 240 gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py -q -rA -p no:cacheprovider
+    step 250 kernels_full.log python3 experiments/bench_kernels.py --tag h200_tuned \
+      --variants ours_w4a16,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
       --commit "$COMMIT" --out "$OUT"
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
     ;;
