@@ -1,0 +1,171 @@
+"""Where does a decode step / QSpec cycle spend its device time? Profiles qj.generate for a
+few decoding configurations on one model and batch and sums the device kernel time by kernel
+name (jax.profiler trace, Perfetto JSON), per generated token and per cycle, plus the
+difference between two configurations (e.g. why gamma="auto" drafting gamma 3 takes longer
+per cycle than fixed gamma 3).
+
+    PYTHONPATH=. python3 experiments/profile_cycle.py --model llama3-8b --batch 4 \
+        --configs w4a16,qspec3,qspec-auto3 --out /tmp/prof --commit $(git rev-parse --short HEAD)
+
+Configurations: w4a16 (AR), qspecG (QSpec w4a8 draft, fixed gamma G), qspec-autoG (gamma="auto"
+with a cost table under which gamma G always pays most, so it drafts G every cycle like the
+fixed program and only the program structure differs). Models: the sweep's random shaped models
+(experiments/sweep.py) or "default" (the trained model). Writes profile_<model>_b<B>.json and
+.md under --out; without a GPU it profiles the CPU (the host's XLA ops).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+import qspec_jax as qj  # noqa: E402
+
+
+def kernel_times(trace_dir: str) -> tuple[dict, str]:
+    """{name: [total_us, count]} of the complete events on device tracks of the newest
+    Perfetto trace under trace_dir, and which tracks were used ("gpu" or "host")."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tname = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {p for p, n in pname.items() if "gpu" in n.lower() and "host" not in n.lower()}
+    kind = "gpu" if gpu else "host"
+
+    def wanted(e):
+        t = tname.get((e["pid"], e.get("tid")), "")
+        if gpu:  # kernels on the CUDA streams (the "XLA Ops" rows repeat them by HLO op)
+            return e["pid"] in gpu and t.startswith("Stream")
+        name = e.get("name", "")  # CPU: XLA's thunks on its Eigen threads, not the bookkeeping
+        return ("XLAEigen" in t and not name.startswith(("ThreadpoolListener", "ThunkExecutor", "end:")))
+
+    out = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and wanted(e):
+            t = out[e["name"]]
+            t[0] += float(e["dur"])
+            t[1] += 1
+    return dict(out), kind
+
+
+def config_kwargs(name: str, max_gamma: int):
+    if name == "w4a16":
+        return dict(mode="w4a16")
+    if name.startswith("qspec-auto"):
+        g = int(name[len("qspec-auto"):])
+        # Cycle costs under which gamma g pays most at every acceptance: drafting is cheap.
+        costs = [1.0] + [1.0 + 0.01 * i if i != g else 0.5 for i in range(1, max_gamma + 1)]
+        return dict(mode="qspec", draft="w4a8", gamma="auto", max_gamma=max_gamma, cycle_costs=costs)
+    if name.startswith("qspec"):
+        return dict(mode="qspec", draft="w4a8", gamma=int(name[len("qspec"):]))
+    raise ValueError(f"unknown configuration {name!r} (w4a16, qspecG, qspec-autoG)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--configs", default="w4a16,qspec3,qspec-auto3")
+    p.add_argument("--max-gamma", type=int, default=3)
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if a.model == "default":
+        model = qj.load(None, quant="w4")
+    else:
+        from sweep import random_model
+        model = random_model(a.model, quantized=True)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, model.cfg.vocab_size, a.prompt_len).tolist() for _ in range(a.batch)]
+    os.makedirs(a.out, exist_ok=True)
+    res = {}
+    for name in a.configs.split(","):
+        kw = config_kwargs(name, a.max_gamma)
+        run = lambda: qj.generate(model, prompts, max_new_tokens=a.new_tokens, kernels=a.kernels,  # noqa: E731
+                                  **kw)
+        t0 = time.perf_counter()
+        run()  # compile
+        compile_s = time.perf_counter() - t0
+        tdir = os.path.join(a.out, f"trace_{name}")
+        with jax.profiler.trace(tdir, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            out = run()
+            wall = time.perf_counter() - t0
+        times, kind = kernel_times(tdir)
+        st = out.stats
+        cycles = int(st.get("cycles") or 0) or (a.new_tokens - 1)
+        total = sum(v[0] for v in times.values())
+        res[name] = dict(wall_s=wall, compile_s=compile_s, cycles=cycles, tracks=kind,
+                         total_kernel_us=total, per_cycle_us=total / cycles,
+                         gamma_cycles=st.get("gamma_cycles"), acceptance=st.get("acceptance_rate"),
+                         kernels={k: v for k, v in sorted(times.items(), key=lambda kv: -kv[1][0])})
+        print(f"[profile] {name}: wall {wall:.3f} s, {cycles} cycles, device {total / 1e3:.1f} ms "
+              f"({kind} tracks), {total / cycles:.1f} us per cycle", flush=True)
+    meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
+                model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                kernels=a.kernels, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    stem = os.path.join(a.out, f"profile_{a.model}_b{a.batch}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, configs=res), f, indent=1)
+    names = list(res)
+    lines = [f"# Device time by kernel: {a.model}, batch {a.batch}", "",
+             f"`PYTHONPATH=. python3 experiments/profile_cycle.py --model {a.model} --batch {a.batch} "
+             f"--configs {a.configs} --max-gamma {a.max_gamma} --prompt-len {a.prompt_len} "
+             f"--new-tokens {a.new_tokens}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
+             "One profiled generate call per configuration after its compile; times are sums of "
+             "kernel durations on the device tracks (prefill included), per cycle = / cycles "
+             "(a cycle is one step for w4a16).", "",
+             "| config | wall s | cycles | device ms | us per cycle | tracks |", "|---|---|---|---|---|---|"]
+    for n in names:
+        r = res[n]
+        lines.append(f"| {n} | {r['wall_s']:.3f} | {r['cycles']} | {r['total_kernel_us'] / 1e3:.1f} | "
+                     f"{r['per_cycle_us']:.1f} | {r['tracks']} |")
+    if len(names) >= 2:
+        x, y = names[-1], names[-2]
+        keys = set(res[x]["kernels"]) | set(res[y]["kernels"])
+
+        def per_cycle(n, k):
+            return res[n]["kernels"].get(k, [0.0, 0])[0] / res[n]["cycles"]
+        diff = sorted(keys, key=lambda k: -abs(per_cycle(x, k) - per_cycle(y, k)))[:a.top]
+        lines += ["", f"Largest per-cycle differences, {x} minus {y} (us per cycle; calls per cycle):", "",
+                  f"| kernel | {x} | {y} | difference | calls/cycle {x} | calls/cycle {y} |",
+                  "|---|---|---|---|---|---|"]
+        for k in diff:
+            cx = res[x]["kernels"].get(k, [0, 0])[1] / res[x]["cycles"]
+            cy = res[y]["kernels"].get(k, [0, 0])[1] / res[y]["cycles"]
+            lines.append(f"| `{k[:80]}` | {per_cycle(x, k):.1f} | {per_cycle(y, k):.1f} | "
+                         f"{per_cycle(x, k) - per_cycle(y, k):+.1f} | {cx:.2f} | {cy:.2f} |")
+    for n in names:
+        lines += ["", f"Top kernels of {n} (us per cycle, calls per cycle):", "",
+                  "| kernel | us/cycle | calls/cycle |", "|---|---|---|"]
+        for k, (t, c) in list(res[n]["kernels"].items())[:a.top]:
+            lines.append(f"| `{k[:80]}` | {t / res[n]['cycles']:.1f} | {c / res[n]['cycles']:.2f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:12 + len(names)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""experiments/profile_cycle.py: the trace reader sums kernel time on the CUDA stream rows only
+(the profiler's "XLA Ops" rows repeat the same time by HLO op), and on CPU the XLA thunks."""
+import gzip
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+import profile_cycle  # noqa: E402
+
+
+def _write(tmp_path, events):
+    d = tmp_path / "plugins" / "profile" / "run1"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return str(tmp_path)
+
+
+def _meta(pid, tid, pname, tname):
+    return [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": pname}},
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tname}}]
+
+
+def test_gpu_trace_counts_stream_kernels_once(tmp_path):
+    ev = (_meta(1, 10, "/device:GPU:0", "Stream #7(Compute)") + _meta(1, 11, "/device:GPU:0", "XLA Ops")
+          + _meta(2, 20, "/host:CPU", "python"))
+    ev += [{"ph": "X", "pid": 1, "tid": 10, "name": "w4a16_gemm", "ts": 0, "dur": 5.0},
+           {"ph": "X", "pid": 1, "tid": 10, "name": "w4a16_gemm", "ts": 9, "dur": 7.0},
+           {"ph": "X", "pid": 1, "tid": 10, "name": "fusion.3", "ts": 20, "dur": 2.0},
+           {"ph": "X", "pid": 1, "tid": 11, "name": "custom-call.1", "ts": 0, "dur": 12.0},
+           {"ph": "X", "pid": 2, "tid": 20, "name": "generate", "ts": 0, "dur": 100.0}]
+    times, kind = profile_cycle.kernel_times(_write(tmp_path, ev))
+    assert kind == "gpu"
+    assert times == {"w4a16_gemm": [12.0, 2], "fusion.3": [2.0, 1]}
+
+
+def test_cpu_trace_counts_xla_thunks(tmp_path):
+    ev = _meta(1, 10, "/host:CPU", "tf_XLAEigen/123") + _meta(1, 11, "/host:CPU", "python")
+    ev += [{"ph": "X", "pid": 1, "tid": 10, "name": "dot.1", "ts": 0, "dur": 3.0},
+           {"ph": "X", "pid": 1, "tid": 10, "name": "ThunkExecutor::Execute", "ts": 0, "dur": 9.0},
+           {"ph": "X", "pid": 1, "tid": 11, "name": "jit_generate", "ts": 0, "dur": 50.0}]
+    times, kind = profile_cycle.kernel_times(_write(tmp_path, ev))
+    assert kind == "host" and times == {"dot.1": [3.0, 1]}
+
+
+def test_auto_cost_table_makes_the_requested_gamma_pay_most():
+    import jax.numpy as jnp
+    from qspec_jax.speculative import choose_gamma
+    kw = profile_cycle.config_kwargs("qspec-auto3", 4)
+    costs = jnp.asarray(kw["cycle_costs"], jnp.float32)
+    for a in (0.0, 0.3, 0.9, 1.0):
+        assert int(choose_gamma(costs, jnp.float32(a))) == 3
