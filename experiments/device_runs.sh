@@ -5,6 +5,7 @@
 #
 #   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
+#   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model + attention grid (~9 min)
 #
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | many | verifym | sweep8b | sweepsmall}"
+stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweepsmall}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -58,6 +59,12 @@ case "$stage" in
     # Verify-pass sizes (M 32, 64, 128): split-K 2-8, one M tile of up to 64 rows.
     step 300 verifym.log python3 experiments/bench_kernels.py --sweep --sweep-set many \
       --ms 32,64,128 --tag h200_verifym --variants ours_w4a16,ours_w4a8 --commit "$COMMIT" --out "$OUT"
+    ;;
+  profile)
+    # Device time by kernel of a w4a16 step, a fixed gamma-3 cycle and an auto cycle drafting 3
+    # (8B shapes, batch 4: auto measured 19.7 vs 18.6 ms per cycle, sweep_h200_8b.md).
+    step 300 profile_b4.log python3 experiments/profile_cycle.py --model llama3-8b --batch 4 \
+      --configs w4a16,qspec3,qspec-auto3 --new-tokens 64 --commit "$COMMIT" --out "$OUT/prof"
     ;;
   sweep8b)
     # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
