@@ -287,7 +287,7 @@ def _packed_rows(tile, bq, R, G, kv_head):
 
 
 def _attn_kernel(layer_ref, pos_ref, *refs, R, G, S, block_q, block_k, num_splits, scale,
-                 partial, window, has_anchor):
+                 partial, window, has_anchor, return_lse=False):
     # layer_ref: [1] int32      layer to read (0 for a single-layer cache)
     # pos_ref: [T] int32        q_pos of sequence b (clipped by kv_len; rows gathered below)
     # anchor_ref (has_anchor): [T] int32  unclipped q_pos (window anchor) when kv_len clipped pos
@@ -296,6 +296,7 @@ def _attn_kernel(layer_ref, pos_ref, *refs, R, G, S, block_q, block_k, num_split
     # v_ref:   [L, S, hd]       blocks < n_blocks, are read
     # partial: out_refs = (o_ref [bq, hd] f32 unnormalised, m_ref [bq] f32, l_ref [bq] f32)
     # else:    out_refs = (o_ref [T, H, hd] q.dtype,)  rows scattered in place
+    #          (return_lse: (o_ref [T, H, hd] f32, lse_ref [T, H] f32))
     if has_anchor:
         anchor_ref, q_ref, k_ref, v_ref, *out_refs = refs
     else:
@@ -356,16 +357,24 @@ def _attn_kernel(layer_ref, pos_ref, *refs, R, G, S, block_q, block_k, num_split
         m_ref[...] = m
         l_ref[...] = l
     else:
-        (o_ref,) = out_refs
-        inv = 1.0 / jnp.where(l > 0, l, 1.0)                 # rows without keys -> 0
-        o_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(o_ref.dtype)
+        _write_rows(out_refs, t_idx, head_idx, o, m, l)
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, R, G, block_q, num_splits):
+def _write_rows(out_refs, t_idx, head_idx, o, m, l):
+    """Normalised rows of (o, m, l) scattered into o_ref [T, H, hd] and, when a second ref is
+    given, their log-sum-exp m + log(l) into lse_ref [T, H] (_NEG for rows without keys)."""
+    inv = 1.0 / jnp.where(l > 0, l, 1.0)                     # rows without keys -> 0
+    out_refs[0][t_idx, head_idx, :] = (o * inv[:, None]).astype(out_refs[0].dtype)
+    if len(out_refs) > 1:
+        out_refs[1][t_idx, head_idx] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, *out_refs, R, G, block_q, num_splits):
     # o_ref:   [ns, bq, hd] f32  unnormalised partial outputs of the splits
     # m_ref:   [ns, bq] f32      running max per split (_NEG: split saw no key)
     # l_ref:   [ns, bq] f32      softmax denominators per split
-    # out_ref: [T, H, hd]        output of sequence b, rows scattered in place
+    # out_refs: (out [T, H, hd],) output of sequence b, rows scattered in place; with a
+    #           second ref [T, H] f32: the rows' log-sum-exp
     bq = block_q
     hd = o_ref.shape[-1]
     t_idx, head_idx = _packed_rows(pl.program_id(2), bq, R, G, pl.program_id(1))
@@ -379,9 +388,8 @@ def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, R, G, block_q, num_splits):
 
     init = (jnp.zeros((bq, hd), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    o, _, l = lax.fori_loop(0, num_splits, body, init)
-    inv = 1.0 / jnp.where(l > 0, l, 1.0)
-    out_ref[t_idx, head_idx, :] = (o * inv[:, None]).astype(out_ref.dtype)
+    o, m, l = lax.fori_loop(0, num_splits, body, init)
+    _write_rows(out_refs, t_idx, head_idx, o, m, l)
 
 
 def _compiler_params(num_warps, num_stages):
@@ -392,7 +400,7 @@ def _compiler_params(num_warps, num_stages):
 
 
 def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool,
-                    window):
+                    window, return_lse=False):
     B, T, H, hd = q.shape
     L, _, KVH, S, _ = k_cache.shape
     G = H // KVH
@@ -404,13 +412,19 @@ def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, 
     has_anchor = anchor is not None
     kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
                                num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial,
-                               window=window, has_anchor=has_anchor)
+                               window=window, has_anchor=has_anchor, return_lse=return_lse)
     kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
     seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
     pos_spec = pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0))  # q_pos [B, T]
     in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
                 pos_spec] + [pos_spec] * has_anchor + [seq_spec, kv_spec, kv_spec]
     pos_args = (q_pos, anchor) if has_anchor else (q_pos,)
+    # Final outputs: [B, T, H, hd] in q.dtype, or in f32 with the [B, T, H] log-sum-exp.
+    final_shape = [jax.ShapeDtypeStruct((B, T, H, hd), jnp.float32 if return_lse else q.dtype)]
+    final_specs = [pl.BlockSpec((None, T, H, hd), lambda b, h, i, *s: (b, 0, 0, 0))]
+    if return_lse:
+        final_shape.append(jax.ShapeDtypeStruct((B, T, H), jnp.float32))
+        final_specs.append(pl.BlockSpec((None, T, H), lambda b, h, i, *s: (b, 0, 0)))
     if partial:
         R_pad = n_q * bq
         out_shape = [jax.ShapeDtypeStruct((B, KVH, ns, R_pad, hd), jnp.float32),
@@ -420,34 +434,35 @@ def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, 
                      pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i)),
                      pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (b, h, s, i))]
     else:
-        out_shape = [jax.ShapeDtypeStruct((B, T, H, hd), q.dtype)]
-        out_specs = [seq_spec]
+        out_shape, out_specs = final_shape, final_specs
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         interpret=interpret,
         name=f"cached_attn_q{bq}_k{cfg.block_k}_s{ns}" + ("_win" if window else ""),
         **_compiler_params(cfg.num_warps, cfg.num_stages))(layer, *pos_args, q, k_cache, v_cache)
     if not partial:
-        return outs[0]
+        return tuple(outs) if return_lse else outs[0]
     combine = functools.partial(_combine_kernel, R=R, G=G, block_q=bq, num_splits=ns)
-    return pl.pallas_call(
-        combine, out_shape=jax.ShapeDtypeStruct((B, T, H, hd), q.dtype), grid=(B, KVH, n_q),
+    res = pl.pallas_call(
+        combine, out_shape=final_shape, grid=(B, KVH, n_q),
         in_specs=[pl.BlockSpec((None, None, ns, bq, hd), lambda b, h, i: (b, h, 0, i, 0)),
                   pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i)),
                   pl.BlockSpec((None, None, ns, bq), lambda b, h, i: (b, h, 0, i))],
-        out_specs=pl.BlockSpec((None, T, H, hd), lambda b, h, i: (b, 0, 0, 0)),
+        out_specs=final_specs,
         interpret=interpret, name=f"cached_attn_combine_s{ns}",
         **_compiler_params(4, 1))(*outs)
+    return tuple(res) if return_lse else res[0]
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret", "window"))
+                                             "num_warps", "num_stages", "interpret", "window",
+                                             "return_lse"))
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos: jax.Array,
                      kv_len: jax.Array | None = None, *, layer: int | jax.Array | None = None,
                      block_q: int | None = None, block_k: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, interpret: bool = False,
-                     window: tuple[int, int] | None = None) -> jax.Array:
+                     window: tuple[int, int] | None = None, return_lse: bool = False):
     """Attention of T new queries per sequence over the KV cache (see the module docstring).
 
     q [B, T, H, hd] (bf16 / f16 / f32).
@@ -463,6 +478,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
       to its last visible key); the blocks in between are never read, and the flash-decoding
       splits divide the blocks actually read. None: full causal attention.
     Returns [B, T, H, hd] in q.dtype; f32 softmax statistics; scale 1 / sqrt(hd).
+    return_lse (static): return (out [B, T, H, hd] in f32, lse [B, T, H] f32), lse the
+      log-sum-exp of each row's visible scaled scores (-1e30 for rows without keys): what is
+      needed to merge this attention with attention over other keys (attention_with_block).
     block_q / block_k / num_splits / num_warps / num_stages override default_config.
     interpret: Pallas interpreter (CPU tests). Raises ValueError for unsupported shapes.
     """
@@ -497,7 +515,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     if k_cache.ndim == 4:  # a single layer: [1, B, KVH, S, hd] (a free reshape)
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    return _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg, interpret, window)
+    return _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg, interpret, window,
+                           return_lse)
 
 
 __all__ = ["AttnConfig", "cached_attention", "cached_attention_reference", "default_config",

@@ -62,15 +62,38 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
-def note_readonly_attention(kernels: str) -> None:
-    """The read-only verify pass (gamma="auto") has no Pallas attention: say so once where the
-    kernel would otherwise have run."""
-    if kernels == "pallas" or (kernels == "auto" and jax.default_backend() == "gpu"):
-        log_once(("attn-readonly",), "qspec_jax: gamma='auto' verifies with the cache read-only; "
-                  "that attention runs on XLA (the Pallas kernel has no read-only variant yet)")
+def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str):
+    """The read-only verify pass's attention (gamma="auto") with the Pallas kernel, or None for
+    the XLA reference (qspec_jax.model.attention_with_block).
+
+    The kernel attends over the cache keys s < start[b] (cache_k/v the whole [L, B, KVH, S, hd]
+    cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;
+    the T new keys (k_blk, v_blk [B, KVH, T, hd], causal among themselves) are a T x T
+    attention in XLA; the two softmax parts are merged exactly by their log-sum-exps."""
+    B, T = q.shape[:2]
+    q_pos = jnp.broadcast_to((start.astype(jnp.int32) - 1)[:, None], (B, T))
+    # The same dispatch decisions (and log lines) as the cache-writing forward.
+    res = attention(q, cache_k, cache_v, q_pos, layer, kernels, return_lse=True)
+    if res is None:
+        return None
+    out_c, lse_c = res                                        # [B, T, H, hd] f32, [B, T, H]
+    KVH, hd = k_blk.shape[1], k_blk.shape[-1]
+    H = q.shape[2]
+    qg = q.reshape(B, T, KVH, H // KVH, hd).astype(jnp.float32)
+    s = jnp.einsum("btkgd,bkud->btkgu", qg, k_blk.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [query, key]
+    s = jnp.where(causal[None, :, None, None, :], s, -jnp.inf)
+    lse_b = jax.nn.logsumexp(s, axis=-1)                       # [B, T, KVH, G]
+    out_b = jnp.einsum("btkgu,bkud->btkgd", jnp.exp(s - lse_b[..., None]), v_blk.astype(jnp.float32))
+    lse_b, out_b = lse_b.reshape(B, T, H), out_b.reshape(B, T, H, hd)
+    m = jnp.maximum(lse_c, lse_b)
+    w_c, w_b = jnp.exp(lse_c - m), jnp.exp(lse_b - m)
+    out = (w_c[..., None] * out_c + w_b[..., None] * out_b) / (w_c + w_b)[..., None]
+    return out.astype(q.dtype)
 
 
-def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None):
+def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None,
+              return_lse: bool = False):
     """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
 
     q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache (the kernel reads layer
@@ -100,4 +123,5 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     log_once(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
               + (" (interpret mode: no GPU)" if interpret else ""))
     return pk_attention.cached_attention(q, cache_k, cache_v, positions, layer=layer,
-                                         interpret=interpret, window=window)
+                                         interpret=interpret, window=window,
+                                         return_lse=return_lse)

@@ -126,13 +126,17 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if readonly:  # leave the cache alone; return this layer's new K/V block
-            if kernels != "xla":
-                from .kernel_dispatch import note_readonly_attention
-                note_readonly_attention(kernels)
             k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
             v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
-            out = attention_with_block(q, cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype),
-                                       k_blk.astype(q.dtype), v_blk.astype(q.dtype), positions[:, 0])
+            out = None
+            if kernels != "xla":
+                from .kernel_dispatch import attention_with_block as pallas_attention_with_block
+                out = pallas_attention_with_block(q, cache.k, cache.v, k_blk, v_blk,
+                                                  positions[:, 0], layer, kernels)
+            if out is None:
+                out = attention_with_block(q, cache.k[layer].astype(q.dtype),
+                                           cache.v[layer].astype(q.dtype), k_blk.astype(q.dtype),
+                                           v_blk.astype(q.dtype), positions[:, 0])
             return self._out(out, mode, kernels), (k_blk, v_blk)
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")

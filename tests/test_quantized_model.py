@@ -193,3 +193,26 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
                                        rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="readonly_cache"):
         net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))
+
+
+def test_readonly_forward_with_the_attention_kernel(hf_dirs, monkeypatch):
+    """kernels="pallas": the read-only verify forward runs the Pallas attention kernel over the
+    cache (with its log-sum-exp, merged with the new block's attention) and gives the writing
+    forward's logits."""
+    import jax.numpy as jnp
+    from pallas_kernels import attention as pk_attention
+    from qspec_jax.model import KVCache
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    net = model.module
+    B, S, T = 2, 32, 4
+    cache = KVCache.create(model.cfg, B, S, jnp.float32)
+    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a16")
+    start = jnp.array([6, 9], jnp.int32)
+    tokens = jnp.asarray(IDS[:, 9:9 + T])
+    real, calls = pk_attention.cached_attention, []
+    monkeypatch.setattr(pk_attention, "cached_attention",
+                        lambda *a, **kw: calls.append(kw.get("return_lse")) or real(*a, **kw))
+    ref_logits, _ = net(tokens, cache, start, mode="w4a16")
+    logits, _ = net(tokens, cache, start, mode="w4a16", readonly_cache=True, kernels="pallas")
+    assert calls and all(calls) and len(calls) == model.cfg.num_hidden_layers
+    assert rel(np.asarray(logits), np.asarray(ref_logits)) < 1e-5
