@@ -251,4 +251,5 @@ def test_readonly_block_attention_gpu(B, T, S, dtype):
     ours = jax.jit(lambda *a: kd.attention_with_block(*a, 1, "pallas"))(q, ck, cv, kb, vb, start)
     ref = jax.jit(lambda *a: attention_with_block(*a))(q, ck[1], cv[1], kb, vb, start)
     assert not np.isnan(np.asarray(ours, np.float32)).any()
-    assert _rel(ours, ref) <= (1e-5 if dtype == F32 else 1e-2)
+    # f32: XLA's f32 einsums (reference and the new-block part) may run as TF32 on the GPU.
+    assert _rel(ours, ref) <= (2e-3 if dtype == F32 else 1e-2)
