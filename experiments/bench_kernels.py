@@ -214,7 +214,7 @@ def _xla_int8(xq, sx, ws):
 
 
 def bytes_read(variant, M, K, N, G):
-    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv",
+    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_int8s",
                                    "ours_w4a8_gemvm", "xla_w8a8", "xla_s4_w8") else 2)
     if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"):
         return K * N // 2 + 4 * N * (K // G) + xb
@@ -313,8 +313,8 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                     elif v in ("ours_w4a8_gemv", "ours_w4a8_gemvm"):
                         c = cfg or w4a16_mod.gemv_config(M, K, N, G, GEMV_VARIANTS[v])
                         j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
-                    elif v == "ours_w4a8_magic":
-                        c = _cfg8(M, K, N, G, "magic")
+                    elif v in ("ours_w4a8_magic", "ours_w4a8_int8s"):
+                        c = _cfg8(M, K, N, G, "magic" if v.endswith("magic") else "int8s")
                         j = Job(v, K, N, M, G, c, _ours_w4a8(c), (xq, sx, ws4), R4)
                     elif v == "ours_w4a8_quant":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a8_q(cfg), (x, ws4), R4)
@@ -340,7 +340,8 @@ def check_job(job: Job):
     if job.variant.startswith("ours_w4a16"):
         x, ws = job.args
         ref = w4a16_matmul_reference(x, *ws[0])
-    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm"):
+    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm",
+                         "ours_w4a8_int8s"):
         xq, sx, ws = job.args
         ref = w4a8_matmul_reference(xq, sx, *ws[0])
     elif job.variant == "ours_w4a8_quant":

@@ -52,6 +52,8 @@ class TileConfig:
     #           offset is subtracted: exact, no int->float conversion instructions.
     #  "cvt":   int8 shifts then int->float conversion (bf16/f16/f32 MMA).
     #  "int8":  int8 shifts, int8 MMA with int32 accumulation (w4a8 only).
+    #  "int8s": (w4a8 only) like "int8" with one shift or one mask per nibble plane: the int8
+    #           operands hold 16 * v, the int32 sums are divided by 16 at the end (exact).
     #  "gemv":  (M <= bm) no MMA: int8 shifts, int->f32 conversion, FMAs into one
     #           [bk, bn] f32 accumulator per token row, reduced over K at the end.
     #  "gemv_magic": as "gemv", but each nibble becomes an f32 by bit operations (the float

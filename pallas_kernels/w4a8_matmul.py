@@ -74,6 +74,13 @@ def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scal
 
 
 # ----------------------------------------------------------------------------- kernel
+def shifted_nibbles(q):
+    """int8 [r, c] packed pairs -> (16 * low nibble values, 16 * high nibble values), int8,
+    with one shift and one mask (the nibble lands in the top four bits: two's complement gives
+    16 * v exactly). The int8 MMA then sums 16x products; the kernel divides once at the end."""
+    return lax.shift_left(q, jnp.int8(4)), q & jnp.int8(-16)
+
+
 def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                  partial_out, dequant):
     # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
@@ -117,6 +124,8 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
         k0 = pl.multiple_of(i * bk, bk)
         if magic:
             lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], jnp.bfloat16)  # bf16 [bk, bn] each
+        elif dequant == "int8s":
+            lo, hi = shifted_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 16 * v [bk, bn] each
         else:
             lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
         d_lo = mma(load(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
@@ -125,14 +134,17 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
             return acc + d_lo + d_hi
         g_lo = (base + k0) // G
         g_hi = (kh + base + k0) // G
-        return (acc + d_lo.astype(jnp.float32) * scale_row(g_lo)
-                + d_hi.astype(jnp.float32) * scale_row(g_hi))
+        unit = 1.0 / 16 if dequant == "int8s" else 1.0  # exact: a power of two
+        return (acc + d_lo.astype(jnp.float32) * (unit * scale_row(g_lo))
+                + d_hi.astype(jnp.float32) * (unit * scale_row(g_hi)))
 
     shape = (bn, bm) if transpose else (bm, bn)
     acc_dt = acc_t if per_channel else jnp.float32
     acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, acc_dt))
     if magic and per_channel:
         acc = acc.astype(jnp.int32)  # exact integers
+    if dequant == "int8s" and per_channel:
+        acc = lax.shift_right_arithmetic(acc, jnp.int32(4))  # every product was 16x: exact
     if transpose:
         acc = acc.T  # [bm, bn]
     if partial_out:
@@ -236,6 +248,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
     if is_gemv(cfg.dequant) and G == K and K > 16384:
         raise ValueError(f"w4a8_matmul: dequant='{cfg.dequant}' with per-channel scales needs K <= 16384 "
                          f"(exact f32 integer sums), got K={K}; use dequant='int8'")
+    if cfg.dequant == "int8s" and K > 131072:
+        raise ValueError(f"w4a8_matmul: dequant='int8s' sums 16x products in int32: K={K} must be "
+                         "<= 131072; use dequant='int8'")
     if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
     sx = sx.astype(jnp.float32).reshape(M, 1)

@@ -51,6 +51,8 @@ CASES = [  # M, K, N, G, config
     (40, 256, 64, 256, TileConfig(16, 64, 64, 2)),                  # 3 M blocks, split-K
     (9, 256, 64, 256, TileConfig(16, 64, 64, 2, dequant="cvt")),    # int->float conversion path
     (9, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8")),
+    (9, 256, 64, 256, TileConfig(16, 64, 32, 2, dequant="int8s")),  # 16x operands, split-K
+    (5, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8s")),  # groups
 ]
 GEMV_CASES = [  # the FMA path for a few token rows (both kernels)
     (1, 256, 64, 256, TileConfig(16, 64, 32, 1, dequant="gemv")),
@@ -213,7 +215,7 @@ def test_magic_nibbles_f32_is_exact_for_every_byte():
 
 
 @pytest.mark.parametrize("kernel,dequant", [("w4a16", "gemv"), ("w4a8", "gemv"),
-                                            ("w4a16", "gemv_magic")])
+                                            ("w4a16", "gemv_magic"), ("w4a8", "int8s")])
 def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
     """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
     shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
