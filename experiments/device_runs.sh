@@ -7,7 +7,8 @@
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
-#   bash experiments/device_runs.sh sweepsmall # trained default model + attention grid (~9 min)
+#   bash experiments/device_runs.sh sweepsmall # trained default model sweep (~5 min)
+#   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
 # (the device copy has no .git).
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweepsmall}"
+stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -76,9 +77,15 @@ case "$stage" in
     step 300 sweep_default.log python3 experiments/sweep.py --models default --batches 1,16,64 \
       --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 --repeats 2 --time-budget 230 \
       --commit "$COMMIT" --out "$OUT/sweep_h200_default.jsonl"
-    step 250 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
-      --contexts 512 2048 8192 32768 --time-budget 200 --reps 3 --commit "$COMMIT" \
-      --out "$OUT/attention_h200_full.json"
+    ;;
+  attention)
+    # The issue-7 grid with the model's path (whole cache + layer index) beside the peers, and
+    # the read-only verify attention (kernel + new block, log-sum-exp merge) GPU test.
+    step 100 attn_gpu_tests.log python3 -m pytest tests/gpu/test_attention_gpu.py -q -rA \
+      -p no:cacheprovider -k readonly
+    step 420 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
+      --contexts 512 2048 8192 32768 --impls ours ours_layer xla decode_attention \
+      --time-budget 380 --reps 3 --commit "$COMMIT" --out "$OUT/attention_h200_full.json"
     ;;
   *)
     echo "unknown stage $stage" >&2
