@@ -204,6 +204,20 @@ def test_gemv_path_limits():
                     jnp.ones((1, 64)), interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_xla_s4_backend_reads_our_packing(M):
+    """backend='xla_s4': XLA's int4 dot over a bitcast view of the packed weights equals the
+    reference; group scales are rejected by name."""
+    K, N = 256, 64
+    qw, s = _weights(jax.random.key(9), K, N, K)
+    x = jax.random.normal(jax.random.key(M), (M, K), jnp.float32)
+    y = w4a16_matmul(x, qw, s, backend="xla_s4")
+    assert _rel(y, w4a16_matmul_reference(x, qw, s)) < 1e-6
+    qg, sg = _weights(jax.random.key(9), K, N, 64)
+    with pytest.raises(ValueError, match="xla_s4' needs per-channel"):
+        w4a16_matmul(x, qg, sg, backend="xla_s4")
+
+
 def test_magic_nibbles_f32_is_exact_for_every_byte():
     from pallas_kernels._common import magic_nibbles_f32
     q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
