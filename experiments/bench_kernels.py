@@ -180,6 +180,7 @@ def _ours_w4a8_q(cfg=None):
 
 # variant -> largest M it is run at (None: all)
 VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
+                 "ours_w4a16_cvts": 128,
                  "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M,
                  "ours_w4a16_gemvm": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemvm": w4a16_mod.GEMV_MAX_M}
 GEMV_VARIANTS = {"ours_w4a16_gemv": "gemv", "ours_w4a8_gemv": "gemv",
@@ -216,8 +217,7 @@ def _xla_int8(xq, sx, ws):
 def bytes_read(variant, M, K, N, G):
     xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_int8s",
                                    "ours_w4a8_gemvm", "xla_w8a8", "xla_s4_w8") else 2)
-    if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8",
-                                                 "xla_s4_ours"):
+    if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"):
         return K * N // 2 + 4 * N * (K // G) + xb
     if variant == "xla_bf16":
         return 2 * K * N + xb
@@ -306,7 +306,7 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                     elif v in ("ours_w4a16_gemv", "ours_w4a16_gemvm"):
                         c = cfg or w4a16_mod.gemv_config(M, K, N, G, GEMV_VARIANTS[v])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
-                    elif v in ("ours_w4a16_cvt", "ours_w4a16_magic"):
+                    elif v in ("ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_cvts"):
                         c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v == "ours_w4a8":
@@ -323,8 +323,6 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                         j = Job(v, K, N, M, G, None, _xla_bf16, (x, ws16), len(ws16))
                     elif v == "xla_int4_dequant":
                         j = Job(v, K, N, M, G, None, _xla_int4, (x, ws_int4), len(ws_int4))
-                    elif v == "xla_s4_ours":  # XLA's int4 GEMM on our packed layout (bitcast)
-                        j = Job(v, K, N, M, G, None, _ours_w4a16(None, "xla_s4"), (x, ws4), R4)
                     elif v == "xla_s4_dot":
                         j = Job(v, K, N, M, G, None, _xla_s4_dot, (x, ws_int4), len(ws_int4))
                     elif v == "xla_s4_w8":
@@ -340,7 +338,7 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
 def check_job(job: Job):
     """Runs the compiled program once on its inputs and compares copy 0 with the reference."""
     out = job.compiled(*job.args)[0]
-    if job.variant.startswith("ours_w4a16") or job.variant == "xla_s4_ours":
+    if job.variant.startswith("ours_w4a16"):
         x, ws = job.args
         ref = w4a16_matmul_reference(x, *ws[0])
     elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm",

@@ -34,7 +34,7 @@ case "$stage" in
     # (all M, README's table), and the fused RMSNorm + quantization kernel against XLA.
     step 240 gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py -q -rA -p no:cacheprovider
     step 250 kernels_full.log python3 experiments/bench_kernels.py --tag h200_tuned \
-      --variants ours_w4a16,ours_w4a8,ours_w4a8_int8s,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_s4_ours,xla_w8a8 \
+      --variants ours_w4a16,ours_w4a16_cvt,ours_w4a16_cvts,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
       --commit "$COMMIT" --out "$OUT"
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
     ;;

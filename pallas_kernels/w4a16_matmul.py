@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
                                     check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
-                                    is_gemv, magic_dequant,
+                                    is_gemv, magic_dequant, shifted_nibbles,
                                     split_nibbles, unpack_int4)
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
@@ -36,7 +36,7 @@ try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
 except ImportError:  # pragma: no cover
     pltriton = None
 
-_BACKENDS = ("triton", "xla", "xla_s4")
+_BACKENDS = ("triton", "xla")
 # From M = XLA_MIN_M on (per-channel scales), the default backend dequantizes the weight to the
 # compute dtype in one XLA fusion and runs XLA's GEMM: at large M the Triton kernel's in-loop
 # dequantization reaches only 340-450 TFLOP/s (experiments/results/kernels_h200.md: 452 us for
@@ -75,20 +75,6 @@ def _xla_dequant_matmul(x, qweight, scales):
         raise ValueError("w4a16_matmul: backend='xla' needs per-channel scales (G == K)")
     q = unpack_int4(qweight).astype(x.dtype)
     acc = jnp.dot(x, q, preferred_element_type=jnp.float32)
-    return (acc * scales).astype(x.dtype)
-
-
-def _xla_s4_matmul(x, qweight, scales):
-    """XLA's own int4 GEMM on our packed weights, with no copy of them: qweight int8 [K//2, N]
-    bitcast to s4 [K//2, N, 2] (element [i, n, 0] = low nibble = row i, [i, n, 1] = high nibble
-    = row K/2 + i) and contracted with x viewed as [M, 2, K//2]; XLA converts the s4 operand
-    inside its GEMM. Per-channel scales only (on the f32 result: the verify-mode math)."""
-    if scales.shape[0] != 1:
-        raise ValueError("w4a16_matmul: backend='xla_s4' needs per-channel scales (G == K)")
-    M, K = x.shape
-    w4 = lax.bitcast_convert_type(qweight, jnp.int4)  # [K//2, N, 2], free
-    acc = lax.dot_general(x.reshape(M, 2, K // 2), w4.astype(x.dtype),
-                          (((1, 2), (2, 0)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * scales).astype(x.dtype)
 
 
@@ -133,6 +119,9 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
         k0 = pl.multiple_of(i * bk, bk)
         if dequant == "magic":
             lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], cdt)  # cdt [bk, bn] each
+        elif dequant == "cvts":  # 16 * v (exact in bf16/f16): one shift or mask per plane
+            lo, hi = shifted_nibbles(q_ref[pl.ds(k0, bk), :])
+            lo, hi = lo.astype(cdt), hi.astype(cdt)
         else:
             lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
             lo, hi = lo.astype(cdt), hi.astype(cdt)
@@ -146,6 +135,8 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
 
     shape = (bn, bm) if transpose else (bm, bn)
     acc = lax.fori_loop(0, kh_split // bk, body, jnp.zeros(shape, jnp.float32))
+    if dequant == "cvts":
+        acc = acc * 0.0625  # the operands were 16x: exact (a power of two)
     if per_channel:
         acc = acc * scale_row(0)
     if transpose:
@@ -226,9 +217,10 @@ def w4a16_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, backend
     """x [M, K] (bf16/f16/f32) @ int4 weights -> [M, N] in x.dtype, fp32 accumulation.
 
     backend: None (auto: Triton kernel; for M >= XLA_MIN_M with per-channel scales, XLA
-    dequantize + GEMM), "triton" (always the kernel), "xla" (always dequantize + GEMM) or
-    "xla_s4" (XLA's int4 GEMM on a bitcast view of the packed weights; per-channel only; not a
-    default until timed on the GPU).
+    dequantize + GEMM), "triton" (always the kernel) or "xla" (always dequantize + GEMM).
+    (XLA's own int4 dot over an s4 bitcast view of the packed weights was tried: 21.3 us at
+    M = 4, 4096 x 4096, 1.8x slower than this kernel, and XLA crashed compiling it at another
+    shape: experiments/results/kernels_h200_s4ours_probe.md.)
     interpret: run the Pallas interpreter (CPU tests).
     config: optional TileConfig (tuning); shrunk to fit the shape.
     Raises ValueError for shapes the kernel does not support (see pallas_kernels.supported).
@@ -246,8 +238,6 @@ def w4a16_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, backend
     scales = scales.astype(jnp.float32)
     if backend == "xla" or (backend is None and config is None and G == K and M >= XLA_MIN_M):
         return _xla_dequant_matmul(x, qweight, scales)
-    if backend == "xla_s4":
-        return _xla_s4_matmul(x, qweight, scales)
     if config is None:
         cfg = default_config(M, K, N, G)
     else:

@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    gemm_call, gemv_rows, is_gemv, magic_dequant, split_nibbles,
+                                    gemm_call, gemv_rows, is_gemv, magic_dequant, shifted_nibbles,
+                                    split_nibbles,
                                     unpack_int4)
 
 try:
@@ -74,13 +75,6 @@ def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scal
 
 
 # ----------------------------------------------------------------------------- kernel
-def shifted_nibbles(q):
-    """int8 [r, c] packed pairs -> (16 * low nibble values, 16 * high nibble values), int8,
-    with one shift and one mask (the nibble lands in the top four bits: two's complement gives
-    16 * v exactly). The int8 MMA then sums 16x products; the kernel divides once at the end."""
-    return lax.shift_left(q, jnp.int8(4)), q & jnp.int8(-16)
-
-
 def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
                  partial_out, dequant):
     # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
@@ -199,9 +193,14 @@ def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
     """Tile configuration by M, from the H200 sweeps (experiments/results/kernels_h200_tuning.md;
     sums over the four Llama-3-8B layer shapes): int8 MMA, 64-row K steps throughout M <= 128,
-    82.4 / 91.0 / 90.1 / 133.0 / 230.1 us at M = 4 / 16 / 32 / 64 / 128 (the earlier defaults:
-    87.2 / 93.5 / 94.7 / 146.7 / 336 us). At M = 1-2 the FMA path ties (84.7 us) and is not used."""
-    d = "int8"
+    split-K 8 / 4 / 4 / 2 at M <= 16 / 32 / 64 / 128 (82.4 / 91.0 / 90.1 / 133.0 / 230.1 us at
+    M = 4 / 16 / 32 / 64 / 128 with "int8" nibbles; the earlier tiles: 87.2 / 93.5 / 94.7 /
+    146.7 / 336 us). Nibbles: "int8s" (16x operands from one shift or mask per plane), measured
+    (kernels_h200_int8s.md, same tiles) 56.4 / 56.2 / 69.4 / 127.4 / 216.5 / 376.7 us at
+    M = 1 / 4 / 16 / 64 / 128 / 256 against 81.6 / 81.8 / 90.8 / 132.3 / 228.2 / 472 us for
+    "int8": the per-byte integer instructions, not the bytes, were the cost at small M.
+    K > 131072 (int32 range of the 16x sums) falls back to "int8"."""
+    d = "int8s" if K <= 131072 else "int8"
     if M <= 16:
         cfg = TileConfig(bm=16, bn=128, bk=64, split_k=8, num_warps=4, num_stages=4, dequant=d)
     elif M <= 32:
@@ -251,7 +250,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
     if cfg.dequant == "int8s" and K > 131072:
         raise ValueError(f"w4a8_matmul: dequant='int8s' sums 16x products in int32: K={K} must be "
                          "<= 131072; use dequant='int8'")
-    if cfg.dequant == "cvt" or (cfg.dequant == "magic" and K > 16384):
+    if cfg.dequant in ("cvt", "cvts") or (cfg.dequant == "magic" and K > 16384):
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
     sx = sx.astype(jnp.float32).reshape(M, 1)
     scales = scales.astype(jnp.float32)

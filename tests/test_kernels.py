@@ -53,6 +53,8 @@ CASES = [  # M, K, N, G, config
     (9, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8")),
     (9, 256, 64, 256, TileConfig(16, 64, 32, 2, dequant="int8s")),  # 16x operands, split-K
     (5, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="int8s")),  # groups
+    (6, 256, 64, 256, TileConfig(16, 64, 32, 2, dequant="cvts")),   # w4a16: 16x nibbles
+    (6, 256, 64, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="cvts")),
 ]
 GEMV_CASES = [  # the FMA path for a few token rows (both kernels)
     (1, 256, 64, 256, TileConfig(16, 64, 32, 1, dequant="gemv")),
@@ -204,20 +206,6 @@ def test_gemv_path_limits():
                     jnp.ones((1, 64)), interpret=True, config=TileConfig(16, 64, 32, 1, dequant="gemv"))
 
 
-@pytest.mark.parametrize("M", [1, 5])
-def test_xla_s4_backend_reads_our_packing(M):
-    """backend='xla_s4': XLA's int4 dot over a bitcast view of the packed weights equals the
-    reference; group scales are rejected by name."""
-    K, N = 256, 64
-    qw, s = _weights(jax.random.key(9), K, N, K)
-    x = jax.random.normal(jax.random.key(M), (M, K), jnp.float32)
-    y = w4a16_matmul(x, qw, s, backend="xla_s4")
-    assert _rel(y, w4a16_matmul_reference(x, qw, s)) < 1e-6
-    qg, sg = _weights(jax.random.key(9), K, N, 64)
-    with pytest.raises(ValueError, match="xla_s4' needs per-channel"):
-        w4a16_matmul(x, qg, sg, backend="xla_s4")
-
-
 def test_magic_nibbles_f32_is_exact_for_every_byte():
     from pallas_kernels._common import magic_nibbles_f32
     q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
@@ -229,7 +217,8 @@ def test_magic_nibbles_f32_is_exact_for_every_byte():
 
 
 @pytest.mark.parametrize("kernel,dequant", [("w4a16", "gemv"), ("w4a8", "gemv"),
-                                            ("w4a16", "gemv_magic"), ("w4a8", "int8s")])
+                                            ("w4a16", "gemv_magic"), ("w4a8", "int8s"),
+                                            ("w4a16", "cvts")])
 def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
     """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
     shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
