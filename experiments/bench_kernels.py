@@ -467,8 +467,9 @@ def qspec_implication(rows, shapes, gamma=3, a=0.9):
             tot += min(c)
         return tot
 
-    v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_triton"]
-    v8 = ["ours_w4a8", "ours_w4a8_magic"]
+    v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_cvts", "ours_w4a16_magic",
+           "ours_w4a16_triton"]
+    v8 = ["ours_w4a8", "ours_w4a8_magic", "ours_w4a8_int8s"]
     E = (1 - a ** (gamma + 1)) / (1 - a)
     out = []
     Ms = sorted({r["M"] for r in rows})
