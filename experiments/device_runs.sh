@@ -68,10 +68,10 @@ case "$stage" in
       --configs w4a16,qspec3,qspec-auto3 --new-tokens 64 --commit "$COMMIT" --out "$OUT/prof"
     ;;
   sweep8b)
-    # A new file: the code changed since sweep_h200.jsonl (auto policy, attention from batch 8).
+    # A new file per commit (sweep_h200_8b.jsonl: commit 36d46a5, before the int8s draft kernel).
     step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,4,64 \
       --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
-      --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b.jsonl"
+      --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b_$COMMIT.jsonl"
     ;;
   sweepsmall)
     step 300 sweep_default.log python3 experiments/sweep.py --models default --batches 1,16,64 \
