@@ -42,6 +42,9 @@ def _cases():
             if M <= w16mod.GEMV_MAX_M:
                 cs.append(("w4a16_gemv", M, K, N, K, None))
                 cs.append(("w4a8_gemv", M, K, N, K, None))
+            if M in (1, 16, 64):  # the other nibble paths at the default tiles
+                cs.append(("w4a16_cvts", M, K, N, K, None))
+                cs.append(("w4a8_int8", M, K, N, K, None))
     for K, N in [(4096, 4096), (14336, 4096)]:
         for M in (3, 50, 300):
             cs += [("w4a16", M, K, N, 128, None), ("w4a8", M, K, N, 128, None)]
@@ -66,8 +69,9 @@ def _program(kind, M, K, N, G):
         if kind.startswith("w4a16"):
             cfg = None
             backend = "triton" if kind == "w4a16_triton" else None
-            if kind == "w4a16_magic":
-                cfg = dataclasses.replace(w16mod.default_config(M, K, N, G), dequant="magic")
+            if kind in ("w4a16_magic", "w4a16_cvts"):
+                base = w16mod.default_config(max(M, 3), K, N, G)  # an MMA tile config
+                cfg = dataclasses.replace(base, dequant=kind.split("_")[1])
             if kind == "w4a16_gemv":
                 cfg = w16mod.gemv_config(M, K, N, G)
             y = w4a16_matmul(x, qw, s, backend=backend, config=cfg)
@@ -76,8 +80,8 @@ def _program(kind, M, K, N, G):
             return y, w4a16_matmul_reference(x.astype(jnp.float32), qw, s)
         xq, sx = quantize_per_token_reference(x, 4 if kind == "w4a8_4bit" else 8)
         cfg = None
-        if kind == "w4a8_magic":
-            cfg = dataclasses.replace(w8mod.default_config(M, K, N, G), dequant="magic")
+        if kind in ("w4a8_magic", "w4a8_int8"):
+            cfg = dataclasses.replace(w8mod.default_config(M, K, N, G), dequant=kind.split("_")[1])
         if kind == "w4a8_gemv":
             cfg = w16mod.gemv_config(M, K, N, G)
         od = jnp.bfloat16 if G == K else jnp.float32
