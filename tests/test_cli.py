@@ -57,7 +57,8 @@ def test_generate_cli_with_tokenizer(tmp_path, capsys):
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
 
     text = tmp_path / "t.txt"
-    text.write_text("hello world def f(x): return x + 1\n" * 40)
+    # ~210 tokens: 6 windows of 32, one batch per mode (one compilation each).
+    text.write_text("hello world def f(x): return x + 1\n" * 6)
     assert report_main(["--model", str(path), "--quant", "w4", "--text", str(text), "--window", "32",
                         "--dtype", "float32"]) == 0
     table = capsys.readouterr().out

@@ -15,14 +15,16 @@ def model(hf_dirs):
 
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]
+# Tests decode 8 new tokens from these prompts where the number does not matter, so that they
+# share compiled programs (compiling dominates their run time on CPU).
 
 
 def test_eos_stops_each_sequence(model):
-    free = qj.generate(model, PROMPTS, max_new_tokens=10)
+    free = qj.generate(model, PROMPTS, max_new_tokens=8)
     # Make the 4th token of sequence 0 an EOS: that sequence must stop there, the other not.
     eos = free.tokens[0][3]
     model_eos = qj.QSpecModel(**{**model.__dict__, "eos_ids": (eos,)})
-    out = qj.generate(model_eos, PROMPTS, max_new_tokens=10)
+    out = qj.generate(model_eos, PROMPTS, max_new_tokens=8)
     assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(eos) + 1]
     if eos not in free.tokens[1]:
         assert out.tokens[1] == free.tokens[1]
@@ -30,6 +32,7 @@ def test_eos_stops_each_sequence(model):
 
 
 def test_no_retrace_between_calls_with_same_shapes(model):
+    # (max_new_tokens=6: programs no other test compiles, whatever the test order.)
     qj.generate(model, PROMPTS, max_new_tokens=6)
     size = decode_autoregressive._cache_size()
     # Other prompts of the same padded length, other sampling values, other seed: same program.

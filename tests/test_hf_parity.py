@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import qspec_jax as qj
 from qspec_jax.model import KVCache
@@ -16,6 +20,13 @@ RTOL = 1e-4
 
 def rel_err(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def forward_w16(graphdef, state, tokens, cache, start):
+    """The model's call (mode w16) under jit: one compilation per shape, instead of one per
+    operation and shape when run eagerly (most of these tests' time on CPU)."""
+    return nnx.merge(graphdef, state)(tokens, cache, start, mode="w16")
 
 
 def hf_logits(model, ids):
@@ -39,7 +50,7 @@ def test_ragged_prefill_logits_match_hf(arch, hf_dirs, loaded):
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     cache = KVCache.create(model.cfg, 3, 32, model.dtype)
-    logits, _ = model.module(tokens, cache, np.zeros(3, np.int32), mode="w16")
+    logits, _ = forward_w16(model.graphdef, model.state, tokens, cache, np.zeros(3, np.int32))
     for i, p in enumerate(prompts):
         assert rel_err(logits[i, :len(p)], hf_logits(hf, p)) < RTOL
 
@@ -49,7 +60,7 @@ def test_stepwise_decoding_through_cache_matches_hf(arch, hf_dirs, loaded):
     """Prefill ragged prompts, then feed one token per step at per-sequence positions."""
     _, hf = hf_dirs[arch]
     model = loaded[arch]
-    module = model.module
+    module = partial(forward_w16, model.graphdef, model.state)
     r = np.random.RandomState(2)
     prompts = [r.randint(3, 128, 5).tolist(), r.randint(3, 128, 9).tolist()]
     continuation = r.randint(3, 128, (2, 6))
@@ -57,11 +68,11 @@ def test_stepwise_decoding_through_cache_matches_hf(arch, hf_dirs, loaded):
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     cache = KVCache.create(model.cfg, 2, 32, model.dtype)
-    _, cache = module(tokens, cache, np.zeros(2, np.int32), mode="w16")
+    _, cache = module(tokens, cache, np.zeros(2, np.int32))
     lengths = np.array([len(p) for p in prompts], np.int32)
     ours = []
     for t in range(continuation.shape[1]):
-        logits, cache = module(continuation[:, t:t + 1], cache, lengths, mode="w16")
+        logits, cache = module(continuation[:, t:t + 1], cache, lengths)
         ours.append(np.asarray(logits[:, 0]))
         lengths = lengths + 1
     for i, p in enumerate(prompts):

@@ -19,8 +19,36 @@ def quantized(hf_dirs):
 
 
 def ragged_prompts(seed, n=3, vocab=128):
+    """n prompts of 2 to 11 tokens: one padded length, so that tests with the same decoding
+    options share a compiled program (compiling dominates these tests' time on CPU)."""
     r = np.random.RandomState(seed)
     return [r.randint(3, vocab, int(k)).tolist() for k in r.randint(2, 12, n)]
+
+
+class _Captured(Exception):
+    pass
+
+
+def generate_call(model, prompts, **generate_kwargs):
+    """(jitted decode function, args, kwargs): the call ``qj.generate`` makes for these arguments,
+    captured instead of run. The same generate arguments give the same program, so a test that
+    calls or lowers the captured function shares the compilation with generate calls elsewhere
+    in this module (jit keeps the executable, and lowering the same call returns it)."""
+    from qspec_jax import api, speculative
+    calls = []
+
+    def capture(fn):
+        def record(*args, **kwargs):
+            calls.append((fn, args, kwargs))
+            raise _Captured
+        return record
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "decode_autoregressive", capture(api.decode_autoregressive))
+        mp.setattr(speculative, "decode_speculative", capture(speculative.decode_speculative))
+        with pytest.raises(_Captured):
+            qj.generate(model, prompts, **generate_kwargs)
+    return calls[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -42,8 +70,14 @@ def test_greedy_qspec_bfloat16_tokens_are_verify_argmax(hf_dirs):
     model = qj.load(hf_dirs["llama"][0], dtype="bfloat16", quant="w4", method="rtn")
     prompts = ragged_prompts(3)
     out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", draft="w4a8", gamma=3)
-    for p, gen in zip(prompts, out.tokens):
-        logits = np.asarray(qj.logits(model, [p + gen], mode="w4a16"))[0, len(p) - 1:-1]
+    # One right-padded causal pass for all sequences (one compilation instead of one per length).
+    seqs = [p + gen for p, gen in zip(prompts, out.tokens)]
+    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        padded[i, :len(s)] = s
+    all_logits = np.asarray(qj.logits(model, padded, mode="w4a16"))
+    for i, (p, gen) in enumerate(zip(prompts, out.tokens)):
+        logits = all_logits[i, len(p) - 1:len(p) + len(gen) - 1]
         chosen = logits[np.arange(len(gen)), gen]
         tol = 0.02 * np.abs(logits).max(axis=-1)  # about 3 bf16 ulps of the largest logit
         assert np.all(chosen >= logits.max(axis=-1) - tol)
@@ -74,7 +108,7 @@ def test_identical_draft_accepts_everything(quantized):
 
 def test_one_compilation_per_shape(quantized):
     model = quantized["llama"]
-    kw = dict(max_new_tokens=8, mode="qspec", draft="w4a8", gamma=2)
+    kw = dict(max_new_tokens=24, mode="qspec", draft="w4a8", gamma=2)  # compiled above already
     qj.generate(model, ragged_prompts(7), **kw)
     size = decode_speculative._cache_size()
     qj.generate(model, ragged_prompts(8), **kw)
@@ -206,26 +240,24 @@ def test_jittable_function_composes_with_user_jit(quantized):
 
 
 # ---- gamma="auto" -------------------------------------------------------------------------------
+# The greedy gamma="auto" tests on the llama model make one request shape (3 ragged prompts,
+# 40 new tokens, max_gamma 4, draft w4a8 unless the test needs another), so that they share the
+# compiled programs (the auto loop, plain w4a16 decoding): compiling dominates their run time.
+
 
 def _auto_in_loop(model, prompts, max_new_tokens, costs):
     """decode_speculative with gamma="auto" called directly (the jittable path: no host-side
-    guard), returning (token lists, stats)."""
+    guard), returning (token lists, stats). Arguments as generate passes them for the same
+    request with cheap drafts (so the program is the one generate compiles), then ``costs``."""
     import jax
     import jax.numpy as jnp
-    from qspec_jax.model import KVCache
-    from qspec_jax.sampling import SamplingConfig
 
-    tokens = np.zeros((len(prompts), 16), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lens = np.array([len(p) for p in prompts], np.int32)
     max_gamma = len(costs) - 1
-    cache = KVCache.create(model.cfg, len(prompts), 16 + max_new_tokens + max_gamma + 1, model.dtype)
-    res = decode_speculative(model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens),
-                             cache, jax.random.PRNGKey(0), SamplingConfig().arrays(),
-                             jnp.asarray(model.eos_ids, jnp.int32), max_new_tokens=max_new_tokens,
-                             greedy=True, draft_mode="w4a8", gamma="auto", max_gamma=max_gamma,
-                             cycle_costs=jnp.asarray(costs, jnp.float32))
+    fn, args, kwargs = generate_call(model, prompts, max_new_tokens=max_new_tokens, mode="qspec",
+                                     gamma="auto", max_gamma=max_gamma,
+                                     cycle_costs=[1.0 + 0.01 * g for g in range(max_gamma + 1)])
+    assert fn is decode_speculative and kwargs["gamma"] == "auto" and kwargs["greedy"]
+    res = fn(*args, **{**kwargs, "cycle_costs": jnp.asarray(costs, jnp.float32)})
     toks, counts = np.asarray(res.tokens), np.asarray(res.num_generated)
     return [toks[i, :c].tolist() for i, c in enumerate(counts)], jax.device_get(res.stats)
 
@@ -271,30 +303,32 @@ def test_auto_gamma_decodes_plainly_when_drafting_cannot_pay(quantized, caplog):
     import logging
     model = quantized["llama"]
     prompts = ragged_prompts(16)
-    ref = qj.generate(model, prompts, max_new_tokens=20, mode="w4a16")
+    ref = qj.generate(model, prompts, max_new_tokens=40, mode="w4a16")
     with caplog.at_level(logging.INFO, logger="qspec_jax"):
-        out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", gamma="auto",
-                          max_gamma=3, cycle_costs=[1, 2.5, 4, 5.5])  # best possible: 4/5.5
+        # Best possible at full acceptance: 1.0 (gamma 0); then 2/2.5, 3/4, 4/5.5, 5/7.
+        out = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto",
+                          max_gamma=4, cycle_costs=[1, 2.5, 4, 5.5, 7])
     assert out.tokens == ref.tokens
     assert out.stats["plain_decoding"] and out.stats["drafted"] == [0, 0, 0]
-    assert out.stats["gamma_cycles"] == [ref.stats["decode_steps"], 0, 0, 0]
+    assert out.stats["gamma_cycles"] == [ref.stats["decode_steps"], 0, 0, 0, 0]
     assert "drafting cannot pay here" in caplog.text
-    # Just above the guard's margin: the speculative loop runs.
-    out = qj.generate(model, prompts, max_new_tokens=20, mode="qspec", gamma="auto", max_gamma=1,
-                      cycle_costs=[1, 1.9])  # 2 tokens for 1.9 at full acceptance: 1.053x
+    # Just above the guard's margin: the speculative loop runs. At full acceptance gamma 1
+    # gives 2 tokens for 1.9: 1.053x; the longer drafts less (3/2.9, 4/3.9, 5/4.9).
+    out = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
+                      cycle_costs=[1, 1.9, 2.9, 3.9, 4.9])
     assert "plain_decoding" not in out.stats and out.tokens == ref.tokens
 
 
 def test_auto_gamma_measures_costs_once(quantized):
     model = qj.QSpecModel(**{**quantized["llama"].__dict__, "cycle_costs": {}})
     prompts = ragged_prompts(14)
-    out = qj.generate(model, prompts, max_new_tokens=6, mode="qspec", gamma="auto", max_gamma=2)
+    out = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4)
     assert len(model.cycle_costs) == 1
     costs = next(iter(model.cycle_costs.values()))
-    assert costs.shape == (3,) and np.all(costs > 0)
-    qj.generate(model, prompts, max_new_tokens=6, mode="qspec", gamma="auto", max_gamma=2)
+    assert costs.shape == (5,) and np.all(costs > 0)
+    qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4)
     assert len(model.cycle_costs) == 1
-    assert out.tokens == qj.generate(model, prompts, max_new_tokens=6, mode="w4a16").tokens
+    assert out.tokens == qj.generate(model, prompts, max_new_tokens=40, mode="w4a16").tokens
 
 
 def test_cost_model_prediction():
@@ -401,9 +435,10 @@ def test_draft_layer_search(quantized):
     # The cost model: perfect agreement and a free draft give E(g) = g + 1 tokens per step.
     assert predicted_speedup(1.0, 0, 10**6, max_gamma=3)[0] == pytest.approx(4.0, rel=1e-5)
     assert predicted_speedup(0.0, 2, 2)[1] == 0  # a useless draft: plain decoding
-    out = qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="qspec",
+    # (24 new tokens from 3 prompts, as in the tests above: programs already compiled there.)
+    out = qj.generate(model, ragged_prompts(17), max_new_tokens=24, mode="qspec",
                       draft_layers=list(layers))
-    assert out.tokens == qj.generate(model, ragged_prompts(17), max_new_tokens=12, mode="w4a16").tokens
+    assert out.tokens == qj.generate(model, ragged_prompts(17), max_new_tokens=24, mode="w4a16").tokens
 
 
 def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
@@ -425,29 +460,36 @@ def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
     assert costs[2] == pytest.approx(2 * 0.5 + 1.9)
 
 
-def test_no_cache_copies_in_the_compiled_loops(quantized):
+def test_no_cache_copies_in_the_compiled_loops(quantized, small_vocab_model):
     """The decode loops update the KV cache in place: XLA's optimized program holds no copy of
     a cache-sized buffer (gamma="auto" used to copy K and V every cycle after its lax.switch,
-    which wrote the cache; now the switch only reads it and returns the new K/V blocks)."""
-    import jax
-    import jax.numpy as jnp
+    which wrote the cache; now the switch only reads it and returns the new K/V blocks).
+
+    The programs inspected are the ones generate runs in the tests above, captured with the
+    same arguments: plain w4a16 and gamma 3 decoding (test_greedy_qspec_equals_verify_mode_greedy),
+    greedy gamma="auto" (test_auto_gamma_follows_costs_and_stays_exact) and sampled gamma="auto"
+    (test_sampling_stays_lossless_with_auto_gamma). Lowering the same call gives back the
+    executable jit compiled for them, so in a full run this test compiles nothing itself."""
     from qspec_jax.generate import decode_autoregressive
-    from qspec_jax.model import KVCache
-    from qspec_jax.sampling import SamplingConfig
     model = quantized["llama"]
-    B, S = 2, 40
-    cache = KVCache.create(model.cfg, B, S, model.dtype)
-    shape = f"[{','.join(map(str, cache.k.shape))}]"
-    args = (model.graphdef, model.state, jnp.zeros((B, 8), jnp.int32), jnp.array([3, 5], jnp.int32),
-            cache, jax.random.PRNGKey(0), SamplingConfig().arrays(), jnp.asarray(model.eos_ids, jnp.int32))
-
-    def cache_copies(lowered):
-        return [l for l in lowered.compile().as_text().splitlines() if " copy(" in l and shape in l]
-
-    assert not cache_copies(decode_autoregressive.lower(*args, max_new_tokens=8, greedy=True,
-                                                        mode="w4a16"))
-    assert not cache_copies(decode_speculative.lower(*args, max_new_tokens=8, greedy=True, gamma=3))
-    for greedy in (True, False):
-        assert not cache_copies(decode_speculative.lower(
-            *args, max_new_tokens=8, greedy=greedy, gamma="auto", max_gamma=3,
-            cycle_costs=jnp.array([1.0, 1.1, 1.2, 1.3])))
+    sampled = dict(temperature=1.0, top_k=0, top_p=1.0, seed=9)
+    calls = [
+        generate_call(model, ragged_prompts(0), max_new_tokens=24, mode="w4a16"),
+        generate_call(model, ragged_prompts(0), max_new_tokens=24, mode="qspec", draft="w4a8",
+                      gamma=3),
+        generate_call(model, ragged_prompts(13), max_new_tokens=40, mode="qspec", gamma="auto",
+                      max_gamma=4, cycle_costs=[1, 1.01, 1.02, 1.03, 1.04]),
+        generate_call(small_vocab_model, [[3, 7, 1, 4]] * 3000, max_new_tokens=3, mode="qspec",
+                      draft="w4a4", gamma="auto", max_gamma=2, cycle_costs=[1.0, 1.2, 1.4],
+                      **sampled),
+    ]
+    assert calls[0][0] is decode_autoregressive and calls[1][0] is decode_speculative
+    assert [(c[2].get("gamma"), c[2]["greedy"]) for c in calls] == [
+        (None, True), (3, True), ("auto", True), ("auto", False)]
+    for fn, args, kwargs in calls:
+        cache = args[4]
+        shape = f"[{','.join(map(str, cache.k.shape))}]"
+        text = fn.lower(*args, **kwargs).compile().as_text()
+        assert shape in text  # the cache buffers are found by this shape
+        copies = [l for l in text.splitlines() if " copy(" in l and shape in l]
+        assert not copies, (kwargs, copies[:3])
