@@ -11,7 +11,6 @@ such step must lie inside one group on both halves, hence bk | G and G | K/2.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -178,18 +177,6 @@ def sm_count() -> int:
     except Exception:  # pragma: no cover
         pass
     return 132
-
-
-def auto_split(M: int, K: int, N: int, bn: int, bk: int, bm: int, max_split: int = 8) -> int:
-    """Split-K factor so that small-M launches cover the SMs (at least ~1 wave)."""
-    progs = (N // bn) * math.ceil(M / bm)
-    sms = sm_count()
-    split = 1
-    kh = K // 2
-    while progs * split < sms and split < max_split and kh % (bk * split * 2) == 0 \
-        and kh // (split * 2) >= 4 * bk:
-        split *= 2
-    return split
 
 
 GEMV_MAX_M = 8

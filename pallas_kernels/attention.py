@@ -55,6 +55,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._common import sm_count
+
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
@@ -168,16 +170,6 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _sm_count() -> int:
-    try:
-        d = jax.devices()[0]
-        if d.platform == "gpu":
-            return int(getattr(d, "core_count", 132) or 132)
-    except Exception:  # pragma: no cover  # noqa: BLE001
-        pass
-    return 132
-
-
 def _choose_splits(base: int, n_blocks: int, sms: int) -> int:
     """Flash-decoding splits: up to PROGRAMS_PER_SM waves of programs, whole waves preferred.
 
@@ -216,7 +208,7 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     block_q = max(16, _next_pow2(block_q))
     n_q = pl.cdiv(R, block_q)
     base = B * KVH * n_q          # programs without splitting
-    sms = _sm_count()
+    sms = sm_count()
     if block_k is None:
         # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
         # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.

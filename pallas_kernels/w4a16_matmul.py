@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs, auto_split,  # noqa: F401
+from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs,  # noqa: F401
                                     check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
                                     is_gemv, magic_dequant, shifted_nibbles,
                                     split_nibbles, unpack_int4)
