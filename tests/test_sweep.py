@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from experiments.sweep import main as sweep_main
 
 
@@ -50,7 +52,13 @@ def test_sweep_quick_is_resumable(tmp_path):
     from experiments.sweep import speedup_table
     fixed, auto_row = speedup_table(rows, "tiny")
     assert fixed["gamma"] == 2 and fixed["predicted"] > 0
-    assert auto_row["gamma"] == "auto" and auto_row["predicted"] >= fixed["predicted"]
+    assert auto_row["gamma"] == "auto"
+    if auto["gamma_cycles"][0] == auto["steps"]:
+        # Plain decoding: the measured table gave no gamma AUTO_MIN_GAIN over AR even at full
+        # acceptance (CPU timings decide this), so auto predicts exactly AR.
+        assert auto_row["predicted"] == pytest.approx(1.0)
+    else:
+        assert auto_row["predicted"] >= fixed["predicted"]
 
 
 def md_tables(text: str) -> list[list[dict]]:
