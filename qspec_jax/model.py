@@ -107,11 +107,17 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs,
+                 fused: bool = False):
         lin = dict(qcfg=qcfg, dtype=dtype, rngs=rngs)
-        self.q_proj = QLinear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias, **lin)
-        self.k_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
-        self.v_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
+        self.fused = fused
+        if fused:  # one GEMM for q, k and v (columns [q | k | v]); see fuse_projections
+            self.qkv_proj = QLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size,
+                                    bias=cfg.qkv_bias, **lin)
+        else:
+            self.q_proj = QLinear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias, **lin)
+            self.k_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
+            self.v_proj = QLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias, **lin)
         self.o_proj = QLinear(cfg.q_size, cfg.hidden_size, bias=False, **lin)
         self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                     cfg.head_dim)
@@ -120,9 +126,15 @@ class Attention(nnx.Module):
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
                  window=None, readonly=False):
         B, T, _ = x.shape
-        q = self.q_proj(x, mode, kernels).reshape(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x, mode, kernels).reshape(B, T, self.kv_heads, self.head_dim)
+        if self.fused:
+            qkv = self.qkv_proj(x, mode, kernels)
+            nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        else:
+            q, k, v = (p(x, mode, kernels) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(B, T, self.heads, self.head_dim)
+        k = k.reshape(B, T, self.kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.kv_heads, self.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if readonly:  # leave the cache alone; return this layer's new K/V block
@@ -160,15 +172,24 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs,
+                 fused: bool = False):
         lin = dict(bias=False, qcfg=qcfg, dtype=dtype, rngs=rngs)
-        self.gate_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
-        self.up_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.fused = fused
+        if fused:  # one GEMM for gate and up (columns [gate | up])
+            self.gate_up_proj = QLinear(cfg.hidden_size, 2 * cfg.intermediate_size, **lin)
+        else:
+            self.gate_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
+            self.up_proj = QLinear(cfg.hidden_size, cfg.intermediate_size, **lin)
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size, **lin)
         self.rotate = qcfg.rotate
 
     def __call__(self, x, mode, kernels):
-        h = jax.nn.silu(self.gate_proj(x, mode, kernels)) * self.up_proj(x, mode, kernels)
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x, mode, kernels), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, mode, kernels), self.up_proj(x, mode, kernels)
+        h = jax.nn.silu(gate) * up
         if self.rotate:
             from .rotation import online_hadamard
             h = online_hadamard(h)
@@ -176,11 +197,12 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs,
+                 fused: bool = False):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, qcfg, dtype, rngs)
+        self.attn = Attention(cfg, qcfg, dtype, rngs, fused)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, qcfg, dtype, rngs)
+        self.mlp = MLP(cfg, qcfg, dtype, rngs, fused)
 
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
                  readonly=False):
@@ -199,6 +221,45 @@ def pure_dict(module_or_state) -> dict:
     return state.to_pure_dict()
 
 
+# Projections that read the same input, stored apart (the checkpoint format, HF's names) and
+# run as one GEMM in a fused model: (module, fused name, parts in column order).
+FUSED_PROJECTIONS = (("attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                     ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(params: dict) -> dict:
+    """The parameter pure dict of an unfused model -> that of ``Transformer(fused=True)``.
+
+    Each group of projections that reads the same input (q/k/v, gate/up) becomes one linear
+    layer whose output columns are the parts side by side. Every stored array (``kernel``
+    [K, N], ``qweight`` [K/2, N], ``scales`` [K/G, N], ``bias`` [N]) has its output channels
+    on the last axis and each column is computed from its own column alone, so the fused
+    layer's outputs are the parts' outputs concatenated: one kernel launch (and, in the draft
+    modes, one activation quantization) instead of two or three, on a wider N that fills the
+    GPU better. Input arrays are not modified.
+    """
+    out = dict(params)
+    out["layers"] = {}
+    for i, layer in params["layers"].items():
+        layer = dict(layer)
+        for module, fused, parts in FUSED_PROJECTIONS:
+            sub = dict(layer[module])
+            if fused in sub:
+                continue  # already fused
+            missing = [p for p in parts if p not in sub]
+            if missing:
+                raise ValueError(f"layer {i} {module}: cannot fuse, missing {', '.join(missing)}")
+            pieces = [sub.pop(p) for p in parts]
+            keys = set(pieces[0])
+            if any(set(p) != keys for p in pieces):
+                raise ValueError(f"layer {i} {module}: {', '.join(parts)} store different arrays "
+                                 f"({[sorted(p) for p in pieces]}); cannot fuse")
+            sub[fused] = {k: jnp.concatenate([p[k] for p in pieces], axis=-1) for k in keys}
+            layer[module] = sub
+        out["layers"][i] = layer
+    return out
+
+
 def _module_list(items):
     # flax >= 0.12 wants nnx.List for lists of modules; older versions take plain lists.
     return nnx.List(items) if hasattr(nnx, "List") else list(items)
@@ -208,11 +269,13 @@ class Transformer(nnx.Module):
     """Decoder-only transformer; see the module docstring for the call contract."""
 
     def __init__(self, cfg: ModelConfig, qcfg: QuantConfig | None = None, *, dtype=jnp.bfloat16,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, fused: bool = False):
+        """``fused=True``: q/k/v and gate/up run as one GEMM each (``fuse_projections`` maps an
+        unfused parameter tree, the checkpoint format, to this one; ``api.assemble`` does)."""
         qcfg = qcfg or QuantConfig()
-        self.cfg, self.qcfg, self.dtype = cfg, qcfg, dtype
+        self.cfg, self.qcfg, self.dtype, self.fused = cfg, qcfg, dtype, fused
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
-        self.layers = _module_list(DecoderLayer(cfg, qcfg, dtype, rngs)
+        self.layers = _module_list(DecoderLayer(cfg, qcfg, dtype, rngs, fused)
                                    for _ in range(cfg.num_hidden_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not cfg.tie_word_embeddings:

@@ -98,6 +98,48 @@ def test_quality_report(hf_dirs):
     assert rep["w4a8"]["tokens"] == 64
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_equal_the_unfused_model(arch, hf_dirs, monkeypatch):
+    """A loaded model runs q/k/v and gate/up as one GEMM each (qwen2: with the q/k/v biases);
+    the same model assembled unfused (the checkpoint layout, one GEMM per projection) gives the
+    same logits in every quantized mode, and QSpec the same tokens (the Pallas path runs the
+    fused model in the tests below)."""
+    from functools import partial
+
+    from qspec_jax import api
+    fused = qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
+    layer = fused.module.layers[0]
+    assert set(vars(layer.attn)) >= {"qkv_proj", "o_proj"} and not hasattr(layer.attn, "q_proj")
+    assert hasattr(layer.mlp, "gate_up_proj") and not hasattr(layer.mlp, "up_proj")
+    monkeypatch.setattr(api, "assemble", partial(api.assemble, fused=False))
+    unfused = qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
+    assert hasattr(unfused.module.layers[0].attn, "k_proj")
+    for mode in ("w4a16", "w4a8", "w4a4"):
+        a = np.asarray(qj.logits(fused, IDS, mode=mode, kernels="xla"))
+        np.testing.assert_allclose(a, np.asarray(qj.logits(unfused, IDS, mode=mode, kernels="xla")),
+                                   rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=mode)
+    outs = [qj.generate(m, [list(IDS[0, :6])], max_new_tokens=8, mode="qspec", gamma=3).tokens
+            for m in (fused, unfused)]
+    assert outs[0] == outs[1]
+
+
+def test_fuse_projections_rejects_incomplete_trees():
+    from qspec_jax.model import fuse_projections
+    lin = {"qweight": np.zeros((2, 4), np.int8), "scales": np.ones((1, 4), np.float32)}
+    tree = {"layers": {0: {"attn": {"q_proj": lin, "k_proj": lin, "o_proj": lin},
+                           "mlp": {"gate_proj": lin, "up_proj": lin, "down_proj": lin}}}}
+    with pytest.raises(ValueError, match="layer 0 attn: cannot fuse, missing v_proj"):
+        fuse_projections(tree)
+    tree["layers"][0]["attn"]["v_proj"] = {"kernel": np.zeros((4, 4), np.float32)}
+    with pytest.raises(ValueError, match="store different arrays"):
+        fuse_projections(tree)
+    tree["layers"][0]["attn"]["v_proj"] = lin
+    out = fuse_projections(tree)["layers"][0]
+    assert out["attn"]["qkv_proj"]["qweight"].shape == (2, 12) and "q_proj" not in out["attn"]
+    assert out["mlp"]["gate_up_proj"]["scales"].shape == (1, 8) and "down_proj" in out["mlp"]
+    assert "q_proj" in tree["layers"][0]["attn"]  # the input tree is left as it was
+
+
 def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
     """kernels="pallas" (interpret mode on CPU) through the whole model; the down_proj input
     size (96) is not a kernel shape, so that layer falls back with one warning."""
