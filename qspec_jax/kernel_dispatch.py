@@ -62,14 +62,16 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
-def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str):
-    """The read-only verify pass's attention (gamma="auto") with the Pallas kernel, or None for
+def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,
+                         blk_ok=None):
+    """The read-only forwards' attention (gamma="auto") with the Pallas kernel, or None for
     the XLA reference (qspec_jax.model.attention_with_block).
 
     The kernel attends over the cache keys s < start[b] (cache_k/v the whole [L, B, KVH, S, hd]
     cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;
-    the T new keys (k_blk, v_blk [B, KVH, T, hd], causal among themselves) are a T x T
-    attention in XLA; the two softmax parts are merged exactly by their log-sum-exps."""
+    the block keys (k_blk, v_blk [B, KVH, U, hd], visible per ``blk_ok`` [B or 1, T, U],
+    default U = T causal) are a T x U attention in XLA; the two softmax parts are merged
+    exactly by their log-sum-exps."""
     B, T = q.shape[:2]
     q_pos = jnp.broadcast_to((start.astype(jnp.int32) - 1)[:, None], (B, T))
     # The same dispatch decisions (and log lines) as the cache-writing forward.
@@ -81,8 +83,9 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
     H = q.shape[2]
     qg = q.reshape(B, T, KVH, H // KVH, hd).astype(jnp.float32)
     s = jnp.einsum("btkgd,bkud->btkgu", qg, k_blk.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
-    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [query, key]
-    s = jnp.where(causal[None, :, None, None, :], s, -jnp.inf)
+    from .model import block_mask
+    blk_ok = block_mask(T) if blk_ok is None else blk_ok       # [B or 1, T, U]
+    s = jnp.where(blk_ok[:, :, None, None, :], s, -jnp.inf)
     lse_b = jax.nn.logsumexp(s, axis=-1)                       # [B, T, KVH, G]
     out_b = jnp.einsum("btkgu,bkud->btkgd", jnp.exp(s - lse_b[..., None]), v_blk.astype(jnp.float32))
     lse_b, out_b = lse_b.reshape(B, T, H), out_b.reshape(B, T, H, hd)

@@ -80,25 +80,41 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
-def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
-                         v_new: jax.Array, start: jax.Array) -> jax.Array:
-    """Causal attention of T new queries over a cache that is only read.
+def block_mask(T: int, prefix: int = 0, n_prefix=None) -> jax.Array:
+    """Which keys of a new-token block each of T queries sees: bool [B or 1, T, prefix + T].
 
-    q [B, T, H, hd] at positions start[b] + t; k_cache, v_cache [B, KVH, S, hd] of which keys
-    s < start[b] are visible (positions from start on hold stale entries); k_new, v_new
-    [B, KVH, T, hd] the new tokens' keys and values (causal among themselves). The same set of
-    keys as attention_reference after writing the new ones into the cache; f32 softmax.
+    The block is ``prefix`` slots of earlier tokens (the first ``n_prefix`` [B] valid, the
+    rest unused) followed by the T new tokens, causal among themselves."""
+    u = jnp.arange(prefix + T)[None, None, :]
+    t = jnp.arange(T)[None, :, None]
+    new_ok = (u >= prefix) & (u - prefix <= t)
+    if not prefix:
+        return new_ok
+    n = jnp.reshape(jnp.asarray(n_prefix, jnp.int32), (-1, 1, 1))
+    return new_ok | (u < n)
+
+
+def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
+                         v_new: jax.Array, start: jax.Array, blk_ok: jax.Array | None = None
+                         ) -> jax.Array:
+    """Causal attention of T new queries over a cache that is only read, plus a block of keys.
+
+    q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] of which keys s < start[b] are visible
+    (positions from start on hold stale entries); k_new, v_new [B, KVH, U, hd] the block's keys
+    and values, visible per ``blk_ok`` bool [B or 1, T, U] (default: U = T new tokens, causal
+    among themselves; see block_mask). With the default, the same set of keys as
+    attention_reference after writing the new ones into the cache; f32 softmax.
     """
     B, T, H, hd = q.shape
     kvh, S = k_cache.shape[1], k_cache.shape[2]
+    blk_ok = block_mask(T) if blk_ok is None else blk_ok
     qg = q.reshape(B, T, kvh, H // kvh, hd)
     scale = 1 / jnp.sqrt(jnp.float32(hd))
     s_old = einsum_f32("btkgd,bksd->bkgts", qg, k_cache) * scale
     s_new = einsum_f32("btkgd,bkud->bkgtu", qg, k_new) * scale
     old_ok = jnp.arange(S)[None, :] < start[:, None]                # [B, S]
-    new_ok = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]       # [T(query), T(key)]
     s_old = jnp.where(old_ok[:, None, None, None, :], s_old, -jnp.inf)
-    s_new = jnp.where(new_ok[None, None, None], s_new, -jnp.inf)
+    s_new = jnp.where(blk_ok[:, None, None], s_new, -jnp.inf)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
     p_old, p_new = probs[..., :S], probs[..., S:]
     out = (einsum_f32("bkgts,bksd->btkgd", p_old.astype(v_cache.dtype), v_cache)
@@ -124,7 +140,7 @@ class Attention(nnx.Module):
         self.rotate = qcfg.rotate
 
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
-                 window=None, readonly=False):
+                 window=None, readonly=False, prefix=None):
         B, T, _ = x.shape
         if self.fused:
             qkv = self.qkv_proj(x, mode, kernels)
@@ -140,15 +156,22 @@ class Attention(nnx.Module):
         if readonly:  # leave the cache alone; return this layer's new K/V block
             k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
             v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
+            k_att, v_att, cache_len, blk_ok = k_blk, v_blk, positions[:, 0], None
+            if prefix is not None:  # earlier tokens of this cycle, kept outside the cache
+                k_pre, v_pre, n_pre = prefix
+                k_att = jnp.concatenate([k_pre[layer].astype(k_blk.dtype), k_blk], axis=2)
+                v_att = jnp.concatenate([v_pre[layer].astype(v_blk.dtype), v_blk], axis=2)
+                cache_len = positions[:, 0] - n_pre
+                blk_ok = block_mask(T, k_pre.shape[3], n_pre)
             out = None
             if kernels != "xla":
                 from .kernel_dispatch import attention_with_block as pallas_attention_with_block
-                out = pallas_attention_with_block(q, cache.k, cache.v, k_blk, v_blk,
-                                                  positions[:, 0], layer, kernels)
+                out = pallas_attention_with_block(q, cache.k, cache.v, k_att, v_att, cache_len,
+                                                  layer, kernels, blk_ok)
             if out is None:
                 out = attention_with_block(q, cache.k[layer].astype(q.dtype),
-                                           cache.v[layer].astype(q.dtype), k_blk.astype(q.dtype),
-                                           v_blk.astype(q.dtype), positions[:, 0])
+                                           cache.v[layer].astype(q.dtype), k_att.astype(q.dtype),
+                                           v_att.astype(q.dtype), cache_len, blk_ok)
             return self._out(out, mode, kernels), (k_blk, v_blk)
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
@@ -205,9 +228,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, qcfg, dtype, rngs, fused)
 
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
-                 readonly=False):
+                 readonly=False, prefix=None):
         h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels,
-                             window, readonly)
+                             window, readonly, prefix)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x), mode, kernels)
         return x, cache
@@ -286,7 +309,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, cache: KVCache, start: jax.Array, *, mode: str,
                  kernels: str = "xla", logits_positions: jax.Array | None = None,
                  window: tuple[int, int] | None = None, layers: tuple[int, ...] | None = None,
-                 readonly_cache: bool = False):
+                 readonly_cache: bool = False, prefix=None):
         """tokens [B, T] int, start [B] int (cache position of tokens[:, 0]).
 
         Returns (logits f32 [B, T, V] or [B, P, V] at ``logits_positions`` [B, P] (indices into
@@ -298,6 +321,10 @@ class Transformer(nnx.Module):
         sequence's start on are ignored and the new tokens attend to their own K/V; the second
         result is then the new K/V blocks (k, v), each [L, B, KVH, T, hd], for the caller to
         write (e.g. after a lax.switch, which would otherwise copy the whole cache).
+        ``prefix=(k, v, n)`` (read-only only): k, v [L, B, KVH, P, hd] hold K/V of up to P
+        tokens just before ``start`` that are not in the cache, the first n ([B] or scalar,
+        traced) valid; the cache is then read below start - n (a read-only draft step sees the
+        tokens drafted before it in this cycle).
         """
         B, T = tokens.shape
         positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
@@ -305,11 +332,13 @@ class Transformer(nnx.Module):
         x = self.embed(tokens).astype(self.dtype)
         if readonly_cache and (layers is not None or window is not None):
             raise ValueError("readonly_cache runs every layer with full attention (verify passes)")
+        if prefix is not None and not readonly_cache:
+            raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
         blocks = []
         for i, layer in enumerate(self.layers):
             if layers is None or i in layers:
                 x, out = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
-                               readonly_cache)
+                               readonly_cache, prefix)
                 if readonly_cache:
                     blocks.append(out)
                 else:

@@ -3,7 +3,9 @@
 ``filtered_logits`` is the one definition of the sampling distribution; plain decoding samples
 from it and speculative decoding applies it identically to the draft (q) and verify (p) logits.
 Temperature, top-k and top-p are traced values, so changing them does not recompile; only
-greedy vs. sampling is static.
+greedy vs. sampling and filtering on/off (top-k or top-p set at all) are static. No
+``lax.cond`` decides at run time whether to filter: on a GPU each data-dependent conditional
+costs a device-to-host sync (the launch queue drains), once per decode or draft step.
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
     def arrays(self) -> dict:
-        """Traced values for the jitted loops (temperature 0 is replaced by 1: greedy is static)."""
+        """Traced values for the jitted loops (temperature 0 is replaced by 1: greedy is static).
+        Without top-k and top-p, both are None: the filter is compiled out."""
+        if not self.filters:
+            return {"temperature": jnp.float32(self.temperature or 1.0), "top_k": None, "top_p": None}
         return {"temperature": jnp.float32(self.temperature or 1.0), "top_k": jnp.int32(self.top_k),
                 "top_p": jnp.float32(self.top_p)}
 
@@ -51,16 +60,20 @@ def _top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     sorted_desc = jnp.where((top_k > 0) & (sorted_desc < kth), -jnp.inf, sorted_desc)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = mass_before < top_p
+    kept = (mass_before < top_p) | (top_p >= 1.0)  # top_p = 1: off (no rounding cut-off)
     cutoff = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
 def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Temperature, then top-k, then top-p (HF's order). logits [..., V] f32."""
+    """Temperature, then top-k, then top-p (HF's order). logits [..., V] f32.
+    top_k = top_p = None: no filtering (static); otherwise top_k 0 / top_p 1 turn one off."""
     logits = logits.astype(jnp.float32) / temperature
-    needs_filter = (top_k > 0) | (top_p < 1.0)
-    return jax.lax.cond(needs_filter, lambda l: _top_k_top_p_mask(l, top_k, top_p), lambda l: l, logits)
+    if top_k is None and top_p is None:
+        return logits
+    top_k = jnp.int32(0) if top_k is None else top_k
+    top_p = jnp.float32(1.0) if top_p is None else top_p
+    return _top_k_top_p_mask(logits, top_k, top_p)
 
 
 def sampling_probs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:

@@ -179,19 +179,22 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     done = is_eos(first, eos_ids) | (count >= max_new_tokens)
     zeros = jnp.zeros((B,), jnp.int32)
 
+    def draft_pick(logits, rng):
+        """The draft token from one step's logits [B, V]: (token, rng, q [B, V] or None)."""
+        rng, key = jax.random.split(rng)
+        if greedy:
+            return select(logits, key), rng, None
+        # Filter once: the draft token is sampled from q, and q is kept for acceptance.
+        filtered = filtered_logits(logits, temperature, top_k, top_p)
+        nxt = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return nxt, rng, jax.nn.softmax(filtered, axis=-1)
+
     def draft_step(carry, i):
         tok, cache, lengths, rng = carry
         logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode,
                                 window=draft_window, layers=draft_layers)
-        logits = logits[:, 0]
-        rng, key = jax.random.split(rng)
-        if greedy:
-            nxt = select(logits, key)
-            return (nxt, cache, lengths, rng), (nxt, None)
-        # Filter once: the draft token is sampled from q, and q is kept for acceptance.
-        filtered = filtered_logits(logits, temperature, top_k, top_p)
-        nxt = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-        return (nxt, cache, lengths, rng), (nxt, jax.nn.softmax(filtered, axis=-1))
+        nxt, rng, q = draft_pick(logits[:, 0], rng)
+        return (nxt, cache, lengths, rng), (nxt, q)
 
     def draft_fixed(c, g: int):
         """g draft steps (static g): (cache, rng, drafts [B, g], q [g, B, V] or None)."""
@@ -218,6 +221,30 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         init = (c["last"], c["cache"], c["rng"], jnp.zeros((B, max_gamma), jnp.int32), qs)
         _, cache, rng, drafts, qs = jax.lax.fori_loop(0, g, step, init)
         return cache, rng, drafts, qs
+
+    def draft_readonly(c, cache, g: int):
+        """g draft steps (static g) that leave the cache alone (gamma="auto"): each step's K/V
+        go to a [L, B, KVH, max_gamma, hd] block that the later steps attend to beside the
+        cache (the model's ``prefix``). The same tokens, q and random keys as draft_fixed(c, g)
+        (up to float rounding of the attention split): (rng, drafts [B, g], q [g, B, V] or None)."""
+        if not g:
+            return c["rng"], jnp.zeros((B, 0), jnp.int32), None
+        cfg = model.cfg
+        shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_gamma, cfg.head_dim)
+
+        def step(carry, i):
+            tok, bk, bv, rng = carry
+            logits, (k_new, v_new) = forward(tok[:, None], cache, c["lengths"] + i,
+                                             mode=draft_mode, readonly_cache=True,
+                                             prefix=(bk, bv, i))
+            bk = jax.lax.dynamic_update_slice_in_dim(bk, k_new, i, axis=3)
+            bv = jax.lax.dynamic_update_slice_in_dim(bv, v_new, i, axis=3)
+            nxt, rng, q = draft_pick(logits[:, 0], rng)
+            return (nxt, bk, bv, rng), (nxt, q)
+
+        init = (c["last"], jnp.zeros(shape, cache.k.dtype), jnp.zeros(shape, cache.v.dtype), c["rng"])
+        (_, _, _, rng), (drafts, q) = jax.lax.scan(step, init, jnp.arange(g))
+        return rng, drafts.T, q
 
     def cycle(c, g: int):
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
@@ -276,19 +303,30 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         return ~jnp.all(c["done"])
 
     if auto:
-        # Drafting runs as one loop of a traced length (one compiled draft forward); only the
-        # verify pass, whose width is static, is compiled once per gamma and picked by switch.
-        # The cache only enters the switch to be read: a conditional whose branches write a
-        # large operand makes XLA copy it every cycle, so each branch returns its K/V blocks
-        # (padded to max_gamma + 1 positions) and they are written after the switch. The
-        # padding lands past every sequence's new length: stale positions nobody reads.
+        # One lax.switch per cycle picks a whole cycle compiled for its gamma: g read-only draft
+        # steps (a static scan) and the read-only verify pass. The cache only enters the switch
+        # to be read: a conditional whose branches write a large operand makes XLA copy it
+        # every cycle, so each branch returns its verify K/V blocks (padded to max_gamma + 1
+        # positions) and they are written after the switch. The padding lands past every
+        # sequence's new length: stale positions nobody reads. Each data-dependent loop or
+        # conditional costs a device-to-host sync on the GPU (the queue drains, the host
+        # relaunches), so the cycle has two (the loop's test and the switch), like a fixed
+        # gamma's one plus one. With draft_window or draft_layers (which the read-only
+        # forward does not take), drafting is a loop of a traced length over the writing draft
+        # forward instead: g + 1 more syncs per cycle.
+        readonly_draft = draft_window is None and draft_layers is None
+
         def verify_branch(g, c, cache, rng, drafts, qs):
             new, blocks = verify_and_accept(c, cache, rng, drafts[:, :g],
                                             None if qs is None else qs[:g], g, readonly=True)
             pad = ((0, 0), (0, 0), (0, 0), (0, max_gamma - g), (0, 0))
             return new, tuple(jnp.pad(b, pad) for b in blocks)
 
-        branches = [partial(verify_branch, g) for g in range(max_gamma + 1)]
+        def cycle_branch(g, c, cache):
+            return verify_branch(g, c, cache, *draft_readonly(c, cache, g))
+
+        branches = [partial(cycle_branch if readonly_draft else verify_branch, g)
+                    for g in range(max_gamma + 1)]
         costs = jnp.asarray(cycle_costs, jnp.float32)
         # Probes draft the gamma that would pay most at full acceptance (at least 1): several
         # trials per probe, so one probe can lift a pessimistic estimate over the break-even.
@@ -297,9 +335,14 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         def body(c):
             g = choose_gamma(costs, c["acc_hits"] / c["acc_trials"])
             g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
-            cache, *drafted = draft_dynamic(c, g)
-            rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
-            new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache, *drafted)
+            if readonly_draft:
+                cache = c["cache"]
+                rest = {k: v for k, v in c.items() if k != "cache"}
+                new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache)
+            else:
+                cache, *drafted = draft_dynamic(c, g)
+                rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
+                new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache, *drafted)
             pos = c["lengths"][:, None] + jnp.arange(max_gamma + 1)[None]  # [B, max_gamma + 1]
             b = jnp.arange(B)[:, None]
             # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout

@@ -38,7 +38,8 @@ def test_no_retrace_between_calls_with_same_shapes(model):
     # Other prompts of the same padded length, other sampling values, other seed: same program.
     qj.generate(model, [[3, 4], [8] * 9], max_new_tokens=6, temperature=0.7, top_k=5, seed=3)
     qj.generate(model, [[3, 4, 5, 6], [8]], max_new_tokens=6, temperature=1.3, top_p=0.5, seed=4)
-    assert decode_autoregressive._cache_size() == size + 1  # greedy vs sampling is static
+    # greedy vs sampling and filtering (top-k/top-p) on or off are static: one more program
+    assert decode_autoregressive._cache_size() == size + 1
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):

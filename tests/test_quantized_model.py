@@ -237,6 +237,42 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
         net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))
 
 
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels):
+    """gamma="auto"'s read-only draft steps: token i of a cycle sees the cache below the cycle's
+    start plus the K/V of the tokens drafted before it, kept in a prefix block (first n of P
+    slots valid, the rest junk), never in the cache. Same logits and K/V as one-token writing
+    forwards that store each token in the cache first (ragged starts, stale cache entries)."""
+    import jax
+    import jax.numpy as jnp
+    from qspec_jax.model import KVCache
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    net = model.module
+    B, S, P = 2, 32, 3
+    cache = KVCache.create(model.cfg, B, S, jnp.float32)
+    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a8")
+    start = jnp.array([6, 9], jnp.int32)
+    junk = jax.random.normal(jax.random.key(1), cache.k.shape, jnp.float32)
+    stale = jnp.arange(S)[None, None, None, :, None] >= start[None, :, None, None, None]
+    ro_cache = KVCache(jnp.where(stale, junk, cache.k), jnp.where(stale, junk, cache.v))
+    shape = (model.cfg.num_hidden_layers, B, model.cfg.num_key_value_heads, P, model.cfg.head_dim)
+    bk, bv = (jax.random.normal(jax.random.key(k), shape, jnp.float32) for k in (2, 3))  # junk
+    writing = ro_cache
+    for i in range(P):
+        tok = jnp.asarray(IDS[:, 9 + i:10 + i])
+        ref, writing = net(tok, writing, start + i, mode="w4a8")
+        got, (k_new, v_new) = net(tok, ro_cache, start + i, mode="w4a8", readonly_cache=True,
+                                  prefix=(bk, bv, jnp.int32(i)), kernels=kernels)
+        assert rel(np.asarray(got), np.asarray(ref)) < 1e-5, i
+        for b in range(B):
+            np.testing.assert_allclose(np.asarray(k_new[:, b, :, 0]),
+                                       np.asarray(writing.k[:, b, :, int(start[b]) + i]),
+                                       rtol=1e-4, atol=1e-5)
+        bk, bv = bk.at[:, :, :, i].set(k_new[:, :, :, 0]), bv.at[:, :, :, i].set(v_new[:, :, :, 0])
+    with pytest.raises(ValueError, match="prefix blocks are for read-only forwards"):
+        net(tok, ro_cache, start, mode="w4a8", prefix=(bk, bv, 0))
+
+
 def test_readonly_forward_with_the_attention_kernel(hf_dirs, monkeypatch):
     """kernels="pallas": the read-only verify forward runs the Pallas attention kernel over the
     cache (with its log-sum-exp, merged with the new block's attention) and gives the writing
