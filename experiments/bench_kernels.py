@@ -4,6 +4,17 @@
   PYTHONPATH=. python3 experiments/bench_kernels.py --sweep --out $OUT                # config sweep
   PYTHONPATH=. python3 experiments/bench_kernels.py --quick                           # CPU smoke run
 
+Peer `tokamax_w4a16` (not in the default variant list; name it in --variants): Google's tokamax
+(PyPI, Python >= 3.12, jax >= 0.11.1), its Hopper Mosaic GPU quantized ragged dot with one
+group (tokamax/_src/ops/ragged_dot/pallas_mosaic_gpu_kernel_sm90_quant.py). It is not in the
+device image; the git-ignored wheels/ folder holds it and the missing pure-Python dependencies
+(and pydantic_core for CPython 3.12 x86-64). On the device (carry wheels/):
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site wheels/*.whl && export PYTHONPATH=.:/tmp/site
+  python3 experiments/bench_kernels.py --variants ours_w4a16,xla_s4_dot,tokamax_w4a16 --ms 1,4,16,64
+Where tokamax cannot run (not installed, not a Hopper GPU, CPU, a shape its kernel refuses
+with NotImplementedError) its rows say "skipped: <reason>" instead of failing the run.
+
 Timing: device time of the kernels only, through CUPTI (jax.experimental.mosaic.gpu.profiler,
 the same counters as CUDA events but per kernel, so no Python dispatch), fallback: a jitted
 lax.fori_loop (difference of two loop lengths). Each timed call applies the kernel to R
@@ -214,11 +225,143 @@ def _xla_int8(xq, sx, ws):
                   ).astype(jnp.bfloat16) for w, s in ws)
 
 
+# ----------------------------------------------------------------------------- tokamax (peer)
+_TOKAMAX: dict = {}
+
+
+def _stub_xprof():
+    """tokamax/_src/benchmarking.py imports xprof.cli.tools.get_kernel_stats_tool at module level
+    (tokamax's own benchmarking; this bench never calls it). The xprof wheel is 22 MB with its
+    own dependencies, so where it is missing a stub module stands in for it."""
+    import importlib.util
+    import types
+    if importlib.util.find_spec("xprof") is not None:
+        return
+    mods = {n: types.ModuleType(n) for n in ("xprof", "xprof.cli", "xprof.cli.tools")}
+
+    def get_kernel_stats_tool(*a, **k):
+        raise RuntimeError("xprof is a stub in bench_kernels (tokamax benchmarking is not used)")
+    mods["xprof.cli.tools"].get_kernel_stats_tool = get_kernel_stats_tool
+    mods["xprof"].cli = mods["xprof.cli"]; mods["xprof.cli"].tools = mods["xprof.cli.tools"]
+    for n in ("xprof", "xprof.cli"):
+        mods[n].__path__ = []
+    sys.modules.update(mods)
+
+
+def _import_tokamax_ragged_dot():
+    """Imports tokamax's Mosaic GPU ragged dot. First `import tokamax` (the package __init__
+    imports every op, some through optional kernels such as jax_triton); if that fails, imports
+    only tokamax._src.ops.ragged_dot.pallas_mosaic_gpu under a bare package module (what the
+    public tokamax.ragged_dot_general(..., implementation="mosaic") calls on an NVIDIA GPU)."""
+    import importlib
+    import importlib.util
+    import types
+    try:
+        import tokamax  # noqa: F401
+        how = "import tokamax"
+    except Exception as e:  # noqa: BLE001
+        first = f"{type(e).__name__}: {str(e)[:200]}"
+        for n in [n for n in sys.modules if n == "tokamax" or n.startswith("tokamax.")]:
+            del sys.modules[n]
+        spec = importlib.util.find_spec("tokamax")
+        pkg = types.ModuleType("tokamax")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules["tokamax"] = pkg
+        how = f"bare package (import tokamax failed: {first})"
+    mod = importlib.import_module("tokamax._src.ops.ragged_dot.pallas_mosaic_gpu")
+    base = importlib.import_module("tokamax._src.ops.ragged_dot.base")
+    common = importlib.import_module("tokamax._src.ops.ragged_dot.pallas_mosaic_gpu_common")
+    return mod, base, common, how
+
+
+def tokamax_api():
+    """What the tokamax_w4a16 variant needs, imported once; raises RuntimeError(reason) where
+    tokamax cannot run (the caller records "skipped: <reason>")."""
+    if "error" in _TOKAMAX:
+        raise RuntimeError(_TOKAMAX["error"])
+    if "op_cls" in _TOKAMAX:
+        return _TOKAMAX
+    try:
+        dev = jax.devices()[0]
+        if dev.platform != "gpu":
+            raise RuntimeError(f"tokamax's int4 matmul is a Mosaic GPU (Hopper sm90) kernel; "
+                               f"the platform here is {dev.platform}")
+        if sys.version_info < (3, 12):
+            raise RuntimeError(f"tokamax needs Python >= 3.12 (this is {platform.python_version()})")
+        if jax.__version_info__ < (0, 11, 1):
+            raise RuntimeError(f"tokamax 0.0.17 needs jax >= 0.11.1 (this is {jax.__version__})")
+        import importlib.util
+        if importlib.util.find_spec("tokamax") is None:
+            raise RuntimeError("tokamax is not installed (see this file's docstring: pip install "
+                               "--no-index --no-deps --target /tmp/site wheels/*.whl)")
+        _stub_xprof()
+        mod, base, common, how = _import_tokamax_ragged_dot()
+        import qwix
+        try:  # tokamax parses its absl flags on first read: do it here, not in compile threads
+            importlib.import_module("tokamax._src.config").autotuning_cache_miss_fallback.value
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            from importlib.metadata import version
+            tv = version("tokamax")
+        except Exception:  # noqa: BLE001
+            tv = "?"
+        _TOKAMAX.update(op_cls=mod.PallasMosaicGpuRaggedDot, config_cls=mod.Config,
+                        grid_dim=common.MatmulDimension, dims=base.TRANS_RHS_RAGGED_DOT_DIM_NUMS,
+                        qarray=qwix.QArray, version=tv, how=how)
+        print(f"[tokamax] {tv} via {how}", flush=True)
+        return _TOKAMAX
+    except Exception as e:  # noqa: BLE001
+        _TOKAMAX["error"] = (str(e) if isinstance(e, RuntimeError)
+                             else f"{type(e).__name__}: {e}")[:300]
+        raise RuntimeError(_TOKAMAX["error"]) from e
+
+
+def tokamax_layout(qw, s):
+    """Our (packed int4 [K/2, N], f32 scales [K/G, N]) -> tokamax's preferred 'enk' layout
+    (pallas_mosaic_gpu.py: "optimized for physical layout mk,enk->mn"): int4 [1, N, K] and bf16
+    scales [1, N, K/G], w[n, k] ~ q[0, n, k] * s[0, n, k // G]. The sm90 kernel converts the int4
+    tile to the scale dtype and multiplies by the scale before the bf16 MMA, so the scales are
+    bf16 (the MMA operand dtype); f32 scales would make an f32 weight tile for a bf16 x."""
+    q = unpack_int4(qw).T.astype(jnp.int4)[None]
+    return q, s.T.astype(jnp.bfloat16)[None]
+
+
+def tokamax_weights(qw, s):
+    tk = tokamax_api()
+    q, sc = tokamax_layout(qw, s)
+    return tk["qarray"](qvalue=q, scale=sc, qtype=jnp.int4)
+
+
+def tokamax_config(K, G):
+    """tokamax's own sm90 heuristic for a quantized rhs (PallasMosaicGpuRaggedDot.
+    _get_heuristics_config: block 64x64, 2 stages, persistent, M-minor grid) with block_k =
+    min(K-subchannel, 256). Given explicitly because that heuristic reads the subchannel as the
+    scale tile along axis 1 of the rhs as passed, N in the [1, N, K] layout used here (tile 1:
+    block_k would be 1)."""
+    tk = tokamax_api()
+    return tk["config_cls"](block_m=64, block_n=64, block_k=min(G, 256), num_stages=2, split_k=1,
+                            persistent=True, grid_minor_dim=tk["grid_dim"].M, grid_tile_width=1)
+
+
+def _tokamax_w4a16(op, dims):
+    """y = x @ W with tokamax's quantized ragged dot, one group holding all M rows; rhs in the
+    [1, N, K] layout with TRANS_RHS dimension numbers (contract x axis 1 with rhs axis 2), so
+    the kernel reads the weight as stored (its rhs.mT and the kernel's own .mT cancel)."""
+    def f(x, ws):
+        gs = jnp.full((1,), x.shape[0], jnp.int32)
+        return tuple(op(x, w, group_sizes=gs, ragged_dot_dimension_numbers=dims) for w in ws)
+    return f
+
+
 def bytes_read(variant, M, K, N, G):
     xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_int8s",
                                    "ours_w4a8_gemvm", "xla_w8a8", "xla_s4_w8") else 2)
     if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"):
         return K * N // 2 + 4 * N * (K // G) + xb
+    if variant == "tokamax_w4a16":  # int4 weight + bf16 scales
+        return K * N // 2 + 2 * N * (K // G) + xb
     if variant == "xla_bf16":
         return 2 * K * N + xb
     if variant == "xla_w8a8":
@@ -244,11 +387,25 @@ class Job:
     R: int = 1
     compiled: object = None
     error: str | None = None
+    skip: str | None = None  # "skipped: <reason>": a peer that cannot run here (no row timing)
+    ref_w: tuple | None = None  # (packed int4 [K/2, N], f32 scales) when args hold another format
+    note: str | None = None
+
+
+# Peers whose NotImplementedError at trace time (shape/platform refused) is a skip, not an error.
+SKIPPABLE_VARIANTS = ("tokamax_w4a16",)
 
 
 def _compile(job: Job):
+    if job.skip:
+        return job
     try:
         job.compiled = jax.jit(job.fn).lower(*job.args).compile()
+    except NotImplementedError as e:
+        if job.variant in SKIPPABLE_VARIANTS:
+            job.skip = f"skipped: NotImplementedError: {str(e)[:300]}"
+        else:
+            job.error = f"{type(e).__name__}: {str(e)[:400]}"
     except Exception as e:  # noqa: BLE001
         job.error = f"{type(e).__name__}: {str(e)[:400]}"
     return job
@@ -263,7 +420,8 @@ def compile_all(jobs, workers):
         with cf.ThreadPoolExecutor(workers) as ex:
             list(ex.map(_compile, jobs))
     print(f"[compile] {len(jobs)} programs in {time.time() - t0:.1f}s "
-          f"({sum(j.error is not None for j in jobs)} failed)", flush=True)
+          f"({sum(j.error is not None for j in jobs)} failed, "
+          f"{sum(j.skip is not None for j in jobs)} skipped)", flush=True)
 
 
 def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
@@ -288,6 +446,17 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
         if "xla_w8a8" in need:
             R8 = n_copies(K * N, quick)
             ws8 = [(unpack_int4(ws4[r % R4][0]), ws4[r % R4][1]) for r in range(R8)]
+        ws_tk = tk_op = tk_skip = None
+        if "tokamax_w4a16" in need:
+            try:
+                tk = tokamax_api()
+                tk_cfg = tokamax_config(K, G)
+                tk_op = tk["op_cls"](config=tk_cfg)
+                ws_tk = [tokamax_weights(qw, s) for qw, s in ws4]
+                tk_note = f"tokamax {tk['version']}: {tk_cfg}"
+            except Exception as e:  # noqa: BLE001
+                tk_skip = f"skipped: {str(e)[:300]}"
+                print(f"[tokamax_w4a16] {K}x{N}: {tk_skip}", flush=True)
         for M in ms:
             x = make_x(jax.random.fold_in(key, M * 131 + K + N), M, K)
             xq, sx = quantize_per_token_reference(x, 8)
@@ -329,6 +498,12 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                         j = Job(v, K, N, M, G, None, _xla_s4_w8, (xq, sx, ws_int4), len(ws_int4))
                     elif v == "xla_w8a8":
                         j = Job(v, K, N, M, G, None, _xla_int8, (xq, sx, ws8), len(ws8))
+                    elif v == "tokamax_w4a16":
+                        if tk_skip:
+                            j = Job(v, K, N, M, G, None, skip=tk_skip)
+                        else:
+                            j = Job(v, K, N, M, G, None, _tokamax_w4a16(tk_op, tk["dims"]),
+                                    (x, ws_tk), len(ws_tk), ref_w=ws4[0], note=tk_note)
                     else:
                         raise KeyError(v)
                     jobs.append(j)
@@ -349,6 +524,8 @@ def check_job(job: Job):
         x, ws = job.args
         xq, sx = quantize_per_token_reference(x, 8)
         ref = w4a8_matmul_reference(xq, sx, *ws[0])
+    elif job.ref_w is not None:  # peers computing W4A16 from the same int4 weights (tokamax)
+        ref = w4a16_matmul_reference(job.args[0], *job.ref_w)
     else:
         return None, None
     o = np.asarray(out.astype(jnp.float32)); r = np.asarray(ref.astype(jnp.float32))
@@ -369,6 +546,12 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
             print(f"[run] {ij}/{len(jobs)} rows in {time.time() - t0:.0f}s", flush=True)
         row = dict(variant=j.variant, K=j.K, N=j.N, M=j.M, G=j.G,
                    config=(j.cfg.short() if j.cfg else None), R=j.R)
+        if j.note:
+            row["note"] = j.note
+        if j.skip:
+            row["skipped"] = j.skip
+            rows.append(row)
+            continue
         if j.error:
             row["error"] = j.error
             rows.append(row)
@@ -513,7 +696,7 @@ def write_md(path, meta, rows, qs, shapes):
             for v in variants:
                 rr = [r for r in rs if r["M"] == M and r["variant"] == v]
                 if not rr or "us_median" not in rr[0]:
-                    cells.append("err" if rr else "-")
+                    cells.append(("skip" if "skipped" in rr[0] else "err") if rr else "-")
                     continue
                 r = rr[0]
                 cells.append(f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]")
@@ -533,6 +716,19 @@ def write_md(path, meta, rows, qs, shapes):
             ex = [r["frac_bitexact"] for r in errs if r["variant"] == v]
             L.append(f"- {v}: worst relative error {e:.2e}; fraction of bit-identical outputs min {min(ex):.4f}")
         L.append("")
+    skipped = {}
+    for r in rows:
+        if "skipped" in r:
+            skipped.setdefault((r["variant"], r["skipped"]), []).append(f"{r['K']}x{r['N']} M={r['M']}")
+    if skipped:
+        L += ["## Skipped (peers that cannot run here)", ""]
+        for (v, why), where in skipped.items():
+            L.append(f"- {v}: {why} ({len(where)} rows: {', '.join(where[:4])}"
+                     f"{', ...' if len(where) > 4 else ''})")
+        L.append("")
+    notes = {r["variant"]: r["note"] for r in rows if r.get("note")}
+    if notes:
+        L += ["## Peer configurations", ""] + [f"- {v}: {n}" for v, n in notes.items()] + [""]
     bad = [r for r in rows if "error" in r]
     if bad:
         L += ["## Failures", ""] + [f"- {r['variant']} {r['K']}x{r['N']} M={r['M']}: {r['error'][:200]}"
@@ -739,8 +935,11 @@ def main(argv=None):
         print()
         print(open(os.path.join(out, f"kernels_{tag}.md")).read()[-6000:])
     nerr = sum("error" in r for r in rows)
+    nskip = sum("skipped" in r for r in rows)
     bad = [r for r in rows if r.get("rel_err") is not None and not r["rel_err"] < 1e-2]
-    print(f"\n{len(rows)} rows, {nerr} errors, {len(bad)} failed checks", flush=True)
+    print(f"\n{len(rows)} rows, {nerr} errors, {nskip} skipped, {len(bad)} failed checks", flush=True)
+    for why in sorted({r["skipped"] for r in rows if "skipped" in r})[:5]:
+        print("SKIP", why)
     for r in bad[:10]:
         print("BAD", r)
     return 0
