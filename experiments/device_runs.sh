@@ -6,7 +6,10 @@
 #   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
-#   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes (~9 min)
+#   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
+#   bash experiments/device_runs.sh sweep8b_more  # the same at batch 2/8/32/128 (~8 min)
+#   bash experiments/device_runs.sh compile    # 8B compile and step times: XLA autotuning on / cached / off (~6 min)
+#   bash experiments/device_runs.sh tokamax    # tokamax's Hopper int4 matmul as a peer (run with carry=["wheels"]; ~6 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model sweep (~5 min)
 #   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
 #
@@ -17,7 +20,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweepsmall | attention}"
+stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -72,6 +75,38 @@ case "$stage" in
     step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,4,64 \
       --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
       --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b_$COMMIT.jsonl"
+    ;;
+  sweep8b_more)
+    step 540 sweep8b_more.log python3 experiments/sweep.py --models llama3-8b --batches 2,8,32,128 \
+      --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
+      --time-budget 480 --commit "$COMMIT" --out "$OUT/sweep_h200_8b_$COMMIT.jsonl"
+    ;;
+  compile)
+    # Where the 20-47 s per 8B program go: XLA's GEMM autotuning (lm_head, attention einsums) is
+    # redone in every process. Same two points (w4a16 AR and gamma 3 at batch 4), four runs:
+    # default; autotune results cached on disk, twice (the second process reads the first's); no
+    # autotuning. Compare compile s and ms/step in the three files.
+    for v in default cache1 cache2 noautotune; do
+      flags=""
+      case "$v" in
+        cache*) flags="--xla_gpu_per_fusion_autotune_cache_dir=$OUT/autotune_cache" ;;
+        noautotune) flags="--xla_gpu_autotune_level=0" ;;
+      esac
+      export XLA_FLAGS="$flags"
+      step 150 "compile_$v.log" python3 experiments/sweep.py --models llama3-8b \
+        --batches 4 --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 \
+        --commit "$COMMIT-$v" --out "$OUT/compile_$v.jsonl"
+    done
+    unset XLA_FLAGS
+    ;;
+  tokamax)
+    # Needs carry=["wheels"] (git-ignored; see experiments/bench_kernels.py's docstring).
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site wheels/*.whl
+    export PYTHONPATH=.:/tmp/site
+    step 380 tokamax.log python3 experiments/bench_kernels.py \
+      --variants ours_w4a16,xla_s4_dot,tokamax_w4a16 --ms 1,4,16,64 --tag h200_tokamax \
+      --commit "$COMMIT" --out "$OUT"
     ;;
   sweepsmall)
     step 300 sweep_default.log python3 experiments/sweep.py --models default --batches 1,16,64 \
