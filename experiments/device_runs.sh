@@ -85,7 +85,7 @@ case "$stage" in
     # Where the 20-47 s per 8B program go: XLA's GEMM autotuning (lm_head, attention einsums) is
     # redone in every process. Same two points (w4a16 AR and gamma 3 at batch 4), four runs:
     # default; autotune results cached on disk, twice (the second process reads the first's); no
-    # autotuning. Compare compile s and ms/step in the three files.
+    # autotuning. Compare compile s and ms/step in the four files.
     for v in default cache1 cache2 noautotune; do
       flags=""
       case "$v" in
