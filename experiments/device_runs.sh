@@ -65,8 +65,9 @@ case "$stage" in
       --ms 32,64,128 --tag h200_verifym --variants ours_w4a16,ours_w4a8 --commit "$COMMIT" --out "$OUT"
     ;;
   profile)
-    # Device time by kernel of a w4a16 step, a fixed gamma-3 cycle and an auto cycle drafting 3
-    # (8B shapes, batch 4: auto measured 19.7 vs 18.6 ms per cycle, sweep_h200_8b.md).
+    # Device time by kernel and device idle time (host syncs) of a w4a16 step, a fixed gamma-3
+    # cycle and an auto cycle drafting 3 (8B shapes, batch 4; profile_h200_8b_b4.md at 1b2edc7:
+    # same device time for auto and gamma 3, auto 0.9-1.2 ms slower per cycle unprofiled).
     step 300 profile_b4.log python3 experiments/profile_cycle.py --model llama3-8b --batch 4 \
       --configs w4a16,qspec3,qspec-auto3 --new-tokens 64 --commit "$COMMIT" --out "$OUT/prof"
     ;;

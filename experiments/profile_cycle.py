@@ -33,9 +33,9 @@ import jax  # noqa: E402
 import qspec_jax as qj  # noqa: E402
 
 
-def kernel_times(trace_dir: str) -> tuple[dict, str]:
-    """{name: [total_us, count]} of the complete events on device tracks of the newest
-    Perfetto trace under trace_dir, and which tracks were used ("gpu" or "host")."""
+def _device_events(trace_dir: str) -> tuple[list, str]:
+    """The complete ("X") events on the device tracks of the newest Perfetto trace under
+    trace_dir, and which tracks those are ("gpu": CUDA streams, or "host": XLA:CPU's thunks)."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not files:
@@ -57,13 +57,43 @@ def kernel_times(trace_dir: str) -> tuple[dict, str]:
         name = e.get("name", "")  # CPU: XLA's thunks on its Eigen threads, not the bookkeeping
         return ("XLAEigen" in t and not name.startswith(("ThreadpoolListener", "ThunkExecutor", "end:")))
 
+    return [e for e in events if e.get("ph") == "X" and "dur" in e and wanted(e)], kind
+
+
+def kernel_times(trace_dir: str) -> tuple[dict, str]:
+    """{name: [total_us, count]} of the complete events on device tracks of the newest
+    Perfetto trace under trace_dir, and which tracks were used ("gpu" or "host")."""
+    events, kind = _device_events(trace_dir)
     out = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
-        if e.get("ph") == "X" and "dur" in e and wanted(e):
-            t = out[e["name"]]
-            t[0] += float(e["dur"])
-            t[1] += 1
+        t = out[e["name"]]
+        t[0] += float(e["dur"])
+        t[1] += 1
     return dict(out), kind
+
+
+def idle_time(trace_dir: str, min_gap_us: float = 20.0) -> dict:
+    """When the device waited: from the first kernel's start to the last one's end (span), the
+    time some kernel ran (busy: the union over streams), the rest (idle), and the gaps of at
+    least ``min_gap_us`` (count, total). A device-to-host sync (a data-dependent loop test or
+    conditional) drains the queue and shows up as such a gap while the host relaunches."""
+    events, _ = _device_events(trace_dir)
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+    if not spans:
+        return dict(span_us=0.0, busy_us=0.0, idle_us=0.0, gaps=0, gap_us=0.0)
+    busy, gaps, gap_us = 0.0, 0, 0.0
+    cur_s, cur_e = spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            if s - cur_e >= min_gap_us:
+                gaps, gap_us = gaps + 1, gap_us + (s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = max(e for _, e in spans) - spans[0][0]
+    return dict(span_us=span, busy_us=busy, idle_us=span - busy, gaps=gaps, gap_us=gap_us)
 
 
 def config_kwargs(name: str, max_gamma: int):
@@ -114,15 +144,20 @@ def main(argv=None):
             out = run()
             wall = time.perf_counter() - t0
         times, kind = kernel_times(tdir)
+        idle = idle_time(tdir)
         st = out.stats
         cycles = int(st.get("cycles") or 0) or (a.new_tokens - 1)
         total = sum(v[0] for v in times.values())
         res[name] = dict(wall_s=wall, compile_s=compile_s, cycles=cycles, tracks=kind,
                          total_kernel_us=total, per_cycle_us=total / cycles,
                          gamma_cycles=st.get("gamma_cycles"), acceptance=st.get("acceptance_rate"),
+                         idle=idle, idle_per_cycle_us=idle["idle_us"] / cycles,
+                         gaps_per_cycle=idle["gaps"] / cycles,
                          kernels={k: v for k, v in sorted(times.items(), key=lambda kv: -kv[1][0])})
         print(f"[profile] {name}: wall {wall:.3f} s, {cycles} cycles, device {total / 1e3:.1f} ms "
-              f"({kind} tracks), {total / cycles:.1f} us per cycle", flush=True)
+              f"({kind} tracks), {total / cycles:.1f} us per cycle, device idle "
+              f"{idle['idle_us'] / cycles:.1f} us per cycle ({idle['gaps'] / cycles:.2f} gaps >= 20 us)",
+              flush=True)
     meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                 kernels=a.kernels, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -136,12 +171,16 @@ def main(argv=None):
              f"--new-tokens {a.new_tokens}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "
              "kernel durations on the device tracks (prefill included), per cycle = / cycles "
-             "(a cycle is one step for w4a16).", "",
-             "| config | wall s | cycles | device ms | us per cycle | tracks |", "|---|---|---|---|---|---|"]
+             "(a cycle is one step for w4a16). Idle: time between the first kernel's start and "
+             "the last one's end with no kernel running (profiling slows the host, so gaps are "
+             "larger than unprofiled); gaps: idle stretches of 20 us or more.", "",
+             "| config | wall s | cycles | device ms | us per cycle | idle us per cycle | gaps >= 20 us per cycle | tracks |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in names:
         r = res[n]
         lines.append(f"| {n} | {r['wall_s']:.3f} | {r['cycles']} | {r['total_kernel_us'] / 1e3:.1f} | "
-                     f"{r['per_cycle_us']:.1f} | {r['tracks']} |")
+                     f"{r['per_cycle_us']:.1f} | {r['idle_per_cycle_us']:.1f} | "
+                     f"{r['gaps_per_cycle']:.2f} | {r['tracks']} |")
     if len(names) >= 2:
         x, y = names[-1], names[-2]
         keys = set(res[x]["kernels"]) | set(res[y]["kernels"])

@@ -36,6 +36,17 @@ def test_gpu_trace_counts_stream_kernels_once(tmp_path):
     assert times == {"w4a16_gemm": [12.0, 2], "fusion.3": [2.0, 1]}
 
 
+def test_idle_time_is_the_span_minus_the_union_of_kernels(tmp_path):
+    ev = _meta(1, 10, "/device:GPU:0", "Stream #7(Compute)") + _meta(1, 12, "/device:GPU:0", "Stream #8")
+    ev += [{"ph": "X", "pid": 1, "tid": 10, "name": "a", "ts": 0, "dur": 10.0},
+           {"ph": "X", "pid": 1, "tid": 12, "name": "b", "ts": 5, "dur": 10.0},    # overlaps a
+           {"ph": "X", "pid": 1, "tid": 10, "name": "c", "ts": 20, "dur": 5.0},    # 5 us gap
+           {"ph": "X", "pid": 1, "tid": 10, "name": "d", "ts": 100, "dur": 1.0},   # 75 us gap
+           {"ph": "X", "pid": 1, "tid": 10, "name": "e", "ts": 100.5, "dur": 0.2}]  # inside d
+    idle = profile_cycle.idle_time(_write(tmp_path, ev))
+    assert idle == dict(span_us=101.0, busy_us=21.0, idle_us=80.0, gaps=1, gap_us=75.0)
+
+
 def test_cpu_trace_counts_xla_thunks(tmp_path):
     ev = _meta(1, 10, "/host:CPU", "tf_XLAEigen/123") + _meta(1, 11, "/host:CPU", "python")
     ev += [{"ph": "X", "pid": 1, "tid": 10, "name": "dot.1", "ts": 0, "dur": 3.0},
