@@ -191,7 +191,7 @@ def _ours_w4a8_q(cfg=None):
 
 # variant -> largest M it is run at (None: all)
 VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
-                 "ours_w4a16_cvts": 128,
+                 "ours_w4a16_cvts": 128, "ours_w4a16_asm": 128,
                  "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M,
                  "ours_w4a16_gemvm": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemvm": w4a16_mod.GEMV_MAX_M}
 GEMV_VARIANTS = {"ours_w4a16_gemv": "gemv", "ours_w4a8_gemv": "gemv",
@@ -475,7 +475,8 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                     elif v in ("ours_w4a16_gemv", "ours_w4a16_gemvm"):
                         c = cfg or w4a16_mod.gemv_config(M, K, N, G, GEMV_VARIANTS[v])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
-                    elif v in ("ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_cvts"):
+                    elif v in ("ours_w4a16_cvt", "ours_w4a16_magic", "ours_w4a16_cvts",
+                               "ours_w4a16_asm"):
                         c = _cfg16(M, K, N, G, v.rsplit("_", 1)[1])
                         j = Job(v, K, N, M, G, c, _ours_w4a16(c), (x, ws4), R4)
                     elif v == "ours_w4a8":
@@ -650,7 +651,7 @@ def qspec_implication(rows, shapes, gamma=3, a=0.9):
             tot += min(c)
         return tot
 
-    v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_cvts", "ours_w4a16_magic",
+    v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_cvts", "ours_w4a16_magic", "ours_w4a16_asm",
            "ours_w4a16_triton"]
     v8 = ["ours_w4a8", "ours_w4a8_magic", "ours_w4a8_int8s"]
     E = (1 - a ** (gamma + 1)) / (1 - a)

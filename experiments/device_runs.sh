@@ -4,6 +4,7 @@
 # returns what it measured). Copy what comes back into experiments/results/.
 #
 #   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
+#   bash experiments/device_runs.sh asm        # w4a16 inline-PTX nibbles: GPU tests + timing against the defaults (~5 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -37,9 +38,20 @@ case "$stage" in
     # (all M, README's table), and the fused RMSNorm + quantization kernel against XLA.
     step 240 gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py -q -rA -p no:cacheprovider
     step 250 kernels_full.log python3 experiments/bench_kernels.py --tag h200_tuned \
-      --variants ours_w4a16,ours_w4a16_cvt,ours_w4a16_cvts,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
+      --variants ours_w4a16,ours_w4a16_cvt,ours_w4a16_cvts,ours_w4a16_asm,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
       --commit "$COMMIT" --out "$OUT"
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  asm)
+    # dequant="asm" (nibbles -> bf16 pairs by inline PTX: prmt, lop3, packed fma; untested on a
+    # GPU when written): its GPU test cases first (ptxas must accept the PTX), then the timing.
+    export QSPEC_GPU_CASES=asm
+    step 150 asm_gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py \
+      -q -rA -s -p no:cacheprovider -k matches_reference
+    unset QSPEC_GPU_CASES
+    step 280 asm_bench.log python3 experiments/bench_kernels.py --ms 1,2,4,8,16,32,64,128 \
+      --tag h200_asm --variants ours_w4a16,ours_w4a16_asm,ours_w4a16_cvts,ours_w4a8,xla_s4_dot \
+      --commit "$COMMIT" --out "$OUT"
     ;;
   gemv)
     # Small-M paths side by side (M 1-16, four 8B shapes): today's MMA default, the FMA path with

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -60,6 +61,9 @@ class TileConfig:
     #  "gemv_magic": as "gemv", but each nibble becomes an f32 by bit operations (the float
     #           2**23 + u, then the offset subtracted): no int->float conversion instructions,
     #           which run at 1/8 of the FMA rate on Hopper.
+    #  "asm":  (w4a16, bf16/f16 x) the "magic" bit trick on packed registers in inline PTX
+    #           (asm_nibbles): 14 instructions per 4 bytes (8 nibbles) instead of several per
+    #           nibble; interpret mode runs the same bit arithmetic in jnp.
     #  For w4a8 "magic" converts xq to bf16 and runs bf16 MMA with f32 accumulation, which is
     #  exact while |acc| < 2**24 (127 * 8 * K < 2**24, i.e. K <= 16384).
     dequant: str = "magic"
@@ -95,6 +99,56 @@ def magic_dequant(w16, dtype):
         return lax.bitcast_convert_type(ab, dtype) - jnp.asarray(off, dtype)
 
     return plane(0, 8), plane(4, 12)
+
+
+_FMA_ONE = {"bfloat16": (0x3F80, "bf16x2"), "float16": (0x3C00, "f16x2")}  # 1.0, PTX type
+
+
+def _asm_ptx(dtype_name: str, high: bool) -> str:
+    """PTX for asm_nibbles: four packed int8 bytes in ($2) -> their four low (high: high)
+    nibbles as two 16-bit float pairs ($0, $1), element order kept (byte i of $2 is element
+    i; element 0 is the low half of $0). Per pair: prmt spreads two bytes to the two 16-bit
+    halves, one lop3 computes (t & 0x000F000F) ^ (pattern | 8) in both halves (the float
+    pattern | u with u = n ^ 8 = v + 8), one packed fma subtracts pattern's value + 8.
+    (One result per call: Pallas's Triton lowering of elementwise_inline_asm takes one.)"""
+    base, off = _MAGIC[dtype_name]
+    one, ftype = _FMA_ONE[dtype_name]
+    pat = (base | 8) * 0x10001
+    neg = int(np.asarray(-off, jnp.dtype(dtype_name)).view(np.uint16)) * 0x10001
+    lut = 0x6A  # (a & b) ^ c
+    lines = [".reg .b32 t0, t1, one, off, z;",
+             f"mov.b32 one, {one * 0x10001:#010x};",
+             f"mov.b32 off, {neg:#010x};",
+             "mov.b32 z, 0;",
+             "prmt.b32 t0, $2, z, 0x4140;",   # bytes 0, 1 -> the low byte of halves 0, 1
+             "prmt.b32 t1, $2, z, 0x4342;"]   # bytes 2, 3
+    if high:
+        lines += ["shr.u32 t0, t0, 4;", "shr.u32 t1, t1, 4;"]
+    lines += [f"lop3.b32 $0, t0, 0x000F000F, {pat:#010x}, {lut:#04x};",
+              f"lop3.b32 $1, t1, 0x000F000F, {pat:#010x}, {lut:#04x};",
+              f"fma.rn.{ftype} $0, $0, one, off;",
+              f"fma.rn.{ftype} $1, $1, one, off;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def asm_nibbles(q, dtype, interpret: bool):
+    """int8 [r, c] packed pairs -> (low, high) nibble values [r, c] in dtype (bf16 or f16),
+    exact. On the GPU one inline-PTX instance handles four bytes (see _asm_ptx: 6-8
+    instructions for four nibbles); in interpret mode (CPU tests) the same bit arithmetic runs
+    in jnp, so the constants are tested there."""
+    name = jnp.dtype(dtype).name
+    base, off = _MAGIC[name]
+    if interpret or pltriton is None:
+        w = q.astype(jnp.int16)
+        pat = jnp.int16(base | 8)
+
+        def plane(bits):
+            return lax.bitcast_convert_type((bits & jnp.int16(0xF)) ^ pat, dtype) - jnp.asarray(off, dtype)
+        return plane(w), plane(lax.shift_right_arithmetic(w, jnp.int16(4)))
+    out = [jax.ShapeDtypeStruct(q.shape, dtype)]
+    return tuple(pltriton.elementwise_inline_asm(_asm_ptx(name, high), args=[q], constraints="=r,=r,r",
+                                                 pack=4, result_shape_dtypes=out)[0]
+                 for high in (False, True))
 
 
 def as_int16_pairs(qweight):

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (GEMV_MAX_M, TileConfig, as_int16_pairs,  # noqa: F401
-                                    check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
+                                    asm_nibbles, check_operands, fit_config, gemm_call, gemv_config, gemv_rows,
                                     is_gemv, magic_dequant, shifted_nibbles,
                                     split_nibbles, unpack_int4)
 
@@ -80,7 +80,7 @@ def _xla_dequant_matmul(x, qweight, scales):
 
 # ----------------------------------------------------------------------------- kernel
 def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
-                  partial_out, dequant):
+                  partial_out, dequant, interpret=False):
     # x_ref: [bm, K]        rows m*bm .. of x (rows >= M are masked to 0)
     # q_ref: [kh_split, bn] int8 packed rows of this K split
     #        (dequant == "magic": int16 [kh_split, bn//2], two packed bytes per element)
@@ -119,6 +119,8 @@ def _w4a16_kernel(x_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpos
         k0 = pl.multiple_of(i * bk, bk)
         if dequant == "magic":
             lo, hi = magic_dequant(q_ref[pl.ds(k0, bk), :], cdt)  # cdt [bk, bn] each
+        elif dequant == "asm":  # the magic trick on packed registers, inline PTX
+            lo, hi = asm_nibbles(q_ref[pl.ds(k0, bk), :], cdt, interpret)
         elif dequant == "cvts":  # 16 * v (exact in bf16/f16): one shift or mask per plane
             lo, hi = shifted_nibbles(q_ref[pl.ds(k0, bk), :])
             lo, hi = lo.astype(cdt), hi.astype(cdt)
@@ -175,7 +177,7 @@ def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
     else:
         kernel = functools.partial(
             _w4a16_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-            masked=(M % bm != 0), partial_out=split > 1, dequant=cfg.dequant)
+            masked=(M % bm != 0), partial_out=split > 1, dequant=cfg.dequant, interpret=interpret)
     return gemm_call(kernel, [pl.BlockSpec((bm, K), lambda n, m, s: (m, 0))], M=M, K=K, N=N, G=G,
                      cfg=cfg, out_dtype=dtype, partial_dtype=jnp.float32, interpret=interpret,
                      name=f"w4a16_{cfg.short()}")
@@ -242,7 +244,7 @@ def w4a16_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, backend
         cfg = default_config(M, K, N, G)
     else:
         cfg = fit_config(config, M, K, N, G, int8=False)
-    if cfg.dequant == "magic" and x.dtype == jnp.float32:
+    if cfg.dequant in ("magic", "asm") and x.dtype == jnp.float32:
         cfg = dataclasses.replace(cfg, dequant="cvt")  # no magic constant for f32 (not a fast path)
     q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
     out = _build(M, K, N, G, x.dtype, cfg, interpret)(x, q, scales)

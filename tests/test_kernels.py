@@ -63,6 +63,10 @@ GEMV_CASES = [  # the FMA path for a few token rows (both kernels)
     (2, 512, 64, 512, TileConfig(16, 64, 32, 2, dequant="gemv_magic")),  # bit-trick nibbles
     (3, 256, 64, 64, TileConfig(16, 32, 32, 1, dequant="gemv_magic")),   # ... with groups
 ]
+ASM_CASES = [  # w4a16 only: nibbles -> bf16/f16 by inline PTX on GPUs (jnp bit ops here)
+    (6, 256, 64, 256, TileConfig(16, 64, 32, 2, dequant="asm")),
+    (17, 256, 128, 64, TileConfig(16, 64, 32, 1, transpose=True, dequant="asm")),  # groups
+]
 # Default configs use dequant="magic" for w4a16 (bf16) and "int8" MMA for w4a8; an explicit
 # TileConfig defaults to "magic" (w4a8: bf16 MMA with exact f32 accumulation).
 
@@ -79,7 +83,7 @@ def test_w4a16_xla_backend_and_auto_dispatch():
             assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("M,K,N,G,cfg", CASES + GEMV_CASES)
+@pytest.mark.parametrize("M,K,N,G,cfg", CASES + GEMV_CASES + ASM_CASES)
 def test_w4a16_matches_reference(M, K, N, G, cfg):
     key = jax.random.key(M * 1000 + K + N + G)
     qw, s = _weights(key, K, N, G)
@@ -123,6 +127,31 @@ def test_w4a8_matches_reference(M, K, N, G, cfg, bits):
     assert yb.dtype == jnp.bfloat16
     if G == K:
         np.testing.assert_array_equal(np.asarray(yb), np.asarray(ref.astype(jnp.bfloat16)))
+
+
+def test_asm_dequant_bit_trick_and_ptx():
+    """dequant="asm": the bit arithmetic its PTX performs (run in jnp under interpret) gives
+    every nibble value exactly in bf16 and f16; the PTX holds the same constants; an f16
+    activation through the kernel matches the reference."""
+    from pallas_kernels._common import _asm_ptx, asm_nibbles
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    ref_lo, ref_hi = split_nibbles(q)
+    for dt, pat, neg in ((jnp.bfloat16, "0x43084308", "0xc308c308"),
+                         (jnp.float16, "0x64086408", "0xe408e408")):
+        lo, hi = asm_nibbles(q, dt, interpret=True)
+        assert lo.dtype == hi.dtype == dt
+        np.testing.assert_array_equal(np.asarray(lo, np.float32), np.asarray(ref_lo, np.float32))
+        np.testing.assert_array_equal(np.asarray(hi, np.float32), np.asarray(ref_hi, np.float32))
+        for high in (False, True):
+            ptx = _asm_ptx(jnp.dtype(dt).name, high)
+            assert ptx.count(pat) == 2 and f"mov.b32 off, {neg};" in ptx and ptx.count("fma.rn.") == 2
+            assert ("shr.u32" in ptx) == high
+    M, K, N = 5, 256, 64
+    qw, s = _weights(jax.random.key(11), K, N, K)
+    x = jax.random.normal(jax.random.key(12), (M, K), jnp.float32).astype(jnp.float16)
+    y = w4a16_matmul(x, qw, s, interpret=True, config=TileConfig(16, 64, 32, 2, dequant="asm"))
+    assert y.dtype == jnp.float16
+    assert _rel(y.astype(jnp.float32), w4a16_matmul_reference(x.astype(jnp.float32), qw, s)) < 1e-2
 
 
 def test_int_path_exact_accumulation():
@@ -218,7 +247,7 @@ def test_magic_nibbles_f32_is_exact_for_every_byte():
 
 @pytest.mark.parametrize("kernel,dequant", [("w4a16", "gemv"), ("w4a8", "gemv"),
                                             ("w4a16", "gemv_magic"), ("w4a8", "int8s"),
-                                            ("w4a16", "cvts")])
+                                            ("w4a16", "cvts"), ("w4a16", "asm")])
 def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
     """The GEMV path lowers to a Triton kernel for CUDA (no GPU needed to lower) on the Llama
     shapes; compiling and timing it is the GPU tests' and bench_kernels' job."""
@@ -239,3 +268,5 @@ def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
                 pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
             raise
         assert f"{kernel}_bm16_bn256_bk32_s4" in txt and dequant in txt
+        if dequant == "asm":  # the inline PTX is in the Triton kernel
+            assert "lop3.b32" in txt and "prmt.b32" in txt

@@ -41,6 +41,7 @@ def _cases():
             if M <= 64:
                 cs.append(("w4a8_magic", M, K, N, K, None))
                 cs.append(("w4a16_magic", M, K, N, K, None))
+                cs.append(("w4a16_asm", M, K, N, K, None))  # inline-PTX nibbles
             if M <= w16mod.GEMV_MAX_M:
                 cs.append(("w4a16_gemv", M, K, N, K, None))
                 cs.append(("w4a8_gemv", M, K, N, K, None))
@@ -50,6 +51,8 @@ def _cases():
     for K, N in [(4096, 4096), (14336, 4096)]:
         for M in (3, 50, 300):
             cs += [("w4a16", M, K, N, 128, None), ("w4a8", M, K, N, 128, None)]
+            if M < 256:
+                cs.append(("w4a16_asm", M, K, N, 128, None))
     cs += [("w4a16_gemv", 3, 4096, 4096, 128, None), ("w4a8_gemv", 3, 4096, 4096, 128, None)]
     for M in (1, 17):
         cs += [("w4a16", M, 64, 32, 64, None), ("w4a8", M, 64, 32, 64, None),
@@ -73,7 +76,7 @@ def _program(kind, M, K, N, G):
         if kind.startswith("w4a16"):
             cfg = None
             backend = "triton" if kind == "w4a16_triton" else None
-            if kind in ("w4a16_magic", "w4a16_cvts"):
+            if kind in ("w4a16_magic", "w4a16_cvts", "w4a16_asm"):
                 base = w16mod.default_config(max(M, 3), K, N, G)  # an MMA tile config
                 cfg = dataclasses.replace(base, dequant=kind.split("_")[1])
             if kind == "w4a16_gemv":
