@@ -5,6 +5,7 @@
 #
 #   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
 #   bash experiments/device_runs.sh asm        # w4a16 inline-PTX nibbles: GPU tests + timing against the defaults (~5 min)
+#   bash experiments/device_runs.sh normquant  # fused RMSNorm + quantization: kernel vs XLA, then end to end (~7 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -52,6 +53,19 @@ case "$stage" in
     step 280 asm_bench.log python3 experiments/bench_kernels.py --ms 1,2,4,8,16,32,64,128 \
       --tag h200_asm --variants ours_w4a16,ours_w4a16_asm,ours_w4a16_cvts,ours_w4a8,xla_s4_dot \
       --commit "$COMMIT" --out "$OUT"
+    ;;
+  normquant)
+    # The fused RMSNorm + per-token quantization kernel against XLA's fusion of the same math,
+    # then gamma 3 at batch 4 and 16 with and without it in the model (--norm-quant-kernel sets
+    # kernel_dispatch.NORM_QUANT_AUTO; if it wins, make that the default).
+    step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    for v in xla kernel; do
+      flag=""
+      [ "$v" = kernel ] && flag="--norm-quant-kernel"
+      step 200 "normquant_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 4,16 \
+        --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
+        --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
+    done
     ;;
   gemv)
     # Small-M paths side by side (M 1-16, four 8B shapes): today's MMA default, the FMA path with

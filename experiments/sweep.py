@@ -210,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--repeats", type=int, default=None, help="default 3")
     p.add_argument("--kernels", default="auto")
+    p.add_argument("--norm-quant-kernel", action="store_true",
+                   help="draft modes: the fused RMSNorm + quantization kernel under kernels=auto "
+                        "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -236,6 +239,10 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     t_start = time.perf_counter()
     env = environment(args.commit)
+    if args.norm_quant_kernel:
+        from qspec_jax import kernel_dispatch
+        kernel_dispatch.NORM_QUANT_AUTO = True
+        env["norm_quant_kernel"] = True
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -481,9 +488,11 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             vals = sorted({r[key] for r in runs if key in r}, key=str)
             if vals and not (key == "kernels" and vals == ["auto"]) and vals != ["mma"]:
                 args.append((flag, _join(vals)))
+        if any(r.get("norm_quant_kernel") for r in runs):
+            args.append(("--norm-quant-kernel", ""))
         groups.setdefault(tuple(args), []).append(name)
     return ["PYTHONPATH=. python3 experiments/sweep.py --models " + ",".join(names)
-            + "".join(f" {flag} {val}" for flag, val in args) + f" --out {out}"
+            + "".join(f" {flag} {val}".rstrip() for flag, val in args) + f" --out {out}"
             for args, names in groups.items()]
 
 

@@ -32,8 +32,9 @@ def log_once(key, message: str, level=logging.INFO) -> None:
         log.log(level, message)
 
 
-def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
-    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
+def _gemm_interpret(M, K, qweight, scales, mode: str, required: bool):
+    """Whether the Pallas GEMM runs for this call: None (no: use the XLA reference; the reason
+    is logged once), else its interpret flag (True on CPU, where only kernels="pallas" runs it)."""
     import pallas_kernels as pk
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not required:
@@ -44,7 +45,6 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
         log_once(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "
                                   "reference path for it", logging.WARNING)
         return None
-    M, K = x2.shape
     N = qweight.shape[1]
     group = K // scales.shape[0]
     ok, reason = pk.supported(M, K, N, group)
@@ -56,10 +56,60 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     interpret = not on_gpu
     log_once(("pallas", interpret), "qspec_jax: quantized GEMMs use the Pallas kernels"
               + (" (interpret mode: no GPU)" if interpret else ""))
+    return interpret
+
+
+def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
+    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
+    import pallas_kernels as pk
+    interpret = _gemm_interpret(*x2.shape, qweight, scales, mode, required)
+    if interpret is None:
+        return None
     if mode == "w4a16":
         return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
     xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
+
+
+def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool):
+    """xq2 int8 [M, K] with per-token scales sx2 [M, 1] -> [M, N] in out_dtype via the Pallas
+    int8 GEMM (w4a8 and w4a4 share it), or None to use the XLA reference path."""
+    import pallas_kernels as pk
+    interpret = _gemm_interpret(*xq2.shape, qweight, scales, "w4a8", required)
+    if interpret is None:
+        return None
+    return pk.w4a8_matmul(xq2, sx2, qweight, scales, out_dtype=out_dtype, interpret=interpret)
+
+
+# kernels="auto": the fused RMSNorm + quantization kernel replaces XLA's fusion of the same math
+# only once the H200 has measured it faster (experiments/bench_fused.py; not yet run).
+NORM_QUANT_AUTO = False
+
+
+def rmsnorm_quant(x, gain, eps: float, bits: int, kernels: str):
+    """(xq int8 [..., D], sx f32 [..., 1]) of the model's RMSNorm(x) quantized per token (a
+    draft mode's next layers), via the fused Pallas kernel, or None: XLA computes the norm and
+    each layer quantizes it."""
+    if kernels == "xla":
+        return None
+    on_gpu = jax.default_backend() == "gpu"
+    if kernels == "auto" and not (on_gpu and NORM_QUANT_AUTO):
+        if on_gpu:
+            log_once(("norm-quant-xla",), "qspec_jax: draft-mode RMSNorm + quantization run in "
+                      "XLA (the fused kernel is used under kernels='auto' once measured faster)")
+        return None
+    from pallas_kernels import rmsnorm_quant as rq
+    D = x.shape[-1]
+    if D % rq.CHUNK:
+        log_once(("norm-quant-shape", D), f"qspec_jax: the fused RMSNorm + quantization kernel "
+                  f"cannot take hidden size {D} (not a multiple of {rq.CHUNK}): using XLA",
+                  logging.WARNING)
+        return None
+    interpret = not on_gpu
+    log_once(("norm-quant", interpret), "qspec_jax: draft-mode RMSNorm + quantization use the "
+              "fused Pallas kernel" + (" (interpret mode: no GPU)" if interpret else ""))
+    xq, sx = rq.rmsnorm_quant(x.reshape(-1, D), gain, eps, bits, interpret=interpret)
+    return xq.reshape(x.shape), sx.reshape(*x.shape[:-1], 1)
 
 
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,

@@ -9,7 +9,9 @@ passes are two traces over the same parameter bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,21 @@ def capture_linear_inputs():
         yield captured
     finally:
         _CAPTURES.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedInput:
+    """A linear layer input already quantized per token (draft modes w4a8 / w4a4, e.g. by the
+    fused RMSNorm + quantization kernel): xq int8 [..., K], sx f32 [..., 1]; ``dtype`` is the
+    activation dtype the layer's output takes."""
+
+    xq: jax.Array
+    sx: jax.Array
+    dtype: Any
+
+    @property
+    def shape(self):
+        return self.xq.shape
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -63,10 +80,17 @@ class QLinear(nnx.Module):
     def is_quantized(self) -> bool:
         return hasattr(self, "qweight")
 
-    def __call__(self, x: jax.Array, mode: str, kernels: str = "xla") -> jax.Array:
+    def __call__(self, x, mode: str, kernels: str = "xla") -> jax.Array:
+        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N]."""
         for captured in _CAPTURES:
             captured[id(self)] = x
-        if mode == "w16":
+        if isinstance(x, QuantizedInput):
+            if mode not in ("w4a8", "w4a4") or not self.is_quantized:
+                raise ValueError(f"a pre-quantized input needs a quantized layer in mode w4a8 or "
+                                 f"w4a4, got mode {mode!r}"
+                                 + ("" if self.is_quantized else " on 16-bit weights"))
+            y = prequantized_matmul(x, self.qweight[...], self.scales[...], kernels)
+        elif mode == "w16":
             if self.is_quantized:
                 raise ValueError("mode 'w16' needs 16-bit weights but this model is quantized; "
                                  f"use one of {', '.join(quant.QUANT_MODES)}")
@@ -81,6 +105,23 @@ class QLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+
+def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str):
+    """A draft-mode GEMM on already quantized activations: the Pallas int8 kernel or the XLA
+    reference (same dispatch rules as quantized_matmul)."""
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
+    lead = x.xq.shape[:-1]
+    xq2, sx2 = x.xq.reshape(-1, x.xq.shape[-1]), x.sx.reshape(-1, 1)
+    y = None
+    if kernels != "xla":
+        from . import kernel_dispatch
+        y = kernel_dispatch.prequantized_matmul(xq2, sx2, qweight, scales, x.dtype,
+                                                required=kernels == "pallas")
+    if y is None:
+        y = quant.prequantized_matmul_reference(xq2, sx2, qweight, scales, x.dtype)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def quantized_matmul(x, qweight, scales, mode: str, kernels: str):

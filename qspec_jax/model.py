@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, QuantConfig
-from .layers import Embed, QLinear, RMSNorm, apply_rope, rope_inv_freq
+from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, rope_inv_freq
 
 
 @jax.tree_util.register_dataclass
@@ -226,13 +226,25 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, qcfg, dtype, rngs, fused)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, qcfg, dtype, rngs, fused)
+        self.quantized = qcfg.quantized
+
+    def _norm(self, norm: RMSNorm, x, mode, kernels):
+        """norm(x) for the quantized layers that read it. In the draft modes (w4a8 / w4a4) those
+        only need it quantized per token: the fused RMSNorm + quantization kernel, where the
+        dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel."""
+        if self.quantized and mode in ("w4a8", "w4a4") and kernels != "xla":
+            from .kernel_dispatch import rmsnorm_quant
+            r = rmsnorm_quant(x, norm.scale[...], norm.eps, 8 if mode == "w4a8" else 4, kernels)
+            if r is not None:
+                return QuantizedInput(*r, x.dtype)
+        return norm(x)
 
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
                  readonly=False, prefix=None):
-        h, cache = self.attn(self.attn_norm(x), cache, layer, positions, inv_freq, mode, kernels,
-                             window, readonly, prefix)
+        h, cache = self.attn(self._norm(self.attn_norm, x, mode, kernels), cache, layer,
+                             positions, inv_freq, mode, kernels, window, readonly, prefix)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x), mode, kernels)
+        x = x + self.mlp(self._norm(self.mlp_norm, x, mode, kernels), mode, kernels)
         return x, cache
 
 

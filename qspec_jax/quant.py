@@ -220,6 +220,16 @@ def quantized_matmul_reference(x, qweight, scales, mode, out_dtype=None):
     return y.reshape(*lead, n).astype(out_dtype)
 
 
+def prequantized_matmul_reference(xq, sx, qweight, scales, out_dtype):
+    """The w4a8 / w4a4 math from already quantized activations: xq int8 [M, K], sx f32
+    [M, 1] -> sx * sum_g s[g] * (int32 xq_g @ q_g), [M, N] in out_dtype."""
+    q = unpack_int4(qweight)
+    if xq.shape[-1] != q.shape[0]:
+        raise ValueError(f"xq has {xq.shape[-1]} input features, the weight has K={q.shape[0]}")
+    y = sx * _scaled_sum(xq, q, jnp.asarray(scales, jnp.float32), jnp.int32)
+    return y.astype(out_dtype)
+
+
 # ----------------------------------------------------------------------------- param trees
 
 

@@ -157,6 +157,48 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
         qj.logits(model, ids, mode="w4a16", kernels="cuda")
 
 
+def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
+    """kernels="pallas" in w4a8/w4a4 (hidden size 128, a kernel shape): each RMSNorm and the
+    per-token quantization of its output run as one fused kernel (2 per layer), whose (xq, sx)
+    the quantized layers take as they are; logits as the XLA path's (which quantizes each
+    layer's input itself; in bfloat16 a few values may round one step apart). Not under "auto" until
+    measured faster on the H200 (kernel_dispatch.NORM_QUANT_AUTO), never in w4a16."""
+    import logging
+
+    import jax.numpy as jnp
+    from hf_models import build_hf_model
+    from pallas_kernels import rmsnorm_quant as rq
+    from qspec_jax import kernel_dispatch
+    from qspec_jax.layers import QuantizedInput
+    path = tmp_path / "h128"
+    build_hf_model("llama", hidden_size=128, intermediate_size=256).save_pretrained(path)
+    model = qj.load(str(path), dtype="float32", quant="w4", method="rtn")
+    real, calls = rq.rmsnorm_quant, []
+    monkeypatch.setattr(rq, "rmsnorm_quant", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    ids = IDS[:1, :6]
+    L = model.cfg.num_hidden_layers
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        for mode, bits in (("w4a8", 8), ("w4a4", 4)):
+            ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
+            ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
+            assert calls[-2 * L:] == [bits] * (2 * L), mode
+            assert rel(ours, ref) < 1e-5, mode  # float32: the same quantized values
+        n = len(calls)
+        qj.logits(model, ids, mode="w4a16", kernels="pallas")
+        qj.logits(model, ids, mode="w4a8", kernels="auto")  # CPU: the XLA path
+        assert len(calls) == n and not kernel_dispatch.NORM_QUANT_AUTO
+    assert "fused Pallas kernel (interpret mode: no GPU)" in caplog.text
+    # A pre-quantized input through one layer (XLA path) = the layer quantizing it itself.
+    lin = model.module.layers[0].attn.qkv_proj
+    x = jnp.asarray(np.random.RandomState(0).randn(3, 128), jnp.float32)
+    from qspec_jax.quant import quantize_activations
+    xq, sx = quantize_activations(x, 8)
+    np.testing.assert_array_equal(np.asarray(lin(QuantizedInput(xq, sx, x.dtype), "w4a8")),
+                                  np.asarray(lin(x, "w4a8")))
+    with pytest.raises(ValueError, match="pre-quantized input needs a quantized layer in mode"):
+        lin(QuantizedInput(xq, sx, x.dtype), "w4a16")
+
+
 def test_small_m_gemv_default_in_the_model_matches_xla(hf_dirs):
     """One-token decode steps (M = 1) take the FMA path ("gemv_magic", the default for M <= 2)
     in w4a16 and the MMA kernel in w4a8/w4a4: same logits as the XLA reference."""
