@@ -242,6 +242,18 @@ def test_int4_lm_head_option(hf_dirs, arch):
         qj.load(src, quantize_lm_head=True)
 
 
+def _prefilled(hf_dirs, arch="llama", mode="w4a16", B=2, S=32):
+    """(model, its module, a cache of S positions holding 9 prefilled tokens per sequence,
+    ragged starts [6, 9]) for the read-only forward tests."""
+    import jax.numpy as jnp
+    from qspec_jax.model import KVCache
+    model = qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
+    net = model.module
+    cache = KVCache.create(model.cfg, B, S, jnp.float32)
+    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode=mode)
+    return model, net, cache, jnp.array([6, 9], jnp.int32)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
     """readonly_cache=True (the verify pass inside gamma="auto"'s switch): same logits as the
@@ -250,12 +262,8 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
     import jax
     import jax.numpy as jnp
     from qspec_jax.model import KVCache
-    model = qj.load(hf_dirs[arch][0], dtype="float32", quant="w4", method="rtn")
-    net = model.module
     B, S, T = 2, 32, 4
-    cache = KVCache.create(model.cfg, B, S, jnp.float32)
-    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a16")
-    start = jnp.array([6, 9], jnp.int32)
+    model, net, cache, start = _prefilled(hf_dirs, arch)
     # Stale entries past each start (as drafts leave them): must not matter.
     junk = jax.random.normal(jax.random.key(0), cache.k.shape, jnp.float32)
     pos = jnp.arange(S)[None, None, None, :, None]
@@ -288,12 +296,8 @@ def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels):
     import jax
     import jax.numpy as jnp
     from qspec_jax.model import KVCache
-    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
-    net = model.module
     B, S, P = 2, 32, 3
-    cache = KVCache.create(model.cfg, B, S, jnp.float32)
-    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a8")
-    start = jnp.array([6, 9], jnp.int32)
+    model, net, cache, start = _prefilled(hf_dirs, mode="w4a8")
     junk = jax.random.normal(jax.random.key(1), cache.k.shape, jnp.float32)
     stale = jnp.arange(S)[None, None, None, :, None] >= start[None, :, None, None, None]
     ro_cache = KVCache(jnp.where(stale, junk, cache.k), jnp.where(stale, junk, cache.v))
@@ -321,13 +325,8 @@ def test_readonly_forward_with_the_attention_kernel(hf_dirs, monkeypatch):
     forward's logits."""
     import jax.numpy as jnp
     from pallas_kernels import attention as pk_attention
-    from qspec_jax.model import KVCache
-    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
-    net = model.module
-    B, S, T = 2, 32, 4
-    cache = KVCache.create(model.cfg, B, S, jnp.float32)
-    _, cache = net(jnp.asarray(IDS[:, :9]), cache, jnp.zeros((B,), jnp.int32), mode="w4a16")
-    start = jnp.array([6, 9], jnp.int32)
+    T = 4
+    model, net, cache, start = _prefilled(hf_dirs)
     tokens = jnp.asarray(IDS[:, 9:9 + T])
     real, calls = pk_attention.cached_attention, []
     monkeypatch.setattr(pk_attention, "cached_attention",
