@@ -1,7 +1,8 @@
 """Does a loop with a traced trip count cost more per iteration on the GPU than one with a
 static trip count? (XLA must read a data-dependent loop predicate or branch index back to the
-host unless it runs the loop as a command buffer.) The gamma="auto" program drafts in a loop of
-traced length and verifies under lax.switch; the fixed-gamma program drafts with a static scan.
+host unless it runs the loop as a command buffer.) The gamma="auto" program drafted in a loop of
+traced length and verified under lax.switch until commit b694ae1 (now: one switch over whole
+cycles with static draft scans); the fixed-gamma program drafts with a static scan.
 
 Body: a chain of `--kernels` small dependent matmuls (launch-bound, like a decode step's many
 small kernels). Variants, each timed as one jitted call of `--outer` repetitions inside a

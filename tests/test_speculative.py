@@ -407,8 +407,8 @@ def test_sampling_stays_lossless_with_cheaper_drafts(small_vocab_model):
 
 
 def test_sampling_stays_lossless_with_auto_gamma(small_vocab_model):
-    """gamma="auto" (drafts from the traced-length loop, verify width picked by switch)
-    keeps the exact verify-mode distribution; the costs make several gammas win."""
+    """gamma="auto" (whole cycles picked by switch: read-only drafts in a static scan, then the
+    read-only verify) keeps the exact verify-mode distribution; the costs make several gammas win."""
     model = small_vocab_model
     prompt = [3, 7, 1, 4]
     n = 3000
