@@ -8,7 +8,8 @@ Peer `tokamax_w4a16` (not in the default variant list; name it in --variants): G
 (PyPI, Python >= 3.12, jax >= 0.11.1), its Hopper Mosaic GPU quantized ragged dot with one
 group (tokamax/_src/ops/ragged_dot/pallas_mosaic_gpu_kernel_sm90_quant.py). It is not in the
 device image; the git-ignored wheels/ folder holds it and the missing pure-Python dependencies
-(and pydantic_core for CPython 3.12 x86-64). On the device (carry wheels/):
+(and pydantic_core for CPython 3.12 x86-64): `bash experiments/fetch_tokamax_wheels.sh` fills it.
+On the device (carry wheels/):
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site wheels/*.whl && export PYTHONPATH=.:/tmp/site
   python3 experiments/bench_kernels.py --variants ours_w4a16,xla_s4_dot,tokamax_w4a16 --ms 1,4,16,64

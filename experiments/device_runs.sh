@@ -127,7 +127,7 @@ case "$stage" in
     unset XLA_FLAGS
     ;;
   tokamax)
-    # Needs carry=["wheels"] (git-ignored; see experiments/bench_kernels.py's docstring).
+    # Needs carry=["wheels"]: bash experiments/fetch_tokamax_wheels.sh first (here, not on the device).
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site wheels/*.whl
     export PYTHONPATH=.:/tmp/site
