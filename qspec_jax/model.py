@@ -232,7 +232,7 @@ class DecoderLayer(nnx.Module):
         """norm(x) for the quantized layers that read it. In the draft modes (w4a8 / w4a4) those
         only need it quantized per token: the fused RMSNorm + quantization kernel, where the
         dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel."""
-        if self.quantized and mode in ("w4a8", "w4a4") and kernels != "xla":
+        if self.quantized and mode in ("w4a8", "w4a4"):
             from .kernel_dispatch import rmsnorm_quant
             r = rmsnorm_quant(x, norm.scale[...], norm.eps, 8 if mode == "w4a8" else 4, kernels)
             if r is not None:
@@ -308,7 +308,7 @@ class Transformer(nnx.Module):
         """``fused=True``: q/k/v and gate/up run as one GEMM each (``fuse_projections`` maps an
         unfused parameter tree, the checkpoint format, to this one; ``api.assemble`` does)."""
         qcfg = qcfg or QuantConfig()
-        self.cfg, self.qcfg, self.dtype, self.fused = cfg, qcfg, dtype, fused
+        self.cfg, self.qcfg, self.dtype = cfg, qcfg, dtype
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
         self.layers = _module_list(DecoderLayer(cfg, qcfg, dtype, rngs, fused)
                                    for _ in range(cfg.num_hidden_layers))

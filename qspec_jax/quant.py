@@ -187,6 +187,11 @@ def _scaled_sum(x2, q, scales, acc_dtype, precision=None):
     return jnp.sum(acc.astype(jnp.float32) * scales[:, None, :], axis=0)
 
 
+def _int_matmul(xq, sx, q, scales):
+    """w4a8 / w4a4 from quantized activations and unpacked int4 weights q [K, N]: f32 [M, N]."""
+    return sx * _scaled_sum(xq, q, scales, jnp.int32)
+
+
 def quantized_matmul_reference(x, qweight, scales, mode, out_dtype=None):
     """x [..., K] @ the quantized weight in execution ``mode`` (one of QUANT_MODES) -> [..., N].
 
@@ -216,7 +221,7 @@ def quantized_matmul_reference(x, qweight, scales, mode, out_dtype=None):
                              jnp.float32)
     else:
         xq, sx = quantize_activations(x2, 8 if mode == "w4a8" else 4)
-        y = sx * _scaled_sum(xq, q, scales, jnp.int32)
+        y = _int_matmul(xq, sx, q, scales)
     return y.reshape(*lead, n).astype(out_dtype)
 
 
@@ -226,8 +231,7 @@ def prequantized_matmul_reference(xq, sx, qweight, scales, out_dtype):
     q = unpack_int4(qweight)
     if xq.shape[-1] != q.shape[0]:
         raise ValueError(f"xq has {xq.shape[-1]} input features, the weight has K={q.shape[0]}")
-    y = sx * _scaled_sum(xq, q, jnp.asarray(scales, jnp.float32), jnp.int32)
-    return y.astype(out_dtype)
+    return _int_matmul(xq, sx, q, jnp.asarray(scales, jnp.float32)).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- param trees
