@@ -11,9 +11,12 @@ Backends (chosen by measurement, experiments/results/kernels_h200.md):
   at M = 4096 (kernels_probe.json), about 2x this kernel there, so it is the next step for
   prefill shapes.
 - M >= XLA_MIN_M with per-channel scales: exact dequantization + XLA GEMM (backend="xla").
-- dequant="gemv_magic" (TileConfig, see gemv_config): an FMA path without MMA, the default for
-  M <= 2 (1.42x the best MMA configuration at M = 1, 8B shapes); "gemv" is the same path with
-  int->float conversions (slower: they run at 1/8 of the FMA rate on Hopper).
+- dequant="asm" (the default at M <= 16 and 65-255): nibbles to bf16 pairs by inline PTX (prmt,
+  lop3, packed fma; 1.75 instructions per nibble), 1.1-1.6x the "cvt"/"gemv_magic" defaults it
+  replaced at M <= 16 (kernels_h200_asm.md).
+- dequant="gemv_magic" (TileConfig, see gemv_config): an FMA path without MMA (the M <= 2
+  default before "asm"); "gemv" is the same path with int->float conversions (slower: they run
+  at 1/8 of the FMA rate on Hopper).
 Runs in CPU interpret mode for tests.
 """
 from __future__ import annotations
@@ -184,22 +187,19 @@ def _build(M, K, N, G, dtype, cfg: TileConfig, interpret: bool):
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
-    """Tile configuration by M, from the H200 sweeps (experiments/results/kernels_h200_tuning.md;
-    sums over the four Llama-3-8B layer shapes, per-channel scales):
+    """Tile configuration by M, from the H200 sweeps (experiments/results/kernels_h200_tuning.md
+    and kernels_h200_asm.md; sums over the four Llama-3-8B layer shapes, per-channel scales):
 
-    - M <= 2: the FMA path with bit-trick nibbles ("gemv_magic", gemv_config): 81.9 / 106.6 us
-      at M = 1 / 2 against 115 us for the best MMA configuration.
-    - M <= 16: MMA, int->bf16 conversions ("cvt"), 64-row K steps, split-K 8: 116.8 us at M = 16
-      (the earlier 128-row steps: 122.3 us).
+    - M <= 16: MMA, inline-PTX nibbles ("asm": prmt + lop3 + packed fma), 64-row K steps,
+      split-K 8: 70.0 / 73.1 us at M = 4 / 16 against 112.5 / 116.5 us with int->bf16
+      conversions ("cvt") and 81.9 / 107.1 us for the FMA path ("gemv_magic") at M = 1 / 2.
     - M <= 64: one transposed M tile, "magic" dequantization, 64-row K steps, split-K 4:
-      113.0 / 150.9 us at M = 32 / 64 (earlier defaults: 153.6 / 179.4 us).
-    - M < XLA_MIN_M: 64 x 64 tiles, 64-row K steps, split-K 2: 255.2 us at M = 128 against 337.7
-      us for XLA's dequantize + GEMM (and 420 us for the earlier M = 128 configuration).
+      113.0 / 149.8 us at M = 32 / 64 ("asm" here: 115.9 / 157.0 us).
+    - M < XLA_MIN_M: 64 x 64 tiles, 64-row K steps, split-K 2, "asm": 235.5 us at M = 128
+      ("magic": 254.1 us; XLA's dequantize + GEMM: 337.7 us).
     """
-    if M <= 2:
-        return gemv_config(M, K, N, G)
     if M <= 16:
-        cfg = TileConfig(bm=16, bn=128, bk=64, split_k=8, num_warps=4, num_stages=4, dequant="cvt")
+        cfg = TileConfig(bm=16, bn=128, bk=64, split_k=8, num_warps=4, num_stages=4, dequant="asm")
     elif M <= 32:
         cfg = TileConfig(bm=32, bn=64, bk=64, split_k=4, num_warps=4, num_stages=4, transpose=True,
                          dequant="magic")
@@ -207,7 +207,7 @@ def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
         cfg = TileConfig(bm=64, bn=64, bk=64, split_k=4, num_warps=4, num_stages=4, transpose=True,
                          dequant="magic")
     elif M < XLA_MIN_M:
-        cfg = TileConfig(bm=64, bn=64, bk=64, split_k=2, num_warps=4, num_stages=4, dequant="magic")
+        cfg = TileConfig(bm=64, bn=64, bk=64, split_k=2, num_warps=4, num_stages=4, dequant="asm")
     else:
         cfg = TileConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, transpose=True)
     return fit_config(cfg, M, K, N, G, int8=False)
