@@ -6,6 +6,7 @@
 #   bash experiments/device_runs.sh kernels    # kernel GPU tests, full kernel table, fused kernel (~9 min)
 #   bash experiments/device_runs.sh asm        # w4a16 inline-PTX nibbles: GPU tests + timing against the defaults (~5 min)
 #   bash experiments/device_runs.sh normquant  # fused RMSNorm + quantization: kernel vs XLA, then end to end (~7 min)
+#   bash experiments/device_runs.sh actquant   # int8 GEMM quantizing its own input: GPU tests, kernel times, gamma 3 end to end (~7 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -66,6 +67,22 @@ case "$stage" in
         --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
         --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
     done
+    ;;
+  actquant)
+    # w4a8_matmul(bits=8): the kernel quantizes the float activations as it loads them (no
+    # int8 copy written by XLA). GPU tests, then kernel times against XLA quantization + the
+    # kernel, then gamma 3 at batch 4 / 16 with it (compare with normquant_h200_xla.jsonl; if it
+    # wins, set kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO = True).
+    export QSPEC_GPU_CASES=w4a8_q
+    step 120 actquant_gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py \
+      -q -rA -p no:cacheprovider -k matches_reference
+    unset QSPEC_GPU_CASES
+    step 150 actquant_bench.log python3 experiments/bench_kernels.py --ms 1,4,16,64,128 \
+      --tag h200_actquant --variants ours_w4a8,ours_w4a8_quant,ours_w4a8_fq,ours_w4a16 \
+      --commit "$COMMIT" --out "$OUT"
+    step 200 actquant_sweep.log python3 experiments/sweep.py --models llama3-8b --batches 4,16 \
+      --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 --act-quant-in-gemm \
+      --commit "$COMMIT" --out "$OUT/actquant_gemm.jsonl"
     ;;
   gemv)
     # Small-M paths side by side (M 1-16, four 8B shapes): today's MMA default, the FMA path with

@@ -213,6 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--norm-quant-kernel", action="store_true",
                    help="draft modes: the fused RMSNorm + quantization kernel under kernels=auto "
                         "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster)")
+    p.add_argument("--act-quant-in-gemm", action="store_true",
+                   help="draft modes: the int8 GEMM quantizes its float input itself under "
+                        "kernels=auto (kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO; off by default "
+                        "until measured faster)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -243,6 +247,10 @@ def main(argv=None) -> int:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.NORM_QUANT_AUTO = True
         env["norm_quant_kernel"] = True
+    if args.act_quant_in_gemm:
+        from qspec_jax import kernel_dispatch
+        kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO = True
+        env["act_quant_in_gemm"] = True
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -490,6 +498,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 args.append((flag, _join(vals)))
         if any(r.get("norm_quant_kernel") for r in runs):
             args.append(("--norm-quant-kernel", ""))
+        if any(r.get("act_quant_in_gemm") for r in runs):
+            args.append(("--act-quant-in-gemm", ""))
         groups.setdefault(tuple(args), []).append(name)
     return ["PYTHONPATH=. python3 experiments/sweep.py --models " + ",".join(names)
             + "".join(f" {flag} {val}".rstrip() for flag, val in args) + f" --out {out}"

@@ -334,6 +334,15 @@ def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx, magic=Fa
     return [jnp.sum(a, axis=0) for a in accs]
 
 
+def round_half_even(v):
+    """jnp.round (ties to even) for |v| < 2**22 from floor, which Pallas Triton lowers (it has
+    no round primitive): floor(v + 0.5), minus one at exact ties that land on an odd number.
+    v + 0.5 and f - v are exact in f32 at these magnitudes (|x / sx| <= 127 in the quantizers)."""
+    f = jnp.floor(v + 0.5)
+    odd = f - 2.0 * jnp.floor(f * 0.5)
+    return jnp.where((f - v == 0.5) & (odd != 0), f - 1.0, f)
+
+
 def shifted_nibbles(q):
     """int8 [r, c] packed pairs -> (16 * low nibble values, 16 * high nibble values), int8,
     with one shift and one mask (the nibble lands in the top four bits: two's complement gives

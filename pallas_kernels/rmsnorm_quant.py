@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._common import round_half_even
+
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
@@ -42,15 +44,6 @@ def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int
     sx = jnp.where(amax > 0, amax / qmax, 1.0)
     xq = jnp.clip(jnp.round(y / sx), qmin, qmax).astype(jnp.int8)
     return xq, sx
-
-
-def _round_half_even(v):
-    """jnp.round (ties to even) for |v| < 2**22 from floor, which Pallas Triton lowers (it has
-    no round primitive): floor(v + 0.5), minus one at exact ties that land on an odd number.
-    v + 0.5 and f - v are exact in f32 at these magnitudes (|y / sx| <= 127 here)."""
-    f = jnp.floor(v + 0.5)
-    odd = f - 2.0 * jnp.floor(f * 0.5)
-    return jnp.where((f - v == 0.5) & (odd != 0), f - 1.0, f)
 
 
 def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
@@ -74,7 +67,7 @@ def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
     sx = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
 
     def store(c, carry):
-        q = jnp.clip(_round_half_even(y_chunk(c) / sx), qmin, qmax).astype(jnp.int8)
+        q = jnp.clip(round_half_even(y_chunk(c) / sx), qmin, qmax).astype(jnp.int8)
         q_ref[0, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = q
         return carry
 

@@ -29,9 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    gemm_call, gemv_rows, is_gemv, magic_dequant, shifted_nibbles,
-                                    split_nibbles,
-                                    unpack_int4)
+                                    gemm_call, gemv_rows, is_gemv, magic_dequant, round_half_even,
+                                    shifted_nibbles, split_nibbles, unpack_int4)
 
 try:
     from jax.experimental.pallas import triton as pltriton
@@ -42,14 +41,24 @@ _BACKENDS = ("triton",)
 
 
 # ----------------------------------------------------------------------------- references
+_QRANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}
+
+
+def _token_scales(x: jax.Array, bits: int) -> jax.Array:
+    """Per-token scales max|x| / qmax (1.0 for an all-zero row), f32 [..., 1]."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return jnp.where(amax > 0, amax / _QRANGE[bits][1], 1.0).astype(jnp.float32)
+
+
+def _quantize(x: jax.Array, sx: jax.Array, bits: int) -> jax.Array:
+    qmin, qmax = _QRANGE[bits]
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / sx), qmin, qmax).astype(jnp.int8)
+
+
 def quantize_per_token_reference(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
     """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
-    qmax, qmin = (127.0, -127.0) if bits == 8 else (7.0, -8.0)
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    sx = jnp.where(amax > 0, amax / qmax, 1.0).astype(jnp.float32)
-    xq = jnp.clip(jnp.round(xf / sx), qmin, qmax).astype(jnp.int8)
-    return xq, sx
+    sx = _token_scales(x, bits)
+    return _quantize(x, sx, bits), sx
 
 
 def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Array,
@@ -76,8 +85,9 @@ def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scal
 
 # ----------------------------------------------------------------------------- kernel
 def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, transpose, masked,
-                 partial_out, dequant):
-    # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0)
+                 partial_out, dequant, qrange=None):
+    # x_ref:  [bm, K]        int8 rows m*bm .. of xq (rows >= M masked to 0); with qrange
+    #                        (qmin, qmax): float activations, quantized here per K step
     # sx_ref: [bm, 1]        f32 per-token scales
     # q_ref:  [kh_split, bn] int8 packed rows of this K split
     #         (dequant == "magic": int16 [kh_split, bn//2], bf16 MMA with exact f32 accumulation)
@@ -96,10 +106,22 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
         rows = m_idx * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
         row_mask = rows < M  # [bm, 1]
 
-    def load(ref):
+    def load(ref, other=0):
         if masked and pltriton is not None:
-            return pltriton.load(ref, mask=row_mask, other=0)
+            return pltriton.load(ref, mask=row_mask, other=other)
         return ref[...]
+
+    if qrange is not None:
+        qmin, qmax = qrange
+        sx_rows = load(sx_ref, 1.0)  # [bm, 1] f32 (1 in masked rows: no 0 / 0)
+
+    def load_x(ref):
+        """int8 [bm, bk] activations: loaded, or quantized from float ones (the reference's
+        clip(round(x / sx)), with ties to even)."""
+        if qrange is None:
+            return load(ref)
+        v = load(ref).astype(jnp.float32) / sx_rows
+        return jnp.clip(round_half_even(v), qmin, qmax).astype(jnp.int8)
 
     def mma(xt, wt):
         # xt: int8 [bm, bk], wt: int8 [bk, bn] -> int32 [bm, bn] (or [bn, bm] transposed)
@@ -122,8 +144,8 @@ def _w4a8_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_split, t
             lo, hi = shifted_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 16 * v [bk, bn] each
         else:
             lo, hi = split_nibbles(q_ref[pl.ds(k0, bk), :])  # int8 [bk, bn] each
-        d_lo = mma(load(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
-        d_hi = mma(load(x_ref.at[:, pl.ds(kh + base + k0, bk)]), hi)
+        d_lo = mma(load_x(x_ref.at[:, pl.ds(base + k0, bk)]), lo)
+        d_hi = mma(load_x(x_ref.at[:, pl.ds(kh + base + k0, bk)]), hi)
         if per_channel:
             return acc + d_lo + d_hi
         g_lo = (base + k0) // G
@@ -171,7 +193,7 @@ def _w4a8_gemv_kernel(x_ref, sx_ref, q_ref, s_ref, o_ref, *, M, K, G, bk, kh_spl
         o_ref[m, :] = (sx_ref[m, 0] * row).astype(o_ref.dtype)
 
 
-def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
+def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool, qrange=None):
     bm, bk, split = cfg.bm, cfg.bk, cfg.split_k
     kh_split = K // 2 // split
     partial_out = split > 1
@@ -181,13 +203,13 @@ def _build(M, K, N, G, out_dtype, cfg: TileConfig, interpret: bool):
     else:
         kernel = functools.partial(
             _w4a8_kernel, M=M, K=K, G=G, bk=bk, kh_split=kh_split, transpose=cfg.transpose,
-            masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant)
-    lead = [pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),   # xq
+            masked=(M % bm != 0), partial_out=partial_out, dequant=cfg.dequant, qrange=qrange)
+    lead = [pl.BlockSpec((bm, K), lambda n, m, s: (m, 0)),   # xq (or x, quantized in the kernel)
             pl.BlockSpec((bm, 1), lambda n, m, s: (m, 0))]   # sx
     # Split-K partials: exact int32 sums per channel, f32 (already group-scaled) with groups.
     return gemm_call(kernel, lead, M=M, K=K, N=N, G=G, cfg=cfg, out_dtype=out_dtype,
                      partial_dtype=jnp.int32 if G == K else jnp.float32, interpret=interpret,
-                     name=f"w4a8_{cfg.short()}")
+                     name=f"w4a8_{cfg.short()}" + ("_q" if qrange else ""))
 
 
 def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
@@ -218,18 +240,34 @@ def default_config(M: int, K: int, N: int, G: int) -> TileConfig:
     return fit_config(cfg, M, K, N, G, int8=True)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "interpret", "config"))
-def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Array, *,
+@functools.partial(jax.jit, static_argnames=("out_dtype", "backend", "interpret", "config", "bits"))
+def w4a8_matmul(xq: jax.Array, sx: jax.Array | None, qweight: jax.Array, scales: jax.Array, *,
                 out_dtype=jnp.bfloat16, backend: str | None = None, interpret: bool = False,
-                config: TileConfig | None = None) -> jax.Array:
+                config: TileConfig | None = None, bits: int | None = None) -> jax.Array:
     """xq int8 [M, K], sx f32 [M, 1] @ int4 weights -> [M, N] out_dtype (int8 MMA, int32 acc).
 
     Serves w4a8 and w4a4 (xq in [-8, 7]). backend: None or "triton". Raises ValueError for
     unsupported shapes (see pallas_kernels.supported).
+
+    bits (8 or 4): xq holds the float activations x [M, K] instead, and the kernel quantizes
+    them per token as it loads them (quantize_per_token_reference's clip(round(x / sx)) with
+    sx = max|x| / qmax, computed here when sx is None): the int8 copy of x is never written to
+    memory, one XLA kernel less per GEMM. On a GPU the kernel's f32 division may round a
+    quotient within 2 ulp of a .5 tie the other way (an activation one quantization step off,
+    a few in a million; exact in interpret mode). The FMA ("gemv") configurations take
+    pre-quantized activations: with them x is quantized by XLA first.
     """
     if backend not in (None,) + _BACKENDS:
         raise ValueError(f"w4a8_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
-    if xq.ndim != 2 or xq.dtype != jnp.int8:
+    if bits is not None:
+        if bits not in (8, 4):
+            raise ValueError(f"w4a8_matmul: bits must be 8 or 4, got {bits!r}")
+        if xq.ndim != 2 or xq.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+            raise ValueError(f"w4a8_matmul: with bits={bits}, x must be float [M, K] "
+                             f"(bfloat16/float16/float32), got {xq.dtype} {xq.shape}")
+        if sx is None:
+            sx = _token_scales(xq, bits)
+    elif xq.ndim != 2 or xq.dtype != jnp.int8:
         raise ValueError(f"w4a8_matmul: xq must be int8 [M, K], got {xq.dtype} {xq.shape}")
     if qweight.dtype != jnp.int8:
         raise ValueError(f"w4a8_matmul: qweight dtype {qweight.dtype} must be int8")
@@ -254,8 +292,14 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Ar
         cfg = dataclasses.replace(cfg, dequant="int8")  # bf16 MMA is exact only for K <= 16384
     sx = sx.astype(jnp.float32).reshape(M, 1)
     scales = scales.astype(jnp.float32)
+    qrange = None
+    if bits is not None:
+        if is_gemv(cfg.dequant):
+            xq = _quantize(xq, sx, bits)
+        else:
+            qrange = _QRANGE[bits]
     q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
-    out = _build(M, K, N, G, out_dtype, cfg, interpret)(xq, sx, q, scales)
+    out = _build(M, K, N, G, out_dtype, cfg, interpret, qrange)(xq, sx, q, scales)
     if cfg.split_k > 1:
         acc = out.sum(axis=0)
         if G == K:

@@ -26,6 +26,7 @@ from flax import nnx
 from . import quant as quant_lib
 from .config import (ModelConfig, QuantConfig, generation_eos_ids, model_config_from_hf,
                      read_hf_config, round_up)
+from .cost_model import CACHE_BUCKET
 from .generate import decode_autoregressive
 from .model import KVCache, Transformer, fuse_projections, pure_dict
 from .sampling import SamplingConfig
@@ -34,7 +35,6 @@ log = logging.getLogger("qspec_jax")
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 PROMPT_BUCKET = 16
-CACHE_BUCKET = 64
 # gamma="auto" decodes plainly when the best predicted speedup at full acceptance is below this.
 AUTO_MIN_GAIN = 1.03
 # gamma="auto" calibration: the gammas whose verify width is timed (those <= max_gamma, plus 0 and

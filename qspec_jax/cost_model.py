@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .config import round_up
 from .model import KVCache
+
+CACHE_BUCKET = 64  # api.cache_length rounds cache lengths up to a multiple of this
 
 log = logging.getLogger("qspec_jax")
 
@@ -62,7 +65,13 @@ def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels:
     Timed inside one jitted loop, as the difference between loops of ``3 * steps`` and
     ``steps`` forwards divided by ``2 * steps``: the per-call dispatch (argument flattening,
     launch, synchronisation; ~0.1-1 ms, as much as a small model's whole forward) cancels."""
-    max_len = context + T
+    # The cache generate would allocate (api.cache_length's bucket rounding): the attention
+    # kernel takes cache lengths in multiples of its key block, and an unrounded length here
+    # timed XLA's attention instead of the kernel generate runs.
+    max_len = round_up(context + T, CACHE_BUCKET)
+    window = model.cfg.sliding_window
+    if window is not None and context + T <= window < max_len:
+        max_len = window
     cache = KVCache.create(model.cfg, batch, max_len, model.dtype)
     start = jnp.full((batch,), context, jnp.int32)
     run = partial(_timed_forwards, model.graphdef, model.state, T=T, mode=mode, kernels=kernels,

@@ -59,6 +59,12 @@ def _gemm_interpret(M, K, qweight, scales, mode: str, required: bool):
     return interpret
 
 
+# Draft modes: the int8 GEMM quantizes its float input as it loads it (w4a8_matmul(bits=...)),
+# instead of an XLA kernel writing the int8 copy first. Always under kernels="pallas"; under
+# "auto" once the H200 has measured it faster (experiments/device_runs.sh actquant).
+ACT_QUANT_IN_GEMM_AUTO = False
+
+
 def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
     import pallas_kernels as pk
@@ -67,7 +73,13 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
         return None
     if mode == "w4a16":
         return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
-    xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
+    bits = 8 if mode == "w4a8" else 4
+    if required or ACT_QUANT_IN_GEMM_AUTO:
+        # The kernel quantizes x as it loads it (same per-token scales as the XLA path's).
+        sx = quant.activation_scales(x2, bits)
+        return pk.w4a8_matmul(x2, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret,
+                              bits=bits)
+    xq, sx = quant.quantize_activations(x2, bits)
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 

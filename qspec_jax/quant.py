@@ -138,6 +138,13 @@ def _token_scale(x, qmax):
     return jnp.where(amax > 0, amax / qmax, 1.0)
 
 
+def activation_scales(x, bits):
+    """The per-token scales quantize_activations uses: f32 [..., 1]."""
+    if bits not in _ACT_RANGE:
+        raise ValueError(f"activation bits must be one of {sorted(_ACT_RANGE)}, got {bits}")
+    return _token_scale(jnp.asarray(x, jnp.float32), _ACT_RANGE[bits][1])
+
+
 def quantize_activations(x, bits):
     """Per-token symmetric quantization of x [..., K] to ``bits`` in {8, 4}.
 

@@ -129,6 +129,40 @@ def test_w4a8_matches_reference(M, K, N, G, cfg, bits):
         np.testing.assert_array_equal(np.asarray(yb), np.asarray(ref.astype(jnp.bfloat16)))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,K,N,G,cfg", [c for c in CASES if c[4] is None or c[4].dequant != "cvt"
+                                         and c[4].dequant != "cvts"] + GEMV_CASES[:2])
+def test_w4a8_quantizes_in_kernel(M, K, N, G, cfg, bits):
+    """bits=...: float activations in, quantized per token inside the kernel (interpret mode:
+    the same division and ties-to-even rounding as the reference); gemv configurations
+    quantize in XLA first. Per-channel outputs equal the reference of the separately quantized
+    activations exactly."""
+    key = jax.random.key(M * 11 + K + N + G + bits)
+    qw, s = _weights(key, K, N, G)
+    x = jax.random.normal(jax.random.fold_in(key, 3), (M, K), jnp.float32) * 3
+    x = x.at[0, :4].set(jnp.array([0.5, 1.5, -2.5, 3.5]) * (jnp.max(jnp.abs(x[0])) / 127))  # ties
+    if M > 1:
+        x = x.at[M - 1].set(0.0)
+    for dt in (jnp.bfloat16, jnp.float32):
+        xd = x.astype(dt)
+        # jitted like the kernel's own scales (XLA turns / 7 into a multiply: 1 ulp off eager)
+        xq, sx = jax.jit(quantize_per_token_reference, static_argnums=1)(xd, bits)
+        ref = w4a8_matmul_reference(xq, sx, qw, s, out_dtype=jnp.float32)
+        y = w4a8_matmul(xd, None, qw, s, out_dtype=jnp.float32, interpret=True, config=cfg, bits=bits)
+        y2 = w4a8_matmul(xd, sx, qw, s, out_dtype=jnp.float32, interpret=True, config=cfg, bits=bits)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
+        if G == K:
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+        else:
+            assert _rel(y, ref) < 1e-5
+        if M > 1:
+            assert not np.any(np.asarray(y[M - 1]))
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        w4a8_matmul(x, None, qw, s, interpret=True, bits=2)
+    with pytest.raises(ValueError, match="x must be float"):
+        w4a8_matmul(xq, sx, qw, s, interpret=True, bits=bits)
+
+
 def test_asm_dequant_bit_trick_and_ptx():
     """dequant="asm": the bit arithmetic its PTX performs (run in jnp under interpret) gives
     every nibble value exactly in bf16 and f16; the PTX holds the same constants; an f16
@@ -268,5 +302,12 @@ def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
                 pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
             raise
         assert f"{kernel}_bm16_bn256_bk32_s4" in txt and dequant in txt
+        if kernel == "w4a8" and dequant == "int8s":  # ... and with the in-kernel quantization
+            fq = lambda x, sx, q, s: w4a8_matmul(x, sx, q, s, config=cfg, bits=8)  # noqa: E731
+            txt = jax.jit(fq).trace(
+                jax.ShapeDtypeStruct((M, K), jnp.bfloat16), xs[1],
+                jax.ShapeDtypeStruct((K // 2, N), jnp.int8),
+                jax.ShapeDtypeStruct((K // G, N), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+            assert "w4a8_bm16_bn256_bk32_s4" in txt and "_q" in txt
         if dequant == "asm":  # the inline PTX is in the Triton kernel
             assert "lop3.b32" in txt and "prmt.b32" in txt

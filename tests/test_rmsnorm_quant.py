@@ -73,7 +73,7 @@ def test_lowers_for_cuda():
 
 
 def test_round_half_even_matches_jnp_round():
-    from pallas_kernels.rmsnorm_quant import _round_half_even
+    from pallas_kernels._common import round_half_even as _round_half_even
     v = jnp.concatenate([jnp.arange(-130, 130, 0.5, dtype=jnp.float32),
                          jax.random.uniform(jax.random.key(0), (4096,), jnp.float32, -200, 200)])
     np.testing.assert_array_equal(np.asarray(jax.jit(_round_half_even)(v)), np.asarray(jnp.round(v)))

@@ -4,7 +4,8 @@ Every benchmark shape (Llama-3-8B K x N) at odd and tile-multiple M, the smalles
 K and N, group scales, every dequantization path; fresh random inputs on each run. All
 programs (kernel + reference in one jit) are compiled in parallel threads first.
 Criteria: w4a8/w4a4 per-channel: output bit-identical to the reference (int32 accumulation is
-exact, same float epilogue). Group scales (f32 out): rel. error <= 1e-5. w4a16 (bf16):
+exact, same float epilogue); with the quantization inside the kernel (w4a8_q*): rel. error
+<= 1e-4 and >= 99% identical outputs (the kernel's f32 division, see w4a8_matmul). Group scales (f32 out): rel. error <= 1e-5. w4a16 (bf16):
 rel. error <= 1e-2 against the f32-activation reference (bf16 output rounding ~2e-3).
 """
 import concurrent.futures as cf
@@ -45,6 +46,8 @@ def _cases():
             if M <= w16mod.GEMV_MAX_M:
                 cs.append(("w4a16_gemv", M, K, N, K, None))
                 cs.append(("w4a8_gemv", M, K, N, K, None))
+            if M <= 128:  # activations quantized inside the int8 kernel (draft modes)
+                cs.append(("w4a8_q", M, K, N, K, None))
             if M in (1, 16, 64):  # the other nibble paths at the default tiles
                 cs.append(("w4a16_cvts", M, K, N, K, None))
                 cs.append(("w4a8_int8", M, K, N, K, None))
@@ -53,7 +56,8 @@ def _cases():
             cs += [("w4a16", M, K, N, 128, None), ("w4a8", M, K, N, 128, None)]
             if M < 256:
                 cs.append(("w4a16_asm", M, K, N, 128, None))
-    cs += [("w4a16_gemv", 3, 4096, 4096, 128, None), ("w4a8_gemv", 3, 4096, 4096, 128, None)]
+    cs += [("w4a16_gemv", 3, 4096, 4096, 128, None), ("w4a8_gemv", 3, 4096, 4096, 128, None),
+           ("w4a8_q", 5, 4096, 4096, 128, None), ("w4a8_q4bit", 7, 4096, 4096, 4096, None)]
     for M in (1, 17):
         cs += [("w4a16", M, 64, 32, 64, None), ("w4a8", M, 64, 32, 64, None),
                ("w4a8_4bit", M, 64, 32, 64, None)]
@@ -85,13 +89,17 @@ def _program(kind, M, K, N, G):
             # Outputs leave the program in their own dtype: inside one jit XLA may drop a
             # bf16 -> f32 round trip (xla_allow_excess_precision) on one side only.
             return y, w4a16_matmul_reference(x.astype(jnp.float32), qw, s)
-        xq, sx = quantize_per_token_reference(x, 4 if kind == "w4a8_4bit" else 8)
+        bits = 4 if kind in ("w4a8_4bit", "w4a8_q4bit") else 8
+        xq, sx = quantize_per_token_reference(x, bits)
+        od = jnp.bfloat16 if G == K else jnp.float32
+        if kind.startswith("w4a8_q"):  # the kernel quantizes x itself (same scales)
+            y = w4a8_matmul(x, sx, qw, s, out_dtype=od, bits=bits)
+            return y, w4a8_matmul_reference(xq, sx, qw, s, out_dtype=od)
         cfg = None
         if kind in ("w4a8_magic", "w4a8_int8"):
             cfg = dataclasses.replace(w8mod.default_config(M, K, N, G), dequant=kind.split("_")[1])
         if kind == "w4a8_gemv":
             cfg = w16mod.gemv_config(M, K, N, G)
-        od = jnp.bfloat16 if G == K else jnp.float32
         y = w4a8_matmul(xq, sx, qw, s, config=cfg, out_dtype=od)
         return y, w4a8_matmul_reference(xq, sx, qw, s, out_dtype=od)
     return f
@@ -147,6 +155,10 @@ def test_kernel_matches_reference(results, case):
     kind, M, K, N, G, _ = case
     if kind.startswith("w4a16"):
         assert r["rel"] < 1e-2, r
+    elif kind.startswith("w4a8_q"):
+        # Triton's f32 division may round x / sx across a .5 tie (one activation one step
+        # off, a few per million): close to, not always bit-identical with, the reference.
+        assert r["rel"] < 1e-4 and r["exact"] > 0.99, r
     elif G == K:
         assert r["exact"] == 1.0, r  # bit-identical to the reference
     else:
