@@ -72,7 +72,7 @@ case "$stage" in
     # w4a8_matmul(bits=8): the kernel quantizes the float activations as it loads them (no
     # int8 copy written by XLA). GPU tests, then kernel times against XLA quantization + the
     # kernel, then gamma 3 at batch 4 / 16 with it (compare with normquant_h200_xla.jsonl; if it
-    # wins, set kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO = True).
+    # wins, set kernel_dispatch.ACT_QUANT_IN_GEMM = True; at 22ce2d7 it lost: actquant_h200.md).
     export QSPEC_GPU_CASES=w4a8_q
     step 120 actquant_gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py \
       -q -rA -p no:cacheprovider -k matches_reference

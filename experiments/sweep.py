@@ -214,9 +214,8 @@ def main(argv=None) -> int:
                    help="draft modes: the fused RMSNorm + quantization kernel under kernels=auto "
                         "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
-                   help="draft modes: the int8 GEMM quantizes its float input itself under "
-                        "kernels=auto (kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO; off by default "
-                        "until measured faster)")
+                   help="draft modes: the int8 GEMM quantizes its float input itself "
+                        "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -249,7 +248,7 @@ def main(argv=None) -> int:
         env["norm_quant_kernel"] = True
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
-        kernel_dispatch.ACT_QUANT_IN_GEMM_AUTO = True
+        kernel_dispatch.ACT_QUANT_IN_GEMM = True
         env["act_quant_in_gemm"] = True
     done = load_done(args.out)
     modes = args.modes.split(",")

@@ -59,10 +59,11 @@ def _gemm_interpret(M, K, qweight, scales, mode: str, required: bool):
     return interpret
 
 
-# Draft modes: the int8 GEMM quantizes its float input as it loads it (w4a8_matmul(bits=...)),
-# instead of an XLA kernel writing the int8 copy first. Always under kernels="pallas"; under
-# "auto" once the H200 has measured it faster (experiments/device_runs.sh actquant).
-ACT_QUANT_IN_GEMM_AUTO = False
+# Draft modes: the int8 GEMM quantizes its float input as it loads it (w4a8_matmul(bits=...))
+# instead of an XLA kernel writing the int8 copy first. Off: measured slower on the H200
+# (kernels_h200_actquant.md: the kernel 2.4-3.4x slower, every N tile re-quantizing x with an
+# f32 division per element; gamma-3 QSpec at batch 4 698 vs 1187 tok/s, actquant_h200.md).
+ACT_QUANT_IN_GEMM = False
 
 
 def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
@@ -74,7 +75,7 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     if mode == "w4a16":
         return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
     bits = 8 if mode == "w4a8" else 4
-    if required or ACT_QUANT_IN_GEMM_AUTO:
+    if ACT_QUANT_IN_GEMM:
         # The kernel quantizes x as it loads it (same per-token scales as the XLA path's).
         sx = quant.activation_scales(x2, bits)
         return pk.w4a8_matmul(x2, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret,

@@ -199,6 +199,27 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
         lin(QuantizedInput(xq, sx, x.dtype), "w4a16")
 
 
+def test_act_quant_in_gemm_in_the_draft_modes(hf_dirs, monkeypatch):
+    """kernel_dispatch.ACT_QUANT_IN_GEMM (off by default: slower on the H200): the int8 kernel
+    takes the float activations and quantizes them itself (bits=8 / 4); logits equal the XLA
+    path's, and every draft GEMM call passes ``bits``."""
+    import importlib
+    from qspec_jax import kernel_dispatch
+    pk = importlib.import_module("pallas_kernels")
+    real, bits_seen = pk.w4a8_matmul, []
+    monkeypatch.setattr(pk, "w4a8_matmul",
+                        lambda *a, **k: bits_seen.append(k.get("bits")) or real(*a, **k))
+    monkeypatch.setattr(kernel_dispatch, "ACT_QUANT_IN_GEMM", True)
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    ids = IDS[:2, :5]
+    for mode, bits in (("w4a8", 8), ("w4a4", 4)):
+        bits_seen.clear()
+        ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
+        ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
+        assert bits_seen and set(bits_seen) == {bits}, (mode, bits_seen)
+        assert rel(ours, ref) < 1e-5, mode
+
+
 def test_small_m_default_in_the_model_matches_xla(hf_dirs):
     """One-token decode steps (M = 1) take the small-M MMA default (inline-PTX nibbles; f32
     activations fall back to conversions) in w4a16 and the int8 kernel, quantizing its input

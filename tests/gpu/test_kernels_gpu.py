@@ -157,8 +157,9 @@ def test_kernel_matches_reference(results, case):
         assert r["rel"] < 1e-2, r
     elif kind.startswith("w4a8_q"):
         # Triton's f32 division may round x / sx across a .5 tie (one activation one step
-        # off, a few per million): close to, not always bit-identical with, the reference.
-        assert r["rel"] < 1e-4 and r["exact"] > 0.99, r
+        # off, a few per million): close to, not always bit-identical with, the reference
+        # (group scales: summation order as for w4a8, rel. error only).
+        assert r["rel"] < 1e-4 and (G != K or r["exact"] > 0.99), r
     elif G == K:
         assert r["exact"] == 1.0, r  # bit-identical to the reference
     else:
