@@ -58,7 +58,8 @@ case "$stage" in
   normquant)
     # The fused RMSNorm + per-token quantization kernel against XLA's fusion of the same math,
     # then gamma 3 at batch 4 and 16 with and without it in the model (--norm-quant-kernel sets
-    # kernel_dispatch.NORM_QUANT_AUTO; if it wins, make that the default).
+    # kernel_dispatch.NORM_QUANT_AUTO; if it wins, make that the default). At 440d085 the kernel
+    # walked 128-column pieces and lost (fused_h200.md); since 241f76d+ it takes the row at once.
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
     for v in xla kernel; do
       flag=""

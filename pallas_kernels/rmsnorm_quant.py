@@ -8,9 +8,12 @@ the rounding: typically two or three kernels. This kernel does it in one program
     y  = gain * bf16(x * rsqrt(mean(x^2) + eps))     (the model's RMSNorm, HF order)
     sx = max|y| / qmax (1.0 for an all-zero row),    xq = clip(round(y / sx), qmin, qmax)
 
-The row is walked in CHUNK-column pieces three times (sum of squares, max, quantize), so any
-hidden size that is a multiple of CHUNK works (Llama / Qwen / Mistral sizes are multiples of
-128); the re-reads hit L1/L2. Pallas Triton backend; interpret mode on CPU for tests.
+The row is walked three times (sum of squares, max, quantize) in pieces of the largest power of
+two dividing D, at most MAX_PIECE columns (Triton blocks are powers of two): one piece for
+4096 / 8192, 7 for Qwen2.5-7B's 3584. Any hidden size that is a multiple of CHUNK works (Llama /
+Qwen / Mistral sizes are); the re-reads hit L1/L2. (The first version walked 128-column
+pieces: 96 dependent steps per row at D = 4096, 23 us against XLA's 3-4 us on the H200,
+fused_h200.md.) Pallas Triton backend; interpret mode on CPU for tests.
 Whether it beats XLA's fusion is measured by experiments/bench_fused.py before any use in the
 model (issue 6: "measure against the XLA-fused version and keep whichever is faster").
 """
@@ -30,7 +33,13 @@ try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
 except ImportError:  # pragma: no cover
     pltriton = None
 
-CHUNK = 128
+CHUNK = 128  # D must be a multiple of this
+MAX_PIECE = 8192  # the largest row piece held at once (f32 values across the program's threads)
+
+
+def piece(D: int) -> int:
+    """Columns walked at once: the largest power of two dividing D, at most MAX_PIECE."""
+    return min(D & -D, MAX_PIECE)
 _RANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}  # as qspec_jax.quant.quantize_activations
 
 
@@ -48,18 +57,19 @@ def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int
 
 def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
     # x_ref [1, D] one token row; g_ref [D] gain; q_ref [1, D] int8; s_ref [1, 1] f32
-    n = D // CHUNK
+    P = piece(D)
+    n = D // P
     dtype = x_ref.dtype
 
     def x_chunk(c):
-        return x_ref[0, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)].astype(jnp.float32)
+        return x_ref[0, pl.ds(pl.multiple_of(c * P, P), P)].astype(jnp.float32)
 
     ss = lax.fori_loop(0, n, lambda c, acc: acc + jnp.sum(x_chunk(c) * x_chunk(c)),
                        jnp.float32(0.0))
     rstd = lax.rsqrt(ss / D + eps)
 
     def y_chunk(c):
-        g = g_ref[pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)].astype(dtype)
+        g = g_ref[pl.ds(pl.multiple_of(c * P, P), P)].astype(dtype)
         return (g * (x_chunk(c) * rstd).astype(dtype)).astype(jnp.float32)
 
     amax = lax.fori_loop(0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(y_chunk(c)))),
@@ -68,7 +78,7 @@ def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
 
     def store(c, carry):
         q = jnp.clip(round_half_even(y_chunk(c) / sx), qmin, qmax).astype(jnp.int8)
-        q_ref[0, pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)] = q
+        q_ref[0, pl.ds(pl.multiple_of(c * P, P), P)] = q
         return carry
 
     lax.fori_loop(0, n, store, 0)

@@ -95,7 +95,9 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool)
 
 
 # kernels="auto": the fused RMSNorm + quantization kernel replaces XLA's fusion of the same math
-# only once the H200 has measured it faster (experiments/bench_fused.py; not yet run).
+# only once the H200 has measured it faster (experiments/bench_fused.py). Its first version
+# lost (fused_h200.md at 440d085: 23 us against 3-4 us; gamma-3 QSpec 0.71x / 0.60x at batch
+# 4 / 16, normquant_h200_kernel.md); the row-at-once version after it is not yet measured.
 NORM_QUANT_AUTO = False
 
 

@@ -19,7 +19,14 @@ def _inputs(M, D, dtype, seed=0):
     return x, gain
 
 
-@pytest.mark.parametrize("M,D,bits", [(1, 256, 8), (5, 384, 8), (3, 512, 4), (2, 1024, 4)])
+def test_row_pieces():
+    from pallas_kernels.rmsnorm_quant import MAX_PIECE, piece
+    assert [piece(d) for d in (4096, 3584, 3072, 8192, 384)] == [4096, 512, 1024, 8192, 128]
+    assert piece(4 * MAX_PIECE) == MAX_PIECE
+
+
+@pytest.mark.parametrize("M,D,bits", [(1, 256, 8), (5, 384, 8), (3, 512, 4), (2, 1024, 4),
+                                      (2, 3072, 8), (1, 16384, 4)])  # 3 pieces; MAX_PIECE cap
 def test_float32_equals_the_model_path(M, D, bits):
     """In f32 the fused kernel gives exactly the model's RMSNorm + quantize_activations."""
     x, gain = _inputs(M, D, jnp.float32, M + D)
