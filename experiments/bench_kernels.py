@@ -619,6 +619,21 @@ def sweep_cfgs_many_programs(variant, M):
             for sp in (8, 16, 32)]
 
 
+def sweep_cfgs_asm(variant, M):
+    """Tiles for the inline-PTX nibbles (w4a16 dequant="asm"), chosen at 829d358 by swapping
+    "asm" into the "cvt" / "magic" tiles: N tile, K step, split-K and pipeline depth around
+    them, plain and transposed; at M > 16 one M tile of up to 64 rows."""
+    C = TileConfig
+    if M <= 16:
+        return [C(16, bn, bk, sp, 4, st, tr, dequant="asm")
+                for bn, bk in ((128, 64), (64, 64), (128, 32), (256, 64), (64, 128))
+                for sp in (4, 8, 16) for st in (3, 4) for tr in (False, True)
+                if not (tr and st == 3)]
+    bm = min(64, M)
+    return [C(bm, bn, 64, sp, 4, 4, tr, dequant="asm") for bn in (64, 128)
+            for sp in (1, 2, 4, 8) for tr in (False, True)]
+
+
 def sweep_cfgs(variant, M):
     C = TileConfig
     if variant in GEMV_VARIANTS:  # FMA path: tiles x split-K x warps
@@ -866,7 +881,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
     p.add_argument("--sweep", action="store_true", help="tile-config sweep of our kernels")
-    p.add_argument("--sweep-set", default="base", choices=["base", "many"],
+    p.add_argument("--sweep-set", default="base", choices=["base", "many", "asm"],
                    help="which configurations --sweep tries ('many': many small programs)")
     p.add_argument("--probe", action="store_true", help="print versions, test lowering, then go on")
     p.add_argument("--out", default=None)
@@ -914,7 +929,7 @@ def main(argv=None):
     if a.probe:
         probe(out)
     tag = a.tag + ("_sweep" if a.sweep else "") + ("_quick" if a.quick else "")
-    sweeper = sweep_cfgs_many_programs if a.sweep_set == "many" else sweep_cfgs
+    sweeper = {"many": sweep_cfgs_many_programs, "asm": sweep_cfgs_asm}.get(a.sweep_set, sweep_cfgs)
     jobs = build_jobs(shapes, ms, variants, G_of, a.quick, sweeper if a.sweep else None)
     compile_all(jobs, 1 if a.quick else a.workers)
     rows = run_jobs(jobs, a.iters, partial_path=os.path.join(out, f"kernels_{tag}_partial.json"))

@@ -7,6 +7,7 @@
 #   bash experiments/device_runs.sh asm        # w4a16 inline-PTX nibbles: GPU tests + timing against the defaults (~5 min)
 #   bash experiments/device_runs.sh normquant  # fused RMSNorm + quantization: kernel vs XLA, then end to end (~7 min)
 #   bash experiments/device_runs.sh actquant   # int8 GEMM quantizing its own input: GPU tests, kernel times, gamma 3 end to end (~7 min)
+#   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -84,6 +85,14 @@ case "$stage" in
     step 200 actquant_sweep.log python3 experiments/sweep.py --models llama3-8b --batches 4,16 \
       --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 --act-quant-in-gemm \
       --commit "$COMMIT" --out "$OUT/actquant_gemm.jsonl"
+    ;;
+  asmtune)
+    # Tiles for the inline-PTX nibbles (asm, the w4a16 default at M <= 16 since 440d085 with the
+    # tiles of the "cvt" path it replaced), and asm at the verify sizes (M 32 / 64: "magic" now).
+    step 290 asmtune_small.log python3 experiments/bench_kernels.py --sweep --sweep-set asm \
+      --ms 1,4,16 --tag h200_asmtune --variants ours_w4a16 --commit "$COMMIT" --out "$OUT"
+    step 200 asmtune_verify.log python3 experiments/bench_kernels.py --sweep --sweep-set asm \
+      --ms 32,64 --tag h200_asmtune_verify --variants ours_w4a16 --commit "$COMMIT" --out "$OUT"
     ;;
   gemv)
     # Small-M paths side by side (M 1-16, four 8B shapes): today's MMA default, the FMA path with
