@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="default 3")
     p.add_argument("--kernels", default="auto")
     p.add_argument("--norm-quant-kernel", action="store_true",
-                   help="draft modes: the fused RMSNorm + quantization kernel under kernels=auto "
+                   help="draft modes: the fused quantization kernels (RMSNorm + quantization, "
+                        "row_quant for the o_proj / down_proj inputs) under kernels=auto "
                         "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "

@@ -3,9 +3,10 @@
 - w4a16_matmul(x, qweight, scales): verify mode, bf16/f32 activations, f32 accumulation.
 - w4a8_matmul(xq, sx, qweight, scales, out_dtype=bf16): draft mode (w4a8 and w4a4), int8 MMA,
   int32 accumulation, scales in the epilogue.
-- rmsnorm_quant(x, gain, eps, bits) (pallas_kernels.rmsnorm_quant): RMSNorm fused with per-token
-  quantization, one program per token; benchmarked against XLA's fusion by
-  experiments/bench_fused.py, not used by the model until it wins there.
+- rmsnorm_quant(x, gain, eps, bits) and row_quant(x, bits, prologue) (pallas_kernels.rmsnorm_quant):
+  per-token quantization in one kernel after an RMSNorm, alone, or after the MLP's SwiGLU, one
+  program per token; benchmarked against XLA's fusions by experiments/bench_fused.py, used by
+  the model's draft modes under kernels="auto" only once they win there.
 - supported(M, K, N, group_size) -> (ok, reason): whether the kernels take a shape; the model
   layer falls back to the XLA reference (and logs it) when not.
 Weight layout: docs/DESIGN.md (qweight int8 [K//2, N] half-split nibbles, scales f32 [K//G, N]).

@@ -1,4 +1,6 @@
-"""RMSNorm fused with per-token activation quantization (the draft mode's layer inputs).
+"""RMSNorm fused with per-token activation quantization (the draft mode's layer inputs), and
+the same kernel for the other two quantized inputs of a layer (row_quant: o_proj's input as it
+is, down_proj's as silu(gate) * up of the fused gate_up output).
 
 In draft mode (w4a8 / w4a4) every consumer of an RMSNorm output is a quantized linear layer,
 so what the layer needs is (xq int8 [M, D], sx f32 [M, 1]) of the normalized activations. XLA
@@ -55,22 +57,33 @@ def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int
     return xq, sx
 
 
-def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
-    # x_ref [1, D] one token row; g_ref [D] gain; q_ref [1, D] int8; s_ref [1, 1] f32
+def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax, prologue):
+    # x_ref [1, D] one token row ([1, 2D]: gate | up for "swiglu"); g_ref [D] gain ("rmsnorm";
+    # unused otherwise); q_ref [1, D] int8; s_ref [1, 1] f32
     P = piece(D)
     n = D // P
     dtype = x_ref.dtype
 
-    def x_chunk(c):
-        return x_ref[0, pl.ds(pl.multiple_of(c * P, P), P)].astype(jnp.float32)
+    def x_chunk(c, off=0):
+        return x_ref[0, pl.ds(pl.multiple_of(off + c * P, P), P)].astype(jnp.float32)
 
-    ss = lax.fori_loop(0, n, lambda c, acc: acc + jnp.sum(x_chunk(c) * x_chunk(c)),
-                       jnp.float32(0.0))
-    rstd = lax.rsqrt(ss / D + eps)
+    if prologue == "rmsnorm":
+        ss = lax.fori_loop(0, n, lambda c, acc: acc + jnp.sum(x_chunk(c) * x_chunk(c)),
+                           jnp.float32(0.0))
+        rstd = lax.rsqrt(ss / D + eps)
 
     def y_chunk(c):
-        g = g_ref[pl.ds(pl.multiple_of(c * P, P), P)].astype(dtype)
-        return (g * (x_chunk(c) * rstd).astype(dtype)).astype(jnp.float32)
+        """The quantizer's input, in the model's dtype and order of operations."""
+        if prologue == "rmsnorm":
+            g = g_ref[pl.ds(pl.multiple_of(c * P, P), P)].astype(dtype)
+            return (g * (x_chunk(c) * rstd).astype(dtype)).astype(jnp.float32)
+        if prologue == "swiglu":  # the MLP's jax.nn.silu(gate) * up, rounded to the model's
+            # dtype after each op as XLA does; the sigmoid in f32 (Triton divides only f32)
+            gate = x_chunk(c)
+            sig = (1.0 / (1.0 + jnp.exp(-gate))).astype(dtype)
+            silu = gate.astype(dtype) * sig
+            return (silu * x_chunk(c, D).astype(dtype)).astype(jnp.float32)
+        return x_chunk(c)
 
     amax = lax.fori_loop(0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(y_chunk(c)))),
                          jnp.float32(0.0))
@@ -83,6 +96,25 @@ def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax):
 
     lax.fori_loop(0, n, store, 0)
     s_ref[...] = jnp.full((1, 1), sx, jnp.float32)
+
+
+def _call(x, gain, D, eps, bits, prologue, interpret, num_warps, name):
+    M = x.shape[0]
+    qmin, qmax = _RANGE[bits]
+    kernel = functools.partial(_kernel, D=D, eps=float(eps), qmin=qmin, qmax=qmax,
+                               prologue=prologue)
+    params = None
+    if pltriton is not None:
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    xw = x.shape[1]
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((M, D), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
+        grid=(M,),
+        in_specs=[pl.BlockSpec((1, xw), lambda m: (m, 0)), pl.BlockSpec((D,), lambda m: (0,))],
+        out_specs=(pl.BlockSpec((1, D), lambda m: (m, 0)), pl.BlockSpec((1, 1), lambda m: (m, 0))),
+        compiler_params=params, interpret=interpret, name=name,
+    )(x, gain)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "bits", "interpret", "num_warps"))
@@ -99,16 +131,45 @@ def rmsnorm_quant(x: jax.Array, gain: jax.Array, eps: float, bits: int = 8, *,
     M, D = x.shape
     if D % CHUNK:
         raise ValueError(f"rmsnorm_quant: hidden size D={D} must be a multiple of {CHUNK}")
+    return _call(x, gain.astype(x.dtype), D, eps, bits, "rmsnorm", interpret, num_warps,
+                 f"rmsnorm_quant_a{bits}")
+
+
+def row_quant_reference(x: jax.Array, bits: int = 8, prologue: str = "none"):
+    """Plain-jnp reference of row_quant: the model's SwiGLU (for "swiglu") or x itself,
+    quantized per token as qspec_jax.quant.quantize_activations does."""
     qmin, qmax = _RANGE[bits]
-    kernel = functools.partial(_kernel, D=D, eps=float(eps), qmin=qmin, qmax=qmax)
-    params = None
-    if pltriton is not None:
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-    return pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((M, D), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32)),
-        grid=(M,),
-        in_specs=[pl.BlockSpec((1, D), lambda m: (m, 0)), pl.BlockSpec((D,), lambda m: (0,))],
-        out_specs=(pl.BlockSpec((1, D), lambda m: (m, 0)), pl.BlockSpec((1, 1), lambda m: (m, 0))),
-        compiler_params=params, interpret=interpret, name=f"rmsnorm_quant_a{bits}",
-    )(x, gain.astype(x.dtype))
+    if prologue == "swiglu":
+        gate, up = jnp.split(x, 2, axis=-1)
+        x = jax.nn.silu(gate) * up
+    y = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+    sx = jnp.where(amax > 0, amax / qmax, 1.0)
+    return jnp.clip(jnp.round(y / sx), qmin, qmax).astype(jnp.int8), sx
+
+
+PROLOGUES = ("none", "swiglu")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "prologue", "interpret", "num_warps"))
+def row_quant(x: jax.Array, bits: int = 8, prologue: str = "none", *, interpret: bool = False,
+              num_warps: int = 4):
+    """Per-token quantization in one kernel (XLA: a max reduction, then the rounding).
+
+    prologue "none": x [M, D] -> (xq int8 [M, D], sx f32 [M, 1]) of x (o_proj's input in the
+    draft modes). "swiglu": x [M, 2D] = [gate | up] (the fused gate_up GEMM's output) -> those of
+    silu(gate) * up, computed in x's dtype as the model's MLP does (down_proj's input).
+    Raises ValueError for shapes the kernel cannot take (D not a multiple of CHUNK)."""
+    if bits not in _RANGE:
+        raise ValueError(f"row_quant: bits must be 8 or 4, got {bits}")
+    if prologue not in PROLOGUES:
+        raise ValueError(f"row_quant: prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if x.ndim != 2:
+        raise ValueError(f"row_quant: x must be [M, D], got {x.shape}")
+    M, W = x.shape
+    D = W // 2 if prologue == "swiglu" else W
+    if D % CHUNK or (prologue == "swiglu" and W % 2):
+        raise ValueError(f"row_quant: width {W} must be a multiple of {CHUNK}"
+                         + (" times 2 (gate | up)" if prologue == "swiglu" else ""))
+    return _call(x, jnp.zeros((D,), x.dtype), D, 0.0, bits, prologue, interpret, num_warps,
+                 f"row_quant_{prologue}_a{bits}")

@@ -94,37 +94,62 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool)
     return pk.w4a8_matmul(xq2, sx2, qweight, scales, out_dtype=out_dtype, interpret=interpret)
 
 
-# kernels="auto": the fused RMSNorm + quantization kernel replaces XLA's fusion of the same math
-# only once the H200 has measured it faster (experiments/bench_fused.py). Its first version
+# kernels="auto": the fused RMSNorm + quantization kernel (and row_quant for the o_proj and
+# down_proj inputs) replace XLA's fusions of the same math only once the H200 has measured them
+# faster (experiments/bench_fused.py, device stage normquant). Its first version
 # lost (fused_h200.md at 440d085: 23 us against 3-4 us; gamma-3 QSpec 0.71x / 0.60x at batch
 # 4 / 16, normquant_h200_kernel.md); the row-at-once version after it is not yet measured.
 NORM_QUANT_AUTO = False
+
+
+def _fused_quant_interpret(kernels: str, D: int, what: str):
+    """Whether a fused quantization kernel (rmsnorm_quant / row_quant) runs: None (no: XLA
+    computes it, the reason logged once) or its interpret flag."""
+    if kernels == "xla":
+        return None
+    on_gpu = jax.default_backend() == "gpu"
+    if kernels == "auto" and not (on_gpu and NORM_QUANT_AUTO):
+        if on_gpu:
+            log_once(("norm-quant-xla",), "qspec_jax: draft-mode activation quantization runs in "
+                      "XLA (the fused kernels are used under kernels='auto' once measured faster)")
+        return None
+    from pallas_kernels import rmsnorm_quant as rq
+    if D % rq.CHUNK:
+        log_once(("norm-quant-shape", what, D), f"qspec_jax: the fused {what} + quantization kernel "
+                  f"cannot take width {D} (not a multiple of {rq.CHUNK}): using XLA",
+                  logging.WARNING)
+        return None
+    interpret = not on_gpu
+    log_once(("norm-quant", what, interpret), f"qspec_jax: draft-mode {what} + quantization use "
+              "the fused Pallas kernel" + (" (interpret mode: no GPU)" if interpret else ""))
+    return interpret
 
 
 def rmsnorm_quant(x, gain, eps: float, bits: int, kernels: str):
     """(xq int8 [..., D], sx f32 [..., 1]) of the model's RMSNorm(x) quantized per token (a
     draft mode's next layers), via the fused Pallas kernel, or None: XLA computes the norm and
     each layer quantizes it."""
-    if kernels == "xla":
-        return None
-    on_gpu = jax.default_backend() == "gpu"
-    if kernels == "auto" and not (on_gpu and NORM_QUANT_AUTO):
-        if on_gpu:
-            log_once(("norm-quant-xla",), "qspec_jax: draft-mode RMSNorm + quantization run in "
-                      "XLA (the fused kernel is used under kernels='auto' once measured faster)")
+    D = x.shape[-1]
+    interpret = _fused_quant_interpret(kernels, D, "RMSNorm")
+    if interpret is None:
         return None
     from pallas_kernels import rmsnorm_quant as rq
-    D = x.shape[-1]
-    if D % rq.CHUNK:
-        log_once(("norm-quant-shape", D), f"qspec_jax: the fused RMSNorm + quantization kernel "
-                  f"cannot take hidden size {D} (not a multiple of {rq.CHUNK}): using XLA",
-                  logging.WARNING)
-        return None
-    interpret = not on_gpu
-    log_once(("norm-quant", interpret), "qspec_jax: draft-mode RMSNorm + quantization use the "
-              "fused Pallas kernel" + (" (interpret mode: no GPU)" if interpret else ""))
     xq, sx = rq.rmsnorm_quant(x.reshape(-1, D), gain, eps, bits, interpret=interpret)
     return xq.reshape(x.shape), sx.reshape(*x.shape[:-1], 1)
+
+
+def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
+    """(xq, sx) of x quantized per token ("none": o_proj's input), or of silu(gate) * up for
+    x = [gate | up] ("swiglu": down_proj's input from the fused gate_up output), via one Pallas
+    kernel, or None: XLA computes it (same gating as rmsnorm_quant)."""
+    W = x.shape[-1]
+    D = W // 2 if prologue == "swiglu" else W
+    interpret = _fused_quant_interpret(kernels, D, "SwiGLU" if prologue == "swiglu" else "o_proj input")
+    if interpret is None:
+        return None
+    from pallas_kernels import rmsnorm_quant as rq
+    xq, sx = rq.row_quant(x.reshape(-1, W), bits, prologue, interpret=interpret)
+    return xq.reshape(*x.shape[:-1], D), sx.reshape(*x.shape[:-1], 1)
 
 
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,

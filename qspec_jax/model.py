@@ -191,7 +191,19 @@ class Attention(nnx.Module):
         if self.rotate:
             from .rotation import online_hadamard
             out = online_hadamard(out)
-        return self.o_proj(out, mode, kernels)
+        return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels)
+
+
+def draft_quantized(x, layer: QLinear, mode, kernels, prologue="none"):
+    """A quantized layer's input in the draft modes as a QuantizedInput from the fused Pallas
+    kernel (kernel_dispatch.row_quant: per-token quantization in one kernel, after the SwiGLU
+    for prologue "swiglu"), where the dispatch picks it; otherwise x unchanged (the layer
+    quantizes it through XLA)."""
+    if mode not in ("w4a8", "w4a4") or not layer.is_quantized:
+        return x
+    from .kernel_dispatch import row_quant
+    r = row_quant(x, 8 if mode == "w4a8" else 4, kernels, prologue)
+    return x if r is None else QuantizedInput(*r, x.dtype)
 
 
 class MLP(nnx.Module):
@@ -209,14 +221,19 @@ class MLP(nnx.Module):
 
     def __call__(self, x, mode, kernels):
         if self.fused:
-            gate, up = jnp.split(self.gate_up_proj(x, mode, kernels), 2, axis=-1)
+            gate_up = self.gate_up_proj(x, mode, kernels)
+            if not self.rotate:  # down_proj's input straight from [gate | up] in one kernel
+                hq = draft_quantized(gate_up, self.down_proj, mode, kernels, "swiglu")
+                if hq is not gate_up:
+                    return self.down_proj(hq, mode, kernels)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, mode, kernels), self.up_proj(x, mode, kernels)
         h = jax.nn.silu(gate) * up
         if self.rotate:
             from .rotation import online_hadamard
             h = online_hadamard(h)
-        return self.down_proj(h, mode, kernels)
+        return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode, kernels)
 
 
 class DecoderLayer(nnx.Module):

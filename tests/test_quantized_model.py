@@ -159,7 +159,8 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
 
 def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
     """kernels="pallas" in w4a8/w4a4 (hidden size 128, a kernel shape): each RMSNorm and the
-    per-token quantization of its output run as one fused kernel (2 per layer), whose (xq, sx)
+    per-token quantization of its output run as one fused kernel (2 per layer), as do the
+    o_proj and down_proj inputs' quantization (row_quant, 2 per layer), whose (xq, sx)
     the quantized layers take as they are; logits as the XLA path's (which quantizes each
     layer's input itself; in bfloat16 a few values may round one step apart). Not under "auto" until
     measured faster on the H200 (kernel_dispatch.NORM_QUANT_AUTO), never in w4a16."""
@@ -175,6 +176,9 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
     model = qj.load(str(path), dtype="float32", quant="w4", method="rtn")
     real, calls = rq.rmsnorm_quant, []
     monkeypatch.setattr(rq, "rmsnorm_quant", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real_row, row_calls = rq.row_quant, []
+    monkeypatch.setattr(rq, "row_quant", lambda x, bits, prologue="none", **k:
+                        row_calls.append((bits, prologue)) or real_row(x, bits, prologue, **k))
     ids = IDS[:1, :6]
     L = model.cfg.num_hidden_layers
     with caplog.at_level(logging.INFO, logger="qspec_jax"):
@@ -182,12 +186,22 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
             ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
             ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
             assert calls[-2 * L:] == [bits] * (2 * L), mode
+            assert row_calls[-2 * L:] == [(bits, "none")] * (2 * L), mode  # after the Hadamard
             assert rel(ours, ref) < 1e-5, mode  # float32: the same quantized values
         n = len(calls)
         qj.logits(model, ids, mode="w4a16", kernels="pallas")
         qj.logits(model, ids, mode="w4a8", kernels="auto")  # CPU: the XLA path
         assert len(calls) == n and not kernel_dispatch.NORM_QUANT_AUTO
     assert "fused Pallas kernel (interpret mode: no GPU)" in caplog.text
+    # Unrotated, down_proj's input comes straight from the fused gate_up output ("swiglu").
+    plain = qj.load(str(path), dtype="float32", quant="w4", method="rtn", rotate=False)
+    for m, prologues in ((plain, ["none", "swiglu"]),):
+        for mode, bits in (("w4a8", 8), ("w4a4", 4)):
+            row_calls.clear()
+            ours = np.asarray(qj.logits(m, ids, mode=mode, kernels="pallas"))
+            ref = np.asarray(qj.logits(m, ids, mode=mode, kernels="xla"))
+            assert row_calls == [(bits, p) for p in prologues] * L, (mode, row_calls)
+            assert rel(ours, ref) < 1e-5, mode
     # A pre-quantized input through one layer (XLA path) = the layer quantizing it itself.
     lin = model.module.layers[0].attn.qkv_proj
     x = jnp.asarray(np.random.RandomState(0).randn(3, 128), jnp.float32)

@@ -1,11 +1,13 @@
-"""CPU (interpret-mode) checks of the fused RMSNorm + per-token quantization kernel."""
+"""CPU (interpret-mode) checks of the fused RMSNorm + per-token quantization kernel and of
+row_quant (the same kernel without the norm, or after the MLP's SwiGLU)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.rmsnorm_quant import CHUNK, rmsnorm_quant, rmsnorm_quant_reference
+from pallas_kernels.rmsnorm_quant import (CHUNK, rmsnorm_quant, rmsnorm_quant_reference, row_quant,
+                                          row_quant_reference)
 from qspec_jax import quant
 from qspec_jax.layers import RMSNorm
 
@@ -55,6 +57,50 @@ def test_bfloat16_within_one_step(M, D, bits):
     assert np.abs(np.asarray(xq, np.int32) - np.asarray(xq_r, np.int32)).max() <= 1
 
 
+@pytest.mark.parametrize("prologue", ["none", "swiglu"])
+@pytest.mark.parametrize("M,D,bits", [(1, 256, 8), (5, 384, 4), (2, 3072, 8)])
+def test_row_quant_float32_equals_the_model_path(M, D, bits, prologue):
+    """f32: row_quant gives exactly quantize_activations of the model's own computation
+    (x itself, or jax.nn.silu(gate) * up of the fused gate_up output)."""
+    W = 2 * D if prologue == "swiglu" else D
+    x = 3 * jax.random.normal(jax.random.key(M + D + bits), (M, W), jnp.float32)
+    if M > 2:
+        x = x.at[1].set(0)
+    xq, sx = row_quant(x, bits, prologue, interpret=True)
+    y = x
+    if prologue == "swiglu":
+        gate, up = jnp.split(x, 2, axis=-1)
+        y = jax.nn.silu(gate) * up
+    xq_m, sx_m = quant.quantize_activations(y, bits)
+    np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq_m))
+    np.testing.assert_array_equal(np.asarray(sx), np.asarray(sx_m))
+    xq_r, sx_r = row_quant_reference(x, bits, prologue)
+    np.testing.assert_array_equal(np.asarray(xq_r), np.asarray(xq_m))
+    assert xq.shape == (M, D) and sx.shape == (M, 1)
+    if M > 2:
+        assert float(sx[1, 0]) == 1.0 and not np.any(np.asarray(xq[1]))
+
+
+@pytest.mark.parametrize("prologue", ["none", "swiglu"])
+def test_row_quant_bfloat16_within_one_step(prologue):
+    M, D = 4, 512
+    W = 2 * D if prologue == "swiglu" else D
+    x = (2 * jax.random.normal(jax.random.key(9), (M, W))).astype(jnp.bfloat16)
+    xq, sx = row_quant(x, 8, prologue, interpret=True)
+    xq_r, sx_r = row_quant_reference(x, 8, prologue)
+    np.testing.assert_allclose(np.asarray(sx), np.asarray(sx_r), rtol=2 ** -7)
+    assert np.abs(np.asarray(xq, np.int32) - np.asarray(xq_r, np.int32)).max() <= 1
+
+
+def test_row_quant_bad_input():
+    with pytest.raises(ValueError, match="prologue must be one of"):
+        row_quant(jnp.ones((2, 256)), 8, "gelu", interpret=True)
+    with pytest.raises(ValueError, match="multiple of 128 times 2"):
+        row_quant(jnp.ones((2, 384)), 8, "swiglu", interpret=True)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        row_quant(jnp.ones((2, 256)), 3, interpret=True)
+
+
 def test_bad_shapes():
     x, gain = _inputs(2, CHUNK + 64, jnp.float32)
     with pytest.raises(ValueError, match=f"multiple of {CHUNK}"):
@@ -77,6 +123,10 @@ def test_lowers_for_cuda():
             pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
         raise
     assert "rmsnorm_quant_a8" in txt
+    for prologue, W in (("none", 4096), ("swiglu", 2 * 14336)):  # o_proj / down_proj inputs
+        txt = jax.jit(lambda x: row_quant(x, 8, prologue)).trace(  # noqa: B023
+            jax.ShapeDtypeStruct((16, W), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+        assert f"row_quant_{prologue}_a8" in txt
 
 
 def test_round_half_even_matches_jnp_round():
@@ -90,5 +140,7 @@ def test_bench_fused_quick(tmp_path):
     from experiments.bench_fused import main
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     rows = __import__("json").load(open(tmp_path / "fused_h200_quick.json"))["rows"]
-    assert [r["M"] for r in rows] == [1, 3] and all(r["ok"] for r in rows)
-    assert "| 3 |" in open(tmp_path / "fused_h200_quick.md").read()
+    assert [(r["kind"], r["M"]) for r in rows] == [(k, m) for k in ("rmsnorm", "none", "swiglu")
+                                                   for m in (1, 3)]
+    assert all(r["ok"] for r in rows) and rows[-1]["D"] == 2 * 384
+    assert "| swiglu | 768 | 3 |" in open(tmp_path / "fused_h200_quick.md").read()
