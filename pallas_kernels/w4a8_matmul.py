@@ -255,7 +255,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array | None, qweight: jax.Array, scales:
     memory, one XLA kernel less per GEMM. On a GPU the kernel's f32 division may round a
     quotient within 2 ulp of a .5 tie the other way (an activation one quantization step off,
     a few in a million; exact in interpret mode). The FMA ("gemv") configurations take
-    pre-quantized activations: with them x is quantized by XLA first.
+    pre-quantized activations: with them x is quantized by XLA first. Measured 2.4-3.4x slower
+    than XLA's quantization + this kernel on the H200 (every N tile re-quantizes x;
+    experiments/results/kernels_h200_actquant.md), so the model does not use it by default.
     """
     if backend not in (None,) + _BACKENDS:
         raise ValueError(f"w4a8_matmul: unknown backend {backend!r}; choose one of {_BACKENDS}")
@@ -269,6 +271,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array | None, qweight: jax.Array, scales:
             sx = _token_scales(xq, bits)
     elif xq.ndim != 2 or xq.dtype != jnp.int8:
         raise ValueError(f"w4a8_matmul: xq must be int8 [M, K], got {xq.dtype} {xq.shape}")
+    elif sx is None:
+        raise ValueError("w4a8_matmul: sx (per-token scales [M, 1]) is required for int8 xq; "
+                         "sx=None only with bits=8/4 and float activations")
     if qweight.dtype != jnp.int8:
         raise ValueError(f"w4a8_matmul: qweight dtype {qweight.dtype} must be int8")
     M, K = xq.shape

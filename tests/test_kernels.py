@@ -161,6 +161,8 @@ def test_w4a8_quantizes_in_kernel(M, K, N, G, cfg, bits):
         w4a8_matmul(x, None, qw, s, interpret=True, bits=2)
     with pytest.raises(ValueError, match="x must be float"):
         w4a8_matmul(xq, sx, qw, s, interpret=True, bits=bits)
+    with pytest.raises(ValueError, match="sx .* is required"):
+        w4a8_matmul(xq, None, qw, s, interpret=True)
 
 
 def test_asm_dequant_bit_trick_and_ptx():
