@@ -61,7 +61,8 @@ case "$stage" in
     # then gamma 3 at batch 4 and 16 with and without it in the model (--norm-quant-kernel sets
     # kernel_dispatch.NORM_QUANT_AUTO; if it wins, make that the default). At 440d085 the kernel
     # walked 128-column pieces and lost (fused_h200.md); since 461c141 it takes the row at once,
-    # and row_quant (o_proj / down_proj inputs, SwiGLU fused) rides on the same flag.
+    # and row_quant (o_proj / down_proj inputs, SwiGLU fused) rides on the same flag (all kinds;
+    # --norm-quant-kernel rmsnorm,swiglu etc. for a subset; fused.log times each kind alone).
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
     for v in xla kernel; do
       flag=""

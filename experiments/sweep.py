@@ -210,10 +210,12 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--repeats", type=int, default=None, help="default 3")
     p.add_argument("--kernels", default="auto")
-    p.add_argument("--norm-quant-kernel", action="store_true",
+    p.add_argument("--norm-quant-kernel", nargs="?", const="rmsnorm,none,swiglu", default=None,
+                   metavar="KINDS",
                    help="draft modes: the fused quantization kernels (RMSNorm + quantization, "
                         "row_quant for the o_proj / down_proj inputs) under kernels=auto "
-                        "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster)")
+                        "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster); "
+                        "KINDS: a comma list of rmsnorm, none, swiglu (default: all)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
@@ -245,8 +247,13 @@ def main(argv=None) -> int:
     env = environment(args.commit)
     if args.norm_quant_kernel:
         from qspec_jax import kernel_dispatch
-        kernel_dispatch.NORM_QUANT_AUTO = True
-        env["norm_quant_kernel"] = True
+        kinds = args.norm_quant_kernel.split(",")
+        bad = sorted(set(kinds) - set(kernel_dispatch.FUSED_QUANT_KINDS))
+        if bad:
+            p.error(f"--norm-quant-kernel: unknown kinds {bad}; choose from "
+                    f"{', '.join(kernel_dispatch.FUSED_QUANT_KINDS)}")
+        kernel_dispatch.NORM_QUANT_AUTO = frozenset(kinds)
+        env["norm_quant_kernel"] = ",".join(kinds)
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
@@ -496,8 +503,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             vals = sorted({r[key] for r in runs if key in r}, key=str)
             if vals and not (key == "kernels" and vals == ["auto"]) and vals != ["mma"]:
                 args.append((flag, _join(vals)))
-        if any(r.get("norm_quant_kernel") for r in runs):
-            args.append(("--norm-quant-kernel", ""))
+        nq = {str(r["norm_quant_kernel"]) for r in runs if r.get("norm_quant_kernel")}
+        if nq:  # (True in files written before the kinds: all of them, the flag's default)
+            kinds = sorted({k for v in nq if v != "True" for k in v.split(",")})
+            args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
         groups.setdefault(tuple(args), []).append(name)

@@ -99,16 +99,20 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool)
 # faster (experiments/bench_fused.py, device stage normquant). Its first version
 # lost (fused_h200.md at 440d085: 23 us against 3-4 us; gamma-3 QSpec 0.71x / 0.60x at batch
 # 4 / 16, normquant_h200_kernel.md); the row-at-once version after it is not yet measured.
-NORM_QUANT_AUTO = False
+# The kinds in use under "auto": "rmsnorm" (qkv / gate_up inputs), "none" (o_proj's input),
+# "swiglu" (down_proj's input from [gate | up]); each joins once it measures faster.
+FUSED_QUANT_KINDS = ("rmsnorm", "none", "swiglu")
+NORM_QUANT_AUTO: frozenset = frozenset()
 
 
-def _fused_quant_interpret(kernels: str, D: int, what: str):
-    """Whether a fused quantization kernel (rmsnorm_quant / row_quant) runs: None (no: XLA
-    computes it, the reason logged once) or its interpret flag."""
+def _fused_quant_interpret(kernels: str, D: int, what: str, kind: str):
+    """Whether a fused quantization kernel (rmsnorm_quant / row_quant, ``kind`` one of
+    FUSED_QUANT_KINDS) runs: None (no: XLA computes it, the reason logged once) or its
+    interpret flag."""
     if kernels == "xla":
         return None
     on_gpu = jax.default_backend() == "gpu"
-    if kernels == "auto" and not (on_gpu and NORM_QUANT_AUTO):
+    if kernels == "auto" and not (on_gpu and kind in NORM_QUANT_AUTO):
         if on_gpu:
             log_once(("norm-quant-xla",), "qspec_jax: draft-mode activation quantization runs in "
                       "XLA (the fused kernels are used under kernels='auto' once measured faster)")
@@ -130,7 +134,7 @@ def rmsnorm_quant(x, gain, eps: float, bits: int, kernels: str):
     draft mode's next layers), via the fused Pallas kernel, or None: XLA computes the norm and
     each layer quantizes it."""
     D = x.shape[-1]
-    interpret = _fused_quant_interpret(kernels, D, "RMSNorm")
+    interpret = _fused_quant_interpret(kernels, D, "RMSNorm", "rmsnorm")
     if interpret is None:
         return None
     from pallas_kernels import rmsnorm_quant as rq
@@ -144,7 +148,8 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
     kernel, or None: XLA computes it (same gating as rmsnorm_quant)."""
     W = x.shape[-1]
     D = W // 2 if prologue == "swiglu" else W
-    interpret = _fused_quant_interpret(kernels, D, "SwiGLU" if prologue == "swiglu" else "o_proj input")
+    interpret = _fused_quant_interpret(kernels, D, "SwiGLU" if prologue == "swiglu" else "o_proj input",
+                                       prologue)
     if interpret is None:
         return None
     from pallas_kernels import rmsnorm_quant as rq

@@ -213,6 +213,19 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
         lin(QuantizedInput(xq, sx, x.dtype), "w4a16")
 
 
+def test_fused_quant_kinds_gate_auto_separately(monkeypatch):
+    """Under kernels="auto" on a GPU each fused quantization kind runs only once listed in
+    NORM_QUANT_AUTO (measured faster); "pallas" forces every kind, "xla" none."""
+    from qspec_jax import kernel_dispatch as kd
+    monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kd, "NORM_QUANT_AUTO", frozenset({"swiglu"}))
+    run = {k: kd._fused_quant_interpret("auto", 4096, k, k) for k in kd.FUSED_QUANT_KINDS}
+    assert run == {"rmsnorm": None, "none": None, "swiglu": False}  # False: not interpret mode
+    assert kd._fused_quant_interpret("pallas", 4096, "x", "rmsnorm") is False
+    assert kd._fused_quant_interpret("xla", 4096, "x", "swiglu") is None
+    assert kd._fused_quant_interpret("pallas", 4100, "x", "none") is None  # not a multiple of 128
+
+
 def test_act_quant_in_gemm_in_the_draft_modes(hf_dirs, monkeypatch):
     """kernel_dispatch.ACT_QUANT_IN_GEMM (off by default: slower on the H200): the int8 kernel
     takes the float activations and quantizes them itself (bits=8 / 4); logits equal the XLA
