@@ -346,7 +346,8 @@ class Transformer(nnx.Module):
         (static): ``window=(sink, recent)`` limits attention to the first ``sink`` and the last
         ``recent`` positions; ``layers`` runs only those decoder layers (the others pass the
         residual stream through and write no K/V).
-        ``readonly_cache=True`` (static) reads the cache without writing it: keys from each
+        ``readonly_cache=True`` (static; with ``layers`` but not ``window``) reads the cache
+        without writing it (skipped layers give zero blocks): keys from each
         sequence's start on are ignored and the new tokens attend to their own K/V; the second
         result is then the new K/V blocks (k, v), each [L, B, KVH, T, hd], for the caller to
         write (e.g. after a lax.switch, which would otherwise copy the whole cache).
@@ -359,8 +360,9 @@ class Transformer(nnx.Module):
         positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
         inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         x = self.embed(tokens).astype(self.dtype)
-        if readonly_cache and (layers is not None or window is not None):
-            raise ValueError("readonly_cache runs every layer with full attention (verify passes)")
+        if readonly_cache and window is not None:
+            raise ValueError("readonly_cache attends with full attention (window is for writing "
+                             "draft forwards)")
         if prefix is not None and not readonly_cache:
             raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
         blocks = []
@@ -372,6 +374,9 @@ class Transformer(nnx.Module):
                     blocks.append(out)
                 else:
                     cache = out
+            elif readonly_cache:  # a skipped layer has no K/V; its block is never read
+                kv_shape = (B, self.cfg.num_key_value_heads, T, self.cfg.head_dim)
+                blocks.append((jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype)))
         if readonly_cache:
             cache = tuple(jnp.stack(t) for t in zip(*blocks))  # (k, v) [L, B, KVH, T, hd]
         if logits_positions is not None:

@@ -236,7 +236,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             tok, bk, bv, rng = carry
             logits, (k_new, v_new) = forward(tok[:, None], cache, c["lengths"] + i,
                                              mode=draft_mode, readonly_cache=True,
-                                             prefix=(bk, bv, i))
+                                             prefix=(bk, bv, i), layers=draft_layers)
             bk = jax.lax.dynamic_update_slice_in_dim(bk, k_new, i, axis=3)
             bv = jax.lax.dynamic_update_slice_in_dim(bv, v_new, i, axis=3)
             nxt, rng, q = draft_pick(logits[:, 0], rng)
@@ -311,10 +311,11 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         # sequence's new length: stale positions nobody reads. Each data-dependent loop or
         # conditional costs a device-to-host sync on the GPU (the queue drains, the host
         # relaunches), so the cycle has two (the loop's test and the switch), like a fixed
-        # gamma's one plus one. With draft_window or draft_layers (which the read-only
-        # forward does not take), drafting is a loop of a traced length over the writing draft
-        # forward instead: g + 1 more syncs per cycle.
-        readonly_draft = draft_window is None and draft_layers is None
+        # gamma's one plus one (draft_layers included: skipped layers are skipped in the
+        # read-only draft steps too). With draft_window (which the read-only forward does not
+        # take), drafting is a loop of a traced length over the writing draft forward instead:
+        # g + 1 more syncs per cycle.
+        readonly_draft = draft_window is None
 
         def verify_branch(g, c, cache, rng, drafts, qs):
             new, blocks = verify_and_accept(c, cache, rng, drafts[:, :g],

@@ -332,8 +332,15 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
             np.testing.assert_array_equal(np.asarray(blk[0, b]), np.asarray(full[0, b, :, s:s + T]))
             np.testing.assert_allclose(np.asarray(blk[:, b]), np.asarray(full[:, b, :, s:s + T]),
                                        rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="readonly_cache"):
-        net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))
+    # A layer subset (draft_layers under gamma="auto"): the writing forward's logits; skipped
+    # layers give zero blocks. No windowed attention in read-only forwards.
+    ro, (k_sub, _) = net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))
+    wr, _ = net(tokens, cache, start, mode="w4a16", layers=(0,))
+    assert rel(np.asarray(ro), np.asarray(wr)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(k_sub[0]), np.asarray(k_blk[0]))
+    assert not np.any(np.asarray(k_sub[1:]))
+    with pytest.raises(ValueError, match="readonly_cache attends with full attention"):
+        net(tokens, cache, start, mode="w4a16", readonly_cache=True, window=(1, 4))
 
 
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])

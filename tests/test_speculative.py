@@ -368,6 +368,28 @@ def test_cheaper_drafts_stay_exact(quantized, opts):
     assert out.stats["acceptance_rate"] < full.stats["acceptance_rate"]
 
 
+def test_auto_gamma_with_draft_layers_drafts_read_only(quantized):
+    """gamma="auto" with draft_layers runs its drafts as read-only static scans (skipped layers
+    skipped there too): one loop + one conditional in the compiled program, like auto without
+    it; cycles at gamma 3 draft exactly what fixed gamma 3 drafts (same acceptance), and the
+    output is w4a16's."""
+    model = quantized["llama"]
+    prompts = ragged_prompts(15)
+    ref = qj.generate(model, prompts, max_new_tokens=24, mode="w4a16").tokens
+    fixed = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", gamma=3, draft_layers=[0])
+    kw = dict(max_new_tokens=24, mode="qspec", gamma="auto", max_gamma=3, draft_layers=[0],
+              cycle_costs=[1, 1.01, 1.02, 1.03])
+    auto = qj.generate(model, prompts, **kw)
+    g = np.asarray(auto.stats["gamma_cycles"])
+    assert auto.tokens == ref == fixed.tokens and g[3] == g.sum()
+    assert auto.stats["acceptance_rate"] == fixed.stats["acceptance_rate"] < 1.0
+    fn, args, kwargs = generate_call(model, prompts, **kw)
+    lines = fn.lower(*args, **kwargs).compile().as_text().splitlines()
+    loops = [l for l in lines if re.search(r"= .*\bwhile\(", l) and "known_trip_count" not in l]
+    conds = [l for l in lines if re.search(r"= .*\bconditional\(", l)]
+    assert (len(loops), len(conds)) == (1, 1)
+
+
 def test_windowed_attention_reference_masks_the_middle():
     from qspec_jax.model import attention_reference
     r = np.random.RandomState(0)
