@@ -625,10 +625,9 @@ def sweep_cfgs_asm(variant, M):
     them, plain and transposed; at M > 16 one M tile of up to 64 rows."""
     C = TileConfig
     if M <= 16:
-        return [C(16, bn, bk, sp, 4, st, tr, dequant="asm")
+        return [C(16, bn, bk, sp, 4, 4, tr, dequant="asm")
                 for bn, bk in ((128, 64), (64, 64), (128, 32), (256, 64), (64, 128))
-                for sp in (4, 8, 16) for st in (3, 4) for tr in (False, True)
-                if not (tr and st == 3)]
+                for sp in (4, 8, 16) for tr in (False, True)]
     bm = min(64, M)
     return [C(bm, bn, 64, sp, 4, 4, tr, dequant="asm") for bn in (64, 128)
             for sp in (1, 2, 4, 8) for tr in (False, True)]
