@@ -12,6 +12,7 @@
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
 #   bash experiments/device_runs.sh sweep8b_more  # the same at batch 2/8/32/128 (~8 min)
+#   bash experiments/device_runs.sh lmhead     # AR and gamma 3 with an int4 lm_head, batch 1/4/16 (~6 min)
 #   bash experiments/device_runs.sh compile    # 8B compile and step times: XLA autotuning on / cached / off (~6 min)
 #   bash experiments/device_runs.sh tokamax    # tokamax's Hopper int4 matmul as a peer (run with carry=["wheels"]; ~6 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model sweep (~5 min)
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -131,6 +132,14 @@ case "$stage" in
     step 540 sweep8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,4,64 \
       --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 3 --cost-gammas 0,3 --repeats 2 \
       --time-budget 420 --commit "$COMMIT" --out "$OUT/sweep_h200_8b_$COMMIT.jsonl"
+    ;;
+  lmhead)
+    # int4 lm_head (--quantize-lm-head): the bf16 one is 0.24 ms of every 8B step, draft or
+    # AR (profile_h200_8b_b4_440d085.md). AR and gamma 3 at batch 1 / 4 / 16; compare with
+    # sweep_h200_8b_440d085.md.
+    step 400 lmhead.log python3 experiments/sweep.py --models llama3-8b --batches 1,4,16 \
+      --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 --quantize-lm-head \
+      --time-budget 340 --commit "$COMMIT" --out "$OUT/sweep_h200_8b_lmhead_$COMMIT.jsonl"
     ;;
   sweep8b_more)
     step 540 sweep8b_more.log python3 experiments/sweep.py --models llama3-8b --batches 2,8,32,128 \

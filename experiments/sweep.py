@@ -61,10 +61,13 @@ def shaped_config(name: str) -> ModelConfig:
                        sliding_window=None, bos_token_id=1, eos_token_ids=(), pad_token_id=0, **s)
 
 
-def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0):
-    """A shaped model with random weights built on the device (int4 weights drawn directly)."""
+def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
+                 quantize_lm_head: bool = False):
+    """A shaped model with random weights built on the device (int4 weights drawn directly;
+    the lm_head too with quantize_lm_head)."""
     cfg = shaped_config(name)
-    qcfg = QuantConfig(quant="w4", method="rtn", rotate=False) if quantized else QuantConfig()
+    qcfg = (QuantConfig(quant="w4", method="rtn", rotate=False,
+                        quantize_lm_head=quantize_lm_head) if quantized else QuantConfig())
     from flax import nnx
     from qspec_jax.model import Transformer, pure_dict
 
@@ -219,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
+                        "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -254,6 +260,8 @@ def main(argv=None) -> int:
                     f"{', '.join(kernel_dispatch.FUSED_QUANT_KINDS)}")
         kernel_dispatch.NORM_QUANT_AUTO = frozenset(kinds)
         env["norm_quant_kernel"] = ",".join(kinds)
+    if args.quantize_lm_head:
+        env["quantize_lm_head"] = True
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
@@ -278,9 +286,10 @@ def main(argv=None) -> int:
         def get_model(quantized):
             if quantized not in models:
                 t0 = time.perf_counter()
+                lm = quantized and args.quantize_lm_head
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
-                                             method="rtn") if name == "default"
-                                     else random_model(name, quantized))
+                                             method="rtn", quantize_lm_head=lm) if name == "default"
+                                     else random_model(name, quantized, quantize_lm_head=lm))
                 print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
             return models[quantized]
@@ -507,6 +516,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         if nq:  # (True in files written before the kinds: all of them, the flag's default)
             kinds = sorted({k for v in nq if v != "True" for k in v.split(",")})
             args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
+        if any(r.get("quantize_lm_head") for r in runs):
+            args.append(("--quantize-lm-head", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
         groups.setdefault(tuple(args), []).append(name)

@@ -116,6 +116,31 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
     assert "## Errors" not in text
 
 
+def test_sweep_quick_with_an_int4_lm_head(tmp_path):
+    """--quantize-lm-head: the quantized model's lm_head is int4 (read in both modes), recorded
+    in every row and in the report's command."""
+    from experiments import sweep
+    out = tmp_path / "lm.jsonl"
+    built = []
+    real = sweep.random_model
+
+    def spy(*a, **k):
+        m = real(*a, **k)
+        built.append(m)
+        return m
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "random_model", spy)
+        assert sweep_main(["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "1", "--gammas", "2",
+                           "--cost-gammas", "0,2", "--max-gamma", "2", "--quantize-lm-head",
+                           "--out", str(out)]) == 0
+    assert built and all(m.module.lm_head.is_quantized for m in built)
+    rows = [json.loads(l) for l in open(out)]
+    assert rows and all(r.get("quantize_lm_head") for r in rows if "mode" in r)
+    assert all("error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--quantize-lm-head" in open(tmp_path / "lm.md").read()
+
+
 def test_report_lists_errors_and_nans(tmp_path):
     """The report of a file with an error row, a NaN decode time and gammas 10 / 2 / 'auto'."""
     from experiments.sweep import main as sweep_main
