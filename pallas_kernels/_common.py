@@ -334,6 +334,27 @@ def gemv_rows(x_ref, q_ref, s_ref, *, M, K, G, bk, kh_split, split_idx, magic=Fa
     return [jnp.sum(a, axis=0) for a in accs]
 
 
+QRANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}  # bits -> (qmin, qmax), as quant.quantize_activations
+
+
+def token_scales(x: jax.Array, bits: int) -> jax.Array:
+    """Per-token scales max|x| / qmax (1.0 for an all-zero row), f32 [..., 1]."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    return jnp.where(amax > 0, amax / QRANGE[bits][1], 1.0).astype(jnp.float32)
+
+
+def quantize_rows(x: jax.Array, sx: jax.Array, bits: int) -> jax.Array:
+    """clip(round(x / sx)) to int8 (ties to even), x's rows scaled by sx [..., 1]."""
+    qmin, qmax = QRANGE[bits]
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / sx), qmin, qmax).astype(jnp.int8)
+
+
+def quantize_per_token_reference(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
+    """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
+    sx = token_scales(x, bits)
+    return quantize_rows(x, sx, bits), sx
+
+
 def round_half_even(v):
     """jnp.round (ties to even) for |v| < 2**22 from floor, which Pallas Triton lowers (it has
     no round primitive): floor(v + 0.5), minus one at exact ties that land on an odd number.

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import round_half_even
+from pallas_kernels._common import QRANGE as _RANGE
+from pallas_kernels._common import quantize_per_token_reference, round_half_even
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -42,19 +43,13 @@ MAX_PIECE = 8192  # the largest row piece held at once (f32 values across the pr
 def piece(D: int) -> int:
     """Columns walked at once: the largest power of two dividing D, at most MAX_PIECE."""
     return min(D & -D, MAX_PIECE)
-_RANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}  # as qspec_jax.quant.quantize_activations
 
 
 def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int = 8):
     """Plain-jnp reference: the model's RMSNorm, then per-token quantization (quant.py)."""
-    qmin, qmax = _RANGE[bits]
     xf = x.astype(jnp.float32)
     xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    y = (gain.astype(x.dtype) * xf.astype(x.dtype)).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
-    sx = jnp.where(amax > 0, amax / qmax, 1.0)
-    xq = jnp.clip(jnp.round(y / sx), qmin, qmax).astype(jnp.int8)
-    return xq, sx
+    return quantize_per_token_reference(gain.astype(x.dtype) * xf.astype(x.dtype), bits)
 
 
 def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax, prologue):
@@ -138,14 +133,10 @@ def rmsnorm_quant(x: jax.Array, gain: jax.Array, eps: float, bits: int = 8, *,
 def row_quant_reference(x: jax.Array, bits: int = 8, prologue: str = "none"):
     """Plain-jnp reference of row_quant: the model's SwiGLU (for "swiglu") or x itself,
     quantized per token as qspec_jax.quant.quantize_activations does."""
-    qmin, qmax = _RANGE[bits]
     if prologue == "swiglu":
         gate, up = jnp.split(x, 2, axis=-1)
         x = jax.nn.silu(gate) * up
-    y = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
-    sx = jnp.where(amax > 0, amax / qmax, 1.0)
-    return jnp.clip(jnp.round(y / sx), qmin, qmax).astype(jnp.int8), sx
+    return quantize_per_token_reference(x, bits)
 
 
 PROLOGUES = ("none", "swiglu")

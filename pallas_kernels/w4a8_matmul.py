@@ -28,9 +28,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (TileConfig, as_int16_pairs, check_operands, fit_config,
-                                    gemm_call, gemv_rows, is_gemv, magic_dequant, round_half_even,
-                                    shifted_nibbles, split_nibbles, unpack_int4)
+from pallas_kernels._common import (QRANGE, TileConfig, as_int16_pairs,  # noqa: F401
+                                    check_operands, fit_config, gemm_call, gemv_rows, is_gemv,
+                                    magic_dequant, quantize_per_token_reference, quantize_rows,
+                                    round_half_even, shifted_nibbles, split_nibbles, token_scales,
+                                    unpack_int4)
 
 try:
     from jax.experimental.pallas import triton as pltriton
@@ -41,26 +43,6 @@ _BACKENDS = ("triton",)
 
 
 # ----------------------------------------------------------------------------- references
-_QRANGE = {8: (-127.0, 127.0), 4: (-8.0, 7.0)}
-
-
-def _token_scales(x: jax.Array, bits: int) -> jax.Array:
-    """Per-token scales max|x| / qmax (1.0 for an all-zero row), f32 [..., 1]."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    return jnp.where(amax > 0, amax / _QRANGE[bits][1], 1.0).astype(jnp.float32)
-
-
-def _quantize(x: jax.Array, sx: jax.Array, bits: int) -> jax.Array:
-    qmin, qmax = _QRANGE[bits]
-    return jnp.clip(jnp.round(x.astype(jnp.float32) / sx), qmin, qmax).astype(jnp.int8)
-
-
-def quantize_per_token_reference(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
-    """DESIGN.md per-token symmetric quantization: bits=8 -> [-127, 127], bits=4 -> [-8, 7]."""
-    sx = _token_scales(x, bits)
-    return _quantize(x, sx, bits), sx
-
-
 def w4a8_matmul_reference(xq: jax.Array, sx: jax.Array, qweight: jax.Array, scales: jax.Array,
                           out_dtype=jnp.bfloat16) -> jax.Array:
     """Plain-jnp reference: y = sx * sum_g s[g] * int32(xq_g @ q_g), g in order."""
@@ -268,7 +250,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array | None, qweight: jax.Array, scales:
             raise ValueError(f"w4a8_matmul: with bits={bits}, x must be float [M, K] "
                              f"(bfloat16/float16/float32), got {xq.dtype} {xq.shape}")
         if sx is None:
-            sx = _token_scales(xq, bits)
+            sx = token_scales(xq, bits)
     elif xq.ndim != 2 or xq.dtype != jnp.int8:
         raise ValueError(f"w4a8_matmul: xq must be int8 [M, K], got {xq.dtype} {xq.shape}")
     elif sx is None:
@@ -300,9 +282,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array | None, qweight: jax.Array, scales:
     qrange = None
     if bits is not None:
         if is_gemv(cfg.dequant):
-            xq = _quantize(xq, sx, bits)
+            xq = quantize_rows(xq, sx, bits)
         else:
-            qrange = _QRANGE[bits]
+            qrange = QRANGE[bits]
     q = as_int16_pairs(qweight) if cfg.dequant == "magic" else qweight
     out = _build(M, K, N, G, out_dtype, cfg, interpret, qrange)(xq, sx, q, scales)
     if cfg.split_k > 1:

@@ -105,10 +105,14 @@ FUSED_QUANT_KINDS = ("rmsnorm", "none", "swiglu")
 NORM_QUANT_AUTO: frozenset = frozenset()
 
 
-def _fused_quant_interpret(kernels: str, D: int, what: str, kind: str):
+_FUSED_QUANT_WHAT = {"rmsnorm": "RMSNorm", "none": "o_proj input", "swiglu": "SwiGLU"}
+
+
+def _fused_quant_interpret(kernels: str, D: int, kind: str):
     """Whether a fused quantization kernel (rmsnorm_quant / row_quant, ``kind`` one of
     FUSED_QUANT_KINDS) runs: None (no: XLA computes it, the reason logged once) or its
     interpret flag."""
+    what = _FUSED_QUANT_WHAT[kind]
     if kernels == "xla":
         return None
     on_gpu = jax.default_backend() == "gpu"
@@ -134,7 +138,7 @@ def rmsnorm_quant(x, gain, eps: float, bits: int, kernels: str):
     draft mode's next layers), via the fused Pallas kernel, or None: XLA computes the norm and
     each layer quantizes it."""
     D = x.shape[-1]
-    interpret = _fused_quant_interpret(kernels, D, "RMSNorm", "rmsnorm")
+    interpret = _fused_quant_interpret(kernels, D, "rmsnorm")
     if interpret is None:
         return None
     from pallas_kernels import rmsnorm_quant as rq
@@ -148,8 +152,7 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
     kernel, or None: XLA computes it (same gating as rmsnorm_quant)."""
     W = x.shape[-1]
     D = W // 2 if prologue == "swiglu" else W
-    interpret = _fused_quant_interpret(kernels, D, "SwiGLU" if prologue == "swiglu" else "o_proj input",
-                                       prologue)
+    interpret = _fused_quant_interpret(kernels, D, prologue)
     if interpret is None:
         return None
     from pallas_kernels import rmsnorm_quant as rq

@@ -224,7 +224,7 @@ class MLP(nnx.Module):
             gate_up = self.gate_up_proj(x, mode, kernels)
             if not self.rotate:  # down_proj's input straight from [gate | up] in one kernel
                 hq = draft_quantized(gate_up, self.down_proj, mode, kernels, "swiglu")
-                if hq is not gate_up:
+                if isinstance(hq, QuantizedInput):
                     return self.down_proj(hq, mode, kernels)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:

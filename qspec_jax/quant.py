@@ -150,12 +150,9 @@ def quantize_activations(x, bits):
 
     Returns (xq int8 [..., K], sx f32 [..., 1]): 8 bits use sx = max|x| / 127 and clip to
     [-127, 127]; 4 bits use sx = max|x| / 7 and clip to the int4 range [-8, 7]."""
-    if bits not in _ACT_RANGE:
-        raise ValueError(f"activation bits must be one of {sorted(_ACT_RANGE)}, got {bits}")
+    sx = activation_scales(x, bits)
     qmin, qmax = _ACT_RANGE[bits]
-    x = jnp.asarray(x, jnp.float32)
-    sx = _token_scale(x, qmax)
-    xq = jnp.clip(jnp.round(x / sx), qmin, qmax).astype(jnp.int8)
+    xq = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / sx), qmin, qmax).astype(jnp.int8)
     return xq, sx
 
 

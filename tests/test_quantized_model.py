@@ -219,11 +219,11 @@ def test_fused_quant_kinds_gate_auto_separately(monkeypatch):
     from qspec_jax import kernel_dispatch as kd
     monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(kd, "NORM_QUANT_AUTO", frozenset({"swiglu"}))
-    run = {k: kd._fused_quant_interpret("auto", 4096, k, k) for k in kd.FUSED_QUANT_KINDS}
+    run = {k: kd._fused_quant_interpret("auto", 4096, k) for k in kd.FUSED_QUANT_KINDS}
     assert run == {"rmsnorm": None, "none": None, "swiglu": False}  # False: not interpret mode
-    assert kd._fused_quant_interpret("pallas", 4096, "x", "rmsnorm") is False
-    assert kd._fused_quant_interpret("xla", 4096, "x", "swiglu") is None
-    assert kd._fused_quant_interpret("pallas", 4100, "x", "none") is None  # not a multiple of 128
+    assert kd._fused_quant_interpret("pallas", 4096, "rmsnorm") is False
+    assert kd._fused_quant_interpret("xla", 4096, "swiglu") is None
+    assert kd._fused_quant_interpret("pallas", 4100, "none") is None  # not a multiple of 128
 
 
 def test_act_quant_in_gemm_in_the_draft_modes(hf_dirs, monkeypatch):
