@@ -17,6 +17,8 @@
 #   bash experiments/device_runs.sh tokamax    # tokamax's Hopper int4 matmul as a peer (run with carry=["wheels"]; ~6 min)
 #   bash experiments/device_runs.sh sweepsmall # trained default model sweep (~5 min)
 #   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
+#   bash experiments/device_runs.sh longmodel  # train a 32k-context variant of the default model, then draft acceptance + timed QSpec at 2k-32k (~9.5 min)
+#   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
 # (the device copy has no .git).
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -186,6 +188,26 @@ case "$stage" in
     step 420 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
       --contexts 512 2048 8192 32768 --impls ours ours_layer xla decode_attention \
       --time-budget 380 --reps 3 --commit "$COMMIT" --out "$OUT/attention_h200_full.json"
+    ;;
+  longmodel)
+    # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
+    # stdlib source), then QSpec at 2k / 8k / 32k contexts of held-out code: acceptance with the
+    # full-cache draft, a 4 + 1020-token window, the layer search's subset, and gamma="auto"
+    # (full and windowed); outputs checked equal to w4a16; decode timed against w4a16.
+    step 330 train_long.log python3 experiments/train.py --seq-len 32768 --batch-size 2 \
+      --max-position-embeddings 32768 --rope-theta 500000 --code-fraction 0.5 --minutes 2.5 \
+      --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
+    cp /tmp/long/*.json "$OUT/" 2>/dev/null
+    step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
+      --contexts 2048,8192,32000 --windows 4:1020 --new-tokens 64 --timed --timed-repeats 2 \
+      --auto --out-prefix "$OUT/draft_acceptance_long_h200"
+    ;;
+  longctx8b)
+    # Issue 9's cost side: where the KV cache dominates a step (batch >= 16 at 8k+), a draft
+    # that reads a window of it should cost a fraction of a w4a16 step.
+    step 540 longctx8b.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
+      --contexts 8192,32768,2048 --repeats 2 --time-budget 450 --commit "$COMMIT" \
+      --out "$OUT/longctx_h200.jsonl"
     ;;
   *)
     echo "unknown stage $stage" >&2

@@ -53,6 +53,22 @@ def code_prompts(model, n: int, context: int, stream: list[int] | None = None) -
     return [stream[s:s + context] for s in starts]
 
 
+def timed_generate(model, prompts, new_tokens: int, kw: dict) -> float:
+    t0 = time.perf_counter()
+    qj.generate(model, prompts, max_new_tokens=new_tokens, **kw)
+    return time.perf_counter() - t0
+
+
+def decode_seconds(model, prompts, new_tokens: int, kw: dict, repeats: int, kernels: str) -> float:
+    """Median over repeats of time(new_tokens) - time(1 token of w4a16: the prefill), both
+    programs compiled before (paired differences cancel the prefill; NaN below timer noise)."""
+    one = dict(mode="w4a16", kernels=kernels)
+    diffs = [timed_generate(model, prompts, new_tokens, kw) - timed_generate(model, prompts, 1, one)
+             for _ in range(repeats)]
+    d = float(np.median(diffs))
+    return d if d > 0 else float("nan")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", default="128,448")
@@ -69,6 +85,13 @@ def main(argv=None) -> int:
                    help="model folder (HF checkpoint or qspec-convert output; default: the "
                         "embedded model, trained on 512-token rows)")
     p.add_argument("--kernels", default="auto")
+    p.add_argument("--timed", action="store_true",
+                   help="also time decoding (each generate run again once compiled; decode time = "
+                        "time(N new tokens) - time(1 new token)) and report the speedup over w4a16")
+    p.add_argument("--timed-repeats", type=int, default=3)
+    p.add_argument("--auto", action="store_true",
+                   help="also run gamma='auto' (max gamma 7) with the full draft and with the last "
+                        "window (auto may decode plainly where drafting cannot pay)")
     p.add_argument("--out-prefix", required=True)
     args = p.parse_args(argv)
 
@@ -78,9 +101,13 @@ def main(argv=None) -> int:
     search_tokens = np.asarray(code_prompts(model, 4, 128, stream), np.int32)
     layers, history = select_draft_layers(model, search_tokens, args.draft,
                                           draft_cost=args.draft_cost)
-    configs = [("full", None, None)]
-    configs += [(f"window {w}", tuple(map(int, w.split(":"))), None) for w in args.windows.split(",")]
-    configs += [(f"layers {','.join(map(str, layers))}", None, layers)]
+    windows = [tuple(map(int, w.split(":"))) for w in args.windows.split(",")]
+    configs = [("full", None, None, args.gamma)]
+    configs += [(f"window {w[0]}:{w[1]}", w, None, args.gamma) for w in windows]
+    configs += [(f"layers {','.join(map(str, layers))}", None, layers, args.gamma)]
+    if args.auto:
+        configs += [("auto full", None, None, "auto"),
+                    (f"auto window {windows[-1][0]}:{windows[-1][1]}", windows[-1], None, "auto")]
     rows = []
     for context in map(int, args.contexts.split(",")):
         if context + args.new_tokens + args.gamma + 1 > model.cfg.max_position_embeddings:
@@ -90,15 +117,24 @@ def main(argv=None) -> int:
         prompts = code_prompts(model, args.prompts, context, stream)
         ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="w4a16",
                           kernels=args.kernels).tokens
-        for name, window, subset in configs:
-            out = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="qspec",
-                              draft=args.draft, gamma=args.gamma, draft_window=window,
-                              draft_layers=list(subset) if subset else None, kernels=args.kernels)
+        if args.timed:  # w4a16's own decode time (its N-token program is compiled above)
+            ar_s = decode_seconds(model, prompts, args.new_tokens, dict(mode="w4a16", kernels=args.kernels),
+                                  args.timed_repeats, args.kernels)
+        for name, window, subset, gamma in configs:
+            kw = dict(mode="qspec", draft=args.draft, gamma=gamma, draft_window=window,
+                      draft_layers=list(subset) if subset else None, kernels=args.kernels)
+            out = qj.generate(model, prompts, max_new_tokens=args.new_tokens, **kw)
             rows.append({"context": context, "draft_config": name, "window": window,
                          "layers": list(subset) if subset else None,
-                         "acceptance_rate": out.stats["acceptance_rate"],
+                         "gamma": gamma, "acceptance_rate": out.stats["acceptance_rate"],
                          "tokens_per_cycle": out.stats["tokens_per_cycle"],
+                         "gamma_cycles": out.stats.get("gamma_cycles"),
                          "equals_w4a16": out.tokens == ref})
+            if args.timed:
+                qspec_s = decode_seconds(model, prompts, args.new_tokens, kw, args.timed_repeats,
+                                         args.kernels)
+                rows[-1].update(w4a16_decode_s=ar_s, qspec_decode_s=qspec_s,
+                                measured_speedup=ar_s / qspec_s)
             print(json.dumps(rows[-1]))
     result = {"env": environment(None), "args": vars(args), "wall_s": time.perf_counter() - t0,
               "layer_search": [vars(h) for h in history], "rows": rows}
@@ -107,17 +143,22 @@ def main(argv=None) -> int:
     with open(args.out_prefix + ".md", "w") as f:
         f.write(f"# Acceptance of cheaper drafts on held-out code ({result['env']['backend']})\n\n"
                 f"`PYTHONPATH=. python3 experiments/draft_acceptance.py "
-                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                           if v is not None and k not in ("draft_cost",))
+                + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                           for k, v in vars(args).items()
+                           if v is not None and v is not False and k not in ("draft_cost",))
                 + f"` at commit `{result['env']['commit']}`, jax "
                 f"{jax.__version__}, {result['env']['device']}; model "
                 f"{args.model or 'default (embedded)'}, 4-bit RTN + rotation, draft {args.draft}, gamma "
                 f"{args.gamma}, greedy, {args.prompts} prompts per context, {args.new_tokens} new "
                 f"tokens, {args.dtype}; {result['wall_s']:.0f} s.\n\n"
-                "| context | draft | acceptance | tokens/cycle | output = w4a16 |\n|---|---|---|---|---|\n")
+                "| context | draft | acceptance | tokens/cycle | output = w4a16 |"
+                + (" decode s (w4a16 / QSpec) | measured speedup |\n|---|---|---|---|---|---|---|\n"
+                   if args.timed else "\n|---|---|---|---|---|\n"))
         for r in rows:
             f.write(f"| {r['context']} | {r['draft_config']} | {r['acceptance_rate']:.3f} | "
-                    f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} |\n")
+                    f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} |"
+                    + (f" {r['w4a16_decode_s']:.3f} / {r['qspec_decode_s']:.3f} | "
+                       f"{r['measured_speedup']:.2f}x |" if args.timed else "") + "\n")
         f.write("\nLayer search (teacher-forced agreement with w4a16 on 4 x 128 code tokens; "
                 f"predicted speedup assumes a full draft step costs {args.draft_cost:.3f} verify "
                 "steps, scaled by the share of layers it runs):\n\n")

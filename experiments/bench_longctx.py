@@ -1,0 +1,286 @@
+"""Long-context step costs (issue 9): where the KV cache, not the weights, decides a step's cost.
+
+    PYTHONPATH=. python3 experiments/bench_longctx.py --out experiments/results/longctx_h200.jsonl  # H200
+    PYTHONPATH=. python3 experiments/bench_longctx.py --quick --out /tmp/longctx.jsonl           # CPU smoke
+    PYTHONPATH=. python3 experiments/bench_longctx.py --report --out experiments/results/longctx_h200.jsonl \\
+        --acceptance experiments/results/draft_acceptance_long_h200.json
+
+For each (batch, context) of a Llama-3-8B-shaped model with random int4 weights (timing only),
+one forward per step is timed inside one jitted loop (``qspec_jax.cost_model.time_forward``) for:
+w4a16 AR (T = 1), the verify pass (T = gamma + 1 at the timed gammas, interpolated between), and
+the draft step (T = 1, w4a8) with the full cache, with windowed attention (sink + recent
+window of the shared cache) and with windowed attention over a subset of layers. From these the
+report predicts QSpec's speedup over w4a16 AR per draft configuration and gamma,
+``E(g, a) * T_AR / (g * T_draft + T_verify(g + 1))`` (METHOD.md), at the acceptance rates measured
+on a trained long-context model (``--acceptance``: experiments/draft_acceptance.py's JSON) and at
+a grid of rates, and what gamma="auto" would pick (the best gamma, or plain decoding).
+The cache is zero-filled: attention reads the same bytes whatever the values.
+Results are appended one JSON line per point (resumable); points whose cache would not fit
+(``--max-kv-gib``) are skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from experiments.sweep import HBM_BYTES_PER_S, environment, random_model  # noqa: E402
+from qspec_jax.cost_model import expected_tokens, time_forward  # noqa: E402
+
+DRAFTS = ("full", "window", "window+layers", "layers")
+GRID = (0.6, 0.8, 0.9)
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    try:
+        sink, window = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window must be SINK:WINDOW (e.g. 4:1020), got {text!r}")
+    if sink < 0 or window < 1:
+        raise argparse.ArgumentTypeError(f"--window needs SINK >= 0 and WINDOW >= 1, got {text!r}")
+    return sink, window
+
+
+def spread_layers(n_layers: int, keep: int) -> tuple[int, ...]:
+    """``keep`` layer indices spread evenly over [0, n_layers), first and last included."""
+    if not 1 <= keep <= n_layers:
+        raise ValueError(f"--draft-layers must be in [1, {n_layers}], got {keep}")
+    return tuple(sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, keep)}))
+
+
+def kv_bytes(cfg, batch: int, context: int, itemsize: int = 2) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize * batch * context
+
+
+def weight_bytes(model) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.state))
+
+
+def measure(model, batch: int, context: int, args, window, layers) -> dict:
+    """Seconds per forward for every configuration of one (batch, context) point."""
+    kw = dict(kernels=args.kernels, steps=args.steps, repeats=args.repeats)
+    row = {"batch": batch, "context": context}
+    timed = sorted({0, args.max_gamma} | set(args.verify_gammas))
+    row["verify_gammas_timed"] = timed
+    row["t_verify"] = {str(g): time_forward(model, batch, context, g + 1, "w4a16", **kw)
+                       for g in timed}
+    row["t_ar"] = row["t_verify"]["0"]
+    draft_opts = {"full": (None, None), "window": (window, None),
+                  "window+layers": (window, layers), "layers": (None, layers)}
+    row["t_draft"] = {}
+    for name in args.drafts:
+        w, ls = draft_opts[name]
+        row["t_draft"][name] = time_forward(model, batch, context, 1, args.draft, window=w,
+                                            layers=ls, **kw)
+    return row
+
+
+def verify_costs(row: dict, max_gamma: int) -> np.ndarray:
+    timed = row["verify_gammas_timed"]
+    return np.interp(np.arange(max_gamma + 1), timed, [row["t_verify"][str(g)] for g in timed])
+
+
+def predictions(row: dict, draft: str, a: float, max_gamma: int, gamma: int) -> dict:
+    """Predicted speedup over w4a16 AR at gamma, and the best gamma (auto's choice) at a."""
+    tv = verify_costs(row, max_gamma)
+    td = row["t_draft"][draft]
+    speed = np.array([expected_tokens(g, a) * row["t_ar"] / (g * td + tv[g])
+                      for g in range(max_gamma + 1)])
+    best = int(np.argmax(speed))
+    return {"gamma": float(speed[gamma]), "best_gamma": best, "best": float(speed[best])}
+
+
+def load_acceptance(path: str | None) -> list[dict]:
+    if not path:
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def measured_acceptance(acc_rows: list[dict], context: int, draft: str, window) -> tuple:
+    """(acceptance, context it was measured at) for a draft configuration, from the trained
+    model's rows at the nearest measured context; None when not measured."""
+    want = {"full": "full", "window": f"window {window[0]}:{window[1]}"}.get(draft)
+    rows = [r for r in acc_rows if r["draft_config"] == want]
+    if not rows:
+        return None, None
+    r = min(rows, key=lambda r: abs(np.log(r["context"] / context)))
+    return float(r["acceptance_rate"]), int(r["context"])
+
+
+def report(path: str, acceptance_path: str | None = None) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    points = [r for r in rows if "t_ar" in r]
+    skipped = [r for r in rows if "skipped" in r]
+    if not points:
+        raise SystemExit(f"{path}: no measured points")
+    meta = points[0]
+    acc_rows = load_acceptance(acceptance_path)
+    window, layers = tuple(meta["window"]), meta["draft_layers"]
+    g, mg = meta["gamma"], meta["max_gamma"]
+    drafts = list(meta["t_draft"])
+    out = [f"# Long-context step costs and predicted QSpec speedup ({meta['device']})", "",
+           f"`{meta['command']}` at commit `{meta['commit']}`, jax {meta['jax']}, "
+           f"{meta['model']} shapes with **random int4 weights** (timing only), bf16, kernels "
+           f"{meta['kernels']}; per forward: median of {meta['repeats']} timings, each the "
+           f"difference of jitted loops of {3 * meta['steps']} and {meta['steps']} forwards. "
+           f"Draft {meta['draft']}; window = sink {window[0]} + recent {window[1]} tokens; layers = "
+           f"{len(layers)} of {meta['num_layers']} ({', '.join(map(str, layers))}).", "",
+           "## Step costs (ms)", "",
+           "| batch | context | KV GB | weights GB | w4a16 AR | % of 4.8 TB/s | verify g=" + str(g)
+           + " | " + " | ".join(f"draft {d}" for d in drafts) + " |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(drafts)]
+    for r in points:
+        tv = verify_costs(r, mg)
+        roof = 100 * (r["kv_bytes"] + r["weight_bytes"]) / HBM_BYTES_PER_S / r["t_ar"]
+        out.append(f"| {r['batch']} | {r['context']} | {r['kv_bytes'] / 1e9:.1f} | "
+                   f"{r['weight_bytes'] / 1e9:.2f} | {1e3 * r['t_ar']:.2f} | {roof:.0f}% | "
+                   f"{1e3 * tv[g]:.2f} | "
+                   + " | ".join(f"{1e3 * r['t_draft'][d]:.2f} ({r['t_draft'][d] / r['t_ar']:.2f}x AR)"
+                                for d in drafts) + " |")
+    out += ["", f"## Predicted speedup over w4a16 AR (gamma {g}; auto = best gamma in 0..{mg})", ""]
+    if acc_rows:
+        out.append(f"Acceptance measured on the trained long-context model "
+                   f"(`{acceptance_path}`) at the nearest measured context, for the drafts it "
+                   f"measured (full cache, window {window[0]}:{window[1]}); the grid columns "
+                   f"assume a rate.")
+        out.append("")
+    head = ["batch", "context", "draft"]
+    if acc_rows:
+        head += ["measured a (ctx)", f"g={g} at a", "auto at a"]
+    head += [f"g={g} a={a}" for a in GRID] + [f"auto a={GRID[-1]}"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in points:
+        for d in drafts:
+            cells = [str(r["batch"]), str(r["context"]), d]
+            if acc_rows:
+                a, ctx = measured_acceptance(acc_rows, r["context"], d, window)
+                if a is None:
+                    cells += ["-", "-", "-"]
+                else:
+                    p = predictions(r, d, a, mg, g)
+                    cells += [f"{a:.2f} ({ctx})", f"{p['gamma']:.2f}x",
+                              f"{max(p['best'], 1.0):.2f}x (g={p['best_gamma']})"]
+            for a in GRID:
+                cells.append(f"{predictions(r, d, a, mg, g)['gamma']:.2f}x")
+            p = predictions(r, d, GRID[-1], mg, g)
+            cells.append(f"{max(p['best'], 1.0):.2f}x (g={p['best_gamma']})")
+            out.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        out += ["", "Skipped (cache would not fit): " + ", ".join(
+            f"batch {r['batch']} x {r['context']} ({r['kv_bytes'] / 2**30:.0f} GiB)" for r in skipped)]
+    md = os.path.splitext(path)[0] + ".md"
+    with open(md, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return md
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="shaped model (experiments/sweep.py SHAPED); default llama3-8b")
+    p.add_argument("--batches", default=None, help="default 1,4,16,32,64")
+    p.add_argument("--contexts", default=None, help="default 2048,8192,32768")
+    p.add_argument("--window", type=parse_window, default=parse_window("4:1020"))
+    p.add_argument("--draft-layers", type=int, default=None,
+                   help="layers the layer-skipping drafts run (spread evenly; default 3/4 of them)")
+    p.add_argument("--drafts", default=",".join(DRAFTS[:3]), help=f"comma list of {', '.join(DRAFTS)}")
+    p.add_argument("--draft", default="w4a8", help="draft mode (w4a8 or w4a4)")
+    p.add_argument("--gamma", type=int, default=3, help="gamma of the fixed-gamma predictions")
+    p.add_argument("--max-gamma", type=int, default=7, help="largest gamma auto may pick")
+    p.add_argument("--verify-gammas", default="3", help="verify widths timed besides 0 and max-gamma")
+    p.add_argument("--max-kv-gib", type=float, default=96.0, help="skip points with a larger cache")
+    p.add_argument("--steps", type=int, default=None, help="forwards per timed loop (default 4)")
+    p.add_argument("--repeats", type=int, default=None, help="default 3")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--time-budget", type=float, default=float("inf"),
+                   help="seconds; start no new point after this (run again to resume)")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
+    p.add_argument("--acceptance", default=None,
+                   help="draft_acceptance.py JSON (trained long-context model) for the report")
+    p.add_argument("--report", action="store_true", help="only write the Markdown report from --out")
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
+    args = p.parse_args(argv)
+    if args.report:
+        print(f"[longctx] wrote {report(args.out, args.acceptance)}", flush=True)
+        return 0
+    defaults = (dict(model="tiny", batches="1,2", contexts="64,192", steps=2, repeats=1)
+                if args.quick else
+                dict(model="llama3-8b", batches="1,4,16,32,64", contexts="2048,8192,32768",
+                     steps=4, repeats=3))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick and args.window == parse_window("4:1020"):
+        args.window = (4, 28)
+    args.drafts = args.drafts.split(",")
+    bad = sorted(set(args.drafts) - set(DRAFTS))
+    if bad:
+        p.error(f"--drafts: unknown {bad}; choose from {', '.join(DRAFTS)}")
+    if not 1 <= args.gamma <= args.max_gamma:
+        p.error(f"--gamma must be in [1, --max-gamma={args.max_gamma}], got {args.gamma}")
+    args.verify_gammas = [int(v) for v in args.verify_gammas.split(",") if v]
+    if args.gamma not in args.verify_gammas:
+        args.verify_gammas.append(args.gamma)
+    from tqdm.auto import tqdm
+    t_start = time.perf_counter()
+    env = environment(args.commit)
+    t0 = time.perf_counter()
+    model = random_model(args.model, quantized=True)
+    print(f"[longctx] {args.model} w4 model ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    n_layers = model.cfg.num_hidden_layers
+    layers = spread_layers(n_layers, args.draft_layers or max(1, (3 * n_layers) // 4))
+    done = set()
+    if os.path.exists(args.out):
+        done = {(r["batch"], r["context"]) for r in map(json.loads, open(args.out))}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = dict(model=args.model, num_layers=n_layers, window=list(args.window),
+                draft_layers=list(layers), draft=args.draft, gamma=args.gamma,
+                max_gamma=args.max_gamma, kernels=args.kernels, steps=args.steps,
+                repeats=args.repeats, random_weights=True,
+                command="python3 experiments/bench_longctx.py " + " ".join(argv or sys.argv[1:]), **env)
+    points = [(b, c) for c in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))]
+    w_bytes = weight_bytes(model)
+    for batch, context in tqdm(points, desc="longctx"):
+        if (batch, context) in done:
+            continue
+        if time.perf_counter() - t_start > args.time_budget:
+            print(f"[longctx] time budget spent; stopping before batch {batch} context {context} "
+                  f"(run again to resume)", flush=True)
+            break
+        kv = kv_bytes(model.cfg, batch, context + args.max_gamma + 1)
+        row = dict(batch=batch, context=context, kv_bytes=kv, weight_bytes=w_bytes, **meta)
+        if kv > args.max_kv_gib * 2**30:
+            row["skipped"] = f"cache {kv / 2**30:.0f} GiB > --max-kv-gib {args.max_kv_gib:g}"
+            print(f"[longctx] batch {batch} context {context}: {row['skipped']}; skipped", flush=True)
+        else:
+            t0 = time.perf_counter()
+            try:
+                row.update(measure(model, batch, context, args, args.window, layers))
+            except Exception as e:  # noqa: BLE001 - record (e.g. out of memory) and go on
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            row["point_s"] = time.perf_counter() - t0
+            print(f"[longctx] batch {batch} context {context}: "
+                  + (f"AR {1e3 * row['t_ar']:.2f} ms, drafts "
+                     + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in row["t_draft"].items())
+                     + f" ms ({row['point_s']:.0f} s)" if "error" not in row else row["error"]),
+                  flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if any("t_ar" in json.loads(line) for line in open(args.out)):
+        print(f"[longctx] wrote {report(args.out, args.acceptance)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
