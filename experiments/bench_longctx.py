@@ -66,19 +66,30 @@ def weight_bytes(model) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.state))
 
 
-def measure(model, batch: int, context: int, args, window, layers) -> dict:
-    """Seconds per forward for every configuration of one (batch, context) point."""
+def measure(model, batch: int, context: int, args, window, layers, reuse: dict | None = None) -> dict:
+    """Seconds per forward for every configuration of one (batch, context) point; timings
+    found in ``reuse`` (a row of an earlier run at this point) are taken from it."""
     kw = dict(kernels=args.kernels, steps=args.steps, repeats=args.repeats)
-    row = {"batch": batch, "context": context}
+    reuse = reuse or {}
+    row = {"batch": batch, "context": context, "reused": []}
     timed = sorted({0, args.max_gamma} | set(args.verify_gammas))
     row["verify_gammas_timed"] = timed
-    row["t_verify"] = {str(g): time_forward(model, batch, context, g + 1, "w4a16", **kw)
-                       for g in timed}
+    row["t_verify"] = {}
+    for g in timed:
+        if str(g) in reuse.get("t_verify", {}):
+            row["t_verify"][str(g)] = reuse["t_verify"][str(g)]
+            row["reused"].append(f"verify g={g}")
+        else:
+            row["t_verify"][str(g)] = time_forward(model, batch, context, g + 1, "w4a16", **kw)
     row["t_ar"] = row["t_verify"]["0"]
     draft_opts = {"full": (None, None), "window": (window, None),
                   "window+layers": (window, layers), "layers": (None, layers)}
     row["t_draft"] = {}
     for name in args.drafts:
+        if name in reuse.get("t_draft", {}):
+            row["t_draft"][name] = reuse["t_draft"][name]
+            row["reused"].append(f"draft {name}")
+            continue
         w, ls = draft_opts[name]
         row["t_draft"][name] = time_forward(model, batch, context, 1, args.draft, window=w,
                                             layers=ls, **kw)
@@ -135,7 +146,11 @@ def report(path: str, acceptance_path: str | None = None) -> str:
            f"{meta['kernels']}; per forward: median of {meta['repeats']} timings, each the "
            f"difference of jitted loops of {3 * meta['steps']} and {meta['steps']} forwards. "
            f"Draft {meta['draft']}; window = sink {window[0]} + recent {window[1]} tokens; layers = "
-           f"{len(layers)} of {meta['num_layers']} ({', '.join(map(str, layers))}).", "",
+           f"{len(layers)} of {meta['num_layers']} ({', '.join(map(str, layers))})."
+           + (f" Timings reused from `{meta['reused_from']['file']}` (commit "
+              f"`{meta['reused_from']['commit']}`) for every configuration but "
+              f"{', '.join(meta['reused_from']['dropped']) or 'none'} (re-timed here; the rows' "
+              f"`reused` field lists what was taken)." if meta.get("reused_from") else ""), "",
            "## Step costs (ms)", "",
            "| batch | context | KV GB | weights GB | w4a16 AR | % of 4.8 TB/s | verify g=" + str(g)
            + " | " + " | ".join(f"draft {d}" for d in drafts) + " |",
@@ -206,6 +221,12 @@ def main(argv=None) -> int:
                    help="seconds; start no new point after this (run again to resume)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
+    p.add_argument("--reuse", default=None,
+                   help="an earlier run's JSON lines: take the timings of the configurations "
+                        "it measured at the same (batch, context, window, layers) and time only "
+                        "the others")
+    p.add_argument("--reuse-drop", default="",
+                   help="comma list of draft configurations not to take from --reuse")
     p.add_argument("--acceptance", default=None,
                    help="draft_acceptance.py JSON (trained long-context model) for the report")
     p.add_argument("--report", action="store_true", help="only write the Markdown report from --out")
@@ -249,6 +270,16 @@ def main(argv=None) -> int:
                 max_gamma=args.max_gamma, kernels=args.kernels, steps=args.steps,
                 repeats=args.repeats, random_weights=True,
                 command="python3 experiments/bench_longctx.py " + " ".join(argv or sys.argv[1:]), **env)
+    reuse = {}
+    if args.reuse:
+        drop = set(filter(None, args.reuse_drop.split(",")))
+        for r in map(json.loads, open(args.reuse)):
+            if ("t_ar" in r and r["window"] == meta["window"] and r["draft_layers"] == meta["draft_layers"]
+                    and r["draft"] == args.draft):
+                r["t_draft"] = {k: v for k, v in r["t_draft"].items() if k not in drop}
+                reuse[(r["batch"], r["context"])] = r
+        meta["reused_from"] = {"file": args.reuse, "commit": next(iter(reuse.values()), {}).get("commit"),
+                               "dropped": sorted(drop)}
     points = [(b, c) for c in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))]
     w_bytes = weight_bytes(model)
     for batch, context in tqdm(points, desc="longctx"):
@@ -266,7 +297,8 @@ def main(argv=None) -> int:
         else:
             t0 = time.perf_counter()
             try:
-                row.update(measure(model, batch, context, args, args.window, layers))
+                row.update(measure(model, batch, context, args, args.window, layers,
+                                   reuse.get((batch, context))))
             except Exception as e:  # noqa: BLE001 - record (e.g. out of memory) and go on
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             row["point_s"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@
 #   bash experiments/device_runs.sh sweepsmall # trained default model sweep (~5 min)
 #   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
 #   bash experiments/device_runs.sh longmodel  # train a 32k-context variant of the default model, then draft acceptance + timed QSpec at 2k-32k (~9.5 min)
+#   bash experiments/device_runs.sh windowfix  # re-time the windowed drafts (cost_model window bug at ed34442) + the fused quantization kinds (~9 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -208,6 +209,22 @@ case "$stage" in
     step 540 longctx8b.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
       --contexts 8192,32768,2048 --repeats 2 --time-budget 450 --commit "$COMMIT" \
       --out "$OUT/longctx_h200.jsonl"
+    ;;
+  windowfix)
+    # Until this stage's commit, time_forward dropped the draft window (timed the whole cache): re-time the
+    # windowed drafts, take AR / verify / full-draft timings from the ed34442 run. Then the fused
+    # quantization kinds (normquant, shortened to batch 4).
+    step 240 longctx8b_window.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
+      --contexts 8192,32768,2048 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
+      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200.jsonl"
+    step 60 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    for v in xla kernel; do
+      flag=""
+      [ "$v" = kernel ] && flag="--norm-quant-kernel"
+      step 120 "normquant_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 4 \
+        --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
+        --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
+    done
     ;;
   *)
     echo "unknown stage $stage" >&2

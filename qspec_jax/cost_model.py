@@ -69,9 +69,9 @@ def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels:
     # kernel takes cache lengths in multiples of its key block, and an unrounded length here
     # timed XLA's attention instead of the kernel generate runs.
     max_len = round_up(context + T, CACHE_BUCKET)
-    window = model.cfg.sliding_window
-    if window is not None and context + T <= window < max_len:
-        max_len = window
+    sliding = model.cfg.sliding_window  # (not ``window``: that is the draft's attention window)
+    if sliding is not None and context + T <= sliding < max_len:
+        max_len = sliding
     cache = KVCache.create(model.cfg, batch, max_len, model.dtype)
     start = jnp.full((batch,), context, jnp.int32)
     run = partial(_timed_forwards, model.graphdef, model.state, T=T, mode=mode, kernels=kernels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import chisquare
@@ -482,6 +483,27 @@ def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
     verify = np.interp(np.arange(6), list(timed), list(timed.values()))
     np.testing.assert_allclose(costs, [g * 0.5 + verify[g] for g in range(6)])
     assert costs[2] == pytest.approx(2 * 0.5 + 1.9)
+
+
+def test_time_forward_times_the_draft_window_and_layers(monkeypatch, quantized):
+    """time_forward hands the draft's attention window and layer subset to the timed program
+    (it used to overwrite ``window`` with the model's sliding window, None for Llama, so every
+    windowed draft, in the cost table of gamma="auto" too, was timed reading the whole cache)."""
+    from qspec_jax import cost_model
+    seen = []
+
+    def fake(graphdef, state, cache, start, steps, **kw):
+        seen.append((kw["T"], kw["mode"], kw["window"], kw["layers"], cache.k.shape[3]))
+        return cache, jnp.zeros((start.shape[0],), jnp.float32)
+
+    monkeypatch.setattr(cost_model, "_timed_forwards", fake)
+    model = quantized["llama"]
+    cost_model.time_forward(model, 2, 100, 1, "w4a8", window=(4, 28), layers=(0,), steps=1, repeats=1)
+    cost_model.measure_cycle_costs(model, 2, 100, 1, "w4a8", draft_window=(2, 8), steps=1, repeats=1)
+    # 3 calls per timing (warm-up, then loops of steps and 3 * steps); cache 101 -> 128 (bucket)
+    assert seen[:3] == [(1, "w4a8", (4, 28), (0,), 128)] * 3
+    assert {s[:4] for s in seen[3:]} == {(1, "w4a8", (2, 8), None), (1, "w4a16", None, None),
+                                         (2, "w4a16", None, None)}
 
 
 def test_no_cache_copies_in_the_compiled_loops(quantized, small_vocab_model):

@@ -1,0 +1,54 @@
+"""experiments/bench_longctx.py: the quick CPU run, its report, resuming and reusing timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import bench_longctx as BL
+
+
+def test_bench_longctx_quick_report_and_reuse(tmp_path, monkeypatch):
+    out = str(tmp_path / "lc.jsonl")
+    args = ["--quick", "--batches", "1", "--contexts", "64", "--max-gamma", "3", "--out", out]
+    assert BL.main(args) == 0
+    row = json.loads(open(out).read().splitlines()[0])
+    assert set(row["t_draft"]) == {"full", "window", "window+layers"}
+    assert set(row["t_verify"]) == {"0", "3"} and row["t_ar"] == row["t_verify"]["0"]
+    assert row["window"] == [4, 28] and row["draft_layers"] == [0]  # 3/4 of 2 layers, spread
+    assert row["kv_bytes"] == 2 * 2 * 2 * 32 * 2 * (64 + 4)  # layers, kv heads, head_dim, bf16
+    md = open(tmp_path / "lc.md").read()
+    assert "| 1 | 64 | full |" in md and "random int4 weights" in md
+
+    # A second run resumes (nothing new), a reuse run times only what it cannot take over, and
+    # a point whose cache is too large is skipped with the reason.
+    timed = []
+    real = BL.time_forward
+
+    def counting(model, batch, context, T, mode, **kw):
+        timed.append((T, mode, kw.get("window"), kw.get("layers")))
+        return real(model, batch, context, T, mode, **kw)
+
+    monkeypatch.setattr(BL, "time_forward", counting)
+    assert BL.main(args) == 0 and timed == []
+    out2 = str(tmp_path / "lc2.jsonl")
+    assert BL.main(args[:-1] + [out2, "--reuse", out, "--reuse-drop", "window"]) == 0
+    assert timed == [(1, "w4a8", (4, 28), None)]
+    row2 = json.loads(open(out2).read().splitlines()[0])
+    assert row2["t_draft"]["full"] == row["t_draft"]["full"]
+    assert "draft window" not in row2["reused"] and "verify g=3" in row2["reused"]
+    assert "Timings reused from" in open(tmp_path / "lc2.md").read()
+    out3 = str(tmp_path / "lc3.jsonl")
+    assert BL.main(args[:-1] + [out3, "--max-kv-gib", "1e-9"]) == 0
+    assert "skipped" in json.loads(open(out3).read())
+
+
+def test_bench_longctx_rejects_bad_options(tmp_path):
+    with pytest.raises(SystemExit):
+        BL.main(["--quick", "--window", "4", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit):
+        BL.main(["--quick", "--drafts", "full,nope", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(ValueError, match="--draft-layers"):
+        BL.spread_layers(4, 5)
+    assert BL.spread_layers(32, 24)[:3] == (0, 1, 3) and len(BL.spread_layers(32, 24)) == 24
