@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -225,6 +225,17 @@ case "$stage" in
         --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
         --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
     done
+    ;;
+  smallbatch)
+    # Batch < ATTN_MIN_BATCH at long contexts: windowed drafts now take the Pallas kernel (XLA's
+    # masked attention read the whole cache); and AR / verify / full drafts with the kernel
+    # forced (kernels=pallas) against XLA's attention (the ed34442 run).
+    step 130 smallbatch_window.log python3 experiments/bench_longctx.py --batches 4,1 \
+      --contexts 32768,8192 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
+      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200_small.jsonl"
+    step 150 smallbatch_pallas.log python3 experiments/bench_longctx.py --batches 4,1 \
+      --contexts 32768,8192 --repeats 2 --drafts full --max-gamma 3 --kernels pallas \
+      --commit "$COMMIT" --out "$OUT/longctx_h200_small_pallas.jsonl"
     ;;
   *)
     echo "unknown stage $stage" >&2

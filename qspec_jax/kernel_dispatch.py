@@ -206,7 +206,10 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     if kernels == "auto":
         if jax.default_backend() != "gpu":
             return None  # the GEMM dispatch already said that there is no GPU
-        if q.shape[0] < ATTN_MIN_BATCH:
+        if q.shape[0] < ATTN_MIN_BATCH and window is None:
+            # (Windowed drafts always take the kernel: XLA's masked attention reads the whole
+            # cache, which defeats the window; bench_longctx measured the draft at batch 4 x 32k
+            # costing as much as a full-cache one through XLA.)
             log_once(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH}: attention "
                       "uses XLA (faster than the Pallas kernel there on the H200; "
                       "kernels='pallas' forces the kernel)")
