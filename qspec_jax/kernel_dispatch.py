@@ -3,8 +3,12 @@
 ``kernels="auto"`` uses the Pallas GEMM kernels on a GPU and the XLA reference elsewhere,
 and the Pallas attention kernel on a GPU for batches of at least ``ATTN_MIN_BATCH`` sequences,
 where the H200 benchmark measured it faster than XLA's attention (1.2-2.2x at batch 8 and 32,
-contexts 2k-8k, T = 1 and 4; experiments/results/attention_h200.md); at batch 1 XLA's was
-faster (21.7 vs 36.6 us at 8k), so it keeps XLA there. ``kernels="pallas"`` insists on the
+contexts 2k-8k, T = 1 and 4; experiments/results/attention_h200.md), for caches of at least
+``ATTN_LONG_CACHE`` positions at any batch (8B-shaped decode steps 1.08-2.48x faster at batch 1
+and 4, contexts 8k and 32k: experiments/results/longctx_h200_small_pallas.md) and for windowed
+drafts at any batch (XLA's masked attention reads the whole cache). Below that, at batch < 8 and
+short caches, XLA's attention stays (one kernel micro-benchmark had it faster at batch 1 x 8k,
+21.7 vs 36.6 us; not re-measured end to end at short caches). ``kernels="pallas"`` insists on the
 kernels everywhere (on CPU they run in the Pallas interpreter: slow, for tests). Every
 fallback is logged once per reason, never silently.
 """
@@ -25,6 +29,8 @@ _ANNOUNCED: set = set()
 PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
 # kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring).
 ATTN_MIN_BATCH = 8
+# ... and from this many cache positions at any batch (measured, see the docstring).
+ATTN_LONG_CACHE = 8192
 def log_once(key, message: str, level=logging.INFO) -> None:
     """Log ``message`` the first time ``key`` is seen in this process."""
     if key not in _ANNOUNCED:
@@ -206,13 +212,13 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     if kernels == "auto":
         if jax.default_backend() != "gpu":
             return None  # the GEMM dispatch already said that there is no GPU
-        if q.shape[0] < ATTN_MIN_BATCH and window is None:
+        if q.shape[0] < ATTN_MIN_BATCH and window is None and cache_k.shape[3] < ATTN_LONG_CACHE:
             # (Windowed drafts always take the kernel: XLA's masked attention reads the whole
             # cache, which defeats the window; bench_longctx measured the draft at batch 4 x 32k
             # costing as much as a full-cache one through XLA.)
-            log_once(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH}: attention "
-                      "uses XLA (faster than the Pallas kernel there on the H200; "
-                      "kernels='pallas' forces the kernel)")
+            log_once(("attn-small-batch",), f"qspec_jax: batch < {ATTN_MIN_BATCH} and cache < "
+                      f"{ATTN_LONG_CACHE} positions: attention uses XLA (faster than the Pallas "
+                      "kernel there on the H200; kernels='pallas' forces the kernel)")
             return None
     from pallas_kernels import attention as pk_attention
     if window is not None:

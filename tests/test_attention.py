@@ -375,8 +375,9 @@ def test_bench_quick_window(tmp_path):
 
 
 def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monkeypatch, caplog):
-    """kernels="auto": XLA attention on CPU and for small batches on a GPU, the Pallas kernel
-    on a GPU from ATTN_MIN_BATCH sequences; "xla" never, "pallas" always."""
+    """kernels="auto": XLA attention on CPU and for small batches with short caches on a GPU,
+    the Pallas kernel on a GPU from ATTN_MIN_BATCH sequences, from ATTN_LONG_CACHE cache
+    positions and for windowed drafts; "xla" never, "pallas" always."""
     import logging
     from pallas_kernels import attention as pk_attention
     from qspec_jax import kernel_dispatch as kd
@@ -396,6 +397,11 @@ def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monke
     assert "attention uses XLA" in caplog.text
     assert kd.attention(q_big, cache, cache, pos, 1, "auto") is q_big
     assert calls == [(8, True), (8, False)]
+    # Small batches take the kernel for windowed drafts and for long caches.
+    assert kd.attention(q_small, cache[:, :7], cache[:, :7], pos[:7], 1, "auto", window=(2, 16)) is q_small
+    monkeypatch.setattr(kd, "ATTN_LONG_CACHE", 64)  # = the cache length here
+    assert kd.attention(q_small, cache[:, :7], cache[:, :7], pos[:7], 1, "auto") is q_small
+    assert calls[2:] == [(7, False), (7, False)]
 
 
 LSE_CASES = [  # B, T, H, KVH, S, hd, dtype, kwargs: one split (in-kernel) and split-K (combine)
