@@ -102,7 +102,9 @@ def verify_costs(row: dict, max_gamma: int) -> np.ndarray:
 
 
 def predictions(row: dict, draft: str, a: float, max_gamma: int, gamma: int) -> dict:
-    """Predicted speedup over w4a16 AR at gamma, and the best gamma (auto's choice) at a."""
+    """Predicted speedup over w4a16 AR at gamma, and the best gamma (auto's choice) at a; the
+    gammas searched stop at the widest verify pass the row timed (no extrapolation)."""
+    max_gamma = min(max_gamma, max(row["verify_gammas_timed"]))
     tv = verify_costs(row, max_gamma)
     td = row["t_draft"][draft]
     speed = np.array([expected_tokens(g, a) * row["t_ar"] / (g * td + tv[g])
@@ -153,8 +155,8 @@ def report(path: str, acceptance_path: str | None = None) -> str:
               f"`reused` field lists what was taken)." if meta.get("reused_from") else ""), "",
            "## Step costs (ms)", "",
            "| batch | context | KV GB | weights GB | w4a16 AR | % of 4.8 TB/s | verify g=" + str(g)
-           + " | " + " | ".join(f"draft {d}" for d in drafts) + " |",
-           "|---|---|---|---|---|---|---|" + "---|" * len(drafts)]
+           + " | " + " | ".join(f"draft {d}" for d in drafts) + " | commit |",
+           "|---|---|---|---|---|---|---|" + "---|" * (len(drafts) + 1)]
     for r in points:
         tv = verify_costs(r, mg)
         roof = 100 * (r["kv_bytes"] + r["weight_bytes"]) / HBM_BYTES_PER_S / r["t_ar"]
@@ -162,7 +164,9 @@ def report(path: str, acceptance_path: str | None = None) -> str:
                    f"{r['weight_bytes'] / 1e9:.2f} | {1e3 * r['t_ar']:.2f} | {roof:.0f}% | "
                    f"{1e3 * tv[g]:.2f} | "
                    + " | ".join(f"{1e3 * r['t_draft'][d]:.2f} ({r['t_draft'][d] / r['t_ar']:.2f}x AR)"
-                                for d in drafts) + " |")
+                                if d in r["t_draft"] else "-" for d in drafts)
+                   + f" | {r['commit']}" + (f" ({', '.join(r['reused'])} from {r['reused_from']['commit']})"
+                                           if r.get("reused") else "") + " |")
     out += ["", f"## Predicted speedup over w4a16 AR (gamma {g}; auto = best gamma in 0..{mg})", ""]
     if acc_rows:
         out.append(f"Acceptance measured on the trained long-context model "
@@ -177,6 +181,8 @@ def report(path: str, acceptance_path: str | None = None) -> str:
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in points:
         for d in drafts:
+            if d not in r["t_draft"]:
+                continue
             cells = [str(r["batch"]), str(r["context"]), d]
             if acc_rows:
                 a, ctx = measured_acceptance(acc_rows, r["context"], d, window)

@@ -31,7 +31,11 @@ import jax  # noqa: E402
 import qspec_jax as qj  # noqa: E402
 from experiments import data as D  # noqa: E402
 from experiments.sweep import environment  # noqa: E402
+from qspec_jax.config import round_up  # noqa: E402
+from qspec_jax.cost_model import CACHE_BUCKET  # noqa: E402
 from qspec_jax.draft_search import select_draft_layers  # noqa: E402
+
+AUTO_MAX_GAMMA = 7
 
 
 def code_stream(model) -> list[int]:
@@ -59,10 +63,18 @@ def timed_generate(model, prompts, new_tokens: int, kw: dict) -> float:
     return time.perf_counter() - t0
 
 
-def decode_seconds(model, prompts, new_tokens: int, kw: dict, repeats: int, kernels: str) -> float:
-    """Median over repeats of time(new_tokens) - time(1 token of w4a16: the prefill), both
-    programs compiled before (paired differences cancel the prefill; NaN below timer noise)."""
-    one = dict(mode="w4a16", kernels=kernels)
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two continuations differ (None: identical)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def decode_seconds(model, prompts, new_tokens: int, kw: dict, repeats: int, one: dict) -> float:
+    """Median over repeats of time(new_tokens) - time(1 token with ``one``'s w4a16 arguments:
+    the prefill), both programs compiled before (paired differences cancel the prefill; NaN
+    below timer noise)."""
     diffs = [timed_generate(model, prompts, new_tokens, kw) - timed_generate(model, prompts, 1, one)
              for _ in range(repeats)]
     d = float(np.median(diffs))
@@ -92,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--auto", action="store_true",
                    help="also run gamma='auto' (max gamma 7) with the full draft and with the last "
                         "window (auto may decode plainly where drafting cannot pay)")
+    p.add_argument("--commit", default=None, help="commit hash to record (default: git's)")
     p.add_argument("--out-prefix", required=True)
     args = p.parse_args(argv)
 
@@ -115,28 +128,37 @@ def main(argv=None) -> int:
                   f"max_position_embeddings ({model.cfg.max_position_embeddings}), skipped")
             continue
         prompts = code_prompts(model, args.prompts, context, stream)
-        ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, mode="w4a16",
-                          kernels=args.kernels).tokens
+        # One cache length for every run of this context (room for auto's widest verify pass):
+        # the attention kernel's launch configuration depends on it, and with it the rounding
+        # of its sums, so runs with different cache lengths can part at near-tied logits.
+        max_len = round_up(context + args.new_tokens + AUTO_MAX_GAMMA + 1, CACHE_BUCKET)
+        ar_kw = dict(mode="w4a16", kernels=args.kernels, max_len=max_len)
+        ref = qj.generate(model, prompts, max_new_tokens=args.new_tokens, **ar_kw).tokens
         if args.timed:  # w4a16's own decode time (its N-token program is compiled above)
-            ar_s = decode_seconds(model, prompts, args.new_tokens, dict(mode="w4a16", kernels=args.kernels),
-                                  args.timed_repeats, args.kernels)
+            timed_generate(model, prompts, 1, ar_kw)  # compile the 1-token (prefill) program
+            ar_s = decode_seconds(model, prompts, args.new_tokens, ar_kw, args.timed_repeats, ar_kw)
         for name, window, subset, gamma in configs:
             kw = dict(mode="qspec", draft=args.draft, gamma=gamma, draft_window=window,
-                      draft_layers=list(subset) if subset else None, kernels=args.kernels)
+                      draft_layers=list(subset) if subset else None, kernels=args.kernels,
+                      max_len=max_len)
+            if gamma == "auto":
+                kw["max_gamma"] = AUTO_MAX_GAMMA
             out = qj.generate(model, prompts, max_new_tokens=args.new_tokens, **kw)
+            parted = [first_difference(a, b) for a, b in zip(out.tokens, ref)]
             rows.append({"context": context, "draft_config": name, "window": window,
                          "layers": list(subset) if subset else None,
                          "gamma": gamma, "acceptance_rate": out.stats["acceptance_rate"],
                          "tokens_per_cycle": out.stats["tokens_per_cycle"],
                          "gamma_cycles": out.stats.get("gamma_cycles"),
-                         "equals_w4a16": out.tokens == ref})
+                         "equals_w4a16": out.tokens == ref,
+                         "identical_sequences": sum(d is None for d in parted),
+                         "first_difference": parted})
             if args.timed:
-                qspec_s = decode_seconds(model, prompts, args.new_tokens, kw, args.timed_repeats,
-                                         args.kernels)
+                qspec_s = decode_seconds(model, prompts, args.new_tokens, kw, args.timed_repeats, ar_kw)
                 rows[-1].update(w4a16_decode_s=ar_s, qspec_decode_s=qspec_s,
                                 measured_speedup=ar_s / qspec_s)
             print(json.dumps(rows[-1]))
-    result = {"env": environment(None), "args": vars(args), "wall_s": time.perf_counter() - t0,
+    result = {"env": environment(args.commit), "args": vars(args), "wall_s": time.perf_counter() - t0,
               "layer_search": [vars(h) for h in history], "rows": rows}
     with open(args.out_prefix + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -151,12 +173,14 @@ def main(argv=None) -> int:
                 f"{args.model or 'default (embedded)'}, 4-bit RTN + rotation, draft {args.draft}, gamma "
                 f"{args.gamma}, greedy, {args.prompts} prompts per context, {args.new_tokens} new "
                 f"tokens, {args.dtype}; {result['wall_s']:.0f} s.\n\n"
-                "| context | draft | acceptance | tokens/cycle | output = w4a16 |"
-                + (" decode s (w4a16 / QSpec) | measured speedup |\n|---|---|---|---|---|---|---|\n"
-                   if args.timed else "\n|---|---|---|---|---|\n"))
+                "| context | draft | acceptance | tokens/cycle | output = w4a16 | first difference |"
+                + (" decode s (w4a16 / QSpec) | measured speedup |\n|---|---|---|---|---|---|---|---|\n"
+                   if args.timed else "\n|---|---|---|---|---|---|\n"))
         for r in rows:
             f.write(f"| {r['context']} | {r['draft_config']} | {r['acceptance_rate']:.3f} | "
-                    f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} |"
+                    f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} | "
+                    + (", ".join(f"seq {i}: token {d}" for i, d in enumerate(r["first_difference"])
+                                 if d is not None) or "-") + " |"
                     + (f" {r['w4a16_decode_s']:.3f} / {r['qspec_decode_s']:.3f} | "
                        f"{r['measured_speedup']:.2f}x |" if args.timed else "") + "\n")
         f.write("\nLayer search (teacher-forced agreement with w4a16 on 4 x 128 code tokens; "

@@ -24,11 +24,20 @@ def test_draft_acceptance_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(DA, "select_draft_layers", first_step_only)
     prefix = str(tmp_path / "acc")
     assert main(["--contexts", "64", "--windows", "2:8", "--prompts", "2", "--new-tokens", "8",
-                 "--dtype", "float32", "--out-prefix", prefix]) == 0
+                 "--dtype", "float32", "--timed", "--timed-repeats", "1", "--commit", "abc123",
+                 "--out-prefix", prefix]) == 0
     result = json.load(open(prefix + ".json"))
     names = [r["draft_config"] for r in result["rows"]]
     assert names[0] == "full" and names[1] == "window 2:8" and names[2].startswith("layers ")
     assert all(r["equals_w4a16"] for r in result["rows"])  # cheaper drafts never change output
     full, windowed = result["rows"][0], result["rows"][1]
     assert windowed["acceptance_rate"] <= full["acceptance_rate"]
-    assert "| 64 | window 2:8 |" in open(prefix + ".md").read()
+    md = open(prefix + ".md").read()
+    assert "| 64 | window 2:8 |" in md and "`abc123`" in md and "--timed " in md
+    for r in result["rows"]:
+        assert r["identical_sequences"] == 2 and r["first_difference"] == [None, None]
+        # timed: paired differences of compiled runs (NaN only below the timer's noise)
+        assert r["w4a16_decode_s"] > 0 or r["w4a16_decode_s"] != r["w4a16_decode_s"]
+        assert "measured_speedup" in r
+    assert DA.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert DA.first_difference([1, 2], [1, 2, 3]) == 2 and DA.first_difference([4], [4]) is None
