@@ -19,6 +19,7 @@
 #   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
 #   bash experiments/device_runs.sh longmodel  # train a 32k-context variant of the default model, then draft acceptance + timed QSpec at 2k-32k (~9.5 min)
 #   bash experiments/device_runs.sh windowfix  # re-time the windowed drafts (cost_model window bug at ed34442) + the fused quantization kinds (~9 min)
+#   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes (~9 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -200,8 +201,8 @@ case "$stage" in
       --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
     cp /tmp/long/*.json "$OUT/" 2>/dev/null
     step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
-      --contexts 2048,8192,32000 --windows 4:1020 --new-tokens 64 --timed --timed-repeats 2 \
-      --auto --out-prefix "$OUT/draft_acceptance_long_h200"
+      --contexts 2048,8192,32000 --windows 4:1020,4:4092 --new-tokens 64 --timed --timed-repeats 2 \
+      --auto --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
     ;;
   longctx8b)
     # Issue 9's cost side: where the KV cache dominates a step (batch >= 16 at 8k+), a draft
@@ -236,6 +237,19 @@ case "$stage" in
     step 150 smallbatch_pallas.log python3 experiments/bench_longctx.py --batches 4,1 \
       --contexts 32768,8192 --repeats 2 --drafts full --max-gamma 3 --kernels pallas \
       --commit "$COMMIT" --out "$OUT/longctx_h200_small_pallas.jsonl"
+    ;;
+  longe2e)
+    # The predicted long-context speedups (longctx_h200.md) measured end to end: w4a16 AR and
+    # QSpec with the 4 + 1020 window (gamma 3 and auto) at batch 32 x 8k and 16 x 32k. Random
+    # weights: acceptance is whatever the random model gives (compare with the cost model).
+    step 280 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+      --prompt-len 8128 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
+      --out "$OUT/longe2e_h200_8k.jsonl"
+    step 280 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+      --prompt-len 32640 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
+      --out "$OUT/longe2e_h200_32k.jsonl"
     ;;
   *)
     echo "unknown stage $stage" >&2

@@ -108,11 +108,14 @@ def _run(model, prompts, new_tokens, mode, gamma, draft, kernels):
 
 
 def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_tokens: int,
-                  kernels: str, repeats: int, cycle_costs=None, max_gamma: int = 7) -> dict:
+                  kernels: str, repeats: int, cycle_costs=None, max_gamma: int = 7,
+                  draft_window=None) -> dict:
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
     qmode, draft = ("qspec", mode.split("-")[1]) if mode.startswith("qspec") else (mode, "w4a8")
     kw = dict(mode=qmode, gamma=gamma, draft=draft, kernels=kernels)
+    if qmode == "qspec" and draft_window is not None:
+        kw["draft_window"] = tuple(draft_window)
     if gamma == "auto":
         kw.update(max_gamma=max_gamma, cycle_costs=cycle_costs)
 
@@ -225,6 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
+    p.add_argument("--draft-window", default=None, metavar="SINK:WINDOW",
+                   help="QSpec modes draft with windowed attention over the shared cache "
+                        "(qj.generate's draft_window; the cost table times that draft); use a "
+                        "separate --out file per window")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -262,6 +269,15 @@ def main(argv=None) -> int:
         env["norm_quant_kernel"] = ",".join(kinds)
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
+    draft_window = None
+    if args.draft_window:
+        try:
+            draft_window = tuple(int(v) for v in args.draft_window.split(":"))
+            assert len(draft_window) == 2 and draft_window[0] >= 0 and draft_window[1] >= 1
+        except (ValueError, AssertionError):
+            p.error(f"--draft-window must be SINK:WINDOW with SINK >= 0 and WINDOW >= 1, got "
+                    f"{args.draft_window!r}")
+        env["draft_window"] = list(draft_window)
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
@@ -312,7 +328,7 @@ def main(argv=None) -> int:
             if mode.startswith("qspec") and batch not in costs:
                 t0 = time.perf_counter()
                 c = measure_cycle_costs(model, batch, context, max_gamma, "w4a8", kernels=args.kernels,
-                                        verify_gammas=verify_gammas)
+                                        verify_gammas=verify_gammas, draft_window=draft_window)
                 costs[batch] = c.tolist()
                 write({"model": name, "cycle_costs": costs[batch], "batch": batch, "context": context,
                        "draft": "w4a8", "verify_gammas_timed": verify_gammas or "all",
@@ -326,7 +342,7 @@ def main(argv=None) -> int:
             try:
                 row = measure_point(model, mode, batch, gamma, args.prompt_len, args.new_tokens,
                                     args.kernels, args.repeats, cycle_costs=costs.get(batch),
-                                    max_gamma=max_gamma)
+                                    max_gamma=max_gamma, draft_window=draft_window)
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
             row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,
@@ -520,6 +536,9 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--quantize-lm-head", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
+        windows = {tuple(r["draft_window"]) for r in runs if r.get("draft_window")}
+        if windows:
+            args.append(("--draft-window", ",".join(f"{a}:{b}" for a, b in sorted(windows))))
         groups.setdefault(tuple(args), []).append(name)
     return ["PYTHONPATH=. python3 experiments/sweep.py --models " + ",".join(names)
             + "".join(f" {flag} {val}".rstrip() for flag, val in args) + f" --out {out}"

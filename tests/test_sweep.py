@@ -169,3 +169,35 @@ def test_report_lists_errors_and_nans(tmp_path):
     assert costs[2]["best γ"] == "2" and errors == [
         {"model": "m", "mode": "w16", "batch": "4", "gamma": "—", "error": "OOM: out \\| of memory"}]
     assert "--batches 1,4 --modes w16,w4a16,qspec-w4a8 --gammas 2,10,auto --max-gamma 2" in text
+
+
+def test_sweep_quick_with_a_draft_window(tmp_path, monkeypatch):
+    """--draft-window: QSpec points draft with windowed attention (generate and the cost table
+    get the window), every row records it and the report's command repeats it."""
+    import qspec_jax as qj
+    from experiments import sweep
+    seen = []
+    real_generate, real_costs = qj.generate, sweep.measure_cycle_costs
+
+    def gen(*a, **k):
+        seen.append(("generate", k.get("mode"), k.get("draft_window")))
+        return real_generate(*a, **k)
+
+    def costs(*a, **k):
+        seen.append(("costs", k.get("draft_window")))
+        return real_costs(*a, **k)
+    monkeypatch.setattr(qj, "generate", gen)
+    monkeypatch.setattr(sweep, "measure_cycle_costs", costs)
+    out = tmp_path / "w.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "1", "--gammas", "2",
+                       "--cost-gammas", "0,2", "--max-gamma", "2", "--draft-window", "2:4",
+                       "--out", str(out)]) == 0
+    assert ("costs", (2, 4)) in seen
+    assert {w for kind, mode, w in (x for x in seen if x[0] == "generate") if mode == "qspec"} == {(2, 4)}
+    assert {w for kind, mode, w in (x for x in seen if x[0] == "generate") if mode == "w4a16"} == {None}
+    rows = [json.loads(l) for l in open(out)]
+    assert rows and all(r.get("draft_window") == [2, 4] for r in rows) and all("error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--draft-window 2:4" in open(tmp_path / "w.md").read()
+    with pytest.raises(SystemExit):
+        sweep_main(["--quick", "--draft-window", "4", "--out", str(tmp_path / "bad.jsonl")])
