@@ -5,7 +5,7 @@ and the Pallas attention kernel on a GPU for batches of at least ``ATTN_MIN_BATC
 where the H200 benchmark measured it faster than XLA's attention (1.2-2.2x at batch 8 and 32,
 contexts 2k-8k, T = 1 and 4; experiments/results/attention_h200.md), for caches of at least
 ``ATTN_LONG_CACHE`` positions at any batch (8B-shaped decode steps 1.08-2.48x faster at batch 1
-and 4, contexts 8k and 32k: experiments/results/longctx_h200_small_pallas.md) and for windowed
+and 4, contexts 8k and 32k: experiments/results/longctx_h200_smallbatch.md) and for windowed
 drafts at any batch (XLA's masked attention reads the whole cache). Below that, at batch < 8 and
 short caches, XLA's attention stays (one kernel micro-benchmark had it faster at batch 1 x 8k,
 21.7 vs 36.6 us; not re-measured end to end at short caches). ``kernels="pallas"`` insists on the
