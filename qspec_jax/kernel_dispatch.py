@@ -167,7 +167,7 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
 
 
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,
-                         blk_ok=None):
+                         blk_ok=None, window=None, q_pos=None):
     """The read-only forwards' attention (gamma="auto") with the Pallas kernel, or None for
     the XLA reference (qspec_jax.model.attention_with_block).
 
@@ -175,11 +175,19 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
     cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;
     the block keys (k_blk, v_blk [B, KVH, U, hd], visible per ``blk_ok`` [B or 1, T, U],
     default U = T causal) are a T x U attention in XLA; the two softmax parts are merged
-    exactly by their log-sum-exps."""
+    exactly by their log-sum-exps. ``window=(sink, recent)`` with the queries' positions
+    ``q_pos`` [B, T]: windowed over the cache too (the kernel reads only the sink and recent
+    blocks below start, anchored at each query's own position; ``blk_ok`` must already carry
+    the window for the block's keys, as the model's read-only forward builds it)."""
     B, T = q.shape[:2]
-    q_pos = jnp.broadcast_to((start.astype(jnp.int32) - 1)[:, None], (B, T))
+    kv_len = None
+    if window is None:
+        q_pos = jnp.broadcast_to((start.astype(jnp.int32) - 1)[:, None], (B, T))
+    else:  # keys below start, windowed around each query's position
+        kv_len = start.astype(jnp.int32)
     # The same dispatch decisions (and log lines) as the cache-writing forward.
-    res = attention(q, cache_k, cache_v, q_pos, layer, kernels, return_lse=True)
+    res = attention(q, cache_k, cache_v, q_pos, layer, kernels, window, return_lse=True,
+                    kv_len=kv_len)
     if res is None:
         return None
     out_c, lse_c = res                                        # [B, T, H, hd] f32, [B, T, H]
@@ -200,12 +208,14 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
 
 
 def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None,
-              return_lse: bool = False):
+              return_lse: bool = False, kv_len=None):
     """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
 
     q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache (the kernel reads layer
     ``layer`` in place, so XLA copies nothing); positions [B, T]; ``window=(sink, recent)``
-    (static): windowed draft attention, the kernel loads only the sink and recent key blocks.
+    (static): windowed draft attention, the kernel loads only the sink and recent key blocks;
+    kv_len [B] (optional): keys at and past it are masked too (the window stays anchored at
+    the positions).
     """
     if kernels == "xla":
         return None
@@ -232,6 +242,6 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     interpret = jax.default_backend() != "gpu"
     log_once(("attn-pallas", interpret), "qspec_jax: attention uses the Pallas kernel"
               + (" (interpret mode: no GPU)" if interpret else ""))
-    return pk_attention.cached_attention(q, cache_k, cache_v, positions, layer=layer,
+    return pk_attention.cached_attention(q, cache_k, cache_v, positions, kv_len, layer=layer,
                                          interpret=interpret, window=window,
                                          return_lse=return_lse)

@@ -80,6 +80,12 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
+def window_mask(q_pos: jax.Array, key_pos: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """bool [B, T, U]: key_pos [B, U] is inside the window (sink, recent) of q_pos [B, T]."""
+    sink, recent = window
+    return (key_pos[:, None, :] < sink) | (q_pos[:, :, None] - key_pos[:, None, :] < recent)
+
+
 def block_mask(T: int, prefix: int = 0, n_prefix=None) -> jax.Array:
     """Which keys of a new-token block each of T queries sees: bool [B or 1, T, prefix + T].
 
@@ -95,7 +101,8 @@ def block_mask(T: int, prefix: int = 0, n_prefix=None) -> jax.Array:
 
 
 def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
-                         v_new: jax.Array, start: jax.Array, blk_ok: jax.Array | None = None
+                         v_new: jax.Array, start: jax.Array, blk_ok: jax.Array | None = None,
+                         window: tuple[int, int] | None = None, q_pos: jax.Array | None = None
                          ) -> jax.Array:
     """Causal attention of T new queries over a cache that is only read, plus a block of keys.
 
@@ -104,6 +111,9 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
     and values, visible per ``blk_ok`` bool [B or 1, T, U] (default: U = T new tokens, causal
     among themselves; see block_mask). With the default, the same set of keys as
     attention_reference after writing the new ones into the cache; f32 softmax.
+    ``window=(sink, recent)`` with the queries' positions ``q_pos`` [B, T]: cache key s is
+    visible only if also s < sink or q_pos - s < recent (the block's keys: apply the window
+    to ``blk_ok``, see window_mask).
     """
     B, T, H, hd = q.shape
     kvh, S = k_cache.shape[1], k_cache.shape[2]
@@ -112,8 +122,11 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
     scale = 1 / jnp.sqrt(jnp.float32(hd))
     s_old = einsum_f32("btkgd,bksd->bkgts", qg, k_cache) * scale
     s_new = einsum_f32("btkgd,bkud->bkgtu", qg, k_new) * scale
-    old_ok = jnp.arange(S)[None, :] < start[:, None]                # [B, S]
-    s_old = jnp.where(old_ok[:, None, None, None, :], s_old, -jnp.inf)
+    key = jnp.arange(S)
+    old_ok = (key[None, :] < start[:, None])[:, None, :]             # [B, 1, S]
+    if window is not None:
+        old_ok = old_ok & window_mask(q_pos, jnp.broadcast_to(key, (B, S)), window)  # [B, T, S]
+    s_old = jnp.where(old_ok[:, None, None], s_old, -jnp.inf)
     s_new = jnp.where(blk_ok[:, None, None], s_new, -jnp.inf)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
     p_old, p_new = probs[..., :S], probs[..., S:]
@@ -157,21 +170,28 @@ class Attention(nnx.Module):
             k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
             v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
             k_att, v_att, cache_len, blk_ok = k_blk, v_blk, positions[:, 0], None
+            blk_pos = positions  # [B, U] positions of the block's keys
             if prefix is not None:  # earlier tokens of this cycle, kept outside the cache
                 k_pre, v_pre, n_pre = prefix
+                P = k_pre.shape[3]
                 k_att = jnp.concatenate([k_pre[layer].astype(k_blk.dtype), k_blk], axis=2)
                 v_att = jnp.concatenate([v_pre[layer].astype(v_blk.dtype), v_blk], axis=2)
                 cache_len = positions[:, 0] - n_pre
-                blk_ok = block_mask(T, k_pre.shape[3], n_pre)
+                blk_ok = block_mask(T, P, n_pre)
+                blk_pos = jnp.concatenate([cache_len[:, None] + jnp.arange(P)[None], positions], 1)
+            if window is not None:  # windowed (draft) attention: the block's keys too
+                blk_ok = (block_mask(T) if blk_ok is None else blk_ok) & window_mask(
+                    positions, blk_pos, window)
             out = None
             if kernels != "xla":
                 from .kernel_dispatch import attention_with_block as pallas_attention_with_block
                 out = pallas_attention_with_block(q, cache.k, cache.v, k_att, v_att, cache_len,
-                                                  layer, kernels, blk_ok)
+                                                  layer, kernels, blk_ok, window, positions)
             if out is None:
                 out = attention_with_block(q, cache.k[layer].astype(q.dtype),
                                            cache.v[layer].astype(q.dtype), k_att.astype(q.dtype),
-                                           v_att.astype(q.dtype), cache_len, blk_ok)
+                                           v_att.astype(q.dtype), cache_len, blk_ok, window,
+                                           positions)
             return self._out(out, mode, kernels), (k_blk, v_blk)
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
@@ -346,7 +366,7 @@ class Transformer(nnx.Module):
         (static): ``window=(sink, recent)`` limits attention to the first ``sink`` and the last
         ``recent`` positions; ``layers`` runs only those decoder layers (the others pass the
         residual stream through and write no K/V).
-        ``readonly_cache=True`` (static; with ``layers`` but not ``window``) reads the cache
+        ``readonly_cache=True`` (static; ``layers`` and ``window`` apply) reads the cache
         without writing it (skipped layers give zero blocks): keys from each
         sequence's start on are ignored and the new tokens attend to their own K/V; the second
         result is then the new K/V blocks (k, v), each [L, B, KVH, T, hd], for the caller to
@@ -360,9 +380,6 @@ class Transformer(nnx.Module):
         positions = start[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
         inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         x = self.embed(tokens).astype(self.dtype)
-        if readonly_cache and window is not None:
-            raise ValueError("readonly_cache attends with full attention (window is for writing "
-                             "draft forwards)")
         if prefix is not None and not readonly_cache:
             raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
         blocks = []

@@ -204,24 +204,6 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             draft_step, (c["last"], c["cache"], c["lengths"], c["rng"]), jnp.arange(g))
         return cache, rng, drafts.T, q
 
-    def draft_dynamic(c, g):
-        """g draft steps for a traced g <= max_gamma (gamma="auto"): one compiled draft forward
-        serves every gamma. Drafts land in [B, max_gamma] (q in [max_gamma, B, V]) buffers;
-        the same steps and random keys as draft_fixed(c, g)."""
-        qs = None if greedy else jnp.zeros((max_gamma, B, model.cfg.vocab_size), jnp.float32)
-
-        def step(i, carry):
-            tok, cache, rng, drafts, qs = carry
-            (nxt, cache, _, rng), (d, q) = draft_step((tok, cache, c["lengths"], rng), i)
-            drafts = drafts.at[:, i].set(d)
-            if qs is not None:
-                qs = qs.at[i].set(q)
-            return nxt, cache, rng, drafts, qs
-
-        init = (c["last"], c["cache"], c["rng"], jnp.zeros((B, max_gamma), jnp.int32), qs)
-        _, cache, rng, drafts, qs = jax.lax.fori_loop(0, g, step, init)
-        return cache, rng, drafts, qs
-
     def draft_readonly(c, cache, g: int):
         """g draft steps (static g) that leave the cache alone (gamma="auto"): each step's K/V
         go to a [L, B, KVH, max_gamma, hd] block that the later steps attend to beside the
@@ -236,7 +218,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             tok, bk, bv, rng = carry
             logits, (k_new, v_new) = forward(tok[:, None], cache, c["lengths"] + i,
                                              mode=draft_mode, readonly_cache=True,
-                                             prefix=(bk, bv, i), layers=draft_layers)
+                                             prefix=(bk, bv, i), window=draft_window,
+                                             layers=draft_layers)
             bk = jax.lax.dynamic_update_slice_in_dim(bk, k_new, i, axis=3)
             bv = jax.lax.dynamic_update_slice_in_dim(bv, v_new, i, axis=3)
             nxt, rng, q = draft_pick(logits[:, 0], rng)
@@ -311,11 +294,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         # sequence's new length: stale positions nobody reads. Each data-dependent loop or
         # conditional costs a device-to-host sync on the GPU (the queue drains, the host
         # relaunches), so the cycle has two (the loop's test and the switch), like a fixed
-        # gamma's one plus one (draft_layers included: skipped layers are skipped in the
-        # read-only draft steps too). With draft_window (which the read-only forward does not
-        # take), drafting is a loop of a traced length over the writing draft forward instead:
-        # g + 1 more syncs per cycle.
-        readonly_draft = draft_window is None
+        # gamma's one plus one (draft_layers and draft_window included: the read-only draft
+        # steps skip the same layers and attend through the same window).
 
         def verify_branch(g, c, cache, rng, drafts, qs):
             new, blocks = verify_and_accept(c, cache, rng, drafts[:, :g],
@@ -326,8 +306,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         def cycle_branch(g, c, cache):
             return verify_branch(g, c, cache, *draft_readonly(c, cache, g))
 
-        branches = [partial(cycle_branch if readonly_draft else verify_branch, g)
-                    for g in range(max_gamma + 1)]
+        branches = [partial(cycle_branch, g) for g in range(max_gamma + 1)]
         costs = jnp.asarray(cycle_costs, jnp.float32)
         # Probes draft the gamma that would pay most at full acceptance (at least 1): several
         # trials per probe, so one probe can lift a pessimistic estimate over the break-even.
@@ -336,14 +315,9 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
         def body(c):
             g = choose_gamma(costs, c["acc_hits"] / c["acc_trials"])
             g = jnp.where((g == 0) & (c["since_draft"] >= PROBE_EVERY), probe_gamma, g)
-            if readonly_draft:
-                cache = c["cache"]
-                rest = {k: v for k, v in c.items() if k != "cache"}
-                new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache)
-            else:
-                cache, *drafted = draft_dynamic(c, g)
-                rest = {k: v for k, v in c.items() if k not in ("cache", "rng")}
-                new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache, *drafted)
+            cache = c["cache"]
+            rest = {k: v for k, v in c.items() if k != "cache"}
+            new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache)
             pos = c["lengths"][:, None] + jnp.arange(max_gamma + 1)[None]  # [B, max_gamma + 1]
             b = jnp.arange(B)[:, None]
             # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout

@@ -437,13 +437,14 @@ def test_return_lse_matches_float64(case):
                 np.testing.assert_allclose(np.asarray(out[b, t, h]), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_readonly_block_attention_with_the_kernel_matches_xla(dtype):
+@pytest.mark.parametrize("dtype, window", [(F32, None), (BF16, None), (F32, (3, 20)), (BF16, (0, 2))])
+def test_readonly_block_attention_with_the_kernel_matches_xla(dtype, window):
     """The read-only verify attention (gamma="auto"): Pallas over the cache + XLA over the new
     block, merged by log-sum-exp, equals the XLA reference attention_with_block (ragged starts,
-    including an empty cache row)."""
+    including an empty cache row); with a draft window, windowed over the cache (the kernel
+    anchored at each query's position, keys below start) and the block alike."""
     from qspec_jax import kernel_dispatch as kd
-    from qspec_jax.model import attention_with_block
+    from qspec_jax.model import attention_with_block, block_mask, window_mask
     L, B, T, H, KVH, S, hd = 2, 3, 4, 8, 2, 64, 64
     k = jax.random.split(jax.random.key(5), 5)
     q = jax.random.normal(k[0], (B, T, H, hd), F32).astype(dtype)
@@ -452,8 +453,14 @@ def test_readonly_block_attention_with_the_kernel_matches_xla(dtype):
     kb = jax.random.normal(k[3], (B, KVH, T, hd), F32).astype(dtype)
     vb = jax.random.normal(k[4], (B, KVH, T, hd), F32).astype(dtype)
     start = jnp.asarray([0, 37, 60], jnp.int32)
-    ours = jax.jit(lambda *a: kd.attention_with_block(*a, 1, "pallas"))(q, ck, cv, kb, vb, start)
-    ref = attention_with_block(q, ck[1], cv[1], kb, vb, start)
+    q_pos = start[:, None] + jnp.arange(T)[None]
+    blk_ok = None if window is None else block_mask(T) & window_mask(q_pos, q_pos, window)
+    ours = jax.jit(lambda *a: kd.attention_with_block(*a, 1, "pallas", blk_ok, window, q_pos))(
+        q, ck, cv, kb, vb, start)
+    ref = attention_with_block(q, ck[1], cv[1], kb, vb, start, blk_ok, window, q_pos)
+    if window is not None:  # the window changes the result (it cuts into the cache)
+        full = attention_with_block(q, ck[1], cv[1], kb, vb, start)
+        assert float(jnp.max(jnp.abs(full.astype(F32) - ref.astype(F32)))) > 1e-2
     tol = 1e-5 if dtype == F32 else 2e-2
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
                                rtol=tol, atol=tol)

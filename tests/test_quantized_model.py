@@ -333,22 +333,31 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
             np.testing.assert_allclose(np.asarray(blk[:, b]), np.asarray(full[:, b, :, s:s + T]),
                                        rtol=1e-4, atol=1e-5)
     # A layer subset (draft_layers under gamma="auto"): the writing forward's logits; skipped
-    # layers give zero blocks. No windowed attention in read-only forwards.
+    # layers give zero blocks.
     ro, (k_sub, _) = net(tokens, cache, start, mode="w4a16", readonly_cache=True, layers=(0,))
     wr, _ = net(tokens, cache, start, mode="w4a16", layers=(0,))
     assert rel(np.asarray(ro), np.asarray(wr)) < 1e-5
     np.testing.assert_array_equal(np.asarray(k_sub[0]), np.asarray(k_blk[0]))
     assert not np.any(np.asarray(k_sub[1:]))
-    with pytest.raises(ValueError, match="readonly_cache attends with full attention"):
-        net(tokens, cache, start, mode="w4a16", readonly_cache=True, window=(1, 4))
+    # Windowed attention (draft_window under gamma="auto"): windows that cut into the cache
+    # (1 + 3: even into the new block, whose last token sees only itself and 2 before it) give
+    # the writing windowed forward's logits, and differ from full attention.
+    for window in ((1, 3), (2, 5)):
+        ro, _ = net(tokens, cache, start, mode="w4a16", readonly_cache=True, window=window)
+        wr, _ = net(tokens, cache, start, mode="w4a16", window=window)
+        assert rel(np.asarray(ro), np.asarray(wr)) < 1e-5, window
+        assert rel(np.asarray(ro), np.asarray(ref_logits)) > 1e-3, window
 
 
-@pytest.mark.parametrize("kernels", ["xla", "pallas"])
-def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels):
+@pytest.mark.parametrize("kernels, window", [("xla", None), ("pallas", None), ("xla", (1, 2)),
+                                             ("pallas", (2, 3))])
+def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels, window):
     """gamma="auto"'s read-only draft steps: token i of a cycle sees the cache below the cycle's
     start plus the K/V of the tokens drafted before it, kept in a prefix block (first n of P
     slots valid, the rest junk), never in the cache. Same logits and K/V as one-token writing
-    forwards that store each token in the cache first (ragged starts, stale cache entries)."""
+    forwards that store each token in the cache first (ragged starts, stale cache entries);
+    with a draft window, windowed the same way (windows shorter than the cycle cut into the
+    prefix block too)."""
     import jax
     import jax.numpy as jnp
     from qspec_jax.model import KVCache
@@ -362,9 +371,9 @@ def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels):
     writing = ro_cache
     for i in range(P):
         tok = jnp.asarray(IDS[:, 9 + i:10 + i])
-        ref, writing = net(tok, writing, start + i, mode="w4a8")
+        ref, writing = net(tok, writing, start + i, mode="w4a8", window=window)
         got, (k_new, v_new) = net(tok, ro_cache, start + i, mode="w4a8", readonly_cache=True,
-                                  prefix=(bk, bv, jnp.int32(i)), kernels=kernels)
+                                  prefix=(bk, bv, jnp.int32(i)), kernels=kernels, window=window)
         assert rel(np.asarray(got), np.asarray(ref)) < 1e-5, i
         for b in range(B):
             np.testing.assert_allclose(np.asarray(k_new[:, b, :, 0]),

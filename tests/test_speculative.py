@@ -369,17 +369,20 @@ def test_cheaper_drafts_stay_exact(quantized, opts):
     assert out.stats["acceptance_rate"] < full.stats["acceptance_rate"]
 
 
-def test_auto_gamma_with_draft_layers_drafts_read_only(quantized):
-    """gamma="auto" with draft_layers runs its drafts as read-only static scans (skipped layers
-    skipped there too): one loop + one conditional in the compiled program, like auto without
-    it; cycles at gamma 3 draft exactly what fixed gamma 3 drafts (same acceptance), and the
-    output is w4a16's."""
+@pytest.mark.parametrize("opts", [dict(draft_layers=[0]), dict(draft_window=(2, 4)),
+                                  dict(draft_window=(1, 3), draft_layers=[1])])
+def test_auto_gamma_with_cheaper_drafts_drafts_read_only(quantized, opts):
+    """gamma="auto" with draft_layers / draft_window runs its drafts as read-only static scans
+    (skipped layers skipped, the window applied there too): one loop + one conditional in the
+    compiled program, like auto without them; cycles at gamma 3 draft exactly what fixed gamma
+    3 drafts (same acceptance), and the output is w4a16's."""
     model = quantized["llama"]
     prompts = ragged_prompts(15)
     ref = qj.generate(model, prompts, max_new_tokens=24, mode="w4a16").tokens
-    fixed = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", gamma=3, draft_layers=[0])
-    kw = dict(max_new_tokens=24, mode="qspec", gamma="auto", max_gamma=3, draft_layers=[0],
-              cycle_costs=[1, 1.01, 1.02, 1.03])
+    fixed = qj.generate(model, prompts, max_new_tokens=24, mode="qspec", gamma=3, **opts)
+    # Equal cycle costs: gamma 3 is the best choice at any acceptance (weak drafts included).
+    kw = dict(max_new_tokens=24, mode="qspec", gamma="auto", max_gamma=3,
+              cycle_costs=[1, 1, 1, 1], **opts)
     auto = qj.generate(model, prompts, **kw)
     g = np.asarray(auto.stats["gamma_cycles"])
     assert auto.tokens == ref == fixed.tokens and g[3] == g.sum()
