@@ -1,17 +1,20 @@
 """Acceptance of cheaper drafts (windowed attention, layer subsets) on held-out code.
 
     PYTHONPATH=. python3 experiments/draft_acceptance.py --out-prefix experiments/results/draft_acceptance_cpu
-    # long contexts (issue 9) need a model trained on long rows, e.g. (H200, cuDNN attention):
-    #   python3 experiments/train.py --seq-len 16384 --batch-size 4 --max-position-embeddings 32768 \
-    #       --rope-theta 500000 --code-fraction 0.5 --minutes 5 --out /tmp/long --export /tmp/long/hf
+    # long contexts (issue 9) need a model trained on long rows; on the H200 (stage longmodel of
+    # experiments/device_runs.sh, results in experiments/results/draft_acceptance_long_h200.md):
+    #   python3 experiments/train.py --seq-len 32768 --batch-size 2 --max-position-embeddings 32768 \
+    #       --rope-theta 500000 --code-fraction 0.5 --minutes 2.5 --out /tmp/long --export /tmp/long/hf
     PYTHONPATH=. python3 experiments/draft_acceptance.py --model /tmp/long/hf \
-        --contexts 2048,8192,32000 --windows 4:1020,4:2044 --out-prefix $OUT/draft_acceptance_long
+        --contexts 2048,8192,32000 --windows 4:1020,4:4092 --timed --auto --out-prefix $OUT/draft_acceptance_long
 
 For each draft configuration, QSpec (greedy, gamma 3, draft w4a8 unless --draft) continues
 prompts cut from held-out standard-library files at a given context length and records the
-acceptance rate and tokens per cycle; outputs are checked equal to w4a16 decoding. Speed is not
-measured here (see experiments/sweep.py): this is the acceptance side of the trade-off.
-"""
+acceptance rate and tokens per cycle; outputs are compared with w4a16 decoding (every run of a
+context uses the same cache length; the first differing token of each sequence is recorded).
+``--timed`` also times decoding against w4a16 (the decode time is time(N tokens) - time(1
+token), paired); ``--auto`` adds gamma="auto" with the full draft and the last window.
+""""""
 
 from __future__ import annotations
 
