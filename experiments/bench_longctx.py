@@ -93,6 +93,10 @@ def measure(model, batch: int, context: int, args, window, layers, reuse: dict |
         w, ls = draft_opts[name]
         row["t_draft"][name] = time_forward(model, batch, context, 1, args.draft, window=w,
                                             layers=ls, **kw)
+    for w in args.extra_windows:  # more window sizes (full layers), named by their window
+        name = f"window {w[0]}:{w[1]}"
+        row["t_draft"][name] = reuse.get("t_draft", {}).get(name) or time_forward(
+            model, batch, context, 1, args.draft, window=w, **kw)
     return row
 
 
@@ -123,7 +127,8 @@ def load_acceptance(path: str | None) -> list[dict]:
 def measured_acceptance(acc_rows: list[dict], context: int, draft: str, window) -> tuple:
     """(acceptance, context it was measured at) for a draft configuration, from the trained
     model's rows at the nearest measured context; None when not measured."""
-    want = {"full": "full", "window": f"window {window[0]}:{window[1]}"}.get(draft)
+    want = draft if draft.startswith("window ") else {
+        "full": "full", "window": f"window {window[0]}:{window[1]}"}.get(draft)
     rows = [r for r in acc_rows if r["draft_config"] == want]
     if not rows:
         return None, None
@@ -212,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=None, help="default 1,4,16,32,64")
     p.add_argument("--contexts", default=None, help="default 2048,8192,32768")
     p.add_argument("--window", type=parse_window, default=parse_window("4:1020"))
+    p.add_argument("--extra-windows", default="",
+                   help="comma list of more SINK:WINDOW sizes to time as full-layer drafts "
+                        "(reported as 'window SINK:WINDOW'; for the window-size trade-off)")
     p.add_argument("--draft-layers", type=int, default=None,
                    help="layers the layer-skipping drafts run (spread evenly; default 3/4 of them)")
     p.add_argument("--drafts", default=",".join(DRAFTS[:3]), help=f"comma list of {', '.join(DRAFTS)}")
@@ -251,6 +259,10 @@ def main(argv=None) -> int:
     if args.quick and args.window == parse_window("4:1020"):
         args.window = (4, 28)
     args.drafts = args.drafts.split(",")
+    try:
+        args.extra_windows = [parse_window(w) for w in args.extra_windows.split(",") if w]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--extra-windows: {e}")
     bad = sorted(set(args.drafts) - set(DRAFTS))
     if bad:
         p.error(f"--drafts: unknown {bad}; choose from {', '.join(DRAFTS)}")

@@ -20,6 +20,7 @@
 #   bash experiments/device_runs.sh longmodel  # train a 32k-context variant of the default model, then draft acceptance + timed QSpec at 2k-32k (~9.5 min)
 #   bash experiments/device_runs.sh windowfix  # re-time the windowed drafts (cost_model window bug at ed34442) + the fused quantization kinds (~9 min)
 #   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes (~9 min)
+#   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -29,7 +30,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longwin}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -250,6 +251,15 @@ case "$stage" in
       --prompt-len 32640 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
       --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_32k.jsonl"
+    ;;
+  longwin)
+    # The window-size trade-off (a larger window costs more bytes per draft step and accepts
+    # more): 4 + 2044 and 4 + 4092 beside the 4 + 1020 of longctx_h200.jsonl (its AR, verify
+    # and full-draft timings are reused). Pair with the longmodel stage's 4:4092 acceptance.
+    step 300 longwin.log python3 experiments/bench_longctx.py --batches 16,32,64 \
+      --contexts 32768,8192 --repeats 2 --drafts full,window,window+layers \
+      --extra-windows 4:2044,4:4092 --reuse experiments/results/longctx_h200.jsonl \
+      --commit "$COMMIT" --out "$OUT/longctx_h200_windows.jsonl"
     ;;
   *)
     echo "unknown stage $stage" >&2

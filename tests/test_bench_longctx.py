@@ -39,6 +39,13 @@ def test_bench_longctx_quick_report_and_reuse(tmp_path, monkeypatch):
     assert row2["t_draft"]["full"] == row["t_draft"]["full"]
     assert "draft window" not in row2["reused"] and "verify g=3" in row2["reused"]
     assert "Timings reused from" in open(tmp_path / "lc2.md").read()
+    out4 = str(tmp_path / "lc4.jsonl")
+    timed.clear()
+    assert BL.main(args[:-1] + [out4, "--reuse", out, "--extra-windows", "2:12"]) == 0
+    assert timed == [(1, "w4a8", (2, 12), None)]  # only the new window is timed
+    row4 = json.loads(open(out4).read().splitlines()[0])
+    assert set(row4["t_draft"]) == {"full", "window", "window+layers", "window 2:12"}
+    assert "| 1 | 64 | window 2:12 |" in open(tmp_path / "lc4.md").read()
     out3 = str(tmp_path / "lc3.jsonl")
     assert BL.main(args[:-1] + [out3, "--max-kv-gib", "1e-9"]) == 0
     assert "skipped" in json.loads(open(out3).read())
