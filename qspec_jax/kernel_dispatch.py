@@ -104,7 +104,11 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool)
 # down_proj inputs) replace XLA's fusions of the same math only once the H200 has measured them
 # faster (experiments/bench_fused.py, device stage normquant). Its first version
 # lost (fused_h200.md at 440d085: 23 us against 3-4 us; gamma-3 QSpec 0.71x / 0.60x at batch
-# 4 / 16, normquant_h200_kernel.md); the row-at-once version after it is not yet measured.
+# 4 / 16, normquant_h200_kernel.md). The row-at-once version (fused_h200_0413cf4.md): 2.2-2.5
+# us of device time against XLA's 2.8-4.2 us for "rmsnorm" and "none" at M <= 64, but 17.7 us
+# against 4-6 us for "swiglu" (one program per row walks 14336 columns); gamma 3 at batch 4
+# with all three kinds 0.95x of the XLA path (normquant_h200_0413cf4_kernel.md). "rmsnorm" and
+# "none" alone are not yet timed end to end (sweep.py --norm-quant-kernel rmsnorm,none).
 # The kinds in use under "auto": "rmsnorm" (qkv / gate_up inputs), "none" (o_proj's input),
 # "swiglu" (down_proj's input from [gate | up]); each joins once it measures faster.
 FUSED_QUANT_KINDS = ("rmsnorm", "none", "swiglu")
