@@ -187,6 +187,8 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
     kv_len = None
     if window is None:
         q_pos = jnp.broadcast_to((start.astype(jnp.int32) - 1)[:, None], (B, T))
+    elif q_pos is None:
+        raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
     else:  # keys below start, windowed around each query's position
         kv_len = start.astype(jnp.int32)
     # The same dispatch decisions (and log lines) as the cache-writing forward.

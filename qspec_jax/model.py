@@ -125,6 +125,8 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
     key = jnp.arange(S)
     old_ok = (key[None, :] < start[:, None])[:, None, :]             # [B, 1, S]
     if window is not None:
+        if q_pos is None:
+            raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
         old_ok = old_ok & window_mask(q_pos, jnp.broadcast_to(key, (B, S)), window)  # [B, T, S]
     s_old = jnp.where(old_ok[:, None, None], s_old, -jnp.inf)
     s_new = jnp.where(blk_ok[:, None, None], s_new, -jnp.inf)
