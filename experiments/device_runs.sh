@@ -243,11 +243,15 @@ case "$stage" in
     # The predicted long-context speedups (longctx_h200.md) measured end to end: w4a16 AR and
     # QSpec with the 4 + 1020 window (gamma 3 and auto) at batch 32 x 8k and 16 x 32k. Random
     # weights: acceptance is whatever the random model gives (compare with the cost model).
-    step 280 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+    # First the read-only attention GPU tests (auto + draft_window drafts through them since
+    # 41f35d7; CPU-tested only before this stage).
+    step 60 readonly_gpu_tests.log python3 -m pytest tests/gpu/test_attention_gpu.py -q -rA \
+      -p no:cacheprovider -k readonly
+    step 250 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
       --prompt-len 8128 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
       --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_8k.jsonl"
-    step 280 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+    step 260 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
       --prompt-len 32640 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
       --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_32k.jsonl"

@@ -232,14 +232,17 @@ def test_windowed_matches_model_reference_gpu():
     assert _rel(out.astype(F32), ref.astype(F32)) <= 1e-2
 
 
-@pytest.mark.parametrize("B, T, S, dtype", [(1, 4, 8192, BF16), (8, 4, 2048, BF16),
-                                            (4, 8, 1000 // 16 * 16, F32)])
-def test_readonly_block_attention_gpu(B, T, S, dtype):
+@pytest.mark.parametrize("B, T, S, dtype, window", [(1, 4, 8192, BF16, None), (8, 4, 2048, BF16, None),
+                                                    (4, 8, 1000 // 16 * 16, F32, None),
+                                                    (1, 4, 8192, BF16, (4, 1020)),
+                                                    (4, 1, 2048, BF16, (4, 300))])
+def test_readonly_block_attention_gpu(B, T, S, dtype, window):
     """gamma="auto"'s read-only verify attention: the kernel over the cache (log-sum-exp
     output, flash-decoding splits at 8k) merged with the new block's attention equals the XLA
-    reference qspec_jax.model.attention_with_block (Llama-3-8B heads, ragged starts)."""
+    reference qspec_jax.model.attention_with_block (Llama-3-8B heads, ragged starts); with a
+    draft window, windowed over both (auto's read-only windowed drafts)."""
     from qspec_jax import kernel_dispatch as kd
-    from qspec_jax.model import attention_with_block
+    from qspec_jax.model import attention_with_block, block_mask, window_mask
     L, H, KVH, hd = 2, 32, 8, 128
     k = jax.random.split(jax.random.fold_in(jax.random.key(SEED), 77), 5)
     q = jax.random.normal(k[0], (B, T, H, hd), F32).astype(dtype)
@@ -248,8 +251,12 @@ def test_readonly_block_attention_gpu(B, T, S, dtype):
     kb = jax.random.normal(k[3], (B, KVH, T, hd), F32).astype(dtype)
     vb = jax.random.normal(k[4], (B, KVH, T, hd), F32).astype(dtype)
     start = jnp.asarray(np.linspace(0, S - T, B).astype(np.int32))
-    ours = jax.jit(lambda *a: kd.attention_with_block(*a, 1, "pallas"))(q, ck, cv, kb, vb, start)
-    ref = jax.jit(lambda *a: attention_with_block(*a))(q, ck[1], cv[1], kb, vb, start)
+    q_pos = start[:, None] + jnp.arange(T)[None]
+    blk_ok = None if window is None else block_mask(T) & window_mask(q_pos, q_pos, window)
+    ours = jax.jit(lambda *a: kd.attention_with_block(*a, 1, "pallas", blk_ok, window, q_pos))(
+        q, ck, cv, kb, vb, start)
+    ref = jax.jit(lambda *a: attention_with_block(*a, blk_ok, window, q_pos))(
+        q, ck[1], cv[1], kb, vb, start)
     assert not np.isnan(np.asarray(ours, np.float32)).any()
     # f32: XLA's f32 einsums (reference and the new-block part) may run as TF32 on the GPU.
     assert _rel(ours, ref) <= (2e-3 if dtype == F32 else 1e-2)
