@@ -11,10 +11,12 @@
 For each draft configuration, QSpec (greedy, gamma 3, draft w4a8 unless --draft) continues
 prompts cut from held-out standard-library files at a given context length and records the
 acceptance rate and tokens per cycle; outputs are compared with w4a16 decoding (every run of a
-context uses the same cache length; the first differing token of each sequence is recorded).
+context uses the same cache length; the first differing token of each sequence is recorded,
+with w4a16's logit gap there between the two tokens relative to its largest logit: near 0 is a
+near-tie that float rounding of a (gamma+1)-token verify pass can flip).
 ``--timed`` also times decoding against w4a16 (the decode time is time(N tokens) - time(1
 token), paired); ``--auto`` adds gamma="auto" with the full draft and the last window.
-""""""
+"""
 
 from __future__ import annotations
 
@@ -72,6 +74,17 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def divergence_gap(model, prompt: list[int], ref: list[int], d: int, other: int,
+                   kernels: str) -> float:
+    """How close w4a16 was to a tie where a continuation parted from the reference: the gap
+    between the reference token's and the other token's w4a16 logits after prompt + ref[:d]
+    (teacher-forced full pass), relative to the largest |logit|. Near 0: a near-tie that float
+    rounding (cache length, verify width) can flip; large: a real disagreement."""
+    tokens = np.asarray([prompt + ref[:d]], np.int32)
+    logits = np.asarray(qj.logits(model, tokens, mode="w4a16", kernels=kernels)[0, -1], np.float64)
+    return float((logits[ref[d]] - logits[other]) / np.max(np.abs(logits)))
 
 
 def decode_seconds(model, prompts, new_tokens: int, kw: dict, repeats: int, one: dict) -> float:
@@ -155,7 +168,11 @@ def main(argv=None) -> int:
                          "gamma_cycles": out.stats.get("gamma_cycles"),
                          "equals_w4a16": out.tokens == ref,
                          "identical_sequences": sum(d is None for d in parted),
-                         "first_difference": parted})
+                         "first_difference": parted,
+                         "divergence_gap": [
+                             None if d is None or d >= min(len(o), len(r_)) else
+                             divergence_gap(model, p_, r_, d, o[d], args.kernels)
+                             for d, o, r_, p_ in zip(parted, out.tokens, ref, prompts)]})
             if args.timed:
                 qspec_s = decode_seconds(model, prompts, args.new_tokens, kw, args.timed_repeats, ar_kw)
                 rows[-1].update(w4a16_decode_s=ar_s, qspec_decode_s=qspec_s,
@@ -182,7 +199,9 @@ def main(argv=None) -> int:
         for r in rows:
             f.write(f"| {r['context']} | {r['draft_config']} | {r['acceptance_rate']:.3f} | "
                     f"{r['tokens_per_cycle']:.2f} | {'yes' if r['equals_w4a16'] else 'NO'} | "
-                    + (", ".join(f"seq {i}: token {d}" for i, d in enumerate(r["first_difference"])
+                    + (", ".join(f"seq {i}: token {d}" + (f" (gap {100 * g:.2f}%)" if g is not None else "")
+                                 for i, (d, g) in enumerate(zip(r["first_difference"],
+                                                                r["divergence_gap"]))
                                  if d is not None) or "-") + " |"
                     + (f" {r['w4a16_decode_s']:.3f} / {r['qspec_decode_s']:.3f} | "
                        f"{r['measured_speedup']:.2f}x |" if args.timed else "") + "\n")

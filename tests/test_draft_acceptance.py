@@ -39,5 +39,15 @@ def test_draft_acceptance_smoke(tmp_path, monkeypatch):
         # timed: paired differences of compiled runs (NaN only below the timer's noise)
         assert r["w4a16_decode_s"] > 0 or r["w4a16_decode_s"] != r["w4a16_decode_s"]
         assert "measured_speedup" in r
+        assert r["divergence_gap"] == [None, None]
+    # The gap at a divergence: w4a16's own argmax against another token is a positive share of
+    # the largest logit (0 only for the argmax itself).
+    import qspec_jax as qj
+    model = qj.load(dtype="float32", quant="w4", method="rtn")
+    prompt = model.tokenizer("def f(x):")["input_ids"]
+    ref = qj.generate(model, [prompt], max_new_tokens=3, mode="w4a16").tokens[0]
+    assert DA.divergence_gap(model, prompt, ref, 2, ref[2], "auto") == 0.0
+    gap = DA.divergence_gap(model, prompt, ref, 2, (ref[2] + 1) % model.cfg.vocab_size, "auto")
+    assert 0.0 < gap <= 2.0
     assert DA.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert DA.first_difference([1, 2], [1, 2, 3]) == 2 and DA.first_difference([4], [4]) is None
