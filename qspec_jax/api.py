@@ -40,6 +40,10 @@ AUTO_MIN_GAIN = 1.03
 # gamma="auto" calibration: the gammas whose verify width is timed (those <= max_gamma, plus 0 and
 # max_gamma), the others interpolated: each timed width is one compiled program (~30 s on 8B).
 AUTO_TIMED_GAMMAS = (0, 1, 3, 7)
+# draft_window="auto" (with gamma="auto"): the window it may turn on, and the shortest cache
+# (in multiples of the window's span) for which it is considered at all.
+AUTO_DRAFT_WINDOW = (4, 1020)
+AUTO_WINDOW_MIN_SPAN = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -304,13 +308,39 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 
+def _can_pay(costs) -> bool:
+    """Whether some gamma beats plain decoding by AUTO_MIN_GAIN at full acceptance."""
+    from .cost_model import predicted_speedup
+    return bool(predicted_speedup(costs, 1.0).max() >= AUTO_MIN_GAIN)
+
+
+def _choose_draft_window(model: QSpecModel, batch: int, context: int, cache_len: int,
+                         max_gamma: int, draft: str, kernels: str, draft_layers):
+    """draft_window="auto": the full-cache draft where it can pay, else AUTO_DRAFT_WINDOW where
+    that can (long caches, where the KV bytes a windowed draft skips dominate a step), else
+    None (the caller's guard then decodes plainly). Returns (window or None, its cycle costs)."""
+    full = _cycle_costs(model, batch, context, max_gamma, draft, kernels, None, None, draft_layers)
+    window = AUTO_DRAFT_WINDOW
+    if _can_pay(np.asarray(full)) or cache_len < AUTO_WINDOW_MIN_SPAN * sum(window):
+        return None, full
+    windowed = _cycle_costs(model, batch, context, max_gamma, draft, kernels, None, window,
+                            draft_layers)
+    if not _can_pay(np.asarray(windowed)):
+        return None, full
+    from .kernel_dispatch import log_once
+    log_once(("auto-window", batch, context // 256), f"qspec_jax: draft_window='auto' at batch "
+             f"{batch}, context {context}: the full-cache draft cannot pay, a {window[0]} + "
+             f"{window[1]}-token window can: drafting windowed")
+    return window, windowed
+
+
 def _speculation_cannot_pay(costs: np.ndarray, batch: int) -> bool:
     """gamma="auto" guard: True (and one log line) when even full acceptance would not make any
     gamma pay by AUTO_MIN_GAIN over plain decoding; then plain w4a16 decoding runs, which is
     exactly what the speculative loop would emit, without the loop's per-cycle overhead."""
     from .cost_model import predicted_speedup
     best = predicted_speedup(costs, 1.0)
-    if best.max() >= AUTO_MIN_GAIN:
+    if _can_pay(costs):
         return False
     from .kernel_dispatch import log_once
     log_once(("auto-plain", batch, tuple(np.round(costs, 9))),
@@ -327,7 +357,7 @@ def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
 def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
-             draft_window: tuple[int, int] | None = None, draft_layers=None,
+             draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
     """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
@@ -338,6 +368,9 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     see ``qspec_jax.cost_model``) and the running acceptance rate.
     ``draft_window=(sink, window)`` and ``draft_layers=[...]`` make the draft cheaper (windowed
     attention over the shared cache, a subset of layers); the output stays exact.
+    ``draft_window="auto"`` (with ``gamma="auto"``): a windowed draft (AUTO_DRAFT_WINDOW) only
+    where the cost tables say the full-cache draft cannot pay and the windowed one can (long
+    caches); ``stats["draft_window"]`` says what ran.
     """
     check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -345,9 +378,16 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     sampling = SamplingConfig(float(temperature) if isinstance(temperature, (int, float)) else temperature,
                               top_k, float(top_p) if isinstance(top_p, (int, float)) else top_p)
     speculative = mode == "qspec"
+    window_auto = isinstance(draft_window, str)
     if speculative:
         from .speculative import DEFAULT_MAX_GAMMA, check_speculation, normalize_draft_options
         check_speculation(model, draft, gamma, max_gamma)
+        if window_auto:
+            if draft_window != "auto" or gamma != "auto" or cycle_costs is not None:
+                raise ValueError(f"draft_window={draft_window!r}: the only string is 'auto', which "
+                                 "chooses from gamma='auto''s measured cost tables (pass "
+                                 "gamma='auto' and no cycle_costs), or give (sink, window)")
+            draft_window = None
         draft_window, draft_layers = normalize_draft_options(model, draft_window, draft_layers)
     else:
         model.check_mode(mode)
@@ -363,7 +403,11 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     t0 = time.perf_counter()
     plain = False
-    if auto:
+    if auto and window_auto:
+        draft_window, cycle_costs = _choose_draft_window(model, len(prompt_ids), int(lens.max()), L,
+                                                         max_gamma, draft, kernels, draft_layers)
+        plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
+    elif auto:
         cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
                                    kernels, cycle_costs, draft_window, draft_layers)
         plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
@@ -390,6 +434,8 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     stats = {"mode": mode, "batch": len(prompt_ids), "prompt_tokens": int(lens.sum()),
              "new_tokens": new, "new_tokens_per_sequence": counts.tolist(), "wall_s": wall,
              "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": L}
+    if speculative:
+        stats["draft_window"] = list(draft_window) if draft_window else None
     stats.update({k: np.asarray(v).tolist() for k, v in res.stats.items()})
     token_lists = _to_lists(out_tokens, counts)
     text = None

@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=_gamma, default=3,
                    help="draft tokens per QSpec cycle, or 'auto' (chosen each cycle from measured costs)")
     p.add_argument("--max-gamma", type=int, default=7, help="upper bound for --gamma auto")
-    p.add_argument("--draft-window", type=int, nargs=2, metavar=("SINK", "WINDOW"), default=None,
-                   help="draft attends only to the first SINK and last WINDOW cached tokens")
+    p.add_argument("--draft-window", nargs="+", metavar="SINK WINDOW | auto", default=None,
+                   help="draft attends only to the first SINK and last WINDOW cached tokens; "
+                        "'auto' (with --gamma auto): a window only where the cost tables say the "
+                        "full-cache draft cannot pay and a windowed one can")
     p.add_argument("--draft-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
                    help="comma-separated decoder layers the draft runs (default: all)")
     p.add_argument("--quant", default=None, choices=["w4", "none"],
@@ -47,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    window = args.draft_window
+    if window is not None:
+        if window == ["auto"]:
+            window = "auto"
+        elif len(window) == 2 and all(v.isdigit() for v in window):
+            window = (int(window[0]), int(window[1]))
+        else:
+            parser.error(f"--draft-window takes SINK WINDOW (two integers) or 'auto', got "
+                         f"{' '.join(window)!r}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
@@ -61,7 +73,7 @@ def main(argv=None) -> int:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
                           max_gamma=args.max_gamma, kernels=args.kernels,
-                          draft_window=tuple(args.draft_window) if args.draft_window else None,
+                          draft_window=window,
                           draft_layers=args.draft_layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"qspec-generate: error: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from conversion.cli import main as convert_main
 from qspec_jax.cli import main as generate_main
 from qspec_jax.report import main as report_main
@@ -26,6 +28,13 @@ def test_convert_then_generate_qspec(hf_dirs, tmp_path, capsys):
     # ...and errors in arguments are reported without a traceback.
     assert generate_main(["--model", str(out), "--prompt", "hi", "--gamma", "0"]) == 2
     assert "gamma" in capsys.readouterr().err
+    # --draft-window: two integers or 'auto' (which needs --gamma auto).
+    assert generate_main(["--model", str(out), "--prompt", "hi", "--draft-window", "auto"]) == 2
+    assert "draft_window='auto'" in capsys.readouterr().err
+    for bad in (["4"], ["4", "x"], ["auto", "3"]):
+        with pytest.raises(SystemExit) as e:
+            generate_main(["--model", str(out), "--prompt", "hi", "--draft-window", *bad])
+        assert e.value.code == 2 and "--draft-window takes SINK WINDOW" in capsys.readouterr().err
 
 
 def test_generate_cli_with_tokenizer(tmp_path, capsys):

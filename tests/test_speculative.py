@@ -394,6 +394,42 @@ def test_auto_gamma_with_cheaper_drafts_drafts_read_only(quantized, opts):
     assert (len(loops), len(conds)) == (1, 1)
 
 
+def test_auto_draft_window_turns_the_window_on_only_where_it_pays(quantized, monkeypatch):
+    """draft_window="auto" (gamma="auto"): the windowed draft where the cost tables say the
+    full-cache draft cannot pay and the windowed one can; the full draft where it can pay;
+    plain w4a16 where neither can. Outputs stay w4a16's; stats["draft_window"] says what ran."""
+    from qspec_jax import api, cost_model
+    model = quantized["llama"]
+    prompts = ragged_prompts(15)
+    ref = qj.generate(model, prompts, max_new_tokens=24, mode="w4a16").tokens
+    monkeypatch.setattr(api, "AUTO_DRAFT_WINDOW", (1, 3))  # span 4: caches of 16+ qualify
+    tables = {}
+
+    def fake_costs(model, batch, context, max_gamma, draft, *, draft_window=None, **kw):
+        return np.asarray(tables[draft_window], np.float64)[:max_gamma + 1]
+
+    monkeypatch.setattr(cost_model, "measure_cycle_costs", fake_costs)
+    cannot, can = [1, 2, 3, 4], [1, 1, 1, 1]  # (g + 1) x / (g + 1): 1.0; equal costs: 4x at a = 1
+    kw = dict(max_new_tokens=24, mode="qspec", gamma="auto", max_gamma=3, draft_window="auto")
+    saved = dict(model.cycle_costs)  # the shared model's calibrations: the fakes must not stay
+    try:
+        for full, windowed, want, plain in ((cannot, can, [1, 3], False), (can, cannot, None, False),
+                                            (cannot, cannot, None, True)):
+            tables.clear()
+            model.cycle_costs.clear()
+            tables.update({None: full, (1, 3): windowed})
+            out = qj.generate(model, prompts, **kw)
+            assert out.tokens == ref and out.stats["draft_window"] == want, (full, windowed)
+            assert bool(out.stats.get("plain_decoding")) == plain
+            assert plain or out.stats["gamma_cycles"][3] > 0
+    finally:
+        model.cycle_costs.clear()
+        model.cycle_costs.update(saved)
+    for bad in (dict(gamma=3), dict(cycle_costs=[1, 1, 1, 1]), dict(draft_window="window")):
+        with pytest.raises(ValueError, match="draft_window="):
+            qj.generate(model, prompts, **{**kw, **bad})
+
+
 def test_windowed_attention_reference_masks_the_middle():
     from qspec_jax.model import attention_reference
     r = np.random.RandomState(0)
