@@ -34,21 +34,11 @@ if __package__ in (None, ""):
 
 import jax  # noqa: E402
 
-from experiments.sweep import HBM_BYTES_PER_S, environment, random_model  # noqa: E402
+from experiments.sweep import HBM_BYTES_PER_S, environment, parse_window, random_model  # noqa: E402
 from qspec_jax.cost_model import expected_tokens, time_forward  # noqa: E402
 
 DRAFTS = ("full", "window", "window+layers", "layers")
 GRID = (0.6, 0.8, 0.9)
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    try:
-        sink, window = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--window must be SINK:WINDOW (e.g. 4:1020), got {text!r}")
-    if sink < 0 or window < 1:
-        raise argparse.ArgumentTypeError(f"--window needs SINK >= 0 and WINDOW >= 1, got {text!r}")
-    return sink, window
 
 
 def spread_layers(n_layers: int, keep: int) -> tuple[int, ...]:
@@ -72,31 +62,25 @@ def measure(model, batch: int, context: int, args, window, layers, reuse: dict |
     kw = dict(kernels=args.kernels, steps=args.steps, repeats=args.repeats)
     reuse = reuse or {}
     row = {"batch": batch, "context": context, "reused": []}
+
+    def timing(table: str, name: str, label: str, T: int, mode: str, w=None, ls=None) -> float:
+        if name in reuse.get(table, {}):
+            row["reused"].append(label)
+            return reuse[table][name]
+        return time_forward(model, batch, context, T, mode, window=w, layers=ls, **kw)
+
     timed = sorted({0, args.max_gamma} | set(args.verify_gammas))
     row["verify_gammas_timed"] = timed
-    row["t_verify"] = {}
-    for g in timed:
-        if str(g) in reuse.get("t_verify", {}):
-            row["t_verify"][str(g)] = reuse["t_verify"][str(g)]
-            row["reused"].append(f"verify g={g}")
-        else:
-            row["t_verify"][str(g)] = time_forward(model, batch, context, g + 1, "w4a16", **kw)
+    row["t_verify"] = {str(g): timing("t_verify", str(g), f"verify g={g}", g + 1, "w4a16")
+                       for g in timed}
     row["t_ar"] = row["t_verify"]["0"]
     draft_opts = {"full": (None, None), "window": (window, None),
                   "window+layers": (window, layers), "layers": (None, layers)}
-    row["t_draft"] = {}
-    for name in args.drafts:
-        if name in reuse.get("t_draft", {}):
-            row["t_draft"][name] = reuse["t_draft"][name]
-            row["reused"].append(f"draft {name}")
-            continue
-        w, ls = draft_opts[name]
-        row["t_draft"][name] = time_forward(model, batch, context, 1, args.draft, window=w,
-                                            layers=ls, **kw)
-    for w in args.extra_windows:  # more window sizes (full layers), named by their window
-        name = f"window {w[0]}:{w[1]}"
-        row["t_draft"][name] = reuse.get("t_draft", {}).get(name) or time_forward(
-            model, batch, context, 1, args.draft, window=w, **kw)
+    # More window sizes (full layers), named by their window.
+    draft_opts.update({f"window {w[0]}:{w[1]}": (w, None) for w in args.extra_windows})
+    names = list(args.drafts) + [f"window {w[0]}:{w[1]}" for w in args.extra_windows]
+    row["t_draft"] = {name: timing("t_draft", name, f"draft {name}", 1, args.draft, *draft_opts[name])
+                      for name in names}
     return row
 
 

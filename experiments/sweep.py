@@ -54,6 +54,17 @@ SHAPED = {
 }
 
 
+def parse_window(text: str) -> tuple[int, int]:
+    """'SINK:WINDOW' -> (sink, window), for argparse (a draft window option)."""
+    try:
+        sink, window = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a draft window is SINK:WINDOW (e.g. 4:1020), got {text!r}")
+    if sink < 0 or window < 1:
+        raise argparse.ArgumentTypeError(f"a draft window needs SINK >= 0 and WINDOW >= 1, got {text!r}")
+    return sink, window
+
+
 def shaped_config(name: str) -> ModelConfig:
     s = SHAPED[name]
     return ModelConfig(model_type="llama", rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
-    p.add_argument("--draft-window", default=None, metavar="SINK:WINDOW",
+    p.add_argument("--draft-window", type=parse_window, default=None, metavar="SINK:WINDOW",
                    help="QSpec modes draft with windowed attention over the shared cache "
                         "(qj.generate's draft_window; the cost table times that draft); use a "
                         "separate --out file per window")
@@ -269,14 +280,8 @@ def main(argv=None) -> int:
         env["norm_quant_kernel"] = ",".join(kinds)
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
-    draft_window = None
-    if args.draft_window:
-        try:
-            draft_window = tuple(int(v) for v in args.draft_window.split(":"))
-            assert len(draft_window) == 2 and draft_window[0] >= 0 and draft_window[1] >= 1
-        except (ValueError, AssertionError):
-            p.error(f"--draft-window must be SINK:WINDOW with SINK >= 0 and WINDOW >= 1, got "
-                    f"{args.draft_window!r}")
+    draft_window = args.draft_window
+    if draft_window:
         env["draft_window"] = list(draft_window)
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch

@@ -321,11 +321,11 @@ def _choose_draft_window(model: QSpecModel, batch: int, context: int, cache_len:
     None (the caller's guard then decodes plainly). Returns (window or None, its cycle costs)."""
     full = _cycle_costs(model, batch, context, max_gamma, draft, kernels, None, None, draft_layers)
     window = AUTO_DRAFT_WINDOW
-    if _can_pay(np.asarray(full)) or cache_len < AUTO_WINDOW_MIN_SPAN * sum(window):
+    if _can_pay(full) or cache_len < AUTO_WINDOW_MIN_SPAN * sum(window):
         return None, full
     windowed = _cycle_costs(model, batch, context, max_gamma, draft, kernels, None, window,
                             draft_layers)
-    if not _can_pay(np.asarray(windowed)):
+    if not _can_pay(windowed):
         return None, full
     from .kernel_dispatch import log_once
     log_once(("auto-window", batch, context // 256), f"qspec_jax: draft_window='auto' at batch "
@@ -338,10 +338,10 @@ def _speculation_cannot_pay(costs: np.ndarray, batch: int) -> bool:
     """gamma="auto" guard: True (and one log line) when even full acceptance would not make any
     gamma pay by AUTO_MIN_GAIN over plain decoding; then plain w4a16 decoding runs, which is
     exactly what the speculative loop would emit, without the loop's per-cycle overhead."""
-    from .cost_model import predicted_speedup
-    best = predicted_speedup(costs, 1.0)
     if _can_pay(costs):
         return False
+    from .cost_model import predicted_speedup
+    best = predicted_speedup(costs, 1.0)
     from .kernel_dispatch import log_once
     log_once(("auto-plain", batch, tuple(np.round(costs, 9))),
              f"qspec_jax: gamma='auto' at batch {batch}: drafting cannot pay here (best predicted "
@@ -403,13 +403,13 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     t0 = time.perf_counter()
     plain = False
-    if auto and window_auto:
-        draft_window, cycle_costs = _choose_draft_window(model, len(prompt_ids), int(lens.max()), L,
-                                                         max_gamma, draft, kernels, draft_layers)
-        plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
-    elif auto:
-        cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
-                                   kernels, cycle_costs, draft_window, draft_layers)
+    if auto:
+        if window_auto:
+            draft_window, cycle_costs = _choose_draft_window(
+                model, len(prompt_ids), int(lens.max()), L, max_gamma, draft, kernels, draft_layers)
+        else:
+            cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
+                                       kernels, cycle_costs, draft_window, draft_layers)
         plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
     if speculative and not plain:
         from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
