@@ -19,7 +19,8 @@
 #   bash experiments/device_runs.sh attention  # read-only attention GPU test + the full attention grid (~9 min)
 #   bash experiments/device_runs.sh longmodel  # train a 32k-context variant of the default model, then draft acceptance + timed QSpec at 2k-32k (~9.5 min)
 #   bash experiments/device_runs.sh windowfix  # re-time the windowed drafts (cost_model window bug at ed34442) + the fused quantization kinds (~9 min)
-#   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes (~9 min)
+#   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes, 32 x 8k (~5 min)
+#   bash experiments/device_runs.sh longe2e32  # the same at 16 x 32k (~8 min)
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
@@ -30,7 +31,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longwin}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longwin}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -191,6 +192,72 @@ case "$stage" in
     step 420 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
       --contexts 512 2048 8192 32768 --impls ours ours_layer xla decode_attention \
       --time-budget 380 --reps 3 --commit "$COMMIT" --out "$OUT/attention_h200_full.json"
+    ;;
+  longmodel)
+    # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
+    # stdlib source), then QSpec at 2k / 8k / 32k contexts of held-out code: acceptance with the
+    # full-cache draft, a 4 + 1020-token window, the layer search's subset, and gamma="auto"
+    # (full and windowed); outputs checked equal to w4a16; decode timed against w4a16.
+    step 330 train_long.log python3 experiments/train.py --seq-len 32768 --batch-size 2 \
+      --max-position-embeddings 32768 --rope-theta 500000 --code-fraction 0.5 --minutes 2.5 \
+      --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
+    cp /tmp/long/*.json "$OUT/" 2>/dev/null
+    step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
+      --contexts 2048,8192,32000 --windows 4:1020,4:4092 --new-tokens 64 --timed --timed-repeats 2 \
+      --auto --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
+    ;;
+  longctx8b)
+    # Issue 9's cost side: where the KV cache dominates a step (batch >= 16 at 8k+), a draft
+    # that reads a window of it should cost a fraction of a w4a16 step.
+    step 540 longctx8b.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
+      --contexts 8192,32768,2048 --repeats 2 --time-budget 450 --commit "$COMMIT" \
+      --out "$OUT/longctx_h200.jsonl"
+    ;;
+  windowfix)
+    # Until this stage's commit, time_forward dropped the draft window (timed the whole cache): re-time the
+    # windowed drafts, take AR / verify / full-draft timings from the ed34442 run. Then the fused
+    # quantization kinds (normquant, shortened to batch 4).
+    step 240 longctx8b_window.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
+      --contexts 8192,32768,2048 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
+      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200.jsonl"
+    step 60 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
+    for v in xla kernel; do
+      flag=""
+      [ "$v" = kernel ] && flag="--norm-quant-kernel"
+      step 120 "normquant_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 4 \
+        --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
+        --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
+    done
+    ;;
+  smallbatch)
+    # Batch < ATTN_MIN_BATCH at long contexts: windowed drafts now take the Pallas kernel (XLA's
+    # masked attention read the whole cache); and AR / verify / full drafts with the kernel
+    # forced (kernels=pallas) against XLA's attention (the ed34442 run).
+    step 130 smallbatch_window.log python3 experiments/bench_longctx.py --batches 4,1 \
+      --contexts 32768,8192 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
+      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200_small.jsonl"
+    step 150 smallbatch_pallas.log python3 experiments/bench_longctx.py --batches 4,1 \
+      --contexts 32768,8192 --repeats 2 --drafts full --max-gamma 3 --kernels pallas \
+      --commit "$COMMIT" --out "$OUT/longctx_h200_small_pallas.jsonl"
+    ;;
+  longe2e)
+    # The predicted long-context speedups (longctx_h200.md) measured end to end: w4a16 AR and
+    # QSpec with the 4 + 1020 window (gamma 3 and auto) at batch 32 x 8k. Random weights:
+    # acceptance is whatever the random model gives (compare with the cost model). Prompts
+    # prefill in chunks since 2026-11-29 (a whole 16 x 32k prompt ran out of memory at a37c65b).
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    step 290 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+      --prompt-len 8064 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 280 --commit "$COMMIT" \
+      --out "$OUT/longe2e_h200_8k.jsonl"
+    ;;
+  longe2e32)
+    # The same at batch 16 x 32k (the 1.58x point of longctx_h200.md).
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    step 540 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+      --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 520 --commit "$COMMIT" \
+      --out "$OUT/longe2e_h200_32k.jsonl"
     ;;
   longmodel)
     # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them

@@ -27,7 +27,7 @@ from . import quant as quant_lib
 from .config import (ModelConfig, QuantConfig, generation_eos_ids, model_config_from_hf,
                      read_hf_config, round_up)
 from .cost_model import CACHE_BUCKET
-from .generate import decode_autoregressive
+from .generate import decode_autoregressive, prefill_chunk_size
 from .model import KVCache, Transformer, fuse_projections, pure_dict
 from .sampling import SamplingConfig
 
@@ -358,7 +358,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
-             max_len: int | None = None,
+             max_len: int | None = None, prefill_chunk: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
     """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
 
@@ -371,6 +371,9 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     ``draft_window="auto"`` (with ``gamma="auto"``): a windowed draft (AUTO_DRAFT_WINDOW) only
     where the cost tables say the full-cache draft cannot pay and the windowed one can (long
     caches); ``stats["draft_window"]`` says what ran.
+    ``max_len``: KV cache positions (default: what the request needs, rounded up to 64).
+    ``prefill_chunk``: prompt positions per sequence per prefill forward (default: about 16k
+    tokens per forward over the batch, so long prompts prefill in bounded memory).
     """
     check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -394,6 +397,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     prompt_ids = encode_prompts(model, prompts)
     pad_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
     tokens, lens = pad_prompts(prompt_ids, pad_id)
+    prefill_chunk = prefill_chunk_size(len(prompt_ids), tokens.shape[1], prefill_chunk)
     auto = speculative and gamma == "auto"
     lookahead = ((max_gamma if auto else gamma) + 1) if speculative else 0
     L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
@@ -417,10 +421,12 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
                                  draft_mode=draft, verify_mode="w4a16", gamma=gamma,
                                  max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
                                  cycle_costs=cycle_costs, kernels=kernels,
-                                 draft_window=draft_window, draft_layers=draft_layers)
+                                 draft_window=draft_window, draft_layers=draft_layers,
+                                 prefill_chunk=prefill_chunk)
     else:
         res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
-                                    mode="w4a16" if plain else mode, kernels=kernels)
+                                    mode="w4a16" if plain else mode, kernels=kernels,
+                                    prefill_chunk=prefill_chunk)
         if plain:  # report it in QSpec's terms: every cycle was a gamma = 0 cycle
             steps = int(res.stats["decode_steps"])
             per_seq = np.asarray(res.num_generated) - 1
@@ -433,7 +439,8 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     new = int(counts.sum())
     stats = {"mode": mode, "batch": len(prompt_ids), "prompt_tokens": int(lens.sum()),
              "new_tokens": new, "new_tokens_per_sequence": counts.tolist(), "wall_s": wall,
-             "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": L}
+             "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": L,
+             "prefill_chunk": prefill_chunk}
     if speculative:
         stats["draft_window"] = list(draft_window) if draft_window else None
     stats.update({k: np.asarray(v).tolist() for k, v in res.stats.items()})

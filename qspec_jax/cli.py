@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "full-cache draft cannot pay and a windowed one can")
     p.add_argument("--draft-layers", type=lambda v: [int(i) for i in v.split(",")], default=None,
                    help="comma-separated decoder layers the draft runs (default: all)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV cache positions (default: what the request needs, rounded up to 64)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt positions per sequence per prefill forward (default: ~16k tokens "
+                        "per forward over the batch)")
     p.add_argument("--quant", default=None, choices=["w4", "none"],
                    help="quantize an HF checkpoint on load (w4) or keep it 16-bit (none)")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
                           max_gamma=args.max_gamma, kernels=args.kernels,
                           draft_window=window,
-                          draft_layers=args.draft_layers)
+                          draft_layers=args.draft_layers, max_len=args.max_len,
+                          prefill_chunk=args.prefill_chunk)
     except (ValueError, FileNotFoundError) as e:
         print(f"qspec-generate: error: {e}", file=sys.stderr)
         return 2

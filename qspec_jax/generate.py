@@ -35,13 +35,53 @@ def is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return (tokens[..., None] == eos_ids).any(-1)
 
 
-def prefill(model, prompt_tokens, prompt_lens, cache, *, mode, kernels):
-    """Run the (right-padded) prompts; return logits at each prompt's last token [B, V]."""
-    B = prompt_tokens.shape[0]
-    last = jnp.maximum(prompt_lens - 1, 0)[:, None]  # [B, 1]
-    logits, cache = model(prompt_tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode,
-                          kernels=kernels, logits_positions=last)
-    return logits[:, 0], cache
+PREFILL_TOKENS = 16384  # tokens (batch x chunk) per prefill chunk when prefill_chunk is None
+
+
+def prefill_chunk_size(batch: int, prompt_len: int, chunk: int | None = None) -> int:
+    """Prompt tokens per sequence in one prefill forward: ``chunk``, or by default the largest
+    multiple of 64 with batch x chunk <= PREFILL_TOKENS (at least 64 per sequence), never more
+    than the prompt. Long prompts are prefilled in chunks so that the activations of a forward
+    stay a few GB: a whole 16 x 32k prompt in one forward needs > 50 GiB of temporaries (measured
+    out of memory on the H200), while the KV cache it fills is what has to fit."""
+    if chunk is None:
+        chunk = max(64, (PREFILL_TOKENS // max(batch, 1)) // 64 * 64)
+    elif not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive integer (tokens per sequence per "
+                         f"prefill forward) or None for the default, got {chunk!r}")
+    return max(1, min(chunk, prompt_len))
+
+
+def prefill(model, prompt_tokens, prompt_lens, cache, *, mode, kernels, chunk: int | None = None):
+    """Run the (right-padded) prompts; return logits at each prompt's last token [B, V].
+
+    The prompt goes through the model in forwards of ``prefill_chunk_size(B, P, chunk)``
+    positions (a ``lax.fori_loop``; the last chunk ends at P and may overlap the one before it,
+    recomputing those positions' K/V from the same inputs), each writing its K/V to the cache
+    before the next attends to it. One chunk when the prompt fits: the plain forward.
+    """
+    B, P = prompt_tokens.shape
+    last = jnp.maximum(prompt_lens - 1, 0).astype(jnp.int32)  # [B]
+    C = prefill_chunk_size(B, P, chunk)
+    if C >= P:
+        logits, cache = model(prompt_tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode,
+                              kernels=kernels, logits_positions=last[:, None])
+        return logits[:, 0], cache
+    n = -(-P // C)
+
+    def body(c, carry):
+        cache, acc = carry
+        s = jnp.minimum(c * C, P - C).astype(jnp.int32)
+        toks = jax.lax.dynamic_slice_in_dim(prompt_tokens, s, C, axis=1)
+        pos = jnp.clip(last - s, 0, C - 1)[:, None]
+        logits, cache = model(toks, cache, jnp.full((B,), s, jnp.int32), mode=mode,
+                              kernels=kernels, logits_positions=pos)
+        mine = (last >= s) & (last < s + C)
+        return cache, jnp.where(mine[:, None], logits[:, 0], acc)
+
+    acc = jnp.zeros((B, model.cfg.vocab_size), jnp.float32)
+    cache, acc = jax.lax.fori_loop(0, n, body, (cache, acc))
+    return acc, cache
 
 
 def record_tokens(out, count, new, active, max_new_tokens):
@@ -53,20 +93,23 @@ def record_tokens(out, count, new, active, max_new_tokens):
     return out, count + active.astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mode", "kernels"),
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mode", "kernels",
+                                   "prefill_chunk"),
          donate_argnames=("cache",))
 def decode_autoregressive(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling,
                           eos_ids, *, max_new_tokens: int, greedy: bool, mode: str = "w16",
-                          kernels: str = "xla") -> DecodeResult:
+                          kernels: str = "xla", prefill_chunk: int | None = None) -> DecodeResult:
     """Plain decoding. prompt_tokens [B, P] right-padded, prompt_lens [B], eos_ids [E] int32.
 
     ``sampling`` is ``SamplingConfig.arrays()``; ``graphdef``/``state`` come from
     ``nnx.split(model)``. Each sequence stops after EOS or ``max_new_tokens`` tokens.
+    ``prefill_chunk``: prompt positions per prefill forward (None: see prefill_chunk_size).
     """
     model = nnx.merge(graphdef, state)
     B = prompt_tokens.shape[0]
     select = partial(select_tokens, greedy=greedy, **sampling)
-    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=mode, kernels=kernels)
+    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=mode, kernels=kernels,
+                            chunk=prefill_chunk)
     rng, key = jax.random.split(rng)
     first = select(logits, key)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32)

@@ -134,14 +134,15 @@ def _first_true(mask):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "draft_mode",
                                    "verify_mode", "gamma", "max_gamma", "kernels", "draft_window",
-                                   "draft_layers"),
+                                   "draft_layers", "prefill_chunk"),
          donate_argnames=("cache",))
 def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling, eos_ids,
                        *, max_new_tokens: int, greedy: bool, draft_mode: str = "w4a8",
                        verify_mode: str = VERIFY_MODE, gamma: int | str = 3,
                        max_gamma: int = DEFAULT_MAX_GAMMA, cycle_costs=None,
                        kernels: str = "xla", draft_window: tuple[int, int] | None = None,
-                       draft_layers: tuple[int, ...] | None = None) -> DecodeResult:
+                       draft_layers: tuple[int, ...] | None = None,
+                       prefill_chunk: int | None = None) -> DecodeResult:
     """QSpec decoding over one shared cache. Same arrays in/out as ``decode_autoregressive``.
 
     ``gamma``: drafts per cycle, or "auto": each cycle picks gamma in {0, ..., max_gamma}
@@ -159,6 +160,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     ``draft_window=(sink, window)``: draft attention sees only the first ``sink`` and the last
     ``window`` positions; ``draft_layers``: the draft runs only these decoder layers (the
     skipped layers' K/V for drafted positions are filled by the verify pass).
+    ``prefill_chunk``: prompt positions per prefill forward (None: see
+    ``qspec_jax.generate.prefill_chunk_size``).
     """
     quant.check_mode(draft_mode)
     quant.check_mode(verify_mode)
@@ -170,7 +173,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     select = partial(select_tokens, greedy=greedy, **sampling)
     forward = partial(model, kernels=kernels)
 
-    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=verify_mode, kernels=kernels)
+    logits, cache = prefill(model, prompt_tokens, prompt_lens, cache, mode=verify_mode, kernels=kernels,
+                            chunk=prefill_chunk)
     rng, key = jax.random.split(rng)
     first = select(logits, key)
     width = max_new_tokens + top_gamma + 1  # room for a whole cycle past the limit

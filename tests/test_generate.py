@@ -98,3 +98,52 @@ def test_warns_past_max_position_embeddings(model, caplog):
     with caplog.at_level(logging.WARNING, logger="qspec_jax"):
         qj.generate(model, [[5] * 500], max_new_tokens=20)  # tiny config: 512 positions
     assert "exceeds the model's max_position_embeddings (512)" in caplog.text
+
+
+def test_chunked_prefill_matches_one_forward(model):
+    """Prefill in chunks (the last one overlapping the one before when the chunk does not divide
+    the prompt) = one forward over the whole prompt: logits at each ragged prompt's last token
+    and the cache at every prompt position (f32 model; only summation order differs)."""
+    import jax.numpy as jnp
+    from qspec_jax.generate import prefill
+    from qspec_jax.model import KVCache
+    rng = np.random.RandomState(0)
+    lens = np.array([37, 12, 1, 16])
+    toks = rng.randint(3, model.cfg.vocab_size, (len(lens), 37))
+    toks[np.arange(37)[None] >= lens[:, None]] = 0
+    net = model.module
+
+    def run(chunk):
+        cache = KVCache.create(model.cfg, len(lens), 64, model.dtype)
+        logits, cache = prefill(net, jnp.asarray(toks), jnp.asarray(lens), cache, mode="w16",
+                                kernels="xla", chunk=chunk)
+        return np.asarray(logits), np.asarray(cache.k), np.asarray(cache.v)
+
+    whole = run(None)  # 4 x 37 tokens: one forward
+    for chunk in (8, 16, 36):  # 5 chunks (last overlaps 3), 3 (overlap 11), 2 (overlap 35)
+        got = run(chunk)
+        np.testing.assert_allclose(got[0], whole[0], rtol=1e-5, atol=1e-5)
+        for b, n in enumerate(lens):
+            for g, w in zip(got[1:], whole[1:]):
+                np.testing.assert_allclose(g[:, b, :, :n], w[:, b, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_prefill_chunks(model):
+    prompts = [list(range(3, 40)), [9, 10, 11]]
+    whole = qj.generate(model, prompts, max_new_tokens=8)
+    chunked = qj.generate(model, prompts, max_new_tokens=8, prefill_chunk=16)
+    assert whole.stats["prefill_chunk"] >= 37 and chunked.stats["prefill_chunk"] == 16
+    assert chunked.tokens == whole.tokens
+
+
+def test_prefill_chunk_size():
+    from qspec_jax.generate import PREFILL_TOKENS, prefill_chunk_size
+    assert prefill_chunk_size(1, 100_000) == PREFILL_TOKENS
+    assert prefill_chunk_size(16, 32640) == PREFILL_TOKENS // 16
+    assert prefill_chunk_size(24, 8192) == (PREFILL_TOKENS // 24) // 64 * 64  # a multiple of 64
+    assert prefill_chunk_size(1024, 8192) == 64  # at least 64 positions per forward
+    assert prefill_chunk_size(4, 300) == 300  # short prompts: one forward
+    assert prefill_chunk_size(4, 300, 128) == 128
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+            prefill_chunk_size(4, 300, bad)

@@ -67,6 +67,18 @@ def test_greedy_qspec_equals_verify_mode_greedy(arch, draft, quantized):
             assert out.tokens == ref, (seed, gamma)
 
 
+def test_qspec_with_prefill_chunks_equals_verify_mode(quantized):
+    """Long prompts prefilled in chunks (4 positions per forward; the last chunk overlaps):
+    QSpec's tokens = w4a16's with the same chunks = w4a16's from one prefill forward (f32)."""
+    model = quantized["llama"]
+    prompts = ragged_prompts(7, n=3) + [list(range(3, 21))]
+    ref = qj.generate(model, prompts, max_new_tokens=16, mode="w4a16").tokens
+    plain = qj.generate(model, prompts, max_new_tokens=16, mode="w4a16", prefill_chunk=4)
+    out = qj.generate(model, prompts, max_new_tokens=16, mode="qspec", gamma=3, prefill_chunk=4)
+    assert out.stats["prefill_chunk"] == 4
+    assert out.tokens == plain.tokens == ref
+
+
 def test_greedy_qspec_bfloat16_tokens_are_verify_argmax(hf_dirs):
     """bf16 guarantee: each emitted token is the verify-mode argmax of its prefix up to the
     rounding difference between a (gamma+1)-token and a full-sequence pass (tolerance below)."""
