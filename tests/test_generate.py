@@ -100,7 +100,7 @@ def test_warns_past_max_position_embeddings(model, caplog):
     assert "exceeds the model's max_position_embeddings (512)" in caplog.text
 
 
-def test_chunked_prefill_matches_one_forward(model):
+def test_chunked_prefill_matches_one_forward(model, monkeypatch):
     """Prefill in chunks (the last one overlapping the one before when the chunk does not divide
     the prompt) = one forward over the whole prompt: logits at each ragged prompt's last token
     and the cache at every prompt position (f32 model; only summation order differs)."""
@@ -113,19 +113,26 @@ def test_chunked_prefill_matches_one_forward(model):
     toks[np.arange(37)[None] >= lens[:, None]] = 0
     net = model.module
 
-    def run(chunk):
+    def run(chunk, kernels="xla"):
         cache = KVCache.create(model.cfg, len(lens), 64, model.dtype)
         logits, cache = prefill(net, jnp.asarray(toks), jnp.asarray(lens), cache, mode="w16",
-                                kernels="xla", chunk=chunk)
+                                kernels=kernels, chunk=chunk)
         return np.asarray(logits), np.asarray(cache.k), np.asarray(cache.v)
 
+    from pallas_kernels import attention as pk_attention
+    calls = []
+    kernel = pk_attention.cached_attention
+    monkeypatch.setattr(pk_attention, "cached_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     whole = run(None)  # 4 x 37 tokens: one forward
-    for chunk in (8, 16, 36):  # 5 chunks (last overlaps 3), 3 (overlap 11), 2 (overlap 35)
-        got = run(chunk)
+    # 5 chunks (last overlaps 3), 3 (overlap 11), 2 (overlap 35); the Pallas attention kernel
+    # (interpret mode: what long caches take on a GPU) with queries starting past position 0.
+    for chunk, kernels in ((8, "xla"), (16, "xla"), (36, "xla"), (16, "pallas")):
+        got = run(chunk, kernels)
         np.testing.assert_allclose(got[0], whole[0], rtol=1e-5, atol=1e-5)
         for b, n in enumerate(lens):
             for g, w in zip(got[1:], whole[1:]):
                 np.testing.assert_allclose(g[:, b, :, :n], w[:, b, :, :n], rtol=1e-5, atol=1e-5)
+    assert calls  # the Pallas run took the kernel
 
 
 def test_generate_with_prefill_chunks(model):
