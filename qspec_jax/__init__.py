@@ -8,11 +8,12 @@ from .api import GenerateOutput, QSpecModel, generate, load, logits
 from .config import ModelConfig, QuantConfig, model_config_from_hf
 from .generate import DecodeResult, decode_autoregressive
 from .model import KVCache, Transformer
+from .persist import enable_persistent_cache
 from .sampling import SamplingConfig
 
 __all__ = [
     "GenerateOutput", "QSpecModel", "generate", "load", "logits", "ModelConfig", "QuantConfig",
     "model_config_from_hf", "DecodeResult", "decode_autoregressive", "KVCache", "Transformer",
-    "SamplingConfig",
+    "SamplingConfig", "enable_persistent_cache",
 ]
 __version__ = "0.1.0"

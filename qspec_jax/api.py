@@ -299,12 +299,17 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
     from .cost_model import measure_cycle_costs
     key = (batch, round_up(context, 256), max_gamma, draft, kernels, draft_window, draft_layers)
     if key not in model.cycle_costs:
-        log.info("qspec_jax: gamma='auto': timing the draft and verify steps once for batch %d, "
-                 "context %d (cached on the model)", batch, key[1])
-        model.cycle_costs[key] = measure_cycle_costs(model, batch, key[1], max_gamma, draft,
-                                                     kernels=kernels, draft_window=draft_window,
-                                                     draft_layers=draft_layers,
-                                                     verify_gammas=AUTO_TIMED_GAMMAS)
+        from . import persist
+        costs = persist.load_costs(model, key)
+        if costs is None:
+            log.info("qspec_jax: gamma='auto': timing the draft and verify steps once for batch "
+                     "%d, context %d (cached on the model%s)", batch, key[1],
+                     " and in " + persist.cache_dir() if persist.cache_dir() else "")
+            costs = measure_cycle_costs(model, batch, key[1], max_gamma, draft, kernels=kernels,
+                                        draft_window=draft_window, draft_layers=draft_layers,
+                                        verify_gammas=AUTO_TIMED_GAMMAS)
+            persist.save_costs(model, key, np.asarray(costs))
+        model.cycle_costs[key] = costs
     return jnp.asarray(model.cycle_costs[key], jnp.float32)
 
 

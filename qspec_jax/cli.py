@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
                    help="quantized GEMMs: Pallas kernels on GPU (auto), always Pallas, or XLA")
+    p.add_argument("--cache-dir", default=None,
+                   help="where compiled programs and gamma='auto' cost tables persist between runs "
+                        "(default: $QSPEC_JAX_CACHE_DIR or ~/.cache/qspec_jax; "
+                        "QSPEC_JAX_CACHE_DIR=off turns the default off)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compile and calibrate from scratch; write nothing to the cache folder")
     p.add_argument("--stats", action="store_true", help="include per-sequence statistics in the JSON line on stderr")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log which kernels run and the gamma='auto' calibration (INFO)")
@@ -68,9 +74,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
+    from qspec_jax import persist
     quant = args.quant or ("w4" if args.model is None else None)
     quant = None if quant == "none" else quant
     try:
+        if not args.no_cache and (args.cache_dir or not persist.env_disabled()):
+            qj.enable_persistent_cache(args.cache_dir)
         model = qj.load(args.model, dtype=args.dtype, quant=quant,
                         method=args.method if quant else "rtn")
         mode = args.mode or ("qspec" if model.qcfg.quantized else "w16")

@@ -10,6 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+# The CLI keeps compiled programs in a persistent cache by default; in-process CLI tests must not
+# turn JAX's compilation cache on for the rest of the session (tests/test_persist.py runs the CLI
+# in subprocesses with their own cache folders).
+os.environ["QSPEC_JAX_CACHE_DIR"] = "off"
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import ARCHS, build_hf_model  # noqa: E402
 

@@ -42,3 +42,22 @@ def build_hf_model(arch: str, seed: int = 0, **overrides):
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model.float().eval()
+
+
+def save_hf_model_with_tokenizer(path, arch: str = "llama"):
+    """A tiny random model with a real (locally trained, byte-level BPE) tokenizer, saved to
+    ``path`` with save_pretrained: text prompts work through the CLI."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world " * 50, "def f(x): return x + 1\n" * 50],
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>")
+    build_hf_model(arch, vocab_size=max(128, len(hf_tok))).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path

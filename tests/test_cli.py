@@ -39,21 +39,10 @@ def test_convert_then_generate_qspec(hf_dirs, tmp_path, capsys):
 
 def test_generate_cli_with_tokenizer(tmp_path, capsys):
     """A tiny model with a real (locally trained) tokenizer, end to end through the CLI."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from hf_models import build_hf_model
+    from hf_models import save_hf_model_with_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world " * 50, "def f(x): return x + 1\n" * 50],
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<s>", "</s>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>")
     path = tmp_path / "m"
-    build_hf_model("llama", vocab_size=max(128, len(hf_tok))).save_pretrained(path)
-    hf_tok.save_pretrained(path)
+    save_hf_model_with_tokenizer(path)
     argv = ["--model", str(path), "--prompt", "hello", "--prompt", "def f", "--max-new-tokens", "5",
             "--dtype", "float32", "--stats"]
     assert generate_main(argv) == 0
