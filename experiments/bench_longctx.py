@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 import jax  # noqa: E402
 
 from experiments.sweep import HBM_BYTES_PER_S, environment, parse_window, random_model  # noqa: E402
-from qspec_jax.cost_model import expected_tokens, time_forward  # noqa: E402
+from qspec_jax.cost_model import expected_tokens, per_token_acceptance, time_forward  # noqa: E402
 
 DRAFTS = ("full", "window", "window+layers", "layers")
 GRID = (0.6, 0.8, 0.9)
@@ -101,23 +101,29 @@ def predictions(row: dict, draft: str, a: float, max_gamma: int, gamma: int) -> 
     return {"gamma": float(speed[gamma]), "best_gamma": best, "best": float(speed[best])}
 
 
-def load_acceptance(path: str | None) -> list[dict]:
-    if not path:
-        return []
-    with open(path) as f:
-        return json.load(f)["rows"]
+def load_acceptance(paths: str | None) -> list[dict]:
+    """Rows of draft_acceptance.py JSON files (comma-separated paths); where two files measured
+    the same draft at the same context, the later file's row wins."""
+    rows = {}
+    for path in filter(None, (paths or "").split(",")):
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                rows[(r["context"], r["draft_config"])] = r
+    return list(rows.values())
 
 
 def measured_acceptance(acc_rows: list[dict], context: int, draft: str, window) -> tuple:
-    """(acceptance, context it was measured at) for a draft configuration, from the trained
-    model's rows at the nearest measured context; None when not measured."""
+    """(per-token acceptance a, context it was measured at) for a draft configuration, from the
+    trained model's rows at the nearest measured context (their acceptance_rate, the fraction
+    of drafts accepted at the row's gamma, turned into E(g, a)'s per-token rate); None when not
+    measured."""
     want = draft if draft.startswith("window ") else {
         "full": "full", "window": f"window {window[0]}:{window[1]}"}.get(draft)
     rows = [r for r in acc_rows if r["draft_config"] == want]
     if not rows:
         return None, None
     r = min(rows, key=lambda r: abs(np.log(r["context"] / context)))
-    return float(r["acceptance_rate"]), int(r["context"])
+    return per_token_acceptance(float(r["acceptance_rate"]), int(r["gamma"])), int(r["context"])
 
 
 def report(path: str, acceptance_path: str | None = None) -> str:
@@ -158,8 +164,10 @@ def report(path: str, acceptance_path: str | None = None) -> str:
                                            if r.get("reused") else "") + " |")
     out += ["", f"## Predicted speedup over w4a16 AR (gamma {g}; auto = best gamma in 0..{mg})", ""]
     if acc_rows:
-        out.append(f"Acceptance measured on the trained long-context model "
-                   f"(`{acceptance_path}`) at the nearest measured context, for the drafts it "
+        out.append(f"Per-token acceptance a (the rate of E(g, a) = 1 + a + ... + a^g, from the "
+                   f"fraction of drafts accepted at gamma 3) measured on the trained long-context model "
+                   f"(`{'`, `'.join(acceptance_path.split(','))}`; a later file's rows replace "
+                   f"an earlier one's) at the nearest measured context, for the drafts it "
                    f"measured (full cache, window {window[0]}:{window[1]}); the grid columns "
                    f"assume a rate.")
         out.append("")
@@ -195,6 +203,84 @@ def report(path: str, acceptance_path: str | None = None) -> str:
     return md
 
 
+def measured_speedups(path: str | None) -> list[dict]:
+    """End-to-end QSpec speedups over w4a16 AR from a sweep file (experiments/sweep.py rows):
+    [{batch, context, gamma, window, speedup, acceptance}] for every QSpec row with a w4a16 row
+    of the same batch and prompt length."""
+    if not path:
+        return []
+    rows = [json.loads(line) for line in open(path)]
+    ar = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"] for r in rows
+          if r.get("mode") == "w4a16" and "decode_tokens_per_s" in r}
+    out = []
+    for r in rows:
+        key = (r.get("batch"), r.get("prompt_len"))
+        if str(r.get("mode", "")).startswith("qspec") and key in ar and "decode_tokens_per_s" in r:
+            out.append(dict(batch=r["batch"], context=r["prompt_len"] + r["new_tokens"] // 2,
+                            gamma=r["gamma"], window=r.get("draft_window"),
+                            speedup=r["decode_tokens_per_s"] / ar[key],
+                            acceptance=r.get("acceptance_rate")))
+    return out
+
+
+def plot(path: str, acceptance_path: str | None = None, measured_path: str | None = None) -> str:
+    """Predicted speedup over w4a16 AR vs batch, one panel per context: each draft at the
+    trained model's measured acceptance (solid; where measured), the window at full
+    acceptance (dashed), the best of them with auto's gamma (black), and the end-to-end
+    measurements of ``measured_path`` (markers). Writes <out>.png next to the report."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [json.loads(line) for line in open(path)]
+    points = [r for r in points if "t_ar" in r]
+    meta = points[0]
+    window, g, mg = tuple(meta["window"]), meta["gamma"], meta["max_gamma"]
+    acc_rows = load_acceptance(acceptance_path)
+    measured = measured_speedups(measured_path)
+    contexts = sorted({r["context"] for r in points})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), sharey=True,
+                             squeeze=False)
+    for ax, ctx in zip(axes[0], contexts):
+        rows = sorted((r for r in points if r["context"] == ctx), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rows]
+        best = np.ones(len(rows))
+        for d in meta["t_draft"]:
+            a, _ = measured_acceptance(acc_rows, ctx, d, window)
+            if a is None or not all(d in r["t_draft"] for r in rows):
+                continue
+            ys = [predictions(r, d, a, mg, g)["gamma"] for r in rows]
+            best = np.maximum(best, [predictions(r, d, a, mg, g)["best"] for r in rows])
+            ax.plot(batches, ys, "o-", label=f"{d}, g={g}, a={a:.2f}")
+        if all("window" in r["t_draft"] for r in rows):
+            ax.plot(batches, [predictions(r, "window", 1.0, mg, g)["gamma"] for r in rows], "s--",
+                    color="tab:orange", alpha=0.6, label=f"window, g={g}, a=1.0")
+        if acc_rows:
+            ax.plot(batches, best, "kD-", lw=2, ms=5, alpha=0.5, label="auto (best draft and gamma)")
+        for m in measured:
+            if min(contexts, key=lambda c: abs(np.log(c / m["context"]))) == ctx:
+                ax.plot([m["batch"]], [m["speedup"]], "*" if m["gamma"] != "auto" else "P",
+                        ms=13 if m["gamma"] != "auto" else 9, color="tab:red",
+                        label=f"measured e2e, g={m['gamma']}, a={m['acceptance']:.2f}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(1.8, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_title(f"context {ctx}")
+        ax.set_xlabel("batch")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    axes[0][0].set_ylabel("QSpec speedup over w4a16 AR")
+    fig.suptitle(f"{meta['model']} shapes (random int4 weights), {meta['device']}: predicted from "
+                 f"measured step costs; window {window[0]}+{window[1]}", fontsize=9)
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="shaped model (experiments/sweep.py SHAPED); default llama3-8b")
@@ -226,12 +312,16 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-drop", default="",
                    help="comma list of draft configurations not to take from --reuse")
     p.add_argument("--acceptance", default=None,
-                   help="draft_acceptance.py JSON (trained long-context model) for the report")
+                   help="draft_acceptance.py JSON files, comma-separated (trained long-context model) for the report")
+    p.add_argument("--measured", default=None,
+                   help="sweep JSON-lines file with end-to-end QSpec and w4a16 rows to overlay on "
+                        "the plot (e.g. experiments/results/longe2e_h200.jsonl)")
     p.add_argument("--report", action="store_true", help="only write the Markdown report from --out")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
     args = p.parse_args(argv)
     if args.report:
         print(f"[longctx] wrote {report(args.out, args.acceptance)}", flush=True)
+        print(f"[longctx] wrote {plot(args.out, args.acceptance, args.measured)}", flush=True)
         return 0
     defaults = (dict(model="tiny", batches="1,2", contexts="64,192", steps=2, repeats=1)
                 if args.quick else

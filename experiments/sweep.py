@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import qspec_jax as qj  # noqa: E402
 from qspec_jax.api import assemble  # noqa: E402
 from qspec_jax.config import ModelConfig, QuantConfig, RopeConfig  # noqa: E402
-from qspec_jax.cost_model import measure_cycle_costs, predicted_speedup  # noqa: E402
+from qspec_jax.cost_model import measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
 from qspec_jax.model import KVCache  # noqa: E402
 from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -489,7 +489,14 @@ def speedup_table(rows: list[dict], name: str) -> list[dict]:
             continue
         predicted = None
         if r["batch"] in costs:
-            pred = predicted_speedup(costs[r["batch"]], r["acceptance_rate"])
+            # generate's acceptance_rate is the fraction of drafts accepted; the cost model's a
+            # is per token (cost_model.per_token_acceptance). auto: at its most used gamma.
+            g_used = r["gamma"]
+            if g_used == "auto":
+                cyc = r.get("gamma_cycles") or [0, 1]
+                g_used = 1 + int(np.argmax(cyc[1:])) if sum(cyc[1:]) else 1
+            a = per_token_acceptance(min(max(r["acceptance_rate"], 0.0), 1.0), g_used)
+            pred = predicted_speedup(costs[r["batch"]], a)
             if r["gamma"] == "auto":  # the policy aims at the best gamma of the table
                 predicted = float(pred.max())
             elif r["gamma"] < len(pred):
@@ -604,7 +611,9 @@ def report(path: str) -> str:
           "tokens − time of 1, median of the paired repeats; nan when below the timer noise); ms/step is "
           "per decode step, per QSpec cycle for qspec modes; decode s = [min, max] over the repeats; "
           "speedup = decode tokens/s over w4a16 AR at the same batch (measured); predicted = cost model "
-          "(the cycle costs below) at the measured acceptance, for gamma auto the best gamma of the table; "
+          "(the cycle costs below) at the measured acceptance (the fraction of drafts accepted, turned "
+          "into the cost model's per-token rate at the row's gamma; auto: at its most used gamma), for "
+          "gamma auto the best gamma of the table; "
           "gamma cycles (auto) = cycles run at gamma 0, 1, ... (zeros left out); peak GiB = process-wide "
           "peak device memory so far; % HBM roofline = (weight + KV bytes per step at 4.8 TB/s) / measured "
           "step time (meaningful on an H200 only).", ""]

@@ -59,3 +59,28 @@ def test_bench_longctx_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="--draft-layers"):
         BL.spread_layers(4, 5)
     assert BL.spread_layers(32, 24)[:3] == (0, 1, 3) and len(BL.spread_layers(32, 24)) == 24
+
+
+def test_bench_longctx_report_with_acceptance_and_measured_plot(tmp_path):
+    """The report turns the acceptance files' accepted fractions into per-token rates (a later
+    file replacing an earlier one's rows) and the plot overlays end-to-end speedups."""
+    out = str(tmp_path / "lc.jsonl")
+    assert BL.main(["--quick", "--batches", "1", "--contexts", "64", "--max-gamma", "3",
+                    "--out", out]) == 0
+    acc1, acc2 = tmp_path / "a1.json", tmp_path / "a2.json"
+    row = dict(context=64, gamma=3, draft_config="window 4:28", acceptance_rate=0.5)
+    acc1.write_text(json.dumps({"rows": [row, {**row, "draft_config": "full", "acceptance_rate": 0.9}]}))
+    acc2.write_text(json.dumps({"rows": [{**row, "acceptance_rate": 0.72}]}))  # replaces a1's window
+    sweep = tmp_path / "e2e.jsonl"
+    sweep.write_text("\n".join(json.dumps(r) for r in [
+        dict(mode="w4a16", batch=1, prompt_len=56, new_tokens=16, decode_tokens_per_s=100.0),
+        dict(mode="qspec-w4a8", gamma=3, batch=1, prompt_len=56, new_tokens=16,
+             decode_tokens_per_s=150.0, acceptance_rate=1.0, draft_window=[4, 28])]) + "\n")
+    assert BL.main(["--report", "--out", out, "--acceptance", f"{acc1},{acc2}",
+                    "--measured", str(sweep)]) == 0
+    md = open(tmp_path / "lc.md").read()
+    a_window = BL.per_token_acceptance(0.72, 3)
+    assert f"| 1 | 64 | window | {a_window:.2f} (64) |" in md and "| 1 | 64 | full | 0.9" in md
+    assert (tmp_path / "lc.png").stat().st_size > 10_000
+    assert BL.measured_speedups(str(sweep)) == [dict(batch=1, context=64, gamma=3, window=[4, 28],
+                                                     speedup=1.5, acceptance=1.0)]

@@ -355,6 +355,25 @@ def test_cost_model_prediction():
     assert best_gamma(costs, 0.9) == 3 and best_gamma(costs, 0.05) == 0
 
 
+def test_per_token_acceptance_inverts_the_accepted_fraction():
+    """generate's acceptance_rate (accepted / drafted) -> the per-token rate a of E(g, a):
+    with a the i.i.d. model's rate, gamma-draft cycles accept (a + ... + a^g) / g of their
+    drafts and emit E(g, a) = 1 + g * fraction tokens; checked against a simulation too."""
+    from qspec_jax.cost_model import expected_tokens, per_token_acceptance
+    for g, a in ((1, 0.3), (3, 0.85), (4, 0.5), (7, 0.97)):
+        frac = sum(a ** i for i in range(1, g + 1)) / g
+        assert per_token_acceptance(frac, g) == pytest.approx(a, abs=1e-9)
+        assert expected_tokens(g, per_token_acceptance(frac, g)) == pytest.approx(1 + g * frac)
+    assert per_token_acceptance(0.0, 3) == pytest.approx(0.0, abs=1e-9)
+    assert per_token_acceptance(1.0, 3) == pytest.approx(1.0, abs=1e-9)
+    rng = np.random.RandomState(0)  # cycles of 3 drafts, each accepted w.p. 0.8 until a rejection
+    accepted = np.argmin(np.concatenate([rng.rand(200_000, 3) < 0.8, np.zeros((200_000, 1), bool)], 1), 1)
+    assert per_token_acceptance(accepted.mean() / 3, 3) == pytest.approx(0.8, abs=3e-3)
+    for bad in ((1.2, 3), (-0.1, 3), (0.5, 0)):
+        with pytest.raises(ValueError):
+            per_token_acceptance(*bad)
+
+
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"gamma": "auto", "max_gamma": 0}, r"max_gamma must be an integer in \[1, 16\]"),
     ({"gamma": "auto", "max_gamma": 2, "cycle_costs": [1, 2]}, "cycle_costs must be 3 positive"),

@@ -52,6 +52,11 @@ def test_sweep_quick_is_resumable(tmp_path):
     from experiments.sweep import speedup_table
     fixed, auto_row = speedup_table(rows, "tiny")
     assert fixed["gamma"] == 2 and fixed["predicted"] > 0
+    # The prediction re-weighs the cost table by the run's tokens per cycle: the accepted
+    # fraction is turned into the per-token rate of E(g, a) (E(2, a) = 1 + 2 * fraction).
+    (q,), (cost_row,) = [r for r in rows if r.get("gamma") == 2], [r for r in rows if "cycle_costs" in r]
+    c = cost_row["cycle_costs"]
+    assert fixed["predicted"] == pytest.approx((1 + 2 * q["acceptance_rate"]) * c[0] / c[2], rel=1e-6)
     assert auto_row["gamma"] == "auto"
     if auto["gamma_cycles"][0] == auto["steps"]:
         # Plain decoding: the measured table gave no gamma AUTO_MIN_GAIN over AR even at full
