@@ -406,13 +406,9 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     auto = speculative and gamma == "auto"
     lookahead = ((max_gamma if auto else gamma) + 1) if speculative else 0
     L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
-    cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
-    eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
-    args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,
-            jax.random.PRNGKey(seed), sampling.arrays(), eos)
     t0 = time.perf_counter()
     plain = False
-    if auto:
+    if auto:  # (before the cache exists: the timed forwards allocate one of their own)
         if window_auto:
             draft_window, cycle_costs = _choose_draft_window(
                 model, len(prompt_ids), int(lens.max()), L, max_gamma, draft, kernels, draft_layers)
@@ -420,6 +416,10 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
             cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
                                        kernels, cycle_costs, draft_window, draft_layers)
         plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
+    cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
+    eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
+    args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,
+            jax.random.PRNGKey(seed), sampling.arrays(), eos)
     if speculative and not plain:
         from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
         res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,

@@ -334,10 +334,18 @@ def test_auto_gamma_decodes_plainly_when_drafting_cannot_pay(quantized, caplog):
     assert "plain_decoding" not in out.stats and out.tokens == ref.tokens
 
 
-def test_auto_gamma_measures_costs_once(quantized):
+def test_auto_gamma_measures_costs_once(quantized, monkeypatch):
     model = qj.QSpecModel(**{**quantized["llama"].__dict__, "cycle_costs": {}})
     prompts = ragged_prompts(14)
+    # The cost table is measured before generate allocates its cache (the timed forwards
+    # allocate their own: both at once doubled the peak, 2 x 64 GiB at 8B batch 16 x 32k).
+    from qspec_jax import api, cost_model
+    events, create, measure = [], api.KVCache.create, cost_model.measure_cycle_costs
+    monkeypatch.setattr(api.KVCache, "create", lambda *a, **k: events.append("cache") or create(*a, **k))
+    monkeypatch.setattr(cost_model, "measure_cycle_costs",
+                        lambda *a, **k: events.append("measure") or measure(*a, **k))
     out = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4)
+    assert events[0] == "measure" and events[-1] == "cache"
     assert len(model.cycle_costs) == 1
     costs = next(iter(model.cycle_costs.values()))
     assert costs.shape == (5,) and np.all(costs > 0)
