@@ -53,6 +53,14 @@ def test_generate_cli_with_tokenizer(tmp_path, capsys):
     assert generate_main(argv[:-1] + ["--quant", "w4", "--mode", "qspec", "--gamma", "2"]) == 0
     stats = last_json_line(capsys.readouterr().err)
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
+    # Memory options reach generate; bad values are reported without a traceback.
+    assert generate_main(argv + ["--prefill-chunk", "0"]) == 2
+    assert "prefill_chunk must be a positive integer" in capsys.readouterr().err
+    assert generate_main(argv + ["--max-len", "2"]) == 2
+    assert "raise max_len or shorten the request" in capsys.readouterr().err
+    assert generate_main(argv + ["--max-len", "128", "--prefill-chunk", "1"]) == 0
+    stats = last_json_line(capsys.readouterr().err)
+    assert stats["cache_len"] == 128 and stats["prefill_chunk"] == 1
 
     text = tmp_path / "t.txt"
     # ~210 tokens: 6 windows of 32, one batch per mode (one compilation each).
