@@ -21,6 +21,7 @@
 #   bash experiments/device_runs.sh windowfix  # re-time the windowed drafts (cost_model window bug at ed34442) + the fused quantization kinds (~9 min)
 #   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes, 32 x 8k (~5 min)
 #   bash experiments/device_runs.sh longe2e32  # the same at 16 x 32k (~8 min)
+#   bash experiments/device_runs.sh longe2e4k  # the 4 + 4092 window end to end at 32 x 8k and 16 x 32k (~9.5 min)
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
@@ -31,7 +32,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longwin}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -192,6 +193,19 @@ case "$stage" in
     step 420 attention.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 1 8 32 64 \
       --contexts 512 2048 8192 32768 --impls ours ours_layer xla decode_attention \
       --time-budget 380 --reps 3 --commit "$COMMIT" --out "$OUT/attention_h200_full.json"
+    ;;
+  longe2e4k)
+    # The 4 + 4092 window end to end (our trained model keeps 0.85-0.87 of its drafts against
+    # 0.72-0.79 for 4 + 1020): w4a16 AR and QSpec gamma 3 at 32 x 8k and 16 x 32k.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    step 250 longe2e4k_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+      --prompt-len 8064 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:4092 --time-budget 240 --commit "$COMMIT" \
+      --out "$OUT/longe2e4k_h200.jsonl"
+    step 320 longe2e4k_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+      --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:4092 --time-budget 310 --commit "$COMMIT" \
+      --out "$OUT/longe2e4k_h200.jsonl"
     ;;
   longmodel)
     # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
