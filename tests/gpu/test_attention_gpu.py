@@ -260,3 +260,38 @@ def test_readonly_block_attention_gpu(B, T, S, dtype, window):
     assert not np.isnan(np.asarray(ours, np.float32)).any()
     # f32: XLA's f32 einsums (reference and the new-block part) may run as TF32 on the GPU.
     assert _rel(ours, ref) <= (2e-3 if dtype == F32 else 1e-2)
+
+
+def chunked_vs_whole_prefill(tmp_path, lens, chunk, cache_len, **sizes):
+    """(logits, K, V) of a prompt prefilled in chunks through the Pallas kernel and of one XLA
+    forward over the whole prompt, for a random bf16 model saved with save_pretrained."""
+    import qspec_jax as qj
+    from hf_models import build_hf_model
+    from qspec_jax.generate import prefill
+    from qspec_jax.model import KVCache
+    build_hf_model("llama", **sizes).save_pretrained(tmp_path / "m")
+    model = qj.load(str(tmp_path / "m"), dtype="bfloat16")
+    toks = np.random.RandomState(0).randint(3, model.cfg.vocab_size, (len(lens), max(lens)))
+    out = []
+    for c, kernels in ((None, "xla"), (chunk, "pallas")):
+        run = jax.jit(lambda t, l, cache, c=c, kernels=kernels: prefill(
+            model.module, t, l, cache, mode="w16", kernels=kernels, chunk=c))
+        cache = KVCache.create(model.cfg, len(lens), cache_len, model.dtype)
+        logits, cache = run(jnp.asarray(toks), jnp.asarray(lens), cache)
+        out.append((np.asarray(logits), np.asarray(cache.k.astype(F32)),
+                    np.asarray(cache.v.astype(F32))))
+    return out
+
+
+def test_chunked_prefill_through_the_kernel_gpu(tmp_path):
+    """2 prompts of 3000 / 1777 tokens prefilled in chunks of 1024 through the Pallas kernel
+    (8 heads of 128, GQA 4; 3 chunks, the last overlapping) = one XLA forward over the whole
+    prompt: logits at the last tokens and the cache at every prompt position (bf16)."""
+    lens = [3000, 1777]
+    (whole, chunked) = chunked_vs_whole_prefill(
+        tmp_path, lens, 1024, 3072, hidden_size=1024, intermediate_size=2048,
+        num_attention_heads=8, num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+    assert _rel(chunked[0], whole[0]) <= 2e-2
+    for b, n in enumerate(lens):
+        for i in (1, 2):
+            assert _rel(chunked[i][:, b, :, :n], whole[i][:, b, :, :n]) <= 2e-2
