@@ -287,6 +287,37 @@ def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max
     return max_len
 
 
+def _device_memory() -> tuple[int, int] | None:
+    """(bytes the allocator may use, bytes in use) on the default device; None where unknown
+    (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+
+
+def check_cache_fits(model: QSpecModel, batch: int, max_len: int) -> None:
+    """Refuse a request whose KV cache alone exceeds the device memory left (instead of an
+    out-of-memory error from inside XLA after compiling)."""
+    mem = _device_memory()
+    if mem is None:
+        return
+    cfg = model.cfg
+    need = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * max_len * cfg.head_dim
+            * jnp.dtype(model.dtype).itemsize)
+    limit, used = mem
+    if need > limit - used:
+        gib = 2 ** 30
+        raise ValueError(
+            f"the KV cache for batch {batch} x {max_len} positions needs {need / gib:.1f} GiB, but "
+            f"the device has {(limit - used) / gib:.1f} GiB free ({limit / gib:.1f} GiB usable, "
+            f"{used / gib:.1f} GiB in use); use a smaller batch, fewer new tokens or a shorter "
+            "max_len (JAX may use more of the device with XLA_PYTHON_CLIENT_MEM_FRACTION)")
+
+
 def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, draft: str,
                  kernels: str, given, draft_window=None, draft_layers=None) -> jax.Array:
     """Validated user costs, or measured ones cached per (batch, context bucket, ...)."""
@@ -406,6 +437,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     auto = speculative and gamma == "auto"
     lookahead = ((max_gamma if auto else gamma) + 1) if speculative else 0
     L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
+    check_cache_fits(model, len(prompt_ids), L)
     t0 = time.perf_counter()
     plain = False
     if auto:  # (before the cache exists: the timed forwards allocate one of their own)

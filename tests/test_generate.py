@@ -154,3 +154,18 @@ def test_prefill_chunk_size():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
             prefill_chunk_size(4, 300, bad)
+
+
+def test_cache_that_cannot_fit_fails_clearly(model, monkeypatch):
+    """Where the device reports its memory (GPUs), a KV cache larger than what is left is refused
+    before compiling, with the sizes and the fixes; the CPU reports nothing and is not checked."""
+    from qspec_jax import api
+    assert api._device_memory() is None  # CPU
+    c = model.cfg  # K and V, every layer, batch 2, a cache of 64 positions, float32
+    cache_bytes = 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * 64 * c.head_dim * 4
+    monkeypatch.setattr(api, "_device_memory", lambda: (10 * 2**30, 10 * 2**30 - cache_bytes + 1))
+    with pytest.raises(ValueError, match=r"KV cache for batch 2 x 64 positions needs .* GiB free"
+                                         r".*smaller batch, fewer new tokens or a shorter max_len"):
+        qj.generate(model, PROMPTS, max_new_tokens=8)
+    monkeypatch.setattr(api, "_device_memory", lambda: (10 * 2**30, 10 * 2**30 - cache_bytes))
+    assert len(qj.generate(model, PROMPTS, max_new_tokens=8).tokens) == 2
