@@ -593,7 +593,8 @@ def test_no_cache_copies_in_the_compiled_loops(quantized, small_vocab_model):
     The programs inspected are the ones generate runs in the tests above, captured with the
     same arguments: plain w4a16 and gamma 3 decoding (test_greedy_qspec_equals_verify_mode_greedy),
     greedy gamma="auto" (test_auto_gamma_follows_costs_and_stays_exact) and sampled gamma="auto"
-    (test_sampling_stays_lossless_with_auto_gamma). Lowering the same call gives back the
+    (test_sampling_stays_lossless_with_auto_gamma), and gamma 3 after a chunked prefill (its
+    chunk loop has a static trip count: no host sync). Lowering the same call gives back the
     executable jit compiled for them, so in a full run this test compiles nothing itself."""
     from qspec_jax.generate import decode_autoregressive
     model = quantized["llama"]
@@ -607,10 +608,14 @@ def test_no_cache_copies_in_the_compiled_loops(quantized, small_vocab_model):
         generate_call(small_vocab_model, [[3, 7, 1, 4]] * 3000, max_new_tokens=3, mode="qspec",
                       draft="w4a4", gamma="auto", max_gamma=2, cycle_costs=[1.0, 1.2, 1.4],
                       **sampled),
+        # Prompts prefilled in chunks (test_qspec_with_prefill_chunks_equals_verify_mode): the
+        # chunk loop carries the cache too.
+        generate_call(model, ragged_prompts(7, n=3) + [list(range(3, 21))], max_new_tokens=16,
+                      mode="qspec", gamma=3, prefill_chunk=4),
     ]
     assert calls[0][0] is decode_autoregressive and calls[1][0] is decode_speculative
-    assert [(c[2].get("gamma"), c[2]["greedy"]) for c in calls] == [
-        (None, True), (3, True), ("auto", True), ("auto", False)]
+    assert [(c[2].get("gamma"), c[2]["greedy"], c[2]["prefill_chunk"]) for c in calls] == [
+        (None, True, 16), (3, True, 16), ("auto", True, 16), ("auto", False, 16), (3, True, 4)]
     for fn, args, kwargs in calls:
         cache = args[4]
         shape = f"[{','.join(map(str, cache.k.shape))}]"
