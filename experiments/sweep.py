@@ -201,6 +201,16 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
         # of the same batch and w16 last, so a mode that needs more memory than w4a16 AR at
         # its batch raises this figure above w4a16's.
         row["peak_bytes"] = int(stats["peak_bytes_in_use"])
+    # This mode's own program: XLA's memory plan (arguments incl. weights and the donated cache,
+    # outputs, temporaries; jit's executable from the runs above, nothing compiled anew).
+    try:
+        ma = qj.decode_call(model, prompts, max_new_tokens=new_tokens, **kw).memory_analysis()
+        row["program_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                   - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+        row["program_temp_bytes"] = int(ma.temp_size_in_bytes)
+        row["program_alias_bytes"] = int(ma.alias_size_in_bytes)
+    except Exception as e:  # noqa: BLE001 - a figure less, not a failed point
+        row["program_bytes_error"] = f"{type(e).__name__}: {e}"[:200]
     return row
 
 
@@ -615,7 +625,8 @@ def report(path: str) -> str:
           "into the cost model's per-token rate at the row's gamma; auto: at its most used gamma), for "
           "gamma auto the best gamma of the table; "
           "gamma cycles (auto) = cycles run at gamma 0, 1, ... (zeros left out); peak GiB = process-wide "
-          "peak device memory so far; % HBM roofline = (weight + KV bytes per step at 4.8 TB/s) / measured "
+          "peak device memory so far; program GiB = XLA's memory plan of the mode's decode program "
+          "(arguments + outputs − donated + temporaries: weights, KV cache, prefill and loop buffers); % HBM roofline = (weight + KV bytes per step at 4.8 TB/s) / measured "
           "step time (meaningful on an H200 only).", ""]
     for name in names:
         mine = sorted((r for r in runs if r["model"] == name),
@@ -646,11 +657,12 @@ def report(path: str) -> str:
                     ", ".join(f"{g}:{n}" for g, n in enumerate(cycles) if n) if cycles else "—",
                     fmt(r.get("compile_s"), ".1f"),
                     fmt(r["peak_bytes"] / 2 ** 30 if "peak_bytes" in r else None),
+                    fmt(r["program_bytes"] / 2 ** 30 if "program_bytes" in r else None, ".3f"),
                     fmt(r.get("hbm_roofline_pct"), ".1f")])
             L += _md_table(["mode", "batch", "gamma", "decode tok/s", "ms/step (qspec: /cycle)",
                             "decode s [min–max]", "speedup vs w4a16 (measured)", "predicted speedup",
                             "acceptance", "tokens/cycle", "gamma cycles (auto)", "compile s", "peak GiB",
-                            "% HBM roofline"], body) + [""]
+                            "program GiB", "% HBM roofline"], body) + [""]
         if mine_costs:
             G = max(len(r["cycle_costs"]) for r in mine_costs)
             L += [f"Cost model of {name}: seconds per QSpec cycle (gamma drafts w4a8 + one w4a16 verify of "

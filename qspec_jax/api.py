@@ -390,26 +390,41 @@ def _to_lists(tokens: np.ndarray, counts: np.ndarray) -> list[list[int]]:
     return [tokens[i, :counts[i]].tolist() for i in range(tokens.shape[0])]
 
 
-def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
+@dataclasses.dataclass
+class DecodeCall:
+    """A decode program and its arguments, as ``decode_call`` prepares them for ``generate``."""
+
+    fn: Any                 # decode_autoregressive or decode_speculative (jitted)
+    args: tuple
+    kwargs: dict
+    plain: bool             # gamma="auto" found that no gamma pays: plain w4a16 decoding
+    max_gamma: int
+    draft_window: Any
+    cache_len: int
+    prefill_chunk: int
+    prompt_lens: np.ndarray
+    speculative: bool
+
+    def run(self):
+        """Decode (the cache argument is donated: a DecodeCall runs once)."""
+        return self.fn(*self.args, **self.kwargs)
+
+    def memory_analysis(self):
+        """XLA's memory plan of the compiled program (argument, output, temporary bytes)."""
+        return self.fn.lower(*self.args, **self.kwargs).compile().memory_analysis()
+
+
+def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None, prefill_chunk: int | None = None,
-             kernels: str = "auto") -> GenerateOutput:
-    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
-
-    ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".
-    ``gamma="auto"`` picks gamma in {0..max_gamma} every cycle from ``cycle_costs`` (seconds
-    per cycle for each gamma; measured once per batch size and cached on the model when None,
-    see ``qspec_jax.cost_model``) and the running acceptance rate.
-    ``draft_window=(sink, window)`` and ``draft_layers=[...]`` make the draft cheaper (windowed
-    attention over the shared cache, a subset of layers); the output stays exact.
-    ``draft_window="auto"`` (with ``gamma="auto"``): a windowed draft (AUTO_DRAFT_WINDOW) only
-    where the cost tables say the full-cache draft cannot pay and the windowed one can (long
-    caches); ``stats["draft_window"]`` says what ran.
-    ``max_len``: KV cache positions (default: what the request needs, rounded up to 64).
-    ``prefill_chunk``: prompt positions per sequence per prefill forward (default: about 16k
-    tokens per forward over the batch, so long prompts prefill in bounded memory).
+             kernels: str = "auto") -> DecodeCall:
+    """The jitted decode program ``generate`` would run for these arguments, with its arguments,
+    without running it (same validation, same gamma="auto" calibration and cache allocation):
+    ``call.run()`` decodes; ``call.memory_analysis()`` is XLA's memory plan for the program
+    (compiled once: jit keeps it for a later ``run`` or ``generate`` with the same shapes);
+    ``call.fn.lower(*call.args, **call.kwargs)`` gives its HLO. Arguments: see ``generate``.
     """
     check_kernels(kernels)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -438,7 +453,6 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     lookahead = ((max_gamma if auto else gamma) + 1) if speculative else 0
     L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, lookahead, max_len)
     check_cache_fits(model, len(prompt_ids), L)
-    t0 = time.perf_counter()
     plain = False
     if auto:  # (before the cache exists: the timed forwards allocate one of their own)
         if window_auto:
@@ -454,32 +468,63 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     if speculative and not plain:
         from .speculative import DEFAULT_MAX_GAMMA, decode_speculative
-        res = decode_speculative(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
-                                 draft_mode=draft, verify_mode="w4a16", gamma=gamma,
-                                 max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
-                                 cycle_costs=cycle_costs, kernels=kernels,
-                                 draft_window=draft_window, draft_layers=draft_layers,
-                                 prefill_chunk=prefill_chunk)
+        fn, kw = decode_speculative, dict(draft_mode=draft, verify_mode="w4a16", gamma=gamma,
+                                          max_gamma=max_gamma if auto else DEFAULT_MAX_GAMMA,
+                                          cycle_costs=cycle_costs, draft_window=draft_window,
+                                          draft_layers=draft_layers)
     else:
-        res = decode_autoregressive(*args, max_new_tokens=max_new_tokens, greedy=sampling.greedy,
-                                    mode="w4a16" if plain else mode, kernels=kernels,
-                                    prefill_chunk=prefill_chunk)
-        if plain:  # report it in QSpec's terms: every cycle was a gamma = 0 cycle
-            steps = int(res.stats["decode_steps"])
-            per_seq = np.asarray(res.num_generated) - 1
-            res.stats.update(cycles=steps, seq_cycles=per_seq, drafted=0 * per_seq,
-                             accepted=0 * per_seq, acceptance_rate=0.0, tokens_per_cycle=1.0,
-                             committed_tokens_per_cycle=1.0, plain_decoding=True,
-                             gamma_cycles=[steps] + [0] * max_gamma)
+        fn, kw = decode_autoregressive, dict(mode="w4a16" if plain else mode)
+    kw.update(max_new_tokens=max_new_tokens, greedy=sampling.greedy, kernels=kernels,
+              prefill_chunk=prefill_chunk)
+    return DecodeCall(fn, args, kw, plain=plain, max_gamma=max_gamma,
+                      draft_window=draft_window if speculative else None, cache_len=L,
+                      prefill_chunk=prefill_chunk, prompt_lens=lens, speculative=speculative)
+
+
+def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
+             draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
+             draft_window: tuple[int, int] | str | None = None, draft_layers=None,
+             max_len: int | None = None, prefill_chunk: int | None = None,
+             kernels: str = "auto") -> GenerateOutput:
+    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
+
+    ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".
+    ``gamma="auto"`` picks gamma in {0..max_gamma} every cycle from ``cycle_costs`` (seconds
+    per cycle for each gamma; measured once per batch size and cached on the model when None,
+    see ``qspec_jax.cost_model``) and the running acceptance rate.
+    ``draft_window=(sink, window)`` and ``draft_layers=[...]`` make the draft cheaper (windowed
+    attention over the shared cache, a subset of layers); the output stays exact.
+    ``draft_window="auto"`` (with ``gamma="auto"``): a windowed draft (AUTO_DRAFT_WINDOW) only
+    where the cost tables say the full-cache draft cannot pay and the windowed one can (long
+    caches); ``stats["draft_window"]`` says what ran.
+    ``max_len``: KV cache positions (default: what the request needs, rounded up to 64).
+    ``prefill_chunk``: prompt positions per sequence per prefill forward (default: about 16k
+    tokens per forward over the batch, so long prompts prefill in bounded memory).
+    """
+    t0 = time.perf_counter()
+    call = decode_call(model, prompts, max_new_tokens, mode, temperature, top_k, top_p, seed,
+                       draft=draft, gamma=gamma, max_gamma=max_gamma, cycle_costs=cycle_costs,
+                       draft_window=draft_window, draft_layers=draft_layers, max_len=max_len,
+                       prefill_chunk=prefill_chunk, kernels=kernels)
+    res = call.run()
+    if call.plain:  # report it in QSpec's terms: every cycle was a gamma = 0 cycle
+        steps = int(res.stats["decode_steps"])
+        per_seq = np.asarray(res.num_generated) - 1
+        res.stats.update(cycles=steps, seq_cycles=per_seq, drafted=0 * per_seq,
+                         accepted=0 * per_seq, acceptance_rate=0.0, tokens_per_cycle=1.0,
+                         committed_tokens_per_cycle=1.0, plain_decoding=True,
+                         gamma_cycles=[steps] + [0] * call.max_gamma)
     out_tokens, counts = np.asarray(res.tokens), np.asarray(res.num_generated)
     wall = time.perf_counter() - t0
     new = int(counts.sum())
-    stats = {"mode": mode, "batch": len(prompt_ids), "prompt_tokens": int(lens.sum()),
+    lens = call.prompt_lens
+    stats = {"mode": mode, "batch": len(lens), "prompt_tokens": int(lens.sum()),
              "new_tokens": new, "new_tokens_per_sequence": counts.tolist(), "wall_s": wall,
-             "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": L,
-             "prefill_chunk": prefill_chunk}
-    if speculative:
-        stats["draft_window"] = list(draft_window) if draft_window else None
+             "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": call.cache_len,
+             "prefill_chunk": call.prefill_chunk}
+    if call.speculative:
+        stats["draft_window"] = list(call.draft_window) if call.draft_window else None
     stats.update({k: np.asarray(v).tolist() for k, v in res.stats.items()})
     token_lists = _to_lists(out_tokens, counts)
     text = None

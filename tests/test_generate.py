@@ -169,3 +169,17 @@ def test_cache_that_cannot_fit_fails_clearly(model, monkeypatch):
         qj.generate(model, PROMPTS, max_new_tokens=8)
     monkeypatch.setattr(api, "_device_memory", lambda: (10 * 2**30, 10 * 2**30 - cache_bytes))
     assert len(qj.generate(model, PROMPTS, max_new_tokens=8).tokens) == 2
+
+
+def test_decode_call_is_the_program_generate_runs(model):
+    """qj.decode_call prepares what generate runs (same function, same arguments): running it
+    gives generate's tokens; its memory plan holds the donated cache in place."""
+    from qspec_jax.generate import decode_autoregressive
+    call = qj.decode_call(model, PROMPTS, max_new_tokens=8)
+    assert call.fn is decode_autoregressive and call.kwargs["max_new_tokens"] == 8
+    cache_bytes = 2 * call.args[4].k.nbytes
+    ma = call.memory_analysis()
+    assert ma.alias_size_in_bytes >= cache_bytes and ma.argument_size_in_bytes > cache_bytes
+    res = call.run()
+    expect = qj.generate(model, PROMPTS, max_new_tokens=8).tokens
+    assert [t[:n] for t, n in zip(np.asarray(res.tokens).tolist(), np.asarray(res.num_generated))] == expect

@@ -28,30 +28,13 @@ def ragged_prompts(seed, n=3, vocab=128):
     return [r.randint(3, vocab, int(k)).tolist() for k in r.randint(2, 12, n)]
 
 
-class _Captured(Exception):
-    pass
-
-
 def generate_call(model, prompts, **generate_kwargs):
-    """(jitted decode function, args, kwargs): the call ``qj.generate`` makes for these arguments,
-    captured instead of run. The same generate arguments give the same program, so a test that
-    calls or lowers the captured function shares the compilation with generate calls elsewhere
-    in this module (jit keeps the executable, and lowering the same call returns it)."""
-    from qspec_jax import api, speculative
-    calls = []
-
-    def capture(fn):
-        def record(*args, **kwargs):
-            calls.append((fn, args, kwargs))
-            raise _Captured
-        return record
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "decode_autoregressive", capture(api.decode_autoregressive))
-        mp.setattr(speculative, "decode_speculative", capture(speculative.decode_speculative))
-        with pytest.raises(_Captured):
-            qj.generate(model, prompts, **generate_kwargs)
-    return calls[0]
+    """(jitted decode function, args, kwargs): the call ``qj.generate`` makes for these arguments
+    (``qj.decode_call``), not run. The same generate arguments give the same program, so a test
+    that calls or lowers the captured function shares the compilation with generate calls
+    elsewhere in this module (jit keeps the executable, and lowering the same call returns it)."""
+    call = qj.decode_call(model, prompts, **generate_kwargs)
+    return call.fn, call.args, call.kwargs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

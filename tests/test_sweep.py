@@ -24,6 +24,13 @@ def test_sweep_quick_is_resumable(tmp_path):
         assert r["random_weights"] and r["backend"] == "cpu" and r["prefill_s"] > 0
         # Decode time is a difference of two timings: positive, or NaN when below the noise.
         assert not r["decode_tokens_per_s"] <= 0
+    # Each mode's decode program: weights + cache + temporaries, the cache donated (in place):
+    from experiments.sweep import random_model
+    m = random_model("tiny", quantized=True)
+    cache = 2 * m.cfg.num_hidden_layers * 2 * m.cfg.num_key_value_heads * runs[0]["cache_len"] * m.cfg.head_dim * 2
+    for r in runs:
+        assert r["program_bytes"] > cache + r["program_temp_bytes"] > cache, r
+        assert r["program_alias_bytes"] >= cache, r  # the cache is updated in place
     qs = next(r for r in runs if r["mode"] == "qspec-w4a8")
     assert 0 <= qs["acceptance_rate"] <= 1 and qs["tokens_per_cycle"] >= 1
     auto = runs[-1]
