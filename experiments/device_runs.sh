@@ -210,14 +210,15 @@ case "$stage" in
   longmodel)
     # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
     # stdlib source), then QSpec at 2k / 8k / 32k contexts of held-out code: acceptance with the
-    # full-cache draft, a 4 + 1020-token window, the layer search's subset, and gamma="auto"
-    # (full and windowed); outputs checked equal to w4a16; decode timed against w4a16.
+    # full-cache draft, 1k / 2k / 4k windows, the layer search's subset, and gamma="auto"
+    # (full and windowed); outputs checked equal to w4a16. (2de1e46 ran a shorter version:
+    # 8k / 32k, 1k and 4k windows, in 5 min.)
     step 330 train_long.log python3 experiments/train.py --seq-len 32768 --batch-size 2 \
       --max-position-embeddings 32768 --rope-theta 500000 --code-fraction 0.5 --minutes 2.5 \
       --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
     cp /tmp/long/*.json "$OUT/" 2>/dev/null
     step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
-      --contexts 2048,8192,32000 --windows 4:1020,4:4092 --new-tokens 64 --timed --timed-repeats 2 \
+      --contexts 2048,8192,32000 --windows 4:1020,4:2044,4:4092 --new-tokens 64 \
       --auto --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
     ;;
   longctx8b)
@@ -271,70 +272,6 @@ case "$stage" in
     step 540 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
       --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
       --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 520 --commit "$COMMIT" \
-      --out "$OUT/longe2e_h200_32k.jsonl"
-    ;;
-  longmodel)
-    # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
-    # stdlib source), then QSpec at 2k / 8k / 32k contexts of held-out code: acceptance with the
-    # full-cache draft, a 4 + 1020-token window, the layer search's subset, and gamma="auto"
-    # (full and windowed); outputs checked equal to w4a16; decode timed against w4a16.
-    step 330 train_long.log python3 experiments/train.py --seq-len 32768 --batch-size 2 \
-      --max-position-embeddings 32768 --rope-theta 500000 --code-fraction 0.5 --minutes 2.5 \
-      --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
-    cp /tmp/long/*.json "$OUT/" 2>/dev/null
-    step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
-      --contexts 2048,8192,32000 --windows 4:1020,4:4092 --new-tokens 64 --timed --timed-repeats 2 \
-      --auto --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
-    ;;
-  longctx8b)
-    # Issue 9's cost side: where the KV cache dominates a step (batch >= 16 at 8k+), a draft
-    # that reads a window of it should cost a fraction of a w4a16 step.
-    step 540 longctx8b.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
-      --contexts 8192,32768,2048 --repeats 2 --time-budget 450 --commit "$COMMIT" \
-      --out "$OUT/longctx_h200.jsonl"
-    ;;
-  windowfix)
-    # Until this stage's commit, time_forward dropped the draft window (timed the whole cache): re-time the
-    # windowed drafts, take AR / verify / full-draft timings from the ed34442 run. Then the fused
-    # quantization kinds (normquant, shortened to batch 4).
-    step 240 longctx8b_window.log python3 experiments/bench_longctx.py --batches 16,32,64,4,1 \
-      --contexts 8192,32768,2048 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
-      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200.jsonl"
-    step 60 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
-    for v in xla kernel; do
-      flag=""
-      [ "$v" = kernel ] && flag="--norm-quant-kernel"
-      step 120 "normquant_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 4 \
-        --modes w4a16,qspec-w4a8 --gammas 3 --cost-gammas 0,3 --repeats 2 $flag \
-        --commit "$COMMIT" --out "$OUT/normquant_$v.jsonl"
-    done
-    ;;
-  smallbatch)
-    # Batch < ATTN_MIN_BATCH at long contexts: windowed drafts now take the Pallas kernel (XLA's
-    # masked attention read the whole cache); and AR / verify / full drafts with the kernel
-    # forced (kernels=pallas) against XLA's attention (the ed34442 run).
-    step 130 smallbatch_window.log python3 experiments/bench_longctx.py --batches 4,1 \
-      --contexts 32768,8192 --repeats 2 --reuse experiments/results/longctx_h200_ed34442.jsonl \
-      --reuse-drop window,window+layers --commit "$COMMIT" --out "$OUT/longctx_h200_small.jsonl"
-    step 150 smallbatch_pallas.log python3 experiments/bench_longctx.py --batches 4,1 \
-      --contexts 32768,8192 --repeats 2 --drafts full --max-gamma 3 --kernels pallas \
-      --commit "$COMMIT" --out "$OUT/longctx_h200_small_pallas.jsonl"
-    ;;
-  longe2e)
-    # The predicted long-context speedups (longctx_h200.md) measured end to end: w4a16 AR and
-    # QSpec with the 4 + 1020 window (gamma 3 and auto) at batch 32 x 8k and 16 x 32k. Random
-    # weights: acceptance is whatever the random model gives (compare with the cost model).
-    # First the read-only attention GPU tests (auto + draft_window drafts through them since
-    # 41f35d7; CPU-tested only before this stage).
-    step 60 readonly_gpu_tests.log python3 -m pytest tests/gpu/test_attention_gpu.py -q -rA \
-      -p no:cacheprovider -k readonly
-    step 250 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
-      --prompt-len 8128 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
-      --out "$OUT/longe2e_h200_8k.jsonl"
-    step 260 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
-      --prompt-len 32640 --new-tokens 64 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 240 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_32k.jsonl"
     ;;
   longwin)
