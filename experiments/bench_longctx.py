@@ -33,9 +33,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from experiments.sweep import HBM_BYTES_PER_S, environment, parse_window, random_model  # noqa: E402
 from qspec_jax.cost_model import expected_tokens, per_token_acceptance, time_forward  # noqa: E402
+from qspec_jax.model import KVCache  # noqa: E402
 
 DRAFTS = ("full", "window", "window+layers", "layers")
 GRID = (0.6, 0.8, 0.9)
@@ -48,8 +50,9 @@ def spread_layers(n_layers: int, keep: int) -> tuple[int, ...]:
     return tuple(sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, keep)}))
 
 
-def kv_bytes(cfg, batch: int, context: int, itemsize: int = 2) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize * batch * context
+def kv_bytes(cfg, batch: int, context: int) -> int:
+    """bf16 K and V of ``batch`` sequences of ``context`` positions."""
+    return KVCache.nbytes(cfg, batch, context, jnp.bfloat16)
 
 
 def weight_bytes(model) -> int:

@@ -34,8 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import qspec_jax as qj  # noqa: E402
 from qspec_jax.api import assemble  # noqa: E402
-from qspec_jax.config import ModelConfig, QuantConfig, RopeConfig  # noqa: E402
-from qspec_jax.cost_model import measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
+from qspec_jax.config import ModelConfig, QuantConfig, RopeConfig, round_up  # noqa: E402
+from qspec_jax.cost_model import CACHE_BUCKET, measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
 from qspec_jax.model import KVCache  # noqa: E402
 from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -106,9 +106,7 @@ def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
 def step_bytes(model, batch: int, context: int) -> float:
     """Bytes one decode step must read: all parameters (as stored) + the KV cache in use."""
     params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.state))
-    cfg = model.cfg
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * context * batch
-    return float(params + kv)
+    return float(params + KVCache.nbytes(model.cfg, batch, context, jnp.bfloat16))
 
 
 def _run(model, prompts, new_tokens, mode, gamma, draft, kernels):
@@ -136,8 +134,8 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
     # QSpec cycle): the 1-token run's prefill is then the very program the N-token run starts
     # with (cache length decides e.g. which attention path a long prompt takes), and AR and
     # QSpec decode over caches of the same size.
-    max_len = -(-(prompt_len + new_tokens + max(max_gamma, gamma if isinstance(gamma, int) else 0)
-                  + 1) // 64) * 64
+    max_len = round_up(prompt_len + new_tokens + max(max_gamma, gamma if isinstance(gamma, int) else 0)
+                       + 1, CACHE_BUCKET)
     kw["max_len"] = max_len
 
     # The 1-token run times the prefill (and the first token) to subtract it. QSpec prefills in

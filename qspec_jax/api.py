@@ -305,9 +305,7 @@ def check_cache_fits(model: QSpecModel, batch: int, max_len: int) -> None:
     mem = _device_memory()
     if mem is None:
         return
-    cfg = model.cfg
-    need = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * max_len * cfg.head_dim
-            * jnp.dtype(model.dtype).itemsize)
+    need = KVCache.nbytes(model.cfg, batch, max_len, model.dtype)
     limit, used = mem
     if need > limit - used:
         gib = 2 ** 30

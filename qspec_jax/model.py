@@ -38,6 +38,13 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
+    @staticmethod
+    def nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
+        """Bytes of K and V for ``batch`` sequences of ``max_len`` positions (what ``create``
+        allocates)."""
+        return (2 * cfg.num_hidden_layers * batch * cfg.kv_size * max_len
+                * jnp.dtype(dtype).itemsize)
+
     @property
     def max_len(self) -> int:
         return self.k.shape[3]

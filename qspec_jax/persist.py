@@ -65,11 +65,6 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None) -> str:
     return path
 
 
-def disable_persistent_cache() -> None:
-    """Stop reading and writing cost tables (the XLA cache setting stays for this process)."""
-    _state["dir"] = None
-
-
 def cache_dir() -> str | None:
     return _state["dir"]
 
