@@ -23,6 +23,8 @@
 #   bash experiments/device_runs.sh longe2e32  # the same at 16 x 32k (~8 min)
 #   bash experiments/device_runs.sh longe2e4k  # the 4 + 4092 window end to end at 32 x 8k and 16 x 32k (~9.5 min)
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
+#   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
+#   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -32,7 +34,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -282,6 +284,13 @@ case "$stage" in
       --contexts 32768,8192 --repeats 2 --drafts full,window,window+layers \
       --extra-windows 4:2044,4:4092 --reuse experiments/results/longctx_h200.jsonl \
       --commit "$COMMIT" --out "$OUT/longctx_h200_windows.jsonl"
+    ;;
+  stream)
+    step 200 stream.log python3 experiments/probe_stream.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  chunktest)
+    step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
+      -k "chunked_prefill"
     ;;
   *)
     echo "unknown stage $stage" >&2
