@@ -25,6 +25,7 @@
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
+#   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -34,7 +35,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -287,6 +288,17 @@ case "$stage" in
     ;;
   stream)
     step 200 stream.log python3 experiments/probe_stream.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  warmcompile)
+    # Issue 8: compile time with qj.enable_persistent_cache: the same sweep twice in two processes
+    # sharing one cache folder (the second loads the compiled programs and gamma="auto"'s cost
+    # tables); compare compile_s of warmcompile_cold.jsonl and warmcompile_warm.jsonl.
+    for v in cold warm; do
+      step 230 "warmcompile_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 4 \
+        --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 --cost-gammas 0,3,4 --repeats 2 \
+        --cache-dir /tmp/qj_cache --commit "$COMMIT" --out "$OUT/warmcompile_$v.jsonl"
+    done
+    du -sh /tmp/qj_cache/* | tee "$OUT/warmcompile_cache_size.txt"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

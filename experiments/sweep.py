@@ -269,6 +269,9 @@ def main(argv=None) -> int:
                    help="QSpec modes draft with windowed attention over the shared cache "
                         "(qj.generate's draft_window; the cost table times that draft); use a "
                         "separate --out file per window")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep compiled programs and cost tables in this folder (qj.enable_persistent_cache): "
+                        "a second sweep with the same folder measures warm-cache compile times")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", required=True, help="JSON-lines file (appended; resumable)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -295,6 +298,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     t_start = time.perf_counter()
     env = environment(args.commit)
+    if args.cache_dir:
+        env["persistent_cache"] = qj.enable_persistent_cache(args.cache_dir)
     if args.norm_quant_kernel:
         from qspec_jax import kernel_dispatch
         kinds = args.norm_quant_kernel.split(",")
