@@ -221,8 +221,8 @@ case "$stage" in
       --eval-per-steps 20 --out /tmp/long --export /tmp/long/hf
     cp /tmp/long/*.json "$OUT/" 2>/dev/null
     step 250 accept_long.log python3 experiments/draft_acceptance.py --model /tmp/long/hf \
-      --contexts 2048,8192,32000 --windows 4:1020,4:2044,4:4092 --new-tokens 64 \
-      --auto --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
+      --contexts 32000,8192,2048 --windows 4:1020,4:2044,4:4092 --new-tokens 64 \
+      --commit "$COMMIT" --out-prefix "$OUT/draft_acceptance_long_h200"
     ;;
   longctx8b)
     # Issue 9's cost side: where the KV cache dominates a step (batch >= 16 at 8k+), a draft
