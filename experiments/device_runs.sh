@@ -22,6 +22,7 @@
 #   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes, 32 x 8k (~5 min)
 #   bash experiments/device_runs.sh longe2e32  # the same at 16 x 32k (~8 min)
 #   bash experiments/device_runs.sh longe2e4k  # the 4 + 4092 window end to end at 32 x 8k and 16 x 32k (~9.5 min)
+#   bash experiments/device_runs.sh longe2e2k  # the 4 + 2044 window end to end at 16 x 32k (~5.5 min)
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
@@ -35,7 +36,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -209,6 +210,15 @@ case "$stage" in
       --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
       --cost-gammas 0,3,4 --repeats 1 --draft-window 4:4092 --time-budget 310 --commit "$COMMIT" \
       --out "$OUT/longe2e4k_h200.jsonl"
+    ;;
+  longe2e2k)
+    # The 4 + 2044 window (the best predicted window at 16 x 32k with the 9c85b7a acceptance,
+    # longctx_h200_windows.md) end to end: w4a16 AR and QSpec gamma 3.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    step 330 longe2e2k_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+      --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
+      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:2044 --time-budget 320 --commit "$COMMIT" \
+      --out "$OUT/longe2e2k_h200.jsonl"
     ;;
   longmodel)
     # Issue 9's acceptance side: the default model's recipe on 32k-token rows (half of them
