@@ -167,11 +167,13 @@ def report(path: str, acceptance_path: str | None = None) -> str:
                                            if r.get("reused") else "") + " |")
     out += ["", f"## Predicted speedup over w4a16 AR (gamma {g}; auto = best gamma in 0..{mg})", ""]
     if acc_rows:
+        measured = sorted({r["draft_config"] for r in acc_rows
+                           if r["draft_config"] == "full" or r["draft_config"].startswith("window ")})
         out.append(f"Per-token acceptance a (the rate of E(g, a) = 1 + a + ... + a^g, from the "
                    f"fraction of drafts accepted at gamma 3) measured on the trained long-context model "
                    f"(`{'`, `'.join(acceptance_path.split(','))}`; a later file's rows replace "
                    f"an earlier one's) at the nearest measured context, for the drafts it "
-                   f"measured (full cache, window {window[0]}:{window[1]}); the grid columns "
+                   f"measured ({', '.join(measured)}; 'window' = {window[0]}:{window[1]}); the grid columns "
                    f"assume a rate.")
         out.append("")
     head = ["batch", "context", "draft"]

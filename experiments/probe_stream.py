@@ -92,6 +92,15 @@ def main(argv=None):
     p.add_argument("--shapes", default="4096x28672,14336x4096,4096x6144")
     a = p.parse_args(argv)
     interpret = jax.devices()[0].platform != "gpu"
+    meta = env_meta(a.commit)
+    os.makedirs(a.out, exist_ok=True)
+
+    def save(rows):
+        tmp = os.path.join(a.out, "probe_stream.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        os.replace(tmp, os.path.join(a.out, "probe_stream.json"))
+
     shapes = [(64, 64)] if a.quick else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = []
     for K, N in shapes:
@@ -123,12 +132,10 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 row = dict(K=K, N=N, variant=name, config=c, error=f"{type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
+            save(rows)  # after every row: a run cut short keeps what it measured
             print(f"{K}x{N} {name:36s} " + (f"{row['us']:8.1f} us {row['TBps']:5.2f} TB/s "
                                             f"({100 * row['TBps'] / HBM_TBS:3.0f}%) ok={row['correct']}"
                                             if "us" in row else row["error"]), flush=True)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "probe_stream.json"), "w") as f:
-        json.dump(dict(meta=env_meta(a.commit), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
