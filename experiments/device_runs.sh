@@ -204,11 +204,11 @@ case "$stage" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
     step 250 longe2e4k_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
       --prompt-len 8064 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:4092 --time-budget 240 --commit "$COMMIT" \
+      --cost-gammas 0,3,4 --repeats 1 --decode-timing slope --draft-window 4:4092 --time-budget 240 --commit "$COMMIT" \
       --out "$OUT/longe2e4k_h200.jsonl"
     step 320 longe2e4k_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
       --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:4092 --time-budget 310 --commit "$COMMIT" \
+      --cost-gammas 0,3,4 --repeats 1 --decode-timing slope --draft-window 4:4092 --time-budget 310 --commit "$COMMIT" \
       --out "$OUT/longe2e4k_h200.jsonl"
     ;;
   longe2e2k)
@@ -217,7 +217,7 @@ case "$stage" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
     step 330 longe2e2k_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
       --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:2044 --time-budget 320 --commit "$COMMIT" \
+      --cost-gammas 0,3,4 --repeats 1 --decode-timing slope --draft-window 4:2044 --time-budget 320 --commit "$COMMIT" \
       --out "$OUT/longe2e2k_h200.jsonl"
     ;;
   longmodel)
@@ -276,7 +276,7 @@ case "$stage" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
     step 290 longe2e_8k.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
       --prompt-len 8064 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 280 --commit "$COMMIT" \
+      --cost-gammas 0,3,4 --repeats 1 --decode-timing slope --draft-window 4:1020 --time-budget 280 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_8k.jsonl"
     ;;
   longe2e32)
@@ -284,7 +284,7 @@ case "$stage" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
     step 540 longe2e_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
       --prompt-len 32512 --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3,auto --max-gamma 4 \
-      --cost-gammas 0,3,4 --repeats 1 --draft-window 4:1020 --time-budget 520 --commit "$COMMIT" \
+      --cost-gammas 0,3,4 --repeats 1 --decode-timing slope --draft-window 4:1020 --time-budget 520 --commit "$COMMIT" \
       --out "$OUT/longe2e_h200_32k.jsonl"
     ;;
   longwin)

@@ -119,9 +119,77 @@ def _run(model, prompts, new_tokens, mode, gamma, draft, kernels):
 _ONE_TOKEN_TIMES: dict = {}  # (model id, batch, prompt, cache length, kernels) -> 1-token run times
 
 
+DECODE_TIMINGS = ("diff", "slope")
+
+
+def _steps(out) -> int:
+    return int(out.stats.get("decode_steps", out.stats.get("cycles")))
+
+
+def _slope_timing(run, new_tokens: int, repeats: int) -> tuple[dict, object]:
+    """decode_timing="slope": runs of N and N/2 new tokens (same cache length); the time per
+    step is the slope between them, the rest of the N-token run's time the prefill (it then
+    includes any per-call constant)."""
+    half = max(2, new_tokens // 2)
+    t_half_first, _ = run(half)  # compiles the N/2 program
+    full, halves, per_step, out = [], [], [], None
+    for _ in range(repeats):
+        t_full, out = run(new_tokens)
+        t_half, out_half = run(half)
+        d_steps = _steps(out) - _steps(out_half)
+        full.append(t_full)
+        halves.append(t_half)
+        per_step.append((t_full - t_half) / d_steps if d_steps > 0 else float("nan"))
+    per_step = np.asarray(per_step)
+    step_s = float(np.median(per_step))
+    steps = _steps(out)
+    ok = step_s > 0  # False (or NaN): below the timer noise (tiny CPU runs)
+    decode_s = step_s * steps if ok else float("nan")
+    return {"decode_timing": "slope", "half_tokens": half,
+            "prefill_s": float(np.median(full)) - decode_s if ok else float("nan"),
+            "decode_s": decode_s,
+            "decode_spread_s": [float(np.min(per_step) * steps), float(np.max(per_step) * steps)],
+            "prefill_shared": False,
+            "extra_compile_s": max(t_half_first - float(np.median(halves)), 0.0),
+            "full_s": float(np.median(full))}, out
+
+
+def _diff_timing(run, key, new_tokens: int, repeats: int) -> tuple[dict, object]:
+    """decode_timing="diff": decode = N-token run - 1-token run (paired per repeat)."""
+    # The 1-token runs are one program for every mode at this (batch, prompt, cache length):
+    # measured once, shared by the later points (long prompts: each prefill takes seconds).
+    shared = _ONE_TOKEN_TIMES.get(key, [])
+    reuse = len(shared) >= repeats
+    compile1_s = run(1)[0] if not reuse else 0.0  # compile the prefill-only shape
+    full, one, out = [], [], None
+    for i in range(repeats):
+        t, out = run(new_tokens)
+        full.append(t)
+        one.append(shared[i] if reuse else run(1)[0])
+    if not reuse:
+        _ONE_TOKEN_TIMES[key] = one
+    # Paired differences remove the prefill; a non-positive one means the decode time is
+    # below the timer noise (tiny CPU runs) and is reported as NaN.
+    diffs = np.asarray(full) - np.asarray(one)
+    decode_s = float(np.median(diffs))
+    decode_s = decode_s if decode_s > 0 else float("nan")
+    # Compilation of the 1-token program where it was not compiled before (for QSpec it is
+    # w4a16 AR's, usually compiled already).
+    return {"decode_timing": "diff", "prefill_s": float(np.median(one)), "decode_s": decode_s,
+            "decode_spread_s": [float(diffs.min()), float(diffs.max())], "prefill_shared": reuse,
+            "extra_compile_s": max(compile1_s - float(np.median(one)), 0.0) if not reuse else 0.0,
+            "full_s": float(np.median(full))}, out
+
+
 def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_tokens: int,
                   kernels: str, repeats: int, cycle_costs=None, max_gamma: int = 7,
-                  draft_window=None) -> dict:
+                  draft_window=None, decode_timing: str = "diff") -> dict:
+    """One sweep point. decode_timing "diff": decode = (N-token run) - (1-token run);
+    "slope": time per step = (N-token run - N/2-token run) / (their step difference), which also
+    removes a per-call constant that does not scale with the decode (at 16 x 32k about 0.6% of
+    the prefill, 7-15% of a 128-token decode: results/longe2e2k_h200.md)."""
+    if decode_timing not in DECODE_TIMINGS:
+        raise ValueError(f"decode_timing must be one of {DECODE_TIMINGS}, got {decode_timing!r}")
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
     qmode, draft = ("qspec", mode.split("-")[1]) if mode.startswith("qspec") else (mode, "w4a8")
@@ -149,39 +217,28 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
         return time.perf_counter() - t0, out
 
     compile_s, _ = run(new_tokens)
-    # The 1-token runs are one program for every mode at this (batch, prompt, cache length):
-    # measured once, shared by the later points (long prompts: each prefill takes seconds).
-    key = (id(model), batch, prompt_len, max_len, kernels)
-    shared = _ONE_TOKEN_TIMES.get(key, [])
-    reuse = len(shared) >= repeats
-    compile1_s = run(1)[0] if not reuse else 0.0  # compile the prefill-only shape
-    full, one = [], []
-    for i in range(repeats):
-        t, out = run(new_tokens)
-        full.append(t)
-        one.append(shared[i] if reuse else run(1)[0])
-    if not reuse:
-        _ONE_TOKEN_TIMES[key] = one
-    # Paired differences remove the prefill; a non-positive one means the decode time is
-    # below the timer noise (tiny CPU runs) and is reported as NaN.
-    diffs = np.asarray(full) - np.asarray(one)
-    decode_s = float(np.median(diffs))
-    decode_s = decode_s if decode_s > 0 else float("nan")
-    steps = out.stats.get("decode_steps", out.stats.get("cycles"))
+    if decode_timing == "slope":
+        timing, out = _slope_timing(run, new_tokens, repeats)
+    else:
+        timing, out = _diff_timing(run, (id(model), batch, prompt_len, max_len, kernels), new_tokens,
+                                   repeats)
+    decode_s = timing["decode_s"]
+    steps = _steps(out)
     decoded = batch * (new_tokens - 1)
     row = {
         "mode": mode, "batch": batch, "gamma": gamma if qmode == "qspec" else None,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "kernels": kernels, "repeats": repeats,
-        "prefill_s": float(np.median(one)), "decode_s": decode_s,
+        "prefill_s": timing["prefill_s"], "decode_s": decode_s,
         "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
         "ms_per_step": 1e3 * decode_s / max(int(steps), 1),
-        "decode_spread_s": [float(diffs.min()), float(diffs.max())], "prefill_shared": reuse,
-        # Compilation of the N-token program, plus that of the 1-token one where it was not
-        # compiled before (for QSpec it is w4a16 AR's, usually compiled already).
-        "compile_s": compile_s - float(np.median(full)) + (
-            max(compile1_s - float(np.median(one)), 0.0) if not reuse else 0.0),
+        "decode_spread_s": timing["decode_spread_s"], "prefill_shared": timing["prefill_shared"],
+        "decode_timing": timing["decode_timing"],
+        # Compilation of the N-token program, plus that of the shorter run's where it was new.
+        "compile_s": compile_s - timing["full_s"] + timing["extra_compile_s"],
         "steps": int(steps), "cache_len": max_len, "prefill_chunk": out.stats.get("prefill_chunk"),
     }
+    if "half_tokens" in timing:
+        row["half_tokens"] = timing["half_tokens"]
     if qmode == "qspec":
         row.update(acceptance_rate=out.stats["acceptance_rate"], tokens_per_cycle=out.stats["tokens_per_cycle"])
         if gamma == "auto":
@@ -269,6 +326,10 @@ def main(argv=None) -> int:
                    help="QSpec modes draft with windowed attention over the shared cache "
                         "(qj.generate's draft_window; the cost table times that draft); use a "
                         "separate --out file per window")
+    p.add_argument("--decode-timing", choices=DECODE_TIMINGS, default="diff",
+                   help="diff: decode = N-token run - 1-token run; slope: per-step time from runs of "
+                        "N and N/2 tokens, which also removes a per-call constant (use it for long "
+                        "prompts, where the prefill is many times the decode)")
     p.add_argument("--cache-dir", default=None,
                    help="keep compiled programs and cost tables in this folder (qj.enable_persistent_cache): "
                         "a second sweep with the same folder measures warm-cache compile times")
@@ -297,6 +358,7 @@ def main(argv=None) -> int:
                 f"{args.new_tokens}")
     from tqdm.auto import tqdm
     t_start = time.perf_counter()
+    warned_prefill = False
     env = environment(args.commit)
     if args.cache_dir:
         env["persistent_cache"] = qj.enable_persistent_cache(args.cache_dir)
@@ -378,12 +440,20 @@ def main(argv=None) -> int:
             try:
                 row = measure_point(model, mode, batch, gamma, args.prompt_len, args.new_tokens,
                                     args.kernels, args.repeats, cycle_costs=costs.get(batch),
-                                    max_gamma=max_gamma, draft_window=draft_window)
+                                    max_gamma=max_gamma, draft_window=draft_window,
+                                    decode_timing=args.decode_timing)
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
             row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,
                        **env)
             write(row)
+            if (row.get("decode_timing") == "diff" and not warned_prefill
+                    and row.get("prefill_s", 0) > 4 * row.get("decode_s", float("inf"))):
+                warned_prefill = True
+                print(f"[sweep] note: the prefill ({row['prefill_s']:.1f} s) is over 4x the decode "
+                      f"({row['decode_s']:.2f} s) here: a per-call constant of ~0.6% of the prefill "
+                      "biases the decode time; use --decode-timing slope or more --new-tokens",
+                      flush=True)
             print(f"[sweep] {name} {mode} b={batch} gamma={gamma}: "
                   + (f"{row['decode_tokens_per_s']:.1f} tok/s, {row['ms_per_step']:.3f} ms/step, "
                      f"compile {row['compile_s']:.1f} s, point {row['point_s']:.1f} s"
