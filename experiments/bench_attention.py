@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import itertools
 import json
 import math
 import os
@@ -445,6 +446,10 @@ def write(doc, out):
 # ----------------------------------------------------------------------------- sweep
 SWEEP_POINTS = [(1, 8192, 1), (1, 32768, 4), (8, 2048, 8), (8, 8192, 1), (32, 8192, 4),
                 (64, 2048, 1)]
+# Batch 1 is where the kernel misses the target (7-36% of 4.8 TB/s, attention_h200_full.md);
+# JAX's decode_attention, faster there, reads 256-key blocks in 16 splits: --sweep-points
+# 1:8192:1,1:32768:1,1:32768:4 times those too (256-key blocks take one pipeline stage: 128 KB).
+BATCH1_EXTRA = [(256, 4, 1), (256, 8, 1), (128, 8, 2)]  # (block_k, warps, stages)
 
 
 def sweep_configs(B, ctx, T):
@@ -462,11 +467,28 @@ def sweep_configs(B, ctx, T):
         c = dataclasses.replace(base, num_splits=max(1, int(round(base.num_splits * mult))))
         if c not in cfgs:
             cfgs.append(c)
+    if B == 1:
+        for (bk, warps, stages), splits in itertools.product(BATCH1_EXTRA, (8, 16)):
+            if ctx % bk == 0 and ctx // bk >= splits:
+                c = default_config(B, T, H, KVH, ctx, HD, 2, block_k=bk, num_warps=warps,
+                                   num_stages=stages, num_splits=splits)
+                if c not in cfgs:
+                    cfgs.append(c)
     return cfgs
 
 
+def _parse_points(text: str) -> list[tuple[int, int, int]]:
+    try:
+        pts = [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p]
+    except ValueError:
+        pts = []
+    if not pts or any(len(p) != 3 or min(p) < 1 for p in pts):
+        raise argparse.ArgumentTypeError(f"expected B:CTX:T[,B:CTX:T...] with positive integers, got {text!r}")
+    return pts
+
+
 def run_sweep(args, doc, key):
-    points = [(1, 512, 1), (2, 256, 4)] if args.quick else SWEEP_POINTS
+    points = [(1, 512, 1), (2, 256, 4)] if args.quick else (args.sweep_points or SWEEP_POINTS)
     doc["sweep"] = []
     t_start = time.perf_counter()
     for B, ctx, T in points:
@@ -521,6 +543,8 @@ def main(argv=None):
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, Pallas interpret (CPU)")
     ap.add_argument("--sweep", action="store_true", help="configuration sweep of our kernel")
+    ap.add_argument("--sweep-points", type=_parse_points, default=None, metavar="B:CTX:T,...",
+                    help="with --sweep: these (batch, context, T) points instead of the default ones")
     ap.add_argument("--batches", type=int, nargs="*", default=None)
     ap.add_argument("--contexts", type=int, nargs="*", default=None)
     ap.add_argument("--ts", type=int, nargs="*", default=None)

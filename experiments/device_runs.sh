@@ -27,6 +27,7 @@
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
+#   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -36,7 +37,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -307,6 +308,13 @@ case "$stage" in
         --cache-dir /tmp/qj_cache --commit "$COMMIT" --out "$OUT/warmcompile_$v.jsonl"
     done
     du -sh /tmp/qj_cache/* | tee "$OUT/warmcompile_cache_size.txt"
+    ;;
+  attnsweep1)
+    # Batch 1 misses issue 7's target (7-36% of 4.8 TB/s, attention_h200_full.md) where JAX's
+    # decode_attention (256-key blocks, 16 splits) is 1.3-1.6x faster: our kernel's configs there.
+    step 330 attnsweep1.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 1:8192:1,1:32768:1,1:32768:4,1:2048:1 --reps 3 --time-budget 300 \
+      --commit "$COMMIT" --out "$OUT/attention_sweep_b1_h200.json"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

@@ -649,6 +649,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--quantize-lm-head", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
+        if any(r.get("decode_timing") == "slope" for r in runs):
+            args.append(("--decode-timing", "slope"))
         windows = {tuple(r["draft_window"]) for r in runs if r.get("draft_window")}
         if windows:
             args.append(("--draft-window", ",".join(f"{a}:{b}" for a, b in sorted(windows))))
@@ -691,7 +693,9 @@ def report(path: str) -> str:
         words.append("Trained weights: " + ", ".join(f"`{n}`" for n in trained) + ".")
     L += [" ".join(words), ""]
     L += ["Columns: decode tokens/s = batch × (new tokens − 1) / decode seconds (decode = time of N new "
-          "tokens − time of 1, median of the paired repeats; nan when below the timer noise); ms/step is "
+          "tokens − time of 1, median of the paired repeats; with --decode-timing slope, steps × the "
+          "median of (time of N − time of N/2) / (their step difference); nan when below the timer "
+          "noise); ms/step is "
           "per decode step, per QSpec cycle for qspec modes; decode s = [min, max] over the repeats; "
           "speedup = decode tokens/s over w4a16 AR at the same batch (measured); predicted = cost model "
           "(the cycle costs below) at the measured acceptance (the fraction of drafts accepted, turned "

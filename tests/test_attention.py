@@ -56,6 +56,9 @@ CASES = [  # id, B, T, H, KVH, S, hd, dtype, positions, kwargs
     ("t16_g4_d128", 2, 16, 8, 2, 128, 128, F32, "ragged", {}),
     ("t16_g8_d64_split2", 2, 16, 16, 2, 128, 64, F32, "ragged", dict(num_splits=2)),
     ("t4_g1_d128_bf16", 3, 4, 2, 2, 256, 128, BF16, "ragged", dict(num_splits=4)),
+    # the batch-1 sweep's 256-key blocks in one pipeline stage (bench_attention.BATCH1_EXTRA)
+    ("b1_t1_g4_d128_bk256_st1", 1, 1, 8, 2, 1024, 128, BF16, "ragged",
+     dict(block_k=256, num_splits=2, num_stages=1)),
     ("t1_g4_d64_bf16", 4, 1, 8, 2, 128, 64, BF16, "ragged", {}),
     ("t16_g4_d128_bf16", 2, 16, 8, 2, 64, 128, BF16, "ragged", {}),
     ("prefill48_g4_d64", 2, 48, 8, 2, 64, 64, F32, "prefill", {}),           # 3 q tiles of 64
@@ -327,6 +330,7 @@ LOWER_CASES = [  # B, T, H, KVH, S, hd, dtype, layers, kwargs
     (64, 4, 32, 8, 4096, 128, BF16, 32, {}),                   # 34 GB cache: 64-bit offsets
     (2, 1, 32, 8, 8192, 128, BF16, None, dict(window=(4, 1020))),           # windowed, splits
     (16, 8, 32, 8, 4096, 128, BF16, 32, dict(window=(0, 500), num_splits=2)),  # + layer
+    (1, 1, 32, 8, 32768, 128, BF16, None, dict(block_k=256, num_splits=16, num_stages=1)),  # b1 sweep
 ]
 
 

@@ -250,5 +250,7 @@ def test_sweep_quick_slope_timing(tmp_path):
     assert rows and all(r["decode_timing"] == "slope" and r["half_tokens"] == 12 for r in rows)
     for r in rows:  # NaN only when CPU timer noise beats the tiny decode (both then NaN)
         assert r["ms_per_step"] == pytest.approx(1e3 * r["decode_s"] / r["steps"], nan_ok=True)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--decode-timing slope" in open(tmp_path / "slope.md").read()  # the reproduce command
     with pytest.raises(SystemExit):
         sweep_main(["--quick", "--decode-timing", "median", "--out", str(tmp_path / "x.jsonl")])
