@@ -353,6 +353,9 @@ def main(argv=None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.decode_timing == "slope" and args.new_tokens < 4:
+        p.error(f"--decode-timing slope needs --new-tokens >= 4 (runs of N and N/2 tokens must "
+                f"differ by a step), got {args.new_tokens}")
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be >= 2 (decode time = time of N tokens - time of 1), got "
                 f"{args.new_tokens}")

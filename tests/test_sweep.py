@@ -254,3 +254,6 @@ def test_sweep_quick_slope_timing(tmp_path):
     assert "--decode-timing slope" in open(tmp_path / "slope.md").read()  # the reproduce command
     with pytest.raises(SystemExit):
         sweep_main(["--quick", "--decode-timing", "median", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit):
+        sweep_main(["--quick", "--decode-timing", "slope", "--new-tokens", "3", "--out",
+                    str(tmp_path / "y.jsonl")])
