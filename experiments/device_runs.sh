@@ -28,6 +28,7 @@
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
+#   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -37,7 +38,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -308,6 +309,11 @@ case "$stage" in
         --cache-dir /tmp/qj_cache --commit "$COMMIT" --out "$OUT/warmcompile_$v.jsonl"
     done
     du -sh /tmp/qj_cache/* | tee "$OUT/warmcompile_cache_size.txt"
+    ;;
+  kernels70b)
+    step 400 kernels70b.log python3 experiments/bench_kernels.py --shapes 70b \
+      --ms 1,4,16,64,256,1024 --variants ours_w4a16,ours_w4a8,xla_bf16,xla_int4_dequant,xla_w8a8 \
+      --tag h200_70b --commit "$COMMIT" --out "$OUT"
     ;;
   attnsweep1)
     # Batch 1 misses issue 7's target (7-36% of 4.8 TB/s, attention_h200_full.md) where JAX's

@@ -313,3 +313,35 @@ def test_gemv_kernel_lowers_for_cuda(kernel, dequant):
             assert "w4a8_bm16_bn256_bk32_s4" in txt and "_q" in txt
         if dequant == "asm":  # the inline PTX is in the Triton kernel
             assert "lop3.b32" in txt and "prmt.b32" in txt
+
+
+@pytest.mark.parametrize("kernel", ["w4a16", "w4a8"])
+def test_default_configs_lower_for_cuda_on_the_70b_shapes(kernel):
+    """The issue's larger model (Llama-3-70B layers, bench_kernels.SHAPES_70B): every M regime's
+    default configuration fits these shapes and lowers to Triton for CUDA (the w4a16 XLA path
+    from M = 256 lowers to XLA's own GEMM); timing them is the device's job (stage kernels70b)."""
+    from experiments.bench_kernels import SHAPES_70B, parse_shapes
+    assert parse_shapes("70b") == SHAPES_70B and parse_shapes("8b,1024x512")[-1] == (1024, 512)
+    with pytest.raises(ValueError, match="neither a shape set"):
+        parse_shapes("80b")
+    for K, N in SHAPES_70B:
+        assert supported(None, K, N)[0]
+        for M in (1, 16, 64, 128, 256):
+            if kernel == "w4a16":
+                fn = w4a16_matmul
+                xs = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16),)
+            else:
+                fn = w4a8_matmul
+                xs = (jax.ShapeDtypeStruct((M, K), jnp.int8), jax.ShapeDtypeStruct((M, 1), jnp.float32))
+            try:
+                txt = jax.jit(fn).trace(
+                    *xs, jax.ShapeDtypeStruct((K // 2, N), jnp.int8),
+                    jax.ShapeDtypeStruct((1, N), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+            except Exception as e:  # noqa: BLE001
+                if "cuda" in str(e).lower() and "platform" in str(e).lower():
+                    pytest.skip(f"no CUDA lowering in this jaxlib: {e}")
+                raise
+            if kernel == "w4a16" and M >= 256:
+                assert "xla.gpu.triton" not in txt  # dequantize + XLA GEMM
+            else:
+                assert f"{kernel}_bm" in txt and "xla.gpu.triton" in txt
