@@ -1,7 +1,10 @@
 """Fused per-token quantization kernels (pallas_kernels/rmsnorm_quant.py) against XLA's fusion
 of the same math (issue 6: keep whichever is faster): RMSNorm + quantization (the qkv and
 gate_up inputs), quantization alone (o_proj's input), SwiGLU + quantization (down_proj's input
-from the fused [gate | up] output).
+from the fused [gate | up] output), and for rotated models the online Hadamard before down_proj
++ quantization ("hadamard": XLA's transform, then our quantization kernel or XLA's; the row's
+hadamard_only figures time the transform alone, the most a Hadamard + quantization kernel could
+save).
 
     PYTHONPATH=. python3 experiments/bench_fused.py --commit <hash> --out $OUT        # H200
     PYTHONPATH=. python3 experiments/bench_fused.py --quick --out /tmp/fused          # CPU smoke
@@ -30,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from experiments.bench_kernels import TIMER, _loop_measure, env_meta, git_commit, measure  # noqa: E402
 from pallas_kernels.rmsnorm_quant import (rmsnorm_quant, rmsnorm_quant_reference,  # noqa: E402
                                           row_quant, row_quant_reference)
+from qspec_jax.rotation import online_hadamard  # noqa: E402
 
 EPS = 1e-5
 
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=int, default=14336,
                    help="intermediate size for the swiglu kind (Llama-3-8B: 14336)")
     p.add_argument("--kinds", default="rmsnorm,none,swiglu",
-                   help="rmsnorm (norm + quant), none (quant only), swiglu (SwiGLU + quant)")
+                   help="rmsnorm (norm + quant), none (quant only), swiglu (SwiGLU + quant), "
+                        "hadamard (online Hadamard of width --ffn + quant)")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--out", default="experiments/results")
@@ -74,6 +79,10 @@ def main(argv=None) -> int:
             ours = jax.jit(lambda x, g, k=kind: row_quant(x, a.bits, k, interpret=interpret))
             xla = jax.jit(lambda x, g, k=kind: row_quant_reference(x, a.bits, k))
             width = a.d if kind == "none" else 2 * a.ffn
+        elif kind == "hadamard":
+            ours = jax.jit(lambda x, g: row_quant(online_hadamard(x), a.bits, "none", interpret=interpret))
+            xla = jax.jit(lambda x, g: row_quant_reference(online_hadamard(x), a.bits, "none"))
+            width = a.ffn
         else:
             p.error(f"unknown kind {kind!r}")
         for M in ms:
@@ -88,6 +97,12 @@ def main(argv=None) -> int:
                 if not interpret:
                     dev = measure(fn, (x, g), a.iters)
                     row[f"{name}_device_us"] = float(np.median(dev))
+            if kind == "hadamard":
+                alone = jax.jit(lambda x, g: online_hadamard(x))
+                loop = _loop_measure(alone, (x, g), a.iters)
+                row["hadamard_only_loop_us"] = float(np.median(loop))
+                if not interpret:
+                    row["hadamard_only_device_us"] = float(np.median(measure(alone, (x, g), a.iters)))
             row["speedup_loop"] = row["xla_loop_us"] / row["ours_loop_us"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -105,13 +120,17 @@ def main(argv=None) -> int:
                 "device us: summed kernel time (CUPTI). Kinds: rmsnorm = RMSNorm + quantization, "
                 "none = quantization only, swiglu = silu(gate) * up + quantization; D = the "
                 "kernel's input width.\n\n"
+                "hadamard only: the online transform alone (kind hadamard).\n\n"
                 "| kind | D | M | ours loop us | XLA loop us | XLA / ours | ours device us | XLA device us | "
-                "xq equal | max step diff |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                "xq equal | max step diff | hadamard only loop / device us |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['kind']} | {r['D']} | {r['M']} | {r['ours_loop_us']:.2f} | {r['xla_loop_us']:.2f} | "
                     f"{r['speedup_loop']:.2f} | {r.get('ours_device_us', float('nan')):.2f} | "
                     f"{r.get('xla_device_us', float('nan')):.2f} | {r['xq_equal_fraction']:.4f} | "
-                    f"{r['max_step_diff']} |\n")
+                    f"{r['max_step_diff']} | "
+                    + (f"{r['hadamard_only_loop_us']:.2f} / {r.get('hadamard_only_device_us', float('nan')):.2f}"
+                       if "hadamard_only_loop_us" in r else "-") + " |\n")
     bad = [r for r in rows if not r["ok"]]
     print(f"wrote {base}.json/.md; {len(bad)} failed checks", flush=True)
     return 1 if bad else 0

@@ -29,6 +29,7 @@
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
+#   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -38,7 +39,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -314,6 +315,12 @@ case "$stage" in
     step 400 kernels70b.log python3 experiments/bench_kernels.py --shapes 70b \
       --ms 1,4,16,64,256,1024 --variants ours_w4a16,ours_w4a8,xla_bf16,xla_int4_dequant,xla_w8a8 \
       --tag h200_70b --commit "$COMMIT" --out "$OUT"
+    ;;
+  hadamard)
+    # Issue 6's Hadamard + quantization fusion: what the transform costs (the most a fused kernel
+    # could save) at the draft's M, width 14336 (Llama-3-8B down_proj input).
+    step 150 hadamard.log python3 experiments/bench_fused.py --kinds none,hadamard --ms 1,4,16,64,256 \
+      --tag h200_hadamard --commit "$COMMIT" --out "$OUT"
     ;;
   attnsweep1)
     # Batch 1 misses issue 7's target (7-36% of 4.8 TB/s, attention_h200_full.md) where JAX's

@@ -144,3 +144,14 @@ def test_bench_fused_quick(tmp_path):
                                                    for m in (1, 3)]
     assert all(r["ok"] for r in rows) and rows[-1]["D"] == 2 * 384
     assert "| swiglu | 768 | 3 |" in open(tmp_path / "fused_h200_quick.md").read()
+
+
+def test_bench_fused_quick_hadamard(tmp_path):
+    """kind "hadamard" (rotated models' down_proj input): the online transform + quantization,
+    checked against the jnp reference, with the transform alone timed beside it."""
+    from experiments.bench_fused import main
+    assert main(["--quick", "--kinds", "hadamard", "--out", str(tmp_path)]) == 0
+    rows = __import__("json").load(open(tmp_path / "fused_h200_quick.json"))["rows"]
+    assert [(r["kind"], r["M"], r["D"]) for r in rows] == [("hadamard", 1, 384), ("hadamard", 3, 384)]
+    assert all(r["ok"] and "hadamard_only_loop_us" in r for r in rows)
+    assert "| hadamard | 384 | 3 |" in open(tmp_path / "fused_h200_quick.md").read()
