@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from experiments.bench_kernels import HBM_TBS, env_meta, measure  # noqa: E402
+from experiments.bench_kernels import HBM_TBS, env_meta, measure, parse_shapes  # noqa: E402
 from pallas_kernels._common import asm_nibbles  # noqa: E402
 
 try:
@@ -90,8 +90,13 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--commit", default="unknown")
-    p.add_argument("--shapes", default="4096x28672,14336x4096,4096x6144")
+    p.add_argument("--shapes", default="4096x28672,14336x4096,4096x6144",
+                   help="comma list of KxN and/or shape sets (8b, 70b), as bench_kernels.py")
     a = p.parse_args(argv)
+    try:
+        shapes = [(64, 64)] if a.quick else parse_shapes(a.shapes)
+    except ValueError as e:
+        p.error(str(e))
     interpret = jax.devices()[0].platform != "gpu"
     meta = env_meta(a.commit)
     os.makedirs(a.out, exist_ok=True)
@@ -102,7 +107,6 @@ def main(argv=None):
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         os.replace(tmp, os.path.join(a.out, "probe_stream.json"))
 
-    shapes = [(64, 64)] if a.quick else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = []
     for K, N in shapes:
         nbytes = K // 2 * N
