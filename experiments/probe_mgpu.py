@@ -1,0 +1,166 @@
+"""Issue 6: the Mosaic GPU swap-AB int4 GEMM (pallas_kernels/w4_mgpu.py) against our Triton
+kernels and XLA at decode M, on the GPU.
+
+For each Llama-3-8B shape (K x N) and M: correctness of the Mosaic kernel against the
+model-layout references (w4a16_matmul_reference / w4a8_matmul_reference on the same weights
+in half-split layout), then per-call time of a config sweep (CUPTI, R weight copies against
+L2 as in bench_kernels), beside our default Triton kernels and XLA bf16.
+
+    PYTHONPATH=. python3 experiments/probe_mgpu.py --out DIR [--ms 1,4,8,16] [--sweep small|full]
+
+Writes DIR/probe_mgpu.json (rows: shape, M, variant, config, us, TB/s on weight+scale bytes,
+% of 4.8 TB/s, max error) incrementally and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiments.bench_kernels import (HBM_TBS, env_meta, make_weights, make_x, measure,  # noqa: E402
+                                       n_copies, parse_shapes)
+from pallas_kernels._common import quantize_per_token_reference  # noqa: E402
+from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, w4_mgpu_matmul  # noqa: E402
+from pallas_kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference  # noqa: E402
+from pallas_kernels.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference  # noqa: E402
+
+
+def sweep_configs(kind: str, int8: bool):
+    ll = "wgmma" if int8 else "upcast"
+    if kind == "one":
+        return [MgpuConfig(load_layout=ll)]
+    if kind == "small":
+        grid = itertools.product((128,), (256, 512), (1, 2), (4,), (0,))
+    elif kind == "mid":
+        grid = itertools.product((64, 128), (256,), (1, 2, 4, 8), (2, 4), (0,))
+    else:
+        grid = itertools.product((64, 128, 256), (256, 512), (1, 2, 4), (3, 6), (0, 1))
+    return [MgpuConfig(tile_n=n, block_k=k, split_k=s, stages=p, wait=w, load_layout=ll)
+            for n, k, s, p, w in grid]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="8b")
+    ap.add_argument("--ms", default="1,4,8,16")
+    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "full"))
+    ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
+    ap.add_argument("--modes", default="w4a16,w4a8")
+    ap.add_argument("--sweep-modes", default="w4a16,w4a8",
+                    help="modes whose configs are swept; the others reuse w4a16's best config")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--time-budget", type=float, default=480.0)
+    args = ap.parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    ms = [int(v) for v in args.ms.split(",")]
+    modes = args.modes.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "probe_mgpu.json")
+    meta = env_meta(args.commit)
+    rows = []
+    t_start = time.time()
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(dict(meta=dict(meta, timer=meta.get("timer")), rows=rows), f, indent=1)
+
+    key = jax.random.key(0)
+    for K, N in shapes:
+        wbytes = K * N // 2 + 4 * N
+        R = n_copies(wbytes, False)
+        ws = make_weights(key, K, N, K, R)
+        ws_nk = [(nk_from_half_split(q), s[0]) for q, s in ws]
+        jax.block_until_ready(ws_nk)
+        best = {}
+        for mode in modes:
+            int8 = mode == "w4a8"
+            # 1) config sweep at sweep_m, 2) the best config at every M
+            phases = (("sweep", [args.sweep_m]), ("ms", ms))
+            if mode not in args.sweep_modes.split(",") and "w4a16" in best:
+                best[mode] = dataclasses.replace(best["w4a16"], load_layout="wgmma" if int8 else "upcast")
+                phases = (("ms", ms),)
+            for phase, m_list in phases:
+                for M in m_list:
+                    x = make_x(jax.random.fold_in(key, M), M, K)
+                    xq, sx = quantize_per_token_reference(x, 8)
+                    sxv = sx.reshape(-1)
+                    if int8:
+                        ref = w4a8_matmul_reference(xq, sx, ws[0][0], ws[0][1])
+                    else:
+                        ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
+                    ref = np.asarray(ref, np.float32)
+                    cfgs = (sweep_configs(args.sweep, int8) if phase == "sweep"
+                            else [best.get(mode, sweep_configs("one", int8)[0])])
+                    for cfg in cfgs:
+                        if time.time() - t_start > args.time_budget:
+                            print("[budget] stopping", flush=True); save(); return
+                        err = check(M, K, N, cfg)
+                        if err:
+                            continue
+                        row = dict(K=K, N=N, M=M, mode=mode, variant="mgpu", config=cfg.short(), R=R)
+                        try:
+                            if int8:
+                                f = jax.jit(lambda a, b, w, c=cfg: tuple(
+                                    w4_mgpu_matmul(a, q, s, b, config=c) for q, s in w))
+                                out = f(xq, sxv, ws_nk)
+                                targs = (xq, sxv, ws_nk)
+                            else:
+                                f = jax.jit(lambda a, w, c=cfg: tuple(
+                                    w4_mgpu_matmul(a, q, s, config=c) for q, s in w))
+                                out = f(x, ws_nk)
+                                targs = (x, ws_nk)
+                            got = np.asarray(out[0], np.float32)
+                            row["max_err"] = float(np.max(np.abs(got - ref)))
+                            row["ref_scale"] = float(np.max(np.abs(ref)))
+                            row["ok"] = bool(row["max_err"] <= 0.02 * row["ref_scale"] + 1e-3)
+                            t = measure(f, targs, args.iters) / R
+                            row.update(us=float(np.median(t)), us_min=float(np.min(t)),
+                                       us_max=float(np.max(t)))
+                            row["TBps"] = wbytes / row["us"] / 1e6
+                            row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
+                        except Exception as e:  # noqa: BLE001
+                            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+                        rows.append(row); save()
+                        print(json.dumps(row), flush=True)
+                    if phase == "sweep":
+                        good = [r for r in rows if r.get("ok") and r["K"] == K and r["N"] == N
+                                and r["mode"] == mode and r["M"] == M and "us" in r]
+                        if good:
+                            b = min(good, key=lambda r: r["us"])
+                            best[mode] = next(c for c in sweep_configs(args.sweep, int8)
+                                              if c.short() == b["config"])
+        # baselines at every M
+        for M in ms:
+            x = make_x(jax.random.fold_in(key, M), M, K)
+            xq, sx = quantize_per_token_reference(x, 8)
+            base = {"triton_w4a16": (jax.jit(lambda a, w: tuple(w4a16_matmul(a, q, s) for q, s in w)), (x, ws)),
+                    "triton_w4a8": (jax.jit(lambda a, b, w: tuple(w4a8_matmul(a, b, q, s) for q, s in w)), (xq, sx, ws))}
+            for name, (f, targs) in base.items():
+                if name.split("_")[1] not in modes:
+                    continue
+                row = dict(K=K, N=N, M=M, mode=name.split("_")[1], variant=name, R=R)
+                try:
+                    t = measure(f, targs, args.iters) / R
+                    row.update(us=float(np.median(t)), us_min=float(np.min(t)), us_max=float(np.max(t)),
+                               TBps=wbytes / float(np.median(t)) / 1e6)
+                    row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row); save(); print(json.dumps(row), flush=True)
+    save()
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

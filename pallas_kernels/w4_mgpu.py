@@ -1,0 +1,152 @@
+"""Mosaic GPU (Hopper: TMA + wgmma) int4-weight GEMMs for small M, swap-AB (issue 6, experimental).
+
+y[M, N] = x[M, K] @ W[K, N] computed as (W^T x^T)^T: the int4 weight tile [tile_n, block_k]
+is the wgmma's A operand *in registers* (TMA'd to shared memory, loaded in the upcast layout,
+converted to bf16 / int8 in registers), the activation tile x^T [block_k, Mp] the B operand in
+shared memory (Mp = 8 or 16 rows of x, the wgmma's N). The weight therefore fills the MMA's
+64-row M dimension and never returns to shared memory after unpacking, which is what the
+Triton kernels cannot do (experiments/results/stream_h200_6341a42.md).
+
+Weight layout: int4 [N, K] ("nk": K contiguous, XLA's packed int4, two values per byte), not
+the model's half-split int8 [K//2, N]; `nk_from_half_split` converts once. Per-channel scales
+only: f32 [N], applied to the f32 / int32 accumulator in a small XLA epilogue together with the
+split-K sum.
+
+Modes: "w4a16" (bf16 x, bf16 MMA, f32 accumulator) and "w4a8" (int8 x with per-token f32 scales
+sx [M], int8 MMA, int32 accumulator; also serves w4a4). GPU only (sm_90); no interpret mode
+(jax 0.10.2's Mosaic GPU interpreter has no register-operand wgmma), so it is tested on the
+device (tests/gpu) and only lowered on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    tile_n: int = 128      # weight rows (output columns) per CTA: the wgmma M (multiple of 64)
+    block_k: int = 256     # K per pipeline step
+    split_k: int = 1       # CTAs along K; partial sums added in the epilogue
+    stages: int = 4        # TMA pipeline depth
+    wait: int = 0          # wgmma_wait(n) after issuing: 0 = synchronous, 1 = one in flight
+    load_layout: str = "upcast"  # register layout of the int4 tile load ("upcast" or "wgmma")
+
+    def short(self) -> str:
+        return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
+                f"w{self.wait}{self.load_layout[0]}")
+
+
+def nk_from_half_split(qweight: jax.Array) -> jax.Array:
+    """Model layout int8 [K//2, N] (docs/DESIGN.md) -> int4 [N, K] for this kernel (one copy)."""
+    from pallas_kernels._common import unpack_int4
+    return unpack_int4(qweight).T.astype(jnp.int4)
+
+
+def reference(x, w_nk, scales, sx=None):
+    """f32 reference: w4a16 (sx None): (x @ W^T) * s; w4a8: (int32 x @ W^T) * sx[:, None] * s."""
+    w = w_nk.astype(jnp.int32 if sx is not None else jnp.float32)
+    if sx is None:
+        acc = jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
+        return (acc * scales[None, :]).astype(x.dtype)
+    acc = jnp.dot(x.astype(jnp.int32), w.T)
+    return (acc.astype(jnp.float32) * sx[:, None] * scales[None, :]).astype(jnp.bfloat16)
+
+
+def _transforms(last, dtype, what):
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).bits
+    sw = plgpu.find_swizzle(last * bits, what)
+    return (plgpu.TilingTransform((8, 8 * sw // bits)), plgpu.SwizzleTransform(sw))
+
+
+def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
+    if M > 16:
+        return f"M={M}: this kernel takes M <= 16 (the wgmma N is 8 or 16 rows of x)"
+    if cfg.tile_n % 64:
+        return f"tile_n={cfg.tile_n} must be a multiple of 64"
+    if N % cfg.tile_n:
+        return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
+    if K % (cfg.block_k * cfg.split_k):
+        return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
+    return None
+
+
+def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig = MgpuConfig()):
+    """x [M, K] (bf16; int8 with sx [M] f32 for w4a8), w_nk int4 [N, K], scales f32 [N]."""
+    if plgpu is None:
+        raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
+    M, K = x.shape
+    N = w_nk.shape[0]
+    cfg = config
+    err = check(M, K, N, cfg)
+    if err:
+        raise ValueError(f"w4_mgpu_matmul: {err}")
+    int8 = sx is not None
+    cdt = jnp.int8 if int8 else jnp.bfloat16
+    acc_dt = jnp.int32 if int8 else jnp.float32
+    Mp = 8 if M <= 8 else 16
+    xp = x.astype(cdt)
+    if Mp != M:
+        xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
+    k_iters = K // cfg.block_k // cfg.split_k
+    n_tiles = N // cfg.tile_n
+    if cfg.load_layout == "upcast":
+        load_layout = plgpu.Layout.WGMMA_UPCAST_2X if int8 else plgpu.Layout.WGMMA_UPCAST_4X
+    else:
+        load_layout = plgpu.Layout.WGMMA_8BIT if int8 else plgpu.Layout.WGMMA
+    mma_layout = plgpu.Layout.WGMMA_8BIT if int8 else plgpu.Layout.WGMMA
+
+    def kernel(x_gmem, w_gmem, o_gmem, o_smem):
+        ni = lax.axis_index("n")
+        si = lax.axis_index("s")
+
+        def acc_scope(acc_ref):
+            def body(_, x_smem, w_smem):
+                w = plgpu.load(w_smem, (), layout=load_layout)
+                if load_layout != mma_layout:
+                    w = plgpu.layout_cast(w, mma_layout)
+                w = w.astype(cdt)
+                plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem, (1, 0)))
+                plgpu.wgmma_wait(cfg.wait)
+
+            plgpu.emit_pipeline(
+                body, grid=(k_iters,),
+                in_specs=[
+                    plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
+                                    transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                    plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+                                    transforms=_transforms(cfg.block_k, jnp.int4, "lhs")),
+                ],
+                max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
+            if cfg.wait:
+                plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+        plgpu.wait_smem_to_gmem(0)
+
+    f = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
+        grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+        scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    part = f(xp, w_nk)
+    acc = part.sum(0) if int8 else part.sum(0)  # int32 sum is exact
+    y = acc.astype(jnp.float32) * scales[:, None]
+    y = y.T[:M]
+    if int8:
+        return (y * sx[:, None]).astype(jnp.bfloat16)
+    return y.astype(x.dtype)
