@@ -34,8 +34,16 @@ from pallas_kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference  # 
 from pallas_kernels.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference  # noqa: E402
 
 
-def sweep_configs(kind: str, int8: bool):
+def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
     ll = "wgmma" if int8 else "upcast"
+    if kind == "tune":  # 64-row tiles, split-K chosen for 256-2048 CTAs at this shape
+        out = []
+        for bk, p, w in itertools.product((256, 512), (2, 3), (0, 1)):
+            for sk in (1, 2, 4, 8, 16):
+                if 256 <= N // 64 * sk <= 2048 and K % (bk * sk) == 0 and N % 64 == 0:
+                    out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p, wait=w,
+                                          load_layout=ll))
+        return out
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":
@@ -53,13 +61,15 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
-    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "full"))
+    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "tune", "full"))
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
     ap.add_argument("--sweep-modes", default="w4a16,w4a8",
                     help="modes whose configs are swept; the others reuse w4a16's best config")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="skip our Triton kernels (timed by bench_kernels.py anyway)")
     ap.add_argument("--time-budget", type=float, default=480.0)
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -100,7 +110,7 @@ def main(argv=None):
                     else:
                         ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
                     ref = np.asarray(ref, np.float32)
-                    cfgs = (sweep_configs(args.sweep, int8) if phase == "sweep"
+                    cfgs = (sweep_configs(args.sweep, int8, K, N) if phase == "sweep"
                             else [best.get(mode, sweep_configs("one", int8)[0])])
                     for cfg in cfgs:
                         if time.time() - t_start > args.time_budget:
@@ -138,10 +148,10 @@ def main(argv=None):
                                 and r["mode"] == mode and r["M"] == M and "us" in r]
                         if good:
                             b = min(good, key=lambda r: r["us"])
-                            best[mode] = next(c for c in sweep_configs(args.sweep, int8)
+                            best[mode] = next(c for c in sweep_configs(args.sweep, int8, K, N)
                                               if c.short() == b["config"])
         # baselines at every M
-        for M in ms:
+        for M in (ms if args.baselines else []):
             x = make_x(jax.random.fold_in(key, M), M, K)
             xq, sx = quantize_per_token_reference(x, 8)
             base = {"triton_w4a16": (jax.jit(lambda a, w: tuple(w4a16_matmul(a, q, s) for q, s in w)), (x, ws)),

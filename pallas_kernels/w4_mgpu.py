@@ -71,6 +71,8 @@ def _transforms(last, dtype, what):
 def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
     if M > 16:
         return f"M={M}: this kernel takes M <= 16 (the wgmma N is 8 or 16 rows of x)"
+    if cfg.wait not in (0, 1) or cfg.wait >= cfg.stages:
+        return f"wait={cfg.wait} must be 0 or 1 and below stages={cfg.stages}"
     if cfg.tile_n % 64:
         return f"tile_n={cfg.tile_n} must be a multiple of 64"
     if N % cfg.tile_n:
@@ -121,8 +123,11 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig = MgpuConfig(
             plgpu.emit_pipeline(
                 body, grid=(k_iters,),
                 in_specs=[
+                    # wait=1 leaves one wgmma reading its x slot while the next step runs:
+                    # the pipeline must not refill that slot until one step later.
                     plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
-                                    transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                                    transforms=_transforms(cfg.block_k, cdt, "rhs"),
+                                    delay_release=cfg.wait),
                     plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
                                     transforms=_transforms(cfg.block_k, jnp.int4, "lhs")),
                 ],
