@@ -9,7 +9,9 @@ L2 as in bench_kernels), beside our default Triton kernels and XLA bf16.
     PYTHONPATH=. python3 experiments/probe_mgpu.py --out DIR [--ms 1,4,8,16] [--sweep small|full]
 
 Writes DIR/probe_mgpu.json (rows: shape, M, variant, config, us, TB/s on weight+scale bytes,
-% of 4.8 TB/s, max error) incrementally and prints a table.
+% of 4.8 TB/s, max error) incrementally.
+
+    python3 experiments/probe_mgpu.py --report A.json [B.json ...]   # Markdown summary
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from experiments.bench_kernels import (HBM_TBS, env_meta, make_weights, make_x, measure,  # noqa: E402
+from experiments.bench_kernels import (HBM_TBS, TIMER, env_meta, make_weights, make_x, measure,  # noqa: E402
                                        n_copies, parse_shapes)
 from pallas_kernels._common import quantize_per_token_reference  # noqa: E402
 from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, w4_mgpu_matmul  # noqa: E402
@@ -38,25 +40,98 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
     ll = "wgmma" if int8 else "upcast"
     if kind == "tune":  # 64-row tiles, split-K chosen for 256-2048 CTAs at this shape
         out = []
-        for bk, p, w in itertools.product((256, 512), (2, 3), (0, 1)):
+        for bk, p in itertools.product((256, 512), (2, 3)):
             for sk in (1, 2, 4, 8, 16):
                 if 256 <= N // 64 * sk <= 2048 and K % (bk * sk) == 0 and N % 64 == 0:
-                    out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p, wait=w,
+                    out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll))
         return out
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":
-        grid = itertools.product((128,), (256, 512), (1, 2), (4,), (0,))
+        grid = itertools.product((128,), (256, 512), (1, 2), (4,))
     elif kind == "mid":
-        grid = itertools.product((64, 128), (256,), (1, 2, 4, 8), (2, 4), (0,))
+        grid = itertools.product((64, 128), (256,), (1, 2, 4, 8), (2, 4))
     else:
-        grid = itertools.product((64, 128, 256), (256, 512), (1, 2, 4), (3, 6), (0, 1))
-    return [MgpuConfig(tile_n=n, block_k=k, split_k=s, stages=p, wait=w, load_layout=ll)
-            for n, k, s, p, w in grid]
+        grid = itertools.product((64, 128, 256), (256, 512), (1, 2, 4), (2, 3, 6))
+    return [MgpuConfig(tile_n=n, block_k=k, split_k=s, stages=p, load_layout=ll)
+            for n, k, s, p in grid]
+
+
+def report(paths: list[str]) -> str:
+    """Markdown summary of probe_mgpu.json files: per shape and M the fastest correct Mosaic
+    configuration measured in any of the files against our Triton kernels (last file that timed
+    them), the per-decoder-layer sums, and the M = sweep_m config sweeps."""
+    rows, metas = [], []
+    for i, pth in enumerate(paths):
+        d = json.load(open(pth))
+        metas.append((pth, d["meta"]))
+        rows += [dict(r, _file=i) for r in d["rows"]]
+    best, base = {}, {}
+    for r in rows:
+        if "us" not in r:
+            continue
+        key = (r["K"], r["N"], r["M"], r["mode"])
+        if r["variant"] == "mgpu":
+            if r.get("ok") and (key not in best or r["us"] < best[key]["us"]):
+                best[key] = r
+        else:
+            base[key] = r
+    out = []
+    for pth, m in metas:
+        out.append(f"- `{os.path.basename(pth)}`: commit {m.get('commit')}, {m.get('gpu')}, "
+                   f"jax {m.get('jax')}, timer {m.get('timer') or 'cupti (field unset)'}, {m.get('date')}")
+    shapes = sorted({(k[0], k[1]) for k in best}, key=lambda s: (s[0], -s[1]))
+    ms = sorted({k[2] for k in best})
+    out.append("")
+    for mode in ("w4a16", "w4a8"):
+        out.append(f"### {mode}: Mosaic GPU swap-AB vs our Triton default (us per call, % of 4.8 TB/s "
+                   "on weight+scale bytes)\n")
+        out.append("| K x N | M | Mosaic config | Mosaic us [min, max] | % HBM | Triton us | % HBM | speedup |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for K, N in shapes:
+            for M in ms:
+                b = best.get((K, N, M, mode))
+                t = base.get((K, N, M, mode))
+                if b is None:
+                    continue
+                tt = f"{t['us']:.2f} | {t['pct_hbm']:.0f}%" if t else "- | -"
+                sp = f"{t['us'] / b['us']:.2f}x" if t else "-"
+                out.append(f"| {K} x {N} | {M} | {b['config']} | {b['us']:.2f} [{b['us_min']:.2f}, "
+                           f"{b['us_max']:.2f}] | {b['pct_hbm']:.0f}% | {tt} | {sp} |")
+        out.append("")
+        out.append(f"Per decoder layer (sum of the shapes above, {mode}):\n")
+        out.append("| M | Mosaic us | Triton us | speedup | Mosaic % of the layer's 4.8 TB/s time |")
+        out.append("|---|---|---|---|---|")
+        for M in ms:
+            bs = [best.get((K, N, M, mode)) for K, N in shapes]
+            ts = [base.get((K, N, M, mode)) for K, N in shapes]
+            if any(v is None for v in bs):
+                continue
+            tb = sum(v["us"] for v in bs)
+            roof = sum((K * N // 2 + 4 * N) / HBM_TBS / 1e6 for K, N in shapes)
+            tt = sum(v["us"] for v in ts) if all(ts) else None
+            out.append(f"| {M} | {tb:.1f} | {tt:.1f} | {tt / tb:.2f}x | {100 * roof / tb:.0f}% |" if tt
+                       else f"| {M} | {tb:.1f} | - | - | {100 * roof / tb:.0f}% |")
+        out.append("")
+    out.append("### Config sweeps (w4a16, M = 16 unless noted; fastest first; `ok` = matches the reference)\n")
+    for K, N in shapes:
+        sw = sorted((r for r in rows if r["variant"] == "mgpu" and r["K"] == K and r["N"] == N
+                     and r["mode"] == "w4a16" and r["M"] == 16 and "us" in r), key=lambda r: r["us"])
+        seen, cells = set(), []
+        for r in sw:
+            if (r["config"], r["_file"]) in seen:
+                continue
+            seen.add((r["config"], r["_file"]))
+            cells.append(f"{r['config']} {r['us']:.1f}{'' if r.get('ok') else ' (WRONG)'}")
+        out.append(f"- {K} x {N}: " + ", ".join(cells))
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--report":
+        print(report(sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="8b")
@@ -83,7 +158,7 @@ def main(argv=None):
 
     def save():
         with open(path, "w") as f:
-            json.dump(dict(meta=dict(meta, timer=meta.get("timer")), rows=rows), f, indent=1)
+            json.dump(dict(meta=dict(meta, timer=TIMER["name"]), rows=rows), f, indent=1)
 
     key = jax.random.key(0)
     for K, N in shapes:

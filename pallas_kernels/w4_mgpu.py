@@ -38,12 +38,11 @@ class MgpuConfig:
     block_k: int = 256     # K per pipeline step
     split_k: int = 1       # CTAs along K; partial sums added in the epilogue
     stages: int = 4        # TMA pipeline depth
-    wait: int = 0          # wgmma_wait(n) after issuing: 0 = synchronous, 1 = one in flight
     load_layout: str = "upcast"  # register layout of the int4 tile load ("upcast" or "wgmma")
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
-                f"w{self.wait}{self.load_layout[0]}")
+                f"w0{self.load_layout[0]}")
 
 
 def nk_from_half_split(qweight: jax.Array) -> jax.Array:
@@ -71,8 +70,6 @@ def _transforms(last, dtype, what):
 def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
     if M > 16:
         return f"M={M}: this kernel takes M <= 16 (the wgmma N is 8 or 16 rows of x)"
-    if cfg.wait not in (0, 1) or cfg.wait >= cfg.stages:
-        return f"wait={cfg.wait} must be 0 or 1 and below stages={cfg.stages}"
     if cfg.tile_n % 64:
         return f"tile_n={cfg.tile_n} must be a multiple of 64"
     if N % cfg.tile_n:
@@ -118,22 +115,20 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig = MgpuConfig(
                     w = plgpu.layout_cast(w, mma_layout)
                 w = w.astype(cdt)
                 plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem, (1, 0)))
-                plgpu.wgmma_wait(cfg.wait)
+                # Synchronous: leaving one wgmma in flight (wgmma_wait(1), the x slot released a
+                # step later) gave wrong results on the H200 (probe_mgpu_h200.md): the register
+                # operand is not kept live across the asynchronous MMA.
+                plgpu.wgmma_wait(0)
 
             plgpu.emit_pipeline(
                 body, grid=(k_iters,),
                 in_specs=[
-                    # wait=1 leaves one wgmma reading its x slot while the next step runs:
-                    # the pipeline must not refill that slot until one step later.
                     plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
-                                    transforms=_transforms(cfg.block_k, cdt, "rhs"),
-                                    delay_release=cfg.wait),
+                                    transforms=_transforms(cfg.block_k, cdt, "rhs")),
                     plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
                                     transforms=_transforms(cfg.block_k, jnp.int4, "lhs")),
                 ],
                 max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
-            if cfg.wait:
-                plgpu.wgmma_wait(0)
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
