@@ -45,6 +45,18 @@ class MgpuConfig:
                 f"w0{self.load_layout[0]}")
 
 
+def default_config(M: int, K: int, N: int) -> MgpuConfig:
+    """Measured on the H200 (experiments/results/mgpu_h200.md): 64-row tiles, 256-wide K steps,
+    a 2-stage ring, and split-K up to about 900 CTAs while each split keeps >= 4 K steps (gate/up
+    4096 x 28672: 2 splits, down 14336 x 4096: 8, qkv 4096 x 6144 and o 4096 x 4096: 4)."""
+    tile_n, block_k = 64, 256
+    split = 1
+    while (N // tile_n * split * 2 <= 900 and K % (block_k * split * 2) == 0
+           and K // (block_k * split * 2) >= 4):
+        split *= 2
+    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2)
+
+
 def nk_from_half_split(qweight: jax.Array) -> jax.Array:
     """Model layout int8 [K//2, N] (docs/DESIGN.md) -> int4 [N, K] for this kernel (one copy)."""
     from pallas_kernels._common import unpack_int4
@@ -79,17 +91,22 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
     return None
 
 
-def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig = MgpuConfig()):
+def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
     """x [M, K] (bf16; int8 with sx [M] f32 for w4a8), w_nk int4 [N, K], scales f32 [N]."""
     if plgpu is None:
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
     N = w_nk.shape[0]
-    cfg = config
+    if w_nk.shape[1] != K or scales.shape != (N,):
+        raise ValueError(f"w4_mgpu_matmul: x {x.shape}, w_nk {w_nk.shape} (want [N, {K}]), "
+                         f"scales {scales.shape} (want [{N}]) do not fit")
+    int8 = sx is not None
+    cfg = config or default_config(M, K, N)
+    if int8 and cfg.load_layout == "upcast":  # int4 -> int8 needs the 8-bit wgmma layout
+        cfg = dataclasses.replace(cfg, load_layout="wgmma")
     err = check(M, K, N, cfg)
     if err:
         raise ValueError(f"w4_mgpu_matmul: {err}")
-    int8 = sx is not None
     cdt = jnp.int8 if int8 else jnp.bfloat16
     acc_dt = jnp.int32 if int8 else jnp.float32
     Mp = 8 if M <= 8 else 16

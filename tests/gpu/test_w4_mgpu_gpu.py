@@ -1,0 +1,64 @@
+"""Mosaic GPU swap-AB int4 GEMM on the GPU against the model-layout references: the 8B shapes,
+odd M (not a multiple of the 8 / 16 rows the wgmma takes), the smallest N and K, both modes;
+unsupported shapes rejected with a clear error."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import quantize_per_token_reference
+from pallas_kernels.w4_mgpu import MgpuConfig, nk_from_half_split, w4_mgpu_matmul
+from pallas_kernels.w4a16_matmul import w4a16_matmul_reference
+from pallas_kernels.w4a8_matmul import w4a8_matmul_reference
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (256, 64), (512, 192)]
+
+
+def _case(K, N, M, seed):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    qw = jax.random.randint(k1, (K // 2, N), -128, 128, jnp.int32).astype(jnp.int8)
+    s = jax.random.uniform(k2, (1, N), jnp.float32, 0.5, 1.5) * 0.02
+    x = jax.random.normal(k3, (M, K), jnp.float32).astype(jnp.bfloat16)
+    return qw, s, x
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 8, 11, 16])
+def test_w4a16_matches_reference(K, N, M):
+    qw, s, x = _case(K, N, M, seed=K + N + M)
+    got = np.asarray(jax.jit(w4_mgpu_matmul)(x, nk_from_half_split(qw), s[0]), np.float32)
+    want = np.asarray(w4a16_matmul_reference(x, qw, s), np.float32)
+    # Both round an f32 accumulation to bf16 (different summation order): 2 bf16 ulps.
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_w4a8_matches_reference(K, N, M):
+    qw, s, x = _case(K, N, M, seed=7 * K + N + M)
+    xq, sx = quantize_per_token_reference(x, 8)
+    got = np.asarray(jax.jit(w4_mgpu_matmul)(xq, nk_from_half_split(qw), s[0], sx.reshape(-1)),
+                     np.float32)
+    want = np.asarray(w4a8_matmul_reference(xq, sx, qw, s), np.float32)
+    # int32 accumulation is exact; only the f32 scale products may round differently.
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [MgpuConfig(tile_n=128, block_k=512, split_k=1, stages=3),
+                                 MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4)])
+def test_other_configs(cfg):
+    K, N, M = 4096, 1024, 9
+    qw, s, x = _case(K, N, M, seed=3)
+    got = np.asarray(jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
+        x, nk_from_half_split(qw), s[0]), np.float32)
+    want = np.asarray(w4a16_matmul_reference(x, qw, s), np.float32)
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
+
+
+def test_rejects_unsupported_shapes():
+    x = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of tile_n"):
+        w4_mgpu_matmul(x, jnp.zeros((96, 256), jnp.int4), jnp.ones((96,), jnp.float32))
+    with pytest.raises(ValueError, match="M <= 16"):
+        w4_mgpu_matmul(jnp.zeros((17, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
+                       jnp.ones((64,), jnp.float32))

@@ -1,0 +1,93 @@
+"""Mosaic GPU swap-AB int4 GEMM (pallas_kernels/w4_mgpu.py) on CPU: the layout conversion and
+the kernel's reference against the model-layout references, shape errors, and lowering for CUDA
+(the kernel itself runs only on a GPU: tests/gpu/test_w4_mgpu_gpu.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import quantize_per_token_reference, unpack_int4
+from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, reference, w4_mgpu_matmul
+from pallas_kernels.w4a16_matmul import w4a16_matmul_reference
+from pallas_kernels.w4a8_matmul import w4a8_matmul_reference
+
+
+def _weights(K, N, seed=0):
+    rng = np.random.default_rng(seed)
+    qw = jnp.asarray(rng.integers(-128, 128, (K // 2, N)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, (1, N)) * 0.02, jnp.float32)
+    return qw, s
+
+
+def test_nk_layout_is_the_transposed_unpacked_weight():
+    qw, _ = _weights(64, 24)
+    nk = nk_from_half_split(qw)
+    assert nk.dtype == jnp.int4 and nk.shape == (24, 64)
+    q = np.asarray(qw).astype(np.int16)
+    lo = ((q & 15) ^ 8) - 8          # low nibble, two's complement, computed independently
+    hi = q >> 4
+    expect = np.concatenate([lo, hi], axis=0).T
+    np.testing.assert_array_equal(np.asarray(nk.astype(jnp.int8)), expect)
+    np.testing.assert_array_equal(np.asarray(nk.astype(jnp.int8)), np.asarray(unpack_int4(qw)).T)
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_reference_matches_model_layout_references(M):
+    K, N = 256, 64
+    qw, s = _weights(K, N, seed=M)
+    x = jax.random.normal(jax.random.key(M), (M, K), jnp.float32).astype(jnp.bfloat16)
+    nk = nk_from_half_split(qw)
+    got = reference(x, nk, s[0])
+    want = w4a16_matmul_reference(x, qw, s)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2, atol=1e-2)  # both round one f32 result to bf16
+    xq, sx = quantize_per_token_reference(x, 8)
+    got8 = reference(xq, nk, s[0], sx.reshape(-1))
+    want8 = w4a8_matmul_reference(xq, sx, qw, s)
+    np.testing.assert_allclose(np.asarray(got8, np.float32), np.asarray(want8, np.float32),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_shape_errors_name_the_problem():
+    assert "M <= 16" in check(17, 256, 64, MgpuConfig())
+    assert "multiple of tile_n" in check(4, 256, 96, MgpuConfig(tile_n=64))
+    assert "block_k*split_k" in check(4, 256, 64, MgpuConfig(tile_n=64, block_k=256, split_k=2))
+    assert "multiple of 64" in check(4, 256, 64, MgpuConfig(tile_n=32))
+    assert check(16, 512, 128, MgpuConfig(tile_n=64, split_k=2)) is None
+    x = jnp.zeros((20, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="w4_mgpu_matmul: M=20"):
+        w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((64,), jnp.float32))
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
+def test_lowers_for_cuda(mode):
+    """The Mosaic GPU kernel traces and lowers to its custom call on CPU (no GPU needed)."""
+    M, K, N = 5, 512, 128
+    int8 = mode == "w4a8"
+    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2,
+                     load_layout="wgmma" if int8 else "upcast")
+    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    if int8:
+        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_default_config_follows_the_h200_sweep():
+    """mgpu_h200.md: the fastest measured split per 8B shape (64-row tiles, 256-wide K steps)."""
+    from pallas_kernels.w4_mgpu import default_config
+    splits = {(4096, 28672): 2, (14336, 4096): 8, (4096, 6144): 4, (4096, 4096): 4}
+    for (K, N), sk in splits.items():
+        cfg = default_config(16, K, N)
+        assert (cfg.tile_n, cfg.block_k, cfg.split_k, cfg.stages) == (64, 256, sk, 2)
+        assert check(16, K, N, cfg) is None
+
+
+def test_mismatched_operands_are_rejected():
+    x = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        w4_mgpu_matmul(x, jnp.zeros((64, 512), jnp.int4), jnp.ones((64,), jnp.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((1, 64), jnp.float32))
