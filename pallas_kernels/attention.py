@@ -26,7 +26,8 @@ Design (Pallas Triton backend, runs in interpret mode on CPU):
   [0, max over its rows of q_pos + 1), are cut into `num_splits` contiguous chunks of whole
   blocks *at run time*, so the splits stay balanced whatever the actual lengths are, and blocks
   past a sequence's last visible key are never read (the loop stops there). num_splits is chosen
-  statically from B * KVH * tiles and S to give about two programs per SM (132 SMs on H200).
+  statically from B * KVH * tiles and S to give about two programs per SM (132 SMs on H200);
+  one per SM when there are few base programs (batch 1: attention_sweep_b1_h200.md).
 - Online softmax per program in f32 (running max m, sum l, unnormalised accumulator o). With one
   split the kernel normalises and writes the output in q.dtype; with several it writes (o, m, l)
   in f32 and a second small Pallas kernel merges them (log-sum-exp) into the output.
@@ -69,6 +70,17 @@ PROGRAMS_PER_SM = 2  # flash-decoding target: about this many programs per SM
 MIN_BLOCKS_PER_SPLIT = 4  # H200 sweep, batch 1 at 8k: 4 blocks per split 27.8 us, 2 blocks 36.7 us
 SHORT_CACHE_BLOCKS = 2     # fewer 128-key blocks than this per SM (all programs): 64-key blocks
 KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_k)
+# Few base programs (batch 1): when one wave of programs already holds ONE_WAVE_MIN_SPLITS splits
+# per (b, kv_head, query tile) (base * 16 <= SMs: Llama-3-8B batch 1, 8 base programs on 132 SMs),
+# target one program per SM, keep 128-key blocks while they leave two splits of
+# MIN_BLOCKS_PER_SPLIT blocks, and take 3 pipeline stages (192 KB, fits with one program per SM)
+# when a split is at most ONE_WAVE_STAGE3_MAX_BLOCKS blocks long. H200 sweep at batch 1
+# (experiments/results/attention_sweep_b1_h200.md): 32k T=1/4 k128/s16/st2 57.2/58.3 us vs the
+# old s33 78.4/78.1 us; 8k k128/s16/st3 24.8 vs st2 28.2 us; 2k k128/s4/st3 12.8 vs k64/s8 13.8 us.
+ONE_WAVE_MIN_SPLITS = 16
+ONE_WAVE_STAGE3_MAX_BLOCKS = 8  # 8k / 2k: 4 blocks per split (3 stages measured faster); 32k:
+                                # 16 (2 stages kept: 16 splits x 3 stages was not in the sweep)
+ONE_PROGRAM_SMEM = 200 * 1024   # shared memory one program may take when alone on its SM (227 KB)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -170,16 +182,23 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _choose_splits(base: int, n_blocks: int, sms: int) -> int:
-    """Flash-decoding splits: up to PROGRAMS_PER_SM waves of programs, whole waves preferred.
+def _one_wave(base: int, sms: int) -> bool:
+    """Few base programs (batch 1): one wave already gives ONE_WAVE_MIN_SPLITS splits each."""
+    return base * ONE_WAVE_MIN_SPLITS <= sms
 
-    Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(PROGRAMS_PER_SM * sms, base)) splits,
+
+def _choose_splits(base: int, n_blocks: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Flash-decoding splits: up to `programs_per_sm` waves of programs, whole waves preferred.
+
+    Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(programs_per_sm * sms, base)) splits,
     take the one whose programs fill their waves best (p / (waves * sms), or p / sms below one
     wave); ties (within 2%) go to more splits (more programs to hide latency). No splits when
-    there are already a wave of programs (large batches, prefill tiles)."""
+    there are already a wave of programs (large batches, prefill tiles). default_config passes
+    programs_per_sm=1 for few base programs (_one_wave): at batch 1 on the H200, 16 splits (128
+    programs, one wave) beat 33 (two waves) by 1.37x at 32k (attention_sweep_b1_h200.md)."""
     if base >= sms:
         return 1
-    top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(PROGRAMS_PER_SM * sms, base)))
+    top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(programs_per_sm * sms, base)))
     best, best_eff = 1, -1.0
     for ns in range(1, top + 1):
         p = base * ns
@@ -197,7 +216,14 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     """The launch configuration for a shape; explicit arguments override the heuristics.
 
     With window=(sink, recent) the block size and the splits are chosen for the keys a query
-    tile actually reads (about sink + recent + T - 1 of them), not for the whole cache."""
+    tile actually reads (about sink + recent + T - 1 of them), not for the whole cache.
+
+    Tuned on the H200 grid (experiments/results/attention_h200_full.md) and, for few base
+    programs (batch 1, `_one_wave`), on the batch-1 sweep
+    (experiments/results/attention_sweep_b1_h200.md): one wave of programs instead of two,
+    128-key blocks at 2k too, 3 stages for splits of <= ONE_WAVE_STAGE3_MAX_BLOCKS blocks. Llama-3-8B
+    heads, batch 1: 32k T=1/4 -> k128/s16/w4/st2, 8k -> k128/s16/w4/st3, 2k -> k128/s4/w4/st3 (the
+    measured best of the sweep); every batch 8/32/64 point of the full grid is unchanged."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:
@@ -209,14 +235,20 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     n_q = pl.cdiv(R, block_q)
     base = B * KVH * n_q          # programs without splitting
     sms = sm_count()
+    one_wave = _one_wave(base, sms)
     if block_k is None:
         # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
         # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
         block_k = min(128, KV_TILE_BYTES // (2 * hd * itemsize))
         if block_q >= 128:
             block_k = min(block_k, 64)
-        # Short caches: smaller key blocks leave enough of them to split over the SMs.
-        if base * (S_read // block_k) < sms * SHORT_CACHE_BLOCKS:
+        # Short caches: smaller key blocks leave enough of them to split over the SMs. Few base
+        # programs: only when the larger blocks cannot make two splits of the minimum length
+        # (batch 1 x 2k: 128-key blocks x 4 splits beat 64 x 8 on the H200, 12.8 vs 13.8 us).
+        if one_wave:
+            if S_read // block_k < 2 * MIN_BLOCKS_PER_SPLIT:
+                block_k = min(block_k, 64)
+        elif base * (S_read // block_k) < sms * SHORT_CACHE_BLOCKS:
             block_k = min(block_k, 64)
     block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
     while block_k > MIN_BLOCK_K and S % block_k:
@@ -225,13 +257,17 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
         n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
     if num_splits is None:
-        num_splits = _choose_splits(base, n_blocks, sms)
+        num_splits = _choose_splits(base, n_blocks, sms, 1 if one_wave else PROGRAMS_PER_SM)
     num_splits = max(1, min(int(num_splits), n_blocks))
     if num_warps is None:
         num_warps = 4 if block_q * hd <= 64 * 128 else 8
     if num_stages is None:
         stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
         num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
+        # One program per SM (few base programs) may take more of it: 3 stages on short splits.
+        if (num_stages == 2 and one_wave and -(-n_blocks // num_splits) <= ONE_WAVE_STAGE3_MAX_BLOCKS
+                and 3 * stage_bytes + block_q * hd * itemsize <= ONE_PROGRAM_SMEM):
+            num_stages = 3
     return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
 
 
