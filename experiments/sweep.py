@@ -105,7 +105,8 @@ def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
 
 def step_bytes(model, batch: int, context: int) -> float:
     """Bytes one decode step must read: all parameters (as stored) + the KV cache in use."""
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.state))
+    params = sum(x.size * jnp.dtype(x.dtype).itemsize if x.dtype != jnp.int4 else x.size // 2
+                 for x in jax.tree_util.tree_leaves(model.state))  # int4: two values per byte
     return float(params + KVCache.nbytes(model.cfg, batch, context, jnp.bfloat16))
 
 
@@ -330,6 +331,9 @@ def main(argv=None) -> int:
                    help="diff: decode = N-token run - 1-token run; slope: per-step time from runs of "
                         "N and N/2 tokens, which also removes a per-call constant (use it for long "
                         "prompts, where the prefill is many times the decode)")
+    p.add_argument("--weight-layout", default="half_split", choices=["half_split", "nk"],
+                   help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of <= 16 "
+                        "rows, XLA above; qj.with_weight_layout) or the stored half-split layout")
     p.add_argument("--cache-dir", default=None,
                    help="keep compiled programs and cost tables in this folder (qj.enable_persistent_cache): "
                         "a second sweep with the same folder measures warm-cache compile times")
@@ -379,6 +383,8 @@ def main(argv=None) -> int:
     draft_window = args.draft_window
     if draft_window:
         env["draft_window"] = list(draft_window)
+    if args.weight_layout != "half_split":
+        env["weight_layout"] = args.weight_layout
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
@@ -407,6 +413,8 @@ def main(argv=None) -> int:
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
                                              method="rtn", quantize_lm_head=lm) if name == "default"
                                      else random_model(name, quantized, quantize_lm_head=lm))
+                if quantized and args.weight_layout != "half_split":
+                    models[quantized] = qj.with_weight_layout(models[quantized], args.weight_layout)
                 print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
             return models[quantized]
@@ -654,6 +662,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--act-quant-in-gemm", ""))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
+        if any(r.get("weight_layout") == "nk" for r in runs):
+            args.append(("--weight-layout", "nk"))
         windows = {tuple(r["draft_window"]) for r in runs if r.get("draft_window")}
         if windows:
             args.append(("--draft-window", ",".join(f"{a}:{b}" for a, b in sorted(windows))))

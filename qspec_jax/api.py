@@ -66,6 +66,13 @@ class QSpecModel:
         return nnx.merge(self.graphdef, self.state)
 
     @property
+    def weight_layout(self) -> str:
+        """"half_split" (int8 [K/2, N], the stored format, Triton kernels) or "nk" (int4
+        [N, K], the Mosaic GPU kernels; see ``with_weight_layout``); "none" if unquantized."""
+        leaves = [v for p, v in nnx.to_flat_state(self.state) if p[-1] == "qweight"]
+        return quant_lib.weight_layout(leaves[0][...]) if leaves else "none"
+
+    @property
     def modes(self) -> tuple[str, ...]:
         """Execution modes this model's weights support."""
         return quant_lib.QUANT_MODES if self.qcfg.quantized else ("w16",)
@@ -124,6 +131,30 @@ def assemble(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, tokeni
     return QSpecModel(cfg, qcfg, graphdef, state, dtype, tokenizer, tuple(eos_ids), path)
 
 
+def with_weight_layout(model: QSpecModel, layout: str) -> QSpecModel:
+    """The same model with every int4 weight in ``layout``: "half_split" (int8 [K/2, N], the
+    checkpoint format; Pallas Triton kernels) or "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
+    swap-AB kernel takes GEMMs of up to 16 rows, 1.2-1.4x faster per 8B layer on the H200,
+    experiments/results/mgpu_h200.md; wider GEMMs run on XLA). Same values and the same bytes
+    in memory; each layer is converted in turn, so the peak is one extra layer. Outputs may
+    differ from the other layout's in the last bit of w4a16 sums (summation order); QSpec stays
+    lossless against w4a16 decoding in the same layout."""
+    if layout not in quant_lib.WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight_layout {layout!r}; choose one of "
+                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS)}")
+    if not model.qcfg.quantized:
+        raise ValueError("weight_layout applies to quantized models; load with quant='w4'")
+    if model.qcfg.group_size is not None and layout == "nk":
+        raise ValueError(f"weight_layout='nk' needs per-channel scales (the Mosaic GPU kernel), "
+                         f"this model has groups of {model.qcfg.group_size}; convert without "
+                         "--group-size or keep weight_layout='half_split'")
+    state = jax.tree_util.tree_map(lambda v: v, model.state)  # new containers, same arrays
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "qweight":
+            var.value = quant_lib.to_weight_layout(var.value, layout)
+    return dataclasses.replace(model, state=state, cycle_costs={})
+
+
 def load_tokenizer(path: str):
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         return None
@@ -134,22 +165,27 @@ def load_tokenizer(path: str):
 def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str | None = None,
          method: str = "rtn", rotate: bool | None = None, group_size: int | None = None,
          quantize_lm_head: bool = False, calib: str | None = None,
-         calib_tokens: int = 16384) -> QSpecModel:
+         calib_tokens: int = 16384, weight_layout: str = "half_split") -> QSpecModel:
     """Load an HF checkpoint folder or a ``qspec-convert`` output.
 
     On an HF folder, ``quant="w4"`` quantizes on load (``method`` rtn|gptq, ``group_size``),
     ``rotate`` (default: True when quantizing) folds the QuaRot rotation in;
     ``quantize_lm_head`` stores the lm_head in int4 too (off by default). On a converted
     folder the stored settings are used and conflicting arguments are rejected.
-    ``path=None`` loads the embedded default model.
+    ``path=None`` loads the embedded default model. ``weight_layout``: "half_split" (the
+    stored format) or "nk" (int4 [N, K] for the Mosaic GPU kernels, see ``with_weight_layout``).
     """
     from conversion import checkpoint, hf
+    if weight_layout not in quant_lib.WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of "
+                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS)}")
     path = os.fspath(path) if path is not None else default_model_path()
     dtype = resolve_dtype(dtype)
     if checkpoint.is_converted(path):
-        return checkpoint.load_converted(path, dtype=dtype, quant=quant, method=method,
-                                         rotate=rotate, group_size=group_size,
-                                         quantize_lm_head=quantize_lm_head or None)
+        model = checkpoint.load_converted(path, dtype=dtype, quant=quant, method=method,
+                                          rotate=rotate, group_size=group_size,
+                                          quantize_lm_head=quantize_lm_head or None)
+        return model if weight_layout == "half_split" else with_weight_layout(model, weight_layout)
     cfg = model_config_from_hf(read_hf_config(path))
     qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head)
     params = hf.load_hf_params(path, cfg, flat_shapes(
@@ -158,8 +194,9 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
         from conversion.quantize import prepare_params
         cfg, params = prepare_params(cfg, qcfg, params, dtype, calib=calib, calib_tokens=calib_tokens,
                                      tokenizer_path=path)
-    return assemble(cfg, qcfg, params, dtype, tokenizer=load_tokenizer(path),
-                    eos_ids=generation_eos_ids(path, cfg), path=path)
+    model = assemble(cfg, qcfg, params, dtype, tokenizer=load_tokenizer(path),
+                     eos_ids=generation_eos_ids(path, cfg), path=path)
+    return model if weight_layout == "half_split" else with_weight_layout(model, weight_layout)
 
 
 def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False) -> QuantConfig:

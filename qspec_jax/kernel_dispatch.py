@@ -72,9 +72,60 @@ def _gemm_interpret(M, K, qweight, scales, mode: str, required: bool):
 ACT_QUANT_IN_GEMM = False
 
 
+# weight_layout="nk" (int4 [N, K]): the Mosaic GPU swap-AB kernel takes GEMMs with M <= this
+# (decode / draft / small verify batches; 1.27-1.30x our Triton w4a16 per 8B layer, w4a8
+# 1.21-1.40x, experiments/results/mgpu_h200.md); larger M run on XLA's GEMM over the int4 weight.
+MGPU_MAX_M = 16
+
+
+def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
+    """Whether the Mosaic GPU kernel takes this GEMM of an int4 [N, K] weight (else XLA, the
+    reason logged once)."""
+    from pallas_kernels import w4_mgpu
+    if jax.default_backend() != "gpu":
+        level = logging.WARNING if required else logging.INFO
+        log_once(("nk-cpu",), "qspec_jax: int4 [N, K] weights (weight_layout='nk'): the Mosaic GPU "
+                  f"kernel needs a GPU ({jax.default_backend()} here, no interpret mode): quantized "
+                  "GEMMs use the XLA reference path", level)
+        return False
+    if w4_mgpu.plgpu is None:
+        log_once(("nk-nomgpu",), "qspec_jax: this jax has no Pallas Mosaic GPU: int4 [N, K] "
+                  "GEMMs use XLA", logging.WARNING)
+        return False
+    if mode not in PALLAS_MODES:
+        log_once(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "
+                                  "reference path for it", logging.WARNING)
+        return False
+    if scales.shape[0] != 1:
+        log_once(("nk-group", K, N), "qspec_jax: the Mosaic GPU kernel takes per-channel scales "
+                  f"only (this layer has groups of {K // scales.shape[0]}): XLA for it", logging.WARNING)
+        return False
+    if M > MGPU_MAX_M:
+        log_once(("nk-bigm",), f"qspec_jax: int4 [N, K] weights: GEMMs with M > {MGPU_MAX_M} rows "
+                  "(prefill, wide verify passes) use XLA's GEMM")
+        return False
+    err = w4_mgpu.check(M, K, N, w4_mgpu.default_config(M, K, N))
+    if err:
+        log_once(("nk-shape", K, N), f"qspec_jax: the Mosaic GPU kernel cannot take K={K} N={N} "
+                  f"({err}): XLA for this layer", logging.WARNING)
+        return False
+    log_once(("nk-mgpu",), f"qspec_jax: quantized GEMMs with M <= {MGPU_MAX_M} use the Mosaic GPU "
+              "kernel (int4 [N, K] weights)")
+    return True
+
+
 def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
     import pallas_kernels as pk
+    if quant.weight_layout(qweight) == "nk":
+        M, K = x2.shape
+        if not _mgpu_runs(M, K, qweight.shape[0], scales, mode, required):
+            return None
+        from pallas_kernels.w4_mgpu import w4_mgpu_matmul
+        if mode == "w4a16":
+            return w4_mgpu_matmul(x2, qweight, scales[0])
+        xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
+        return w4_mgpu_matmul(xq, qweight, scales[0], sx.reshape(-1)).astype(x2.dtype)
     interpret = _gemm_interpret(*x2.shape, qweight, scales, mode, required)
     if interpret is None:
         return None
@@ -94,6 +145,12 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool)
     """xq2 int8 [M, K] with per-token scales sx2 [M, 1] -> [M, N] in out_dtype via the Pallas
     int8 GEMM (w4a8 and w4a4 share it), or None to use the XLA reference path."""
     import pallas_kernels as pk
+    if quant.weight_layout(qweight) == "nk":
+        M, K = xq2.shape
+        if not _mgpu_runs(M, K, qweight.shape[0], scales, "w4a8", required):
+            return None
+        from pallas_kernels.w4_mgpu import w4_mgpu_matmul
+        return w4_mgpu_matmul(xq2, qweight, scales[0], sx2.reshape(-1)).astype(out_dtype)
     interpret = _gemm_interpret(*xq2.shape, qweight, scales, "w4a8", required)
     if interpret is None:
         return None

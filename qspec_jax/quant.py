@@ -14,6 +14,10 @@ A linear layer's weight is [K, N] = (in, out). It is stored as
 Dequantized weight: ``w[k, n] = q[k, n] * scales[k // G, n]``. K must be even and G must divide K.
 The scale of an all-zero group is 1.0 (q = 0), never 0, NaN or inf.
 
+Run-time alternative (never written to disk): ``qweight`` as XLA's packed ``int4`` [N, K], the
+same values transposed (K contiguous), for the Mosaic GPU kernels (``weight_layout="nk"``,
+``to_weight_layout``). The dtype tells the layouts apart; every function here takes both.
+
 Execution modes (a static argument of every model call)
 -------------------------------------------------------
 - ``w16``: unquantized weights (unquantized models only).
@@ -64,8 +68,37 @@ def pack_int4(q):
     return jnp.bitwise_or(low, high).astype(jnp.int8)
 
 
+WEIGHT_LAYOUTS = ("half_split", "nk")
+
+
+def weight_layout(qweight) -> str:
+    """"nk" for an int4 [N, K] qweight, "half_split" for the stored int8 [K // 2, N]."""
+    return "nk" if qweight.dtype == jnp.int4 else "half_split"
+
+
+def weight_shape(qweight) -> tuple[int, int]:
+    """(K, N) of a qweight in either layout."""
+    if weight_layout(qweight) == "nk":
+        return qweight.shape[1], qweight.shape[0]
+    return 2 * qweight.shape[0], qweight.shape[1]
+
+
+def to_weight_layout(qweight, layout: str):
+    """qweight in either layout -> the same values in ``layout`` (WEIGHT_LAYOUTS)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight layout {layout!r}; choose one of {', '.join(WEIGHT_LAYOUTS)}")
+    if weight_layout(qweight) == layout:
+        return qweight
+    if layout == "nk":
+        return unpack_int4(qweight).T.astype(jnp.int4)
+    return pack_int4(qweight.T.astype(jnp.int8))
+
+
 def unpack_int4(packed):
-    """int8 [K // 2, N] in the half-split layout -> int8 [K, N] with values in [-8, 7]."""
+    """int8 [K // 2, N] in the half-split layout (or int4 [N, K]) -> int8 [K, N] with values in
+    [-8, 7]."""
+    if packed.dtype == jnp.int4:
+        return packed.T.astype(jnp.int8)
     packed = jnp.asarray(packed, jnp.int8)
     # Arithmetic right shifts of int8 sign-extend each nibble.
     low = jnp.right_shift(jnp.left_shift(packed, 4), 4)

@@ -51,8 +51,15 @@ def test_generate_cli_with_tokenizer(tmp_path, capsys):
     stats = last_json_line(captured.err)
     assert stats["batch"] == 2 and stats["new_tokens"] <= 10
     assert generate_main(argv[:-1] + ["--quant", "w4", "--mode", "qspec", "--gamma", "2"]) == 0
-    stats = last_json_line(capsys.readouterr().err)
+    qspec_out = capsys.readouterr()
+    stats = last_json_line(qspec_out.err)
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
+    # The int4 [N, K] layout (Mosaic GPU kernels; the XLA path here) gives the same text.
+    assert generate_main(argv[:-1] + ["--quant", "w4", "--mode", "qspec", "--gamma", "2",
+                                      "--weight-layout", "nk"]) == 0
+    assert capsys.readouterr().out == qspec_out.out
+    assert generate_main(argv + ["--weight-layout", "nk"]) == 2
+    assert "--weight-layout nk needs a quantized model" in capsys.readouterr().err
     # Memory options reach generate; bad values are reported without a traceback.
     assert generate_main(argv + ["--prefill-chunk", "0"]) == 2
     assert "prefill_chunk must be a positive integer" in capsys.readouterr().err

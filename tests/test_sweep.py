@@ -257,3 +257,26 @@ def test_sweep_quick_slope_timing(tmp_path):
     with pytest.raises(SystemExit):
         sweep_main(["--quick", "--decode-timing", "slope", "--new-tokens", "3", "--out",
                     str(tmp_path / "y.jsonl")])
+
+
+def test_sweep_quick_with_the_nk_weight_layout(tmp_path):
+    """--weight-layout nk: the quantized models hold int4 [N, K] weights (step bytes count two
+    values per byte), recorded in every row and in the report's command."""
+    from experiments import sweep
+    import jax.numpy as jnp
+    out = tmp_path / "nk.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "1", "--gammas", "2",
+                       "--cost-gammas", "0,2", "--max-gamma", "2", "--weight-layout", "nk",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in open(out)]
+    assert rows and all(r.get("weight_layout") == "nk" for r in rows if "mode" in r)
+    assert all("error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--weight-layout nk" in open(tmp_path / "nk.md").read()
+    import jax
+    import qspec_jax as qj
+    m = sweep.random_model("tiny", True)
+    nk = qj.with_weight_layout(m, "nk")
+    assert nk.weight_layout == "nk" and m.weight_layout == "half_split"
+    assert sweep.step_bytes(nk, 1, 8) == sweep.step_bytes(m, 1, 8)
+    assert any(x.dtype == jnp.int4 for x in jax.tree_util.tree_leaves(nk.state))

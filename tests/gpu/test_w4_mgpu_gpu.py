@@ -62,3 +62,25 @@ def test_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="M <= 16"):
         w4_mgpu_matmul(jnp.zeros((17, 256), jnp.bfloat16), jnp.zeros((64, 256), jnp.int4),
                        jnp.ones((64,), jnp.float32))
+
+
+def test_model_in_nk_layout_uses_the_kernel_and_stays_lossless(caplog):
+    """The default model with int4 [N, K] weights on the GPU: decode GEMMs run the Mosaic
+    kernel; QSpec's tokens equal w4a16 decoding's in that layout; logits stay within bf16
+    rounding of the stored layout's (Triton kernels)."""
+    import logging
+
+    import qspec_jax as qj
+    m = qj.load(None, quant="w4")
+    nk = qj.with_weight_layout(m, "nk")
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        prompts = ["def add(a, b):\n    return", "import os\n", "class A:\n"]
+        ar = qj.generate(nk, prompts, max_new_tokens=24, mode="w4a16")
+        qs = qj.generate(nk, prompts, max_new_tokens=24, mode="qspec", gamma=3)
+    assert qs.tokens == ar.tokens
+    assert any("Mosaic GPU kernel" in r.getMessage() for r in caplog.records)
+    toks = [[5, 17, 3, 99]]
+    for mode in ("w4a16", "w4a8"):
+        a = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
+        b = np.asarray(qj.logits(nk, toks, mode=mode), np.float32)
+        np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())

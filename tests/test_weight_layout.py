@@ -1,0 +1,95 @@
+"""weight_layout="nk" (int4 [N, K] for the Mosaic GPU kernels): the same values as the stored
+half-split layout, the same model outputs on the reference path, QSpec still lossless, clear
+errors, and on a (pretend) GPU the decode GEMMs lower to the Mosaic GPU kernel."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qspec_jax as qj
+from qspec_jax import kernel_dispatch, quant
+from qspec_jax.layers import quantized_matmul
+
+
+@pytest.fixture(scope="module")
+def models():
+    m = qj.load(None, quant="w4")
+    return m, qj.with_weight_layout(m, "nk")
+
+
+def test_layout_conversion_round_trips():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.integers(-8, 8, (64, 24)), jnp.int8)         # [K, N] int4 values
+    hs = quant.pack_int4(q)
+    nk = quant.to_weight_layout(hs, "nk")
+    assert nk.dtype == jnp.int4 and nk.shape == (24, 64)
+    np.testing.assert_array_equal(np.asarray(nk.astype(jnp.int8)), np.asarray(q).T)
+    np.testing.assert_array_equal(np.asarray(quant.unpack_int4(nk)), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(quant.to_weight_layout(nk, "half_split")), np.asarray(hs))
+    assert quant.weight_shape(nk) == quant.weight_shape(hs) == (64, 24)
+    with pytest.raises(ValueError, match="unknown weight layout 'kn'"):
+        quant.to_weight_layout(hs, "kn")
+
+
+def test_model_outputs_match_the_stored_layout(models):
+    m, nk = models
+    assert (m.weight_layout, nk.weight_layout) == ("half_split", "nk")
+    toks = [[5, 17, 3, 99, 42, 7, 8, 1]]
+    for mode in ("w4a16", "w4a8", "w4a4"):
+        a = np.asarray(qj.logits(m, toks, mode=mode, kernels="xla"), np.float32)
+        b = np.asarray(qj.logits(nk, toks, mode=mode, kernels="xla"), np.float32)
+        np.testing.assert_array_equal(a, b)  # same integers, same XLA math
+
+
+def test_qspec_is_lossless_in_the_nk_layout(models):
+    m, nk = models
+    prompts = ["def add(a, b):\n    return", "import os\n"]
+    ar = qj.generate(nk, prompts, max_new_tokens=10, mode="w4a16")
+    qs = qj.generate(nk, prompts, max_new_tokens=10, mode="qspec", gamma=3)
+    assert qs.tokens == ar.tokens
+    assert qj.generate(m, prompts, max_new_tokens=10, mode="w4a16").tokens == ar.tokens
+    assert qs.stats["cycles"] > 0
+
+
+def test_bad_layout_requests_are_rejected(models):
+    m, _ = models
+    with pytest.raises(ValueError, match="unknown weight_layout 'kn'"):
+        qj.with_weight_layout(m, "kn")
+    with pytest.raises(ValueError, match="unknown weight_layout"):
+        qj.load(None, quant="w4", weight_layout="bad")
+    with pytest.raises(ValueError, match="quantized models"):
+        qj.with_weight_layout(qj.load(None), "nk")
+
+
+def test_cpu_pallas_request_says_the_kernel_needs_a_gpu(models, caplog):
+    _, nk = models
+    kernel_dispatch._ANNOUNCED.discard(("nk-cpu",))
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        out = qj.logits(nk, [[1, 2, 3]], mode="w4a16", kernels="pallas")
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert any("needs a GPU" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize("M,mode,expect", [(4, "w4a16", True), (16, "w4a8", True),
+                                           (32, "w4a16", False), (2, "w4a8_fp8", False)])
+def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, expect):
+    """With a GPU backend, GEMMs of up to 16 rows of an int4 [N, K] weight are the Mosaic GPU
+    custom call; wider ones (and modes without a kernel) are XLA's dot."""
+    K, N = 512, 128
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    nk = quant.to_weight_layout(jnp.zeros((K // 2, N), jnp.int8), "nk")
+    s = jnp.ones((1, N), jnp.float32)
+    f = jax.jit(lambda x, w, s: quantized_matmul(x, w, s, mode, "auto"))
+    text = f.trace(jax.ShapeDtypeStruct((M, K), jnp.bfloat16), nk, s).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert ("mosaic_gpu" in text) == expect
+    assert ("dot_general" in text) == (not expect)
+
+
+def test_group_scales_need_the_stored_layout():
+    m = qj.load(None, quant="w4", group_size=32)
+    with pytest.raises(ValueError, match="per-channel scales"):
+        qj.with_weight_layout(m, "nk")
