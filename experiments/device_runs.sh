@@ -30,6 +30,9 @@
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
+#   bash experiments/device_runs.sh mgpu       # Mosaic GPU kernel: GPU tests + tile sweep on the large 8B shapes (~9 min)
+#   bash experiments/device_runs.sh mgpucompile  # int4 [N, K] layout: 8B compile time, lower vs compile, autotuning off (~5 min)
+#   bash experiments/device_runs.sh mgpue2e    # int4 [N, K] vs stored layout end to end: AR + gamma 3, batch 1/4/16 (~9.5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -39,7 +42,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpucompile | mgpue2e}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -328,6 +331,34 @@ case "$stage" in
     step 330 attnsweep1.log python3 experiments/bench_attention.py --sweep \
       --sweep-points 1:8192:1,1:32768:1,1:32768:4,1:2048:1 --reps 3 --time-budget 300 \
       --commit "$COMMIT" --out "$OUT/attention_sweep_b1_h200.json"
+    ;;
+  mgpu)
+    # Issue 6: the Mosaic GPU kernel's GPU tests (kernel cases + the default model in the int4
+    # [N, K] layout: QSpec = w4a16 tokens), then the tile sweep on the two large 8B shapes.
+    step 240 mgpu_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA -p no:cacheprovider
+    step 300 probe_mgpu.log python3 experiments/probe_mgpu.py --out "$OUT" --shapes 4096x28672,14336x4096 \
+      --ms 1,4,16 --sweep tune --sweep-modes w4a16 --time-budget 280 --commit "$COMMIT"
+    ;;
+  mgpucompile)
+    # Issues 6/8: where the int4 [N, K] layout's compile time goes (its 8B batch-1 program did not
+    # finish in 95 s at 456852e; the stored layout's: 22.8 s): lower vs compile, with and without
+    # XLA's autotuning (wider GEMMs run XLA's int4 dot in that layout).
+    for L in nk half_split; do
+      step 200 compile_probe_$L.log python3 experiments/compile_probe.py --weight-layout $L \
+        --out "$OUT/compile_probe_$L.json"
+    done
+    XLA_FLAGS=--xla_gpu_autotune_level=0 step 200 compile_probe_nk_noautotune.log \
+      python3 experiments/compile_probe.py --weight-layout nk --out "$OUT/compile_probe_nk_noautotune.json"
+    ;;
+  mgpue2e)
+    # Issues 6/8: w4a16 AR and QSpec gamma 3 in both layouts, 8B shapes, batch 1 / 4 / 16
+    # (a persistent cache so the second process reuses what the first compiled).
+    for L in nk half_split; do
+      step 280 mgpue2e_$L.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
+        --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1,4,16 --new-tokens 64 --repeats 2 \
+        --weight-layout $L --cache-dir /tmp/qj_cache --time-budget 260 --commit "$COMMIT" \
+        --out "$OUT/mgpue2e_$L.jsonl"
+    done
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
