@@ -31,6 +31,7 @@
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
 #   bash experiments/device_runs.sh mgpu       # Mosaic GPU kernel: GPU tests + tile sweep on the large 8B shapes (~9 min)
+#   bash experiments/device_runs.sh mgpuws     # warp-specialized Mosaic kernel: correctness + time, 8B shapes (~5.5 min)
 #   bash experiments/device_runs.sh mgpucompile  # int4 [N, K] layout: 8B compile time, lower vs compile, autotuning off (~5 min)
 #   bash experiments/device_runs.sh mgpue2e    # int4 [N, K] vs stored layout end to end: AR + gamma 3, batch 1/4/16 (~9.5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
@@ -42,7 +43,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpucompile | mgpue2e}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -338,6 +339,12 @@ case "$stage" in
     step 240 mgpu_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA -p no:cacheprovider
     step 300 probe_mgpu.log python3 experiments/probe_mgpu.py --out "$OUT" --shapes 4096x28672,14336x4096 \
       --ms 1,4,16 --sweep tune --sweep-modes w4a16 --time-budget 280 --commit "$COMMIT"
+    ;;
+  mgpuws)
+    # Issue 6: the warp-specialized Mosaic kernel (TMA warpgroup + two compute warpgroups sharing
+    # the x tile; lowered on CPU only so far): correctness and time at the four 8B shapes.
+    step 320 probe_mgpu_ws.log python3 experiments/probe_mgpu.py --out "$OUT/ws" --shapes 8b \
+      --ms 1,4,16 --sweep ws --sweep-modes w4a16 --no-baselines --time-budget 300 --commit "$COMMIT"
     ;;
   mgpucompile)
     # Issues 6/8: where the int4 [N, K] layout's compile time goes (its 8B batch-1 program did not

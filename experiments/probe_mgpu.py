@@ -46,6 +46,14 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
                     out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll))
         return out
+    if kind == "ws":  # warp-specialized: 128-row tiles over two compute warpgroups
+        out = []
+        for p in (2, 3, 4):
+            for sk in (1, 2, 4, 8, 16):
+                if 128 <= N // 128 * sk <= 1024 and K % (256 * sk) == 0 and N % 128 == 0:
+                    out.append(MgpuConfig(tile_n=128, block_k=256, split_k=sk, stages=p,
+                                          load_layout=ll, warp_specialized=True))
+        return out
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":
@@ -136,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
-    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "tune", "full"))
+    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "tune", "ws", "full"))
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
     ap.add_argument("--sweep-modes", default="w4a16,w4a8",

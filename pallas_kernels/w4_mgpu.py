@@ -39,10 +39,13 @@ class MgpuConfig:
     split_k: int = 1       # CTAs along K; partial sums added in the epilogue
     stages: int = 4        # TMA pipeline depth
     load_layout: str = "upcast"  # register layout of the int4 tile load ("upcast" or "wgmma")
+    # Warp-specialized: one TMA warpgroup feeds two compute warpgroups, each taking half of the
+    # tile_n rows (so both share one x tile). Lowers on CPU; not yet timed on the device.
+    warp_specialized: bool = False
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
-                f"w0{self.load_layout[0]}")
+                f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else ""))
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -82,8 +85,9 @@ def _transforms(last, dtype, what):
 def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
     if M > 16:
         return f"M={M}: this kernel takes M <= 16 (the wgmma N is 8 or 16 rows of x)"
-    if cfg.tile_n % 64:
-        return f"tile_n={cfg.tile_n} must be a multiple of 64"
+    if cfg.tile_n % (128 if cfg.warp_specialized else 64):
+        return (f"tile_n={cfg.tile_n} must be a multiple of 64"
+                + (" per compute warpgroup (128 with warp_specialized)" if cfg.warp_specialized else ""))
     if N % cfg.tile_n:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
@@ -137,15 +141,8 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
                 # operand is not kept live across the asynchronous MMA.
                 plgpu.wgmma_wait(0)
 
-            plgpu.emit_pipeline(
-                body, grid=(k_iters,),
-                in_specs=[
-                    plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
-                                    transforms=_transforms(cfg.block_k, cdt, "rhs")),
-                    plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
-                                    transforms=_transforms(cfg.block_k, jnp.int4, "lhs")),
-                ],
-                max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
+            plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=in_specs(ni, si),
+                                max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
@@ -154,12 +151,54 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
         plgpu.wait_smem_to_gmem(0)
 
-    f = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
-        grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
-        scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    in_specs = lambda ni, si: [  # noqa: E731
+        plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
+                        transforms=_transforms(cfg.block_k, cdt, "rhs")),
+        plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+                        transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
+    half = cfg.tile_n // 2
+
+    def kernel_ws(x_gmem, w_gmem, o_gmem, o_smem):
+        ni = lax.axis_index("n")
+        si = lax.axis_index("s")
+
+        def compute_context(eval_pipeline):
+            def acc_scope(acc_ref):
+                eval_pipeline(acc_ref)
+                wg = lax.axis_index("wg")
+                o_smem.at[wg][...] = acc_ref[...]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[wg], o_gmem.at[si, pl.ds(ni * cfg.tile_n + wg * half, half)])
+                plgpu.wait_smem_to_gmem(0)
+            pl.run_scoped(acc_scope, plgpu.ACC((half, Mp), acc_dt))
+
+        def body(_, x_smem, w_smem, acc_ref):
+            wg = lax.axis_index("wg")
+            w = plgpu.load(w_smem.at[pl.ds(wg * half, half)], (), layout=load_layout)
+            if load_layout != mma_layout:
+                w = plgpu.layout_cast(w, mma_layout)
+            plgpu.wgmma(acc_ref, w.astype(cdt), plgpu.transpose_ref(x_smem, (1, 0)))
+            plgpu.wgmma_wait(0)
+            return acc_ref
+
+        plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, in_specs=in_specs(ni, si),
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages,
+            compute_context=compute_context)(x_gmem, w_gmem)
+
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    if cfg.warp_specialized:
+        f = plgpu.kernel(
+            kernel_ws, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
+            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"), num_threads=3, thread_name="wg",
+            scratch_types=dict(o_smem=plgpu.SMEM((2, half, Mp), acc_dt)), compiler_params=params)
+    else:
+        f = plgpu.kernel(
+            kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
+            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+            scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
+            compiler_params=params)
     part = f(xp, w_nk)
     acc = part.sum(0) if int8 else part.sum(0)  # int32 sum is exact
     y = acc.astype(jnp.float32) * scales[:, None]

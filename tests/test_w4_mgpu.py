@@ -53,6 +53,7 @@ def test_shape_errors_name_the_problem():
     assert "multiple of tile_n" in check(4, 256, 96, MgpuConfig(tile_n=64))
     assert "block_k*split_k" in check(4, 256, 64, MgpuConfig(tile_n=64, block_k=256, split_k=2))
     assert "multiple of 64" in check(4, 256, 64, MgpuConfig(tile_n=32))
+    assert "128 with warp_specialized" in check(4, 256, 64, MgpuConfig(tile_n=64, warp_specialized=True))
     assert check(16, 512, 128, MgpuConfig(tile_n=64, split_k=2)) is None
     x = jnp.zeros((20, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="w4_mgpu_matmul: M=20"):
@@ -60,12 +61,14 @@ def test_shape_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
-def test_lowers_for_cuda(mode):
-    """The Mosaic GPU kernel traces and lowers to its custom call on CPU (no GPU needed)."""
+@pytest.mark.parametrize("ws", [False, True])
+def test_lowers_for_cuda(mode, ws):
+    """The Mosaic GPU kernel (plain and warp-specialized) traces and lowers to its custom call
+    on CPU (no GPU needed)."""
     M, K, N = 5, 512, 128
     int8 = mode == "w4a8"
-    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2,
-                     load_layout="wgmma" if int8 else "upcast")
+    cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=256, split_k=2, stages=2,
+                     load_layout="wgmma" if int8 else "upcast", warp_specialized=ws)
     avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
              jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
     if int8:

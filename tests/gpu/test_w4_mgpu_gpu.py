@@ -45,7 +45,9 @@ def test_w4a8_matches_reference(K, N, M):
 
 
 @pytest.mark.parametrize("cfg", [MgpuConfig(tile_n=128, block_k=512, split_k=1, stages=3),
-                                 MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4)])
+                                 MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4),
+                                 MgpuConfig(tile_n=128, block_k=256, split_k=2, stages=3,
+                                            warp_specialized=True)])
 def test_other_configs(cfg):
     K, N, M = 4096, 1024, 9
     qw, s, x = _case(K, N, M, seed=3)
