@@ -136,9 +136,18 @@ def with_weight_layout(model: QSpecModel, layout: str) -> QSpecModel:
     checkpoint format; Pallas Triton kernels) or "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
     swap-AB kernel takes GEMMs of up to 16 rows, 1.2-1.4x faster per 8B layer on the H200,
     experiments/results/mgpu_h200.md; wider GEMMs run on XLA). Same values and the same bytes
-    in memory; each layer is converted in turn, so the peak is one extra layer. Outputs may
-    differ from the other layout's in the last bit of w4a16 sums (summation order); QSpec stays
-    lossless against w4a16 decoding in the same layout."""
+    in memory. The input model is left as it is (both copies live while both are held: drop it
+    to free its weights); ``load(..., weight_layout=...)`` converts its own fresh model in place,
+    one weight at a time (peak: one extra weight). Outputs may differ from the other layout's in
+    the last bit of w4a16 sums (summation order); QSpec stays lossless against w4a16 decoding in
+    the same layout."""
+    _check_layout_request(model, layout)
+    state = jax.tree_util.tree_map(lambda v: v, model.state)  # new containers, same arrays
+    _convert_weights(state, layout)
+    return dataclasses.replace(model, state=state, cycle_costs={})
+
+
+def _check_layout_request(model: QSpecModel, layout: str) -> None:
     if layout not in quant_lib.WEIGHT_LAYOUTS:
         raise ValueError(f"unknown weight_layout {layout!r}; choose one of "
                          f"{', '.join(quant_lib.WEIGHT_LAYOUTS)}")
@@ -148,11 +157,14 @@ def with_weight_layout(model: QSpecModel, layout: str) -> QSpecModel:
         raise ValueError(f"weight_layout='nk' needs per-channel scales (the Mosaic GPU kernel), "
                          f"this model has groups of {model.qcfg.group_size}; convert without "
                          "--group-size or keep weight_layout='half_split'")
-    state = jax.tree_util.tree_map(lambda v: v, model.state)  # new containers, same arrays
+
+
+def _convert_weights(state, layout: str) -> None:
+    """Replace every qweight of ``state`` by ``layout`` in place (each old array is released as
+    soon as its replacement exists, if nothing else holds it)."""
     for path, var in nnx.to_flat_state(state):
         if path[-1] == "qweight":
             var.value = quant_lib.to_weight_layout(var.value, layout)
-    return dataclasses.replace(model, state=state, cycle_costs={})
 
 
 def load_tokenizer(path: str):
@@ -185,7 +197,7 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
         model = checkpoint.load_converted(path, dtype=dtype, quant=quant, method=method,
                                           rotate=rotate, group_size=group_size,
                                           quantize_lm_head=quantize_lm_head or None)
-        return model if weight_layout == "half_split" else with_weight_layout(model, weight_layout)
+        return _with_own_layout(model, weight_layout)
     cfg = model_config_from_hf(read_hf_config(path))
     qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head)
     params = hf.load_hf_params(path, cfg, flat_shapes(
@@ -196,7 +208,16 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
                                      tokenizer_path=path)
     model = assemble(cfg, qcfg, params, dtype, tokenizer=load_tokenizer(path),
                      eos_ids=generation_eos_ids(path, cfg), path=path)
-    return model if weight_layout == "half_split" else with_weight_layout(model, weight_layout)
+    return _with_own_layout(model, weight_layout)
+
+
+def _with_own_layout(model: QSpecModel, layout: str) -> QSpecModel:
+    """load's conversion: checked as with_weight_layout, but in place on a model nobody else holds."""
+    if layout == "half_split":
+        return model
+    _check_layout_request(model, layout)
+    _convert_weights(model.state, layout)
+    return model
 
 
 def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False) -> QuantConfig:

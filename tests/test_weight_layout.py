@@ -54,6 +54,16 @@ def test_qspec_is_lossless_in_the_nk_layout(models):
     assert qs.stats["cycles"] > 0
 
 
+def test_load_converts_in_place(models):
+    m, nk = models
+    loaded = qj.load(None, quant="w4", weight_layout="nk")
+    assert loaded.weight_layout == "nk" and m.weight_layout == "half_split"
+    for (pa, a), (pb, b) in zip(nnx.to_flat_state(loaded.state), nnx.to_flat_state(nk.state)):
+        assert pa == pb and a[...].dtype == b[...].dtype
+        np.testing.assert_array_equal(np.asarray(a[...].astype(jnp.float32)),
+                                      np.asarray(b[...].astype(jnp.float32)))
+
+
 def test_bad_layout_requests_are_rejected(models):
     m, _ = models
     with pytest.raises(ValueError, match="unknown weight_layout 'kn'"):
