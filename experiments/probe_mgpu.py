@@ -48,10 +48,11 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
         return out
     if kind == "ws":  # warp-specialized: 128-row tiles over two compute warpgroups
         out = []
-        for p in (2, 3, 4):
+        for bk, p in ((256, 2), (256, 3), (256, 4), (256, 6), (128, 6)):
             for sk in (1, 2, 4, 8, 16):
-                if 128 <= N // 128 * sk <= 1024 and K % (256 * sk) == 0 and N % 128 == 0:
-                    out.append(MgpuConfig(tile_n=128, block_k=256, split_k=sk, stages=p,
+                if (128 <= N // 128 * sk <= 1024 and K % (bk * sk) == 0 and N % 128 == 0
+                        and K // (bk * sk) >= p):  # at least as many K steps as stages
+                    out.append(MgpuConfig(tile_n=128, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll, warp_specialized=True))
         return out
     if kind == "one":
