@@ -3,7 +3,8 @@
 y[M, N] = x[M, K] @ W[K, N] computed as (W^T x^T)^T: the int4 weight tile [tile_n, block_k]
 is the wgmma's A operand *in registers* (TMA'd to shared memory, loaded in the upcast layout,
 converted to bf16 / int8 in registers), the activation tile x^T [block_k, Mp] the B operand in
-shared memory (Mp = 8 or 16 rows of x, the wgmma's N). The weight therefore fills the MMA's
+shared memory (Mp = 8, 16, 32 or 64 rows of x, the wgmma's N; measured at M <= 16, where the
+model uses it, see kernel_dispatch.MGPU_MAX_M). The weight therefore fills the MMA's
 64-row M dimension and never returns to shared memory after unpacking, which is what the
 Triton kernels cannot do (experiments/results/stream_h200_6341a42.md).
 
@@ -76,6 +77,14 @@ def reference(x, w_nk, scales, sx=None):
     return (acc.astype(jnp.float32) * sx[:, None] * scales[None, :]).astype(jnp.bfloat16)
 
 
+MAX_M = 64
+
+
+def padded_rows(M: int) -> int:
+    """Rows of x the kernel computes: the next power of two >= max(M, 8) (the wgmma's N)."""
+    return max(8, 1 << (int(M) - 1).bit_length())
+
+
 def _transforms(last, dtype, what):
     bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).bits
     sw = plgpu.find_swizzle(last * bits, what)
@@ -83,8 +92,9 @@ def _transforms(last, dtype, what):
 
 
 def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
-    if M > 16:
-        return f"M={M}: this kernel takes M <= 16 (the wgmma N is 8 or 16 rows of x)"
+    if not 1 <= M <= MAX_M:
+        return (f"M={M}: this kernel takes 1 <= M <= {MAX_M} rows of x (the wgmma's N; wider "
+                "GEMMs are not small-M work: use XLA or the Triton kernels)")
     if cfg.tile_n % (128 if cfg.warp_specialized else 64):
         return (f"tile_n={cfg.tile_n} must be a multiple of 64"
                 + (" per compute warpgroup (128 with warp_specialized)" if cfg.warp_specialized else ""))
@@ -96,7 +106,8 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
 
 
 def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
-    """x [M, K] (bf16; int8 with sx [M] f32 for w4a8), w_nk int4 [N, K], scales f32 [N]."""
+    """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= 64), w_nk int4 [N, K], scales
+    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8)."""
     if plgpu is None:
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
@@ -113,7 +124,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         raise ValueError(f"w4_mgpu_matmul: {err}")
     cdt = jnp.int8 if int8 else jnp.bfloat16
     acc_dt = jnp.int32 if int8 else jnp.float32
-    Mp = 8 if M <= 8 else 16
+    Mp = padded_rows(M)
     xp = x.astype(cdt)
     if Mp != M:
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
