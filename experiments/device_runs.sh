@@ -337,9 +337,9 @@ case "$stage" in
     # Issue 6: the Mosaic GPU kernel's GPU tests (kernel cases + the default model in the int4
     # [N, K] layout: QSpec = w4a16 tokens), then the tile sweep on the two large 8B shapes and the
     # kernel at M = 32 / 64 against Triton (verify passes at batch 8-16; kernel_dispatch.MGPU_MAX_M).
-    step 240 mgpu_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA -p no:cacheprovider
-    step 300 probe_mgpu.log python3 experiments/probe_mgpu.py --out "$OUT" --shapes 4096x28672,14336x4096 \
-      --ms 1,4,16,32,64 --sweep tune --sweep-modes w4a16 --time-budget 280 --commit "$COMMIT"
+    step 280 mgpu_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA -p no:cacheprovider
+    step 290 probe_mgpu.log python3 experiments/probe_mgpu.py --out "$OUT" --shapes 4096x28672,14336x4096 \
+      --ms 1,4,16,32,64 --sweep tune --sweep-modes w4a16 --time-budget 270 --commit "$COMMIT"
     ;;
   mgpuws)
     # Issue 6: the warp-specialized Mosaic kernel (TMA warpgroup + two compute warpgroups sharing
