@@ -265,8 +265,7 @@ def test_sweep_quick_with_the_nk_weight_layout(tmp_path):
     from experiments import sweep
     import jax.numpy as jnp
     out = tmp_path / "nk.jsonl"
-    assert sweep_main(["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "1", "--gammas", "2",
-                       "--cost-gammas", "0,2", "--max-gamma", "2", "--weight-layout", "nk",
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--weight-layout", "nk",
                        "--out", str(out)]) == 0
     rows = [json.loads(l) for l in open(out)]
     assert rows and all(r.get("weight_layout") == "nk" for r in rows if "mode" in r)
