@@ -112,6 +112,9 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
     N = w_nk.shape[0]
+    if w_nk.dtype != jnp.int4:
+        raise ValueError(f"w4_mgpu_matmul: the weight must be int4 [N, K] (got {w_nk.dtype}); "
+                         "convert the model's int8 [K/2, N] with nk_from_half_split")
     if w_nk.shape[1] != K or scales.shape != (N,):
         raise ValueError(f"w4_mgpu_matmul: x {x.shape}, w_nk {w_nk.shape} (want [N, {K}]), "
                          f"scales {scales.shape} (want [{N}]) do not fit")

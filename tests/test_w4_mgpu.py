@@ -93,6 +93,8 @@ def test_default_config_follows_the_h200_sweep():
 
 def test_mismatched_operands_are_rejected():
     x = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="must be int4"):
+        w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int8), jnp.ones((64,), jnp.float32))
     with pytest.raises(ValueError, match="do not fit"):
         w4_mgpu_matmul(x, jnp.zeros((64, 512), jnp.int4), jnp.ones((64,), jnp.float32))
     with pytest.raises(ValueError, match="do not fit"):
