@@ -165,11 +165,11 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
         plgpu.wait_smem_to_gmem(0)
 
-    in_specs = lambda ni, si: [  # noqa: E731
-        plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
-                        transforms=_transforms(cfg.block_k, cdt, "rhs")),
-        plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
-                        transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
+    def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
+        return [plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
+                                transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+                                transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
     half = cfg.tile_n // 2
 
     def kernel_ws(x_gmem, w_gmem, o_gmem, o_smem):
@@ -214,8 +214,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
             scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
             compiler_params=params)
     part = f(xp, w_nk)
-    acc = part.sum(0) if int8 else part.sum(0)  # int32 sum is exact
-    y = acc.astype(jnp.float32) * scales[:, None]
+    y = part.sum(0).astype(jnp.float32) * scales[:, None]  # (int32 split sums are exact)
     y = y.T[:M]
     if int8:
         return (y * sx[:, None]).astype(jnp.bfloat16)
