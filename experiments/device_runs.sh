@@ -351,12 +351,12 @@ case "$stage" in
     # Issues 6/8: where the int4 [N, K] layout's compile time goes (its 8B batch-1 program did not
     # finish in 95 s at 456852e; the stored layout's: 22.8 s): lower vs compile, with and without
     # XLA's autotuning (wider GEMMs run XLA's int4 dot in that layout).
-    for L in nk half_split; do
-      step 200 compile_probe_$L.log python3 experiments/compile_probe.py --weight-layout $L \
-        --out "$OUT/compile_probe_$L.json"
-    done
-    XLA_FLAGS=--xla_gpu_autotune_level=0 step 200 compile_probe_nk_noautotune.log \
+    step 100 compile_probe_half_split.log python3 experiments/compile_probe.py --weight-layout half_split \
+      --out "$OUT/compile_probe_half_split.json"
+    XLA_FLAGS=--xla_gpu_autotune_level=0 step 190 compile_probe_nk_noautotune.log \
       python3 experiments/compile_probe.py --weight-layout nk --out "$OUT/compile_probe_nk_noautotune.json"
+    step 200 compile_probe_nk.log python3 experiments/compile_probe.py --weight-layout nk \
+      --out "$OUT/compile_probe_nk.json"
     ;;
   mgpue2e)
     # Issues 6/8: w4a16 AR and QSpec gamma 3 in both layouts, 8B shapes, batch 1 / 4 / 16
