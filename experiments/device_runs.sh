@@ -34,6 +34,7 @@
 #   bash experiments/device_runs.sh mgpuws     # warp-specialized Mosaic kernel: correctness + time, 8B shapes (~5.5 min)
 #   bash experiments/device_runs.sh mgpucompile  # int4 [N, K] layout: 8B compile time, lower vs compile, autotuning off (~5 min)
 #   bash experiments/device_runs.sh mgpue2e    # int4 [N, K] vs stored layout end to end: AR + gamma 3, batch 1/4/16 (~9.5 min)
+#   bash experiments/device_runs.sh mgpue2e1   # the same at batch 1 only, one call (~9.5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -43,7 +44,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -366,6 +367,16 @@ case "$stage" in
         --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1,4,16 --new-tokens 64 --repeats 2 \
         --weight-layout $L --cache-dir /tmp/qj_cache --time-budget 260 --commit "$COMMIT" \
         --out "$OUT/mgpue2e_$L.jsonl"
+    done
+    ;;
+  mgpue2e1)
+    # Issues 6/8, batch 1 only (the int4 [N, K] program compiles in ~90 s at f8f83b3: lowering
+    # 35 s for its Mosaic calls, XLA compile 50-56 s with or without autotuning).
+    for L in half_split nk; do
+      T=$([ $L = nk ] && echo 420 || echo 140)
+      step $T mgpue2e1_$L.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
+        --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1 --new-tokens 64 --repeats 3 \
+        --weight-layout $L --time-budget $((T - 20)) --commit "$COMMIT" --out "$OUT/mgpue2e1_$L.jsonl"
     done
     ;;
   chunktest)
