@@ -35,6 +35,7 @@
 #   bash experiments/device_runs.sh mgpucompile  # int4 [N, K] layout: 8B compile time, lower vs compile, autotuning off (~5 min)
 #   bash experiments/device_runs.sh mgpue2e    # int4 [N, K] vs stored layout end to end: AR + gamma 3, batch 1/4/16 (~9.5 min)
 #   bash experiments/device_runs.sh mgpue2e1   # the same at batch 1 only, one call (~9.5 min)
+#   bash experiments/device_runs.sh mgpue2e2   # after the per-shape kernel functions: model GPU test, nk compile, nk at batch 1 (~9 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -44,7 +45,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -378,6 +379,17 @@ case "$stage" in
         --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1 --new-tokens 64 --repeats 3 \
         --weight-layout $L --time-budget $((T - 20)) --commit "$COMMIT" --out "$OUT/mgpue2e1_$L.jsonl"
     done
+    ;;
+  mgpue2e2)
+    # Issues 6/8 after the one-function-per-shape Mosaic kernels: the model-level GPU test, the
+    # nk compile probe, then AR + gamma 3 at batch 1 in the nk layout (mgpue2e1 has the stored one).
+    step 100 mgpu_model_gpu_test.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k model
+    step 110 compile_probe_nk_dedup.log python3 experiments/compile_probe.py --weight-layout nk \
+      --out "$OUT/compile_probe_nk_dedup.json"
+    step 320 mgpue2e2_nk.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
+      --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1 --new-tokens 64 --repeats 3 \
+      --weight-layout nk --time-budget 300 --commit "$COMMIT" --out "$OUT/mgpue2e2_nk.jsonl"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

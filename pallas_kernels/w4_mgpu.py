@@ -21,6 +21,7 @@ device (tests/gpu) and only lowered on CPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -125,12 +126,28 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     err = check(M, K, N, cfg)
     if err:
         raise ValueError(f"w4_mgpu_matmul: {err}")
-    cdt = jnp.int8 if int8 else jnp.bfloat16
-    acc_dt = jnp.int32 if int8 else jnp.float32
     Mp = padded_rows(M)
-    xp = x.astype(cdt)
+    xp = x.astype(jnp.int8 if int8 else jnp.bfloat16)
     if Mp != M:
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
+    part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
+    y = part.sum(0).astype(jnp.float32) * scales[:, None]  # (int32 split sums are exact)
+    y = y.T[:M]
+    if int8:
+        return (y * sx[:, None]).astype(jnp.bfloat16)
+    return y.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
+    """The jitted Mosaic GPU kernel [Mp, K] x int4 [N, K] -> split-K partials [split_k, N, Mp].
+
+    One jitted function per shape and config, so every call site of a program with the same
+    shapes lowers to one shared function (the 8B decode step has 128 GEMM call sites but four
+    shapes: lowering each separately took 35 s on the H200, experiments/results/mgpu_compile_h200.md).
+    """
+    cdt = jnp.int8 if int8 else jnp.bfloat16
+    acc_dt = jnp.int32 if int8 else jnp.float32
     k_iters = K // cfg.block_k // cfg.split_k
     n_tiles = N // cfg.tile_n
     if cfg.load_layout == "upcast":
@@ -213,9 +230,4 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
             scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
             compiler_params=params)
-    part = f(xp, w_nk)
-    y = part.sum(0).astype(jnp.float32) * scales[:, None]  # (int32 split sums are exact)
-    y = y.T[:M]
-    if int8:
-        return (y * sx[:, None]).astype(jnp.bfloat16)
-    return y.astype(x.dtype)
+    return jax.jit(f)
