@@ -36,6 +36,7 @@
 #   bash experiments/device_runs.sh mgpue2e    # int4 [N, K] vs stored layout end to end: AR + gamma 3, batch 1/4/16 (~9.5 min)
 #   bash experiments/device_runs.sh mgpue2e1   # the same at batch 1 only, one call (~9.5 min)
 #   bash experiments/device_runs.sh mgpue2e2   # after the per-shape kernel functions: model GPU test, nk compile, nk at batch 1 (~9 min)
+#   bash experiments/device_runs.sh mgpue2e3   # both layouts at batch 16 and 4 (~8.5 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -45,7 +46,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -390,6 +391,14 @@ case "$stage" in
     step 320 mgpue2e2_nk.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
       --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 1 --new-tokens 64 --repeats 3 \
       --weight-layout nk --time-budget 300 --commit "$COMMIT" --out "$OUT/mgpue2e2_nk.jsonl"
+    ;;
+  mgpue2e3)
+    # The same pair at batch 4 and 16 (verify M = 16 / 64: the nk layout runs M > 16 on XLA).
+    for L in nk half_split; do
+      step 250 mgpue2e3_$L.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
+        --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16,4 --new-tokens 64 --repeats 3 \
+        --weight-layout $L --time-budget 225 --commit "$COMMIT" --out "$OUT/mgpue2e3_$L.jsonl"
+    done
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
