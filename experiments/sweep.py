@@ -331,9 +331,11 @@ def main(argv=None) -> int:
                    help="diff: decode = N-token run - 1-token run; slope: per-step time from runs of "
                         "N and N/2 tokens, which also removes a per-call constant (use it for long "
                         "prompts, where the prefill is many times the decode)")
-    p.add_argument("--weight-layout", default="half_split", choices=["half_split", "nk"],
+    p.add_argument("--weight-layout", default="auto", choices=["auto", "half_split", "nk"],
                    help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of <= 16 "
-                        "rows, XLA above; qj.with_weight_layout) or the stored half-split layout")
+                        "rows, XLA above; qj.with_weight_layout), the stored half-split layout, or "
+                        "auto (qj.load's default: nk where the Mosaic GPU kernel runs); rows record "
+                        "the layout used")
     p.add_argument("--cache-dir", default=None,
                    help="keep compiled programs and cost tables in this folder (qj.enable_persistent_cache): "
                         "a second sweep with the same folder measures warm-cache compile times")
@@ -383,8 +385,6 @@ def main(argv=None) -> int:
     draft_window = args.draft_window
     if draft_window:
         env["draft_window"] = list(draft_window)
-    if args.weight_layout != "half_split":
-        env["weight_layout"] = args.weight_layout
     if args.act_quant_in_gemm:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
@@ -413,8 +413,8 @@ def main(argv=None) -> int:
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
                                              method="rtn", quantize_lm_head=lm) if name == "default"
                                      else random_model(name, quantized, quantize_lm_head=lm))
-                if quantized and args.weight_layout != "half_split":
-                    models[quantized] = qj.with_weight_layout(models[quantized], args.weight_layout)
+                if quantized:  # in place: the sweep owns the model (no second copy at the peak)
+                    qj.with_weight_layout(models[quantized], args.weight_layout, in_place=True)
                 print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
             return models[quantized]
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
                        "draft": "w4a8", "verify_gammas_timed": verify_gammas or "all",
                        "predicted_speedup_a0.9": predicted_speedup(c, 0.9).tolist(),
                        "measure_s": time.perf_counter() - t0, "random_weights": name != "default",
-                       **env})
+                       "weight_layout": model.weight_layout, **env})
                 print(f"[sweep] {name} batch {batch}: cycle costs (ms) "
                       f"{', '.join(f'{1e3 * x:.3f}' for x in c)} in {time.perf_counter() - t0:.1f} s",
                       flush=True)
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
             row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,
-                       **env)
+                       weight_layout=model.weight_layout, **env)
             write(row)
             if (row.get("decode_timing") == "diff" and not warned_prefill
                     and row.get("prefill_s", 0) > 4 * row.get("decode_s", float("inf"))):
@@ -664,6 +664,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):
             args.append(("--weight-layout", "nk"))
+        elif any(r.get("backend") == "gpu" and r.get("mode", "w16") != "w16" for r in runs):
+            args.append(("--weight-layout", "half_split"))  # (rows before "auto": no field)
         windows = {tuple(r["draft_window"]) for r in runs if r.get("draft_window")}
         if windows:
             args.append(("--draft-window", ",".join(f"{a}:{b}" for a, b in sorted(windows))))

@@ -131,32 +131,69 @@ def assemble(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, tokeni
     return QSpecModel(cfg, qcfg, graphdef, state, dtype, tokenizer, tuple(eos_ids), path)
 
 
-def with_weight_layout(model: QSpecModel, layout: str) -> QSpecModel:
+def with_weight_layout(model: QSpecModel, layout: str, *, in_place: bool = False) -> QSpecModel:
     """The same model with every int4 weight in ``layout``: "half_split" (int8 [K/2, N], the
-    checkpoint format; Pallas Triton kernels) or "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
+    checkpoint format; Pallas Triton kernels), "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
     swap-AB kernel takes GEMMs of up to 16 rows, 1.2-1.4x faster per 8B layer on the H200,
-    experiments/results/mgpu_h200.md; wider GEMMs run on XLA). Same values and the same bytes
-    in memory. The input model is left as it is (both copies live while both are held: drop it
-    to free its weights); ``load(..., weight_layout=...)`` converts its own fresh model in place,
-    one weight at a time (peak: one extra weight). Outputs may differ from the other layout's in
-    the last bit of w4a16 sums (summation order); QSpec stays lossless against w4a16 decoding in
-    the same layout."""
-    _check_layout_request(model, layout)
+    experiments/results/mgpu_h200.md, 1.08-1.23x end to end, mgpu_e2e_h200.md; wider GEMMs run
+    on XLA) or "auto" (``auto_weight_layout``: nk where that kernel runs, else half_split). Same
+    values and the same bytes in memory. The input model is left as it is (both copies live
+    while both are held: drop it to free its weights) unless ``in_place=True``, which converts
+    the input's own arrays one weight at a time (peak: one extra weight; the input then holds the
+    new layout too), as ``load(..., weight_layout=...)`` does. Outputs may differ from the other
+    layout's in the last bit of w4a16 sums (summation order); QSpec stays lossless against w4a16
+    decoding in the same layout."""
+    layout = _check_layout_request(model, layout)
+    if in_place:
+        _convert_weights(model.state, layout)
+        model.cycle_costs.clear()  # timed in the old layout
+        return model
     state = jax.tree_util.tree_map(lambda v: v, model.state)  # new containers, same arrays
     _convert_weights(state, layout)
     return dataclasses.replace(model, state=state, cycle_costs={})
 
 
-def _check_layout_request(model: QSpecModel, layout: str) -> None:
-    if layout not in quant_lib.WEIGHT_LAYOUTS:
+def auto_weight_layout(model: QSpecModel) -> tuple[str, str]:
+    """(layout, reason): "nk" where the Mosaic GPU kernel runs (a Hopper GPU, per-channel scales,
+    every quantized layer a shape it takes; measured 1.08-1.23x faster end to end on the 8B shapes
+    at batch 1-16, experiments/results/mgpu_e2e_h200.md), else "half_split" (the Triton kernels
+    and the XLA reference path)."""
+    from pallas_kernels import w4_mgpu
+    from .kernel_dispatch import mgpu_unavailable
+    why_not = mgpu_unavailable()
+    if why_not:
+        return "half_split", f"the Mosaic GPU kernel cannot run: {why_not}"
+    if model.qcfg.group_size is not None:
+        return "half_split", f"the Mosaic GPU kernel takes per-channel scales, not groups of {model.qcfg.group_size}"
+    for path, var in nnx.to_flat_state(model.state):
+        if path[-1] == "qweight":
+            K, N = quant_lib.weight_shape(var[...])
+            err = w4_mgpu.check(1, K, N, w4_mgpu.default_config(1, K, N))
+            if err:
+                return "half_split", f"the Mosaic GPU kernel cannot take {'.'.join(map(str, path[:-1]))} ({err})"
+    return "nk", "the Mosaic GPU kernel runs the decode GEMMs"
+
+
+def _check_layout_request(model: QSpecModel, layout: str) -> str:
+    """The layout to convert to (``auto`` resolved, logged once per choice), after checks."""
+    if layout not in quant_lib.WEIGHT_LAYOUTS + ("auto",):
         raise ValueError(f"unknown weight_layout {layout!r}; choose one of "
-                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS)}")
+                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS + ('auto',))}")
+    if layout == "auto":
+        if not model.qcfg.quantized:
+            return "half_split"  # no int4 weights: nothing to convert
+        layout, reason = auto_weight_layout(model)
+        from .kernel_dispatch import log_once
+        log_once(("auto-layout", layout, reason),
+                 f"qspec_jax: weight_layout='auto' -> {layout!r} ({reason})")
+        return layout
     if not model.qcfg.quantized:
         raise ValueError("weight_layout applies to quantized models; load with quant='w4'")
     if model.qcfg.group_size is not None and layout == "nk":
         raise ValueError(f"weight_layout='nk' needs per-channel scales (the Mosaic GPU kernel), "
                          f"this model has groups of {model.qcfg.group_size}; convert without "
                          "--group-size or keep weight_layout='half_split'")
+    return layout
 
 
 def _convert_weights(state, layout: str) -> None:
@@ -177,20 +214,22 @@ def load_tokenizer(path: str):
 def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str | None = None,
          method: str = "rtn", rotate: bool | None = None, group_size: int | None = None,
          quantize_lm_head: bool = False, calib: str | None = None,
-         calib_tokens: int = 16384, weight_layout: str = "half_split") -> QSpecModel:
+         calib_tokens: int = 16384, weight_layout: str = "auto") -> QSpecModel:
     """Load an HF checkpoint folder or a ``qspec-convert`` output.
 
     On an HF folder, ``quant="w4"`` quantizes on load (``method`` rtn|gptq, ``group_size``),
     ``rotate`` (default: True when quantizing) folds the QuaRot rotation in;
     ``quantize_lm_head`` stores the lm_head in int4 too (off by default). On a converted
     folder the stored settings are used and conflicting arguments are rejected.
-    ``path=None`` loads the embedded default model. ``weight_layout``: "half_split" (the
-    stored format) or "nk" (int4 [N, K] for the Mosaic GPU kernels, see ``with_weight_layout``).
+    ``path=None`` loads the embedded default model. ``weight_layout`` of the int4 weights in
+    memory: "auto" (default: "nk" where the Mosaic GPU kernel runs, i.e. on a Hopper GPU with
+    per-channel scales and shapes it takes, else "half_split"; the choice is logged once),
+    "half_split" (the stored format) or "nk" (int4 [N, K]; see ``with_weight_layout``).
     """
     from conversion import checkpoint, hf
-    if weight_layout not in quant_lib.WEIGHT_LAYOUTS:
+    if weight_layout not in quant_lib.WEIGHT_LAYOUTS + ("auto",):
         raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of "
-                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS)}")
+                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS + ('auto',))}")
     path = os.fspath(path) if path is not None else default_model_path()
     dtype = resolve_dtype(dtype)
     if checkpoint.is_converted(path):
@@ -212,12 +251,10 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
 
 
 def _with_own_layout(model: QSpecModel, layout: str) -> QSpecModel:
-    """load's conversion: checked as with_weight_layout, but in place on a model nobody else holds."""
+    """load's conversion: in place on a model nobody else holds."""
     if layout == "half_split":
         return model
-    _check_layout_request(model, layout)
-    _convert_weights(model.state, layout)
-    return model
+    return with_weight_layout(model, layout, in_place=True)
 
 
 def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False) -> QuantConfig:

@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
                    help="quantized GEMMs: Pallas kernels on GPU (auto), always Pallas, or XLA")
-    p.add_argument("--weight-layout", default="half_split", choices=["half_split", "nk"],
-                   help="int4 weights in memory: half_split (stored format, Pallas Triton kernels) "
-                        "or nk (int4 [N, K]: Mosaic GPU kernels for GEMMs of <= 16 rows, XLA above)")
+    p.add_argument("--weight-layout", default="auto", choices=["auto", "half_split", "nk"],
+                   help="int4 weights in memory: auto (nk where the Mosaic GPU kernel runs: a "
+                        "Hopper GPU; else half_split), half_split (stored format, Pallas Triton "
+                        "kernels) or nk (int4 [N, K]: Mosaic GPU kernels for GEMMs of <= 16 rows, "
+                        "XLA above)")
     p.add_argument("--cache-dir", default=None,
                    help="where compiled programs and gamma='auto' cost tables persist between runs "
                         "(default: $QSPEC_JAX_CACHE_DIR or ~/.cache/qspec_jax; "
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     try:
         if not args.no_cache and (args.cache_dir or not persist.env_disabled()):
             qj.enable_persistent_cache(args.cache_dir)
-        if args.weight_layout != "half_split" and not quant and args.model is not None:
+        if args.weight_layout == "nk" and not quant and args.model is not None:
             from conversion import checkpoint
             if not checkpoint.is_converted(args.model):
                 raise ValueError("--weight-layout nk needs a quantized model (--quant w4 or a "

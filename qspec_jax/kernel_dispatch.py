@@ -78,19 +78,31 @@ ACT_QUANT_IN_GEMM = False
 MGPU_MAX_M = 16
 
 
+def mgpu_unavailable() -> str | None:
+    """Why the Mosaic GPU kernel (pallas_kernels.w4_mgpu: wgmma + TMA, sm_90) cannot run on this
+    machine, or None if it can."""
+    from pallas_kernels import w4_mgpu
+    if jax.default_backend() != "gpu":
+        return f"it needs a GPU ({jax.default_backend()} here, no interpret mode)"
+    if w4_mgpu.plgpu is None:
+        return "this jax has no Pallas Mosaic GPU"
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is not None and not str(cc).startswith("9."):
+        return f"it needs a Hopper GPU (sm_90; this one is sm_{str(cc).replace('.', '')})"
+    return None
+
+
 def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
     """Whether the Mosaic GPU kernel takes this GEMM of an int4 [N, K] weight (else XLA, the
     reason logged once)."""
     from pallas_kernels import w4_mgpu
-    if jax.default_backend() != "gpu":
-        level = logging.WARNING if required else logging.INFO
-        log_once(("nk-cpu",), "qspec_jax: int4 [N, K] weights (weight_layout='nk'): the Mosaic GPU "
-                  f"kernel needs a GPU ({jax.default_backend()} here, no interpret mode): quantized "
-                  "GEMMs use the XLA reference path", level)
-        return False
-    if w4_mgpu.plgpu is None:
-        log_once(("nk-nomgpu",), "qspec_jax: this jax has no Pallas Mosaic GPU: int4 [N, K] "
-                  "GEMMs use XLA", logging.WARNING)
+    why_not = mgpu_unavailable()
+    if why_not:
+        cpu = jax.default_backend() != "gpu"
+        level = logging.WARNING if required or not cpu else logging.INFO
+        log_once(("nk-unavailable",), "qspec_jax: int4 [N, K] weights (weight_layout='nk'): the "
+                  f"Mosaic GPU kernel cannot run: {why_not}; quantized GEMMs use the XLA "
+                  "reference path", level)
         return False
     if mode not in PALLAS_MODES:
         log_once(("mode", mode), f"qspec_jax: no Pallas kernel for mode {mode!r}: using the XLA "

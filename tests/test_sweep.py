@@ -22,6 +22,7 @@ def test_sweep_quick_is_resumable(tmp_path):
     for r in runs:
         assert "error" not in r, r
         assert r["random_weights"] and r["backend"] == "cpu" and r["prefill_s"] > 0
+        assert r["weight_layout"] == "half_split"  # the default "auto" without a Hopper GPU
         # Decode time is a difference of two timings: positive, or NaN when below the noise.
         assert not r["decode_tokens_per_s"] <= 0
     # Each mode's decode program: weights + cache + temporaries, the cache donated (in place):

@@ -76,7 +76,7 @@ def test_bad_layout_requests_are_rejected(models):
 
 def test_cpu_pallas_request_says_the_kernel_needs_a_gpu(models, caplog):
     _, nk = models
-    kernel_dispatch._ANNOUNCED.discard(("nk-cpu",))
+    kernel_dispatch._ANNOUNCED.discard(("nk-unavailable",))
     with caplog.at_level(logging.INFO, logger="qspec_jax"):
         out = qj.logits(nk, [[1, 2, 3]], mode="w4a16", kernels="pallas")
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -103,3 +103,48 @@ def test_group_scales_need_the_stored_layout():
     m = qj.load(None, quant="w4", group_size=32)
     with pytest.raises(ValueError, match="per-channel scales"):
         qj.with_weight_layout(m, "nk")
+
+
+def test_auto_layout_keeps_the_stored_one_without_a_gpu(caplog):
+    """load's default weight_layout="auto" on CPU: the stored layout, the reason logged once."""
+    kernel_dispatch._ANNOUNCED.clear()
+    with caplog.at_level(logging.INFO, logger="qspec_jax"):
+        m = qj.load(None, quant="w4")
+    assert m.weight_layout == "half_split"
+    assert any("weight_layout='auto' -> 'half_split'" in r.getMessage() and "needs a GPU"
+               in r.getMessage() for r in caplog.records)
+    assert qj.load(None).weight_layout == "none"  # a 16-bit model: nothing to convert
+
+
+def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(monkeypatch):
+    """On a (pretend) Hopper GPU "auto" is nk for shapes the Mosaic kernel takes, and stays
+    half_split for shapes it cannot take, group scales, or a GPU older than sm_90."""
+    from experiments import sweep
+    monkeypatch.setitem(sweep.SHAPED, "t256", dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=256))
+    fits = sweep.random_model("t256", True, dtype=jnp.float32)
+    odd = qj.load(None, quant="w4")                       # K = 384: not a multiple of 256
+    grouped = qj.load(None, quant="w4", group_size=32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert qj.auto_weight_layout(fits) == ("nk", "the Mosaic GPU kernel runs the decode GEMMs")
+    nk = qj.with_weight_layout(fits, "auto")
+    assert nk.weight_layout == "nk" and fits.weight_layout == "half_split"
+    layout, why = qj.auto_weight_layout(odd)
+    assert layout == "half_split" and "K=384" in why and "layers.0" in why
+    assert qj.with_weight_layout(odd, "auto").weight_layout == "half_split"
+    assert qj.auto_weight_layout(grouped)[0] == "half_split"
+
+    class Ampere:
+        compute_capability = "8.0"
+    monkeypatch.setattr(jax, "devices", lambda *a: [Ampere()])
+    layout, why = qj.auto_weight_layout(fits)
+    assert layout == "half_split" and "Hopper" in why and "sm_80" in why
+
+
+def test_in_place_conversion_converts_the_input():
+    m = qj.load(None, quant="w4", weight_layout="half_split")
+    out = qj.with_weight_layout(m, "nk", in_place=True)
+    assert out is m and m.weight_layout == "nk"
+    with pytest.raises(ValueError, match="unknown weight_layout 'kn'.*auto"):
+        qj.with_weight_layout(m, "kn")
