@@ -87,7 +87,7 @@ def mgpu_unavailable() -> str | None:
     if w4_mgpu.plgpu is None:
         return "this jax has no Pallas Mosaic GPU"
     cc = getattr(jax.devices()[0], "compute_capability", None)
-    if cc is not None and not str(cc).startswith("9."):
+    if cc is not None and str(cc).split(".")[0] != "9":  # "major.minor"; wgmma is sm_90 only
         return f"it needs a Hopper GPU (sm_90; this one is sm_{str(cc).replace('.', '')})"
     return None
 
