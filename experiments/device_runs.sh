@@ -37,6 +37,7 @@
 #   bash experiments/device_runs.sh mgpue2e1   # the same at batch 1 only, one call (~9.5 min)
 #   bash experiments/device_runs.sh mgpue2e2   # after the per-shape kernel functions: model GPU test, nk compile, nk at batch 1 (~9 min)
 #   bash experiments/device_runs.sh mgpue2e3   # both layouts at batch 16 and 4 (~8.5 min)
+#   bash experiments/device_runs.sh mgpum64    # Mosaic kernel at M 16-64 vs XLA over int4 [N, K] (the nk path above MGPU_MAX_M) and Triton (~9 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -46,7 +47,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -399,6 +400,15 @@ case "$stage" in
         --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16,4 --new-tokens 64 --repeats 3 \
         --weight-layout $L --time-budget 225 --commit "$COMMIT" --out "$OUT/mgpue2e3_$L.jsonl"
     done
+    ;;
+  mgpum64)
+    # Issue 6 / kernel_dispatch.MGPU_MAX_M: the Mosaic kernel (default configs) at M 16-64 against
+    # what the model runs there in the nk layout (XLA's GEMM over int4 [N, K]) and our Triton
+    # kernels, 8B shapes; then the tune sweep at M = 64.
+    step 260 probe_mgpu_m64.log python3 experiments/probe_mgpu.py --out "$OUT/m64" --sweep one \
+      --ms 16,24,32,48,64 --commit "$COMMIT" --time-budget 240
+    step 280 probe_mgpu_m64_tune.log python3 experiments/probe_mgpu.py --out "$OUT/m64tune" --sweep tune \
+      --sweep-m 64 --ms 32,64 --baseline-variants xlank_w4a16,xlank_w4a8 --commit "$COMMIT" --time-budget 260
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

@@ -7,6 +7,7 @@ in half-split layout), then per-call time of a config sweep (CUPTI, R weight cop
 L2 as in bench_kernels), beside our default Triton kernels and XLA bf16.
 
     PYTHONPATH=. python3 experiments/probe_mgpu.py --out DIR [--ms 1,4,8,16] [--sweep small|full]
+        [--baseline-variants triton_w4a16,triton_w4a8,xlank_w4a16,xlank_w4a8]
 
 Writes DIR/probe_mgpu.json (rows: shape, M, variant, config, us, TB/s on weight+scale bytes,
 % of 4.8 TB/s, max error) incrementally.
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments.bench_kernels import (HBM_TBS, TIMER, env_meta, make_weights, make_x, measure,  # noqa: E402
                                        n_copies, parse_shapes)
 from pallas_kernels._common import quantize_per_token_reference  # noqa: E402
+from qspec_jax.layers import quantized_matmul  # noqa: E402
 from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, w4_mgpu_matmul  # noqa: E402
 from pallas_kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference  # noqa: E402
 from pallas_kernels.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference  # noqa: E402
@@ -83,8 +85,8 @@ def report(paths: list[str]) -> str:
         if r["variant"] == "mgpu":
             if r.get("ok") and (key not in best or r["us"] < best[key]["us"]):
                 best[key] = r
-        else:
-            base[key] = r
+        else:  # peers: "triton" (stored layout) or "xlank" (XLA over int4 [N, K])
+            base[key + (r["variant"].split("_")[0],)] = r
     out = []
     for pth, m in metas:
         out.append(f"- `{os.path.basename(pth)}`: commit {m.get('commit')}, {m.get('gpu')}, "
@@ -95,25 +97,28 @@ def report(paths: list[str]) -> str:
     for mode in ("w4a16", "w4a8"):
         out.append(f"### {mode}: Mosaic GPU swap-AB vs our Triton default (us per call, % of 4.8 TB/s "
                    "on weight+scale bytes)\n")
-        out.append("| K x N | M | Mosaic config | Mosaic us [min, max] | % HBM | Triton us | % HBM | speedup |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("| K x N | M | Mosaic config | Mosaic us [min, max] | % HBM | Triton us | % HBM | speedup "
+                   "| XLA int4 [N, K] us |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for K, N in shapes:
             for M in ms:
                 b = best.get((K, N, M, mode))
-                t = base.get((K, N, M, mode))
+                t = base.get((K, N, M, mode, "triton"))
+                xl = base.get((K, N, M, mode, "xlank"))
                 if b is None:
                     continue
                 tt = f"{t['us']:.2f} | {t['pct_hbm']:.0f}%" if t else "- | -"
                 sp = f"{t['us'] / b['us']:.2f}x" if t else "-"
                 out.append(f"| {K} x {N} | {M} | {b['config']} | {b['us']:.2f} [{b['us_min']:.2f}, "
-                           f"{b['us_max']:.2f}] | {b['pct_hbm']:.0f}% | {tt} | {sp} |")
+                           f"{b['us_max']:.2f}] | {b['pct_hbm']:.0f}% | {tt} | {sp} | "
+                           + (f"{xl['us']:.2f} |" if xl else "- |"))
         out.append("")
         out.append(f"Per decoder layer (sum of the shapes above, {mode}):\n")
         out.append("| M | Mosaic us | Triton us | speedup | Mosaic % of the layer's 4.8 TB/s time |")
         out.append("|---|---|---|---|---|")
         for M in ms:
             bs = [best.get((K, N, M, mode)) for K, N in shapes]
-            ts = [base.get((K, N, M, mode)) for K, N in shapes]
+            ts = [base.get((K, N, M, mode, "triton")) for K, N in shapes]
             if any(v is None for v in bs):
                 continue
             tb = sum(v["us"] for v in bs)
@@ -153,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--commit", default=None)
     ap.add_argument("--no-baselines", dest="baselines", action="store_false",
                     help="skip our Triton kernels (timed by bench_kernels.py anyway)")
+    ap.add_argument("--baseline-variants", default="triton_w4a16,triton_w4a8,xlank_w4a16,xlank_w4a8",
+                    help="peers timed at every M: our Triton kernels (stored layout) and XLA's GEMM "
+                         "over the int4 [N, K] weight (the model's path above MGPU_MAX_M)")
     ap.add_argument("--time-budget", type=float, default=480.0)
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -238,9 +246,16 @@ def main(argv=None):
             x = make_x(jax.random.fold_in(key, M), M, K)
             xq, sx = quantize_per_token_reference(x, 8)
             base = {"triton_w4a16": (jax.jit(lambda a, w: tuple(w4a16_matmul(a, q, s) for q, s in w)), (x, ws)),
-                    "triton_w4a8": (jax.jit(lambda a, b, w: tuple(w4a8_matmul(a, b, q, s) for q, s in w)), (xq, sx, ws))}
+                    "triton_w4a8": (jax.jit(lambda a, b, w: tuple(w4a8_matmul(a, b, q, s) for q, s in w)), (xq, sx, ws)),
+                    # What the model runs for int4 [N, K] GEMMs the Mosaic kernel does not take
+                    # (M > kernel_dispatch.MGPU_MAX_M): XLA's GEMM over the int4 weight (w4a8: the
+                    # model's path from bf16 x, so its time includes the activation quantization).
+                    "xlank_w4a16": (jax.jit(lambda a, w: tuple(
+                        quantized_matmul(a, q, s[None], "w4a16", "xla") for q, s in w)), (x, ws_nk)),
+                    "xlank_w4a8": (jax.jit(lambda a, w: tuple(
+                        quantized_matmul(a, q, s[None], "w4a8", "xla") for q, s in w)), (x, ws_nk))}
             for name, (f, targs) in base.items():
-                if name.split("_")[1] not in modes:
+                if name.split("_")[1] not in modes or name not in args.baseline_variants.split(","):
                     continue
                 row = dict(K=K, N=N, M=M, mode=name.split("_")[1], variant=name, R=R)
                 try:
