@@ -17,8 +17,20 @@ orthogonal block instead of a Hadamard one, ``sqrt(m) * DCT-II`` (the orthonorma
 size m), so every n works and ``H H^T = n I`` still holds. Everything is a deterministic
 function of n.
 
-``online_hadamard(x) = x @ hadamard_matrix(n) / sqrt(n)`` along the last axis, computed as a
-Walsh-Hadamard butterfly over the 2^k part (O(n log n)) and one small m x m matmul.
+``online_hadamard(x) = x @ hadamard_matrix(n) / sqrt(n)`` along the last axis, computed in one
+of two ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
+
+- "butterfly": a Walsh-Hadamard butterfly over the 2^k part (log2 p elementwise stages: XLA
+  runs each as its own pass over the data, ~10 kernels for 14336 = 28 x 512) and one small m x m
+  matmul;
+- "dense": S_p split into Sylvester factors of at most ``DENSE_STAGE`` (S_p = S_r kron S_q), each
+  applied as one GEMM along its axis, then the m x m block: 2 GEMMs for 14336 and 4096. The first
+  GEMM takes bf16 / f16 input as it is (+-1 entries: exact products, float32 accumulation on
+  tensor cores), the later ones run in float32 at HIGHEST precision.
+
+``HADAMARD_IMPL`` picks the model's; "butterfly" stays the default until the device measures
+"dense" faster (``experiments/bench_hadamard.py``; the butterfly costs 8.6 us per call at
+M = 1 and 87 us at M = 256 for width 14336 on the H200, fused_h200_hadamard.md).
 """
 
 import functools
@@ -167,10 +179,67 @@ def _block_matmul_np(y, b):
     return np.einsum("...ab,ac->...cb", y, b)
 
 
-def online_hadamard(x):
+HADAMARD_IMPLS = ("butterfly", "dense")
+HADAMARD_IMPL = "butterfly"   # the model's (see the module docstring)
+DENSE_STAGE = 512             # largest Sylvester factor applied as one dense GEMM
+
+
+def _sylvester_factors(p):
+    """p (a power of two) -> [q1, q2, ...], each <= DENSE_STAGE, product p, largest first."""
+    out = []
+    while p > 1:
+        q = min(p, DENSE_STAGE)
+        out.append(q)
+        p //= q
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_ro(p):
+    s = _sylvester(p)
+    s.setflags(write=False)
+    return s
+
+
+def _dense_transform(x):
+    """x @ hadamard_matrix(n) / sqrt(n) by one GEMM per Kronecker factor, float32 result."""
+    *lead, n = x.shape
+    m, p, kind = _decompose(n)
+    qs = _sylvester_factors(p)
+    # x index a * p + (i_k ... i_1) with S_p = S_qk kron ... kron S_q1: axes [m, qk, ..., q1].
+    y = x.reshape(*lead, m, *reversed(qs))
+    low = x.dtype in (jnp.bfloat16, jnp.float16)
+    for j, q in enumerate(qs):
+        axis = y.ndim - 1 - j                     # q1 is the last axis, q2 the one before, ...
+        first_low = j == 0 and low               # +-1 in the input's dtype: exact products
+        s = jnp.asarray(_sylvester_ro(q), y.dtype if first_low else jnp.float32)
+        y = _along(y.astype(y.dtype if first_low else jnp.float32), s, axis,
+                   lax.Precision.DEFAULT if first_low else lax.Precision.HIGHEST)
+    y = y.astype(jnp.float32)
+    if m > 1:
+        y = _along(y, jnp.asarray(_block(m, kind), jnp.float32), len(lead), lax.Precision.HIGHEST)
+    return y.reshape(*lead, n) * (1.0 / math.sqrt(n))
+
+
+def _along(y, mat, axis, precision):
+    """y with ``axis`` replaced by (y along axis) @ mat, float32 accumulation."""
+    out = lax.dot_general(y, mat, (((axis,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def online_hadamard(x, impl: str | None = None):
     """Orthonormal Hadamard-type transform of x [..., n] along the last axis:
-    ``x @ hadamard_matrix(n) / sqrt(n)``, computed in float32, returned in x.dtype."""
-    y = _fast_transform(jnp.asarray(x).astype(jnp.float32), jnp, _block_matmul_jnp)
+    ``x @ hadamard_matrix(n) / sqrt(n)``, float32 inside, returned in x.dtype. ``impl``:
+    "butterfly" or "dense" (default ``HADAMARD_IMPL``; see the module docstring)."""
+    impl = impl or HADAMARD_IMPL
+    x = jnp.asarray(x)
+    if impl == "dense":
+        return _dense_transform(x).astype(x.dtype)
+    if impl != "butterfly":
+        raise ValueError(f"unknown Hadamard implementation {impl!r}; choose one of "
+                         f"{', '.join(HADAMARD_IMPLS)}")
+    y = _fast_transform(x.astype(jnp.float32), jnp, _block_matmul_jnp)
     return y.astype(x.dtype)
 
 

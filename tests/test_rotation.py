@@ -35,11 +35,13 @@ def test_llm_sizes_use_small_blocks():
     assert rotation._decompose(896) == (28, 32, "paley2")
 
 
-@pytest.mark.parametrize("n", [64, 12 * 8, 28 * 16, 20 * 4, 3 * 64, 52, 6])
-def test_online_hadamard_matches_dense(n):
+@pytest.mark.parametrize("impl", rotation.HADAMARD_IMPLS)
+@pytest.mark.parametrize("n", [64, 12 * 8, 28 * 16, 20 * 4, 3 * 64, 52, 6, 2048])
+def test_online_hadamard_matches_dense(n, impl, monkeypatch):
+    monkeypatch.setattr(rotation, "DENSE_STAGE", 32)  # several Sylvester factors at small n
     x = np.random.default_rng(n).standard_normal((2, 3, n))
     dense = x @ rotation.hadamard_matrix(n) / math.sqrt(n)
-    y = jax.jit(rotation.online_hadamard)(jnp.asarray(x, jnp.float32))
+    y = jax.jit(lambda v: rotation.online_hadamard(v, impl))(jnp.asarray(x, jnp.float32))
     assert y.shape == x.shape and y.dtype == jnp.float32
     np.testing.assert_allclose(y, dense, atol=2e-6)
     np.testing.assert_allclose(rotation.hadamard_transform_np(x), dense, atol=1e-12)
@@ -54,6 +56,21 @@ def test_online_hadamard_large_and_bf16():
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     yb = online(jnp.asarray(x, jnp.bfloat16))
     assert yb.dtype == jnp.bfloat16
+
+
+def test_dense_hadamard_equals_the_butterfly_in_bf16():
+    """The GEMM form (the bf16 input straight into the first GEMM) gives the butterfly's bf16
+    values up to the last bit of a few elements (float32 summation order), at the 8B widths."""
+    for n in (14336, 4096):
+        xb = jnp.asarray(np.random.default_rng(n).standard_normal((3, n)), jnp.bfloat16)
+        exact = rotation.hadamard_transform_np(np.asarray(xb, np.float64))
+        ys = {i: np.asarray(jax.jit(lambda v, i=i: rotation.online_hadamard(v, i))(xb), np.float64)
+              for i in rotation.HADAMARD_IMPLS}
+        assert np.mean(ys["dense"] == ys["butterfly"]) > 0.999
+        for y in ys.values():  # both within bf16 rounding of the exact transform
+            np.testing.assert_allclose(y, exact, rtol=2 ** -8, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown Hadamard implementation 'fft'"):
+        rotation.online_hadamard(xb, "fft")
 
 
 # ----------------------------------------------------------------------------- reference model
@@ -199,3 +216,34 @@ def test_online_size_mismatch():
     cfg = dataclasses.replace(CONFIGS[0], intermediate_size=96)
     with pytest.raises(ValueError, match="online rotation size 96"):
         rotation.rotate_params(_random_params(CONFIGS[0], 0), cfg)
+
+
+def test_rotated_model_runs_either_hadamard(monkeypatch):
+    """The model's online transforms (o_proj and down_proj inputs of a rotated w4 model) in the
+    GEMM form give the butterfly's logits up to bf16 rounding of the transform's output."""
+    import qspec_jax as qj
+    m = qj.load(None, quant="w4")
+    assert m.qcfg.rotate
+    toks = [[5, 17, 33, 2, 9, 41]]
+    calls = []
+    dense = rotation._dense_transform
+    monkeypatch.setattr(rotation, "_dense_transform", lambda x: calls.append(x.shape) or dense(x))
+    out = {}
+    for impl in rotation.HADAMARD_IMPLS:
+        monkeypatch.setattr(rotation, "HADAMARD_IMPL", impl)
+        jax.clear_caches()  # the switch is read at trace time
+        out[impl] = np.asarray(qj.logits(m, toks, mode="w4a16"), np.float32)
+    assert len(calls) == 2 * m.cfg.num_hidden_layers  # o_proj and down_proj inputs, traced once
+    scale = np.abs(out["butterfly"]).max()
+    assert np.abs(out["dense"] - out["butterfly"]).max() <= 0.02 * scale
+
+
+def test_bench_hadamard_quick(tmp_path):
+    from experiments.bench_hadamard import main
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = __import__("json").load(open(tmp_path / "hadamard_h200_quick.json"))["rows"]
+    assert [(r["width"], r["M"], r["impl"]) for r in rows] == [
+        (n, m, i) for n in (448, 256) for m in (1, 3) for i in rotation.HADAMARD_IMPLS]
+    assert all(r["max_rel_err"] < 2 ** -7 for r in rows)
+    assert all(r["equal_to_butterfly"] > 0.99 for r in rows if r["impl"] == "dense")
+    assert "| 448 (28 x 16) | 3 | dense |" in open(tmp_path / "hadamard_h200_quick.md").read()
