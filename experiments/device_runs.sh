@@ -39,6 +39,7 @@
 #   bash experiments/device_runs.sh mgpue2e3   # both layouts at batch 16 and 4 (~8.5 min)
 #   bash experiments/device_runs.sh mgpum64    # Mosaic kernel at M 16-64 vs XLA over int4 [N, K] (the nk path above MGPU_MAX_M) and Triton (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
+#   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
 #   bash experiments/device_runs.sh longctx8b  # 8B-shaped step costs at 2k-32k: AR, verify, full / windowed / windowed + layer-skipping drafts (~8 min)
 #
 # Needs: $OUT (the device tool sets it), PYTHONPATH=. (set here), the commit hash in $COMMIT
@@ -48,7 +49,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -415,6 +416,20 @@ case "$stage" in
     # Issue 6: the online Hadamard of rotated models, butterfly vs GEMM form (rotation.HADAMARD_IMPL),
     # widths 14336 / 4096 / 8192, M 1-4096.
     step 280 hadamard2.log python3 experiments/bench_hadamard.py --commit "$COMMIT" --out "$OUT"
+    ;;
+  xlaflags)
+    # Issue 8 (batch-1 AR at 43.5% of roofline, ~0.7 ms of each 2.69 ms step outside the GEMMs and
+    # the lm_head): does CUDA-graph capture of more of the step (XLA command buffers) cut the
+    # launch gaps? w4a16 AR, 8B shapes, batch 1, the default (nk) layout, one run per flag set.
+    i=0
+    for F in "" "--xla_gpu_enable_command_buffer=" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+      i=$((i + 1))
+      XLA_FLAGS="$F" step 110 xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
+        --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
+        --out "$OUT/xlaflags_$i.jsonl"
+    done
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

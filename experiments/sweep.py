@@ -278,8 +278,11 @@ def environment(commit: str | None) -> dict:
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
     dev = jax.devices()[0]
-    return {"commit": commit, "device": getattr(dev, "device_kind", str(dev)),
-            "backend": jax.default_backend(), "jax": jax.__version__}
+    env = {"commit": commit, "device": getattr(dev, "device_kind", str(dev)),
+           "backend": jax.default_backend(), "jax": jax.__version__}
+    if os.environ.get("XLA_FLAGS"):
+        env["xla_flags"] = os.environ["XLA_FLAGS"]
+    return env
 
 
 def load_done(path: str) -> set:
