@@ -80,6 +80,13 @@ def atomic_output_dir(out_dir: str, overwrite: bool):
 def save_converted(out_dir: str, src_dir: str, params: dict, dtype, qcfg: QuantConfig,
                    config_overrides: dict, *, overwrite: bool = False) -> None:
     import orbax.checkpoint as ocp
+    nk = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+          if getattr(p[-1], "key", None) == "qweight" and v.dtype != np.int8]
+    if nk:
+        raise ValueError(f"save_converted stores int4 weights in the half-split int8 [K/2, N] "
+                         f"format; {nk[0]} (and {len(nk) - 1} more) is not (the in-memory int4 "
+                         "[N, K] layout?): convert with qj.with_weight_layout(model, 'half_split') "
+                         "first")
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for name in COPIED_FILES:
             src = os.path.join(src_dir, name)

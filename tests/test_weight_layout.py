@@ -148,3 +148,15 @@ def test_in_place_conversion_converts_the_input():
     assert out is m and m.weight_layout == "nk"
     with pytest.raises(ValueError, match="unknown weight_layout 'kn'.*auto"):
         qj.with_weight_layout(m, "kn")
+
+
+def test_saving_int4_nk_weights_is_a_clear_error(models, tmp_path):
+    """The checkpoint format is half-split int8: nk weights are refused before anything is written."""
+    from conversion import checkpoint
+    from qspec_jax.model import pure_dict
+    _, nk = models
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="with_weight_layout\\(model, 'half_split'\\)"):
+        checkpoint.save_converted(str(out), str(tmp_path), pure_dict(nk.state), jnp.bfloat16,
+                                  nk.qcfg, {})
+    assert not out.exists()
