@@ -407,7 +407,7 @@ case "$stage" in
     # Issue 6 / kernel_dispatch.MGPU_MAX_M: the Mosaic kernel (default configs) at M 16-64 against
     # what the model runs there in the nk layout (XLA's GEMM over int4 [N, K]) and our Triton
     # kernels, 8B shapes; then the tune sweep at M = 64.
-    step 260 probe_mgpu_m64.log python3 experiments/probe_mgpu.py --out "$OUT/m64" --sweep one \
+    step 260 probe_mgpu_m64.log python3 experiments/probe_mgpu.py --out "$OUT/m64" --sweep default \
       --ms 16,24,32,48,64 --commit "$COMMIT" --time-budget 240
     step 280 probe_mgpu_m64_tune.log python3 experiments/probe_mgpu.py --out "$OUT/m64tune" --sweep tune \
       --sweep-m 64 --ms 32,64 --baseline-variants xlank_w4a16,xlank_w4a8 --commit "$COMMIT" --time-budget 260

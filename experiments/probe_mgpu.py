@@ -32,12 +32,13 @@ from experiments.bench_kernels import (HBM_TBS, TIMER, env_meta, make_weights, m
                                        n_copies, parse_shapes)
 from pallas_kernels._common import quantize_per_token_reference  # noqa: E402
 from qspec_jax.layers import quantized_matmul  # noqa: E402
-from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, w4_mgpu_matmul  # noqa: E402
+from pallas_kernels.w4_mgpu import (MgpuConfig, check, default_config, nk_from_half_split,  # noqa: E402
+                                    w4_mgpu_matmul)
 from pallas_kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference  # noqa: E402
 from pallas_kernels.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference  # noqa: E402
 
 
-def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
+def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
     ll = "wgmma" if int8 else "upcast"
     if kind == "tune":  # 64-row tiles, split-K chosen for 256-2048 CTAs at this shape
         out = []
@@ -56,6 +57,8 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0):
                     out.append(MgpuConfig(tile_n=128, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll, warp_specialized=True))
         return out
+    if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
+        return [dataclasses.replace(default_config(M, K, N), load_layout=ll)]
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":
@@ -127,16 +130,20 @@ def report(paths: list[str]) -> str:
             out.append(f"| {M} | {tb:.1f} | {tt:.1f} | {tt / tb:.2f}x | {100 * roof / tb:.0f}% |" if tt
                        else f"| {M} | {tb:.1f} | - | - | {100 * roof / tb:.0f}% |")
         out.append("")
-    out.append("### Config sweeps (w4a16, M = 16 unless noted; fastest first; `ok` = matches the reference)\n")
+    out.append("### Config sweeps (w4a16 at each file's sweep M, 16 if unrecorded; fastest first; "
+               "`ok` = matches the reference)\n")
+    sweep_m = [m.get("sweep_m", 16) for _, m in metas]
     for K, N in shapes:
         sw = sorted((r for r in rows if r["variant"] == "mgpu" and r["K"] == K and r["N"] == N
-                     and r["mode"] == "w4a16" and r["M"] == 16 and "us" in r), key=lambda r: r["us"])
+                     and r["mode"] == "w4a16" and r["M"] == sweep_m[r["_file"]] and "us" in r),
+                    key=lambda r: r["us"])
         seen, cells = set(), []
         for r in sw:
             if (r["config"], r["_file"]) in seen:
                 continue
             seen.add((r["config"], r["_file"]))
-            cells.append(f"{r['config']} {r['us']:.1f}{'' if r.get('ok') else ' (WRONG)'}")
+            cells.append(f"{r['config']} {r['us']:.1f}{'' if r.get('ok') else ' (WRONG)'}"
+                         + (f" (M {r['M']})" if r["M"] != 16 else ""))
         out.append(f"- {K} x {N}: " + ", ".join(cells))
     return "\n".join(out) + "\n"
 
@@ -149,7 +156,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
-    ap.add_argument("--sweep", default="small", choices=("one", "small", "mid", "tune", "ws", "full"))
+    ap.add_argument("--sweep", default="small",
+                    choices=("default", "one", "small", "mid", "tune", "ws", "full"),
+                    help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
     ap.add_argument("--sweep-modes", default="w4a16,w4a8",
@@ -168,7 +177,7 @@ def main(argv=None):
     modes = args.modes.split(",")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_mgpu.json")
-    meta = env_meta(args.commit)
+    meta = dict(env_meta(args.commit), sweep=args.sweep, sweep_m=args.sweep_m)
     rows = []
     t_start = time.time()
 
@@ -187,7 +196,7 @@ def main(argv=None):
         for mode in modes:
             int8 = mode == "w4a8"
             # 1) config sweep at sweep_m, 2) the best config at every M
-            phases = (("sweep", [args.sweep_m]), ("ms", ms))
+            phases = ((("sweep", [args.sweep_m]),) if args.sweep != "default" else ()) + (("ms", ms),)
             if mode not in args.sweep_modes.split(",") and "w4a16" in best:
                 best[mode] = dataclasses.replace(best["w4a16"], load_layout="wgmma" if int8 else "upcast")
                 phases = (("ms", ms),)
@@ -202,6 +211,7 @@ def main(argv=None):
                         ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
                     ref = np.asarray(ref, np.float32)
                     cfgs = (sweep_configs(args.sweep, int8, K, N) if phase == "sweep"
+                            else sweep_configs("default", int8, K, N, M) if args.sweep == "default"
                             else [best.get(mode, sweep_configs("one", int8)[0])])
                     for cfg in cfgs:
                         if time.time() - t_start > args.time_budget:

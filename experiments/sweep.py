@@ -414,7 +414,8 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 lm = quantized and args.quantize_lm_head
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
-                                             method="rtn", quantize_lm_head=lm) if name == "default"
+                                             method="rtn", quantize_lm_head=lm,
+                                             weight_layout=args.weight_layout) if name == "default"
                                      else random_model(name, quantized, quantize_lm_head=lm))
                 if quantized:  # in place: the sweep owns the model (no second copy at the peak)
                     qj.with_weight_layout(models[quantized], args.weight_layout, in_place=True)

@@ -144,13 +144,16 @@ def with_weight_layout(model: QSpecModel, layout: str, *, in_place: bool = False
     layout's in the last bit of w4a16 sums (summation order); QSpec stays lossless against w4a16
     decoding in the same layout."""
     layout = _check_layout_request(model, layout)
+    same = model.weight_layout in (layout, "none")  # nothing to convert: keep the cost tables
     if in_place:
         _convert_weights(model.state, layout)
-        model.cycle_costs.clear()  # timed in the old layout
+        if not same:
+            model.cycle_costs.clear()  # timed in the old layout
         return model
     state = jax.tree_util.tree_map(lambda v: v, model.state)  # new containers, same arrays
     _convert_weights(state, layout)
-    return dataclasses.replace(model, state=state, cycle_costs={})
+    return dataclasses.replace(model, state=state,
+                               cycle_costs=dict(model.cycle_costs) if same else {})
 
 
 def auto_weight_layout(model: QSpecModel) -> tuple[str, str]:
@@ -160,6 +163,8 @@ def auto_weight_layout(model: QSpecModel) -> tuple[str, str]:
     and the XLA reference path)."""
     from pallas_kernels import w4_mgpu
     from .kernel_dispatch import mgpu_unavailable
+    if not model.qcfg.quantized:
+        return "half_split", "the model has no int4 weights"
     why_not = mgpu_unavailable()
     if why_not:
         return "half_split", f"the Mosaic GPU kernel cannot run: {why_not}"

@@ -86,8 +86,10 @@ def mgpu_unavailable() -> str | None:
         return f"it needs a GPU ({jax.default_backend()} here, no interpret mode)"
     if w4_mgpu.plgpu is None:
         return "this jax has no Pallas Mosaic GPU"
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    if cc is not None and str(cc).split(".")[0] != "9":  # "major.minor"; wgmma is sm_90 only
+    cc = getattr(jax.devices()[0], "compute_capability", None)  # CUDA: "major.minor"
+    if cc is None:
+        return "it needs a Hopper GPU (sm_90) and this GPU reports no CUDA compute capability"
+    if str(cc).split(".")[0] != "9":  # wgmma and this kernel's TMA use are sm_90 only
         return f"it needs a Hopper GPU (sm_90; this one is sm_{str(cc).replace('.', '')})"
     return None
 

@@ -90,6 +90,7 @@ def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, ex
     custom call; wider ones (and modes without a kernel) are XLA's dot."""
     K, N = 512, 128
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernel_dispatch, "mgpu_unavailable", lambda: None)  # a pretend Hopper GPU
     nk = quant.to_weight_layout(jnp.zeros((K // 2, N), jnp.int8), "nk")
     s = jnp.ones((1, N), jnp.float32)
     f = jax.jit(lambda x, w, s: quantized_matmul(x, w, s, mode, "auto"))
@@ -127,6 +128,11 @@ def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(monkeypatch):
     odd = qj.load(None, quant="w4")                       # K = 384: not a multiple of 256
     grouped = qj.load(None, quant="w4", group_size=32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    class Gpu:
+        def __init__(self, cc):
+            self.compute_capability = cc
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu("9.0")])
     assert qj.auto_weight_layout(fits) == ("nk", "the Mosaic GPU kernel runs the decode GEMMs")
     nk = qj.with_weight_layout(fits, "auto")
     assert nk.weight_layout == "nk" and fits.weight_layout == "half_split"
@@ -135,17 +141,20 @@ def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(monkeypatch):
     assert qj.with_weight_layout(odd, "auto").weight_layout == "half_split"
     assert qj.auto_weight_layout(grouped)[0] == "half_split"
 
-    class Ampere:
-        compute_capability = "8.0"
-    monkeypatch.setattr(jax, "devices", lambda *a: [Ampere()])
+    assert qj.auto_weight_layout(qj.load(None))[0] == "half_split"  # 16-bit: no int4 weights
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu("8.0")])
     layout, why = qj.auto_weight_layout(fits)
     assert layout == "half_split" and "Hopper" in why and "sm_80" in why
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu(None)])
+    assert "no CUDA compute capability" in qj.auto_weight_layout(fits)[1]
 
 
 def test_in_place_conversion_converts_the_input():
     m = qj.load(None, quant="w4", weight_layout="half_split")
+    m.cycle_costs["k"] = [1.0]
+    assert qj.with_weight_layout(m, "half_split").cycle_costs == {"k": [1.0]}  # nothing changed
     out = qj.with_weight_layout(m, "nk", in_place=True)
-    assert out is m and m.weight_layout == "nk"
+    assert out is m and m.weight_layout == "nk" and m.cycle_costs == {}  # timed in the old layout
     with pytest.raises(ValueError, match="unknown weight_layout 'kn'.*auto"):
         qj.with_weight_layout(m, "kn")
 
