@@ -86,3 +86,22 @@ def test_model_in_nk_layout_uses_the_kernel_and_stays_lossless(caplog):
         a = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
         b = np.asarray(qj.logits(nk, toks, mode=mode), np.float32)
         np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
+
+
+def test_auto_layout_on_this_gpu(monkeypatch):
+    """weight_layout="auto" on the device: nk (the Mosaic kernels) for a model whose layers the
+    kernel takes on a Hopper GPU, the stored layout for the default model (K = 384 is not a
+    multiple of 256); QSpec stays lossless in the chosen layout."""
+    import qspec_jax as qj
+    from experiments import sweep
+    monkeypatch.setitem(sweep.SHAPED, "t256", dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=256))
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+    m = qj.with_weight_layout(sweep.random_model("t256", True), "auto")
+    assert m.weight_layout == ("nk" if hopper else "half_split")
+    assert qj.load(None, quant="w4").weight_layout == "half_split"
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
+    qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
+    assert qs.tokens == ar.tokens
