@@ -57,6 +57,15 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
                     out.append(MgpuConfig(tile_n=128, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll, warp_specialized=True))
         return out
+    if kind == "regs":  # narrower K steps (fewer live registers per thread: more resident CTAs)
+        out = []         # with deeper rings; block_k 64/128 never timed before (tune: 256/512)
+        for bk, p in itertools.product((64, 128), (3, 4, 6, 8)):
+            for sk in (1, 2, 4, 8, 16):
+                if (256 <= N // 64 * sk <= 2048 and K % (bk * sk) == 0 and N % 64 == 0
+                        and K // (bk * sk) >= p):
+                    out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p,
+                                          load_layout=ll))
+        return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
         return [dataclasses.replace(default_config(M, K, N), load_layout=ll)]
     if kind == "one":
@@ -157,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
-                    choices=("default", "one", "small", "mid", "tune", "ws", "full"),
+                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "full"),
                     help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")

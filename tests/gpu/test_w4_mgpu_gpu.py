@@ -46,6 +46,8 @@ def test_w4a8_matches_reference(K, N, M):
 
 @pytest.mark.parametrize("cfg", [MgpuConfig(tile_n=128, block_k=512, split_k=1, stages=3),
                                  MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4),
+                                 MgpuConfig(tile_n=64, block_k=128, split_k=2, stages=6),
+                                 MgpuConfig(tile_n=64, block_k=64, split_k=1, stages=8),
                                  MgpuConfig(tile_n=128, block_k=256, split_k=2, stages=3,
                                             warp_specialized=True)])
 def test_other_configs(cfg):
