@@ -64,13 +64,13 @@ def test_shape_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
-@pytest.mark.parametrize("ws", [False, True])
-def test_lowers_for_cuda(mode, ws):
-    """The Mosaic GPU kernel (plain and warp-specialized) traces and lowers to its custom call
-    on CPU (no GPU needed)."""
-    M, K, N = 5 if not ws else 40, 512, 128
+@pytest.mark.parametrize("ws,bk,stages", [(False, 256, 2), (True, 256, 2), (False, 64, 8)])
+def test_lowers_for_cuda(mode, ws, bk, stages):
+    """The Mosaic GPU kernel (plain, warp-specialized, narrow K steps with a deep ring) traces
+    and lowers to its custom call on CPU (no GPU needed)."""
+    M, K, N = 5 if not ws else 40, 1024, 128
     int8 = mode == "w4a8"
-    cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=256, split_k=2, stages=2,
+    cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=bk, split_k=2, stages=stages,
                      load_layout="wgmma" if int8 else "upcast", warp_specialized=ws)
     avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
              jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
