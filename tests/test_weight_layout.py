@@ -45,12 +45,11 @@ def test_model_outputs_match_the_stored_layout(models):
 
 
 def test_qspec_is_lossless_in_the_nk_layout(models):
-    m, nk = models
+    _, nk = models
     prompts = ["def add(a, b):\n    return", "import os\n"]
     ar = qj.generate(nk, prompts, max_new_tokens=10, mode="w4a16")
     qs = qj.generate(nk, prompts, max_new_tokens=10, mode="qspec", gamma=3)
-    assert qs.tokens == ar.tokens
-    assert qj.generate(m, prompts, max_new_tokens=10, mode="w4a16").tokens == ar.tokens
+    assert qs.tokens == ar.tokens  # (the stored layout's logits are the same: test above)
     assert qs.stats["cycles"] > 0
 
 
@@ -100,8 +99,13 @@ def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, ex
     assert ("dot_general" in text) == (not expect)
 
 
-def test_group_scales_need_the_stored_layout():
-    m = qj.load(None, quant="w4", group_size=32)
+@pytest.fixture(scope="module")
+def grouped():
+    return qj.load(None, quant="w4", group_size=32)
+
+
+def test_group_scales_need_the_stored_layout(grouped):
+    m = grouped
     with pytest.raises(ValueError, match="per-channel scales"):
         qj.with_weight_layout(m, "nk")
 
@@ -117,7 +121,7 @@ def test_auto_layout_keeps_the_stored_one_without_a_gpu(caplog):
     assert qj.load(None).weight_layout == "none"  # a 16-bit model: nothing to convert
 
 
-def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(monkeypatch):
+def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(models, grouped, monkeypatch):
     """On a (pretend) Hopper GPU "auto" is nk for shapes the Mosaic kernel takes, and stays
     half_split for shapes it cannot take, group scales, or a GPU older than sm_90."""
     from experiments import sweep
@@ -125,8 +129,7 @@ def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(monkeypatch):
         hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, vocab_size=256))
     fits = sweep.random_model("t256", True, dtype=jnp.float32)
-    odd = qj.load(None, quant="w4")                       # K = 384: not a multiple of 256
-    grouped = qj.load(None, quant="w4", group_size=32)
+    odd = models[0]                                       # K = 384: not a multiple of 256
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
     class Gpu:
