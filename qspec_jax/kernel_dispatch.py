@@ -15,6 +15,7 @@ fallback is logged once per reason, never silently.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -91,6 +92,21 @@ def mgpu_unavailable() -> str | None:
         return "it needs a Hopper GPU (sm_90) and this GPU reports no CUDA compute capability"
     if str(cc).split(".")[0] != "9":  # wgmma and this kernel's TMA use are sm_90 only
         return f"it needs a Hopper GPU (sm_90; this one is sm_{str(cc).replace('.', '')})"
+    return _mgpu_lowering_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _mgpu_lowering_error() -> str | None:
+    """Lower a small instance of the kernel once per process (no compile, ~0.2 s): a jax whose
+    Mosaic GPU API differs from the one the kernel was written for fails here, with its message,
+    instead of deep inside a model's trace."""
+    from pallas_kernels import w4_mgpu
+    try:
+        avals = (jax.ShapeDtypeStruct((8, 512), jnp.bfloat16), jax.ShapeDtypeStruct((64, 512), jnp.int4),
+                 jax.ShapeDtypeStruct((64,), jnp.float32))
+        jax.jit(w4_mgpu.w4_mgpu_matmul).trace(*avals).lower(lowering_platforms=("cuda",))
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+        return f"this jax ({jax.__version__}) cannot lower it: {type(e).__name__}: {str(e)[:300]}"
     return None
 
 

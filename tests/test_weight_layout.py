@@ -150,6 +150,17 @@ def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(models, grouped, monk
     assert layout == "half_split" and "Hopper" in why and "sm_80" in why
     monkeypatch.setattr(jax, "devices", lambda *a: [Gpu(None)])
     assert "no CUDA compute capability" in qj.auto_weight_layout(fits)[1]
+    # A jax whose Mosaic GPU API the kernel does not fit: said once, with the error, no nk.
+    from pallas_kernels import w4_mgpu
+
+    def broken(*a, **k):
+        raise TypeError("emit_pipeline() got an unexpected keyword argument")
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu("9.0")])
+    monkeypatch.setattr(w4_mgpu, "w4_mgpu_matmul", broken)
+    kernel_dispatch._mgpu_lowering_error.cache_clear()
+    layout, why = qj.auto_weight_layout(fits)
+    assert layout == "half_split" and "cannot lower it" in why and "emit_pipeline" in why
+    kernel_dispatch._mgpu_lowering_error.cache_clear()  # (the real kernel for later tests)
 
 
 def test_in_place_conversion_converts_the_input():
