@@ -179,14 +179,18 @@ def auto_weight_layout(model: QSpecModel) -> tuple[str, str]:
     return "nk", "the Mosaic GPU kernel runs the decode GEMMs"
 
 
+LAYOUT_CHOICES = quant_lib.WEIGHT_LAYOUTS + ("auto",)
+
+
+def _check_layout_name(layout: str) -> None:
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown weight_layout {layout!r}; choose one of {', '.join(LAYOUT_CHOICES)}")
+
+
 def _check_layout_request(model: QSpecModel, layout: str) -> str:
     """The layout to convert to (``auto`` resolved, logged once per choice), after checks."""
-    if layout not in quant_lib.WEIGHT_LAYOUTS + ("auto",):
-        raise ValueError(f"unknown weight_layout {layout!r}; choose one of "
-                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS + ('auto',))}")
+    _check_layout_name(layout)
     if layout == "auto":
-        if not model.qcfg.quantized:
-            return "half_split"  # no int4 weights: nothing to convert
         layout, reason = auto_weight_layout(model)
         from .kernel_dispatch import log_once
         log_once(("auto-layout", layout, reason),
@@ -232,9 +236,7 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
     "half_split" (the stored format) or "nk" (int4 [N, K]; see ``with_weight_layout``).
     """
     from conversion import checkpoint, hf
-    if weight_layout not in quant_lib.WEIGHT_LAYOUTS + ("auto",):
-        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose one of "
-                         f"{', '.join(quant_lib.WEIGHT_LAYOUTS + ('auto',))}")
+    _check_layout_name(weight_layout)  # before the (long) load
     path = os.fspath(path) if path is not None else default_model_path()
     dtype = resolve_dtype(dtype)
     if checkpoint.is_converted(path):

@@ -123,10 +123,13 @@ def _block(m, kind):
     return b
 
 
+@functools.lru_cache(maxsize=None)
 def _sylvester(p):
+    """The p x p Sylvester Hadamard matrix (read-only, cached)."""
     s = np.ones((1, 1))
     while s.shape[0] < p:
         s = np.block([[s, s], [s, -s]])
+    s.setflags(write=False)
     return s
 
 
@@ -194,13 +197,6 @@ def _sylvester_factors(p):
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sylvester_ro(p):
-    s = _sylvester(p)
-    s.setflags(write=False)
-    return s
-
-
 def _dense_transform(x):
     """x @ hadamard_matrix(n) / sqrt(n) by one GEMM per Kronecker factor, float32 result."""
     *lead, n = x.shape
@@ -212,7 +208,7 @@ def _dense_transform(x):
     for j, q in enumerate(qs):
         axis = y.ndim - 1 - j                     # q1 is the last axis, q2 the one before, ...
         first_low = j == 0 and low               # +-1 in the input's dtype: exact products
-        s = jnp.asarray(_sylvester_ro(q), y.dtype if first_low else jnp.float32)
+        s = jnp.asarray(_sylvester(q), y.dtype if first_low else jnp.float32)
         y = _along(y.astype(y.dtype if first_low else jnp.float32), s, axis,
                    lax.Precision.DEFAULT if first_low else lax.Precision.HIGHEST)
     y = y.astype(jnp.float32)
