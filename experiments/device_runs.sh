@@ -38,6 +38,7 @@
 #   bash experiments/device_runs.sh mgpue2e2   # after the per-shape kernel functions: model GPU test, nk compile, nk at batch 1 (~9 min)
 #   bash experiments/device_runs.sh mgpue2e3   # both layouts at batch 16 and 4 (~8.5 min)
 #   bash experiments/device_runs.sh mgpum64    # Mosaic kernel at M 16-64 vs XLA over int4 [N, K] (the nk path above MGPU_MAX_M) and Triton (~9 min)
+#   bash experiments/device_runs.sh m64had     # mgpum64's default-config half + hadamard2 at the 8B widths (~8.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -50,7 +51,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -412,6 +413,13 @@ case "$stage" in
       --ms 16,24,32,48,64 --commit "$COMMIT" --time-budget 240
     step 280 probe_mgpu_m64_tune.log python3 experiments/probe_mgpu.py --out "$OUT/m64tune" --sweep tune \
       --sweep-m 64 --ms 32,64 --baseline-variants xlank_w4a16,xlank_w4a8 --commit "$COMMIT" --time-budget 260
+    ;;
+  m64had)
+    # mgpum64's first half and hadamard2 (the two widths of the 8B shapes) in one device call.
+    step 250 probe_mgpu_m64.log python3 experiments/probe_mgpu.py --out "$OUT/m64" --sweep default \
+      --ms 16,24,32,48,64 --commit "$COMMIT" --time-budget 230
+    step 230 hadamard2.log python3 experiments/bench_hadamard.py --commit "$COMMIT" --out "$OUT" \
+      --widths 14336,4096
     ;;
   mgpuregs)
     # Issue 6: the Mosaic kernel with 64/128-wide K steps and 3-8 stage rings (fewer registers per
