@@ -74,9 +74,11 @@ ACT_QUANT_IN_GEMM = False
 
 
 # weight_layout="nk" (int4 [N, K]): the Mosaic GPU swap-AB kernel takes GEMMs with M <= this
-# (decode / draft / small verify batches; 1.27-1.30x our Triton w4a16 per 8B layer, w4a8
-# 1.21-1.40x, experiments/results/mgpu_h200.md); larger M run on XLA's GEMM over the int4 weight.
-MGPU_MAX_M = 16
+# (decode / draft / verify up to batch 16 at gamma 3). Measured on the H200 with each M's default
+# config: faster than XLA's GEMM over the int4 weight and than our Triton kernels at every 8B
+# shape and M in 1-64 (M 16-64: w4a16 1.0-1.9x XLA's, w4a8 1.6-3.0x, mgpu_h200_m64.md; M <= 16:
+# mgpu_h200.md); larger M (the kernel's limit, w4_mgpu.MAX_M) run on XLA's GEMM.
+MGPU_MAX_M = 64
 
 
 def mgpu_unavailable() -> str | None:

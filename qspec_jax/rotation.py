@@ -28,9 +28,11 @@ of two ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
   GEMM takes bf16 / f16 input as it is (+-1 entries: exact products, float32 accumulation on
   tensor cores), the later ones run in float32 at HIGHEST precision.
 
-``HADAMARD_IMPL`` picks the model's; "butterfly" stays the default until the device measures
-"dense" faster (``experiments/bench_hadamard.py``; the butterfly costs 8.6 us per call at
-M = 1 and 87 us at M = 256 for width 14336 on the H200, fused_h200_hadamard.md).
+``HADAMARD_IMPL`` picks the model's: "dense", measured faster on the H200 at every width and M
+(``experiments/bench_hadamard.py``, experiments/results/hadamard_h200.md; summed device time
+for width 14336: 4.4 vs 8.5 us at M = 1, 8.2 vs 32.0 at M = 64, 25.5 vs 89.1 at M = 256,
+249 vs 1424 at M = 4096; width 4096: 1.4-6.4x). bf16 outputs equal the butterfly's but for
+<= 0.005% last-bit flips.
 """
 
 import functools
@@ -183,7 +185,7 @@ def _block_matmul_np(y, b):
 
 
 HADAMARD_IMPLS = ("butterfly", "dense")
-HADAMARD_IMPL = "butterfly"   # the model's (see the module docstring)
+HADAMARD_IMPL = "dense"   # the model's (see the module docstring)
 DENSE_STAGE = 512             # largest Sylvester factor applied as one dense GEMM
 
 
