@@ -39,6 +39,7 @@
 #   bash experiments/device_runs.sh mgpue2e3   # both layouts at batch 16 and 4 (~8.5 min)
 #   bash experiments/device_runs.sh mgpum64    # Mosaic kernel at M 16-64 vs XLA over int4 [N, K] (the nk path above MGPU_MAX_M) and Triton (~9 min)
 #   bash experiments/device_runs.sh m64had     # mgpum64's default-config half + hadamard2 at the 8B widths (~8.5 min)
+#   bash experiments/device_runs.sh b16flags   # batch-16 AR + gamma 3 (nk, verify on Mosaic) + the xlaflags sets (~9.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -51,7 +52,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -445,6 +446,22 @@ case "$stage" in
         "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
       i=$((i + 1))
       XLA_FLAGS="$F" step 110 xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
+        --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
+        --out "$OUT/xlaflags_$i.jsonl"
+    done
+    ;;
+  b16flags)
+    # After MGPU_MAX_M 16 -> 64: batch 16 AR + gamma 3 in the nk layout (its verify pass, M = 64,
+    # now runs the Mosaic kernel; mgpue2e3 has it on XLA), then the xlaflags sets.
+    step 200 b16_nk.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
+      --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16 --new-tokens 64 --repeats 3 \
+      --weight-layout nk --time-budget 180 --commit "$COMMIT" --out "$OUT/b16_nk.jsonl"
+    i=0
+    for F in "" "--xla_gpu_enable_command_buffer=" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+      i=$((i + 1))
+      XLA_FLAGS="$F" step 90 xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
         --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
         --out "$OUT/xlaflags_$i.jsonl"
     done
