@@ -40,6 +40,7 @@
 #   bash experiments/device_runs.sh mgpum64    # Mosaic kernel at M 16-64 vs XLA over int4 [N, K] (the nk path above MGPU_MAX_M) and Triton (~9 min)
 #   bash experiments/device_runs.sh m64had     # mgpum64's default-config half + hadamard2 at the 8B widths (~8.5 min)
 #   bash experiments/device_runs.sh b16flags   # batch-16 AR + gamma 3 (nk, verify on Mosaic) + the xlaflags sets (~9.5 min)
+#   bash experiments/device_runs.sh regs2      # Mosaic GPU tests (model, auto layout, configs) + the mgpuregs sweep (~8.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -52,7 +53,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -465,6 +466,14 @@ case "$stage" in
         --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
         --out "$OUT/xlaflags_$i.jsonl"
     done
+    ;;
+  regs2)
+    # GPU tests after MGPU_MAX_M 16 -> 64 (model-level: verify passes of 48 rows on the Mosaic
+    # kernel) and of the narrow-K configs, then the mgpuregs sweep.
+    step 130 mgpu_gpu_tests_regs2.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k "model or auto or other_configs or rejects"
+    step 380 probe_mgpu_regs.log python3 experiments/probe_mgpu.py --out "$OUT/regs" --sweep regs \
+      --sweep-modes w4a16 --ms 1,4,16 --commit "$COMMIT" --time-budget 360
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
