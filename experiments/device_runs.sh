@@ -41,6 +41,7 @@
 #   bash experiments/device_runs.sh m64had     # mgpum64's default-config half + hadamard2 at the 8B widths (~8.5 min)
 #   bash experiments/device_runs.sh b16flags   # batch-16 AR + gamma 3 (nk, verify on Mosaic) + the xlaflags sets (~9.5 min)
 #   bash experiments/device_runs.sh regs2      # Mosaic GPU tests (model, auto layout, configs) + the mgpuregs sweep (~8.5 min)
+#   bash experiments/device_runs.sh tune64     # Mosaic model-level GPU tests + the config sweep at M = 64 (~7.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -53,7 +54,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -474,6 +475,15 @@ case "$stage" in
       -p no:cacheprovider -k "model or auto or other_configs or rejects"
     step 380 probe_mgpu_regs.log python3 experiments/probe_mgpu.py --out "$OUT/regs" --sweep regs \
       --sweep-modes w4a16 --ms 1,4,16 --commit "$COMMIT" --time-budget 360
+    ;;
+  tune64)
+    # The Mosaic GPU tests at model level (12 sequences: verify passes of 48 rows), then the tune
+    # sweep at M = 64 (the gamma-3 verify pass of batch 16: only 24% of the roofline with the
+    # M <= 16 configs, mgpu_h200_m64.md).
+    step 150 mgpu_gpu_tests_model.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k "model or auto"
+    step 300 probe_mgpu_m64_tune.log python3 experiments/probe_mgpu.py --out "$OUT/m64tune" --sweep tune \
+      --sweep-m 64 --ms 48,64 --baseline-variants xlank_w4a16,xlank_w4a8 --commit "$COMMIT" --time-budget 280
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

@@ -81,7 +81,12 @@ def test_model_in_nk_layout_uses_the_kernel_and_stays_lossless(caplog):
         prompts = ["def add(a, b):\n    return", "import os\n", "class A:\n"]
         ar = qj.generate(nk, prompts, max_new_tokens=24, mode="w4a16")
         qs = qj.generate(nk, prompts, max_new_tokens=24, mode="qspec", gamma=3)
+        # 12 sequences: gamma-3 verify passes of 48 rows (the Mosaic kernel where K allows)
+        prompts12 = prompts * 4
+        ar12 = qj.generate(nk, prompts12, max_new_tokens=24, mode="w4a16")
+        qs12 = qj.generate(nk, prompts12, max_new_tokens=24, mode="qspec", gamma=3)
     assert qs.tokens == ar.tokens
+    assert qs12.tokens == ar12.tokens
     assert any("Mosaic GPU kernel" in r.getMessage() for r in caplog.records)
     toks = [[5, 17, 3, 99]]
     for mode in ("w4a16", "w4a8"):
@@ -109,4 +114,25 @@ def test_auto_layout_on_this_gpu(monkeypatch):
     prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i] * (1 + i % 5) for i in range(10)]
     ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
     qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
-    assert qs.tokens == ar.tokens
+    _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
+
+
+def _assert_equal_but_for_near_ties(model, prompts, got, want, rel=2 ** -6):
+    """Greedy QSpec tokens equal verify-mode decoding's, except that a sequence may part ways
+    where verify mode's two best logits are within bf16 rounding of each other (a random-weight
+    model has such near-ties, and a verify pass over M rows need not round like a decode step
+    over fewer: same math, other kernel tiles). At most a quarter of the sequences may."""
+    import qspec_jax as qj
+    parted = 0
+    for p, g, w in zip(prompts, got, want):
+        if g == w:
+            continue
+        parted += 1
+        i = next(j for j in range(min(len(g), len(w))) if g[j] != w[j])
+        lg = np.asarray(qj.logits(model, [list(p) + w[:i]], mode="w4a16"), np.float32)[0, -1]
+        top2 = np.sort(lg)[-2:]
+        assert top2[1] - top2[0] <= rel * np.abs(lg).max(), (
+            f"QSpec left verify-mode decoding at step {i} where verify mode's margin is "
+            f"{top2[1] - top2[0]:.4g} (logits up to {np.abs(lg).max():.4g}): not a near-tie")
+        assert {g[i], w[i]} <= set(np.argsort(lg)[-2:].tolist())
+    assert parted <= len(prompts) // 4, f"{parted} of {len(prompts)} sequences differ"
