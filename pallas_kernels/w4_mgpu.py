@@ -51,12 +51,16 @@ class MgpuConfig:
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
-    """Measured on the H200 (experiments/results/mgpu_h200.md): 64-row tiles, 256-wide K steps,
-    a 2-stage ring, and split-K up to about 900 CTAs while each split keeps >= 4 K steps (gate/up
-    4096 x 28672: 2 splits, down 14336 x 4096: 8, qkv 4096 x 6144 and o 4096 x 4096: 4)."""
+    """Measured on the H200: 64-row tiles, 256-wide K steps, a 2-stage ring, and split-K up to
+    about 900 CTAs while each split keeps >= 4 K steps (gate/up 4096 x 28672: 2 splits, down
+    14336 x 4096: 8, qkv 4096 x 6144 and o 4096 x 4096: 4; mgpu_h200.md); with x padded to 64
+    rows (M > 32) about 450 CTAs (gate/up 1 split, down 4: w4a16 per 8B layer 85.1 instead of
+    93.2 us at M = 64, w4a8 65 instead of 67.9; mgpu_h200_m64.md). 128 / 64-wide K steps and
+    deeper rings were slower at M <= 16 (mgpu_h200_regs_9afe3cf.json)."""
     tile_n, block_k = 64, 256
+    max_ctas = 450 if padded_rows(M) > 32 else 900
     split = 1
-    while (N // tile_n * split * 2 <= 900 and K % (block_k * split * 2) == 0
+    while (N // tile_n * split * 2 <= max_ctas and K % (block_k * split * 2) == 0
            and K // (block_k * split * 2) >= 4):
         split *= 2
     return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2)

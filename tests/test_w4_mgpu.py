@@ -82,13 +82,18 @@ def test_lowers_for_cuda(mode, ws, bk, stages):
 
 
 def test_default_config_follows_the_h200_sweep():
-    """mgpu_h200.md: the fastest measured split per 8B shape (64-row tiles, 256-wide K steps)."""
+    """mgpu_h200.md / mgpu_h200_m64.md: the fastest measured split per 8B shape (64-row tiles,
+    256-wide K steps)."""
     from pallas_kernels.w4_mgpu import default_config
     splits = {(4096, 28672): 2, (14336, 4096): 8, (4096, 6144): 4, (4096, 4096): 4}
     for (K, N), sk in splits.items():
         cfg = default_config(16, K, N)
         assert (cfg.tile_n, cfg.block_k, cfg.split_k, cfg.stages) == (64, 256, sk, 2)
         assert check(16, K, N, cfg) is None
+    # x padded to 64 rows (M 33-64): about half the CTAs (mgpu_h200_m64.md's tune sweep)
+    for (K, N), sk in {(4096, 28672): 1, (14336, 4096): 4, (4096, 6144): 4, (4096, 4096): 4}.items():
+        assert default_config(33, K, N).split_k == default_config(64, K, N).split_k == sk
+    assert default_config(32, 4096, 28672).split_k == 2
 
 
 def test_mismatched_operands_are_rejected():
