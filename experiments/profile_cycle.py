@@ -127,6 +127,7 @@ def main(argv=None):
     else:
         from sweep import random_model
         model = random_model(a.model, quantized=True)
+        model = qj.with_weight_layout(model, "auto", in_place=True)  # as qj.load: nk on Hopper
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, a.prompt_len).tolist() for _ in range(a.batch)]
     os.makedirs(a.out, exist_ok=True)
