@@ -44,6 +44,7 @@
 #   bash experiments/device_runs.sh tune64     # Mosaic model-level GPU tests + the config sweep at M = 64 (~7.5 min)
 #   bash experiments/device_runs.sh b16split   # kernel GPU tests at M 24-64 + batch-16 AR / gamma 3 (nk) after the M > 32 split rule (~5 min)
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
+#   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -56,7 +57,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -501,6 +502,11 @@ case "$stage" in
     # GEMMs are faster (b16_nk_split): device time by kernel, nk layout.
     step 280 profile_b16.log python3 experiments/profile_cycle.py --model llama3-8b --batch 16 \
       --configs w4a16,qspec3 --new-tokens 32 --commit "$COMMIT" --out "$OUT/prof16"
+    ;;
+  ws4)
+    # mgpuws cut to the device time left in a session (~5 min): the warp-specialized kernel.
+    step 250 probe_mgpu_ws.log python3 experiments/probe_mgpu.py --out "$OUT/ws" --shapes 8b \
+      --ms 1,16 --sweep ws --sweep-modes w4a16 --no-baselines --time-budget 230 --commit "$COMMIT"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
