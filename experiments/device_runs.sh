@@ -75,6 +75,18 @@ e2e_window() {  # e2e_window SECONDS LOGNAME BATCH PROMPT SINK:WINDOW OUTFILE: w
     --commit "$COMMIT" --out "$6"
 }
 
+xla_flag_runs() {  # xla_flag_runs SECONDS: batch-1 w4a16 AR (8B shapes) under each XLA command-buffer flag set
+  local i=0 F
+  for F in "" "--xla_gpu_enable_command_buffer=" \
+      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+    i=$((i + 1))
+    XLA_FLAGS="$F" step "$1" xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
+      --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
+      --out "$OUT/xlaflags_$i.jsonl"
+  done
+}
+
 case "$stage" in
   kernels)
     # GPU kernel tests (M 2 and 100 are new), the full kernel table with the tuned defaults
@@ -445,15 +457,7 @@ case "$stage" in
     # Issue 8 (batch-1 AR at 43.5% of roofline, ~0.7 ms of each 2.69 ms step outside the GEMMs and
     # the lm_head): does CUDA-graph capture of more of the step (XLA command buffers) cut the
     # launch gaps? w4a16 AR, 8B shapes, batch 1, the default (nk) layout, one run per flag set.
-    i=0
-    for F in "" "--xla_gpu_enable_command_buffer=" \
-        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
-      i=$((i + 1))
-      XLA_FLAGS="$F" step 110 xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
-        --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
-        --out "$OUT/xlaflags_$i.jsonl"
-    done
+    xla_flag_runs 110
     ;;
   b16flags)
     # After MGPU_MAX_M 16 -> 64: batch 16 AR + gamma 3 in the nk layout (its verify pass, M = 64,
@@ -461,15 +465,7 @@ case "$stage" in
     step 200 b16_nk.log python3 experiments/sweep.py --models llama3-8b --modes w4a16,qspec-w4a8 \
       --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16 --new-tokens 64 --repeats 3 \
       --weight-layout nk --time-budget 180 --commit "$COMMIT" --out "$OUT/b16_nk.jsonl"
-    i=0
-    for F in "" "--xla_gpu_enable_command_buffer=" \
-        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
-      i=$((i + 1))
-      XLA_FLAGS="$F" step 90 xlaflags_$i.log python3 experiments/sweep.py --models llama3-8b \
-        --modes w4a16 --batches 1 --new-tokens 64 --repeats 3 --commit "$COMMIT" \
-        --out "$OUT/xlaflags_$i.jsonl"
-    done
+    xla_flag_runs 90
     ;;
   regs2)
     # GPU tests after MGPU_MAX_M 16 -> 64 (model-level: verify passes of 48 rows on the Mosaic
