@@ -83,10 +83,11 @@ def test_cpu_pallas_request_says_the_kernel_needs_a_gpu(models, caplog):
 
 
 @pytest.mark.parametrize("M,mode,expect", [(4, "w4a16", True), (16, "w4a8", True),
-                                           (32, "w4a16", False), (2, "w4a8_fp8", False)])
+                                           (64, "w4a16", True), (65, "w4a16", False),
+                                           (2, "w4a8_fp8", False)])
 def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, expect):
-    """With a GPU backend, GEMMs of up to 16 rows of an int4 [N, K] weight are the Mosaic GPU
-    custom call; wider ones (and modes without a kernel) are XLA's dot."""
+    """With a GPU backend, GEMMs of up to 64 rows (kernel_dispatch.MGPU_MAX_M) of an int4 [N, K]
+    weight are the Mosaic GPU custom call; wider ones (and modes without a kernel) XLA's dot."""
     K, N = 512, 128
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(kernel_dispatch, "mgpu_unavailable", lambda: None)  # a pretend Hopper GPU
