@@ -45,6 +45,7 @@
 #   bash experiments/device_runs.sh b16split   # kernel GPU tests at M 24-64 + batch-16 AR / gamma 3 (nk) after the M > 32 split rule (~5 min)
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
+#   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -57,7 +58,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -503,6 +504,15 @@ case "$stage" in
     # mgpuws cut to the device time left in a session (~5 min): the warp-specialized kernel.
     step 250 probe_mgpu_ws.log python3 experiments/probe_mgpu.py --out "$OUT/ws" --shapes 8b \
       --ms 1,16 --sweep ws --sweep-modes w4a16 --no-baselines --time-budget 230 --commit "$COMMIT"
+    ;;
+  nq16)
+    # The fused RMSNorm / o_proj-input quantization kernels ("rmsnorm", "none"; not SwiGLU) in the
+    # draft, batch-16 gamma 3, nk layout (compare b16split's 12.10 ms cycle: ~6 small XLA
+    # quantization kernels per layer per draft step, profile_h200_8b_b16_nk_b7044e9.md).
+    step 170 b16_nq.log python3 experiments/sweep.py --models llama3-8b --modes qspec-w4a8 \
+      --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16 --new-tokens 64 --repeats 3 \
+      --weight-layout nk --norm-quant-kernel rmsnorm,none --time-budget 150 --commit "$COMMIT" \
+      --out "$OUT/b16_nq.jsonl"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
