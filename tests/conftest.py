@@ -31,6 +31,16 @@ def _free_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_once():
+    """Every test sees the library's one-time log lines anew (kernel_dispatch.log_once), so tests
+    that assert on them do not depend on which tests ran before in the same process (pytest-xdist
+    workers run a different mix each time)."""
+    from qspec_jax import kernel_dispatch
+    kernel_dispatch._ANNOUNCED.clear()
+    yield
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """arch -> (folder saved with save_pretrained, the torch model)."""
