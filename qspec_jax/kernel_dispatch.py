@@ -75,9 +75,11 @@ ACT_QUANT_IN_GEMM = False
 
 # weight_layout="nk" (int4 [N, K]): the Mosaic GPU swap-AB kernel takes GEMMs with M <= this
 # (decode / draft / verify up to batch 16 at gamma 3). Measured on the H200 with each M's default
-# config: faster than XLA's GEMM over the int4 weight and than our Triton kernels at every 8B
-# shape and M in 1-64 (M 16-64: w4a16 1.0-1.9x XLA's, w4a8 1.6-3.0x, mgpu_h200_m64.md; M <= 16:
-# mgpu_h200.md); larger M (the kernel's limit, w4_mgpu.MAX_M) run on XLA's GEMM.
+# config, per 8B shape: M 16-64 faster than XLA's GEMM over the int4 weight (w4a16 1.0-1.9x,
+# w4a8 1.6-3.0x, mgpu_h200_m64.md) and our Triton kernels; M <= 16 1.27-1.30x Triton per layer
+# (mgpu_h200.md), XLA's GEMM per layer ~2x slower at M = 1, even at M = 4 (w4a16 55.8 vs 55.2 us;
+# w4a8 2.2x slower; mgpu_h200_regs_9afe3cf.json). Larger M (past the kernel's w4_mgpu.MAX_M)
+# run on XLA's GEMM.
 MGPU_MAX_M = 64
 
 
