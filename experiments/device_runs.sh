@@ -46,6 +46,7 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
+#   bash experiments/device_runs.sh smema      # shared-memory-operand Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
 #   bash experiments/device_runs.sh xlaflags   # batch-1 AR under XLA command-buffer (CUDA graph) flag sets (~7 min)
@@ -58,7 +59,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -513,6 +514,18 @@ case "$stage" in
       --gammas 3 --max-gamma 3 --cost-gammas 0,3 --batches 16 --new-tokens 64 --repeats 3 \
       --weight-layout nk --norm-quant-kernel rmsnorm,none --time-budget 150 --commit "$COMMIT" \
       --out "$OUT/b16_nq.jsonl"
+    ;;
+  smema)
+    # Issue 6: the shared-memory-operand Mosaic kernel (MgpuConfig(smem_a=True): the unpacked
+    # tile in a double-buffered smem buffer, one wgmma in flight while the next tile unpacks;
+    # lowers on CPU, never run): GPU tests first (a wrong barrier count would hang: timeout),
+    # then its config sweep at M = 16 and the default kernel at the same M for comparison.
+    step 200 smema_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k "smem_a or other_configs"
+    step 80 probe_mgpu_default_m1_16.log python3 experiments/probe_mgpu.py --out "$OUT/default" \
+      --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
+    step 280 probe_mgpu_smem.log python3 experiments/probe_mgpu.py --out "$OUT/smem" --sweep smem \
+      --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 260
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \

@@ -66,6 +66,16 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
                     out.append(MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p,
                                           load_layout=ll))
         return out
+    if kind == "smem":  # the unpacked tile as a shared-memory wgmma operand, one MMA in flight
+        out = []
+        for bk, p in itertools.product((128, 256), (2, 3, 4)):
+            for sk in (1, 2, 4, 8, 16):
+                cfg = MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p, load_layout=ll,
+                                 smem_a=True)
+                if (256 <= N // 64 * sk <= 2048 and N % 64 == 0 and K // (bk * sk) >= p
+                        and check(M, K, N, cfg) is None):
+                    out.append(cfg)
+        return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
         return [dataclasses.replace(default_config(M, K, N), load_layout=ll)]
     if kind == "one":
@@ -166,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
-                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "full"),
+                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "full"),
                     help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")

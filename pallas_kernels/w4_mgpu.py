@@ -45,10 +45,17 @@ class MgpuConfig:
     # tile_n rows (so both share one x tile). Correct on the H200 but slower than the plain
     # kernel (73-74 vs 54-57 us per 8B layer, w4a16 M 1-16: mgpu_h200_ws_3ea8b7e.json): kept off.
     warp_specialized: bool = False
+    # The unpacked weight tile goes to a double-buffered shared-memory buffer and the wgmma reads
+    # both operands from shared memory, so one MMA stays in flight while the next tile unpacks
+    # (the register-operand kernel must wait for each MMA: see _kernel). This CTA's whole x slice
+    # is TMA'd into shared memory once, outside the weight pipeline, so no pipeline slot is
+    # released under an MMA still reading it. Lowers on CPU; not yet run on the device.
+    smem_a: bool = False
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
-                f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else ""))
+                f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
+                + ("sa" if self.smem_a else ""))
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -104,11 +111,28 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
     if cfg.tile_n % (128 if cfg.warp_specialized else 64):
         return (f"tile_n={cfg.tile_n} must be a multiple of 64"
                 + (" per compute warpgroup (128 with warp_specialized)" if cfg.warp_specialized else ""))
+    if cfg.smem_a and cfg.warp_specialized:
+        return "smem_a and warp_specialized do not combine"
     if N % cfg.tile_n:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
+    if cfg.smem_a and smem_a_bytes(M, K, cfg) > SMEM_BYTES:
+        return (f"smem_a keeps x's whole K slice in shared memory: {smem_a_bytes(M, K, cfg)} bytes "
+                f"at M={M}, K={K}, split_k={cfg.split_k} (limit {SMEM_BYTES}); use a larger "
+                "split_k or the default kernel")
     return None
+
+
+SMEM_BYTES = 227 * 1024  # shared memory per CTA on Hopper (sm_90)
+
+
+def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
+    """Shared memory of the smem_a kernel (the w4a16 bound: 2-byte x and unpacked tiles): x's
+    K slice, two unpacked weight tiles, the int4 weight ring and the f32 output tile."""
+    Mp = padded_rows(M)
+    return (Mp * (K // cfg.split_k) * 2 + 2 * cfg.tile_n * cfg.block_k * 2
+            + cfg.stages * cfg.tile_n * cfg.block_k // 2 + cfg.tile_n * Mp * 4)
 
 
 def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
@@ -223,8 +247,58 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages,
             compute_context=compute_context)(x_gmem, w_gmem)
 
+    k_split = K // cfg.split_k
+
+    def kernel_smem_a(x_gmem, w_gmem, o_gmem, x_smem, a_smem, x_bar, o_smem):
+        ni = lax.axis_index("n")
+        si = lax.axis_index("s")
+        # this CTA's x slice [Mp, K / split_k], once, as k_iters [Mp, block_k] tiles
+        for k in range(k_iters):
+            plgpu.copy_gmem_to_smem(
+                x_gmem.at[:, pl.ds(si * k_split + k * cfg.block_k, cfg.block_k)],
+                x_smem.at[k], x_bar)
+        plgpu.barrier_wait(x_bar)
+
+        def acc_scope(acc_ref):
+            def body(idx, w_smem):
+                k = idx[0]
+                w = plgpu.load(w_smem, (), layout=load_layout)
+                if load_layout != mma_layout:
+                    w = plgpu.layout_cast(w, mma_layout)
+                slot = a_smem.at[k % 2]
+                # the MMA two steps back read this slot; wgmma_wait(1) below has retired it
+                slot[...] = w.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, slot, plgpu.transpose_ref(x_smem.at[k], (1, 0)))
+                plgpu.wgmma_wait(1)  # keep this MMA in flight; the previous one is done
+
+            plgpu.emit_pipeline(
+                body, grid=(k_iters,), max_concurrent_steps=cfg.stages,
+                in_specs=[plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+                                          transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))])(w_gmem)
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+        plgpu.wait_smem_to_gmem(0)
+
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    if cfg.warp_specialized:
+    if cfg.smem_a:
+        f = plgpu.kernel(
+            kernel_smem_a, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
+            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+            scratch_types=dict(
+                x_smem=plgpu.SMEM((k_iters, Mp, cfg.block_k), cdt,
+                                  transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.block_k), cdt,
+                                  transforms=_transforms(cfg.block_k, cdt, "lhs")),
+                x_bar=plgpu.Barrier(num_arrivals=k_iters),
+                o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
+            compiler_params=params)
+    elif cfg.warp_specialized:
         f = plgpu.kernel(
             kernel_ws, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"), num_threads=3, thread_name="wg",

@@ -64,14 +64,15 @@ def test_shape_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
-@pytest.mark.parametrize("ws,bk,stages", [(False, 256, 2), (True, 256, 2), (False, 64, 8)])
-def test_lowers_for_cuda(mode, ws, bk, stages):
-    """The Mosaic GPU kernel (plain, warp-specialized, narrow K steps with a deep ring) traces
-    and lowers to its custom call on CPU (no GPU needed)."""
+@pytest.mark.parametrize("ws,bk,stages,sa", [(False, 256, 2, False), (True, 256, 2, False),
+                                             (False, 64, 8, False), (False, 256, 2, True)])
+def test_lowers_for_cuda(mode, ws, bk, stages, sa):
+    """The Mosaic GPU kernel (plain, warp-specialized, narrow K steps with a deep ring, the
+    shared-memory-operand variant) traces and lowers to its custom call on CPU (no GPU needed)."""
     M, K, N = 5 if not ws else 40, 1024, 128
     int8 = mode == "w4a8"
     cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=bk, split_k=2, stages=stages,
-                     load_layout="wgmma" if int8 else "upcast", warp_specialized=ws)
+                     load_layout="wgmma" if int8 else "upcast", warp_specialized=ws, smem_a=sa)
     avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
              jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
     if int8:
@@ -79,6 +80,16 @@ def test_lowers_for_cuda(mode, ws, bk, stages):
     text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_smem_a_shapes_it_cannot_hold_are_rejected():
+    """smem_a keeps x's K slice in shared memory: 16 rows of the 8B gate/up input fit at 2
+    splits, 64 rows of it at 1 split do not, and the error says what to change."""
+    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, smem_a=True)
+    assert check(16, 4096, 28672, cfg) is None
+    err = check(64, 4096, 28672, MgpuConfig(tile_n=64, block_k=256, split_k=1, stages=2, smem_a=True))
+    assert "shared memory" in err and "larger split_k" in err
+    assert "do not combine" in check(16, 4096, 28672, MgpuConfig(smem_a=True, warp_specialized=True))
 
 
 def test_default_config_follows_the_h200_sweep():
@@ -104,3 +115,17 @@ def test_mismatched_operands_are_rejected():
         w4_mgpu_matmul(x, jnp.zeros((64, 512), jnp.int4), jnp.ones((64,), jnp.float32))
     with pytest.raises(ValueError, match="do not fit"):
         w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((1, 64), jnp.float32))
+
+
+def test_probe_smem_sweep_configs_fit_and_lower():
+    """experiments/probe_mgpu.py --sweep smem (the next device stage, smema): every config it
+    would time at the 8B shapes passes check(), and one per shape lowers for CUDA."""
+    from experiments.probe_mgpu import sweep_configs
+    for K, N in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]:
+        cfgs = sweep_configs("smem", False, K, N)
+        assert cfgs and all(c.smem_a and check(16, K, N, c) is None for c in cfgs)
+        avals = [jax.ShapeDtypeStruct((16, K), jnp.bfloat16), jax.ShapeDtypeStruct((N, K), jnp.int4),
+                 jax.ShapeDtypeStruct((N,), jnp.float32)]
+        text = jax.jit(lambda *a, c=cfgs[0]: w4_mgpu_matmul(*a, config=c)).trace(*avals).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text

@@ -49,7 +49,9 @@ def test_w4a8_matches_reference(K, N, M):
                                  MgpuConfig(tile_n=64, block_k=128, split_k=2, stages=6),
                                  MgpuConfig(tile_n=64, block_k=64, split_k=1, stages=8),
                                  MgpuConfig(tile_n=128, block_k=256, split_k=2, stages=3,
-                                            warp_specialized=True)])
+                                            warp_specialized=True),
+                                 MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, smem_a=True),
+                                 MgpuConfig(tile_n=64, block_k=128, split_k=1, stages=4, smem_a=True)])
 def test_other_configs(cfg):
     K, N, M = 4096, 1024, 9
     qw, s, x = _case(K, N, M, seed=3)
@@ -57,6 +59,29 @@ def test_other_configs(cfg):
         x, nk_from_half_split(qw), s[0]), np.float32)
     want = np.asarray(w4a16_matmul_reference(x, qw, s), np.float32)
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("K,N", SHAPES[:4])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_smem_a_matches_reference(K, N, M, int8):
+    """The shared-memory-operand variant (one MMA in flight) at the 8B shapes with the default
+    split, both modes."""
+    import dataclasses
+
+    from pallas_kernels.w4_mgpu import default_config
+    qw, s, x = _case(K, N, M, seed=11 * K + N + M)
+    cfg = dataclasses.replace(default_config(M, K, N), smem_a=True)
+    if int8:
+        xq, sx = quantize_per_token_reference(x, 8)
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
+            xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
+        want = w4a8_matmul_reference(xq, sx, qw, s)
+    else:
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(x, nk_from_half_split(qw), s[0])
+        want = w4a16_matmul_reference(x, qw, s)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=1e-3)
 
 
 def test_rejects_unsupported_shapes():
