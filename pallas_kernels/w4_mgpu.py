@@ -185,17 +185,30 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         load_layout = plgpu.Layout.WGMMA_8BIT if int8 else plgpu.Layout.WGMMA
     mma_layout = plgpu.Layout.WGMMA_8BIT if int8 else plgpu.Layout.WGMMA
 
+    def unpacked(w_ref):  # the int4 tile in registers, in the MMA's layout and operand dtype
+        w = plgpu.load(w_ref, (), layout=load_layout)
+        if load_layout != mma_layout:
+            w = plgpu.layout_cast(w, mma_layout)
+        return w.astype(cdt)
+
+    def w_spec(ni, si):  # the weight tiles of this CTA's column tile and K split
+        return plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+                               transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))
+
+    def write_partials(acc_scope, o_gmem, o_smem, ni, si):  # run the K loop, store [tile_n, Mp]
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+        plgpu.wait_smem_to_gmem(0)
+
     def kernel(x_gmem, w_gmem, o_gmem, o_smem):
         ni = lax.axis_index("n")
         si = lax.axis_index("s")
 
         def acc_scope(acc_ref):
             def body(_, x_smem, w_smem):
-                w = plgpu.load(w_smem, (), layout=load_layout)
-                if load_layout != mma_layout:
-                    w = plgpu.layout_cast(w, mma_layout)
-                w = w.astype(cdt)
-                plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, unpacked(w_smem), plgpu.transpose_ref(x_smem, (1, 0)))
                 # Synchronous: leaving one wgmma in flight (wgmma_wait(1), the x slot released a
                 # step later) gave wrong results on the H200 (probe_mgpu_h200.md): the register
                 # operand is not kept live across the asynchronous MMA.
@@ -205,17 +218,12 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                                 max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
             return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
-        plgpu.wait_smem_to_gmem(0)
+        write_partials(acc_scope, o_gmem, o_smem, ni, si)
 
     def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
         return [plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
                                 transforms=_transforms(cfg.block_k, cdt, "rhs")),
-                plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
-                                transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
+                w_spec(ni, si)]
     half = cfg.tile_n // 2
 
     def kernel_ws(x_gmem, w_gmem, o_gmem, o_smem):
@@ -235,10 +243,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
 
         def body(_, x_smem, w_smem, acc_ref):
             wg = lax.axis_index("wg")
-            w = plgpu.load(w_smem.at[pl.ds(wg * half, half)], (), layout=load_layout)
-            if load_layout != mma_layout:
-                w = plgpu.layout_cast(w, mma_layout)
-            plgpu.wgmma(acc_ref, w.astype(cdt), plgpu.transpose_ref(x_smem, (1, 0)))
+            plgpu.wgmma(acc_ref, unpacked(w_smem.at[pl.ds(wg * half, half)]),
+                        plgpu.transpose_ref(x_smem, (1, 0)))
             plgpu.wgmma_wait(0)
             return acc_ref
 
@@ -262,28 +268,19 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         def acc_scope(acc_ref):
             def body(idx, w_smem):
                 k = idx[0]
-                w = plgpu.load(w_smem, (), layout=load_layout)
-                if load_layout != mma_layout:
-                    w = plgpu.layout_cast(w, mma_layout)
                 slot = a_smem.at[k % 2]
                 # the MMA two steps back read this slot; wgmma_wait(1) below has retired it
-                slot[...] = w.astype(cdt)
+                slot[...] = unpacked(w_smem)
                 plgpu.commit_smem()
                 plgpu.wgmma(acc_ref, slot, plgpu.transpose_ref(x_smem.at[k], (1, 0)))
                 plgpu.wgmma_wait(1)  # keep this MMA in flight; the previous one is done
 
-            plgpu.emit_pipeline(
-                body, grid=(k_iters,), max_concurrent_steps=cfg.stages,
-                in_specs=[plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
-                                          transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))])(w_gmem)
+            plgpu.emit_pipeline(body, grid=(k_iters,), max_concurrent_steps=cfg.stages,
+                                in_specs=[w_spec(ni, si)])(w_gmem)
             plgpu.wgmma_wait(0)
             return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
-        plgpu.wait_smem_to_gmem(0)
+        write_partials(acc_scope, o_gmem, o_smem, ni, si)
 
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     if cfg.smem_a:
