@@ -30,7 +30,8 @@ if __package__ in (None, ""):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments.bench_kernels import TIMER, _loop_measure, env_meta, git_commit, measure  # noqa: E402
+from experiments.bench_kernels import (TIMER, _loop_measure, add_run_args, env_meta, git_commit,  # noqa: E402
+                                       measure)
 from pallas_kernels.rmsnorm_quant import (rmsnorm_quant, rmsnorm_quant_reference,  # noqa: E402
                                           row_quant, row_quant_reference)
 from qspec_jax.rotation import online_hadamard  # noqa: E402
@@ -57,11 +58,7 @@ def main(argv=None) -> int:
                    help="rmsnorm (norm + quant), none (quant only), swiglu (SwiGLU + quant), "
                         "hadamard (online Hadamard of width --ffn + quant)")
     p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--commit", default=None)
-    p.add_argument("--tag", default="h200")
-    p.add_argument("--quick", action="store_true", help="tiny CPU run (interpret mode)")
+    add_run_args(p, iters=50, quick_help="tiny CPU run (interpret mode)")
     a = p.parse_args(argv)
     interpret = a.quick or jax.default_backend() != "gpu"
     if a.quick:

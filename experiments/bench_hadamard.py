@@ -26,7 +26,8 @@ if __package__ in (None, ""):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments.bench_kernels import TIMER, _loop_measure, env_meta, git_commit, measure  # noqa: E402
+from experiments.bench_kernels import (TIMER, _loop_measure, add_run_args, env_meta, git_commit,  # noqa: E402
+                                       measure)
 from qspec_jax import rotation  # noqa: E402
 
 
@@ -35,11 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--widths", default="14336,4096,8192")
     p.add_argument("--ms", default="1,4,16,64,256,1024,4096")
     p.add_argument("--impls", default=",".join(rotation.HADAMARD_IMPLS))
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--commit", default=None)
-    p.add_argument("--tag", default="h200")
-    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    add_run_args(p, iters=50, quick_help="tiny CPU smoke run")
     a = p.parse_args(argv)
     if a.quick:
         a.widths, a.ms, a.iters, a.tag = "448,256", "1,3", 2, a.tag + "_quick"

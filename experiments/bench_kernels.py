@@ -62,6 +62,16 @@ SHAPES_70B = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
 SHAPE_SETS = {"8b": SHAPES_8B, "70b": SHAPES_70B}
 
 
+def add_run_args(p: argparse.ArgumentParser, *, iters: int, quick_help: str) -> None:
+    """The micro-benchmarks' common options (bench_fused, bench_hadamard): --iters, --out,
+    --commit, --tag, --quick."""
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--tag", default="h200")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'8b', '70b' or a comma list of KxN (sets may be mixed in: '8b,70b', '8b,1024x512')."""
     shapes = []

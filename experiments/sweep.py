@@ -334,8 +334,8 @@ def main(argv=None) -> int:
                    help="diff: decode = N-token run - 1-token run; slope: per-step time from runs of "
                         "N and N/2 tokens, which also removes a per-call constant (use it for long "
                         "prompts, where the prefill is many times the decode)")
-    p.add_argument("--weight-layout", default="auto", choices=["auto", "half_split", "nk"],
-                   help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of <= 16 "
+    p.add_argument("--weight-layout", default="auto", choices=qj.api.LAYOUT_CHOICES,
+                   help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of <= 64 "
                         "rows, XLA above; qj.with_weight_layout), the stored half-split layout, or "
                         "auto (qj.load's default: nk where the Mosaic GPU kernel runs); rows record "
                         "the layout used")
