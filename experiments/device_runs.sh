@@ -22,6 +22,7 @@
 #   bash experiments/device_runs.sh longe2e    # measured end to end at long context: AR vs QSpec with a windowed draft, 8B shapes, 32 x 8k (~5 min)
 #   bash experiments/device_runs.sh longe2e32  # the same at 16 x 32k (~8 min)
 #   bash experiments/device_runs.sh longe2e4k  # the 4 + 4092 window end to end at 32 x 8k and 16 x 32k (~9.5 min)
+#   bash experiments/device_runs.sh longnk     # issue 9 in the nk layout: QSpec 2k window at 16 x 32k, AR + QSpec 1k window at 32 x 8k (~9 min)
 #   bash experiments/device_runs.sh longe2e2k  # the 4 + 2044 window end to end at 16 x 32k (~5.5 min)
 #   bash experiments/device_runs.sh longwin    # window sizes 2k / 4k for the 8B draft at 8k-32k (reuses longctx_h200.jsonl; ~5 min)
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
@@ -59,7 +60,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -526,6 +527,17 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 280 probe_mgpu_smem.log python3 experiments/probe_mgpu.py --out "$OUT/smem" --sweep smem \
       --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 260
+    ;;
+  longnk)
+    # Issue 9 in the default (nk) layout: QSpec gamma 3 with the 4 + 2044 window at 16 x 32k (its
+    # w4a16 AR point came back from longe2e2k at e7d0f5f, whose QSpec point ran out of time), then
+    # AR + QSpec gamma 3 with the 4 + 1020 window at 32 x 8k.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    step 300 longnk_32k.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
+      --prompt-len 32512 --new-tokens 128 --modes qspec-w4a8 --gammas 3 --max-gamma 3 \
+      --cost-gammas 0,3 --repeats 1 --decode-timing slope --draft-window 4:2044 \
+      --time-budget 290 --commit "$COMMIT" --out "$OUT/longnk_h200.jsonl"
+    e2e_window 250 longnk_8k.log 32 8064 4:1020 "$OUT/longnk_h200.jsonl"
     ;;
   chunktest)
     step 200 chunk_gpu_tests.log python3 -m pytest tests/gpu -q -rA -p no:cacheprovider \
