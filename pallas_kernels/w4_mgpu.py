@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -169,14 +168,6 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     return y.astype(x.dtype)
 
 
-def _load(ref, layout):
-    """plgpu.load of a whole ref: jax 0.10 wants the index argument (``()``), 0.11 deprecates it."""
-    idx = inspect.signature(plgpu.load).parameters.get("idx")
-    if idx is not None and idx.default is inspect.Parameter.empty:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     """The jitted Mosaic GPU kernel [Mp, K] x int4 [N, K] -> split-K partials [split_k, N, Mp].
@@ -196,7 +187,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     mma_layout = plgpu.Layout.WGMMA_8BIT if int8 else plgpu.Layout.WGMMA
 
     def unpacked(w_ref):  # the int4 tile in registers, in the MMA's layout and operand dtype
-        w = _load(w_ref, load_layout)
+        w = plgpu.load(w_ref, (), layout=load_layout)
         if load_layout != mma_layout:
             w = plgpu.layout_cast(w, mma_layout)
         return w.astype(cdt)
