@@ -47,6 +47,7 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
+#   bash experiments/device_runs.sh persist    # persistent-CTA Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh smema      # shared-memory-operand Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
 #   bash experiments/device_runs.sh hadamard2  # online Hadamard: butterfly vs GEMM form, M 1-4096 (~4 min)
@@ -60,7 +61,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -527,6 +528,17 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 280 probe_mgpu_smem.log python3 experiments/probe_mgpu.py --out "$OUT/smem" --sweep smem \
       --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 260
+    ;;
+  persist)
+    # Issue 6: persistent CTAs (MgpuConfig(units_per_cta=r): r (column tile, K split) units per
+    # CTA through one continuous TMA pipeline; lowers on CPU, never run): GPU tests first, then
+    # the default kernel and the persist sweep at M = 16 (best config also timed at M = 1).
+    step 220 persist_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k "persistent or other_configs"
+    step 80 probe_mgpu_default_m1_16.log python3 experiments/probe_mgpu.py --out "$OUT/default" \
+      --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
+    step 240 probe_mgpu_persist.log python3 experiments/probe_mgpu.py --out "$OUT/persist" \
+      --sweep persist --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 220
     ;;
   longnk)
     # Issue 9 in the default (nk) layout: QSpec gamma 3 with the 4 + 2044 window at 16 x 32k (its

@@ -76,6 +76,17 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
                         and check(M, K, N, cfg) is None):
                     out.append(cfg)
         return out
+    if kind == "persist":  # persistent CTAs: units_per_cta units through one continuous pipeline
+        out = []
+        for p, sk, upc in itertools.product((2, 4, 6), (1, 2, 4, 8, 16), (2, 3, 4, 7, 8)):
+            units = N // 64 * sk
+            cfg = MgpuConfig(tile_n=64, block_k=256, split_k=sk, stages=p, load_layout=ll,
+                             units_per_cta=upc)
+            if (N % 64 == 0 and K % (256 * sk) == 0 and K // (256 * sk) >= 2
+                    and units % upc == 0 and 100 <= units // upc <= 264
+                    and check(M, K, N, cfg) is None):
+                out.append(cfg)
+        return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
         return [dataclasses.replace(default_config(M, K, N), load_layout=ll)]
     if kind == "one":
@@ -176,7 +187,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
-                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "full"),
+                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "persist", "full"),
                     help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")

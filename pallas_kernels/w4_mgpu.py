@@ -52,11 +52,19 @@ class MgpuConfig:
     # released under an MMA still reading it. Correct on the H200 but slower than the default
     # (93.9 vs 52.9 us per 8B layer, w4a16 M = 1; 57.2 vs 45.0 w4a8: mgpu_h200_smema.md): kept off.
     smem_a: bool = False
+    # Persistent CTAs: each CTA runs this many (column tile, K split) units back to back through
+    # one continuous TMA pipeline (the ring does not drain between units; each unit's partial
+    # sums are stored when its last K step is done and the accumulator restarts from zero), so
+    # the grid is n_tiles * split_k / units_per_cta CTAs instead of one per unit. Aimed at the
+    # narrow 8B shapes, whose CTAs run only 4 K steps each (qkv, o_proj). Lowers on CPU; not
+    # yet run on the device (probe_mgpu.py --sweep persist, device stage `persist`).
+    units_per_cta: int = 1
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
                 f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
-                + ("sa" if self.smem_a else ""))
+                + ("sa" if self.smem_a else "")
+                + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else ""))
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -118,6 +126,15 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
+    if cfg.units_per_cta < 1:
+        return f"units_per_cta={cfg.units_per_cta} must be >= 1"
+    if cfg.units_per_cta > 1:
+        units = N // cfg.tile_n * cfg.split_k
+        if cfg.smem_a or cfg.warp_specialized:
+            return "units_per_cta > 1 (persistent CTAs) runs the plain kernel only"
+        if units % cfg.units_per_cta:
+            return (f"units_per_cta={cfg.units_per_cta} must divide the {units} (column tile, "
+                    f"K split) units of N={N}, tile_n={cfg.tile_n}, split_k={cfg.split_k}")
     if cfg.smem_a and smem_a_bytes(M, K, cfg) > SMEM_BYTES:
         return (f"smem_a keeps x's whole K slice in shared memory: {smem_a_bytes(M, K, cfg)} bytes "
                 f"at M={M}, K={K}, split_k={cfg.split_k} (limit {SMEM_BYTES}); use a larger "
@@ -283,8 +300,60 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si)
 
+    upc = cfg.units_per_cta
+
+    def kernel_persistent(x_gmem, w_gmem, o_gmem, o_smem):
+        c = lax.axis_index("c")
+
+        def unit(t):  # (column tile, K split) of this CTA's flat step t; K step t % k_iters
+            u = c * upc + t // k_iters
+            return u % n_tiles, u // n_tiles
+
+        def x_map(t):
+            return 0, unit(t)[1] * k_iters + t % k_iters
+
+        def w_map(t):
+            ni, si = unit(t)
+            return ni, si * k_iters + t % k_iters
+
+        specs = [plgpu.BlockSpec((Mp, cfg.block_k), x_map,
+                                 transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                 plgpu.BlockSpec((cfg.tile_n, cfg.block_k), w_map,
+                                 transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
+
+        def acc_scope(acc_ref):
+            def body(idx, x_smem, w_smem):
+                t = idx[0]
+                plgpu.wgmma(acc_ref, unpacked(w_smem), plgpu.transpose_ref(x_smem, (1, 0)))
+                plgpu.wgmma_wait(0)
+                acc = acc_ref[...]
+                last = t % k_iters == k_iters - 1
+
+                @pl.when(last)
+                def _store():  # this unit's partial sums; the previous unit's store is long done
+                    ni, si = unit(t)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    o_smem[...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+
+                # the next unit starts from zero (a multiply keeps the accumulator out of the branch)
+                acc_ref[...] = acc * (1 - last.astype(acc_dt))
+
+            plgpu.emit_pipeline(body, grid=(upc * k_iters,), in_specs=specs,
+                                max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    if cfg.smem_a:
+    if upc > 1:
+        f = plgpu.kernel(
+            kernel_persistent, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
+            grid=(n_tiles * cfg.split_k // upc,), grid_names=("c",),
+            scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
+            compiler_params=params)
+    elif cfg.smem_a:
         f = plgpu.kernel(
             kernel_smem_a, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),

@@ -64,15 +64,18 @@ def test_shape_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
-@pytest.mark.parametrize("ws,bk,stages,sa", [(False, 256, 2, False), (True, 256, 2, False),
-                                             (False, 64, 8, False), (False, 256, 2, True)])
-def test_lowers_for_cuda(mode, ws, bk, stages, sa):
+@pytest.mark.parametrize("ws,bk,stages,sa,upc", [(False, 256, 2, False, 1), (True, 256, 2, False, 1),
+                                                 (False, 64, 8, False, 1), (False, 256, 2, True, 1),
+                                                 (False, 256, 4, False, 2)])
+def test_lowers_for_cuda(mode, ws, bk, stages, sa, upc):
     """The Mosaic GPU kernel (plain, warp-specialized, narrow K steps with a deep ring, the
-    shared-memory-operand variant) traces and lowers to its custom call on CPU (no GPU needed)."""
+    shared-memory-operand variant, persistent CTAs) traces and lowers to its custom call on CPU
+    (no GPU needed)."""
     M, K, N = 5 if not ws else 40, 1024, 128
     int8 = mode == "w4a8"
     cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=bk, split_k=2, stages=stages,
-                     load_layout="wgmma" if int8 else "upcast", warp_specialized=ws, smem_a=sa)
+                     load_layout="wgmma" if int8 else "upcast", warp_specialized=ws, smem_a=sa,
+                     units_per_cta=upc)
     avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
              jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
     if int8:
@@ -117,13 +120,27 @@ def test_mismatched_operands_are_rejected():
         w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((1, 64), jnp.float32))
 
 
-def test_probe_smem_sweep_configs_fit_and_lower():
-    """experiments/probe_mgpu.py --sweep smem (the next device stage, smema): every config it
-    would time at the 8B shapes passes check(), and one per shape lowers for CUDA."""
+def test_persistent_configs_are_checked():
+    """units_per_cta must divide the (column tile, K split) units and runs the plain kernel only;
+    the error names the unit count."""
+    assert check(16, 4096, 28672, MgpuConfig(tile_n=64, split_k=2, units_per_cta=7)) is None
+    err = check(16, 4096, 4096, MgpuConfig(tile_n=64, split_k=4, units_per_cta=3))
+    assert "must divide the 256" in err
+    assert "plain kernel only" in check(16, 4096, 4096, MgpuConfig(tile_n=64, units_per_cta=2,
+                                                                   smem_a=True))
+    assert ">= 1" in check(16, 4096, 4096, MgpuConfig(tile_n=64, units_per_cta=0))
+    assert MgpuConfig(tile_n=64, units_per_cta=4).short().endswith("u4")
+
+
+@pytest.mark.parametrize("kind", ["smem", "persist"])
+def test_probe_sweep_configs_fit_and_lower(kind):
+    """experiments/probe_mgpu.py --sweep smem / persist (device stages smema, persist): every
+    config it would time at the 8B shapes passes check(), and one per shape lowers for CUDA."""
     from experiments.probe_mgpu import sweep_configs
     for K, N in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]:
-        cfgs = sweep_configs("smem", False, K, N)
-        assert cfgs and all(c.smem_a and check(16, K, N, c) is None for c in cfgs)
+        cfgs = sweep_configs(kind, False, K, N)
+        variant = (lambda c: c.smem_a) if kind == "smem" else (lambda c: c.units_per_cta > 1)
+        assert cfgs and all(variant(c) and check(16, K, N, c) is None for c in cfgs)
         avals = [jax.ShapeDtypeStruct((16, K), jnp.bfloat16), jax.ShapeDtypeStruct((N, K), jnp.int4),
                  jax.ShapeDtypeStruct((N,), jnp.float32)]
         text = jax.jit(lambda *a, c=cfgs[0]: w4_mgpu_matmul(*a, config=c)).trace(*avals).lower(

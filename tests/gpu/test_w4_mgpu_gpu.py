@@ -51,7 +51,10 @@ def test_w4a8_matches_reference(K, N, M):
                                  MgpuConfig(tile_n=128, block_k=256, split_k=2, stages=3,
                                             warp_specialized=True),
                                  MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, smem_a=True),
-                                 MgpuConfig(tile_n=64, block_k=128, split_k=1, stages=4, smem_a=True)])
+                                 MgpuConfig(tile_n=64, block_k=128, split_k=1, stages=4, smem_a=True),
+                                 MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4, units_per_cta=4),
+                                 MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, units_per_cta=8),
+                                 MgpuConfig(tile_n=64, block_k=512, split_k=1, stages=3, units_per_cta=16)])
 def test_other_configs(cfg):
     K, N, M = 4096, 1024, 9
     qw, s, x = _case(K, N, M, seed=3)
@@ -72,6 +75,29 @@ def test_smem_a_matches_reference(K, N, M, int8):
     from pallas_kernels.w4_mgpu import default_config
     qw, s, x = _case(K, N, M, seed=11 * K + N + M)
     cfg = dataclasses.replace(default_config(M, K, N), smem_a=True)
+    if int8:
+        xq, sx = quantize_per_token_reference(x, 8)
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
+            xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
+        want = w4a8_matmul_reference(xq, sx, qw, s)
+    else:
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(x, nk_from_half_split(qw), s[0])
+        want = w4a16_matmul_reference(x, qw, s)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("K,N", SHAPES[:4])
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("int8", [False, True])
+def test_persistent_matches_reference(K, N, M, int8):
+    """Persistent CTAs (two units each through one pipeline: the accumulator restarts between
+    them) at the 8B shapes with the default split, both modes."""
+    import dataclasses
+
+    from pallas_kernels.w4_mgpu import default_config
+    qw, s, x = _case(K, N, M, seed=13 * K + N + M)
+    cfg = dataclasses.replace(default_config(M, K, N), units_per_cta=2, stages=4)
     if int8:
         xq, sx = quantize_per_token_reference(x, 8)
         got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
