@@ -47,6 +47,7 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
+#   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh persist    # persistent-CTA Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh smema      # shared-memory-operand Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh mgpuregs   # Mosaic kernel with 64/128-wide K steps and deeper rings (~9 min)
@@ -61,7 +62,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -539,6 +540,19 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 240 probe_mgpu_persist.log python3 experiments/probe_mgpu.py --out "$OUT/persist" \
       --sweep persist --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 220
+    ;;
+  outmn)
+    # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); lowers
+    # on CPU, never run), so XLA can fuse each GEMM's epilogue into its consumer: GPU tests, then
+    # batch 1 / 16 w4a16 AR and batch-16 gamma 3 with and without it (nk layout).
+    step 200 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k "out_mn"
+    for v in on off; do
+      flag=""; [ "$v" = on ] && flag="--mgpu-out-mn"
+      step 170 outmn_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --new-tokens 64 \
+        --repeats 3 $flag --time-budget 150 --commit "$COMMIT" --out "$OUT/outmn_e2e_$v.jsonl"
+    done
     ;;
   longnk)
     # Issue 9 in the default (nk) layout: QSpec gamma 3 with the 4 + 2044 window at 16 x 32k (its

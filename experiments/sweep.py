@@ -323,6 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
+    p.add_argument("--mgpu-out-mn", action="store_true",
+                   help="the Mosaic GEMMs store their partial sums transposed, so XLA can fuse "
+                        "the epilogue into the consumer (w4_mgpu.OUT_MN; off by default until "
+                        "measured faster)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
@@ -392,6 +396,10 @@ def main(argv=None) -> int:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
         env["act_quant_in_gemm"] = True
+    if args.mgpu_out_mn:
+        from pallas_kernels import w4_mgpu
+        w4_mgpu.OUT_MN = True
+        env["mgpu_out_mn"] = True
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -664,6 +672,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--quantize-lm-head", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
+        if any(r.get("mgpu_out_mn") for r in runs):
+            args.append(("--mgpu-out-mn", ""))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):

@@ -11,7 +11,7 @@ Triton kernels cannot do (experiments/results/stream_h200_6341a42.md).
 Weight layout: int4 [N, K] ("nk": K contiguous, XLA's packed int4, two values per byte), not
 the model's half-split int8 [K//2, N]; `nk_from_half_split` converts once. Per-channel scales
 only: f32 [N], applied to the f32 / int32 accumulator in a small XLA epilogue together with the
-split-K sum.
+split-K sum (and the transpose back to [M, N], unless MgpuConfig.out_mn stores it transposed).
 
 Modes: "w4a16" (bf16 x, bf16 MMA, f32 accumulator) and "w4a8" (int8 x with per-token f32 scales
 sx [M], int8 MMA, int32 accumulator; also serves w4a4). GPU only (sm_90); no interpret mode
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +60,25 @@ class MgpuConfig:
     # narrow 8B shapes, whose CTAs run only 4 K steps each (qkv, o_proj). Lowers on CPU; not
     # yet run on the device (probe_mgpu.py --sweep persist, device stage `persist`).
     units_per_cta: int = 1
+    # Store each CTA's partial sums transposed, [split_k, Mp, N] instead of [split_k, N, Mp], so
+    # the epilogue (split-K sum as adds of slices, scales, the M rows) is elementwise on the
+    # output's own layout and XLA can fuse it into the consumer (residual add + RMSNorm, SwiGLU)
+    # instead of running a transpose kernel after every GEMM (~2-2.5 us each, 4 per layer:
+    # profile_h200_8b_b16_nk_b7044e9.md). The accumulator goes through the WGMMA_TRANSPOSED
+    # register layout into a transposed shared-memory view. Lowers on CPU; not yet run on the
+    # device (device stage `outmn`; model-wide switch: OUT_MN below).
+    out_mn: bool = False
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
                 f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
                 + ("sa" if self.smem_a else "")
-                + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else ""))
+                + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else "")
+                + ("mn" if self.out_mn else ""))
+
+
+# The model's GEMMs take MgpuConfig(out_mn=OUT_MN) (default_config); off until measured end to end.
+OUT_MN = False
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -80,7 +94,7 @@ def default_config(M: int, K: int, N: int) -> MgpuConfig:
     while (N // tile_n * split * 2 <= max_ctas and K % (block_k * split * 2) == 0
            and K // (block_k * split * 2) >= 4):
         split *= 2
-    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2)
+    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN)
 
 
 def nk_from_half_split(qweight: jax.Array) -> jax.Array:
@@ -126,6 +140,8 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
+    if cfg.out_mn and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1):
+        return "out_mn (transposed partial sums) runs the plain kernel only"
     if cfg.units_per_cta < 1:
         return f"units_per_cta={cfg.units_per_cta} must be >= 1"
     if cfg.units_per_cta > 1:
@@ -178,8 +194,12 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     if Mp != M:
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
     part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
-    y = part.sum(0).astype(jnp.float32) * scales[:, None]  # (int32 split sums are exact)
-    y = y.T[:M]
+    if cfg.out_mn:  # [split_k, Mp, N]: adds of slices, not a reduce, so the epilogue stays elementwise
+        acc = functools.reduce(operator.add, [part[i] for i in range(cfg.split_k)])
+        y = acc[:M].astype(jnp.float32) * scales[None, :]  # (int32 split sums are exact)
+    else:
+        y = part.sum(0).astype(jnp.float32) * scales[:, None]
+        y = y.T[:M]
     if int8:
         return (y * sx[:, None]).astype(jnp.bfloat16)
     return y.astype(x.dtype)
@@ -213,11 +233,17 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         return plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
                                transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))
 
-    def write_partials(acc_scope, o_gmem, o_smem, ni, si):  # run the K loop, store [tile_n, Mp]
+    def write_partials(acc_scope, o_gmem, o_smem, ni, si):  # run the K loop, store the tile
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
-        o_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+        if cfg.out_mn:  # o_smem [Mp, tile_n]: store the [tile_n, Mp] accumulator transposed
+            plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+                acc, plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+        else:
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
         plgpu.wait_smem_to_gmem(0)
 
     def kernel(x_gmem, w_gmem, o_gmem, o_smem):
@@ -370,6 +396,12 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             kernel_ws, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"), num_threads=3, thread_name="wg",
             scratch_types=dict(o_smem=plgpu.SMEM((2, half, Mp), acc_dt)), compiler_params=params)
+    elif cfg.out_mn:
+        f = plgpu.kernel(
+            kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, Mp, N), acc_dt),
+            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+            scratch_types=dict(o_smem=plgpu.SMEM((Mp, cfg.tile_n), acc_dt)),
+            compiler_params=params)
     else:
         f = plgpu.kernel(
             kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),

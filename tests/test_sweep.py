@@ -280,3 +280,19 @@ def test_sweep_quick_with_the_nk_weight_layout(tmp_path):
     assert nk.weight_layout == "nk" and m.weight_layout == "half_split"
     assert sweep.step_bytes(nk, 1, 8) == sweep.step_bytes(m, 1, 8)
     assert any(x.dtype == jnp.int4 for x in jax.tree_util.tree_leaves(nk.state))
+
+
+def test_sweep_quick_with_mgpu_out_mn(tmp_path, monkeypatch):
+    """--mgpu-out-mn switches the Mosaic GEMMs' transposed partial-sum store on for the run
+    (w4_mgpu.OUT_MN), and is recorded in every row and in the report's command (on CPU the
+    model runs the reference path: the rows just carry the setting)."""
+    from pallas_kernels import w4_mgpu
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", False)  # restored after the test
+    out = tmp_path / "mn.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn",
+                       "--out", str(out)]) == 0
+    assert w4_mgpu.OUT_MN is True
+    rows = [json.loads(l) for l in open(out)]
+    assert rows and all(r.get("mgpu_out_mn") for r in rows if "mode" in r)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--mgpu-out-mn" in open(tmp_path / "mn.md").read()

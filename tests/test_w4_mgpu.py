@@ -66,16 +66,16 @@ def test_shape_errors_name_the_problem():
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
 @pytest.mark.parametrize("ws,bk,stages,sa,upc", [(False, 256, 2, False, 1), (True, 256, 2, False, 1),
                                                  (False, 64, 8, False, 1), (False, 256, 2, True, 1),
-                                                 (False, 256, 4, False, 2)])
+                                                 (False, 256, 4, False, 2), (False, 256, 2, False, "mn")])
 def test_lowers_for_cuda(mode, ws, bk, stages, sa, upc):
     """The Mosaic GPU kernel (plain, warp-specialized, narrow K steps with a deep ring, the
-    shared-memory-operand variant, persistent CTAs) traces and lowers to its custom call on CPU
-    (no GPU needed)."""
+    shared-memory-operand variant, persistent CTAs, transposed partial sums) traces and lowers
+    to its custom call on CPU (no GPU needed; Mosaic's layout inference runs here)."""
     M, K, N = 5 if not ws else 40, 1024, 128
     int8 = mode == "w4a8"
     cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=bk, split_k=2, stages=stages,
                      load_layout="wgmma" if int8 else "upcast", warp_specialized=ws, smem_a=sa,
-                     units_per_cta=upc)
+                     units_per_cta=1 if upc == "mn" else upc, out_mn=upc == "mn")
     avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
              jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
     if int8:
@@ -130,6 +130,28 @@ def test_persistent_configs_are_checked():
                                                                    smem_a=True))
     assert ">= 1" in check(16, 4096, 4096, MgpuConfig(tile_n=64, units_per_cta=0))
     assert MgpuConfig(tile_n=64, units_per_cta=4).short().endswith("u4")
+    assert "plain kernel only" in check(16, 4096, 4096, MgpuConfig(tile_n=64, units_per_cta=2,
+                                                                   out_mn=True))
+
+
+def test_out_mn_switch_reaches_the_default_config(monkeypatch):
+    """w4_mgpu.OUT_MN (sweep.py --mgpu-out-mn) turns the transposed store on for every config
+    the model takes; it lowers at x padded to 8, 16 and 64 rows in both modes."""
+    from pallas_kernels import w4_mgpu
+    assert not w4_mgpu.default_config(16, 4096, 4096).out_mn
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    for M in (1, 16, 64):
+        cfg = w4_mgpu.default_config(M, 4096, 4096)
+        assert cfg.out_mn and cfg.short().endswith("mn") and check(M, 4096, 4096, cfg) is None
+        for int8 in (False, True):
+            avals = [jax.ShapeDtypeStruct((M, 4096), jnp.int8 if int8 else jnp.bfloat16),
+                     jax.ShapeDtypeStruct((4096, 4096), jnp.int4),
+                     jax.ShapeDtypeStruct((4096,), jnp.float32)]
+            if int8:
+                avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+            text = jax.jit(w4_mgpu_matmul).trace(*avals).lower(
+                lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("kind", ["smem", "persist"])

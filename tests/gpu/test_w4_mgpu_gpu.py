@@ -110,6 +110,51 @@ def test_persistent_matches_reference(K, N, M, int8):
                                rtol=2 ** -7, atol=1e-3)
 
 
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("M", [1, 5, 16, 40, 64])
+@pytest.mark.parametrize("int8", [False, True])
+def test_out_mn_matches_reference(K, N, M, int8):
+    """Partial sums stored transposed ([split_k, Mp, N]: the accumulator through the
+    WGMMA_TRANSPOSED layout into a transposed shared-memory view) with the default split."""
+    import dataclasses
+
+    from pallas_kernels.w4_mgpu import default_config
+    qw, s, x = _case(K, N, M, seed=17 * K + N + M)
+    cfg = dataclasses.replace(default_config(M, K, N), out_mn=True)
+    if int8:
+        xq, sx = quantize_per_token_reference(x, 8)
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
+            xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
+        want = w4a8_matmul_reference(xq, sx, qw, s)
+    else:
+        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(x, nk_from_half_split(qw), s[0])
+        want = w4a16_matmul_reference(x, qw, s)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=1e-3)
+
+
+def test_out_mn_in_the_model(monkeypatch):
+    """w4_mgpu.OUT_MN (every model GEMM stores transposed partial sums): logits within bf16
+    rounding of the default kernel's, QSpec still equal to w4a16 decoding (near-ties aside)."""
+    import qspec_jax as qj
+    from experiments import sweep
+    from pallas_kernels import w4_mgpu
+    monkeypatch.setitem(sweep.SHAPED, "t256", dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=256))
+    m = qj.with_weight_layout(sweep.random_model("t256", True), "nk")
+    toks = [[5, 17, 3, 99, 4], [8, 9]]
+    base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    for mode, a in base.items():
+        b = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
+        np.testing.assert_allclose(a, b, atol=0.02 * np.abs(a).max())
+    prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i] * (1 + i % 5) for i in range(10)]
+    ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
+    qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
+    _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
+
+
 def test_rejects_unsupported_shapes():
     x = jnp.zeros((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiple of tile_n"):
