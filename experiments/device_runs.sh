@@ -47,6 +47,8 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
+#   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
+#   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh persist    # persistent-CTA Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh smema      # shared-memory-operand Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
@@ -62,7 +64,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -540,6 +542,19 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 240 probe_mgpu_persist.log python3 experiments/probe_mgpu.py --out "$OUT/persist" \
       --sweep persist --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 220
+    ;;
+  sweepgrid8b|sweepgrid1b)
+    # Issue 8's whole grid: every mode, batch 1-256, gamma 3 and auto measured, cost tables at
+    # gamma 0/1/3/5/7 (the rest interpolated) for the predicted curves. Resumable across calls:
+    # the committed file is copied to $OUT first, the sweep skips the points it holds and appends;
+    # copy it back into experiments/results/ after each call and commit before the next one.
+    model=llama3-8b; [ "$stage" = sweepgrid1b ] && model=llama3.2-1b
+    f="sweepgrid_h200_${model}.jsonl"
+    [ -f "experiments/results/$f" ] && cp "experiments/results/$f" "$OUT/$f"
+    step 560 "${stage}.log" python3 experiments/sweep.py --models "$model" \
+      --batches 1,16,64,4,256,2,8,32,128 --modes w4a16,qspec-w4a8,w4a8,qspec-w4a4,w16 \
+      --gammas 3,auto --max-gamma 7 --cost-gammas 0,1,3,5,7 --repeats 2 --new-tokens 64 \
+      --time-budget 500 --commit "$COMMIT" --out "$OUT/$f"
     ;;
   outmn)
     # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); lowers
