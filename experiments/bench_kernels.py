@@ -4,6 +4,11 @@
   PYTHONPATH=. python3 experiments/bench_kernels.py --sweep --out $OUT                # config sweep
   PYTHONPATH=. python3 experiments/bench_kernels.py --quick                           # CPU smoke run
 
+Variants `ours_mgpu_w4a16` / `ours_mgpu_w4a8` (name them in --variants): the Mosaic GPU kernel
+(pallas_kernels/w4_mgpu.py, int4 [N, K] weights, the model's default config), which is what the
+model runs for M <= 64 in its default layout on Hopper; rows say "skipped: <reason>" off Hopper
+and for group scales. (probe_mgpu.py sweeps its configs.)
+
 Peer `tokamax_w4a16` (not in the default variant list; name it in --variants): Google's tokamax
 (PyPI, Python >= 3.12, jax >= 0.11.1), its Hopper Mosaic GPU quantized ragged dot with one
 group (tokamax/_src/ops/ragged_dot/pallas_mosaic_gpu_kernel_sm90_quant.py). It is not in the
@@ -230,8 +235,25 @@ def _ours_w4a8_fq(cfg=None):
     return f
 
 
+def _ours_mgpu(int8: bool):
+    """The Mosaic GPU kernel (pallas_kernels/w4_mgpu.py) over the int4 [N, K] weights with the
+    model's default config: what the model runs for M <= 64 in the default layout on Hopper."""
+    from pallas_kernels.w4_mgpu import w4_mgpu_matmul
+    if int8:
+        def f(xq, sx, ws):
+            return tuple(w4_mgpu_matmul(xq, w, s[0], sx.reshape(-1)) for w, s in ws)
+    else:
+        def f(x, ws):
+            return tuple(w4_mgpu_matmul(x, w, s[0]) for w, s in ws)
+    return f
+
+
+MGPU_VARIANTS = ("ours_mgpu_w4a16", "ours_mgpu_w4a8")
+W4A8_FLOAT_IN = ("ours_w4a8_quant", "ours_w4a8_fq")  # w4a8 kernels that quantize float x first
+W4A8_VARIANTS = ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm",
+                 "ours_w4a8_int8s", "ours_mgpu_w4a8")  # int8 activations in
 # variant -> largest M it is run at (None: all)
-VARIANT_MAX_M = {"ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
+VARIANT_MAX_M = {"ours_mgpu_w4a16": 64, "ours_mgpu_w4a8": 64, "ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
                  "ours_w4a16_cvts": 128, "ours_w4a16_asm": 128,
                  "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M,
                  "ours_w4a16_gemvm": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemvm": w4a16_mod.GEMV_MAX_M}
@@ -397,8 +419,7 @@ def _tokamax_w4a16(op, dims):
 
 
 def bytes_read(variant, M, K, N, G):
-    xb = M * K * (1 if variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_int8s",
-                                   "ours_w4a8_gemvm", "xla_w8a8", "xla_s4_w8") else 2)
+    xb = M * K * (1 if variant in W4A8_VARIANTS + ("xla_w8a8", "xla_s4_w8") else 2)
     if variant.startswith("ours") or variant in ("xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"):
         return K * N // 2 + 4 * N * (K // G) + xb
     if variant == "tokamax_w4a16":  # int4 weight + bf16 scales
@@ -484,6 +505,14 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                      * ws4[r % R4][1].astype(jnp.bfloat16)) for r in range(R16)]
         if need & {"xla_int4_dequant", "xla_s4_dot", "xla_s4_w8"}:
             ws_int4 = [(unpack_int4(qw).astype(jnp.int4), s) for qw, s in ws4]
+        ws_nk = mgpu_skip = None
+        if need & set(MGPU_VARIANTS) and jax.default_backend() != "gpu":
+            mgpu_skip = "skipped: the Mosaic GPU kernel runs on an NVIDIA Hopper GPU only"
+        elif need & set(MGPU_VARIANTS) and G != K:
+            mgpu_skip = f"skipped: the Mosaic GPU kernel takes per-channel scales only (group {G})"
+        elif need & set(MGPU_VARIANTS):
+            from pallas_kernels.w4_mgpu import nk_from_half_split
+            ws_nk = [(nk_from_half_split(qw), s) for qw, s in ws4]
         if "xla_w8a8" in need:
             R8 = n_copies(K * N, quick)
             ws8 = [(unpack_int4(ws4[r % R4][0]), ws4[r % R4][1]) for r in range(R8)]
@@ -532,6 +561,13 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
                         j = Job(v, K, N, M, G, cfg, _ours_w4a8_q(cfg), (x, ws4), R4)
                     elif v == "ours_w4a8_fq":
                         j = Job(v, K, N, M, G, cfg, _ours_w4a8_fq(cfg), (x, ws4), R4)
+                    elif v in MGPU_VARIANTS and mgpu_skip:
+                        j = Job(v, K, N, M, G, None, skip=mgpu_skip)
+                    elif v == "ours_mgpu_w4a16":
+                        j = Job(v, K, N, M, G, None, _ours_mgpu(False), (x, ws_nk), R4, ref_w=ws4[0])
+                    elif v == "ours_mgpu_w4a8":
+                        j = Job(v, K, N, M, G, None, _ours_mgpu(True), (xq, sx, ws_nk), R4,
+                                ref_w=ws4[0])
                     elif v == "xla_bf16":
                         j = Job(v, K, N, M, G, None, _xla_bf16, (x, ws16), len(ws16))
                     elif v == "xla_int4_dequant":
@@ -557,11 +593,15 @@ def build_jobs(shapes, ms, variants, G_of, quick, sweep_cfgs=None):
 def check_job(job: Job):
     """Runs the compiled program once on its inputs and compares copy 0 with the reference."""
     out = job.compiled(*job.args)[0]
-    if job.variant.startswith("ours_w4a16"):
+    if job.variant == "ours_mgpu_w4a8":
+        xq, sx, _ = job.args
+        ref = w4a8_matmul_reference(xq, sx, *job.ref_w)
+    elif job.variant == "ours_mgpu_w4a16":
+        ref = w4a16_matmul_reference(job.args[0], *job.ref_w)
+    elif job.variant.startswith("ours_w4a16"):
         x, ws = job.args
         ref = w4a16_matmul_reference(x, *ws[0])
-    elif job.variant in ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm",
-                         "ours_w4a8_int8s"):
+    elif job.variant in W4A8_VARIANTS:
         xq, sx, ws = job.args
         ref = w4a8_matmul_reference(xq, sx, *ws[0])
     elif job.variant in ("ours_w4a8_quant", "ours_w4a8_fq"):
@@ -615,7 +655,7 @@ def run_jobs(jobs, iters, check=True, partial_path=None):
             row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
             fl = 2 * j.M * j.N * j.K
             row["TFLOPs"] = fl / med / 1e6
-            peak = (PEAK_INT8 if j.variant in ("ours_w4a8", "ours_w4a8_quant", "ours_w4a8_fq", "xla_w8a8")
+            peak = (PEAK_INT8 if j.variant in W4A8_VARIANTS + W4A8_FLOAT_IN + ("xla_w8a8", "xla_s4_w8")
                     else PEAK_BF16)
             row["config_full"] = repr(j.cfg) if j.cfg else None
             row["pct_mma"] = 100 * row["TFLOPs"] / peak
@@ -710,8 +750,8 @@ def qspec_implication(rows, shapes, gamma=3, a=0.9):
         return tot
 
     v16 = ["ours_w4a16", "ours_w4a16_cvt", "ours_w4a16_cvts", "ours_w4a16_magic", "ours_w4a16_asm",
-           "ours_w4a16_triton"]
-    v8 = ["ours_w4a8", "ours_w4a8_magic", "ours_w4a8_int8s"]
+           "ours_w4a16_triton", "ours_mgpu_w4a16"]
+    v8 = ["ours_w4a8", "ours_w4a8_magic", "ours_w4a8_int8s", "ours_mgpu_w4a8"]
     E = (1 - a ** (gamma + 1)) / (1 - a)
     out = []
     Ms = sorted({r["M"] for r in rows})
@@ -747,11 +787,11 @@ def write_md(path, meta, rows, qs, shapes):
         if not rs:
             continue
         L += [f"## K x N = {K} x {N} (int4 weight bytes {K * N // 2 / 1e6:.1f} MB)", "",
-              "| M | " + " | ".join(variants) + " | w4a16 TB/s (%HBM) | w4a8 TFLOP/s (%MMA) |",
+              "| M | " + " | ".join(variants)
+              + " | fastest ours w4a16: TB/s (%HBM) | fastest ours w4a8: TB/s (%HBM), TFLOP/s (%MMA) |",
               "|---|" + "---|" * (len(variants) + 2)]
         for M in sorted({r["M"] for r in rs}):
             cells = []
-            extra16 = extra8 = ""
             for v in variants:
                 rr = [r for r in rs if r["M"] == M and r["variant"] == v]
                 if not rr or "us_median" not in rr[0]:
@@ -759,10 +799,14 @@ def write_md(path, meta, rows, qs, shapes):
                     continue
                 r = rr[0]
                 cells.append(f"{r['us_median']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}]")
-                if v == "ours_w4a16":
-                    extra16 = f"{r['TBps']:.2f} ({r['pct_hbm']:.0f}%)"
-                if v == "ours_w4a8":
-                    extra8 = f"{r['TFLOPs']:.0f} ({r['pct_mma']:.0f}%)"
+            timed = [r for r in rs if r["M"] == M and "us_median" in r and r["variant"].startswith("ours")]
+            b16 = min((r for r in timed if r["variant"] not in W4A8_VARIANTS + W4A8_FLOAT_IN),
+                      key=lambda r: r["us_median"], default=None)
+            b8 = min((r for r in timed if r["variant"] in W4A8_VARIANTS),
+                     key=lambda r: r["us_median"], default=None)
+            extra16 = f"{b16['TBps']:.2f} ({b16['pct_hbm']:.0f}%) {b16['variant']}" if b16 else ""
+            extra8 = (f"{b8['TBps']:.2f} ({b8['pct_hbm']:.0f}%), {b8['TFLOPs']:.0f} ({b8['pct_mma']:.0f}%) "
+                      f"{b8['variant']}" if b8 else "")
             L.append(f"| {M} | " + " | ".join(cells) + f" | {extra16} | {extra8} |")
         L.append("")
     errs = [r for r in rows if r.get("rel_err") is not None]

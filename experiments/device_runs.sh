@@ -100,7 +100,7 @@ case "$stage" in
     # (all M, README's table), and the fused RMSNorm + quantization kernel against XLA.
     step 240 gpu_tests.log python3 -m pytest tests/gpu/test_kernels_gpu.py -q -rA -p no:cacheprovider
     step 250 kernels_full.log python3 experiments/bench_kernels.py --tag h200_tuned \
-      --variants ours_w4a16,ours_w4a16_cvt,ours_w4a16_cvts,ours_w4a16_asm,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
+      --variants ours_mgpu_w4a16,ours_w4a16,ours_w4a16_asm,ours_mgpu_w4a8,ours_w4a8,ours_w4a8_quant,xla_bf16,xla_s4_dot,xla_w8a8 \
       --commit "$COMMIT" --out "$OUT"
     step 70 fused.log python3 experiments/bench_fused.py --commit "$COMMIT" --out "$OUT"
     ;;
@@ -350,7 +350,7 @@ case "$stage" in
     ;;
   kernels70b)
     step 400 kernels70b.log python3 experiments/bench_kernels.py --shapes 70b \
-      --ms 1,4,16,64,256,1024 --variants ours_w4a16,ours_w4a8,xla_bf16,xla_int4_dequant,xla_w8a8 \
+      --ms 1,4,16,64,256,1024 --variants ours_mgpu_w4a16,ours_w4a16,ours_mgpu_w4a8,ours_w4a8,xla_bf16,xla_s4_dot,xla_w8a8 \
       --tag h200_70b --commit "$COMMIT" --out "$OUT"
     ;;
   hadamard)
