@@ -133,7 +133,7 @@ def test_out_mn_matches_reference(K, N, M, int8):
                                rtol=2 ** -7, atol=1e-3)
 
 
-def test_out_mn_in_the_model(monkeypatch):
+def test_out_mn_in_the_model(monkeypatch, request):
     """w4_mgpu.OUT_MN (every model GEMM stores transposed partial sums): logits within bf16
     rounding of the default kernel's, QSpec still equal to w4a16 decoding (near-ties aside)."""
     import qspec_jax as qj
@@ -144,8 +144,18 @@ def test_out_mn_in_the_model(monkeypatch):
         num_key_value_heads=2, head_dim=64, vocab_size=256))
     m = qj.with_weight_layout(sweep.random_model("t256", True), "nk")
     toks = [[5, 17, 3, 99, 4], [8, 9]]
+    jax.clear_caches()  # programs traced by earlier tests (same shapes) must not be reused
     base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
     monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)  # nothing traced with OUT_MN on outlives the test
+    seen = []
+    real_kernel = w4_mgpu._kernel
+
+    def spy(cfg, *a):
+        seen.append(cfg.out_mn)
+        return real_kernel(cfg, *a)
+    monkeypatch.setattr(w4_mgpu, "_kernel", spy)
     for mode, a in base.items():
         b = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
         np.testing.assert_allclose(a, b, atol=0.02 * np.abs(a).max())
@@ -153,6 +163,7 @@ def test_out_mn_in_the_model(monkeypatch):
     ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
     qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
     _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
+    assert seen and all(seen)  # every Mosaic GEMM traced after the switch stored transposed
 
 
 def test_rejects_unsupported_shapes():
