@@ -64,17 +64,14 @@ def test_other_configs(cfg):
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
 
 
-@pytest.mark.parametrize("K,N", SHAPES[:4])
-@pytest.mark.parametrize("M", [1, 16])
-@pytest.mark.parametrize("int8", [False, True])
-def test_smem_a_matches_reference(K, N, M, int8):
-    """The shared-memory-operand variant (one MMA in flight) at the 8B shapes with the default
-    split, both modes."""
+def _check_default_config_variant(K, N, M, int8, seed, **changes):
+    """The kernel with the model's default config for this shape, `changes` applied, against the
+    model-layout reference of its mode on fresh random inputs."""
     import dataclasses
 
     from pallas_kernels.w4_mgpu import default_config
-    qw, s, x = _case(K, N, M, seed=11 * K + N + M)
-    cfg = dataclasses.replace(default_config(M, K, N), smem_a=True)
+    qw, s, x = _case(K, N, M, seed=seed)
+    cfg = dataclasses.replace(default_config(M, K, N), **changes)
     if int8:
         xq, sx = quantize_per_token_reference(x, 8)
         got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
@@ -85,6 +82,15 @@ def test_smem_a_matches_reference(K, N, M, int8):
         want = w4a16_matmul_reference(x, qw, s)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("K,N", SHAPES[:4])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_smem_a_matches_reference(K, N, M, int8):
+    """The shared-memory-operand variant (one MMA in flight) at the 8B shapes with the default
+    split, both modes."""
+    _check_default_config_variant(K, N, M, int8, 11 * K + N + M, smem_a=True)
 
 
 @pytest.mark.parametrize("K,N", SHAPES[:4])
@@ -93,21 +99,7 @@ def test_smem_a_matches_reference(K, N, M, int8):
 def test_persistent_matches_reference(K, N, M, int8):
     """Persistent CTAs (two units each through one pipeline: the accumulator restarts between
     them) at the 8B shapes with the default split, both modes."""
-    import dataclasses
-
-    from pallas_kernels.w4_mgpu import default_config
-    qw, s, x = _case(K, N, M, seed=13 * K + N + M)
-    cfg = dataclasses.replace(default_config(M, K, N), units_per_cta=2, stages=4)
-    if int8:
-        xq, sx = quantize_per_token_reference(x, 8)
-        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
-            xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
-        want = w4a8_matmul_reference(xq, sx, qw, s)
-    else:
-        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(x, nk_from_half_split(qw), s[0])
-        want = w4a16_matmul_reference(x, qw, s)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=2 ** -7, atol=1e-3)
+    _check_default_config_variant(K, N, M, int8, 13 * K + N + M, units_per_cta=2, stages=4)
 
 
 @pytest.mark.parametrize("K,N", SHAPES)
@@ -116,21 +108,7 @@ def test_persistent_matches_reference(K, N, M, int8):
 def test_out_mn_matches_reference(K, N, M, int8):
     """Partial sums stored transposed ([split_k, Mp, N]: the accumulator through the
     WGMMA_TRANSPOSED layout into a transposed shared-memory view) with the default split."""
-    import dataclasses
-
-    from pallas_kernels.w4_mgpu import default_config
-    qw, s, x = _case(K, N, M, seed=17 * K + N + M)
-    cfg = dataclasses.replace(default_config(M, K, N), out_mn=True)
-    if int8:
-        xq, sx = quantize_per_token_reference(x, 8)
-        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
-            xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
-        want = w4a8_matmul_reference(xq, sx, qw, s)
-    else:
-        got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(x, nk_from_half_split(qw), s[0])
-        want = w4a16_matmul_reference(x, qw, s)
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=2 ** -7, atol=1e-3)
+    _check_default_config_variant(K, N, M, int8, 17 * K + N + M, out_mn=True)
 
 
 def test_out_mn_in_the_model(monkeypatch, request):
