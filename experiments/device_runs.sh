@@ -560,13 +560,16 @@ case "$stage" in
     # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); lowers
     # on CPU, never run), so XLA can fuse each GEMM's epilogue into its consumer: GPU tests, then
     # batch 1 / 16 w4a16 AR and batch-16 gamma 3 with and without it (nk layout).
-    step 200 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+    step 150 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "out_mn"
     for v in on off; do
       flag=""; [ "$v" = on ] && flag="--mgpu-out-mn"
-      step 170 outmn_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+      step 75 outmn_e2e_b1_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
+        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 60 --commit "$COMMIT" \
+        --out "$OUT/outmn_e2e_$v.jsonl"
+      step 125 outmn_e2e_b16_$v.log python3 experiments/sweep.py --models llama3-8b --batches 16 \
         --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --new-tokens 64 \
-        --repeats 3 $flag --time-budget 150 --commit "$COMMIT" --out "$OUT/outmn_e2e_$v.jsonl"
+        --repeats 3 $flag --time-budget 100 --commit "$COMMIT" --out "$OUT/outmn_e2e_$v.jsonl"
     done
     ;;
   longnk)
