@@ -72,19 +72,18 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
             for sk in (1, 2, 4, 8, 16):
                 cfg = MgpuConfig(tile_n=64, block_k=bk, split_k=sk, stages=p, load_layout=ll,
                                  smem_a=True)
-                if (256 <= N // 64 * sk <= 2048 and N % 64 == 0 and K // (bk * sk) >= p
-                        and check(M, K, N, cfg) is None):
+                if (256 <= N // 64 * sk <= 2048 and K // (bk * sk) >= p
+                        and check(M, K, N, cfg) is None):  # (check: divisibility, smem bound)
                     out.append(cfg)
         return out
     if kind == "persist":  # persistent CTAs: units_per_cta units through one continuous pipeline
         out = []
         for p, sk, upc in itertools.product((2, 4, 6), (1, 2, 4, 8, 16), (2, 3, 4, 7, 8)):
-            units = N // 64 * sk
             cfg = MgpuConfig(tile_n=64, block_k=256, split_k=sk, stages=p, load_layout=ll,
                              units_per_cta=upc)
-            if (N % 64 == 0 and K % (256 * sk) == 0 and K // (256 * sk) >= 2
-                    and units % upc == 0 and 100 <= units // upc <= 264
-                    and check(M, K, N, cfg) is None):
+            # (check: divisibility of N, K and the units); 100-264 CTAs, >= 2 K steps per unit
+            if (check(M, K, N, cfg) is None and K // (256 * sk) >= 2
+                    and 100 <= N // 64 * sk // upc <= 264):
                 out.append(cfg)
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M

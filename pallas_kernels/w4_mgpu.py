@@ -229,21 +229,29 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             w = plgpu.layout_cast(w, mma_layout)
         return w.astype(cdt)
 
-    def w_spec(ni, si):  # the weight tiles of this CTA's column tile and K split
-        return plgpu.BlockSpec((cfg.tile_n, cfg.block_k), lambda k: (ni, si * k_iters + k),
+    def x_spec(index_map):  # [Mp, block_k] tiles of x; index_map: pipeline step -> block index
+        return plgpu.BlockSpec((Mp, cfg.block_k), index_map,
+                               transforms=_transforms(cfg.block_k, cdt, "rhs"))
+
+    def w_spec_at(index_map):  # [tile_n, block_k] int4 weight tiles
+        return plgpu.BlockSpec((cfg.tile_n, cfg.block_k), index_map,
                                transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))
+
+    def w_spec(ni, si):  # the weight tiles of this CTA's column tile and K split
+        return w_spec_at(lambda k: (ni, si * k_iters + k))
 
     def write_partials(acc_scope, o_gmem, o_smem, ni, si):  # run the K loop, store the tile
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+        cols = pl.ds(ni * cfg.tile_n, cfg.tile_n)
         if cfg.out_mn:  # o_smem [Mp, tile_n]: store the [tile_n, Mp] accumulator transposed
             plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
                 acc, plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+            dst = o_gmem.at[si, :, cols]
         else:
             o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * cfg.tile_n, cfg.tile_n)])
+            dst = o_gmem.at[si, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
     def kernel(x_gmem, w_gmem, o_gmem, o_smem):
@@ -265,9 +273,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         write_partials(acc_scope, o_gmem, o_smem, ni, si)
 
     def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
-        return [plgpu.BlockSpec((Mp, cfg.block_k), lambda k: (0, si * k_iters + k),
-                                transforms=_transforms(cfg.block_k, cdt, "rhs")),
-                w_spec(ni, si)]
+        return [x_spec(lambda k: (0, si * k_iters + k)), w_spec(ni, si)]
     half = cfg.tile_n // 2
 
     def kernel_ws(x_gmem, w_gmem, o_gmem, o_smem):
@@ -335,17 +341,11 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             u = c * upc + t // k_iters
             return u % n_tiles, u // n_tiles
 
-        def x_map(t):
-            return 0, unit(t)[1] * k_iters + t % k_iters
-
         def w_map(t):
             ni, si = unit(t)
             return ni, si * k_iters + t % k_iters
 
-        specs = [plgpu.BlockSpec((Mp, cfg.block_k), x_map,
-                                 transforms=_transforms(cfg.block_k, cdt, "rhs")),
-                 plgpu.BlockSpec((cfg.tile_n, cfg.block_k), w_map,
-                                 transforms=_transforms(cfg.block_k, jnp.int4, "lhs"))]
+        specs = [x_spec(lambda t: (0, w_map(t)[1])), w_spec_at(w_map)]
 
         def acc_scope(acc_ref):
             def body(idx, x_smem, w_smem):

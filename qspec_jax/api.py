@@ -136,8 +136,8 @@ def with_weight_layout(model: QSpecModel, layout: str, *, in_place: bool = False
     checkpoint format; Pallas Triton kernels), "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
     swap-AB kernel takes GEMMs of up to kernel_dispatch.MGPU_MAX_M = 64 rows, 1.2-1.4x faster
     per 8B layer on the H200, experiments/results/mgpu_h200.md, 1.08-1.23x end to end,
-    mgpu_e2e_h200.md; wider GEMMs run on XLA) or "auto" (``auto_weight_layout``: nk where that kernel runs, else half_split). Same
-    values and the same bytes in memory. The input model is left as it is (both copies live
+    mgpu_e2e_h200.md; wider GEMMs run on XLA) or "auto" (``auto_weight_layout``: nk where that
+    kernel runs, else half_split). Same values and the same bytes in memory. The input model is left as it is (both copies live
     while both are held: drop it to free its weights) unless ``in_place=True``, which converts
     the input's own arrays one weight at a time (peak: one extra weight; the input then holds the
     new layout too), as ``load(..., weight_layout=...)`` does. Outputs may differ from the other
