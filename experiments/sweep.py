@@ -400,6 +400,13 @@ def main(argv=None) -> int:
         from pallas_kernels import w4_mgpu
         w4_mgpu.OUT_MN = True
         env["mgpu_out_mn"] = True
+        if jax.default_backend() == "gpu":  # a kernel that cannot lower would time XLA's path
+            from qspec_jax import kernel_dispatch
+            kernel_dispatch._mgpu_lowering_error.cache_clear()
+            why = kernel_dispatch.mgpu_unavailable()
+            if why:
+                raise SystemExit(f"--mgpu-out-mn: the Mosaic GPU kernel with transposed partial "
+                                 f"sums cannot run ({why}); nothing was timed")
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]

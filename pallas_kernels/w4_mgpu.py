@@ -244,7 +244,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
         cols = pl.ds(ni * cfg.tile_n, cfg.tile_n)
         if cfg.out_mn:  # o_smem [Mp, tile_n]: store the [tile_n, Mp] accumulator transposed
-            plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+            # (the ref's own transpose: jax 0.11's plgpu.transpose_ref rejects a scratch ref)
+            o_smem.transpose((1, 0))[...] = plgpu.layout_cast(
                 acc, plgpu.Layout.WGMMA_TRANSPOSED)
             dst = o_gmem.at[si, :, cols]
         else:

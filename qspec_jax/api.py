@@ -314,7 +314,11 @@ def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "auto
     window, layers = normalize_draft_options(model, window, layers)
     model.check_mode(mode)
     check_kernels(kernels)
-    tokens = jnp.asarray(token_ids, jnp.int32)
+    try:
+        tokens = jnp.asarray(token_ids, jnp.int32)
+    except ValueError as e:  # ragged rows
+        raise ValueError("token_ids must be a rectangular [batch, length] array of token ids (pad "
+                         f"the rows to one length; generate() takes ragged prompts): {e}") from None
     if tokens.ndim != 2:
         raise ValueError(f"token_ids must be [batch, length], got shape {tokens.shape}")
     check_token_range(np.asarray(tokens), model.cfg.vocab_size)

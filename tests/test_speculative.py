@@ -132,6 +132,11 @@ def test_qspec_needs_quantized_model(hf_dirs):
         qj.generate(model, [[3, 4]], mode="qspec")
 
 
+def test_logits_rejects_ragged_token_ids(quantized):
+    with pytest.raises(ValueError, match="rectangular .batch, length. array.*pad the rows"):
+        qj.logits(quantized["llama"], [[5, 17, 3], [8, 9]], mode="w4a16")
+
+
 # ---- lossless sampling -------------------------------------------------------------------------
 
 VOCAB = 12

@@ -121,7 +121,7 @@ def test_out_mn_in_the_model(monkeypatch, request):
         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, vocab_size=256))
     m = qj.with_weight_layout(sweep.random_model("t256", True), "nk")
-    toks = [[5, 17, 3, 99, 4], [8, 9]]
+    toks = [[5, 17, 3, 99, 4], [8, 9, 1, 2, 3]]
     jax.clear_caches()  # programs traced by earlier tests (same shapes) must not be reused
     base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
     monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
