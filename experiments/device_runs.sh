@@ -537,12 +537,12 @@ case "$stage" in
     # outmn after the jax-0.11 fix (949938e's transposed store used plgpu.transpose_ref on a
     # scratch ref, which 0.11.2 rejects; the model then ran XLA's GEMMs): GPU tests, then
     # batch 1 and batch 16 w4a16 AR on / off (the sweep now refuses to time XLA's path).
-    step 150 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+    step 120 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "out_mn"
     for v in on off; do
       flag=""; [ "$v" = on ] && flag="--mgpu-out-mn"
-      step 75 outmn_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
-        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 60 --commit "$COMMIT" \
+      step 150 outmn_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 130 --commit "$COMMIT" \
         --out "$OUT/outmn_e2e_$v.jsonl"
     done
     ;;
