@@ -540,7 +540,7 @@ case "$stage" in
     step 120 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "out_mn"
     for v in on off; do
-      flag=""; [ "$v" = on ] && flag="--mgpu-out-mn"
+      flag="--mgpu-out-mn $v"
       step 150 outmn_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
         --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 130 --commit "$COMMIT" \
         --out "$OUT/outmn_e2e_$v.jsonl"
@@ -577,7 +577,7 @@ case "$stage" in
     step 150 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "out_mn"
     for v in on off; do
-      flag=""; [ "$v" = on ] && flag="--mgpu-out-mn"
+      flag="--mgpu-out-mn $v"
       step 75 outmn_e2e_b1_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
         --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 60 --commit "$COMMIT" \
         --out "$OUT/outmn_e2e_$v.jsonl"

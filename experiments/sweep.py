@@ -323,10 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
-    p.add_argument("--mgpu-out-mn", action="store_true",
-                   help="the Mosaic GEMMs store their partial sums transposed, so XLA can fuse "
-                        "the epilogue into the consumer (w4_mgpu.OUT_MN; off by default until "
-                        "measured faster)")
+    p.add_argument("--mgpu-out-mn", choices=("on", "off"), default=None,
+                   help="on: the Mosaic GEMMs store their partial sums transposed, so XLA can "
+                        "fuse the epilogue into the consumer; off: [split, N, M] and a transpose "
+                        "(w4_mgpu.OUT_MN, on by default since ed53aaf: outmn_h200.md)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
@@ -396,10 +396,11 @@ def main(argv=None) -> int:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
         env["act_quant_in_gemm"] = True
+    from pallas_kernels import w4_mgpu
     if args.mgpu_out_mn:
-        from pallas_kernels import w4_mgpu
-        w4_mgpu.OUT_MN = True
-        env["mgpu_out_mn"] = True
+        w4_mgpu.OUT_MN = args.mgpu_out_mn == "on"
+    env["mgpu_out_mn"] = w4_mgpu.OUT_MN  # (recorded always: the default changed at ed53aaf)
+    if args.mgpu_out_mn == "on":
         if jax.default_backend() == "gpu":  # a kernel that cannot lower would time XLA's path
             from qspec_jax import kernel_dispatch
             kernel_dispatch._mgpu_lowering_error.cache_clear()
@@ -679,8 +680,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--quantize-lm-head", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
-        if any(r.get("mgpu_out_mn") for r in runs):
-            args.append(("--mgpu-out-mn", ""))
+        if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
+            args.append(("--mgpu-out-mn", "off"))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):

@@ -57,16 +57,15 @@ class MgpuConfig:
     # one continuous TMA pipeline (the ring does not drain between units; each unit's partial
     # sums are stored when its last K step is done and the accumulator restarts from zero), so
     # the grid is n_tiles * split_k / units_per_cta CTAs instead of one per unit. Aimed at the
-    # narrow 8B shapes, whose CTAs run only 4 K steps each (qkv, o_proj). Lowers on CPU; not
-    # yet run on the device (probe_mgpu.py --sweep persist, device stage `persist`).
+    # narrow 8B shapes, whose CTAs run only 4 K steps each (qkv, o_proj). Correct on the H200
+    # but 1.03-1.22x the default's time at every 8B shape (mgpu_h200_persist.md): off.
     units_per_cta: int = 1
     # Store each CTA's partial sums transposed, [split_k, Mp, N] instead of [split_k, N, Mp], so
     # the epilogue (split-K sum as adds of slices, scales, the M rows) is elementwise on the
     # output's own layout and XLA can fuse it into the consumer (residual add + RMSNorm, SwiGLU)
     # instead of running a transpose kernel after every GEMM (~2-2.5 us each, 4 per layer:
     # profile_h200_8b_b16_nk_b7044e9.md). The accumulator goes through the WGMMA_TRANSPOSED
-    # register layout into a transposed shared-memory view. Lowers on CPU; not yet run on the
-    # device (device stage `outmn`; model-wide switch: OUT_MN below).
+    # register layout into a transposed shared-memory view. Model-wide switch: OUT_MN below.
     out_mn: bool = False
 
     def short(self) -> str:
@@ -77,8 +76,9 @@ class MgpuConfig:
                 + ("mn" if self.out_mn else ""))
 
 
-# The model's GEMMs take MgpuConfig(out_mn=OUT_MN) (default_config); off until measured end to end.
-OUT_MN = False
+# The model's GEMMs take MgpuConfig(out_mn=OUT_MN) (default_config). On: 8B w4a16 AR step
+# 2.630 vs 2.668 ms at batch 1, 2.621 vs 2.751 at batch 16 (outmn_h200.md, ed53aaf).
+OUT_MN = True
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:

@@ -105,13 +105,26 @@ def _mgpu_lowering_error() -> str | None:
     Mosaic GPU API differs from the one the kernel was written for fails here, with its message,
     instead of deep inside a model's trace."""
     from pallas_kernels import w4_mgpu
-    try:
-        avals = (jax.ShapeDtypeStruct((8, 512), jnp.bfloat16), jax.ShapeDtypeStruct((64, 512), jnp.int4),
-                 jax.ShapeDtypeStruct((64,), jnp.float32))
-        jax.jit(w4_mgpu.w4_mgpu_matmul).trace(*avals).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
-        return f"this jax ({jax.__version__}) cannot lower it: {type(e).__name__}: {str(e)[:300]}"
-    return None
+
+    def error():
+        try:
+            avals = (jax.ShapeDtypeStruct((8, 512), jnp.bfloat16),
+                     jax.ShapeDtypeStruct((64, 512), jnp.int4), jax.ShapeDtypeStruct((64,), jnp.float32))
+            jax.jit(w4_mgpu.w4_mgpu_matmul).trace(*avals).lower(lowering_platforms=("cuda",))
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
+            return f"this jax ({jax.__version__}) cannot lower it: {type(e).__name__}: {str(e)[:300]}"
+        return None
+
+    why = error()
+    if why and w4_mgpu.OUT_MN:  # the transposed store alone may be what this jax rejects
+        w4_mgpu.OUT_MN = False
+        if error() is None:
+            log_once(("out-mn-off",), "qspec_jax: the Mosaic GPU kernel's transposed partial-sum "
+                     f"store (w4_mgpu.OUT_MN) cannot lower here ({why}); its GEMMs store "
+                     "[split, N, M] and transpose instead", logging.WARNING)
+            return None
+        w4_mgpu.OUT_MN = True
+    return why
 
 
 def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:

@@ -283,16 +283,18 @@ def test_sweep_quick_with_the_nk_weight_layout(tmp_path):
 
 
 def test_sweep_quick_with_mgpu_out_mn(tmp_path, monkeypatch):
-    """--mgpu-out-mn switches the Mosaic GEMMs' transposed partial-sum store on for the run
-    (w4_mgpu.OUT_MN), and is recorded in every row and in the report's command (on CPU the
-    model runs the reference path: the rows just carry the setting)."""
+    """--mgpu-out-mn on / off sets the Mosaic GEMMs' transposed partial-sum store for the run
+    (w4_mgpu.OUT_MN), recorded in every row and in the report's command (on CPU the model runs
+    the reference path: the rows just carry the setting)."""
     from pallas_kernels import w4_mgpu
-    monkeypatch.setattr(w4_mgpu, "OUT_MN", False)  # restored after the test
-    out = tmp_path / "mn.jsonl"
-    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn",
-                       "--out", str(out)]) == 0
-    assert w4_mgpu.OUT_MN is True
-    rows = [json.loads(l) for l in open(out)]
-    assert rows and all(r.get("mgpu_out_mn") for r in rows if "mode" in r)
-    assert sweep_main(["--report", "--out", str(out)]) == 0
-    assert "--mgpu-out-mn" in open(tmp_path / "mn.md").read()
+    for flag, want in (("on", True), ("off", False)):
+        monkeypatch.setattr(w4_mgpu, "OUT_MN", not want)  # restored after the test
+        out = tmp_path / f"mn_{flag}.jsonl"
+        assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn", flag,
+                           "--out", str(out)]) == 0
+        assert w4_mgpu.OUT_MN is want
+        rows = [json.loads(l) for l in open(out) if '"mode"' in l]
+        assert rows and all(r["mgpu_out_mn"] is want for r in rows)
+        assert sweep_main(["--report", "--out", str(out)]) == 0
+        # (the command names it only when off: on is the default)
+        assert ("--mgpu-out-mn off" in open(tmp_path / f"mn_{flag}.md").read()) is (not want)

@@ -138,6 +138,7 @@ def test_out_mn_switch_reaches_the_default_config(monkeypatch):
     """w4_mgpu.OUT_MN (sweep.py --mgpu-out-mn) turns the transposed store on for every config
     the model takes; it lowers at x padded to 8, 16 and 64 rows in both modes."""
     from pallas_kernels import w4_mgpu
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", False)
     assert not w4_mgpu.default_config(16, 4096, 4096).out_mn
     monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
     for M in (1, 16, 64):

@@ -122,7 +122,7 @@ def test_auto_layout_keeps_the_stored_one_without_a_gpu(caplog):
     assert qj.load(None).weight_layout == "none"  # a 16-bit model: nothing to convert
 
 
-def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(models, grouped, monkeypatch):
+def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(models, grouped, monkeypatch, caplog):
     """On a (pretend) Hopper GPU "auto" is nk for shapes the Mosaic kernel takes, and stays
     half_split for shapes it cannot take, group scales, or a GPU older than sm_90."""
     from experiments import sweep
@@ -161,6 +161,23 @@ def test_auto_layout_picks_nk_where_the_mosaic_kernel_runs(models, grouped, monk
     kernel_dispatch._mgpu_lowering_error.cache_clear()
     layout, why = qj.auto_weight_layout(fits)
     assert layout == "half_split" and "cannot lower it" in why and "emit_pipeline" in why
+    assert w4_mgpu.OUT_MN is True  # (tried without the transposed store too, then restored)
+    # A jax that rejects only the transposed partial-sum store (jax 0.11.2 at 949938e): the
+    # kernel runs without it, said once.
+    monkeypatch.undo()
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    real_matmul = w4_mgpu.w4_mgpu_matmul
+
+    def no_transposed_store(*a, **k):
+        if w4_mgpu.OUT_MN:
+            raise ValueError("The 'memory_space' attribute is not available on traced array")
+        return real_matmul(*a, **k)
+    monkeypatch.setattr(w4_mgpu, "w4_mgpu_matmul", no_transposed_store)
+    kernel_dispatch._mgpu_lowering_error.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="qspec_jax"):
+        assert kernel_dispatch._mgpu_lowering_error() is None
+    assert w4_mgpu.OUT_MN is False and "transposed partial-sum store" in caplog.text
+    assert "memory_space" in caplog.text
     kernel_dispatch._mgpu_lowering_error.cache_clear()  # (the real kernel for later tests)
 
 
