@@ -50,6 +50,8 @@
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
+#   bash experiments/device_runs.sh diag       # issue 6: GEMM vs kernel alone vs TMA ring alone (read-only probe), read-only structure sweep (~9 min)
+#   bash experiments/device_runs.sh lmhead2    # int4 lm_head A/B at batch 1 / 16 (nk, transposed store) + batch-1 profile (~7.5 min)
 #   bash experiments/device_runs.sh outmn2     # outmn after the jax-0.11 fix: GPU tests + batch 1 / 16 AR on / off (~5.5 min)
 #   bash experiments/device_runs.sh persist    # persistent-CTA Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
 #   bash experiments/device_runs.sh smema      # shared-memory-operand Mosaic kernel: GPU tests + config sweep vs the default (~9.5 min)
@@ -65,7 +67,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -532,6 +534,26 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 280 probe_mgpu_smem.log python3 experiments/probe_mgpu.py --out "$OUT/smem" --sweep smem \
       --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 260
+    ;;
+  diag)
+    # Issue 6: where a decode GEMM's time goes (probe_mgpu.py --sweep diag): the model's GEMM
+    # (kernel + XLA epilogue), the Mosaic kernel alone, the kernel with no unpack / MMA (TMA ring
+    # alone) at M 1 / 16, both modes; then read-only structures (tiles, K steps, rings, splits).
+    step 540 probe_mgpu_diag.log python3 experiments/probe_mgpu.py --out "$OUT/diag" --sweep diag \
+      --ms 1,16 --commit "$COMMIT" --time-budget 520
+    ;;
+  lmhead2)
+    # Issue 8, batch-1 step: int4 lm_head (the bf16 one is ~1 GB of the ~5 GB a step reads) in the
+    # nk layout with the transposed store, A/B at batch 1 / 16, then device time by kernel of a
+    # batch-1 w4a16 step (what the ~0.6 ms outside the GEMMs is made of).
+    for v in off on; do
+      flag=""; [ "$v" = on ] && flag="--quantize-lm-head"
+      step 150 lmhead_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 130 --commit "$COMMIT" \
+        --out "$OUT/lmhead_$v.jsonl"
+    done
+    step 150 profile_b1.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
+      --configs w4a16 --new-tokens 64 --commit "$COMMIT" --out "$OUT/prof_b1"
     ;;
   outmn2)
     # outmn after the jax-0.11 fix (949938e's transposed store used plgpu.transpose_ref on a

@@ -13,6 +13,12 @@ Writes DIR/probe_mgpu.json (rows: shape, M, variant, config, us, TB/s on weight+
 % of 4.8 TB/s, max error) incrementally.
 
     python3 experiments/probe_mgpu.py --report A.json [B.json ...]   # Markdown summary
+
+--sweep diag (issue 6: where the time of a decode GEMM goes): at every shape, mode and M, the
+model's GEMM (variant mgpu: kernel + XLA epilogue, checked), the Mosaic kernel alone (mgpu_raw:
+split-K partials, no epilogue) and the kernel with its unpack and MMA removed (mgpu_read:
+MgpuConfig(probe="read"), the grid + TMA ring + partials store alone); then at M = 1, w4a16,
+mgpu_read over tile / K step / ring depth / split-K variants: what this structure can stream.
 """
 from __future__ import annotations
 
@@ -177,6 +183,90 @@ def report(paths: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def diag_read_configs(K: int, N: int):
+    """Read-only structures around the default at M = 1: tile 64 / 128 rows, K steps 256 / 512,
+    rings of 2 / 4 / 6 stages, the default split-K, half and double (>= 2 K steps per CTA)."""
+    base = default_config(1, K, N).split_k
+    out = []
+    for tn, bk, p, sk in itertools.product((64, 128), (256, 512), (2, 4, 6),
+                                           sorted({max(1, base // 2), base, base * 2})):
+        cfg = MgpuConfig(tile_n=tn, block_k=bk, split_k=sk, stages=p, out_mn=True, probe="read")
+        if check(1, K, N, cfg) is None and K // (bk * sk) >= 2:
+            out.append(cfg)
+    return out
+
+
+def run_diag(args, shapes, ms, modes, rows, save, key, t_start):
+    """--sweep diag: rows of variants mgpu / mgpu_raw / mgpu_read (see the module docstring)."""
+    import jax.numpy as jnp
+
+    from pallas_kernels import w4_mgpu
+    from pallas_kernels.w4_mgpu import padded_rows
+
+    def timed(row, f, targs, wbytes):
+        try:
+            t = measure(f, targs, args.iters) / row["R"]
+            row.update(us=float(np.median(t)), us_min=float(np.min(t)), us_max=float(np.max(t)),
+                       TBps=wbytes / float(np.median(t)) / 1e6)
+            row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        rows.append(row); save(); print(json.dumps(row), flush=True)
+
+    def raw(cfg, M, K, N, int8):  # the Mosaic kernel alone over R weight copies
+        kern = w4_mgpu._kernel(cfg, padded_rows(M), K, N, int8)
+        return jax.jit(lambda a, w: tuple(kern(a, q) for q, _ in w))
+
+    for K, N in shapes:
+        wbytes = K * N // 2 + 4 * N
+        R = n_copies(wbytes, False)
+        ws = make_weights(key, K, N, K, R)
+        ws_nk = [(nk_from_half_split(q), s[0]) for q, s in ws]
+        jax.block_until_ready(ws_nk)
+        for mode in modes:
+            int8 = mode == "w4a8"
+            ll = "wgmma" if int8 else "upcast"
+            for M in ms:
+                if time.time() - t_start > args.time_budget:
+                    print("[budget] stopping", flush=True); return
+                cfg = dataclasses.replace(default_config(M, K, N), load_layout=ll)
+                x = make_x(jax.random.fold_in(key, M), M, K)
+                xq, sx = quantize_per_token_reference(x, 8)
+                sxv = sx.reshape(-1)
+                base = dict(K=K, N=N, M=M, mode=mode, R=R, config=cfg.short())
+                if int8:
+                    f = jax.jit(lambda a, b, w, c=cfg: tuple(w4_mgpu_matmul(a, q, s, b, config=c) for q, s in w))
+                    targs = (xq, sxv, ws_nk)
+                    ref = w4a8_matmul_reference(xq, sx, ws[0][0], ws[0][1])
+                else:
+                    f = jax.jit(lambda a, w, c=cfg: tuple(w4_mgpu_matmul(a, q, s, config=c) for q, s in w))
+                    targs = (x, ws_nk)
+                    ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
+                row = dict(base, variant="mgpu")
+                try:
+                    got = np.asarray(f(*targs)[0], np.float32)
+                    ref = np.asarray(ref, np.float32)
+                    row["max_err"] = float(np.max(np.abs(got - ref)))
+                    row["ok"] = bool(row["max_err"] <= 0.02 * float(np.max(np.abs(ref))) + 1e-3)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+                    rows.append(row); save(); print(json.dumps(row), flush=True)
+                    continue
+                timed(row, f, targs, wbytes)
+                xp = jnp.pad((xq if int8 else x).astype(jnp.int8 if int8 else jnp.bfloat16),
+                             ((0, padded_rows(M) - M), (0, 0)))
+                timed(dict(base, variant="mgpu_raw"), raw(cfg, M, K, N, int8), (xp, ws_nk), wbytes)
+                rd = dataclasses.replace(cfg, probe="read")
+                timed(dict(base, variant="mgpu_read", config=rd.short()), raw(rd, M, K, N, int8),
+                      (xp, ws_nk), wbytes)
+        x1 = jnp.zeros((padded_rows(1), K), jnp.bfloat16)
+        for cfg in diag_read_configs(K, N):
+            if time.time() - t_start > args.time_budget:
+                print("[budget] stopping", flush=True); return
+            timed(dict(K=K, N=N, M=1, mode="w4a16", R=R, config=cfg.short(), variant="mgpu_read_sweep"),
+                  raw(cfg, 1, K, N, False), (x1, ws_nk), wbytes)
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--report":
         print(report(sys.argv[2:]))
@@ -186,7 +276,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8b")
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
-                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "persist", "full"),
+                    choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "persist",
+                             "full", "diag"),
                     help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
@@ -215,6 +306,11 @@ def main(argv=None):
             json.dump(dict(meta=dict(meta, timer=TIMER["name"]), rows=rows), f, indent=1)
 
     key = jax.random.key(0)
+    if args.sweep == "diag":
+        run_diag(args, shapes, ms, modes, rows, save, key, t_start)
+        save()
+        print("wrote", path)
+        return
     for K, N in shapes:
         wbytes = K * N // 2 + 4 * N
         R = n_copies(wbytes, False)

@@ -67,13 +67,17 @@ class MgpuConfig:
     # profile_h200_8b_b16_nk_b7044e9.md). The accumulator goes through the WGMMA_TRANSPOSED
     # register layout into a transposed shared-memory view. Model-wide switch: OUT_MN below.
     out_mn: bool = False
+    # Diagnostic only (probe_mgpu.py --sweep diag): "read" runs the same grid and TMA pipeline
+    # but skips the unpack and the MMA (the output is zeros), which times what the structure
+    # alone (grid, tile sizes, ring depth, partials store) can stream.
+    probe: str = ""
 
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
                 f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
                 + ("sa" if self.smem_a else "")
                 + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else "")
-                + ("mn" if self.out_mn else ""))
+                + ("mn" if self.out_mn else "") + (f"-{self.probe}" if self.probe else ""))
 
 
 # The model's GEMMs take MgpuConfig(out_mn=OUT_MN) (default_config). On: 8B w4a16 AR step
@@ -142,6 +146,10 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
     if cfg.out_mn and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1):
         return "out_mn (transposed partial sums) runs the plain kernel only"
+    if cfg.probe not in ("", "read"):
+        return f"probe={cfg.probe!r}: '' (the GEMM) or 'read' (the TMA pipeline alone)"
+    if cfg.probe and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1):
+        return "probe runs the plain kernel only"
     if cfg.units_per_cta < 1:
         return f"units_per_cta={cfg.units_per_cta} must be >= 1"
     if cfg.units_per_cta > 1:
@@ -261,6 +269,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
 
         def acc_scope(acc_ref):
             def body(_, x_smem, w_smem):
+                if cfg.probe == "read":  # the pipeline alone: tiles land, nothing reads them
+                    return
                 plgpu.wgmma(acc_ref, unpacked(w_smem), plgpu.transpose_ref(x_smem, (1, 0)))
                 # Synchronous: leaving one wgmma in flight (wgmma_wait(1), the x slot released a
                 # step later) gave wrong results on the H200 (probe_mgpu_h200.md): the register

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import w4_mgpu
 from pallas_kernels._common import quantize_per_token_reference, unpack_int4
 from pallas_kernels.w4_mgpu import MgpuConfig, check, nk_from_half_split, reference, w4_mgpu_matmul
 from pallas_kernels.w4a16_matmul import w4a16_matmul_reference
@@ -61,6 +62,27 @@ def test_shape_errors_name_the_problem():
     x = jnp.zeros((80, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="w4_mgpu_matmul: M=80"):
         w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((64,), jnp.float32))
+
+
+def test_probe_diag_read_configs_fit_and_lower():
+    """probe_mgpu.py --sweep diag: the read-only structures it times at the 8B shapes pass
+    check() and lower for CUDA without the MMA the GEMM has; probe values are checked."""
+    from experiments.probe_mgpu import diag_read_configs
+    for K, N in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]:
+        cfgs = diag_read_configs(K, N)
+        assert len(cfgs) >= 12 and all(c.probe == "read" and check(1, K, N, c) is None for c in cfgs)
+        assert any(c.tile_n == 128 for c in cfgs) and any(c.stages == 6 for c in cfgs)
+    avals = (jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((128, 1024), jnp.int4))
+    texts = {}
+    for probe in ("", "read"):
+        cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, probe=probe)
+        texts[probe] = w4_mgpu._kernel(cfg, 8, 1024, 128, False).trace(*avals).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in texts[probe]
+    assert len(texts["read"]) < len(texts[""]) // 2  # no unpack, no wgmma in the read probe
+    assert "probe='x'" in check(1, 1024, 128, MgpuConfig(tile_n=64, probe="x"))
+    assert "plain kernel only" in check(1, 1024, 128, MgpuConfig(tile_n=64, probe="read", smem_a=True))
+    assert MgpuConfig(probe="read").short().endswith("-read")
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
@@ -169,3 +191,36 @@ def test_probe_sweep_configs_fit_and_lower(kind):
         text = jax.jit(lambda *a, c=cfgs[0]: w4_mgpu_matmul(*a, config=c)).trace(*avals).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+
+
+def test_probe_diag_runs_end_to_end_with_a_stand_in_kernel(tmp_path, monkeypatch):
+    """probe_mgpu.py --sweep diag's bookkeeping on CPU (the Mosaic kernel needs a Hopper GPU):
+    with a jnp stand-in for the kernel, every shape / mode / M gets the mgpu (checked against
+    the model-layout reference), mgpu_raw and mgpu_read rows, then the read-only sweep rows."""
+    import json
+
+    from experiments import probe_mgpu
+
+    def stand_in_kernel(cfg, Mp, K, N, int8):  # the kernel's contract: [split, N, Mp] or [split, Mp, N]
+        def f(xp, w):
+            acc = jnp.dot(xp.astype(jnp.float32), w.astype(jnp.float32).T)  # [Mp, N]
+            part = jnp.stack([acc] + [jnp.zeros_like(acc)] * (cfg.split_k - 1))
+            part = part if cfg.out_mn else part.transpose(0, 2, 1)
+            return part.astype(jnp.int32 if int8 else jnp.float32)
+        return jax.jit(f)
+    monkeypatch.setattr(w4_mgpu, "_kernel", stand_in_kernel)
+    monkeypatch.setattr(probe_mgpu, "diag_read_configs",
+                        lambda K, N: [MgpuConfig(tile_n=64, block_k=256, split_k=1, stages=2,
+                                                 out_mn=True, probe="read")])
+    probe_mgpu.main(["--out", str(tmp_path), "--shapes", "512x128", "--ms", "1,5", "--sweep", "diag",
+                     "--iters", "2", "--commit", "test"])
+    rows = json.load(open(tmp_path / "probe_mgpu.json"))["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    for mode in ("w4a16", "w4a8"):
+        for M in (1, 5):
+            got = {r["variant"] for r in rows if r["mode"] == mode and r["M"] == M
+                   and r["variant"] != "mgpu_read_sweep"}
+            assert got == {"mgpu", "mgpu_raw", "mgpu_read"}, (mode, M, got)
+    assert all(r["ok"] for r in rows if r["variant"] == "mgpu")
+    assert [r["config"] for r in rows if r["variant"] == "mgpu_read_sweep"] == ["n64k256s1p2w0umn-read"]
+    assert all(r["us"] > 0 for r in rows)
