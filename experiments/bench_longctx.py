@@ -35,7 +35,8 @@ if __package__ in (None, ""):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments.sweep import HBM_BYTES_PER_S, environment, parse_window, random_model  # noqa: E402
+from experiments.sweep import (HBM_BYTES_PER_S, embed_table_bytes, environment, parse_window,  # noqa: E402
+                               random_model, weight_read_bytes)
 from qspec_jax.cost_model import expected_tokens, per_token_acceptance, time_forward  # noqa: E402
 from qspec_jax.model import KVCache  # noqa: E402
 
@@ -55,8 +56,18 @@ def kv_bytes(cfg, batch: int, context: int) -> int:
     return KVCache.nbytes(cfg, batch, context, jnp.bfloat16)
 
 
-def weight_bytes(model) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.state))
+def weight_bytes(model, batch: int) -> int:
+    """Parameter bytes a decode step reads (the untied embedding table only gathered)."""
+    return weight_read_bytes(model, batch)
+
+
+def read_bytes(r: dict) -> float:
+    """A row's bytes per w4a16 AR step: KV + weights; rows written before 2026-11-30 (no
+    weights_gathered_embedding) counted the whole untied embedding table, taken off here."""
+    w = r["weight_bytes"]
+    if not r.get("weights_gathered_embedding"):
+        w -= embed_table_bytes(r.get("model", "")) or 0
+    return r["kv_bytes"] + w
 
 
 def measure(model, batch: int, context: int, args, window, layers, reuse: dict | None = None) -> dict:
@@ -157,9 +168,9 @@ def report(path: str, acceptance_path: str | None = None) -> str:
            "|---|---|---|---|---|---|---|" + "---|" * (len(drafts) + 1)]
     for r in points:
         tv = verify_costs(r, mg)
-        roof = 100 * (r["kv_bytes"] + r["weight_bytes"]) / HBM_BYTES_PER_S / r["t_ar"]
+        roof = 100 * read_bytes(r) / HBM_BYTES_PER_S / r["t_ar"]
         out.append(f"| {r['batch']} | {r['context']} | {r['kv_bytes'] / 1e9:.1f} | "
-                   f"{r['weight_bytes'] / 1e9:.2f} | {1e3 * r['t_ar']:.2f} | {roof:.0f}% | "
+                   f"{(read_bytes(r) - r['kv_bytes']) / 1e9:.2f} | {1e3 * r['t_ar']:.2f} | {roof:.0f}% | "
                    f"{1e3 * tv[g]:.2f} | "
                    + " | ".join(f"{1e3 * r['t_draft'][d]:.2f} ({r['t_draft'][d] / r['t_ar']:.2f}x AR)"
                                 if d in r["t_draft"] else "-" for d in drafts)
@@ -378,7 +389,6 @@ def main(argv=None) -> int:
         meta["reused_from"] = {"file": args.reuse, "commit": next(iter(reuse.values()), {}).get("commit"),
                                "dropped": sorted(drop)}
     points = [(b, c) for c in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))]
-    w_bytes = weight_bytes(model)
     for batch, context in tqdm(points, desc="longctx"):
         if (batch, context) in done:
             continue
@@ -387,7 +397,8 @@ def main(argv=None) -> int:
                   f"(run again to resume)", flush=True)
             break
         kv = kv_bytes(model.cfg, batch, context + args.max_gamma + 1)
-        row = dict(batch=batch, context=context, kv_bytes=kv, weight_bytes=w_bytes, **meta)
+        row = dict(batch=batch, context=context, kv_bytes=kv, weight_bytes=weight_bytes(model, batch),
+                   weights_gathered_embedding=True, **meta)
         if kv > args.max_kv_gib * 2**30:
             row["skipped"] = f"cache {kv / 2**30:.0f} GiB > --max-kv-gib {args.max_kv_gib:g}"
             print(f"[longctx] batch {batch} context {context}: {row['skipped']}; skipped", flush=True)

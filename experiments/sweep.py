@@ -8,8 +8,8 @@ Models: the trained default model, and Llama-3-8B / Llama-3.2-1B *shaped* models
 weights (timing only: their acceptance rates mean nothing, and every row says so).
 Per point (model, mode, batch, gamma): prefill time (apart), decode tokens/s and ms per step
 (decode time = time(N new tokens) - time(1 new token), EOS disabled), acceptance and tokens per
-cycle, compile time, peak device memory, % of the HBM roofline (weight + KV bytes per step at
-4.8 TB/s). Results are appended one JSON line per point, so an interrupted sweep resumes where
+cycle, compile time, peak device memory, % of the HBM roofline (bytes a step must read:
+weights but the untied embedding table, + KV, at 4.8 TB/s). Results are appended one JSON line per point, so an interrupted sweep resumes where
 it stopped; ``--plot`` draws the figures and writes the Markdown report from the file, ``--report``
 writes only the report (same base name as ``--out``, ``.md``).
 """
@@ -104,10 +104,49 @@ def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
 
 
 def step_bytes(model, batch: int, context: int) -> float:
-    """Bytes one decode step must read: all parameters (as stored) + the KV cache in use."""
-    params = sum(x.size * jnp.dtype(x.dtype).itemsize if x.dtype != jnp.int4 else x.size // 2
-                 for x in jax.tree_util.tree_leaves(model.state))  # int4: two values per byte
-    return float(params + KVCache.nbytes(model.cfg, batch, context, jnp.bfloat16))
+    """Bytes one decode step must read: every parameter as stored (int4: two values per byte),
+    except an untied model's embedding table, of which a step gathers `batch` rows (a tied one
+    is read whole as the lm_head), + the KV cache in use. Rows written before 2026-11-30 counted
+    the whole table (1.05 GB of the 8B shapes' ~5.6 GB): reports correct them (roofline_pct)."""
+    return float(weight_read_bytes(model, batch) + KVCache.nbytes(model.cfg, batch, context, jnp.bfloat16))
+
+
+def weight_read_bytes(model, batch: int) -> int:
+    """Parameter bytes a decode step of `batch` sequences reads (see step_bytes)."""
+    total = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(model.state):
+        itemsize = jnp.dtype(x.dtype).itemsize
+        if getattr(path[0], "key", None) == "embed" and not model.cfg.tie_word_embeddings:
+            total += batch * x.shape[-1] * itemsize
+        else:
+            total += x.size // 2 if x.dtype == jnp.int4 else x.size * itemsize
+    return total
+
+
+def embed_table_bytes(model_name: str) -> int | None:
+    """bf16 bytes of a sweep model's embedding table if untied (None: unknown model or tied)."""
+    if model_name in SHAPED:
+        cfg = dict(SHAPED[model_name], tie_word_embeddings=False)
+    elif model_name == "default":
+        with open(os.path.join(os.path.dirname(qj.__file__), "default_model", "config.json")) as f:
+            cfg = json.load(f)
+    else:
+        return None
+    return None if cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"] * 2
+
+
+def roofline_pct(r: dict) -> float | None:
+    """A row's % of the HBM roofline; rows without step_bytes (written before the embedding
+    table was left out of step_bytes) corrected here: their bytes = pct x 4.8 TB/s x step time,
+    less the untied bf16 table."""
+    pct = r.get("hbm_roofline_pct")
+    if pct is None or "step_bytes" in r or not r.get("ms_per_step"):
+        return pct
+    emb = embed_table_bytes(r.get("model", ""))
+    if emb is None:
+        return pct
+    old = pct / 100 * HBM_BYTES_PER_S * r["ms_per_step"] / 1e3
+    return pct * (old - emb) / old
 
 
 def _run(model, prompts, new_tokens, mode, gamma, draft, kernels):
@@ -247,7 +286,8 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
     # % of the HBM roofline of one decode step (context: the mean cache length while decoding).
     context = prompt_len + new_tokens // 2
     tokens_per_step = batch * (row.get("tokens_per_cycle") or 1.0)
-    row["hbm_roofline_pct"] = 100 * step_bytes(model, batch, context) / HBM_BYTES_PER_S / (
+    row["step_bytes"] = step_bytes(model, batch, context)
+    row["hbm_roofline_pct"] = 100 * row["step_bytes"] / HBM_BYTES_PER_S / (
         decode_s / max(int(steps), 1))  # NaN when decode_s is
     row["hbm_roofline_note"] = "assumes 4.8 TB/s (H200); meaningless on CPU"
     row["tokens_per_step"] = tokens_per_step
@@ -740,8 +780,10 @@ def report(path: str) -> str:
           "gamma auto the best gamma of the table; "
           "gamma cycles (auto) = cycles run at gamma 0, 1, ... (zeros left out); peak GiB = process-wide "
           "peak device memory so far; program GiB = XLA's memory plan of the mode's decode program "
-          "(arguments + outputs − donated + temporaries: weights, KV cache, prefill and loop buffers); % HBM roofline = (weight + KV bytes per step at 4.8 TB/s) / measured "
-          "step time (meaningful on an H200 only).", ""]
+          "(arguments + outputs − donated + temporaries: weights, KV cache, prefill and loop buffers); % HBM roofline = (bytes a step must read at 4.8 TB/s: "
+          "weights but the untied embedding table, of which a step gathers B rows, + KV) / measured "
+          "step time (meaningful on an H200 only; rows written before 2026-11-30 counted the whole "
+          "embedding table and are corrected here).", ""]
     for name in names:
         mine = sorted((r for r in runs if r["model"] == name),
                       key=lambda r: (r["batch"], _mode_key(r["mode"]), _gamma_key(r["gamma"])))
@@ -772,7 +814,7 @@ def report(path: str) -> str:
                     fmt(r.get("compile_s"), ".1f"),
                     fmt(r["peak_bytes"] / 2 ** 30 if "peak_bytes" in r else None),
                     fmt(r["program_bytes"] / 2 ** 30 if "program_bytes" in r else None, ".3f"),
-                    fmt(r.get("hbm_roofline_pct"), ".1f")])
+                    fmt(roofline_pct(r), ".1f")])
             L += _md_table(["mode", "batch", "gamma", "decode tok/s", "ms/step (qspec: /cycle)",
                             "decode s [min–max]", "speedup vs w4a16 (measured)", "predicted speedup",
                             "acceptance", "tokens/cycle", "gamma cycles (auto)", "compile s", "peak GiB",

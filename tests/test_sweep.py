@@ -298,3 +298,28 @@ def test_sweep_quick_with_mgpu_out_mn(tmp_path, monkeypatch):
         assert sweep_main(["--report", "--out", str(out)]) == 0
         # (the command names it only when off: on is the default)
         assert ("--mgpu-out-mn off" in open(tmp_path / f"mn_{flag}.md").read()) is (not want)
+
+
+def test_step_bytes_leave_out_the_gathered_embedding_table():
+    """% of the HBM roofline counts what a decode step must read: an untied model's embedding
+    table is gathered (B rows), not read; a tied one is the lm_head and counts whole. Rows
+    written before that (no step_bytes) are corrected in the report."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from experiments import sweep
+    from qspec_jax.model import KVCache
+    m = sweep.random_model("tiny", True)
+    V, D = sweep.SHAPED["tiny"]["vocab_size"], sweep.SHAPED["tiny"]["hidden_size"]
+    whole = sum(x.size // 2 if x.dtype == jnp.int4 else x.nbytes for x in jax.tree_util.tree_leaves(m.state))
+    for B in (1, 4):
+        kv = KVCache.nbytes(m.cfg, B, 8, jnp.bfloat16)
+        assert sweep.step_bytes(m, B, 8) == whole - V * D * 2 + B * D * 2 + kv
+    tied = dataclasses.replace(m, cfg=dataclasses.replace(m.cfg, tie_word_embeddings=True))
+    assert sweep.step_bytes(tied, 1, 8) == whole + KVCache.nbytes(m.cfg, 1, 8, jnp.bfloat16)
+    # an old 8B row: 5.6 GB counted at 2.739 ms -> 42.76%; without the 1.05 GB table 34.77%
+    old = dict(model="llama3-8b", hbm_roofline_pct=42.76381399974752, ms_per_step=2.7389836338582474)
+    assert abs(sweep.roofline_pct(old) - 34.772) < 1e-3
+    assert sweep.roofline_pct(dict(old, step_bytes=1.0)) == old["hbm_roofline_pct"]  # new rows as is
+    assert sweep.roofline_pct(dict(old, model="somebody-else")) == old["hbm_roofline_pct"]
