@@ -50,6 +50,7 @@
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
+#   bash experiments/device_runs.sh cachewrite # K/V written once per step (read-only forward) vs per layer: AR batch 1/16/64 + 32 x 8k (~9.5 min)
 #   bash experiments/device_runs.sh diag       # issue 6: GEMM vs kernel alone vs TMA ring alone (read-only probe), read-only structure sweep (~9 min)
 #   bash experiments/device_runs.sh lmhead2    # int4 lm_head A/B at batch 1 / 16 (nk, transposed store) + batch-1 profile (~7.5 min)
 #   bash experiments/device_runs.sh outmn2     # outmn after the jax-0.11 fix: GPU tests + batch 1 / 16 AR on / off (~5.5 min)
@@ -67,7 +68,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -534,6 +535,22 @@ case "$stage" in
       --sweep default --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 70
     step 280 probe_mgpu_smem.log python3 experiments/probe_mgpu.py --out "$OUT/smem" --sweep smem \
       --ms 1,16 --no-baselines --commit "$COMMIT" --time-budget 260
+    ;;
+  cachewrite)
+    # Issue 8: decode steps writing K/V once per step after a read-only forward (--cache-write
+    # step; what gamma="auto" cycles do, and its plain cycles ran 1.02-1.09x the AR rows in every
+    # sweep) vs per layer (64 scatters per 8B step): w4a16 AR at batch 1 / 16 / 64,
+    # then at 32 x 8k (long context: the read-only attention merges two softmax parts).
+    for v in layer step; do
+      step 150 cachewrite_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,64 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --cache-write $v --time-budget 130 \
+        --commit "$COMMIT" --out "$OUT/cachewrite_$v.jsonl"
+    done
+    for v in layer step; do
+      step 120 cachewrite_8k_$v.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+        --prompt-len 8064 --new-tokens 64 --modes w4a16 --repeats 1 --decode-timing slope \
+        --cache-write $v --time-budget 110 --commit "$COMMIT" --out "$OUT/cachewrite_8k_$v.jsonl"
+    done
     ;;
   diag)
     # Issue 6: where a decode GEMM's time goes (probe_mgpu.py --sweep diag): the model's GEMM

@@ -36,7 +36,7 @@ import qspec_jax as qj  # noqa: E402
 from qspec_jax.api import assemble  # noqa: E402
 from qspec_jax.config import ModelConfig, QuantConfig, RopeConfig, round_up  # noqa: E402
 from qspec_jax.cost_model import CACHE_BUCKET, measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
-from qspec_jax.model import KVCache  # noqa: E402
+from qspec_jax.model import CACHE_WRITES, KVCache  # noqa: E402
 from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
@@ -367,6 +367,9 @@ def main(argv=None) -> int:
                    help="on: the Mosaic GEMMs store their partial sums transposed, so XLA can "
                         "fuse the epilogue into the consumer; off: [split, N, M] and a transpose "
                         "(w4_mgpu.OUT_MN, on by default since ed53aaf: outmn_h200.md)")
+    p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
+                   help="how decode steps write their K/V: per layer, or once per step after a "
+                        "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
@@ -436,6 +439,10 @@ def main(argv=None) -> int:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
         env["act_quant_in_gemm"] = True
+    from qspec_jax import model as model_module
+    if args.cache_write:
+        model_module.CACHE_WRITE = args.cache_write
+    env["cache_write"] = model_module.CACHE_WRITE
     from pallas_kernels import w4_mgpu
     if args.mgpu_out_mn:
         w4_mgpu.OUT_MN = args.mgpu_out_mn == "on"
@@ -722,6 +729,9 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--act-quant-in-gemm", ""))
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
             args.append(("--mgpu-out-mn", "off"))
+        cw = {r["cache_write"] for r in runs if "cache_write" in r}
+        if len(cw) == 1 and cw != {"layer"}:  # (rows before 2026-11-30: per layer)
+            args.append(("--cache-write", cw.pop()))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import model as model_module
 from . import quant as quant_lib
 from .config import (ModelConfig, QuantConfig, generation_eos_ids, model_config_from_hf,
                      read_hf_config, round_up)
@@ -579,7 +580,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
     else:
         fn, kw = decode_autoregressive, dict(mode="w4a16" if plain else mode)
     kw.update(max_new_tokens=max_new_tokens, greedy=sampling.greedy, kernels=kernels,
-              prefill_chunk=prefill_chunk)
+              prefill_chunk=prefill_chunk, cache_write=model_module.CACHE_WRITE)
     return DecodeCall(fn, args, kw, plain=plain, max_gamma=max_gamma,
                       draft_window=draft_window if speculative else None, cache_len=L,
                       prefill_chunk=prefill_chunk, prompt_lens=lens, speculative=speculative)

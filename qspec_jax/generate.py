@@ -15,8 +15,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .model import KVCache
+from .model import CACHE_WRITES, KVCache
 from .sampling import select_tokens
+
+
+def check_cache_write(cache_write: str) -> None:
+    if cache_write not in CACHE_WRITES:
+        raise ValueError(f"cache_write={cache_write!r}: one of {', '.join(map(repr, CACHE_WRITES))}")
+
+
+def forward_step(model, tokens, cache, start, cache_write: str, **kw):
+    """model(tokens, cache, start, **kw) -> (logits, cache), writing the new K/V per layer or
+    once after a read-only forward (cache_write, see qspec_jax.model.CACHE_WRITE)."""
+    if cache_write == "step":
+        logits, (k_blk, v_blk) = model(tokens, cache, start, readonly_cache=True, **kw)
+        return logits, cache.write_blocks(k_blk, v_blk, start)
+    return model(tokens, cache, start, **kw)
 
 
 @jax.tree_util.register_dataclass
@@ -94,17 +108,21 @@ def record_tokens(out, count, new, active, max_new_tokens):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mode", "kernels",
-                                   "prefill_chunk"),
+                                   "prefill_chunk", "cache_write"),
          donate_argnames=("cache",))
 def decode_autoregressive(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling,
                           eos_ids, *, max_new_tokens: int, greedy: bool, mode: str = "w16",
-                          kernels: str = "xla", prefill_chunk: int | None = None) -> DecodeResult:
+                          kernels: str = "xla", prefill_chunk: int | None = None,
+                          cache_write: str = "layer") -> DecodeResult:
     """Plain decoding. prompt_tokens [B, P] right-padded, prompt_lens [B], eos_ids [E] int32.
 
     ``sampling`` is ``SamplingConfig.arrays()``; ``graphdef``/``state`` come from
     ``nnx.split(model)``. Each sequence stops after EOS or ``max_new_tokens`` tokens.
     ``prefill_chunk``: prompt positions per prefill forward (None: see prefill_chunk_size).
+    ``cache_write``: how each decode step writes its K/V (see qspec_jax.model.CACHE_WRITE;
+    same tokens either way).
     """
+    check_cache_write(cache_write)
     model = nnx.merge(graphdef, state)
     B = prompt_tokens.shape[0]
     select = partial(select_tokens, greedy=greedy, **sampling)
@@ -122,7 +140,8 @@ def decode_autoregressive(graphdef, state, prompt_tokens, prompt_lens, cache, rn
 
     def body(carry):
         out, count, last, lengths, cache, done, rng, steps = carry
-        logits, cache = model(last[:, None], cache, lengths, mode=mode, kernels=kernels)
+        logits, cache = forward_step(model, last[:, None], cache, lengths, cache_write, mode=mode,
+                                     kernels=kernels)
         rng, key = jax.random.split(rng)
         tok = select(logits[:, 0], key)
         active = ~done

@@ -20,6 +20,14 @@ from .config import ModelConfig, QuantConfig
 from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, rope_inv_freq
 
 
+# How a decode step (and a fixed-gamma draft or verify pass) writes its new K/V: "layer" (each
+# layer's attention writes its own: two scatters per layer, 64 per 8B step) or "step" (a
+# read-only forward, as gamma="auto" cycles run, then KVCache.write_blocks: two per step).
+# generate() passes the value at call time (the jitted loops take it as a static argument).
+CACHE_WRITES = ("layer", "step")
+CACHE_WRITE = "layer"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -52,6 +60,20 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def write_blocks(self, k_blk: jax.Array, v_blk: jax.Array, start: jax.Array) -> "KVCache":
+        """Every layer's new K/V at once: blocks [L, B, KVH, T, hd] (a read-only forward's) go
+        to positions start[b] + t; positions past the end are dropped. Two scatters per step
+        instead of two per layer (the cache-writing forward's)."""
+        B, T = k_blk.shape[1], k_blk.shape[3]
+        pos = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
+        b = jnp.arange(B)[:, None]
+        # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout
+        k = self.k.at[:, b, :, pos, :].set(jnp.transpose(k_blk, (1, 3, 0, 2, 4)).astype(self.k.dtype),
+                                           mode="drop")
+        v = self.v.at[:, b, :, pos, :].set(jnp.transpose(v_blk, (1, 3, 0, 2, 4)).astype(self.v.dtype),
+                                           mode="drop")
+        return type(self)(k, v)
 
 
 def einsum_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import quant
-from .generate import DecodeResult, is_eos, prefill, record_tokens
+from .generate import DecodeResult, check_cache_write, forward_step, is_eos, prefill, record_tokens
 from .sampling import filtered_logits, sampling_probs, select_tokens
 
 DRAFT_MODES = ("w4a8", "w4a4", "w4a8_fp8", "w4a16")
@@ -134,7 +134,7 @@ def _first_true(mask):
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "draft_mode",
                                    "verify_mode", "gamma", "max_gamma", "kernels", "draft_window",
-                                   "draft_layers", "prefill_chunk"),
+                                   "draft_layers", "prefill_chunk", "cache_write"),
          donate_argnames=("cache",))
 def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, sampling, eos_ids,
                        *, max_new_tokens: int, greedy: bool, draft_mode: str = "w4a8",
@@ -142,7 +142,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
                        max_gamma: int = DEFAULT_MAX_GAMMA, cycle_costs=None,
                        kernels: str = "xla", draft_window: tuple[int, int] | None = None,
                        draft_layers: tuple[int, ...] | None = None,
-                       prefill_chunk: int | None = None) -> DecodeResult:
+                       prefill_chunk: int | None = None, cache_write: str = "layer") -> DecodeResult:
     """QSpec decoding over one shared cache. Same arrays in/out as ``decode_autoregressive``.
 
     ``gamma``: drafts per cycle, or "auto": each cycle picks gamma in {0, ..., max_gamma}
@@ -161,8 +161,11 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     ``window`` positions; ``draft_layers``: the draft runs only these decoder layers (the
     skipped layers' K/V for drafted positions are filled by the verify pass).
     ``prefill_chunk``: prompt positions per prefill forward (None: see
-    ``qspec_jax.generate.prefill_chunk_size``).
+    ``qspec_jax.generate.prefill_chunk_size``). ``cache_write``: how fixed-gamma draft and
+    verify passes write their K/V (``qspec_jax.model.CACHE_WRITE``; gamma="auto" cycles
+    always write once per cycle).
     """
+    check_cache_write(cache_write)
     quant.check_mode(draft_mode)
     quant.check_mode(verify_mode)
     auto = gamma == "auto"
@@ -195,8 +198,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def draft_step(carry, i):
         tok, cache, lengths, rng = carry
-        logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode,
-                                window=draft_window, layers=draft_layers)
+        logits, cache = forward_step(forward, tok[:, None], cache, lengths + i, cache_write,
+                                     mode=draft_mode, window=draft_window, layers=draft_layers)
         nxt, rng, q = draft_pick(logits[:, 0], rng)
         return (nxt, cache, lengths, rng), (nxt, q)
 
@@ -235,7 +238,11 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def cycle(c, g: int):
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
-        return verify_and_accept(c, *draft_fixed(c, g), g)
+        drafted = draft_fixed(c, g)
+        if cache_write == "step":  # read-only verify, its K/V written once
+            new, (k_blk, v_blk) = verify_and_accept(c, *drafted, g, readonly=True)
+            return {**new, "cache": drafted[0].write_blocks(k_blk, v_blk, c["lengths"])}
+        return verify_and_accept(c, *drafted, g)
 
     def verify_and_accept(c, cache, rng, drafts, q, g: int, readonly: bool = False):
         """Verify the last token + g drafts ([B, g]; q [g, B, V] when sampling) in one pass,
@@ -322,12 +329,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             cache = c["cache"]
             rest = {k: v for k, v in c.items() if k != "cache"}
             new, (k_blk, v_blk) = jax.lax.switch(g, branches, rest, cache)
-            pos = c["lengths"][:, None] + jnp.arange(max_gamma + 1)[None]  # [B, max_gamma + 1]
-            b = jnp.arange(B)[:, None]
-            # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout
-            k = cache.k.at[:, b, :, pos, :].set(jnp.transpose(k_blk, (1, 3, 0, 2, 4)), mode="drop")
-            v = cache.v.at[:, b, :, pos, :].set(jnp.transpose(v_blk, (1, 3, 0, 2, 4)), mode="drop")
-            c = {**new, "cache": type(cache)(k, v)}
+            c = {**new, "cache": cache.write_blocks(k_blk, v_blk, c["lengths"])}
             # Decayed counts of accepted / tried drafts (a drafting cycle ages older ones).
             drafted = c["trials"] > 0
             decay = jnp.where(drafted, ACC_DECAY, 1.0)

@@ -50,6 +50,40 @@ def test_greedy_qspec_equals_verify_mode_greedy(arch, draft, quantized):
             assert out.tokens == ref, (seed, gamma)
 
 
+def test_cache_write_per_step_gives_the_same_tokens_and_cache(quantized, monkeypatch):
+    """qspec_jax.model.CACHE_WRITE = "step" (read-only forwards, the new K/V written once per step):
+    w4a16 decoding and fixed-gamma QSpec (plain and windowed / layer-skipping drafts) give the
+    per-layer writes' tokens, and the decode leaves the same cache (f32)."""
+    from qspec_jax import model as model_module
+    model = quantized["llama"]
+    prompts = ragged_prompts(3)
+    runs = {}
+    for cw in ("layer", "step"):
+        monkeypatch.setattr(model_module, "CACHE_WRITE", cw)
+        fn, args, kw = generate_call(model, prompts, max_new_tokens=12, mode="w4a16")
+        assert kw["cache_write"] == cw
+        res = fn(*args, **kw)
+        runs[cw] = (np.asarray(res.tokens), np.asarray(res.lengths), np.asarray(res.cache.k),
+                    np.asarray(res.cache.v))
+        ar = qj.generate(model, prompts, max_new_tokens=12, mode="w4a16").tokens
+        for extra in ({}, {"draft_window": (1, 4)}, {"draft_layers": [0]}):
+            qs = qj.generate(model, prompts, max_new_tokens=12, mode="qspec", gamma=3, **extra)
+            assert qs.tokens == ar, (cw, extra)
+        sampled = [qj.generate(model, prompts, max_new_tokens=8, mode=m, temperature=0.8, seed=5).tokens
+                   for m in ("w4a16", "qspec")]
+        runs[cw] += (sampled,)
+    (t0, l0, k0, v0, s0), (t1, l1, k1, v1, s1) = runs["layer"], runs["step"]
+    np.testing.assert_array_equal(t0, t1)
+    np.testing.assert_array_equal(l0, l1)
+    for a, b in ((k0, k1), (v0, v1)):  # positions below each length hold the same K/V
+        for i, n in enumerate(l0):
+            np.testing.assert_allclose(a[:, i, :, :n], b[:, i, :, :n], rtol=1e-5, atol=1e-5)
+    assert s0 == s1  # sampling draws the same tokens
+    with pytest.raises(ValueError, match="cache_write='rows'"):
+        qj.decode_autoregressive(*generate_call(model, prompts, max_new_tokens=2, mode="w4a16")[1],
+                                 max_new_tokens=2, greedy=True, cache_write="rows")
+
+
 def test_qspec_with_prefill_chunks_equals_verify_mode(quantized):
     """Long prompts prefilled in chunks (4 positions per forward; the last chunk overlaps):
     QSpec's tokens = w4a16's with the same chunks = w4a16's from one prefill forward (f32)."""

@@ -282,22 +282,28 @@ def test_sweep_quick_with_the_nk_weight_layout(tmp_path):
     assert any(x.dtype == jnp.int4 for x in jax.tree_util.tree_leaves(nk.state))
 
 
-def test_sweep_quick_with_mgpu_out_mn(tmp_path, monkeypatch):
+def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
     """--mgpu-out-mn on / off sets the Mosaic GEMMs' transposed partial-sum store for the run
-    (w4_mgpu.OUT_MN), recorded in every row and in the report's command (on CPU the model runs
-    the reference path: the rows just carry the setting)."""
+    (w4_mgpu.OUT_MN), --cache-write how decode steps write K/V (qspec_jax.model.CACHE_WRITE);
+    both are recorded in every row and in the report's command (on CPU the model runs the
+    reference path: the rows just carry the out_mn setting)."""
     from pallas_kernels import w4_mgpu
-    for flag, want in (("on", True), ("off", False)):
-        monkeypatch.setattr(w4_mgpu, "OUT_MN", not want)  # restored after the test
+    from qspec_jax import model as model_module
+    monkeypatch.setattr(model_module, "CACHE_WRITE", "layer")  # restored after the test
+    for flag, want, cw in (("on", True, "layer"), ("off", False, "step")):
+        monkeypatch.setattr(w4_mgpu, "OUT_MN", not want)
         out = tmp_path / f"mn_{flag}.jsonl"
-        assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn", flag,
-                           "--out", str(out)]) == 0
-        assert w4_mgpu.OUT_MN is want
+        assert sweep_main(["--quick", "--modes", "w4a16,qspec-w4a8", "--batches", "1", "--mgpu-out-mn",
+                           flag, "--cache-write", cw, "--out", str(out)]) == 0
+        assert w4_mgpu.OUT_MN is want and model_module.CACHE_WRITE == cw
         rows = [json.loads(l) for l in open(out) if '"mode"' in l]
-        assert rows and all(r["mgpu_out_mn"] is want for r in rows)
+        assert rows and all(r["mgpu_out_mn"] is want and r["cache_write"] == cw for r in rows)
+        assert all("error" not in r for r in rows)
         assert sweep_main(["--report", "--out", str(out)]) == 0
-        # (the command names it only when off: on is the default)
-        assert ("--mgpu-out-mn off" in open(tmp_path / f"mn_{flag}.md").read()) is (not want)
+        text = open(tmp_path / f"mn_{flag}.md").read()
+        # (the command names them only away from the defaults: out_mn on, per-layer writes)
+        assert ("--mgpu-out-mn off" in text) is (not want)
+        assert ("--cache-write step" in text) is (cw == "step")
 
 
 def test_step_bytes_leave_out_the_gathered_embedding_table():
