@@ -540,16 +540,18 @@ case "$stage" in
     # Issue 8: decode steps writing K/V once per step after a read-only forward (--cache-write
     # step; what gamma="auto" cycles do, and its plain cycles ran 1.02-1.09x the AR rows in every
     # sweep) vs per layer (64 scatters per 8B step): w4a16 AR at batch 1 / 16 / 64,
-    # then at 32 x 8k (long context: the read-only attention merges two softmax parts).
+    # then at 32 x 8k; GPU test first (long context: the read-only attention merges two softmax parts).
+    step 90 cachewrite_gpu_test.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
+      -p no:cacheprovider -k cache_write
     for v in layer step; do
-      step 150 cachewrite_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,64 \
-        --modes w4a16 --new-tokens 64 --repeats 3 --cache-write $v --time-budget 130 \
+      step 140 cachewrite_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16,64 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --cache-write $v --time-budget 120 \
         --commit "$COMMIT" --out "$OUT/cachewrite_$v.jsonl"
     done
     for v in layer step; do
-      step 120 cachewrite_8k_$v.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
+      step 105 cachewrite_8k_$v.log python3 experiments/sweep.py --models llama3-8b --batches 32 \
         --prompt-len 8064 --new-tokens 64 --modes w4a16 --repeats 1 --decode-timing slope \
-        --cache-write $v --time-budget 110 --commit "$COMMIT" --out "$OUT/cachewrite_8k_$v.jsonl"
+        --cache-write $v --time-budget 95 --commit "$COMMIT" --out "$OUT/cachewrite_8k_$v.jsonl"
     done
     ;;
   diag)

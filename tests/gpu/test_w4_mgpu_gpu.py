@@ -221,3 +221,20 @@ def _assert_equal_but_for_near_ties(model, prompts, got, want, rel=2 ** -6):
             f"{top2[1] - top2[0]:.4g} (logits up to {np.abs(lg).max():.4g}): not a near-tie")
         assert {g[i], w[i]} <= set(np.argsort(lg)[-2:].tolist())
     assert parted <= len(prompts) // 4, f"{parted} of {len(prompts)} sequences differ"
+
+
+def test_cache_write_per_step_on_the_gpu(monkeypatch):
+    """qspec_jax.model.CACHE_WRITE = "step" (read-only forwards through the Pallas attention
+    with a block, K/V written once per step) on the GPU: the default model in the nk layout
+    gives the per-layer writes' tokens for w4a16 decoding and QSpec gamma 3, at 3 and 12
+    sequences (the attention kernel's batch threshold between them)."""
+    import qspec_jax as qj
+    from qspec_jax import model as model_module
+    nk = qj.with_weight_layout(qj.load(None, quant="w4"), "nk")
+    prompts = ["def add(a, b):\n    return", "import os\n", "class A:\n"]
+    for ps in (prompts, prompts * 4):
+        monkeypatch.setattr(model_module, "CACHE_WRITE", "layer")
+        ref = qj.generate(nk, ps, max_new_tokens=24, mode="w4a16").tokens
+        monkeypatch.setattr(model_module, "CACHE_WRITE", "step")
+        assert qj.generate(nk, ps, max_new_tokens=24, mode="w4a16").tokens == ref
+        assert qj.generate(nk, ps, max_new_tokens=24, mode="qspec", gamma=3).tokens == ref
