@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import quant
-from .generate import DecodeResult, check_cache_write, forward_step, is_eos, prefill, record_tokens
+from .generate import DecodeResult, check_cache_write, is_eos, prefill, record_tokens
 from .sampling import filtered_logits, sampling_probs, select_tokens
 
 DRAFT_MODES = ("w4a8", "w4a4", "w4a8_fp8", "w4a16")
@@ -162,8 +162,9 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
     skipped layers' K/V for drafted positions are filled by the verify pass).
     ``prefill_chunk``: prompt positions per prefill forward (None: see
     ``qspec_jax.generate.prefill_chunk_size``). ``cache_write``: how fixed-gamma draft and
-    verify passes write their K/V (``qspec_jax.model.CACHE_WRITE``; gamma="auto" cycles
-    always write once per cycle).
+    verify passes write their K/V (``qspec_jax.model.CACHE_WRITE``: "step" runs them read-only,
+    the drafts' K/V beside the cache, and writes the verify pass's once per cycle, as
+    gamma="auto" cycles always do).
     """
     check_cache_write(cache_write)
     quant.check_mode(draft_mode)
@@ -198,8 +199,8 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def draft_step(carry, i):
         tok, cache, lengths, rng = carry
-        logits, cache = forward_step(forward, tok[:, None], cache, lengths + i, cache_write,
-                                     mode=draft_mode, window=draft_window, layers=draft_layers)
+        logits, cache = forward(tok[:, None], cache, lengths + i, mode=draft_mode,
+                                window=draft_window, layers=draft_layers)
         nxt, rng, q = draft_pick(logits[:, 0], rng)
         return (nxt, cache, lengths, rng), (nxt, q)
 
@@ -213,13 +214,13 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def draft_readonly(c, cache, g: int):
         """g draft steps (static g) that leave the cache alone (gamma="auto"): each step's K/V
-        go to a [L, B, KVH, max_gamma, hd] block that the later steps attend to beside the
+        go to a [L, B, KVH, top_gamma, hd] block that the later steps attend to beside the
         cache (the model's ``prefix``). The same tokens, q and random keys as draft_fixed(c, g)
         (up to float rounding of the attention split): (rng, drafts [B, g], q [g, B, V] or None)."""
         if not g:
             return c["rng"], jnp.zeros((B, 0), jnp.int32), None
         cfg = model.cfg
-        shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_gamma, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, top_gamma, cfg.head_dim)
 
         def step(carry, i):
             tok, bk, bv, rng = carry
@@ -238,11 +239,12 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
 
     def cycle(c, g: int):
         """One draft(g) + verify(g + 1) cycle; g = 0 is a plain verify-mode decoding step."""
-        drafted = draft_fixed(c, g)
-        if cache_write == "step":  # read-only verify, its K/V written once
-            new, (k_blk, v_blk) = verify_and_accept(c, *drafted, g, readonly=True)
-            return {**new, "cache": drafted[0].write_blocks(k_blk, v_blk, c["lengths"])}
-        return verify_and_accept(c, *drafted, g)
+        if cache_write == "step":  # read-only drafts and verify (as gamma="auto"), one write
+            cache = c["cache"]
+            new, (k_blk, v_blk) = verify_and_accept(c, cache, *draft_readonly(c, cache, g), g,
+                                                    readonly=True)
+            return {**new, "cache": cache.write_blocks(k_blk, v_blk, c["lengths"])}
+        return verify_and_accept(c, *draft_fixed(c, g), g)
 
     def verify_and_accept(c, cache, rng, drafts, q, g: int, readonly: bool = False):
         """Verify the last token + g drafts ([B, g]; q [g, B, V] when sampling) in one pass,
