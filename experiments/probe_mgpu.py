@@ -196,6 +196,28 @@ def diag_read_configs(K: int, N: int):
     return out
 
 
+def shape_weights(key, K, N):
+    """(weight + scale bytes, R copies against L2, half-split weights, int4 [N, K] weights)."""
+    wbytes = K * N // 2 + 4 * N
+    R = n_copies(wbytes, False)
+    ws = make_weights(key, K, N, K, R)
+    ws_nk = [(nk_from_half_split(q), s[0]) for q, s in ws]
+    jax.block_until_ready(ws_nk)
+    return wbytes, R, ws, ws_nk
+
+
+def time_row(row, f, targs, wbytes, iters, rows, save, err_chars=600):
+    """Time f(*targs) (R weight copies per call: us per GEMM), record the row, print it."""
+    try:
+        t = measure(f, targs, iters) / row["R"]
+        row.update(us=float(np.median(t)), us_min=float(np.min(t)), us_max=float(np.max(t)),
+                   TBps=wbytes / float(np.median(t)) / 1e6)
+        row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e)[:err_chars]}"
+    rows.append(row); save(); print(json.dumps(row), flush=True)
+
+
 def run_diag(args, shapes, ms, modes, rows, save, key, t_start):
     """--sweep diag: rows of variants mgpu / mgpu_raw / mgpu_read (see the module docstring)."""
     import jax.numpy as jnp
@@ -204,25 +226,14 @@ def run_diag(args, shapes, ms, modes, rows, save, key, t_start):
     from pallas_kernels.w4_mgpu import padded_rows
 
     def timed(row, f, targs, wbytes):
-        try:
-            t = measure(f, targs, args.iters) / row["R"]
-            row.update(us=float(np.median(t)), us_min=float(np.min(t)), us_max=float(np.max(t)),
-                       TBps=wbytes / float(np.median(t)) / 1e6)
-            row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-        rows.append(row); save(); print(json.dumps(row), flush=True)
+        time_row(row, f, targs, wbytes, args.iters, rows, save)
 
     def raw(cfg, M, K, N, int8):  # the Mosaic kernel alone over R weight copies
         kern = w4_mgpu._kernel(cfg, padded_rows(M), K, N, int8)
         return jax.jit(lambda a, w: tuple(kern(a, q) for q, _ in w))
 
     for K, N in shapes:
-        wbytes = K * N // 2 + 4 * N
-        R = n_copies(wbytes, False)
-        ws = make_weights(key, K, N, K, R)
-        ws_nk = [(nk_from_half_split(q), s[0]) for q, s in ws]
-        jax.block_until_ready(ws_nk)
+        wbytes, R, ws, ws_nk = shape_weights(key, K, N)
         for mode in modes:
             int8 = mode == "w4a8"
             ll = "wgmma" if int8 else "upcast"
@@ -312,11 +323,7 @@ def main(argv=None):
         print("wrote", path)
         return
     for K, N in shapes:
-        wbytes = K * N // 2 + 4 * N
-        R = n_copies(wbytes, False)
-        ws = make_weights(key, K, N, K, R)
-        ws_nk = [(nk_from_half_split(q), s[0]) for q, s in ws]
-        jax.block_until_ready(ws_nk)
+        wbytes, R, ws, ws_nk = shape_weights(key, K, N)
         best = {}
         for mode in modes:
             int8 = mode == "w4a8"
@@ -392,15 +399,8 @@ def main(argv=None):
             for name, (f, targs) in base.items():
                 if name.split("_")[1] not in modes or name not in args.baseline_variants.split(","):
                     continue
-                row = dict(K=K, N=N, M=M, mode=name.split("_")[1], variant=name, R=R)
-                try:
-                    t = measure(f, targs, args.iters) / R
-                    row.update(us=float(np.median(t)), us_min=float(np.min(t)), us_max=float(np.max(t)),
-                               TBps=wbytes / float(np.median(t)) / 1e6)
-                    row["pct_hbm"] = 100 * row["TBps"] / HBM_TBS
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append(row); save(); print(json.dumps(row), flush=True)
+                time_row(dict(K=K, N=N, M=M, mode=name.split("_")[1], variant=name, R=R), f, targs,
+                         wbytes, args.iters, rows, save, err_chars=300)
     save()
     print("wrote", path)
 
