@@ -729,8 +729,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--act-quant-in-gemm", ""))
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
             args.append(("--mgpu-out-mn", "off"))
-        cw = {r["cache_write"] for r in runs if "cache_write" in r}
-        if len(cw) == 1 and cw != {"layer"}:  # (rows before 2026-11-30: per layer)
+        # (rows before 2026-11-30 wrote per layer); named when not this version's default
+        from qspec_jax import model as model_module
+        cw = {r.get("cache_write", "layer") for r in runs}
+        if len(cw) == 1 and cw != {model_module.CACHE_WRITE}:
             args.append(("--cache-write", cw.pop()))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))

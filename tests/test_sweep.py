@@ -299,11 +299,15 @@ def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
         rows = [json.loads(l) for l in open(out) if '"mode"' in l]
         assert rows and all(r["mgpu_out_mn"] is want and r["cache_write"] == cw for r in rows)
         assert all("error" not in r for r in rows)
+        model_module.CACHE_WRITE = "layer"  # a later run's default (the report names what differs)
         assert sweep_main(["--report", "--out", str(out)]) == 0
         text = open(tmp_path / f"mn_{flag}.md").read()
         # (the command names them only away from the defaults: out_mn on, per-layer writes)
         assert ("--mgpu-out-mn off" in text) is (not want)
         assert ("--cache-write step" in text) is (cw == "step")
+    model_module.CACHE_WRITE = "step"  # were "step" the default, per-layer rows would say so
+    assert sweep_main(["--report", "--out", str(tmp_path / "mn_on.jsonl")]) == 0
+    assert "--cache-write layer" in open(tmp_path / "mn_on.md").read()
 
 
 def test_step_bytes_leave_out_the_gathered_embedding_table():
