@@ -446,15 +446,16 @@ def main(argv=None) -> int:
     from pallas_kernels import w4_mgpu
     if args.mgpu_out_mn:
         w4_mgpu.OUT_MN = args.mgpu_out_mn == "on"
+    if jax.default_backend() == "gpu":  # the kernel's lowering check may turn the store off
+        from qspec_jax import kernel_dispatch
+        kernel_dispatch._mgpu_lowering_error.cache_clear()
+        why = kernel_dispatch.mgpu_unavailable()
+        if args.mgpu_out_mn == "on" and (why or not w4_mgpu.OUT_MN):
+            # (the kernel without it, or XLA's path, would be timed under this flag)
+            raise SystemExit("--mgpu-out-mn on: the Mosaic GPU kernel with transposed partial "
+                             f"sums cannot run ({why or 'this jax cannot lower the store'}); "
+                             "nothing was timed")
     env["mgpu_out_mn"] = w4_mgpu.OUT_MN  # (recorded always: the default changed at ed53aaf)
-    if args.mgpu_out_mn == "on":
-        if jax.default_backend() == "gpu":  # a kernel that cannot lower would time XLA's path
-            from qspec_jax import kernel_dispatch
-            kernel_dispatch._mgpu_lowering_error.cache_clear()
-            why = kernel_dispatch.mgpu_unavailable()
-            if why:
-                raise SystemExit(f"--mgpu-out-mn: the Mosaic GPU kernel with transposed partial "
-                                 f"sums cannot run ({why}); nothing was timed")
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]

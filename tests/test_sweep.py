@@ -333,3 +333,24 @@ def test_step_bytes_leave_out_the_gathered_embedding_table():
     assert abs(sweep.roofline_pct(old) - 34.772) < 1e-3
     assert sweep.roofline_pct(dict(old, step_bytes=1.0)) == old["hbm_roofline_pct"]  # new rows as is
     assert sweep.roofline_pct(dict(old, model="somebody-else")) == old["hbm_roofline_pct"]
+
+
+def test_sweep_refuses_to_time_out_mn_where_it_cannot_run(tmp_path, monkeypatch):
+    """--mgpu-out-mn on where the kernel's lowering check turns the transposed store off (or
+    the kernel cannot run at all): nothing is timed, the message says why."""
+    import jax
+    from pallas_kernels import w4_mgpu
+    from qspec_jax import kernel_dispatch
+    monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a pretend GPU: only the check runs
+
+    def store_rejected():
+        w4_mgpu.OUT_MN = False  # what _mgpu_lowering_error does when only the store fails
+        return None
+    for check, pattern in ((store_rejected, "cannot lower the store"), (lambda: "no Hopper", "no Hopper")):
+        monkeypatch.setattr(kernel_dispatch, "mgpu_unavailable", check)
+        out = tmp_path / "refused.jsonl"
+        with pytest.raises(SystemExit, match=f"--mgpu-out-mn on.*{pattern}.*nothing was timed"):
+            sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn", "on",
+                        "--out", str(out)])
+        assert not out.exists()
