@@ -527,7 +527,7 @@ case "$stage" in
   smema)
     # Issue 6: the shared-memory-operand Mosaic kernel (MgpuConfig(smem_a=True): the unpacked
     # tile in a double-buffered smem buffer, one wgmma in flight while the next tile unpacks;
-    # lowers on CPU, never run): GPU tests first (a wrong barrier count would hang: timeout),
+    # run at e7d0f5f: correct, slower, mgpu_h200_smema.md): GPU tests first (a wrong barrier count would hang: timeout),
     # then its config sweep at M = 16 and the default kernel at the same M for comparison.
     step 200 smema_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "smem_a or other_configs"
@@ -589,7 +589,7 @@ case "$stage" in
     ;;
   persist)
     # Issue 6: persistent CTAs (MgpuConfig(units_per_cta=r): r (column tile, K split) units per
-    # CTA through one continuous TMA pipeline; lowers on CPU, never run): GPU tests first, then
+    # CTA through one continuous TMA pipeline; run at 949938e: correct, slower, mgpu_h200_persist.md): GPU tests first, then
     # the default kernel and the persist sweep at M = 16 (best config also timed at M = 1).
     step 220 persist_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "persistent or other_configs"
@@ -612,8 +612,8 @@ case "$stage" in
       --time-budget 500 --commit "$COMMIT" --out "$OUT/$f"
     ;;
   outmn)
-    # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); lowers
-    # on CPU, never run), so XLA can fuse each GEMM's epilogue into its consumer: GPU tests, then
+    # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); at
+    # 949938e it failed to trace on jax 0.11.2, fixed since: stage outmn2, outmn_h200.md), so XLA can fuse each GEMM's epilogue into its consumer: GPU tests, then
     # batch 1 / 16 w4a16 AR and batch-16 gamma 3 with and without it (nk layout).
     step 150 outmn_gpu_tests.log python3 -m pytest tests/gpu/test_w4_mgpu_gpu.py -q -rA \
       -p no:cacheprovider -k "out_mn"
