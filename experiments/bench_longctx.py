@@ -56,11 +56,6 @@ def kv_bytes(cfg, batch: int, context: int) -> int:
     return KVCache.nbytes(cfg, batch, context, jnp.bfloat16)
 
 
-def weight_bytes(model, batch: int) -> int:
-    """Parameter bytes a decode step reads (the untied embedding table only gathered)."""
-    return weight_read_bytes(model, batch)
-
-
 def read_bytes(r: dict) -> float:
     """A row's bytes per w4a16 AR step: KV + weights; rows written before 2026-11-30 (no
     weights_gathered_embedding) counted the whole untied embedding table, taken off here."""
@@ -397,7 +392,7 @@ def main(argv=None) -> int:
                   f"(run again to resume)", flush=True)
             break
         kv = kv_bytes(model.cfg, batch, context + args.max_gamma + 1)
-        row = dict(batch=batch, context=context, kv_bytes=kv, weight_bytes=weight_bytes(model, batch),
+        row = dict(batch=batch, context=context, kv_bytes=kv, weight_bytes=weight_read_bytes(model, batch),
                    weights_gathered_embedding=True, **meta)
         if kv > args.max_kv_gib * 2**30:
             row["skipped"] = f"cache {kv / 2**30:.0f} GiB > --max-kv-gib {args.max_kv_gib:g}"

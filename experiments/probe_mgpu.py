@@ -206,6 +206,14 @@ def shape_weights(key, K, N):
     return wbytes, R, ws, ws_nk
 
 
+def shape_inputs(key, M, K, ws, int8: bool):
+    """(x bf16, xq int8, sx [M, 1], the model-layout reference f32) of one M."""
+    x = make_x(jax.random.fold_in(key, M), M, K)
+    xq, sx = quantize_per_token_reference(x, 8)
+    ref = (w4a8_matmul_reference(xq, sx, *ws[0]) if int8 else w4a16_matmul_reference(x, *ws[0]))
+    return x, xq, sx, np.asarray(ref, np.float32)
+
+
 def time_row(row, f, targs, wbytes, iters, rows, save, err_chars=600):
     """Time f(*targs) (R weight copies per call: us per GEMM), record the row, print it."""
     try:
@@ -241,22 +249,17 @@ def run_diag(args, shapes, ms, modes, rows, save, key, t_start):
                 if time.time() - t_start > args.time_budget:
                     print("[budget] stopping", flush=True); return
                 cfg = dataclasses.replace(default_config(M, K, N), load_layout=ll)
-                x = make_x(jax.random.fold_in(key, M), M, K)
-                xq, sx = quantize_per_token_reference(x, 8)
-                sxv = sx.reshape(-1)
+                x, xq, sx, ref = shape_inputs(key, M, K, ws, int8)
                 base = dict(K=K, N=N, M=M, mode=mode, R=R, config=cfg.short())
                 if int8:
                     f = jax.jit(lambda a, b, w, c=cfg: tuple(w4_mgpu_matmul(a, q, s, b, config=c) for q, s in w))
-                    targs = (xq, sxv, ws_nk)
-                    ref = w4a8_matmul_reference(xq, sx, ws[0][0], ws[0][1])
+                    targs = (xq, sx.reshape(-1), ws_nk)
                 else:
                     f = jax.jit(lambda a, w, c=cfg: tuple(w4_mgpu_matmul(a, q, s, config=c) for q, s in w))
                     targs = (x, ws_nk)
-                    ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
                 row = dict(base, variant="mgpu")
                 try:
                     got = np.asarray(f(*targs)[0], np.float32)
-                    ref = np.asarray(ref, np.float32)
                     row["max_err"] = float(np.max(np.abs(got - ref)))
                     row["ok"] = bool(row["max_err"] <= 0.02 * float(np.max(np.abs(ref))) + 1e-3)
                 except Exception as e:  # noqa: BLE001
@@ -334,14 +337,8 @@ def main(argv=None):
                 phases = (("ms", ms),)
             for phase, m_list in phases:
                 for M in m_list:
-                    x = make_x(jax.random.fold_in(key, M), M, K)
-                    xq, sx = quantize_per_token_reference(x, 8)
+                    x, xq, sx, ref = shape_inputs(key, M, K, ws, int8)
                     sxv = sx.reshape(-1)
-                    if int8:
-                        ref = w4a8_matmul_reference(xq, sx, ws[0][0], ws[0][1])
-                    else:
-                        ref = w4a16_matmul_reference(x, ws[0][0], ws[0][1])
-                    ref = np.asarray(ref, np.float32)
                     cfgs = (sweep_configs(args.sweep, int8, K, N) if phase == "sweep"
                             else sweep_configs("default", int8, K, N, M) if args.sweep == "default"
                             else [best.get(mode, sweep_configs("one", int8)[0])])

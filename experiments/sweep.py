@@ -34,8 +34,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import qspec_jax as qj  # noqa: E402
 from qspec_jax.api import assemble  # noqa: E402
-from qspec_jax.config import ModelConfig, QuantConfig, RopeConfig, round_up  # noqa: E402
+from qspec_jax.config import (ModelConfig, QuantConfig, RopeConfig, model_config_from_hf,  # noqa: E402
+                              read_hf_config, round_up)
 from qspec_jax.cost_model import CACHE_BUCKET, measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
+import qspec_jax.model as model_module  # noqa: E402
 from qspec_jax.model import CACHE_WRITES, KVCache  # noqa: E402
 from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -126,13 +128,12 @@ def weight_read_bytes(model, batch: int) -> int:
 def embed_table_bytes(model_name: str) -> int | None:
     """bf16 bytes of a sweep model's embedding table if untied (None: unknown model or tied)."""
     if model_name in SHAPED:
-        cfg = dict(SHAPED[model_name], tie_word_embeddings=False)
+        cfg = shaped_config(model_name)
     elif model_name == "default":
-        with open(os.path.join(os.path.dirname(qj.__file__), "default_model", "config.json")) as f:
-            cfg = json.load(f)
+        cfg = model_config_from_hf(read_hf_config(os.path.join(os.path.dirname(qj.__file__), "default_model")))
     else:
         return None
-    return None if cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"] * 2
+    return None if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2
 
 
 def roofline_pct(r: dict) -> float | None:
@@ -439,7 +440,6 @@ def main(argv=None) -> int:
         from qspec_jax import kernel_dispatch
         kernel_dispatch.ACT_QUANT_IN_GEMM = True
         env["act_quant_in_gemm"] = True
-    from qspec_jax import model as model_module
     if args.cache_write:
         model_module.CACHE_WRITE = args.cache_write
     env["cache_write"] = model_module.CACHE_WRITE
@@ -731,7 +731,6 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
             args.append(("--mgpu-out-mn", "off"))
         # (rows before 2026-11-30 wrote per layer); named when not this version's default
-        from qspec_jax import model as model_module
         cw = {r.get("cache_write", "layer") for r in runs}
         if len(cw) == 1 and cw != {model_module.CACHE_WRITE}:
             args.append(("--cache-write", cw.pop()))

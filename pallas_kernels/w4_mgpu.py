@@ -144,17 +144,18 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
-    if cfg.out_mn and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1):
+    variant = cfg.smem_a or cfg.warp_specialized  # kernels other than the plain / persistent one
+    if cfg.out_mn and (variant or cfg.units_per_cta > 1):
         return "out_mn (transposed partial sums) runs the plain kernel only"
     if cfg.probe not in ("", "read"):
         return f"probe={cfg.probe!r}: '' (the GEMM) or 'read' (the TMA pipeline alone)"
-    if cfg.probe and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1):
+    if cfg.probe and (variant or cfg.units_per_cta > 1):
         return "probe runs the plain kernel only"
     if cfg.units_per_cta < 1:
         return f"units_per_cta={cfg.units_per_cta} must be >= 1"
     if cfg.units_per_cta > 1:
         units = N // cfg.tile_n * cfg.split_k
-        if cfg.smem_a or cfg.warp_specialized:
+        if variant:
             return "units_per_cta > 1 (persistent CTAs) runs the plain kernel only"
         if units % cfg.units_per_cta:
             return (f"units_per_cta={cfg.units_per_cta} must divide the {units} (column tile, "
@@ -407,16 +408,10 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             kernel_ws, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"), num_threads=3, thread_name="wg",
             scratch_types=dict(o_smem=plgpu.SMEM((2, half, Mp), acc_dt)), compiler_params=params)
-    elif cfg.out_mn:
+    else:  # partials [split_k, Mp, N] with out_mn, else [split_k, N, Mp]; o_smem likewise
+        tile, out = ((Mp, cfg.tile_n), (Mp, N)) if cfg.out_mn else ((cfg.tile_n, Mp), (N, Mp))
         f = plgpu.kernel(
-            kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, Mp, N), acc_dt),
+            kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, *out), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
-            scratch_types=dict(o_smem=plgpu.SMEM((Mp, cfg.tile_n), acc_dt)),
-            compiler_params=params)
-    else:
-        f = plgpu.kernel(
-            kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
-            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
-            scratch_types=dict(o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
-            compiler_params=params)
+            scratch_types=dict(o_smem=plgpu.SMEM(tile, acc_dt)), compiler_params=params)
     return jax.jit(f)
