@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 import qspec_jax as qj  # noqa: E402
+from qspec_jax import model as model_module  # noqa: E402
+from qspec_jax.model import CACHE_WRITES  # noqa: E402
 
 
 def _device_events(trace_dir: str) -> tuple[list, str]:
@@ -119,9 +121,14 @@ def main(argv=None):
     p.add_argument("--max-gamma", type=int, default=3)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
+                   help="how decode steps write K/V: per layer or once per step after a "
+                        "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if a.cache_write is not None:
+        model_module.CACHE_WRITE = a.cache_write
     if a.model == "default":
         model = qj.load(None, quant="w4")
     else:
@@ -161,7 +168,7 @@ def main(argv=None):
               flush=True)
     meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                kernels=a.kernels, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                kernels=a.kernels, cache_write=model_module.CACHE_WRITE, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     stem = os.path.join(a.out, f"profile_{a.model}_b{a.batch}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, configs=res), f, indent=1)
@@ -169,7 +176,7 @@ def main(argv=None):
     lines = [f"# Device time by kernel: {a.model}, batch {a.batch}", "",
              f"`PYTHONPATH=. python3 experiments/profile_cycle.py --model {a.model} --batch {a.batch} "
              f"--configs {a.configs} --max-gamma {a.max_gamma} --prompt-len {a.prompt_len} "
-             f"--new-tokens {a.new_tokens}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
+             f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "
              "kernel durations on the device tracks (prefill included), per cycle = / cycles "
              "(a cycle is one step for w4a16). Idle: time between the first kernel's start and "
