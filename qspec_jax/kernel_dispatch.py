@@ -301,20 +301,8 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
     if res is None:
         return None
     out_c, lse_c = res                                        # [B, T, H, hd] f32, [B, T, H]
-    KVH, hd = k_blk.shape[1], k_blk.shape[-1]
-    H = q.shape[2]
-    qg = q.reshape(B, T, KVH, H // KVH, hd).astype(jnp.float32)
-    s = jnp.einsum("btkgd,bkud->btkgu", qg, k_blk.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
-    from .model import block_mask
-    blk_ok = block_mask(T) if blk_ok is None else blk_ok       # [B or 1, T, U]
-    s = jnp.where(blk_ok[:, :, None, None, :], s, -jnp.inf)
-    lse_b = jax.nn.logsumexp(s, axis=-1)                       # [B, T, KVH, G]
-    out_b = jnp.einsum("btkgu,bkud->btkgd", jnp.exp(s - lse_b[..., None]), v_blk.astype(jnp.float32))
-    lse_b, out_b = lse_b.reshape(B, T, H), out_b.reshape(B, T, H, hd)
-    m = jnp.maximum(lse_c, lse_b)
-    w_c, w_b = jnp.exp(lse_c - m), jnp.exp(lse_b - m)
-    out = (w_c[..., None] * out_c + w_b[..., None] * out_b) / (w_c + w_b)[..., None]
-    return out.astype(q.dtype)
+    from .model import merge_block
+    return merge_block(q, out_c, lse_c, k_blk, v_blk, blk_ok)
 
 
 def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=None,

@@ -166,6 +166,69 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
     return out.reshape(B, T, H, hd).astype(q.dtype)
 
 
+def cache_part(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, ok: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """Attention of q [B, T, H, hd] over the cache keys ``ok`` [B, T or 1, S] lets it see alone:
+    (out [B, T, H, hd] f32, log-sum-exp [B, T, H]); rows that see no key get out 0, lse -inf."""
+    B, T, H, hd = q.shape
+    kvh = k_cache.shape[1]
+    qg = q.reshape(B, T, kvh, H // kvh, hd)
+    s = einsum_f32("btkgd,bksd->btkgs", qg, k_cache) / jnp.sqrt(jnp.float32(hd))
+    s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)                                   # masked keys: exactly 0
+    den = jnp.sum(p, axis=-1)                            # [B, T, KVH, G]
+    out = einsum_f32("btkgs,bksd->btkgd", p.astype(v_cache.dtype), v_cache)
+    out = out / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.where(den > 0, jnp.log(den) + m[..., 0], -jnp.inf)
+    return out.reshape(B, T, H, hd), lse.reshape(B, T, H)
+
+
+def merge_block(q: jax.Array, out_c: jax.Array, lse_c: jax.Array, k_blk: jax.Array,
+                v_blk: jax.Array, blk_ok: jax.Array | None = None) -> jax.Array:
+    """Causal attention of q [B, T, H, hd] over a cache part already computed (out_c
+    [B, T, H, hd] f32 and its log-sum-exp lse_c [B, T, H], -inf where a row saw no cache key)
+    and a block of keys k_blk, v_blk [B, KVH, U, hd] visible per ``blk_ok`` [B or 1, T, U]
+    (default: U = T, causal, see block_mask; every row must see at least one block key): the
+    block's T x U attention in f32, the two softmax parts merged exactly by their
+    log-sum-exps. Returns q's dtype."""
+    B, T, H, hd = q.shape
+    KVH = k_blk.shape[1]
+    qg = q.reshape(B, T, KVH, H // KVH, hd).astype(jnp.float32)
+    s = jnp.einsum("btkgd,bkud->btkgu", qg, k_blk.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+    blk_ok = block_mask(T) if blk_ok is None else blk_ok
+    s = jnp.where(blk_ok[:, :, None, None, :], s, -jnp.inf)
+    lse_b = jax.nn.logsumexp(s, axis=-1)                       # [B, T, KVH, G]
+    out_b = jnp.einsum("btkgu,bkud->btkgd", jnp.exp(s - lse_b[..., None]), v_blk.astype(jnp.float32))
+    lse_b, out_b = lse_b.reshape(B, T, H), out_b.reshape(B, T, H, hd)
+    m = jnp.maximum(lse_c, lse_b)
+    w_c, w_b = jnp.exp(lse_c - m), jnp.exp(lse_b - m)
+    out = (w_c[..., None] * out_c + w_b[..., None] * out_b) / (w_c + w_b)[..., None]
+    return out.astype(q.dtype)
+
+
+def attention_with_block_parts(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               k_new: jax.Array, v_new: jax.Array, start: jax.Array,
+                               blk_ok: jax.Array | None = None,
+                               window: tuple[int, int] | None = None,
+                               q_pos: jax.Array | None = None) -> jax.Array:
+    """attention_with_block (same arguments, same keys) as two softmax parts merged by their
+    log-sum-exps: the read-only forwards' XLA path. One softmax over the concatenated scores
+    let XLA build a concatenate fusion that cost an 8B batch-1 step 32 x 10.5 us on the H200
+    (profile_b1_cachewrite_h200.md); the parts are what the Pallas path computes too."""
+    B, T = q.shape[:2]
+    S = k_cache.shape[2]
+    key = jnp.arange(S)
+    ok = (key[None, :] < start[:, None])[:, None, :]                 # [B, 1, S]
+    if window is not None:
+        if q_pos is None:
+            raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
+        ok = ok & window_mask(q_pos, jnp.broadcast_to(key, (B, S)), window)  # [B, T, S]
+    out_c, lse_c = cache_part(q, k_cache, v_cache, ok)
+    return merge_block(q, out_c, lse_c, k_new, v_new, blk_ok)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, qcfg: QuantConfig, dtype, rngs: nnx.Rngs,
                  fused: bool = False):
@@ -219,10 +282,10 @@ class Attention(nnx.Module):
                 out = pallas_attention_with_block(q, cache.k, cache.v, k_att, v_att, cache_len,
                                                   layer, kernels, blk_ok, window, positions)
             if out is None:
-                out = attention_with_block(q, cache.k[layer].astype(q.dtype),
-                                           cache.v[layer].astype(q.dtype), k_att.astype(q.dtype),
-                                           v_att.astype(q.dtype), cache_len, blk_ok, window,
-                                           positions)
+                out = attention_with_block_parts(q, cache.k[layer].astype(q.dtype),
+                                                 cache.v[layer].astype(q.dtype),
+                                                 k_att.astype(q.dtype), v_att.astype(q.dtype),
+                                                 cache_len, blk_ok, window, positions)
             return self._out(out, mode, kernels), (k_blk, v_blk)
         b = jnp.arange(B)[:, None]  # [B, 1]
         cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")

@@ -476,9 +476,11 @@ def test_readonly_block_attention_with_the_kernel_matches_xla(dtype, window):
     """The read-only verify attention (gamma="auto"): Pallas over the cache + XLA over the new
     block, merged by log-sum-exp, equals the XLA reference attention_with_block (ragged starts,
     including an empty cache row); with a draft window, windowed over the cache (the kernel
-    anchored at each query's position, keys below start) and the block alike."""
+    anchored at each query's position, keys below start) and the block alike. The model's XLA
+    path (attention_with_block_parts: the same two softmax parts, no kernel) equals it too."""
     from qspec_jax import kernel_dispatch as kd
-    from qspec_jax.model import attention_with_block, block_mask, window_mask
+    from qspec_jax.model import (attention_with_block, attention_with_block_parts, block_mask,
+                                 window_mask)
     L, B, T, H, KVH, S, hd = 2, 3, 4, 8, 2, 64, 64
     k = jax.random.split(jax.random.key(5), 5)
     q = jax.random.normal(k[0], (B, T, H, hd), F32).astype(dtype)
@@ -497,5 +499,8 @@ def test_readonly_block_attention_with_the_kernel_matches_xla(dtype, window):
         assert float(jnp.max(jnp.abs(full.astype(F32) - ref.astype(F32)))) > 1e-2
     tol = 1e-5 if dtype == F32 else 2e-2
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                               rtol=tol, atol=tol)
+    parts = jax.jit(attention_with_block_parts)(q, ck[1], cv[1], kb, vb, start, blk_ok, window, q_pos)
+    np.testing.assert_allclose(np.asarray(parts, np.float32), np.asarray(ref, np.float32),
                                rtol=tol, atol=tol)
     assert kd.attention_with_block(q, ck, cv, kb, vb, start, 1, "xla") is None
