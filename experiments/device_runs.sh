@@ -566,6 +566,22 @@ case "$stage" in
         --configs w4a16 --new-tokens 64 --cache-write $v --commit "$COMMIT" --out "$OUT/prof_b1_$v"
     done
     ;;
+  hlodump)
+    # Issue 8: what the ~670 small XLA kernels of a batch-1 8B w4a16 step are (profile_b1_cachewrite_
+    # h200_*.json: ~800 kernels per step, ~1 ms of 2.7 outside the GEMMs and the lm_head; 64
+    # dynamic-update-slice, 31 dynamic-slice, ~31 concatenate fusions and 66 memcpys per step):
+    # the optimized HLO of the decode programs (AR and gamma-3 QSpec, batch 1 and 16), gzipped,
+    # to read offline (device time only for the compiles).
+    for b in 1 16; do
+      step 150 hlodump_b$b.log env XLA_FLAGS="--xla_dump_to=$OUT/hlo_b$b --xla_dump_hlo_as_text \
+        --xla_dump_hlo_module_re=.*decode_(autoregressive|speculative).*" \
+        python3 experiments/profile_cycle.py --model llama3-8b --batch $b --configs w4a16,qspec3 \
+        --new-tokens 16 --commit "$COMMIT" --out "$OUT/prof_hlo_b$b"
+      rm -rf "$OUT/prof_hlo_b$b"/trace_*
+      find "$OUT/hlo_b$b" -type f ! -name '*after_optimizations.txt' -delete
+      gzip -9 "$OUT/hlo_b$b"/*.txt
+    done
+    ;;
   diag)
     # Issue 6: where a decode GEMM's time goes (probe_mgpu.py --sweep diag): the model's GEMM
     # (kernel + XLA epilogue), the Mosaic kernel alone, the kernel with no unpack / MMA (TMA ring
