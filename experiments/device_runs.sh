@@ -51,6 +51,9 @@
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh cachewrite # K/V written once per step (read-only forward) vs per layer: AR batch 1/16/64 + 32 x 8k (~9.5 min)
+#   bash experiments/device_runs.sh hlodump    # the decode programs' optimized HLO (AR, gamma 3; batch 1 / 16), gzipped, to read offline (~4 min)
+#   bash experiments/device_runs.sh autob1     # w4a16 AR vs gamma="auto" at batch 1 / 4 after the read-only XLA attention fix (31562b0) (~5 min)
+#   bash experiments/device_runs.sh cachewrite2 # batch-1 profiles per-layer vs per-step writes + the GPU cache-write test (~3 min)
 #   bash experiments/device_runs.sh diag       # issue 6: GEMM vs kernel alone vs TMA ring alone (read-only probe), read-only structure sweep (~9 min)
 #   bash experiments/device_runs.sh lmhead2    # int4 lm_head A/B at batch 1 / 16 (nk, transposed store) + batch-1 profile (~7.5 min)
 #   bash experiments/device_runs.sh outmn2     # outmn after the jax-0.11 fix: GPU tests + batch 1 / 16 AR on / off (~5.5 min)
@@ -68,7 +71,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | autob1 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -565,6 +568,14 @@ case "$stage" in
       step 120 profile_b1_$v.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
         --configs w4a16 --new-tokens 64 --cache-write $v --commit "$COMMIT" --out "$OUT/prof_b1_$v"
     done
+    ;;
+  autob1)
+    # Issue 8: gamma="auto" against w4a16 AR below ATTN_MIN_BATCH, where its read-only cycles ran
+    # XLA's attention through a slow concatenate fusion until 31562b0 (cachewrite_h200.md; auto
+    # was 1.02-1.09x the AR rows in every sweep before).
+    step 290 autob1.log python3 experiments/sweep.py --models llama3-8b --batches 1,4 \
+      --modes w4a16,qspec-w4a8 --gammas auto --max-gamma 3 --cost-gammas 0,1,3 --repeats 3 \
+      --new-tokens 64 --time-budget 270 --commit "$COMMIT" --out "$OUT/autob1.jsonl"
     ;;
   hlodump)
     # Issue 8: what the ~670 small XLA kernels of a batch-1 8B w4a16 step are (profile_b1_cachewrite_
