@@ -52,6 +52,7 @@
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh cachewrite # K/V written once per step (read-only forward) vs per layer: AR batch 1/16/64 + 32 x 8k (~9.5 min)
 #   bash experiments/device_runs.sh hlodump    # the decode programs' optimized HLO (AR, gamma 3; batch 1 / 16), gzipped, to read offline (~4 min)
+#   bash experiments/device_runs.sh rotate     # what a rotated conversion's online Hadamards cost an 8B step: AR batch 1 / 16 with / without + a profile (~6.5 min)
 #   bash experiments/device_runs.sh autob1     # w4a16 AR vs gamma="auto" at batch 1 / 4 after the read-only XLA attention fix (31562b0) (~5 min)
 #   bash experiments/device_runs.sh cachewrite2 # batch-1 profiles per-layer vs per-step writes + the GPU cache-write test (~3 min)
 #   bash experiments/device_runs.sh diag       # issue 6: GEMM vs kernel alone vs TMA ring alone (read-only probe), read-only structure sweep (~9 min)
@@ -71,7 +72,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | autob1 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -568,6 +569,21 @@ case "$stage" in
       step 120 profile_b1_$v.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
         --configs w4a16 --new-tokens 64 --cache-write $v --commit "$COMMIT" --out "$OUT/prof_b1_$v"
     done
+    ;;
+  rotate)
+    # Issue 8: what a rotated conversion's online Hadamard transforms (before o_proj and down_proj,
+    # every layer, both modes: the converter rotates by default) cost an 8B step. The sweeps'
+    # random-weight models skipped them until sweep.py --rotate. AR at batch 1 / 16 with and
+    # without, then device time by kernel of a rotated batch-1 step.
+    for v in off on; do
+      flag=""; [ "$v" = on ] && flag="--rotate"
+      step 130 rotate_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 120 --commit "$COMMIT" \
+        --out "$OUT/rotate_$v.jsonl"
+    done
+    step 120 profile_b1_rotate.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
+      --configs w4a16 --new-tokens 64 --rotate --commit "$COMMIT" --out "$OUT/prof_b1_rotate"
+    rm -rf "$OUT/prof_b1_rotate"/trace_*
     ;;
   autob1)
     # Issue 8: gamma="auto" against w4a16 AR below ATTN_MIN_BATCH, where its read-only cycles ran

@@ -121,6 +121,9 @@ def main(argv=None):
     p.add_argument("--max-gamma", type=int, default=3)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--rotate", action="store_true",
+                   help="random-weight models run a rotated conversion's online Hadamard "
+                        "transforms (sweep.random_model's rotate; timing only)")
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write K/V: per layer or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
@@ -133,7 +136,7 @@ def main(argv=None):
         model = qj.load(None, quant="w4")
     else:
         from sweep import random_model
-        model = random_model(a.model, quantized=True)
+        model = random_model(a.model, quantized=True, rotate=a.rotate)
         model = qj.with_weight_layout(model, "auto", in_place=True)  # as qj.load: nk on Hopper
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, a.prompt_len).tolist() for _ in range(a.batch)]
@@ -168,7 +171,8 @@ def main(argv=None):
               flush=True)
     meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                kernels=a.kernels, cache_write=model_module.CACHE_WRITE, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                kernels=a.kernels, cache_write=model_module.CACHE_WRITE,
+                rotate=a.rotate or a.model == "default", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     stem = os.path.join(a.out, f"profile_{a.model}_b{a.batch}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, configs=res), f, indent=1)
@@ -176,7 +180,8 @@ def main(argv=None):
     lines = [f"# Device time by kernel: {a.model}, batch {a.batch}", "",
              f"`PYTHONPATH=. python3 experiments/profile_cycle.py --model {a.model} --batch {a.batch} "
              f"--configs {a.configs} --max-gamma {a.max_gamma} --prompt-len {a.prompt_len} "
-             f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
+             f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}"
+             f"{' --rotate' if a.rotate else ''}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "
              "kernel durations on the device tracks (prefill included), per cycle = / cycles "
              "(a cycle is one step for w4a16). Idle: time between the first kernel's start and "

@@ -75,11 +75,13 @@ def shaped_config(name: str) -> ModelConfig:
 
 
 def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
-                 quantize_lm_head: bool = False):
+                 quantize_lm_head: bool = False, rotate: bool = False):
     """A shaped model with random weights built on the device (int4 weights drawn directly;
-    the lm_head too with quantize_lm_head)."""
+    the lm_head too with quantize_lm_head). ``rotate``: the forward runs the online Hadamard
+    transforms of a rotated (QuaRot) conversion, before o_proj and down_proj (the random
+    weights are not rotated: timing only)."""
     cfg = shaped_config(name)
-    qcfg = (QuantConfig(quant="w4", method="rtn", rotate=False,
+    qcfg = (QuantConfig(quant="w4", method="rtn", rotate=rotate,
                         quantize_lm_head=quantize_lm_head) if quantized else QuantConfig())
     from flax import nnx
     from qspec_jax.model import Transformer, pure_dict
@@ -374,6 +376,11 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
+    p.add_argument("--rotate", action="store_true",
+                   help="random-weight quantized models run the online Hadamard transforms of a "
+                        "rotated conversion (qspec-convert / qj.load rotate by default; timing "
+                        "only: the random weights are not rotated). The default model is always "
+                        "rotated.")
     p.add_argument("--draft-window", type=parse_window, default=None, metavar="SINK:WINDOW",
                    help="QSpec modes draft with windowed attention over the shared cache "
                         "(qj.generate's draft_window; the cost table times that draft); use a "
@@ -433,6 +440,8 @@ def main(argv=None) -> int:
         env["norm_quant_kernel"] = ",".join(kinds)
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
+    if args.rotate:
+        env["rotate"] = True
     draft_window = args.draft_window
     if draft_window:
         env["draft_window"] = list(draft_window)
@@ -480,7 +489,8 @@ def main(argv=None) -> int:
                 models[quantized] = (qj.load(dtype="bfloat16", quant="w4" if quantized else None,
                                              method="rtn", quantize_lm_head=lm,
                                              weight_layout=args.weight_layout) if name == "default"
-                                     else random_model(name, quantized, quantize_lm_head=lm))
+                                     else random_model(name, quantized, quantize_lm_head=lm,
+                                                       rotate=args.rotate))
                 if quantized:  # in place: the sweep owns the model (no second copy at the peak)
                     qj.with_weight_layout(models[quantized], args.weight_layout, in_place=True)
                 print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
@@ -726,6 +736,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
         if any(r.get("quantize_lm_head") for r in runs):
             args.append(("--quantize-lm-head", ""))
+        if any(r.get("rotate") for r in runs):
+            args.append(("--rotate", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
@@ -778,6 +790,12 @@ def report(path: str) -> str:
     if random:
         words.append("Random weights in this file: " + ", ".join(
             f"`{n}`" + (f" (shaped like {SHAPED_AS[n]})" if n in SHAPED_AS else "") for n in random) + ".")
+        rot = any(r.get("rotate") for r in rows if r.get("model") in random)
+        words.append("Their quantized forwards run the online Hadamard transforms of a rotated "
+                     "conversion (`--rotate`; the weights are not rotated)." if rot else
+                     "Their quantized forwards skip the online Hadamard transforms before o_proj "
+                     "and down_proj that a rotated conversion (the converter's default) runs; "
+                     "`--rotate` times them.")
     if trained:
         words.append("Trained weights: " + ", ".join(f"`{n}`" for n in trained) + ".")
     L += [" ".join(words), ""]

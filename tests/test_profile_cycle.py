@@ -63,3 +63,20 @@ def test_auto_cost_table_makes_the_requested_gamma_pay_most():
     costs = jnp.asarray(kw["cycle_costs"], jnp.float32)
     for a in (0.0, 0.3, 0.9, 1.0):
         assert int(choose_gamma(costs, jnp.float32(a))) == 3
+
+
+def test_main_records_rotate_and_cache_write(tmp_path, monkeypatch):
+    """One CPU run of the script on a tiny random model: --rotate and --cache-write reach the
+    model and the module setting, and the JSON meta and the Markdown command record them."""
+    import json
+
+    from qspec_jax import model as model_module
+    monkeypatch.setattr(model_module, "CACHE_WRITE", "layer")  # restored after the test
+    out = tmp_path / "p"
+    profile_cycle.main(["--model", "tiny", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+                        "--configs", "w4a16", "--kernels", "xla", "--rotate",
+                        "--cache-write", "step", "--out", str(out)])
+    meta = json.load(open(out / "profile_tiny_b1.json"))["meta"]
+    assert meta["rotate"] is True and meta["cache_write"] == "step"
+    md = open(out / "profile_tiny_b1.md").read()
+    assert "--cache-write step --rotate`" in md

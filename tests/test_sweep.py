@@ -354,3 +354,33 @@ def test_sweep_refuses_to_time_out_mn_where_it_cannot_run(tmp_path, monkeypatch)
             sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--mgpu-out-mn", "on",
                         "--out", str(out)])
         assert not out.exists()
+
+
+def test_sweep_rotate_times_the_online_hadamards(tmp_path, monkeypatch):
+    """--rotate: the random-weight quantized model runs the online Hadamard transforms of a
+    rotated conversion (the same random weights give other logits, and the transform is traced
+    in the forward), rows record it and the report's command and weights note name it."""
+    import numpy as np
+    import qspec_jax as qj
+    from experiments import sweep
+    from qspec_jax import rotation
+    plain, rot = sweep.random_model("tiny", True), sweep.random_model("tiny", True, rotate=True)
+    assert not plain.qcfg.rotate and rot.qcfg.rotate
+    calls = []
+    real = rotation.online_hadamard
+    monkeypatch.setattr(rotation, "online_hadamard",
+                        lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    toks = [[5, 17, 3, 99, 4]]
+    a = np.asarray(qj.logits(plain, toks, mode="w4a16"), np.float32)
+    assert not calls
+    b = np.asarray(qj.logits(rot, toks, mode="w4a16"), np.float32)
+    L, I = sweep.SHAPED["tiny"]["num_hidden_layers"], sweep.SHAPED["tiny"]["intermediate_size"]
+    assert len(calls) == 2 * L and (1, 5, I) in calls  # before o_proj and down_proj, every layer
+    assert np.abs(a - b).max() > 1e-3
+    out = tmp_path / "rot.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--rotate", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in open(out) if '"mode"' in l]
+    assert rows and all(r.get("rotate") is True and "error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    text = open(tmp_path / "rot.md").read()
+    assert "--rotate" in text and "run the online Hadamard transforms" in text
