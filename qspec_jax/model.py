@@ -129,6 +129,19 @@ def block_mask(T: int, prefix: int = 0, n_prefix=None) -> jax.Array:
     return new_ok | (u < n)
 
 
+def cache_visible(start: jax.Array, S: int, window: tuple[int, int] | None = None,
+                  q_pos: jax.Array | None = None) -> jax.Array:
+    """bool [B, 1 or T, S]: the cache keys a read-only pass sees, s < start[b]; with
+    ``window=(sink, recent)`` also only those inside each query's window (q_pos [B, T])."""
+    key = jnp.arange(S)
+    ok = (key[None, :] < start[:, None])[:, None, :]                 # [B, 1, S]
+    if window is not None:
+        if q_pos is None:
+            raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
+        ok = ok & window_mask(q_pos, jnp.broadcast_to(key, (start.shape[0], S)), window)
+    return ok
+
+
 def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array,
                          v_new: jax.Array, start: jax.Array, blk_ok: jax.Array | None = None,
                          window: tuple[int, int] | None = None, q_pos: jax.Array | None = None
@@ -151,12 +164,7 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
     scale = 1 / jnp.sqrt(jnp.float32(hd))
     s_old = einsum_f32("btkgd,bksd->bkgts", qg, k_cache) * scale
     s_new = einsum_f32("btkgd,bkud->bkgtu", qg, k_new) * scale
-    key = jnp.arange(S)
-    old_ok = (key[None, :] < start[:, None])[:, None, :]             # [B, 1, S]
-    if window is not None:
-        if q_pos is None:
-            raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
-        old_ok = old_ok & window_mask(q_pos, jnp.broadcast_to(key, (B, S)), window)  # [B, T, S]
+    old_ok = cache_visible(start, S, window, q_pos)
     s_old = jnp.where(old_ok[:, None, None], s_old, -jnp.inf)
     s_new = jnp.where(blk_ok[:, None, None], s_new, -jnp.inf)
     probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
@@ -216,15 +224,8 @@ def attention_with_block_parts(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     """attention_with_block (same arguments, same keys) as two softmax parts merged by their
     log-sum-exps: the read-only forwards' XLA path. One softmax over the concatenated scores
     let XLA build a concatenate fusion that cost an 8B batch-1 step 32 x 10.5 us on the H200
-    (profile_b1_cachewrite_h200.md); the parts are what the Pallas path computes too."""
-    B, T = q.shape[:2]
-    S = k_cache.shape[2]
-    key = jnp.arange(S)
-    ok = (key[None, :] < start[:, None])[:, None, :]                 # [B, 1, S]
-    if window is not None:
-        if q_pos is None:
-            raise ValueError("attention_with_block: a window needs the queries' positions q_pos")
-        ok = ok & window_mask(q_pos, jnp.broadcast_to(key, (B, S)), window)  # [B, T, S]
+    (experiments/results/cachewrite_h200.md); the parts are what the Pallas path computes too."""
+    ok = cache_visible(start, k_cache.shape[2], window, q_pos)
     out_c, lse_c = cache_part(q, k_cache, v_cache, ok)
     return merge_block(q, out_c, lse_c, k_new, v_new, blk_ok)
 
