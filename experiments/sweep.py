@@ -761,6 +761,41 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             for args, names in groups.items()]
 
 
+# AR step vs the cost table's timed step: flagged past this. The decode loop's own work per
+# step (sampling, bookkeeping) is in the first only; across the committed sweeps the two sat
+# within 15% but for old or tiny-model rows, while one slope-timed 32 x 8k run was 19% off.
+TIMING_DISAGREEMENT = 0.15
+
+
+def timing_disagreements(runs: list[dict], costs: list[dict]) -> list[str]:
+    """Lines for the report where a w4a16 AR row's ms per step and its cost table's timed
+    gamma-0 step (same model, batch and context) differ by more than TIMING_DISAGREEMENT: two
+    measurements of nearly the same step (the row's also holds the loop's sampling and
+    bookkeeping), so one of them is likely noisy (e.g. a single slope-timed run at a long
+    prompt, whose prefill jitter divided by the step difference lands on the step)."""
+    out = []
+    for r in runs:
+        if r.get("mode") != "w4a16" or not np.isfinite(r.get("ms_per_step", np.nan)):
+            continue
+        context = r.get("prompt_len", 0) + r.get("new_tokens", 0) // 2
+        for c in costs:
+            if (c.get("model"), c.get("batch")) != (r.get("model"), r.get("batch")):
+                continue
+            if c.get("context", context) != context:
+                continue
+            timed = 1e3 * c["cycle_costs"][0]
+            gap = abs(r["ms_per_step"] - timed) / timed
+            if gap > TIMING_DISAGREEMENT:
+                out.append(f"- **Check the timing:** {r['model']} w4a16 batch {r['batch']}: "
+                           f"{r['ms_per_step']:.3f} ms per step decoding, {timed:.3f} ms in the "
+                           f"cost table's timed step ({100 * gap:.0f}% apart; "
+                           f"{r.get('repeats', '?')} repeat(s), {r.get('decode_timing', 'diff')} "
+                           "timing): more than the decode loop's own work explains; one of "
+                           "the two is likely noisy, measure again.")
+            break
+    return out
+
+
 def report(path: str) -> str:
     """Write the Markdown report of a sweep JSONL file next to it (same base name, .md)."""
     rows = _read_rows(path)
@@ -871,6 +906,9 @@ def report(path: str) -> str:
                                 + [str(int(np.argmax(pred))) if np.all(np.isfinite(pred)) else "—"])
             L += _md_table(["batch", "context", "verify widths timed", "measure s", "quantity"]
                            + [f"γ={g}" for g in range(G)] + ["best γ"], body) + [""]
+            checks = timing_disagreements(mine, mine_costs)
+            if checks:
+                L += checks + [""]
     if errors:
         L += ["## Errors", ""]
         L += _md_table(["model", "mode", "batch", "gamma", "error"],

@@ -384,3 +384,18 @@ def test_sweep_rotate_times_the_online_hadamards(tmp_path, monkeypatch):
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "rot.md").read()
     assert "--rotate" in text and "run the online Hadamard transforms" in text
+
+
+def test_report_flags_ar_steps_that_disagree_with_the_cost_table():
+    """A w4a16 row's ms per step is checked against its cost table's timed gamma-0 step (same
+    model, batch, context): more than 15% apart is flagged, agreement and other batches are not."""
+    from experiments import sweep
+    row = dict(model="m", mode="w4a16", batch=32, prompt_len=8064, new_tokens=64, repeats=1,
+               decode_timing="slope", ms_per_step=12.45)
+    cost = dict(model="m", batch=32, context=8096, cycle_costs=[0.010435, 0.015])
+    (line,) = sweep.timing_disagreements([row], [cost])
+    assert "12.450" in line and "10.435" in line and "19% apart" in line and "1 repeat" in line
+    assert sweep.timing_disagreements([dict(row, ms_per_step=11.9)], [cost]) == []
+    assert sweep.timing_disagreements([row], [dict(cost, batch=16)]) == []
+    assert sweep.timing_disagreements([row], [dict(cost, context=4096)]) == []
+    assert sweep.timing_disagreements([dict(row, mode="qspec-w4a8")], [cost]) == []
