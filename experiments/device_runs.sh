@@ -606,6 +606,12 @@ case "$stage" in
         --new-tokens 16 --commit "$COMMIT" --out "$OUT/prof_hlo_b$b"
       rm -rf "$OUT/prof_hlo_b$b"/trace_*
       find "$OUT/hlo_b$b" -type f ! -name '*after_optimizations.txt' -delete
+      for pair in autoregressive:w4a16 speculative:qspec3; do  # each kernel -> fused ops, source line
+        f=$(ls -S "$OUT/hlo_b$b"/*jit_decode_${pair%%:*}*after_optimizations.txt 2>/dev/null | head -1)
+        [ -n "$f" ] && python3 experiments/hlo_summary.py --hlo "$f" --top 60 \
+          --profile "$OUT/prof_hlo_b$b/profile_llama3-8b_b$b.json" --config "${pair##*:}" \
+          --out "$OUT/hlo_summary_b${b}_${pair##*:}.md"
+      done
       gzip -9 "$OUT/hlo_b$b"/*.txt
     done
     ;;
