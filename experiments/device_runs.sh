@@ -83,6 +83,16 @@ step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, ne
   tail -n 15 "$OUT/$log"
 }
 
+flag_ab() {  # flag_ab NAME FLAG SECONDS: 8B w4a16 AR at batch 1 / 16 without, then with FLAG
+  local v flag
+  for v in off on; do
+    flag=""; [ "$v" = on ] && flag="$2"
+    step "$3" "$1_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+      --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget $(($3 - 10)) \
+      --commit "$COMMIT" --out "$OUT/$1_$v.jsonl"
+  done
+}
+
 e2e_window() {  # e2e_window SECONDS LOGNAME BATCH PROMPT SINK:WINDOW OUTFILE: w4a16 AR vs QSpec gamma 3
   step "$1" "$2" python3 experiments/sweep.py --models llama3-8b --batches "$3" --prompt-len "$4" \
     --new-tokens 128 --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 4 --cost-gammas 0,3,4 \
@@ -575,12 +585,7 @@ case "$stage" in
     # every layer, both modes: the converter rotates by default) cost an 8B step. The sweeps'
     # random-weight models skipped them until sweep.py --rotate. AR at batch 1 / 16 with and
     # without, then device time by kernel of a rotated batch-1 step.
-    for v in off on; do
-      flag=""; [ "$v" = on ] && flag="--rotate"
-      step 130 rotate_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
-        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 120 --commit "$COMMIT" \
-        --out "$OUT/rotate_$v.jsonl"
-    done
+    flag_ab rotate --rotate 130
     step 120 profile_b1_rotate.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
       --configs w4a16 --new-tokens 64 --rotate --commit "$COMMIT" --out "$OUT/prof_b1_rotate"
     rm -rf "$OUT/prof_b1_rotate"/trace_*
@@ -626,12 +631,7 @@ case "$stage" in
     # Issue 8, batch-1 step: int4 lm_head (the bf16 one is ~1 GB of the ~5 GB a step reads) in the
     # nk layout with the transposed store, A/B at batch 1 / 16, then device time by kernel of a
     # batch-1 w4a16 step (what the ~0.6 ms outside the GEMMs is made of).
-    for v in off on; do
-      flag=""; [ "$v" = on ] && flag="--quantize-lm-head"
-      step 150 lmhead_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
-        --modes w4a16 --new-tokens 64 --repeats 3 $flag --time-budget 130 --commit "$COMMIT" \
-        --out "$OUT/lmhead_$v.jsonl"
-    done
+    flag_ab lmhead --quantize-lm-head 150
     step 150 profile_b1.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
       --configs w4a16 --new-tokens 64 --commit "$COMMIT" --out "$OUT/prof_b1"
     ;;

@@ -120,7 +120,7 @@ def decode_autoregressive(graphdef, state, prompt_tokens, prompt_lens, cache, rn
     ``nnx.split(model)``. Each sequence stops after EOS or ``max_new_tokens`` tokens.
     ``prefill_chunk``: prompt positions per prefill forward (None: see prefill_chunk_size).
     ``cache_write``: how each decode step writes its K/V (see qspec_jax.model.CACHE_WRITE;
-    same tokens either way).
+    same tokens either way on the reference path, up to near-tied picks on the GPU).
     """
     check_cache_write(cache_write)
     model = nnx.merge(graphdef, state)

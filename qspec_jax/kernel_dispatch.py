@@ -277,7 +277,8 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,
                          blk_ok=None, window=None, q_pos=None):
     """The read-only forwards' attention (gamma="auto") with the Pallas kernel, or None for
-    the XLA reference (qspec_jax.model.attention_with_block).
+    the XLA path (qspec_jax.model.attention_with_block_parts: the same two parts, merged by
+    the same model.merge_block).
 
     The kernel attends over the cache keys s < start[b] (cache_k/v the whole [L, B, KVH, S, hd]
     cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;

@@ -146,7 +146,9 @@ def attention_with_block(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k
                          v_new: jax.Array, start: jax.Array, blk_ok: jax.Array | None = None,
                          window: tuple[int, int] | None = None, q_pos: jax.Array | None = None
                          ) -> jax.Array:
-    """Causal attention of T new queries over a cache that is only read, plus a block of keys.
+    """Causal attention of T new queries over a cache that is only read, plus a block of keys:
+    one softmax over both, the plain reference the tests hold attention_with_block_parts (the
+    model's XLA path) and the Pallas path to.
 
     q [B, T, H, hd]; k_cache, v_cache [B, KVH, S, hd] of which keys s < start[b] are visible
     (positions from start on hold stale entries); k_new, v_new [B, KVH, U, hd] the block's keys
