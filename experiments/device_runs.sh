@@ -9,6 +9,7 @@
 #   bash experiments/device_runs.sh actquant   # int8 GEMM quantizing its own input: GPU tests, kernel times, gamma 3 end to end (~7 min)
 #   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
+#   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
 #   bash experiments/device_runs.sh sweep8b_more  # the same at batch 2/8/32/128 (~8 min)
@@ -597,6 +598,26 @@ case "$stage" in
     step 290 autob1.log python3 experiments/sweep.py --models llama3-8b --batches 1,4 \
       --modes w4a16,qspec-w4a8 --gammas auto --max-gamma 3 --cost-gammas 0,1,3 --repeats 3 \
       --new-tokens 64 --time-budget 270 --commit "$COMMIT" --out "$OUT/autob1.jsonl"
+    ;;
+  b1kern)
+    # Issue 8: two cuts to the batch-1 step's small XLA kernels that hlodump found (hlo_summary_
+    # b1_w4a16_49b8d02.md): the Pallas attention kernel below ATTN_MIN_BATCH (XLA's attention:
+    # 5 kernels + 2 cache-slice copies per layer) and CACHE_UPDATE=slice (the dropping scatter's
+    # read-back + select: 2 kernels per layer). w4a16 AR at batch 1 / 4 under each, then batch 1
+    # at a 2k prompt.
+    i=0
+    for flags in "" "--cache-update slice" "--attn-min-batch 1" "--attn-min-batch 1 --cache-update slice"; do
+      i=$((i + 1))
+      step 100 b1kern_$i.log python3 experiments/sweep.py --models llama3-8b --batches 1,4 \
+        --modes w4a16 --new-tokens 64 --repeats 3 $flags --time-budget 90 \
+        --commit "$COMMIT" --out "$OUT/b1kern_$i.jsonl"
+    done
+    for flags in "" "--attn-min-batch 1 --cache-update slice"; do
+      i=$((i + 1))
+      step 70 b1kern_$i.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
+        --prompt-len 2048 --modes w4a16 --new-tokens 64 --repeats 3 $flags --time-budget 60 \
+        --commit "$COMMIT" --out "$OUT/b1kern_$i.jsonl"
+    done
     ;;
   hlodump)
     # Issue 8: what the ~670 small XLA kernels of a batch-1 8B w4a16 step are (profile_b1_cachewrite_

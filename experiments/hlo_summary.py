@@ -57,6 +57,7 @@ class Module:
     def __init__(self, text: str):
         self.comps: dict[str, list[Instr]] = {}
         self.by_name: dict[str, Instr] = {}
+        self.by_kernel: dict[str, Instr] = {}
         tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
         table, comp = None, None
         for line in text.splitlines():
@@ -91,6 +92,8 @@ class Module:
                 ins = Instr(m["name"], m["type"], m["op"], m["rest"], comp)
                 self.comps[comp].append(ins)
                 self.by_name.setdefault(ins.name, ins)
+                # XLA:GPU names a kernel after its instruction with '.' and '-' made '_'.
+                self.by_kernel.setdefault(re.sub(r"[.\-]", "_", ins.name), ins)
         self.files, self.funcs = tables["FileNames"], tables["FunctionNames"]
         self.locs, self.frames = tables["FileLocations"], tables["StackFrames"]
 
@@ -180,7 +183,7 @@ def profile_table(mod: Module, kernels: dict, per: float, top: int) -> tuple[lis
     rows = ["| kernel | us/cycle | calls/cycle | what (HLO) | shape | source |", "|---|---|---|---|---|---|"]
     by_src = collections.defaultdict(lambda: [0.0, 0.0, set()])
     for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
-        ins = mod.by_name.get(name)
+        ins = mod.by_name.get(name) or mod.by_kernel.get(name)
         src = mod.source(ins) if ins else "(not an HLO instruction: a custom call's kernel or a copy)"
         what = mod.describe(ins) if ins else ""
         by_src[src][0] += us / per

@@ -373,6 +373,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write their K/V: per layer, or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
+    p.add_argument("--cache-update", choices=model_module.CACHE_UPDATES, default=None,
+                   help="how batch-1 K/V blocks reach the cache (qspec_jax.model.CACHE_UPDATE: "
+                        "scatter, or slice: one dynamic_update_slice, no read-back)")
+    p.add_argument("--attn-min-batch", type=int, default=None,
+                   help="kernels=auto: smallest batch for the Pallas attention kernel below "
+                        "ATTN_LONG_CACHE positions (qspec_jax.kernel_dispatch.ATTN_MIN_BATCH)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="int4 lm_head in the quantized models (both modes read it: a w4a16 / "
                         "w4a8 GEMM instead of the 1 GB bf16 one on the 8B shapes)")
@@ -452,6 +458,15 @@ def main(argv=None) -> int:
     if args.cache_write:
         model_module.CACHE_WRITE = args.cache_write
     env["cache_write"] = model_module.CACHE_WRITE
+    if args.cache_update:
+        model_module.CACHE_UPDATE = args.cache_update
+    env["cache_update"] = model_module.CACHE_UPDATE
+    from qspec_jax import kernel_dispatch as _kd
+    if args.attn_min_batch is not None:
+        if args.attn_min_batch < 1:
+            raise SystemExit(f"--attn-min-batch {args.attn_min_batch}: give a batch of at least 1")
+        _kd.ATTN_MIN_BATCH = args.attn_min_batch
+    env["attn_min_batch"] = _kd.ATTN_MIN_BATCH
     from pallas_kernels import w4_mgpu
     if args.mgpu_out_mn:
         w4_mgpu.OUT_MN = args.mgpu_out_mn == "on"
@@ -746,6 +761,13 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         cw = {r.get("cache_write", "layer") for r in runs}
         if len(cw) == 1 and cw != {model_module.CACHE_WRITE}:
             args.append(("--cache-write", cw.pop()))
+        cu = {r.get("cache_update", "scatter") for r in runs}
+        if len(cu) == 1 and cu != {model_module.CACHE_UPDATE}:
+            args.append(("--cache-update", cu.pop()))
+        from qspec_jax import kernel_dispatch as _kd
+        amb = {r["attn_min_batch"] for r in runs if "attn_min_batch" in r}
+        if len(amb) == 1 and amb != {_kd.ATTN_MIN_BATCH}:
+            args.append(("--attn-min-batch", str(amb.pop())))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):

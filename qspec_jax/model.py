@@ -26,6 +26,37 @@ from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, rope_in
 # generate() passes the value at call time (the jitted loops take it as a static argument).
 CACHE_WRITES = ("layer", "step")
 CACHE_WRITE = "layer"
+# How the K/V of a batch-1 block reach the cache: "scatter" (the indexed update every batch
+# uses: positions past the cache's end are dropped, which XLA:GPU implements by reading the old
+# values back and selecting, two extra small kernels per layer, hlo_summary_b1_w4a16 at 49b8d02)
+# or "slice" (batch 1 only: one lax.dynamic_update_slice per cache at the block's first
+# position; the same values whenever the block lies inside the cache, as every block that
+# generate() / speculative_generate() write does: api.cache_length sizes the cache for the prompt
+# + new tokens + lookahead). Read at trace time: set it before the first call.
+CACHE_UPDATES = ("scatter", "slice")
+CACHE_UPDATE = "scatter"
+
+
+def _write_block(cache: jax.Array, upd: jax.Array, layer, positions: jax.Array) -> jax.Array:
+    """cache [L, B, KVH, S, hd] with upd [B, T, KVH, hd] (layer an int) or [B, T, L, KVH, hd]
+    (layer None: every layer) written at positions [B, T] (consecutive in each row)."""
+    if CACHE_UPDATE not in CACHE_UPDATES:
+        raise ValueError(f"qspec_jax.model.CACHE_UPDATE={CACHE_UPDATE!r}: one of "
+                         f"{', '.join(map(repr, CACHE_UPDATES))}")
+    upd = upd.astype(cache.dtype)
+    B = upd.shape[0]
+    if CACHE_UPDATE == "slice" and B == 1:
+        zero = jnp.zeros((), jnp.int32)
+        start = positions[0, 0].astype(jnp.int32)
+        if layer is None:  # [1, T, L, KVH, hd] -> [L, 1, KVH, T, hd]
+            return jax.lax.dynamic_update_slice(cache, jnp.transpose(upd, (2, 0, 3, 1, 4)),
+                                                (zero, zero, zero, start, zero))
+        blk = jnp.swapaxes(upd, 1, 2)[None]  # [1, 1, KVH, T, hd]
+        return jax.lax.dynamic_update_slice(cache, blk, (jnp.int32(layer), zero, zero, start, zero))
+    b = jnp.arange(B)[:, None]
+    if layer is None:
+        return cache.at[:, b, :, positions, :].set(upd, mode="drop")
+    return cache.at[layer, b, :, positions, :].set(upd, mode="drop")
 
 
 @jax.tree_util.register_dataclass
@@ -63,16 +94,13 @@ class KVCache:
 
     def write_blocks(self, k_blk: jax.Array, v_blk: jax.Array, start: jax.Array) -> "KVCache":
         """Every layer's new K/V at once: blocks [L, B, KVH, T, hd] (a read-only forward's) go
-        to positions start[b] + t; positions past the end are dropped. Two scatters per step
-        instead of two per layer (the cache-writing forward's)."""
-        B, T = k_blk.shape[1], k_blk.shape[3]
+        to positions start[b] + t; positions past the end are dropped (see CACHE_UPDATE). Two
+        updates per step instead of two per layer (the cache-writing forward's)."""
+        T = k_blk.shape[3]
         pos = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
-        b = jnp.arange(B)[:, None]
         # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout
-        k = self.k.at[:, b, :, pos, :].set(jnp.transpose(k_blk, (1, 3, 0, 2, 4)).astype(self.k.dtype),
-                                           mode="drop")
-        v = self.v.at[:, b, :, pos, :].set(jnp.transpose(v_blk, (1, 3, 0, 2, 4)).astype(self.v.dtype),
-                                           mode="drop")
+        k = _write_block(self.k, jnp.transpose(k_blk, (1, 3, 0, 2, 4)), None, pos)
+        v = _write_block(self.v, jnp.transpose(v_blk, (1, 3, 0, 2, 4)), None, pos)
         return type(self)(k, v)
 
 
@@ -290,9 +318,8 @@ class Attention(nnx.Module):
                                                  k_att.astype(q.dtype), v_att.astype(q.dtype),
                                                  cache_len, blk_ok, window, positions)
             return self._out(out, mode, kernels), (k_blk, v_blk)
-        b = jnp.arange(B)[:, None]  # [B, 1]
-        cache_k = cache.k.at[layer, b, :, positions, :].set(k.astype(cache.k.dtype), mode="drop")
-        cache_v = cache.v.at[layer, b, :, positions, :].set(v.astype(cache.v.dtype), mode="drop")
+        cache_k = _write_block(cache.k, k, layer, positions)
+        cache_v = _write_block(cache.v, v, layer, positions)
         out = None
         if kernels != "xla":
             from .kernel_dispatch import attention

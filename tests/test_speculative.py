@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,6 +83,45 @@ def test_cache_write_per_step_gives_the_same_tokens_and_cache(quantized, monkeyp
     with pytest.raises(ValueError, match="cache_write='rows'"):
         qj.decode_autoregressive(*generate_call(model, prompts, max_new_tokens=2, mode="w4a16")[1],
                                  max_new_tokens=2, greedy=True, cache_write="rows")
+
+
+def test_cache_update_slice_gives_the_same_tokens_and_cache(quantized, monkeypatch):
+    """qspec_jax.model.CACHE_UPDATE = "slice" (batch 1: one dynamic_update_slice per cache
+    instead of the dropping scatter's read-back and select): every block generate() writes is
+    inside the cache, so batch-1 w4a16 decoding (per-layer and per-step writes) and QSpec leave
+    the same tokens and cache as "scatter"; an unknown rule is refused by name."""
+    from qspec_jax import model as model_module
+    model = quantized["llama"]
+    prompts = ragged_prompts(4, n=1)
+    runs, texts = {}, {}
+    for cu in ("scatter", "slice"):
+        monkeypatch.setattr(model_module, "CACHE_UPDATE", cu)
+        jax.clear_caches()  # the rule is read while tracing (set it before the first call)
+        res = []
+        for cw in ("layer", "step"):
+            monkeypatch.setattr(model_module, "CACHE_WRITE", cw)
+            fn, args, kw = generate_call(model, prompts, max_new_tokens=10, mode="w4a16")
+            texts[cu, cw] = fn.lower(*args, **kw).as_text()
+            r = fn(*args, **kw)
+            res.append((np.asarray(r.tokens), np.asarray(r.cache.k), np.asarray(r.cache.v)))
+            res.append(qj.generate(model, prompts, max_new_tokens=10, mode="qspec", gamma=3,
+                                   draft="w4a8").tokens)
+        runs[cu] = res
+    jax.clear_caches()  # (later tests trace with the default rule again)
+    for cw in ("layer", "step"):  # two different programs ran
+        assert "dynamic_update_slice" in texts["slice", cw]
+        assert texts["scatter", cw] != texts["slice", cw]
+    for a, b in zip(runs["scatter"], runs["slice"]):
+        if isinstance(a, tuple):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+        else:
+            assert a == b
+    monkeypatch.setattr(model_module, "CACHE_UPDATE", "clip")
+    jax.clear_caches()
+    with pytest.raises(ValueError, match="CACHE_UPDATE='clip'"):
+        qj.generate(model, [[5, 6, 7, 8, 9, 10, 11]], max_new_tokens=2, mode="w4a16")
+    jax.clear_caches()
 
 
 def test_qspec_with_prefill_chunks_equals_verify_mode(quantized):

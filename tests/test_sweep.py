@@ -310,6 +310,31 @@ def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
     assert "--cache-write layer" in open(tmp_path / "mn_on.md").read()
 
 
+def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch):
+    """--cache-update / --attn-min-batch set qspec_jax.model.CACHE_UPDATE and
+    kernel_dispatch.ATTN_MIN_BATCH for the run; rows record them and the report's command
+    names them where they differ from the defaults; a batch below 1 is refused."""
+    from qspec_jax import kernel_dispatch as kd
+    from qspec_jax import model as model_module
+    monkeypatch.setattr(model_module, "CACHE_UPDATE", "scatter")  # restored after the test
+    monkeypatch.setattr(kd, "ATTN_MIN_BATCH", kd.ATTN_MIN_BATCH)
+    default_amb = kd.ATTN_MIN_BATCH
+    out = tmp_path / "cs.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", "slice",
+                       "--attn-min-batch", "1", "--out", str(out)]) == 0
+    assert model_module.CACHE_UPDATE == "slice" and kd.ATTN_MIN_BATCH == 1
+    rows = [json.loads(l) for l in open(out) if '"mode"' in l]
+    assert rows and all(r["cache_update"] == "slice" and r["attn_min_batch"] == 1 for r in rows)
+    assert all("error" not in r for r in rows)
+    model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH = "scatter", default_amb
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    text = open(tmp_path / "cs.md").read()
+    assert "--cache-update slice" in text and "--attn-min-batch 1" in text
+    with pytest.raises(SystemExit, match="--attn-min-batch 0"):
+        sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--attn-min-batch", "0",
+                    "--out", str(tmp_path / "bad.jsonl")])
+
+
 def test_step_bytes_leave_out_the_gathered_embedding_table():
     """% of the HBM roofline counts what a decode step must read: an untied model's embedding
     table is gathered (B rows), not read; a tied one is the lm_head and counts whole. Rows
