@@ -29,7 +29,7 @@ _ANNOUNCED: set = set()
 # Modes with a Pallas kernel; w4a8_fp8 has none (it runs on XLA's bf16 GEMM).
 PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
 # kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring).
-ATTN_MIN_BATCH = 8
+ATTN_MIN_BATCH = 1
 # ... and from this many cache positions at any batch (measured, see the docstring).
 ATTN_LONG_CACHE = 8192
 def log_once(key, message: str, level=logging.INFO) -> None:

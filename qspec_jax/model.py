@@ -34,7 +34,7 @@ CACHE_WRITE = "layer"
 # generate() / speculative_generate() write does: api.cache_length sizes the cache for the prompt
 # + new tokens + lookahead). Read at trace time: set it before the first call.
 CACHE_UPDATES = ("scatter", "slice")
-CACHE_UPDATE = "scatter"
+CACHE_UPDATE = "slice"
 
 
 def _write_block(cache: jax.Array, upd: jax.Array, layer, positions: jax.Array) -> jax.Array:
