@@ -1,14 +1,14 @@
 """Choose, per quantized GEMM and per attention call, between Pallas kernels and XLA.
 
 ``kernels="auto"`` uses the Pallas GEMM kernels on a GPU and the XLA reference elsewhere,
-and the Pallas attention kernel on a GPU for batches of at least ``ATTN_MIN_BATCH`` sequences,
-where the H200 benchmark measured it faster than XLA's attention (1.2-2.2x at batch 8 and 32,
-contexts 2k-8k, T = 1 and 4; experiments/results/attention_h200.md), for caches of at least
-``ATTN_LONG_CACHE`` positions at any batch (8B-shaped decode steps 1.08-2.48x faster at batch 1
-and 4, contexts 8k and 32k: experiments/results/longctx_h200_smallbatch.md) and for windowed
-drafts at any batch (XLA's masked attention reads the whole cache). Below that, at batch < 8 and
-short caches, XLA's attention stays (one kernel micro-benchmark had it faster at batch 1 x 8k,
-21.7 vs 36.6 us; not re-measured end to end at short caches). ``kernels="pallas"`` insists on the
+and the Pallas attention kernel on a GPU at every batch (``ATTN_MIN_BATCH = 1``): end to end
+it made 8B-shaped decode steps faster at batch 1 and 4 (2.456 vs 2.644 ms, 2.492 vs 2.714 ms at a
+256-position cache; experiments/results/b1kern_h200_1d0946d.md), at 8k / 32k contexts
+(1.08-2.48x, longctx_h200_smallbatch.md) and in the kernel benchmark from batch 8 (1.2-2.2x,
+attention_h200.md), where XLA's attention in the model also copies each layer's cache slice.
+``ATTN_MIN_BATCH`` (with ``ATTN_LONG_CACHE``: the cache length from which any batch takes it) stays
+as a knob: below it, short caches use XLA's attention (logged once). Windowed drafts always take
+the kernel (XLA's masked attention reads the whole cache). ``kernels="pallas"`` insists on the
 kernels everywhere (on CPU they run in the Pallas interpreter: slow, for tests). Every
 fallback is logged once per reason, never silently.
 """
@@ -28,7 +28,8 @@ _ANNOUNCED: set = set()
 
 # Modes with a Pallas kernel; w4a8_fp8 has none (it runs on XLA's bf16 GEMM).
 PALLAS_MODES = ("w4a16", "w4a8", "w4a4")
-# kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring).
+# kernels="auto": smallest batch for the Pallas attention kernel (measured, see the docstring;
+# 8 until a2e4e28).
 ATTN_MIN_BATCH = 1
 # ... and from this many cache positions at any batch (measured, see the docstring).
 ATTN_LONG_CACHE = 8192

@@ -419,6 +419,8 @@ def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monke
     calls = []
     monkeypatch.setattr(pk_attention, "cached_attention",
                         lambda q, *a, **kw: calls.append((q.shape[0], kw["interpret"])) or q)
+    default_min_batch = kd.ATTN_MIN_BATCH
+    monkeypatch.setattr(kd, "ATTN_MIN_BATCH", 8)  # the rule, at the threshold used before a2e4e28
     cache = jnp.zeros((2, kd.ATTN_MIN_BATCH, 2, 64, 32), BF16)
     pos = jnp.zeros((kd.ATTN_MIN_BATCH, 1), jnp.int32)
     q_small, q_big = (jnp.zeros((b, 1, 4, 32), BF16) for b in (kd.ATTN_MIN_BATCH - 1, kd.ATTN_MIN_BATCH))
@@ -436,6 +438,12 @@ def test_auto_dispatch_uses_the_kernel_only_on_gpu_from_the_measured_batch(monke
     monkeypatch.setattr(kd, "ATTN_LONG_CACHE", 64)  # = the cache length here
     assert kd.attention(q_small, cache[:, :7], cache[:, :7], pos[:7], 1, "auto") is q_small
     assert calls[2:] == [(7, False), (7, False)]
+    # The default since b1kern_h200_1d0946d.md: the kernel at every batch on a GPU.
+    monkeypatch.setattr(kd, "ATTN_MIN_BATCH", default_min_batch)
+    monkeypatch.setattr(kd, "ATTN_LONG_CACHE", 8192)
+    q1 = jnp.zeros((1, 1, 4, 32), BF16)
+    assert kd.attention(q1, cache[:, :1], cache[:, :1], pos[:1], 1, "auto") is q1
+    assert calls[4:] == [(1, False)]
 
 
 LSE_CASES = [  # B, T, H, KVH, S, hd, dtype, kwargs: one split (in-kernel) and split-K (combine)
