@@ -10,6 +10,7 @@
 #   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
+#   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
 #   bash experiments/device_runs.sh sweep8b_more  # the same at batch 2/8/32/128 (~8 min)
@@ -617,6 +618,19 @@ case "$stage" in
       step 70 b1kern_$i.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
         --prompt-len 2048 --modes w4a16 --new-tokens 64 --repeats 3 $flags --time-budget 60 \
         --commit "$COMMIT" --out "$OUT/b1kern_$i.jsonl"
+    done
+    ;;
+  hadsplit)
+    # Issue 8: rotated models' online Hadamards cost +12% / +24% of an 8B step at batch 1 / 16
+    # (rotate_h200_49b8d02.md). rotation "dense_split" does the float32 second GEMMs as one bf16
+    # GEMM on three bf16 parts: the transform alone (widths 14336 / 4096, M 1-64, all impls),
+    # then rotated AR at batch 1 / 16 with dense vs dense_split.
+    step 100 hadsplit_bench.log python3 experiments/bench_hadamard.py --widths 14336,4096 \
+      --ms 1,16,64 --commit "$COMMIT" --out "$OUT"
+    for impl in dense dense_split; do
+      step 110 hadsplit_$impl.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --rotate --hadamard-impl $impl --time-budget 100 \
+        --commit "$COMMIT" --out "$OUT/hadsplit_$impl.jsonl"
     done
     ;;
   hlodump)

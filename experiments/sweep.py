@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-update", choices=model_module.CACHE_UPDATES, default=None,
                    help="how batch-1 K/V blocks reach the cache (qspec_jax.model.CACHE_UPDATE: "
                         "scatter, or slice: one dynamic_update_slice, no read-back)")
+    p.add_argument("--hadamard-impl", default=None,
+                   help="how rotated models compute their online Hadamard transforms "
+                        "(qspec_jax.rotation.HADAMARD_IMPL: butterfly, dense, dense_split)")
     p.add_argument("--attn-min-batch", type=int, default=None,
                    help="kernels=auto: smallest batch for the Pallas attention kernel below "
                         "ATTN_LONG_CACHE positions (qspec_jax.kernel_dispatch.ATTN_MIN_BATCH)")
@@ -461,6 +464,14 @@ def main(argv=None) -> int:
     if args.cache_update:
         model_module.CACHE_UPDATE = args.cache_update
     env["cache_update"] = model_module.CACHE_UPDATE
+    from qspec_jax import rotation
+    if args.hadamard_impl:
+        if args.hadamard_impl not in rotation.HADAMARD_IMPLS:
+            raise SystemExit(f"--hadamard-impl {args.hadamard_impl}: one of "
+                             f"{', '.join(rotation.HADAMARD_IMPLS)}")
+        rotation.HADAMARD_IMPL = args.hadamard_impl
+    if args.rotate or args.hadamard_impl:
+        env["hadamard_impl"] = rotation.HADAMARD_IMPL
     from qspec_jax import kernel_dispatch as _kd
     if args.attn_min_batch is not None:
         if args.attn_min_batch < 1:
@@ -761,6 +772,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         cw = {r.get("cache_write", "layer") for r in runs}
         if len(cw) == 1 and cw != {model_module.CACHE_WRITE}:
             args.append(("--cache-write", cw.pop()))
+        from qspec_jax import rotation
+        hi = {r["hadamard_impl"] for r in runs if "hadamard_impl" in r}
+        if len(hi) == 1 and hi != {rotation.HADAMARD_IMPL}:
+            args.append(("--hadamard-impl", hi.pop()))
         cu = {r.get("cache_update", "scatter") for r in runs}
         if len(cu) == 1 and cu != {model_module.CACHE_UPDATE}:
             args.append(("--cache-update", cu.pop()))

@@ -311,28 +311,36 @@ def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
 
 
 def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch):
-    """--cache-update / --attn-min-batch set qspec_jax.model.CACHE_UPDATE and
-    kernel_dispatch.ATTN_MIN_BATCH for the run; rows record them and the report's command
-    names them where they differ from the defaults; a batch below 1 is refused."""
+    """--cache-update / --attn-min-batch / --hadamard-impl set qspec_jax.model.CACHE_UPDATE,
+    kernel_dispatch.ATTN_MIN_BATCH and rotation.HADAMARD_IMPL for the run; rows record them and
+    the report's command names them where they differ from the defaults; bad values are refused."""
     from qspec_jax import kernel_dispatch as kd
     from qspec_jax import model as model_module
-    monkeypatch.setattr(model_module, "CACHE_UPDATE", "scatter")  # restored after the test
-    monkeypatch.setattr(kd, "ATTN_MIN_BATCH", kd.ATTN_MIN_BATCH)
-    default_amb = kd.ATTN_MIN_BATCH
+    from qspec_jax import rotation
+    defaults = (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL)
+    for mod, name in ((model_module, "CACHE_UPDATE"), (kd, "ATTN_MIN_BATCH"),
+                      (rotation, "HADAMARD_IMPL")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
+    cu = next(c for c in model_module.CACHE_UPDATES if c != defaults[0])
+    amb = defaults[1] + 3
+    had = next(i for i in rotation.HADAMARD_IMPLS if i != defaults[2])
     out = tmp_path / "cs.jsonl"
-    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", "slice",
-                       "--attn-min-batch", "1", "--out", str(out)]) == 0
-    assert model_module.CACHE_UPDATE == "slice" and kd.ATTN_MIN_BATCH == 1
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
+                       "--attn-min-batch", str(amb), "--hadamard-impl", had, "--out", str(out)]) == 0
+    assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
-    assert rows and all(r["cache_update"] == "slice" and r["attn_min_batch"] == 1 for r in rows)
+    assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"]) == (cu, amb, had)
+                        for r in rows)
     assert all("error" not in r for r in rows)
-    model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH = "scatter", default_amb
+    model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
-    assert "--cache-update slice" in text and "--attn-min-batch 1" in text
-    with pytest.raises(SystemExit, match="--attn-min-batch 0"):
-        sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--attn-min-batch", "0",
-                    "--out", str(tmp_path / "bad.jsonl")])
+    assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
+    assert f"--hadamard-impl {had}" in text
+    for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft")):
+        with pytest.raises(SystemExit, match=f"{flag} {bad}"):
+            sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", flag, bad,
+                        "--out", str(tmp_path / "bad.jsonl")])
 
 
 def test_step_bytes_leave_out_the_gathered_embedding_table():
