@@ -624,7 +624,9 @@ case "$stage" in
     # Issue 8: rotated models' online Hadamards cost +12% / +24% of an 8B step at batch 1 / 16
     # (rotate_h200_49b8d02.md). rotation "dense_split" does the float32 second GEMMs as one bf16
     # GEMM on three bf16 parts: the transform alone (widths 14336 / 4096, M 1-64, all impls),
-    # then rotated AR at batch 1 / 16 with dense vs dense_split.
+    # then rotated AR at batch 1 / 16 with dense vs dense_split. (Measured at bc63be9: no faster,
+    # and XLA:GPU folded the f32 -> bf16 -> f32 round trips, so not exact; removed after:
+    # experiments/results/hadsplit_h200_bc63be9.md. Runs at bc63be9 only.)
     step 100 hadsplit_bench.log python3 experiments/bench_hadamard.py --widths 14336,4096 \
       --ms 1,16,64 --commit "$COMMIT" --out "$OUT"
     for impl in dense dense_split; do

@@ -378,7 +378,7 @@ def main(argv=None) -> int:
                         "scatter, or slice: one dynamic_update_slice, no read-back)")
     p.add_argument("--hadamard-impl", default=None,
                    help="how rotated models compute their online Hadamard transforms "
-                        "(qspec_jax.rotation.HADAMARD_IMPL: butterfly, dense, dense_split)")
+                        "(qspec_jax.rotation.HADAMARD_IMPL: butterfly or dense)")
     p.add_argument("--attn-min-batch", type=int, default=None,
                    help="kernels=auto: smallest batch for the Pallas attention kernel below "
                         "ATTN_LONG_CACHE positions (qspec_jax.kernel_dispatch.ATTN_MIN_BATCH)")

@@ -28,10 +28,6 @@ of two ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
   GEMM takes bf16 / f16 input as it is (+-1 entries: exact products, float32 accumulation on
   tensor cores), the later ones run in float32 at HIGHEST precision.
 
-- "dense_split": "dense" with the later GEMMs (float32 input, +-1 matrix) done as one bf16 GEMM
-  on the input's three bf16 parts (hi + mid + lo: exact products; bf16 / f16 input): no
-  HIGHEST-precision float32 GEMM.
-
 ``HADAMARD_IMPL`` picks the model's: "dense", measured faster on the H200 at every width and M
 (``experiments/bench_hadamard.py``, experiments/results/hadamard_h200.md; summed device time
 for width 14336: 4.4 vs 8.5 us at M = 1, 8.2 vs 32.0 at M = 64, 25.5 vs 89.1 at M = 256,
@@ -188,7 +184,7 @@ def _block_matmul_np(y, b):
     return np.einsum("...ab,ac->...cb", y, b)
 
 
-HADAMARD_IMPLS = ("butterfly", "dense", "dense_split")
+HADAMARD_IMPLS = ("butterfly", "dense")
 HADAMARD_IMPL = "dense"   # the model's (see the module docstring)
 DENSE_STAGE = 512             # largest Sylvester factor applied as one dense GEMM
 
@@ -203,49 +199,24 @@ def _sylvester_factors(p):
     return out
 
 
-def _dense_transform(x, split: bool = False):
-    """x @ hadamard_matrix(n) / sqrt(n) by one GEMM per Kronecker factor, float32 result.
-    ``split``: the later GEMMs by +-1 matrices take their float32 input as three bfloat16 parts
-    (hi + mid + lo, concatenated along the contracted axis against the matrix stacked three
-    times): one bf16 GEMM with float32 accumulation (exact products, all 24 mantissa bits)
-    instead of a float32 one at HIGHEST precision; for bf16 / f16 input (the model's)."""
+def _dense_transform(x):
+    """x @ hadamard_matrix(n) / sqrt(n) by one GEMM per Kronecker factor, float32 result."""
     *lead, n = x.shape
     m, p, kind = _decompose(n)
     qs = _sylvester_factors(p)
     # x index a * p + (i_k ... i_1) with S_p = S_qk kron ... kron S_q1: axes [m, qk, ..., q1].
     y = x.reshape(*lead, m, *reversed(qs))
     low = x.dtype in (jnp.bfloat16, jnp.float16)
-    split = split and low  # (float32 data keeps float32 GEMMs: its output is not rounded to bf16)
     for j, q in enumerate(qs):
         axis = y.ndim - 1 - j                     # q1 is the last axis, q2 the one before, ...
         first_low = j == 0 and low               # +-1 in the input's dtype: exact products
-        if split and not first_low:
-            y = _along_split(y.astype(jnp.float32), _sylvester(q), axis)
-            continue
         s = jnp.asarray(_sylvester(q), y.dtype if first_low else jnp.float32)
         y = _along(y.astype(y.dtype if first_low else jnp.float32), s, axis,
                    lax.Precision.DEFAULT if first_low else lax.Precision.HIGHEST)
     y = y.astype(jnp.float32)
     if m > 1:
-        b = _block(m, kind)
-        if split and kind != "dct":  # (a DCT block is not +-1: bf16 would round it)
-            y = _along_split(y, b, len(lead))
-        else:
-            y = _along(y, jnp.asarray(b, jnp.float32), len(lead), lax.Precision.HIGHEST)
+        y = _along(y, jnp.asarray(_block(m, kind), jnp.float32), len(lead), lax.Precision.HIGHEST)
     return y.reshape(*lead, n) * (1.0 / math.sqrt(n))
-
-
-def _along_split(y, mat, axis):
-    """_along for float32 y and a +-1 matrix: y's three bf16 parts (hi + mid + lo = y, float32's
-    24 mantissa bits; concatenated on ``axis``) against [mat; mat; mat], one bf16 GEMM with
-    float32 accumulation (every product exact)."""
-    parts, r = [], y
-    for _ in range(3):
-        p = r.astype(jnp.bfloat16)
-        parts.append(p)
-        r = r - p.astype(jnp.float32)
-    m3 = jnp.asarray(np.concatenate([mat] * 3, 0), jnp.bfloat16)
-    return _along(jnp.concatenate(parts, axis), m3, axis, lax.Precision.DEFAULT)
 
 
 def _along(y, mat, axis, precision):
@@ -258,11 +229,11 @@ def _along(y, mat, axis, precision):
 def online_hadamard(x, impl: str | None = None):
     """Orthonormal Hadamard-type transform of x [..., n] along the last axis:
     ``x @ hadamard_matrix(n) / sqrt(n)``, float32 inside, returned in x.dtype. ``impl``:
-    "butterfly", "dense" or "dense_split" (default ``HADAMARD_IMPL``; see the module docstring)."""
+    "butterfly" or "dense" (default ``HADAMARD_IMPL``; see the module docstring)."""
     impl = impl or HADAMARD_IMPL
     x = jnp.asarray(x)
-    if impl in ("dense", "dense_split"):
-        return _dense_transform(x, split=impl == "dense_split").astype(x.dtype)
+    if impl == "dense":
+        return _dense_transform(x).astype(x.dtype)
     if impl != "butterfly":
         raise ValueError(f"unknown Hadamard implementation {impl!r}; choose one of "
                          f"{', '.join(HADAMARD_IMPLS)}")
