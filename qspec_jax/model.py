@@ -94,8 +94,9 @@ class KVCache:
 
     def write_blocks(self, k_blk: jax.Array, v_blk: jax.Array, start: jax.Array) -> "KVCache":
         """Every layer's new K/V at once: blocks [L, B, KVH, T, hd] (a read-only forward's) go
-        to positions start[b] + t; positions past the end are dropped (see CACHE_UPDATE). Two
-        updates per step instead of two per layer (the cache-writing forward's)."""
+        to positions start[b] + t; positions past the end are dropped, but for batch 1 under
+        CACHE_UPDATE = "slice" (the default) the block must lie inside the cache. Two updates
+        per step instead of two per layer (the cache-writing forward's)."""
         T = k_blk.shape[3]
         pos = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
         # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout

@@ -88,8 +88,9 @@ def test_cache_write_per_step_gives_the_same_tokens_and_cache(quantized, monkeyp
 def test_cache_update_slice_gives_the_same_tokens_and_cache(quantized, monkeypatch):
     """qspec_jax.model.CACHE_UPDATE = "slice" (batch 1: one dynamic_update_slice per cache
     instead of the dropping scatter's read-back and select): every block generate() writes is
-    inside the cache, so batch-1 w4a16 decoding (per-layer and per-step writes) and QSpec leave
-    the same tokens and cache as "scatter"; an unknown rule is refused by name."""
+    inside the cache, so batch-1 w4a16 decoding (per-layer and per-step writes) and QSpec (fixed
+    gamma and "auto") leave the same tokens and cache as "scatter"; an unknown rule is refused
+    by name."""
     from qspec_jax import model as model_module
     model = quantized["llama"]
     prompts = ragged_prompts(4, n=1)
@@ -106,6 +107,9 @@ def test_cache_update_slice_gives_the_same_tokens_and_cache(quantized, monkeypat
             res.append((np.asarray(r.tokens), np.asarray(r.cache.k), np.asarray(r.cache.v)))
             res.append(qj.generate(model, prompts, max_new_tokens=10, mode="qspec", gamma=3,
                                    draft="w4a8").tokens)
+        # gamma="auto" writes each cycle's block once (write_blocks, max_gamma + 1 positions)
+        res.append(qj.generate(model, prompts, max_new_tokens=10, mode="qspec", gamma="auto",
+                               max_gamma=2, cycle_costs=[1, 1.01, 1.02]).tokens)  # (drafts pay)
         runs[cu] = res
     jax.clear_caches()  # (later tests trace with the default rule again)
     for cw in ("layer", "step"):  # two different programs ran
