@@ -10,6 +10,7 @@
 #   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
+#   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start (~7.5 min)
 #   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -618,6 +619,19 @@ case "$stage" in
       step 70 b1kern_$i.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
         --prompt-len 2048 --modes w4a16 --new-tokens 64 --repeats 3 $flags --time-budget 60 \
         --commit "$COMMIT" --out "$OUT/b1kern_$i.jsonl"
+    done
+    ;;
+  prefetch)
+    # Issues 6 / 8: each Mosaic GEMM prefetches the next GEMM's weights into L2
+    # (w4_mgpu.PREFETCH; TMA cp.async.bulk.prefetch), to fill the ~20 us per layer of small
+    # kernels during which HBM idles at batch 1. GPU tests (exact equality with / without),
+    # then 8B w4a16 AR at batch 1 / 16: off, "end", "start".
+    step 150 prefetch_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+      tests/gpu/test_w4_mgpu_gpu.py -k prefetch
+    for where in off end start; do
+      step 100 prefetch_$where.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --mgpu-prefetch $where --time-budget 90 \
+        --commit "$COMMIT" --out "$OUT/prefetch_$where.jsonl"
     done
     ;;
   hadsplit)

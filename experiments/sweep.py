@@ -373,6 +373,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write their K/V: per layer, or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
+    p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
+                   help="each Mosaic GEMM prefetches the next GEMM's weights into L2 at the start "
+                        "or end of its CTAs' work (pallas_kernels.w4_mgpu.PREFETCH; off by default)")
     p.add_argument("--cache-update", choices=model_module.CACHE_UPDATES, default=None,
                    help="how batch-1 K/V blocks reach the cache (qspec_jax.model.CACHE_UPDATE: "
                         "scatter, or slice: one dynamic_update_slice, no read-back)")
@@ -491,6 +494,9 @@ def main(argv=None) -> int:
                              f"sums cannot run ({why or 'this jax cannot lower the store'}); "
                              "nothing was timed")
     env["mgpu_out_mn"] = w4_mgpu.OUT_MN  # (recorded always: the default changed at ed53aaf)
+    if args.mgpu_prefetch:
+        w4_mgpu.PREFETCH = "" if args.mgpu_prefetch == "off" else args.mgpu_prefetch
+    env["mgpu_prefetch"] = w4_mgpu.PREFETCH or "off"
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -776,6 +782,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         hi = {r["hadamard_impl"] for r in runs if "hadamard_impl" in r}
         if len(hi) == 1 and hi != {rotation.HADAMARD_IMPL}:
             args.append(("--hadamard-impl", hi.pop()))
+        from pallas_kernels import w4_mgpu
+        pf = {r.get("mgpu_prefetch", "off") for r in runs}
+        if len(pf) == 1 and pf != {w4_mgpu.PREFETCH or "off"}:
+            args.append(("--mgpu-prefetch", pf.pop()))
         cu = {r.get("cache_update", "scatter") for r in runs}
         if len(cu) == 1 and cu != {model_module.CACHE_UPDATE}:
             args.append(("--cache-update", cu.pop()))

@@ -84,6 +84,34 @@ class MgpuConfig:
 # 2.630 vs 2.668 ms at batch 1, 2.621 vs 2.751 at batch 16 (outmn_h200.md, ed53aaf).
 OUT_MN = True
 
+# L2 prefetch of the next GEMM's weights (``w4_mgpu_matmul(prefetch=...)``; the model passes
+# each GEMM the int4 weight of the one after it): every CTA issues TMA L2 prefetches
+# (cp.async.bulk.prefetch.tensor, fire and forget) for its share of that weight's 256 x 256
+# tiles, "start" before its K loop or "end" after storing its partial sums. The aim: the
+# ~20 us of small XLA kernels between two GEMMs of a batch-1 8B layer leave HBM idle
+# (hlo_summary_b1_w4a16_a2e4e28.md); weights fetched into L2 meanwhile (o_proj 8.4 MB, down
+# 29 MB fit the 50 MB L2) turn the next GEMM's HBM reads into L2 hits. "" (off) until the H200
+# measures it (device stage prefetch). Read at trace time.
+PREFETCH_WHERE = ("", "start", "end")
+PREFETCH = ""
+PREFETCH_TILE = 256  # rows / columns of one prefetch box (TMA boxes are at most 256 per dim)
+# At most this many bytes of the next weight, its first rows (gate/up's 58.7 MB would evict
+# itself from the 50 MB L2).
+PREFETCH_MAX_BYTES = 32 << 20
+
+
+def prefetch_plan(shape, dtype) -> tuple[int, int] | str:
+    """The (rows, cols) box that tiles an int4 [N, K] weight for the L2 prefetch, or why it
+    cannot be prefetched."""
+    if len(shape) != 2 or dtype != jnp.int4:
+        return f"the prefetched weight must be int4 [N, K] (got {dtype} {tuple(shape)})"
+    box = tuple(min(d, PREFETCH_TILE) for d in shape)
+    if any(d % b for d, b in zip(shape, box)):
+        return f"[N, K] = {tuple(shape)} is not a multiple of the {box} prefetch box"
+    if box[1] % 32:  # the box's rows must be whole 16-byte units
+        return f"K = {shape[1]}: the prefetch box needs K to be a multiple of 32"
+    return box
+
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
     """Measured on the H200: 64-row tiles, 256-wide K steps, a 2-stage ring, and split-K up to
@@ -178,9 +206,14 @@ def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
             + cfg.stages * cfg.tile_n * cfg.block_k // 2 + cfg.tile_n * Mp * 4)
 
 
-def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
+def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None,
+                   prefetch=None, prefetch_at: str | None = None):
     """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= 64), w_nk int4 [N, K], scales
-    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8)."""
+    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8).
+
+    ``prefetch``: an int4 [N2, K2] weight (the next GEMM's) that the kernel fetches into L2
+    while it runs, where ``prefetch_at`` (default PREFETCH: "" off, "start", "end") says so;
+    results do not depend on it."""
     if plgpu is None:
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
@@ -202,7 +235,19 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     xp = x.astype(jnp.int8 if int8 else jnp.bfloat16)
     if Mp != M:
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
-    part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
+    where = PREFETCH if prefetch_at is None else prefetch_at
+    if where not in PREFETCH_WHERE:
+        raise ValueError(f"w4_mgpu_matmul: prefetch_at={where!r}: one of {PREFETCH_WHERE}")
+    if prefetch is not None and where:
+        plan = prefetch_plan(prefetch.shape, prefetch.dtype)
+        if isinstance(plan, str):
+            raise ValueError(f"w4_mgpu_matmul: cannot prefetch this weight: {plan}")
+        if cfg.warp_specialized or cfg.smem_a or cfg.units_per_cta > 1 or cfg.probe:
+            raise ValueError("w4_mgpu_matmul: the L2 prefetch runs in the plain kernel only")
+        pf = (*prefetch.shape, where, PREFETCH_MAX_BYTES)
+        part = _kernel(cfg, Mp, K, N, int8, pf)(xp, w_nk, prefetch)
+    else:
+        part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
     if cfg.out_mn:  # [split_k, Mp, N]: adds of slices, not a reduce, so the epilogue stays elementwise
         acc = functools.reduce(operator.add, [part[i] for i in range(cfg.split_k)])
         y = acc[:M].astype(jnp.float32) * scales[None, :]  # (int32 split sums are exact)
@@ -215,8 +260,11 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
+def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
     """The jitted Mosaic GPU kernel [Mp, K] x int4 [N, K] -> split-K partials [split_k, N, Mp].
+    ``pf=(N2, K2, where, max_bytes)``: the plain kernel also takes an int4 [N2, K2] weight and
+    prefetches up to max_bytes of it (its first rows) into L2 ("start" / "end" of each CTA's
+    work; see PREFETCH).
 
     One jitted function per shape and config, so every call site of a program with the same
     shapes lowers to one shared function (the 8B decode step has 128 GEMM call sites but four
@@ -264,9 +312,29 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
-    def kernel(x_gmem, w_gmem, o_gmem, o_smem):
+    def prefetch(pf_gmem, ni, si):  # this CTA's share of the next weight's boxes, into L2
+        N2, K2, _, max_bytes = pf
+        bn, bk = prefetch_plan((N2, K2), jnp.int4)
+        cols = K2 // bk
+        total = min(N2 // bn * cols, max(1, max_bytes // (bn * bk // 2)))
+        ctas = n_tiles * cfg.split_k
+        c = ni * cfg.split_k + si
+        for j in range(-(-total // ctas)):
+            t = c + j * ctas
+
+            @pl.when(t < total)
+            def _():
+                plgpu.async_prefetch(pf_gmem.at[pl.ds(t // cols * bn, bn), pl.ds(t % cols * bk, bk)])
+
+    def kernel(x_gmem, w_gmem, *refs, o_smem):
+        if pf is not None:
+            pf_gmem, o_gmem = refs
+        else:
+            (o_gmem,) = refs
         ni = lax.axis_index("n")
         si = lax.axis_index("s")
+        if pf is not None and pf[2] == "start":
+            prefetch(pf_gmem, ni, si)
 
         def acc_scope(acc_ref):
             def body(_, x_smem, w_smem):
@@ -283,6 +351,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             return acc_ref[...]
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si)
+        if pf is not None and pf[2] == "end":
+            prefetch(pf_gmem, ni, si)
 
     def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
         return [x_spec(lambda k: (0, si * k_iters + k)), w_spec(ni, si)]
@@ -385,6 +455,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
         pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
 
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    if pf is not None and (upc > 1 or cfg.smem_a or cfg.warp_specialized or cfg.probe):
+        raise ValueError("the L2 prefetch runs in the plain kernel only")
     if upc > 1:
         f = plgpu.kernel(
             kernel_persistent, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),

@@ -224,3 +224,46 @@ def test_probe_diag_runs_end_to_end_with_a_stand_in_kernel(tmp_path, monkeypatch
     assert all(r["ok"] for r in rows if r["variant"] == "mgpu")
     assert [r["config"] for r in rows if r["variant"] == "mgpu_read_sweep"] == ["n64k256s1p2w0umn-read"]
     assert all(r["us"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
+@pytest.mark.parametrize("where,out_mn", [("start", True), ("end", True), ("end", False)])
+def test_prefetch_lowers_for_cuda(mode, where, out_mn):
+    """With ``prefetch`` (the next GEMM's int4 weight) the plain kernel lowers with TMA L2
+    prefetches of it; the partial sums' shape is unchanged."""
+    M, K, N = 3, 1024, 128
+    int8 = mode == "w4a8"
+    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, out_mn=out_mn,
+                     load_layout="wgmma" if int8 else "upcast")
+    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32),
+             jax.ShapeDtypeStruct((M,), jnp.float32) if int8 else None,
+             jax.ShapeDtypeStruct((1280, 512), jnp.int4)]
+
+    def f(x, w, s, sx, p):
+        return w4_mgpu_matmul(x, w, s, sx, config=cfg, prefetch=p, prefetch_at=where)
+    traced = jax.jit(f).trace(*avals)
+    assert traced.out_info.shape == (M, N)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "cp.async.bulk.prefetch.tensor.2d.L2" in text
+
+
+def test_prefetch_plan_and_bad_requests():
+    """The 8B weights tile into 256 x 256 boxes; weights that do not, non-int4 ones, unknown
+    places and kernel variants are refused by name."""
+    from pallas_kernels.w4_mgpu import prefetch_plan
+    for N, K in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        assert prefetch_plan((N, K), jnp.int4) == (256, 256)
+    assert prefetch_plan((128, 512), jnp.int4) == (128, 256)
+    assert "not a multiple" in prefetch_plan((384, 384), jnp.int4)
+    assert "must be int4" in prefetch_plan((256, 256), jnp.int8)
+    x = jax.ShapeDtypeStruct((2, 512), jnp.bfloat16)
+    w, s = jax.ShapeDtypeStruct((64, 512), jnp.int4), jax.ShapeDtypeStruct((64,), jnp.float32)
+    for kw, msg in [(dict(prefetch_at="middle"), "prefetch_at='middle'"),
+                    (dict(prefetch=jax.ShapeDtypeStruct((384, 384), jnp.int4)), "not a multiple"),
+                    (dict(config=MgpuConfig(tile_n=64, smem_a=True)), "plain kernel only")]:
+        kw.setdefault("prefetch", jax.ShapeDtypeStruct((256, 512), jnp.int4))
+        kw.setdefault("prefetch_at", "end")
+        with pytest.raises(ValueError, match=msg):
+            jax.jit(lambda x, w, s, p, kw=kw: w4_mgpu_matmul(
+                x, w, s, **{**kw, "prefetch": p})).trace(x, w, s, kw["prefetch"])

@@ -201,3 +201,86 @@ def test_saving_int4_nk_weights_is_a_clear_error(models, tmp_path):
         checkpoint.save_converted(str(out), str(tmp_path), pure_dict(nk.state), jnp.bfloat16,
                                   nk.qcfg, {})
     assert not out.exists()
+
+
+def _recorded_gemm_chain(model, monkeypatch, mode, layers=None):
+    """(qweight, prefetch) of every quantized GEMM of one eager forward, in call order."""
+    from qspec_jax import api, layers as layers_module
+    calls = []
+    for name in ("quantized_matmul", "prequantized_matmul"):
+        real = getattr(layers_module, name)
+
+        def rec(x, qweight, scales, *a, _real=real, **kw):
+            calls.append((np.asarray(qweight.astype(jnp.int8)),
+                          None if a[-1] is None else np.asarray(a[-1].astype(jnp.int8))))
+            return _real(x, qweight, scales, *a, **kw)
+        monkeypatch.setattr(layers_module, name, rec)
+    toks = jnp.asarray([[5, 17, 3, 99]], jnp.int32)
+    api._logits_jit.__wrapped__(model.graphdef, model.state, toks, mode=mode, kernels="xla",
+                                layers=layers)
+    return calls
+
+
+@pytest.mark.parametrize("mode,layers", [("w4a16", None), ("w4a8", None), ("w4a16", (0, 2, 3))])
+def test_each_gemm_is_given_the_next_gemms_weight_to_prefetch(models, monkeypatch, mode, layers):
+    """The model passes every quantized GEMM the int4 weight of the GEMM that runs after it
+    (qkv -> o_proj -> gate_up -> down -> the next layer's qkv; skipped draft layers skipped)
+    for the Mosaic kernel's L2 prefetch (w4_mgpu.PREFETCH); the last layer's down_proj gets
+    none (the lm_head is a 16-bit dot)."""
+    _, nk = models
+    calls = _recorded_gemm_chain(nk, monkeypatch, mode, layers)
+    model = nnx.merge(nk.graphdef, nk.state)
+    ran = [i for i in range(len(model.layers)) if layers is None or i in layers]
+    chain = []
+    for i in ran:
+        lay = model.layers[i]
+        attn = [lay.attn.qkv_proj] if lay.attn.fused else [lay.attn.q_proj, lay.attn.k_proj,
+                                                           lay.attn.v_proj]
+        mlp = [lay.mlp.gate_up_proj] if lay.mlp.fused else [lay.mlp.gate_proj, lay.mlp.up_proj]
+        chain += attn + [lay.attn.o_proj] + mlp + [lay.mlp.down_proj]
+    want = [np.asarray(q.weight.astype(jnp.int8)) for q in chain]
+    assert len(calls) == len(want) >= 8
+    for i, (qw, pf) in enumerate(calls):
+        np.testing.assert_array_equal(qw, want[i])
+        if i + 1 < len(want):
+            assert pf is not None and pf.shape == want[i + 1].shape, i
+            np.testing.assert_array_equal(pf, want[i + 1])
+        else:
+            assert pf is None
+
+
+def test_prefetch_gates(models, monkeypatch, caplog):
+    """kernel_dispatch.mgpu_prefetch: nothing unless w4_mgpu.PREFETCH is on and the weight is an
+    int4 [N, K] the prefetch boxes tile; a weight they cannot tile is logged and skipped."""
+    from pallas_kernels import w4_mgpu
+    w = jnp.zeros((512, 1024), jnp.int4)
+    monkeypatch.setattr(w4_mgpu, "PREFETCH", "")
+    assert kernel_dispatch.mgpu_prefetch(w) is None
+    monkeypatch.setattr(w4_mgpu, "PREFETCH", "end")
+    assert kernel_dispatch.mgpu_prefetch(None) is None
+    assert kernel_dispatch.mgpu_prefetch(jnp.zeros((512, 64), jnp.int8)) is None  # half-split
+    assert kernel_dispatch.mgpu_prefetch(w) is w
+    with caplog.at_level(logging.WARNING, logger="qspec_jax"):
+        assert kernel_dispatch.mgpu_prefetch(jnp.zeros((384, 384), jnp.int4)) is None
+    assert "not a multiple of the (256, 256) prefetch box" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_decode_gemm_with_prefetch_lowers_on_gpu(monkeypatch, where):
+    """On a (pretend) Hopper GPU with w4_mgpu.PREFETCH on, a decode GEMM given the next weight
+    lowers to the Mosaic kernel with TMA L2 prefetches (cp.async.bulk.prefetch); off, without."""
+    from pallas_kernels import w4_mgpu
+    K, N = 512, 128
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernel_dispatch, "mgpu_unavailable", lambda: None)
+    nk = quant.to_weight_layout(jnp.zeros((K // 2, N), jnp.int8), "nk")
+    nxt = jnp.zeros((768, 512), jnp.int4)
+    s = jnp.ones((1, N), jnp.float32)
+    texts = {}
+    for flag in ("", where):
+        monkeypatch.setattr(w4_mgpu, "PREFETCH", flag)
+        f = jax.jit(lambda x, w, s, p: quantized_matmul(x, w, s, "w4a16", "auto", p))
+        texts[flag] = f.trace(jax.ShapeDtypeStruct((2, K), jnp.bfloat16), nk, s, nxt).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in texts[""] and "cp.async.bulk.prefetch" not in texts[""]
+    assert "cp.async.bulk.prefetch.tensor.2d.L2" in texts[where]
