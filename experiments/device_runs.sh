@@ -10,7 +10,7 @@
 #   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
-#   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start (~7.5 min)
+#   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start + b1 profile (~8 min)
 #   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -633,6 +633,9 @@ case "$stage" in
         --modes w4a16 --new-tokens 64 --repeats 3 --mgpu-prefetch $where --time-budget 90 \
         --commit "$COMMIT" --out "$OUT/prefetch_$where.jsonl"
     done
+    step 90 prefetch_profile.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
+      --configs w4a16 --new-tokens 32 --mgpu-prefetch end --commit "$COMMIT" --out "$OUT/prof_pf"
+    rm -rf "$OUT/prof_pf"/trace_*
     ;;
   hadsplit)
     # Issue 8: rotated models' online Hadamards cost +12% / +24% of an 8B step at batch 1 / 16

@@ -127,11 +127,18 @@ def main(argv=None):
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write K/V: per layer or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
+    p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
+                   help="each Mosaic GEMM prefetches the next GEMM's weights into L2 "
+                        "(pallas_kernels.w4_mgpu.PREFETCH; default: its value, off)")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cache_write is not None:
         model_module.CACHE_WRITE = a.cache_write
+    from pallas_kernels import w4_mgpu
+    if a.mgpu_prefetch is not None:
+        w4_mgpu.PREFETCH = "" if a.mgpu_prefetch == "off" else a.mgpu_prefetch
+    prefetch = w4_mgpu.PREFETCH or "off"
     if a.model == "default":
         model = qj.load(None, quant="w4")
     else:
@@ -171,7 +178,7 @@ def main(argv=None):
               flush=True)
     meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                kernels=a.kernels, cache_write=model_module.CACHE_WRITE,
+                kernels=a.kernels, cache_write=model_module.CACHE_WRITE, mgpu_prefetch=prefetch,
                 rotate=a.rotate or a.model == "default", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     stem = os.path.join(a.out, f"profile_{a.model}_b{a.batch}")
     with open(stem + ".json", "w") as f:
@@ -181,7 +188,9 @@ def main(argv=None):
              f"`PYTHONPATH=. python3 experiments/profile_cycle.py --model {a.model} --batch {a.batch} "
              f"--configs {a.configs} --max-gamma {a.max_gamma} --prompt-len {a.prompt_len} "
              f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}"
-             f"{' --rotate' if a.rotate else ''}` at commit {a.commit}, {meta['device']}, jax {meta['jax']}. "
+             f"{' --rotate' if a.rotate else ''}"
+             f"{f' --mgpu-prefetch {prefetch}' if prefetch != 'off' else ''}` at commit {a.commit}, "
+             f"{meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "
              "kernel durations on the device tracks (prefill included), per cycle = / cycles "
              "(a cycle is one step for w4a16). Idle: time between the first kernel's start and "
