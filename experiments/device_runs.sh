@@ -11,6 +11,7 @@
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
 #   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start + b1 profile (~8 min)
+#   bash experiments/device_runs.sh xpad       # x of < 8 rows unpadded into the Mosaic GEMM (TMA zero fill): GPU test + 8B AR (~5 min)
 #   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -636,6 +637,18 @@ case "$stage" in
     step 90 prefetch_profile.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
       --configs w4a16 --new-tokens 32 --mgpu-prefetch end --commit "$COMMIT" --out "$OUT/prof_pf"
     rm -rf "$OUT/prof_pf"/trace_*
+    ;;
+  xpad)
+    # Issue 8: x of < 8 rows handed to the Mosaic GEMM unpadded (w4_mgpu.X_PAD="tma": its TMA
+    # tiles zero-fill the rows past M) instead of an XLA pad (a kernel of its own before o_proj
+    # at batch < 8). GPU test (bit-equal outputs), then 8B w4a16 AR at batch 1 / 4, xla vs tma.
+    step 120 xpad_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+      tests/gpu/test_w4_mgpu_gpu.py -k x_pad
+    for how in xla tma; do
+      step 100 xpad_$how.log python3 experiments/sweep.py --models llama3-8b --batches 1,4 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --mgpu-x-pad $how --time-budget 90 \
+        --commit "$COMMIT" --out "$OUT/xpad_$how.jsonl"
+    done
     ;;
   hadsplit)
     # Issue 8: rotated models' online Hadamards cost +12% / +24% of an 8B step at batch 1 / 16

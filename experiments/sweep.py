@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
                    help="each Mosaic GEMM prefetches the next GEMM's weights into L2 at the start "
                         "or end of its CTAs' work (pallas_kernels.w4_mgpu.PREFETCH; off by default)")
+    p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
+                   help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
+                        "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
     p.add_argument("--cache-update", choices=model_module.CACHE_UPDATES, default=None,
                    help="how batch-1 K/V blocks reach the cache (qspec_jax.model.CACHE_UPDATE: "
                         "scatter, or slice: one dynamic_update_slice, no read-back)")
@@ -497,6 +500,9 @@ def main(argv=None) -> int:
     if args.mgpu_prefetch:
         w4_mgpu.PREFETCH = "" if args.mgpu_prefetch == "off" else args.mgpu_prefetch
     env["mgpu_prefetch"] = w4_mgpu.PREFETCH or "off"
+    if args.mgpu_x_pad:
+        w4_mgpu.X_PAD = args.mgpu_x_pad
+    env["mgpu_x_pad"] = w4_mgpu.X_PAD
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -786,6 +792,9 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         pf = {r.get("mgpu_prefetch", "off") for r in runs}
         if len(pf) == 1 and pf != {w4_mgpu.PREFETCH or "off"}:
             args.append(("--mgpu-prefetch", pf.pop()))
+        xp = {r.get("mgpu_x_pad", "xla") for r in runs}
+        if len(xp) == 1 and xp != {w4_mgpu.X_PAD}:
+            args.append(("--mgpu-x-pad", xp.pop()))
         cu = {r.get("cache_update", "scatter") for r in runs}
         if len(cu) == 1 and cu != {model_module.CACHE_UPDATE}:
             args.append(("--cache-update", cu.pop()))

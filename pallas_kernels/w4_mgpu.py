@@ -94,6 +94,14 @@ OUT_MN = True
 # measures it (device stage prefetch). Read at trace time.
 PREFETCH_WHERE = ("", "start", "end")
 PREFETCH = ""
+# How x reaches the kernel's padded_rows(M) rows when M is smaller: "xla" pads it (a pad op,
+# which for o_proj's input is a kernel of its own at batch < 8: 32 per 8B step,
+# hlo_summary_b1_w4a16_a2e4e28.md) or "tma" hands the kernel x as it is and lets the TMA loads
+# of its [Mp, block_k] tiles fill the rows past M with zeros (plain kernel only). "xla" until
+# the H200 checks and times "tma" (device stage xpad). Read at trace time.
+X_PADS = ("xla", "tma")
+X_PAD = "xla"
+
 PREFETCH_TILE = 256  # rows / columns of one prefetch box (TMA boxes are at most 256 per dim)
 # At most this many bytes of the next weight, its first rows (gate/up's 58.7 MB would evict
 # itself from the 50 MB L2).
@@ -233,7 +241,10 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         raise ValueError(f"w4_mgpu_matmul: {err}")
     Mp = padded_rows(M)
     xp = x.astype(jnp.int8 if int8 else jnp.bfloat16)
-    if Mp != M:
+    if X_PAD not in X_PADS:
+        raise ValueError(f"w4_mgpu.X_PAD={X_PAD!r}: one of {X_PADS}")
+    plain = not (cfg.warp_specialized or cfg.smem_a or cfg.units_per_cta > 1)
+    if Mp != M and not (X_PAD == "tma" and plain):
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
     where = PREFETCH if prefetch_at is None else prefetch_at
     if where not in PREFETCH_WHERE:

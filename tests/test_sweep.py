@@ -320,7 +320,7 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     from qspec_jax import rotation
     defaults = (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL)
     for mod, name in ((model_module, "CACHE_UPDATE"), (kd, "ATTN_MIN_BATCH"),
-                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "PREFETCH")):
+                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "PREFETCH"), (w4_mgpu, "X_PAD")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
     pf_default = w4_mgpu.PREFETCH
     cu = next(c for c in model_module.CACHE_UPDATES if c != defaults[0])
@@ -329,19 +329,22 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     out = tmp_path / "cs.jsonl"
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
                        "--attn-min-batch", str(amb), "--hadamard-impl", had,
-                       "--mgpu-prefetch", "start", "--out", str(out)]) == 0
+                       "--mgpu-prefetch", "start", "--mgpu-x-pad", "tma", "--out", str(out)]) == 0
+    assert w4_mgpu.X_PAD == "tma"
     assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     assert w4_mgpu.PREFETCH == "start"
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
     assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"],
-                         r["mgpu_prefetch"]) == (cu, amb, had, "start") for r in rows)
+                         r["mgpu_prefetch"], r["mgpu_x_pad"]) == (cu, amb, had, "start", "tma")
+               for r in rows)
     assert all("error" not in r for r in rows)
     model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
-    w4_mgpu.PREFETCH = pf_default
+    w4_mgpu.PREFETCH, w4_mgpu.X_PAD = pf_default, "xla"
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
     assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
     assert f"--hadamard-impl {had}" in text and "--mgpu-prefetch start" in text
+    assert "--mgpu-x-pad tma" in text
     for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft")):
         with pytest.raises(SystemExit, match=f"{flag} {bad}"):
             sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", flag, bad,

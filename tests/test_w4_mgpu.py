@@ -267,3 +267,30 @@ def test_prefetch_plan_and_bad_requests():
         with pytest.raises(ValueError, match=msg):
             jax.jit(lambda x, w, s, p, kw=kw: w4_mgpu_matmul(
                 x, w, s, **{**kw, "prefetch": p})).trace(x, w, s, kw["prefetch"])
+
+
+def test_x_pad_by_tma_lowers_without_a_pad():
+    """w4_mgpu.X_PAD = "tma": x of M < 8 rows goes to the plain kernel unpadded (its TMA tiles
+    zero-fill the missing rows on the GPU), so the program has no pad op; "xla" pads; the
+    smem_a kernel (which copies x's rows itself) keeps the pad."""
+    from pallas_kernels import w4_mgpu
+    avals = (jax.ShapeDtypeStruct((3, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((128, 1024), jnp.int4),
+             jax.ShapeDtypeStruct((128,), jnp.float32))
+    old = w4_mgpu.X_PAD
+    try:
+        texts = {}
+        for how in ("xla", "tma"):
+            w4_mgpu.X_PAD = how
+            for sa in (False, True):
+                cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, smem_a=sa)
+                f = jax.jit(lambda *a, cfg=cfg: w4_mgpu_matmul(*a, config=cfg))
+                traced = f.trace(*avals)
+                assert traced.out_info.shape == (3, 128)
+                texts[how, sa] = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert "stablehlo.pad" in texts["xla", False] and "stablehlo.pad" not in texts["tma", False]
+        assert "stablehlo.pad" in texts["tma", True]
+        w4_mgpu.X_PAD = "bad"
+        with pytest.raises(ValueError, match="X_PAD='bad'"):
+            jax.jit(w4_mgpu_matmul).trace(*avals)
+    finally:
+        w4_mgpu.X_PAD = old

@@ -195,6 +195,24 @@ def test_prefetch_in_the_model(monkeypatch, request):
     assert any(p is not None and p[2] == "end" for p in seen)
 
 
+@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (512, 192)])
+@pytest.mark.parametrize("M", [1, 3, 5, 11, 40])
+@pytest.mark.parametrize("int8", [False, True])
+def test_x_pad_by_tma_gives_the_same_bits(K, N, M, int8, monkeypatch):
+    """w4_mgpu.X_PAD = "tma" (x unpadded; the TMA tiles zero-fill rows past M): the same output
+    as padding x with XLA, bit for bit."""
+    from pallas_kernels import w4_mgpu
+    qw, s, x = _case(K, N, M, seed=3 * K + N + M)
+    args = (x, nk_from_half_split(qw), s[0])
+    if int8:
+        xq, sx = quantize_per_token_reference(x, 8)
+        args = (xq, args[1], s[0], sx.reshape(-1))
+    base = np.asarray(jax.jit(w4_mgpu_matmul)(*args), np.float32)
+    monkeypatch.setattr(w4_mgpu, "X_PAD", "tma")
+    got = np.asarray(jax.jit(lambda *a: w4_mgpu_matmul(*a))(*args), np.float32)
+    np.testing.assert_array_equal(got, base)
+
+
 def test_rejects_unsupported_shapes():
     x = jnp.zeros((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiple of tile_n"):
