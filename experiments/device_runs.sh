@@ -11,7 +11,7 @@
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
 #   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start + b1 profile (~8 min)
-#   bash experiments/device_runs.sh xpad       # x of < 8 rows unpadded into the Mosaic GEMM (TMA zero fill): GPU test + 8B AR (~5 min)
+#   bash experiments/device_runs.sh xpad       # x of < 8 rows unpadded into the Mosaic GEMM (TMA zero fill): GPU test + 8B AR + b1 kernel summary (~6.5 min)
 #   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
 #   bash experiments/device_runs.sh sweep8b    # end-to-end sweep, Llama-3-8B shapes, batch 1/4/16/64 (~8 min)
@@ -649,6 +649,16 @@ case "$stage" in
         --modes w4a16 --new-tokens 64 --repeats 3 --mgpu-x-pad $how --time-budget 90 \
         --commit "$COMMIT" --out "$OUT/xpad_$how.jsonl"
     done
+    # Without the pad consumer, does XLA fuse each RMSNorm into one kernel (it runs two at
+    # batch 1: a reduce to a scalar, then normalize + pad)? The kernels of a tma step:
+    step 120 xpad_profile.log env XLA_FLAGS="--xla_dump_to=/tmp/hlo_xpad --xla_dump_hlo_as_text \
+      --xla_dump_hlo_module_re=.*decode_autoregressive.*" python3 experiments/profile_cycle.py \
+      --model llama3-8b --batch 1 --configs w4a16 --new-tokens 16 --mgpu-x-pad tma \
+      --commit "$COMMIT" --out "$OUT/prof_xpad"
+    rm -rf "$OUT/prof_xpad"/trace_*
+    f=$(ls -S /tmp/hlo_xpad/*after_optimizations.txt 2>/dev/null | head -1)
+    [ -n "$f" ] && python3 experiments/hlo_summary.py --hlo "$f" --top 60 \
+      --profile "$OUT/prof_xpad/profile_llama3-8b_b1.json" --config w4a16 --out "$OUT/hlo_summary_b1_xpad.md"
     ;;
   hadsplit)
     # Issue 8: rotated models' online Hadamards cost +12% / +24% of an 8B step at batch 1 / 16
