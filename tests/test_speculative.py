@@ -88,41 +88,34 @@ def test_cache_write_per_step_gives_the_same_tokens_and_cache(quantized, monkeyp
 def test_cache_update_slice_gives_the_same_tokens_and_cache(quantized, monkeypatch):
     """qspec_jax.model.CACHE_UPDATE = "slice" (batch 1: one dynamic_update_slice per cache
     instead of the dropping scatter's read-back and select): every block generate() writes is
-    inside the cache, so batch-1 w4a16 decoding (per-layer and per-step writes) and QSpec (fixed
-    gamma and "auto") leave the same tokens and cache as "scatter"; an unknown rule is refused
-    by name."""
+    inside the cache, so batch-1 QSpec leaves the same tokens and cache as "scatter", with
+    fixed gamma (per-layer writes of the prefill, the draft steps and the verify block) and with
+    gamma="auto" (read-only forwards, each cycle's block written once by write_blocks); an
+    unknown rule is refused by name."""
     from qspec_jax import model as model_module
     model = quantized["llama"]
     prompts = ragged_prompts(4, n=1)
     runs, texts = {}, {}
+    calls = {"fixed": dict(gamma=3, draft="w4a8"),
+             "auto": dict(gamma="auto", max_gamma=2, cycle_costs=[1, 1.01, 1.02])}  # (drafts pay)
+    monkeypatch.setattr(model_module, "CACHE_WRITE", "layer")
     for cu in ("scatter", "slice"):
         monkeypatch.setattr(model_module, "CACHE_UPDATE", cu)
         jax.clear_caches()  # the rule is read while tracing (set it before the first call)
-        res = []
-        for cw in ("layer", "step"):
-            monkeypatch.setattr(model_module, "CACHE_WRITE", cw)
-            fn, args, kw = generate_call(model, prompts, max_new_tokens=10, mode="w4a16")
-            texts[cu, cw] = fn.lower(*args, **kw).as_text()
-            r = fn(*args, **kw)
-            res.append((np.asarray(r.tokens), np.asarray(r.cache.k), np.asarray(r.cache.v)))
-            res.append(qj.generate(model, prompts, max_new_tokens=10, mode="qspec", gamma=3,
-                                   draft="w4a8").tokens)
-        # gamma="auto" writes each cycle's block once (write_blocks, max_gamma + 1 positions)
-        res.append(qj.generate(model, prompts, max_new_tokens=10, mode="qspec", gamma="auto",
-                               max_gamma=2, cycle_costs=[1, 1.01, 1.02]).tokens)  # (drafts pay)
-        runs[cu] = res
+        for name, kw in calls.items():
+            fn, args, kwargs = generate_call(model, prompts, max_new_tokens=10, mode="qspec", **kw)
+            texts[cu, name] = fn.lower(*args, **kwargs).as_text()
+            r = fn(*args, **kwargs)
+            n = int(np.asarray(r.lengths)[0])  # positions below hold verify-mode K/V
+            runs[cu, name] = (np.asarray(r.tokens), np.asarray(r.cache.k)[:, :, :, :n],
+                              np.asarray(r.cache.v)[:, :, :, :n])
     jax.clear_caches()  # (later tests trace with the default rule again)
-    for cw in ("layer", "step"):  # two different programs ran
-        assert "dynamic_update_slice" in texts["slice", cw]
-        assert texts["scatter", cw] != texts["slice", cw]
-    for a, b in zip(runs["scatter"], runs["slice"]):
-        if isinstance(a, tuple):
-            for x, y in zip(a, b):
-                np.testing.assert_array_equal(x, y)
-        else:
-            assert a == b
+    for name in calls:
+        assert "dynamic_update_slice" in texts["slice", name]
+        assert texts["scatter", name] != texts["slice", name]  # two different programs ran
+        for x, y in zip(runs["scatter", name], runs["slice", name]):
+            np.testing.assert_array_equal(x, y)
     monkeypatch.setattr(model_module, "CACHE_UPDATE", "clip")
-    jax.clear_caches()
     with pytest.raises(ValueError, match="CACHE_UPDATE='clip'"):
         qj.generate(model, [[5, 6, 7, 8, 9, 10, 11]], max_new_tokens=2, mode="w4a16")
     jax.clear_caches()
