@@ -108,17 +108,36 @@ PREFETCH_TILE = 256  # rows / columns of one prefetch box (TMA boxes are at most
 PREFETCH_MAX_BYTES = 32 << 20
 
 
-def prefetch_plan(shape, dtype) -> tuple[int, int] | str:
-    """The (rows, cols) box that tiles an int4 [N, K] weight for the L2 prefetch, or why it
-    cannot be prefetched."""
+def prefetch_plan(shape, dtype, splits: int = 1) -> tuple[int, int] | str:
+    """The (rows, cols) box that tiles an int4 [N, K] weight for the L2 prefetch (within each
+    of its GEMM's ``splits`` K slices), or why it cannot be prefetched."""
     if len(shape) != 2 or dtype != jnp.int4:
         return f"the prefetched weight must be int4 [N, K] (got {dtype} {tuple(shape)})"
-    box = tuple(min(d, PREFETCH_TILE) for d in shape)
-    if any(d % b for d, b in zip(shape, box)):
+    N, K = shape
+    if K % splits:
+        return f"K = {K} does not split {splits} ways"
+    box = (min(N, PREFETCH_TILE), min(K // splits, PREFETCH_TILE))
+    if N % box[0] or (K // splits) % box[1]:
         return f"[N, K] = {tuple(shape)} is not a multiple of the {box} prefetch box"
     if box[1] % 32:  # the box's rows must be whole 16-byte units
-        return f"K = {shape[1]}: the prefetch box needs K to be a multiple of 32"
+        return f"K = {K}: the prefetch box needs K / split to be a multiple of 32"
     return box
+
+
+def prefetch_box(t, rows: int, cps: int, bn: int, bk: int):
+    """(first row, first column) of prefetch box t (an int or a traced int32) when the weight
+    has ``rows`` bands of bn rows and each K split ``cps`` boxes of bk columns: split major,
+    then bands, then boxes within the split (the order the next GEMM reads them)."""
+    split, r = t // (rows * cps), t % (rows * cps)
+    return r // cps * bn, (split * cps + r % cps) * bk
+
+
+def next_splits(M: int, shape) -> int:
+    """The K splits of the GEMM that will read an int4 [N, K] weight with M rows (the model's
+    next GEMM runs the default configuration on the same rows), 1 where it cannot run."""
+    N, K = shape
+    cfg = default_config(M, K, N)
+    return cfg.split_k if check(M, K, N, cfg) is None else 1
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -250,12 +269,13 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     if where not in PREFETCH_WHERE:
         raise ValueError(f"w4_mgpu_matmul: prefetch_at={where!r}: one of {PREFETCH_WHERE}")
     if prefetch is not None and where:
-        plan = prefetch_plan(prefetch.shape, prefetch.dtype)
+        splits = next_splits(M, prefetch.shape)
+        plan = prefetch_plan(prefetch.shape, prefetch.dtype, splits)
         if isinstance(plan, str):
             raise ValueError(f"w4_mgpu_matmul: cannot prefetch this weight: {plan}")
         if cfg.warp_specialized or cfg.smem_a or cfg.units_per_cta > 1 or cfg.probe:
             raise ValueError("w4_mgpu_matmul: the L2 prefetch runs in the plain kernel only")
-        pf = (*prefetch.shape, where, PREFETCH_MAX_BYTES)
+        pf = (*prefetch.shape, where, PREFETCH_MAX_BYTES, splits)
         part = _kernel(cfg, Mp, K, N, int8, pf)(xp, w_nk, prefetch)
     else:
         part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
@@ -273,9 +293,9 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
 @functools.lru_cache(maxsize=None)
 def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
     """The jitted Mosaic GPU kernel [Mp, K] x int4 [N, K] -> split-K partials [split_k, N, Mp].
-    ``pf=(N2, K2, where, max_bytes)``: the plain kernel also takes an int4 [N2, K2] weight and
-    prefetches up to max_bytes of it (its first rows) into L2 ("start" / "end" of each CTA's
-    work; see PREFETCH).
+    ``pf=(N2, K2, where, max_bytes, splits)``: the plain kernel also takes an int4 [N2, K2]
+    weight and prefetches up to max_bytes of it into L2, in the order a GEMM with ``splits`` K
+    splits reads it ("start" / "end" of each CTA's work; see PREFETCH).
 
     One jitted function per shape and config, so every call site of a program with the same
     shapes lowers to one shared function (the 8B decode step has 128 GEMM call sites but four
@@ -324,10 +344,12 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
         plgpu.wait_smem_to_gmem(0)
 
     def prefetch(pf_gmem, ni, si):  # this CTA's share of the next weight's boxes, into L2
-        N2, K2, _, max_bytes = pf
-        bn, bk = prefetch_plan((N2, K2), jnp.int4)
-        cols = K2 // bk
-        total = min(N2 // bn * cols, max(1, max_bytes // (bn * bk // 2)))
+        # Boxes in the order the next GEMM's CTAs read them (K split major, then rows, then K
+        # within the split), so that a capped prefetch covers its first waves.
+        N2, K2, _, max_bytes, splits = pf
+        bn, bk = prefetch_plan((N2, K2), jnp.int4, splits)
+        cps, rows = K2 // splits // bk, N2 // bn  # boxes per row band within a split; bands
+        total = min(splits * rows * cps, max(1, max_bytes // (bn * bk // 2)))
         ctas = n_tiles * cfg.split_k
         c = ni * cfg.split_k + si
         for j in range(-(-total // ctas)):
@@ -335,7 +357,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
 
             @pl.when(t < total)
             def _():
-                plgpu.async_prefetch(pf_gmem.at[pl.ds(t // cols * bn, bn), pl.ds(t % cols * bk, bk)])
+                n0, k0 = prefetch_box(t, rows, cps, bn, bk)
+                plgpu.async_prefetch(pf_gmem.at[pl.ds(n0, bn), pl.ds(k0, bk)])
 
     def kernel(x_gmem, w_gmem, *refs, o_smem):
         if pf is not None:

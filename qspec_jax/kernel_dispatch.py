@@ -144,14 +144,15 @@ def _mgpu_prefetch_error() -> str | None:
     return None
 
 
-def mgpu_prefetch(prefetch):
+def mgpu_prefetch(prefetch, M: int = 1):
     """The next GEMM's int4 [N, K] weight to prefetch into L2 from this Mosaic GEMM, or None:
     off (w4_mgpu.PREFETCH ""), no weight given (the last GEMM, or a 16-bit / half-split
     weight), or a weight or jax the prefetch cannot take (logged once)."""
     from pallas_kernels import w4_mgpu
     if not w4_mgpu.PREFETCH or prefetch is None or quant.weight_layout(prefetch) != "nk":
         return None
-    plan = w4_mgpu.prefetch_plan(prefetch.shape, prefetch.dtype)
+    plan = w4_mgpu.prefetch_plan(prefetch.shape, prefetch.dtype,
+                                 w4_mgpu.next_splits(M, prefetch.shape))
     if isinstance(plan, str):
         log_once(("prefetch-shape", prefetch.shape), f"qspec_jax: no L2 prefetch of a "
                  f"{tuple(prefetch.shape)} weight: {plan}", logging.WARNING)
@@ -210,7 +211,7 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool, prefetch
         if not _mgpu_runs(M, K, qweight.shape[0], scales, mode, required):
             return None
         from pallas_kernels.w4_mgpu import w4_mgpu_matmul
-        pf = mgpu_prefetch(prefetch)
+        pf = mgpu_prefetch(prefetch, M)
         if mode == "w4a16":
             return w4_mgpu_matmul(x2, qweight, scales[0], prefetch=pf)
         xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
@@ -240,7 +241,7 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool,
             return None
         from pallas_kernels.w4_mgpu import w4_mgpu_matmul
         return w4_mgpu_matmul(xq2, qweight, scales[0], sx2.reshape(-1),
-                              prefetch=mgpu_prefetch(prefetch)).astype(out_dtype)
+                              prefetch=mgpu_prefetch(prefetch, M)).astype(out_dtype)
     interpret = _gemm_interpret(*xq2.shape, qweight, scales, "w4a8", required)
     if interpret is None:
         return None

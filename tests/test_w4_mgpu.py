@@ -251,10 +251,14 @@ def test_prefetch_lowers_for_cuda(mode, where, out_mn):
 def test_prefetch_plan_and_bad_requests():
     """The 8B weights tile into 256 x 256 boxes; weights that do not, non-int4 ones, unknown
     places and kernel variants are refused by name."""
-    from pallas_kernels.w4_mgpu import prefetch_plan
+    from pallas_kernels.w4_mgpu import next_splits, prefetch_plan
     for N, K in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-        assert prefetch_plan((N, K), jnp.int4) == (256, 256)
+        for M in (1, 16, 64):
+            assert prefetch_plan((N, K), jnp.int4, next_splits(M, (N, K))) == (256, 256)
+    assert next_splits(1, (28672, 4096)) == 2 and next_splits(1, (4096, 14336)) == 8
     assert prefetch_plan((128, 512), jnp.int4) == (128, 256)
+    assert prefetch_plan((128, 512), jnp.int4, 4) == (128, 128)
+    assert "does not split" in prefetch_plan((128, 512), jnp.int4, 3)
     assert "not a multiple" in prefetch_plan((384, 384), jnp.int4)
     assert "must be int4" in prefetch_plan((256, 256), jnp.int8)
     x = jax.ShapeDtypeStruct((2, 512), jnp.bfloat16)
@@ -294,3 +298,16 @@ def test_x_pad_by_tma_lowers_without_a_pad():
             jax.jit(w4_mgpu_matmul).trace(*avals)
     finally:
         w4_mgpu.X_PAD = old
+
+
+def test_prefetch_boxes_cover_the_weight_once_in_the_next_gemms_order():
+    """The box order the kernel issues (K split major, then row bands, then K within the split)
+    visits every box of the weight exactly once, and a cap keeps the first split's first rows."""
+    from pallas_kernels.w4_mgpu import prefetch_box
+    N2, K2, splits, bn, bk = 1024, 2048, 2, 256, 256
+    cps, rows = K2 // splits // bk, N2 // bn
+    seen = [prefetch_box(t, rows, cps, bn, bk) for t in range(splits * rows * cps)]
+    traced = jax.jit(lambda t: jnp.stack(prefetch_box(t, rows, cps, bn, bk)))  # as in the kernel
+    assert [tuple(int(v) for v in traced(jnp.int32(t))) for t in (0, 5, 9)] == [seen[0], seen[5], seen[9]]
+    assert sorted(seen) == [(n, k) for n in range(0, N2, bn) for k in range(0, K2, bk)]
+    assert all(k < K2 // splits for _, k in seen[:rows * cps])  # the first split comes first
