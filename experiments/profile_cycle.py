@@ -127,23 +127,15 @@ def main(argv=None):
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write K/V: per layer or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
-    p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
-                   help="each Mosaic GEMM prefetches the next GEMM's weights into L2 "
-                        "(pallas_kernels.w4_mgpu.PREFETCH; default: its value, off)")
-    p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
-                   help="x of < 8 rows padded by XLA or zero-filled by the Mosaic GEMM's TMA "
-                        "loads (pallas_kernels.w4_mgpu.X_PAD; default: its value)")
+    from sweep import add_mgpu_flags, apply_mgpu_flags
+    add_mgpu_flags(p)
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.cache_write is not None:
         model_module.CACHE_WRITE = a.cache_write
-    from pallas_kernels import w4_mgpu
-    if a.mgpu_prefetch is not None:
-        w4_mgpu.PREFETCH = "" if a.mgpu_prefetch == "off" else a.mgpu_prefetch
-    prefetch = w4_mgpu.PREFETCH or "off"
-    if a.mgpu_x_pad is not None:
-        w4_mgpu.X_PAD = a.mgpu_x_pad
+    mgpu = apply_mgpu_flags(a)
+    prefetch = mgpu["mgpu_prefetch"]
     if a.model == "default":
         model = qj.load(None, quant="w4")
     else:
@@ -183,8 +175,7 @@ def main(argv=None):
               flush=True)
     meta = dict(commit=a.commit, jax=jax.__version__, device=str(jax.devices()[0].device_kind),
                 model=a.model, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                kernels=a.kernels, cache_write=model_module.CACHE_WRITE, mgpu_prefetch=prefetch,
-                mgpu_x_pad=w4_mgpu.X_PAD,
+                kernels=a.kernels, cache_write=model_module.CACHE_WRITE, **mgpu,
                 rotate=a.rotate or a.model == "default", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     stem = os.path.join(a.out, f"profile_{a.model}_b{a.batch}")
     with open(stem + ".json", "w") as f:
@@ -196,7 +187,7 @@ def main(argv=None):
              f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}"
              f"{' --rotate' if a.rotate else ''}"
              f"{f' --mgpu-prefetch {prefetch}' if prefetch != 'off' else ''}"
-             f"{' --mgpu-x-pad tma' if w4_mgpu.X_PAD == 'tma' else ''}` at commit {a.commit}, "
+             f"{' --mgpu-x-pad tma' if mgpu['mgpu_x_pad'] == 'tma' else ''}` at commit {a.commit}, "
              f"{meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "
              "kernel durations on the device tracks (prefill included), per cycle = / cycles "

@@ -328,6 +328,33 @@ def environment(commit: str | None) -> dict:
     return env
 
 
+def add_mgpu_flags(p) -> None:
+    """--mgpu-prefetch / --mgpu-x-pad: the Mosaic GEMM experiments (sweep.py, profile_cycle.py)."""
+    p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
+                   help="each Mosaic GEMM prefetches the next GEMM's weights into L2 at the start "
+                        "or end of its CTAs' work (pallas_kernels.w4_mgpu.PREFETCH; off by default)")
+    p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
+                   help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
+                        "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
+
+
+def apply_mgpu_flags(args) -> dict:
+    """Set w4_mgpu.PREFETCH / X_PAD from add_mgpu_flags' arguments; the settings to record."""
+    from pallas_kernels import w4_mgpu
+    if args.mgpu_prefetch:
+        w4_mgpu.PREFETCH = "" if args.mgpu_prefetch == "off" else args.mgpu_prefetch
+    if args.mgpu_x_pad:
+        w4_mgpu.X_PAD = args.mgpu_x_pad
+    return dict(mgpu_prefetch=w4_mgpu.PREFETCH or "off", mgpu_x_pad=w4_mgpu.X_PAD)
+
+
+def _one_non_default(runs: list[dict], key: str, current, missing=None):
+    """The one value rows record for ``key`` (rows without it count as ``missing``; None:
+    skipped) when it is not ``current`` (this version's setting), else None."""
+    vals = {r.get(key, missing) for r in runs if key in r or missing is not None}
+    return vals.pop() if len(vals) == 1 and vals != {current} else None
+
+
 def load_done(path: str) -> set:
     done = set()
     if os.path.exists(path):
@@ -373,12 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-write", choices=CACHE_WRITES, default=None,
                    help="how decode steps write their K/V: per layer, or once per step after a "
                         "read-only forward (qspec_jax.model.CACHE_WRITE; default: its value)")
-    p.add_argument("--mgpu-prefetch", choices=("off", "start", "end"), default=None,
-                   help="each Mosaic GEMM prefetches the next GEMM's weights into L2 at the start "
-                        "or end of its CTAs' work (pallas_kernels.w4_mgpu.PREFETCH; off by default)")
-    p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
-                   help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
-                        "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
+    add_mgpu_flags(p)
     p.add_argument("--cache-update", choices=model_module.CACHE_UPDATES, default=None,
                    help="how batch-1 K/V blocks reach the cache (qspec_jax.model.CACHE_UPDATE: "
                         "scatter, or slice: one dynamic_update_slice, no read-back)")
@@ -497,12 +519,7 @@ def main(argv=None) -> int:
                              f"sums cannot run ({why or 'this jax cannot lower the store'}); "
                              "nothing was timed")
     env["mgpu_out_mn"] = w4_mgpu.OUT_MN  # (recorded always: the default changed at ed53aaf)
-    if args.mgpu_prefetch:
-        w4_mgpu.PREFETCH = "" if args.mgpu_prefetch == "off" else args.mgpu_prefetch
-    env["mgpu_prefetch"] = w4_mgpu.PREFETCH or "off"
-    if args.mgpu_x_pad:
-        w4_mgpu.X_PAD = args.mgpu_x_pad
-    env["mgpu_x_pad"] = w4_mgpu.X_PAD
+    env.update(apply_mgpu_flags(args))
     done = load_done(args.out)
     modes = args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -781,27 +798,19 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)
             args.append(("--mgpu-out-mn", "off"))
         # (rows before 2026-11-30 wrote per layer); named when not this version's default
-        cw = {r.get("cache_write", "layer") for r in runs}
-        if len(cw) == 1 and cw != {model_module.CACHE_WRITE}:
-            args.append(("--cache-write", cw.pop()))
-        from qspec_jax import rotation
-        hi = {r["hadamard_impl"] for r in runs if "hadamard_impl" in r}
-        if len(hi) == 1 and hi != {rotation.HADAMARD_IMPL}:
-            args.append(("--hadamard-impl", hi.pop()))
         from pallas_kernels import w4_mgpu
-        pf = {r.get("mgpu_prefetch", "off") for r in runs}
-        if len(pf) == 1 and pf != {w4_mgpu.PREFETCH or "off"}:
-            args.append(("--mgpu-prefetch", pf.pop()))
-        xp = {r.get("mgpu_x_pad", "xla") for r in runs}
-        if len(xp) == 1 and xp != {w4_mgpu.X_PAD}:
-            args.append(("--mgpu-x-pad", xp.pop()))
-        cu = {r.get("cache_update", "scatter") for r in runs}
-        if len(cu) == 1 and cu != {model_module.CACHE_UPDATE}:
-            args.append(("--cache-update", cu.pop()))
         from qspec_jax import kernel_dispatch as _kd
-        amb = {r["attn_min_batch"] for r in runs if "attn_min_batch" in r}
-        if len(amb) == 1 and amb != {_kd.ATTN_MIN_BATCH}:
-            args.append(("--attn-min-batch", str(amb.pop())))
+        from qspec_jax import rotation
+        for flag, key, current, missing in (
+                ("--cache-write", "cache_write", model_module.CACHE_WRITE, "layer"),
+                ("--hadamard-impl", "hadamard_impl", rotation.HADAMARD_IMPL, None),
+                ("--mgpu-prefetch", "mgpu_prefetch", w4_mgpu.PREFETCH or "off", "off"),
+                ("--mgpu-x-pad", "mgpu_x_pad", w4_mgpu.X_PAD, "xla"),
+                ("--cache-update", "cache_update", model_module.CACHE_UPDATE, "scatter"),
+                ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None)):
+            val = _one_non_default(runs, key, current, missing)
+            if val is not None:
+                args.append((flag, str(val)))
         if any(r.get("decode_timing") == "slope" for r in runs):
             args.append(("--decode-timing", "slope"))
         if any(r.get("weight_layout") == "nk" for r in runs):

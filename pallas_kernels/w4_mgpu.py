@@ -72,6 +72,12 @@ class MgpuConfig:
     # alone (grid, tile sizes, ring depth, partials store) can stream.
     probe: str = ""
 
+    @property
+    def plain(self) -> bool:
+        """The plain kernel (not warp-specialized, smem_a or persistent): the one that takes
+        the L2 prefetch and unpadded x."""
+        return not (self.warp_specialized or self.smem_a or self.units_per_cta > 1)
+
     def short(self) -> str:
         return (f"n{self.tile_n}k{self.block_k}s{self.split_k}p{self.stages}"
                 f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
@@ -262,8 +268,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     xp = x.astype(jnp.int8 if int8 else jnp.bfloat16)
     if X_PAD not in X_PADS:
         raise ValueError(f"w4_mgpu.X_PAD={X_PAD!r}: one of {X_PADS}")
-    plain = not (cfg.warp_specialized or cfg.smem_a or cfg.units_per_cta > 1)
-    if Mp != M and not (X_PAD == "tma" and plain):
+    if Mp != M and not (X_PAD == "tma" and cfg.plain):
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
     where = PREFETCH if prefetch_at is None else prefetch_at
     if where not in PREFETCH_WHERE:
@@ -273,7 +278,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         plan = prefetch_plan(prefetch.shape, prefetch.dtype, splits)
         if isinstance(plan, str):
             raise ValueError(f"w4_mgpu_matmul: cannot prefetch this weight: {plan}")
-        if cfg.warp_specialized or cfg.smem_a or cfg.units_per_cta > 1 or cfg.probe:
+        if not cfg.plain or cfg.probe:
             raise ValueError("w4_mgpu_matmul: the L2 prefetch runs in the plain kernel only")
         pf = (*prefetch.shape, where, PREFETCH_MAX_BYTES, splits)
         part = _kernel(cfg, Mp, K, N, int8, pf)(xp, w_nk, prefetch)
@@ -489,7 +494,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
         pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
 
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    if pf is not None and (upc > 1 or cfg.smem_a or cfg.warp_specialized or cfg.probe):
+    if pf is not None and (not cfg.plain or cfg.probe):
         raise ValueError("the L2 prefetch runs in the plain kernel only")
     if upc > 1:
         f = plgpu.kernel(

@@ -535,12 +535,12 @@ class Transformer(nnx.Module):
             raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
         blocks = []
         run = [i for i in range(len(self.layers)) if layers is None or i in layers]
+        after = dict(zip(run, run[1:]))  # each running layer -> the next one that runs
         for i, layer in enumerate(self.layers):
             if layers is None or i in layers:
-                later = [j for j in run if j > i]  # the next layer that runs: its first GEMM
                 x, out = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
                                readonly_cache, prefix,
-                               prefetch=self.layers[later[0]].first_weight if later else None)
+                               prefetch=self.layers[after[i]].first_weight if i in after else None)
                 if readonly_cache:
                     blocks.append(out)
                 else:
