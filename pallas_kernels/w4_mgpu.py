@@ -106,7 +106,7 @@ PREFETCH = ""
 # of its [Mp, block_k] tiles fill the rows past M with zeros (plain kernel only). "xla" until
 # the H200 checks and times "tma" (device stage xpad). Read at trace time.
 X_PADS = ("xla", "tma")
-X_PAD = "xla"
+X_PAD = "tma"
 
 PREFETCH_TILE = 256  # rows / columns of one prefetch box (TMA boxes are at most 256 per dim)
 # At most this many bytes of the next weight, its first rows (gate/up's 58.7 MB would evict
@@ -268,7 +268,9 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     xp = x.astype(jnp.int8 if int8 else jnp.bfloat16)
     if X_PAD not in X_PADS:
         raise ValueError(f"w4_mgpu.X_PAD={X_PAD!r}: one of {X_PADS}")
-    if Mp != M and not (X_PAD == "tma" and cfg.plain):
+    # TMA zero-fills a box past the array only when the array is smaller than one tile (M < 8);
+    # M = 11 (tile 8, padded to 16) still needs the pad.
+    if Mp != M and not (X_PAD == "tma" and cfg.plain and M < 8):
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
     where = PREFETCH if prefetch_at is None else prefetch_at
     if where not in PREFETCH_WHERE:
