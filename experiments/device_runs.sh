@@ -10,7 +10,6 @@
 #   bash experiments/device_runs.sh asmtune    # tile sweep for the asm w4a16 path, M 1-64 (~8 min)
 #   bash experiments/device_runs.sh gemv       # small-M GEMM paths + gemv_magic config sweep (~9 min)
 #   bash experiments/device_runs.sh b1kern     # batch-1 step: Pallas attention below batch 8, cache update by slice (~8 min)
-#   bash experiments/device_runs.sh prefetch   # L2 prefetch of the next GEMM's weights: GPU tests + 8B AR off / end / start + b1 profile (~8 min)
 #   bash experiments/device_runs.sh xpad       # x of < 8 rows unpadded into the Mosaic GEMM (TMA zero fill): GPU test + 8B AR + b1 kernel summary (~6.5 min)
 #   bash experiments/device_runs.sh hadsplit   # online Hadamard: dense vs dense_split, transform alone + rotated 8B AR (~5.5 min)
 #   bash experiments/device_runs.sh profile    # device time by kernel: AR step, gamma-3 and auto cycles (~4 min)
@@ -622,22 +621,7 @@ case "$stage" in
         --commit "$COMMIT" --out "$OUT/b1kern_$i.jsonl"
     done
     ;;
-  prefetch)
-    # Issues 6 / 8: each Mosaic GEMM prefetches the next GEMM's weights into L2
-    # (w4_mgpu.PREFETCH; TMA cp.async.bulk.prefetch), to fill the ~20 us per layer of small
-    # kernels during which HBM idles at batch 1. GPU tests (exact equality with / without),
-    # then 8B w4a16 AR at batch 1 / 16: off, "end", "start".
-    step 150 prefetch_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
-      tests/gpu/test_w4_mgpu_gpu.py -k prefetch
-    for where in off end start; do
-      step 100 prefetch_$where.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
-        --modes w4a16 --new-tokens 64 --repeats 3 --mgpu-prefetch $where --time-budget 90 \
-        --commit "$COMMIT" --out "$OUT/prefetch_$where.jsonl"
-    done
-    step 90 prefetch_profile.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
-      --configs w4a16 --new-tokens 32 --mgpu-prefetch end --commit "$COMMIT" --out "$OUT/prof_pf"
-    rm -rf "$OUT/prof_pf"/trace_*
-    ;;
+  # prefetch: removed (L2 prefetch of the next GEMM's weights measured slower, prefetch_h200_7e1796b.md)
   xpad)
     # Issue 8: x of < 8 rows handed to the Mosaic GEMM unpadded (w4_mgpu.X_PAD="tma": its TMA
     # tiles zero-fill the rows past M) instead of an XLA pad (a kernel of its own before o_proj

@@ -135,7 +135,6 @@ def main(argv=None):
     if a.cache_write is not None:
         model_module.CACHE_WRITE = a.cache_write
     mgpu = apply_mgpu_flags(a)
-    prefetch = mgpu["mgpu_prefetch"]
     if a.model == "default":
         model = qj.load(None, quant="w4")
     else:
@@ -186,7 +185,6 @@ def main(argv=None):
              f"--configs {a.configs} --max-gamma {a.max_gamma} --prompt-len {a.prompt_len} "
              f"--new-tokens {a.new_tokens} --cache-write {model_module.CACHE_WRITE}"
              f"{' --rotate' if a.rotate else ''}"
-             f"{f' --mgpu-prefetch {prefetch}' if prefetch != 'off' else ''}"
              f"{' --mgpu-x-pad tma' if mgpu['mgpu_x_pad'] == 'tma' else ''}` at commit {a.commit}, "
              f"{meta['device']}, jax {meta['jax']}. "
              "One profiled generate call per configuration after its compile; times are sums of "

@@ -75,7 +75,7 @@ class MgpuConfig:
     @property
     def plain(self) -> bool:
         """The plain kernel (not warp-specialized, smem_a or persistent): the one that takes
-        the L2 prefetch and unpadded x."""
+        unpadded x."""
         return not (self.warp_specialized or self.smem_a or self.units_per_cta > 1)
 
     def short(self) -> str:
@@ -90,60 +90,15 @@ class MgpuConfig:
 # 2.630 vs 2.668 ms at batch 1, 2.621 vs 2.751 at batch 16 (outmn_h200.md, ed53aaf).
 OUT_MN = True
 
-# L2 prefetch of the next GEMM's weights (``w4_mgpu_matmul(prefetch=...)``; the model passes
-# each GEMM the int4 weight of the one after it): every CTA issues TMA L2 prefetches
-# (cp.async.bulk.prefetch.tensor, fire and forget) for its share of that weight's 256 x 256
-# tiles, "start" before its K loop or "end" after storing its partial sums. The aim: the
-# ~20 us of small XLA kernels between two GEMMs of a batch-1 8B layer leave HBM idle
-# (hlo_summary_b1_w4a16_a2e4e28.md); weights fetched into L2 meanwhile (o_proj 8.4 MB, down
-# 29 MB fit the 50 MB L2) turn the next GEMM's HBM reads into L2 hits. "" (off) until the H200
-# measures it (device stage prefetch). Read at trace time.
-PREFETCH_WHERE = ("", "start", "end")
-PREFETCH = ""
 # How x reaches the kernel's padded_rows(M) rows when M is smaller: "xla" pads it (a pad op,
 # which for o_proj's input is a kernel of its own at batch < 8: 32 per 8B step,
 # hlo_summary_b1_w4a16_a2e4e28.md) or "tma" hands the kernel x as it is and lets the TMA loads
-# of its [Mp, block_k] tiles fill the rows past M with zeros (plain kernel only). "xla" until
-# the H200 checks and times "tma" (device stage xpad). Read at trace time.
+# of its [Mp, block_k] tiles fill the rows past M with zeros (plain kernel, M < 8 only: a TMA
+# box may run past an array only when the array is smaller than one tile). "tma" by default:
+# bit-equal on the H200, 8B batch-4 step 2.466 -> 2.383 ms (results/xpad_h200_7e1796b.md).
+# Read at trace time.
 X_PADS = ("xla", "tma")
 X_PAD = "tma"
-
-PREFETCH_TILE = 256  # rows / columns of one prefetch box (TMA boxes are at most 256 per dim)
-# At most this many bytes of the next weight, its first rows (gate/up's 58.7 MB would evict
-# itself from the 50 MB L2).
-PREFETCH_MAX_BYTES = 32 << 20
-
-
-def prefetch_plan(shape, dtype, splits: int = 1) -> tuple[int, int] | str:
-    """The (rows, cols) box that tiles an int4 [N, K] weight for the L2 prefetch (within each
-    of its GEMM's ``splits`` K slices), or why it cannot be prefetched."""
-    if len(shape) != 2 or dtype != jnp.int4:
-        return f"the prefetched weight must be int4 [N, K] (got {dtype} {tuple(shape)})"
-    N, K = shape
-    if K % splits:
-        return f"K = {K} does not split {splits} ways"
-    box = (min(N, PREFETCH_TILE), min(K // splits, PREFETCH_TILE))
-    if N % box[0] or (K // splits) % box[1]:
-        return f"[N, K] = {tuple(shape)} is not a multiple of the {box} prefetch box"
-    if box[1] % 32:  # the box's rows must be whole 16-byte units
-        return f"K = {K}: the prefetch box needs K / split to be a multiple of 32"
-    return box
-
-
-def prefetch_box(t, rows: int, cps: int, bn: int, bk: int):
-    """(first row, first column) of prefetch box t (an int or a traced int32) when the weight
-    has ``rows`` bands of bn rows and each K split ``cps`` boxes of bk columns: split major,
-    then bands, then boxes within the split (the order the next GEMM reads them)."""
-    split, r = t // (rows * cps), t % (rows * cps)
-    return r // cps * bn, (split * cps + r % cps) * bk
-
-
-def next_splits(M: int, shape) -> int:
-    """The K splits of the GEMM that will read an int4 [N, K] weight with M rows (the model's
-    next GEMM runs the default configuration on the same rows), 1 where it cannot run."""
-    N, K = shape
-    cfg = default_config(M, K, N)
-    return cfg.split_k if check(M, K, N, cfg) is None else 1
 
 
 def default_config(M: int, K: int, N: int) -> MgpuConfig:
@@ -239,14 +194,9 @@ def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
             + cfg.stages * cfg.tile_n * cfg.block_k // 2 + cfg.tile_n * Mp * 4)
 
 
-def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None,
-                   prefetch=None, prefetch_at: str | None = None):
+def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
     """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= 64), w_nk int4 [N, K], scales
-    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8).
-
-    ``prefetch``: an int4 [N2, K2] weight (the next GEMM's) that the kernel fetches into L2
-    while it runs, where ``prefetch_at`` (default PREFETCH: "" off, "start", "end") says so;
-    results do not depend on it."""
+    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8)."""
     if plgpu is None:
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
@@ -272,20 +222,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     # M = 11 (tile 8, padded to 16) still needs the pad.
     if Mp != M and not (X_PAD == "tma" and cfg.plain and M < 8):
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
-    where = PREFETCH if prefetch_at is None else prefetch_at
-    if where not in PREFETCH_WHERE:
-        raise ValueError(f"w4_mgpu_matmul: prefetch_at={where!r}: one of {PREFETCH_WHERE}")
-    if prefetch is not None and where:
-        splits = next_splits(M, prefetch.shape)
-        plan = prefetch_plan(prefetch.shape, prefetch.dtype, splits)
-        if isinstance(plan, str):
-            raise ValueError(f"w4_mgpu_matmul: cannot prefetch this weight: {plan}")
-        if not cfg.plain or cfg.probe:
-            raise ValueError("w4_mgpu_matmul: the L2 prefetch runs in the plain kernel only")
-        pf = (*prefetch.shape, where, PREFETCH_MAX_BYTES, splits)
-        part = _kernel(cfg, Mp, K, N, int8, pf)(xp, w_nk, prefetch)
-    else:
-        part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
+    part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
     if cfg.out_mn:  # [split_k, Mp, N]: adds of slices, not a reduce, so the epilogue stays elementwise
         acc = functools.reduce(operator.add, [part[i] for i in range(cfg.split_k)])
         y = acc[:M].astype(jnp.float32) * scales[None, :]  # (int32 split sums are exact)
@@ -298,11 +235,8 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
+def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     """The jitted Mosaic GPU kernel [Mp, K] x int4 [N, K] -> split-K partials [split_k, N, Mp].
-    ``pf=(N2, K2, where, max_bytes, splits)``: the plain kernel also takes an int4 [N2, K2]
-    weight and prefetches up to max_bytes of it into L2, in the order a GEMM with ``splits`` K
-    splits reads it ("start" / "end" of each CTA's work; see PREFETCH).
 
     One jitted function per shape and config, so every call site of a program with the same
     shapes lowers to one shared function (the 8B decode step has 128 GEMM call sites but four
@@ -350,32 +284,9 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
         plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
-    def prefetch(pf_gmem, ni, si):  # this CTA's share of the next weight's boxes, into L2
-        # Boxes in the order the next GEMM's CTAs read them (K split major, then rows, then K
-        # within the split), so that a capped prefetch covers its first waves.
-        N2, K2, _, max_bytes, splits = pf
-        bn, bk = prefetch_plan((N2, K2), jnp.int4, splits)
-        cps, rows = K2 // splits // bk, N2 // bn  # boxes per row band within a split; bands
-        total = min(splits * rows * cps, max(1, max_bytes // (bn * bk // 2)))
-        ctas = n_tiles * cfg.split_k
-        c = ni * cfg.split_k + si
-        for j in range(-(-total // ctas)):
-            t = c + j * ctas
-
-            @pl.when(t < total)
-            def _():
-                n0, k0 = prefetch_box(t, rows, cps, bn, bk)
-                plgpu.async_prefetch(pf_gmem.at[pl.ds(n0, bn), pl.ds(k0, bk)])
-
-    def kernel(x_gmem, w_gmem, *refs, o_smem):
-        if pf is not None:
-            pf_gmem, o_gmem = refs
-        else:
-            (o_gmem,) = refs
+    def kernel(x_gmem, w_gmem, o_gmem, o_smem):
         ni = lax.axis_index("n")
         si = lax.axis_index("s")
-        if pf is not None and pf[2] == "start":
-            prefetch(pf_gmem, ni, si)
 
         def acc_scope(acc_ref):
             def body(_, x_smem, w_smem):
@@ -392,8 +303,6 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
             return acc_ref[...]
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si)
-        if pf is not None and pf[2] == "end":
-            prefetch(pf_gmem, ni, si)
 
     def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
         return [x_spec(lambda k: (0, si * k_iters + k)), w_spec(ni, si)]
@@ -496,8 +405,6 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool, pf=None):
         pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
 
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-    if pf is not None and (not cfg.plain or cfg.probe):
-        raise ValueError("the L2 prefetch runs in the plain kernel only")
     if upc > 1:
         f = plgpu.kernel(
             kernel_persistent, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),

@@ -128,46 +128,6 @@ def _mgpu_lowering_error() -> str | None:
     return why
 
 
-@functools.lru_cache(maxsize=None)
-def _mgpu_prefetch_error() -> str | None:
-    """Lower a small instance of the kernel with the L2 prefetch once per process, or say why
-    this jax cannot (then GEMMs run without it, logged once)."""
-    from pallas_kernels import w4_mgpu
-    try:
-        avals = (jax.ShapeDtypeStruct((8, 512), jnp.bfloat16),
-                 jax.ShapeDtypeStruct((64, 512), jnp.int4), jax.ShapeDtypeStruct((64,), jnp.float32),
-                 jax.ShapeDtypeStruct((256, 512), jnp.int4))
-        jax.jit(lambda x, w, s, p: w4_mgpu.w4_mgpu_matmul(x, w, s, prefetch=p, prefetch_at="end")
-                ).trace(*avals).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # noqa: BLE001 - any failure means: no prefetch
-        return f"this jax ({jax.__version__}) cannot lower it: {type(e).__name__}: {str(e)[:300]}"
-    return None
-
-
-def mgpu_prefetch(prefetch, M: int = 1):
-    """The next GEMM's int4 [N, K] weight to prefetch into L2 from this Mosaic GEMM, or None:
-    off (w4_mgpu.PREFETCH ""), no weight given (the last GEMM, or a 16-bit / half-split
-    weight), or a weight or jax the prefetch cannot take (logged once)."""
-    from pallas_kernels import w4_mgpu
-    if not w4_mgpu.PREFETCH or prefetch is None or quant.weight_layout(prefetch) != "nk":
-        return None
-    plan = w4_mgpu.prefetch_plan(prefetch.shape, prefetch.dtype,
-                                 w4_mgpu.next_splits(M, prefetch.shape))
-    if isinstance(plan, str):
-        log_once(("prefetch-shape", prefetch.shape), f"qspec_jax: no L2 prefetch of a "
-                 f"{tuple(prefetch.shape)} weight: {plan}", logging.WARNING)
-        return None
-    why = _mgpu_prefetch_error()
-    if why:
-        log_once(("prefetch-lower",), f"qspec_jax: w4_mgpu.PREFETCH={w4_mgpu.PREFETCH!r} but the "
-                 f"Mosaic GPU kernel's L2 prefetch cannot lower: {why}; GEMMs run without it",
-                 logging.WARNING)
-        return None
-    log_once(("prefetch-on", w4_mgpu.PREFETCH), "qspec_jax: Mosaic GPU GEMMs prefetch the next "
-             f"GEMM's weights into L2 (at the {w4_mgpu.PREFETCH} of each CTA's work)")
-    return prefetch
-
-
 def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
     """Whether the Mosaic GPU kernel takes this GEMM of an int4 [N, K] weight (else XLA, the
     reason logged once)."""
@@ -202,20 +162,18 @@ def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
     return True
 
 
-def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool, prefetch=None):
-    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path.
-    ``prefetch``: the next GEMM's weight (see mgpu_prefetch; Mosaic GPU kernel only)."""
+def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
+    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
     import pallas_kernels as pk
     if quant.weight_layout(qweight) == "nk":
         M, K = x2.shape
         if not _mgpu_runs(M, K, qweight.shape[0], scales, mode, required):
             return None
         from pallas_kernels.w4_mgpu import w4_mgpu_matmul
-        pf = mgpu_prefetch(prefetch, M)
         if mode == "w4a16":
-            return w4_mgpu_matmul(x2, qweight, scales[0], prefetch=pf)
+            return w4_mgpu_matmul(x2, qweight, scales[0])
         xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
-        return w4_mgpu_matmul(xq, qweight, scales[0], sx.reshape(-1), prefetch=pf).astype(x2.dtype)
+        return w4_mgpu_matmul(xq, qweight, scales[0], sx.reshape(-1)).astype(x2.dtype)
     interpret = _gemm_interpret(*x2.shape, qweight, scales, mode, required)
     if interpret is None:
         return None
@@ -231,7 +189,7 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool, prefetch
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
-def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool, prefetch=None):
+def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool):
     """xq2 int8 [M, K] with per-token scales sx2 [M, 1] -> [M, N] in out_dtype via the Pallas
     int8 GEMM (w4a8 and w4a4 share it), or None to use the XLA reference path."""
     import pallas_kernels as pk
@@ -240,8 +198,7 @@ def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool,
         if not _mgpu_runs(M, K, qweight.shape[0], scales, "w4a8", required):
             return None
         from pallas_kernels.w4_mgpu import w4_mgpu_matmul
-        return w4_mgpu_matmul(xq2, qweight, scales[0], sx2.reshape(-1),
-                              prefetch=mgpu_prefetch(prefetch, M)).astype(out_dtype)
+        return w4_mgpu_matmul(xq2, qweight, scales[0], sx2.reshape(-1)).astype(out_dtype)
     interpret = _gemm_interpret(*xq2.shape, qweight, scales, "w4a8", required)
     if interpret is None:
         return None

@@ -80,16 +80,8 @@ class QLinear(nnx.Module):
     def is_quantized(self) -> bool:
         return hasattr(self, "qweight")
 
-    @property
-    def weight(self):
-        """The stored weight (int4 / int8 quantized, else the 16-bit kernel): what a GEMM
-        before this one may prefetch (``prefetch``)."""
-        return self.qweight[...] if self.is_quantized else self.kernel[...]
-
-    def __call__(self, x, mode: str, kernels: str = "xla", prefetch=None) -> jax.Array:
-        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N].
-        ``prefetch``: the next GEMM's weight (``QLinear.weight``), which the Mosaic GPU kernel
-        fetches into L2 while it runs when w4_mgpu.PREFETCH is on; no effect on the result."""
+    def __call__(self, x, mode: str, kernels: str = "xla") -> jax.Array:
+        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N]."""
         for captured in _CAPTURES:
             captured[id(self)] = x
         if isinstance(x, QuantizedInput):
@@ -97,7 +89,7 @@ class QLinear(nnx.Module):
                 raise ValueError(f"a pre-quantized input needs a quantized layer in mode w4a8 or "
                                  f"w4a4, got mode {mode!r}"
                                  + ("" if self.is_quantized else " on 16-bit weights"))
-            y = prequantized_matmul(x, self.qweight[...], self.scales[...], kernels, prefetch)
+            y = prequantized_matmul(x, self.qweight[...], self.scales[...], kernels)
         elif mode == "w16":
             if self.is_quantized:
                 raise ValueError("mode 'w16' needs 16-bit weights but this model is quantized; "
@@ -109,13 +101,13 @@ class QLinear(nnx.Module):
             if not self.is_quantized:
                 raise ValueError(f"mode {mode!r} needs a quantized model; load it with quant='w4' "
                                  "(or convert with --quant w4), or use mode='w16'")
-            y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels, prefetch)
+            y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
 
-def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str, prefetch=None):
+def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str):
     """A draft-mode GEMM on already quantized activations: the Pallas int8 kernel or the XLA
     reference (same dispatch rules as quantized_matmul)."""
     if kernels not in KERNEL_BACKENDS:
@@ -126,13 +118,13 @@ def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str, prefet
     if kernels != "xla":
         from . import kernel_dispatch
         y = kernel_dispatch.prequantized_matmul(xq2, sx2, qweight, scales, x.dtype,
-                                                required=kernels == "pallas", prefetch=prefetch)
+                                                required=kernels == "pallas")
     if y is None:
         y = quant.prequantized_matmul_reference(xq2, sx2, qweight, scales, x.dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
-def quantized_matmul(x, qweight, scales, mode: str, kernels: str, prefetch=None):
+def quantized_matmul(x, qweight, scales, mode: str, kernels: str):
     """Route one quantized GEMM to the Pallas kernels or the XLA reference path."""
     if kernels not in KERNEL_BACKENDS:
         raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
@@ -141,8 +133,7 @@ def quantized_matmul(x, qweight, scales, mode: str, kernels: str, prefetch=None)
     y = None
     if kernels != "xla":
         from . import kernel_dispatch
-        y = kernel_dispatch.quantized_matmul(x2, qweight, scales, mode, required=kernels == "pallas",
-                                             prefetch=prefetch)
+        y = kernel_dispatch.quantized_matmul(x2, qweight, scales, mode, required=kernels == "pallas")
     if y is None:
         y = quant.quantized_matmul_reference(x2, qweight, scales, mode, out_dtype=x.dtype)
     return y.reshape(*lead, y.shape[-1])

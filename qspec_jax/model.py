@@ -278,24 +278,15 @@ class Attention(nnx.Module):
                                                     cfg.head_dim)
         self.rotate = qcfg.rotate
 
-    @property
-    def first_weight(self):
-        """The weight of this block's first GEMM (what the GEMM before it may prefetch)."""
-        return (self.qkv_proj if self.fused else self.q_proj).weight
-
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
-                 window=None, readonly=False, prefix=None, prefetch=None):
-        """One attention block; ``prefetch``: the weight of the GEMM after o_proj (see
-        QLinear's ``prefetch``)."""
+                 window=None, readonly=False, prefix=None):
         B, T, _ = x.shape
         if self.fused:
-            qkv = self.qkv_proj(x, mode, kernels, prefetch=self.o_proj.weight)
+            qkv = self.qkv_proj(x, mode, kernels)
             nq, nkv = self.heads * self.head_dim, self.kv_heads * self.head_dim
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
         else:
-            q = self.q_proj(x, mode, kernels, prefetch=self.k_proj.weight)
-            k = self.k_proj(x, mode, kernels, prefetch=self.v_proj.weight)
-            v = self.v_proj(x, mode, kernels, prefetch=self.o_proj.weight)
+            q, k, v = (p(x, mode, kernels) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(B, T, self.heads, self.head_dim)
         k = k.reshape(B, T, self.kv_heads, self.head_dim)
         v = v.reshape(B, T, self.kv_heads, self.head_dim)
@@ -327,7 +318,7 @@ class Attention(nnx.Module):
                                                  cache.v[layer].astype(q.dtype),
                                                  k_att.astype(q.dtype), v_att.astype(q.dtype),
                                                  cache_len, blk_ok, window, positions)
-            return self._out(out, mode, kernels, prefetch), (k_blk, v_blk)
+            return self._out(out, mode, kernels), (k_blk, v_blk)
         cache_k = _write_block(cache.k, k, layer, positions)
         cache_v = _write_block(cache.v, v, layer, positions)
         out = None
@@ -337,16 +328,15 @@ class Attention(nnx.Module):
         if out is None:
             out = attention_reference(q, cache_k[layer].astype(q.dtype),
                                       cache_v[layer].astype(q.dtype), positions, window)
-        return self._out(out, mode, kernels, prefetch), KVCache(cache_k, cache_v)
+        return self._out(out, mode, kernels), KVCache(cache_k, cache_v)
 
-    def _out(self, out, mode, kernels, prefetch=None):
+    def _out(self, out, mode, kernels):
         B, T = out.shape[:2]
         out = out.reshape(B, T, self.heads * self.head_dim)
         if self.rotate:
             from .rotation import online_hadamard
             out = online_hadamard(out)
-        return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels,
-                           prefetch=prefetch)
+        return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels)
 
 
 def draft_quantized(x, layer: QLinear, mode, kernels, prologue="none"):
@@ -374,30 +364,21 @@ class MLP(nnx.Module):
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size, **lin)
         self.rotate = qcfg.rotate
 
-    @property
-    def first_weight(self):
-        """The weight of this block's first GEMM (what the GEMM before it may prefetch)."""
-        return (self.gate_up_proj if self.fused else self.gate_proj).weight
-
-    def __call__(self, x, mode, kernels, prefetch=None):
-        """``prefetch``: the weight of the GEMM after down_proj (QLinear's ``prefetch``)."""
-        down = dict(prefetch=prefetch)
+    def __call__(self, x, mode, kernels):
         if self.fused:
-            gate_up = self.gate_up_proj(x, mode, kernels, prefetch=self.down_proj.weight)
+            gate_up = self.gate_up_proj(x, mode, kernels)
             if not self.rotate:  # down_proj's input straight from [gate | up] in one kernel
                 hq = draft_quantized(gate_up, self.down_proj, mode, kernels, "swiglu")
                 if isinstance(hq, QuantizedInput):
-                    return self.down_proj(hq, mode, kernels, **down)
+                    return self.down_proj(hq, mode, kernels)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
-            gate = self.gate_proj(x, mode, kernels, prefetch=self.up_proj.weight)
-            up = self.up_proj(x, mode, kernels, prefetch=self.down_proj.weight)
+            gate, up = self.gate_proj(x, mode, kernels), self.up_proj(x, mode, kernels)
         h = jax.nn.silu(gate) * up
         if self.rotate:
             from .rotation import online_hadamard
             h = online_hadamard(h)
-        return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode, kernels,
-                              **down)
+        return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode, kernels)
 
 
 class DecoderLayer(nnx.Module):
@@ -420,19 +401,12 @@ class DecoderLayer(nnx.Module):
                 return QuantizedInput(*r, x.dtype)
         return norm(x)
 
-    @property
-    def first_weight(self):
-        return self.attn.first_weight
-
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
-                 readonly=False, prefix=None, prefetch=None):
-        """``prefetch``: the weight of the first GEMM after this layer (the next layer's)."""
+                 readonly=False, prefix=None):
         h, cache = self.attn(self._norm(self.attn_norm, x, mode, kernels), cache, layer,
-                             positions, inv_freq, mode, kernels, window, readonly, prefix,
-                             prefetch=self.mlp.first_weight)
+                             positions, inv_freq, mode, kernels, window, readonly, prefix)
         x = x + h
-        x = x + self.mlp(self._norm(self.mlp_norm, x, mode, kernels), mode, kernels,
-                         prefetch=prefetch)
+        x = x + self.mlp(self._norm(self.mlp_norm, x, mode, kernels), mode, kernels)
         return x, cache
 
 
@@ -534,13 +508,10 @@ class Transformer(nnx.Module):
         if prefix is not None and not readonly_cache:
             raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
         blocks = []
-        run = [i for i in range(len(self.layers)) if layers is None or i in layers]
-        after = dict(zip(run, run[1:]))  # each running layer -> the next one that runs
         for i, layer in enumerate(self.layers):
             if layers is None or i in layers:
                 x, out = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
-                               readonly_cache, prefix,
-                               prefetch=self.layers[after[i]].first_weight if i in after else None)
+                               readonly_cache, prefix)
                 if readonly_cache:
                     blocks.append(out)
                 else:

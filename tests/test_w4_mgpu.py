@@ -226,53 +226,6 @@ def test_probe_diag_runs_end_to_end_with_a_stand_in_kernel(tmp_path, monkeypatch
     assert all(r["us"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("mode", ["w4a16", "w4a8"])
-@pytest.mark.parametrize("where,out_mn", [("start", True), ("end", True), ("end", False)])
-def test_prefetch_lowers_for_cuda(mode, where, out_mn):
-    """With ``prefetch`` (the next GEMM's int4 weight) the plain kernel lowers with TMA L2
-    prefetches of it; the partial sums' shape is unchanged."""
-    M, K, N = 3, 1024, 128
-    int8 = mode == "w4a8"
-    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2, out_mn=out_mn,
-                     load_layout="wgmma" if int8 else "upcast")
-    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
-             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32),
-             jax.ShapeDtypeStruct((M,), jnp.float32) if int8 else None,
-             jax.ShapeDtypeStruct((1280, 512), jnp.int4)]
-
-    def f(x, w, s, sx, p):
-        return w4_mgpu_matmul(x, w, s, sx, config=cfg, prefetch=p, prefetch_at=where)
-    traced = jax.jit(f).trace(*avals)
-    assert traced.out_info.shape == (M, N)
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text and "cp.async.bulk.prefetch.tensor.2d.L2" in text
-
-
-def test_prefetch_plan_and_bad_requests():
-    """The 8B weights tile into 256 x 256 boxes; weights that do not, non-int4 ones, unknown
-    places and kernel variants are refused by name."""
-    from pallas_kernels.w4_mgpu import next_splits, prefetch_plan
-    for N, K in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-        for M in (1, 16, 64):
-            assert prefetch_plan((N, K), jnp.int4, next_splits(M, (N, K))) == (256, 256)
-    assert next_splits(1, (28672, 4096)) == 2 and next_splits(1, (4096, 14336)) == 8
-    assert prefetch_plan((128, 512), jnp.int4) == (128, 256)
-    assert prefetch_plan((128, 512), jnp.int4, 4) == (128, 128)
-    assert "does not split" in prefetch_plan((128, 512), jnp.int4, 3)
-    assert "not a multiple" in prefetch_plan((384, 384), jnp.int4)
-    assert "must be int4" in prefetch_plan((256, 256), jnp.int8)
-    x = jax.ShapeDtypeStruct((2, 512), jnp.bfloat16)
-    w, s = jax.ShapeDtypeStruct((64, 512), jnp.int4), jax.ShapeDtypeStruct((64,), jnp.float32)
-    for kw, msg in [(dict(prefetch_at="middle"), "prefetch_at='middle'"),
-                    (dict(prefetch=jax.ShapeDtypeStruct((384, 384), jnp.int4)), "not a multiple"),
-                    (dict(config=MgpuConfig(tile_n=64, smem_a=True)), "plain kernel only")]:
-        kw.setdefault("prefetch", jax.ShapeDtypeStruct((256, 512), jnp.int4))
-        kw.setdefault("prefetch_at", "end")
-        with pytest.raises(ValueError, match=msg):
-            jax.jit(lambda x, w, s, p, kw=kw: w4_mgpu_matmul(
-                x, w, s, **{**kw, "prefetch": p})).trace(x, w, s, kw["prefetch"])
-
-
 def test_x_pad_by_tma_lowers_without_a_pad():
     """w4_mgpu.X_PAD = "tma": x of M < 8 rows goes to the plain kernel unpadded (its TMA tiles
     zero-fill the missing rows on the GPU), so the program has no pad op; "xla" pads; the
@@ -298,16 +251,3 @@ def test_x_pad_by_tma_lowers_without_a_pad():
             jax.jit(w4_mgpu_matmul).trace(*avals)
     finally:
         w4_mgpu.X_PAD = old
-
-
-def test_prefetch_boxes_cover_the_weight_once_in_the_next_gemms_order():
-    """The box order the kernel issues (K split major, then row bands, then K within the split)
-    visits every box of the weight exactly once, and a cap keeps the first split's first rows."""
-    from pallas_kernels.w4_mgpu import prefetch_box
-    N2, K2, splits, bn, bk = 1024, 2048, 2, 256, 256
-    cps, rows = K2 // splits // bk, N2 // bn
-    seen = [prefetch_box(t, rows, cps, bn, bk) for t in range(splits * rows * cps)]
-    traced = jax.jit(lambda t: jnp.stack(prefetch_box(t, rows, cps, bn, bk)))  # as in the kernel
-    assert [tuple(int(v) for v in traced(jnp.int32(t))) for t in (0, 5, 9)] == [seen[0], seen[5], seen[9]]
-    assert sorted(seen) == [(n, k) for n in range(0, N2, bn) for k in range(0, K2, bk)]
-    assert all(k < K2 // splits for _, k in seen[:rows * cps])  # the first split comes first
