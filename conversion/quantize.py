@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qspec_jax import quant
 from qspec_jax.config import ModelConfig, QuantConfig
-from qspec_jax.layers import capture_linear_inputs, rope_inv_freq
+from qspec_jax.layers import capture_linear_inputs, finished, rope_inv_freq
 from qspec_jax.model import DecoderLayer, KVCache
 
 log = logging.getLogger("qspec_jax")
@@ -143,8 +143,8 @@ def _run_layer_fn(cfg: ModelConfig, rotate: bool):
                                B, S, jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         with capture_linear_inputs() as captured:
-            y, _ = layer(x, cache, 0, positions, inv_freq, "w16", "xla")
-        return y, {names[k]: v for k, v in captured.items()}
+            y, _, mlp_out = layer(x, cache, 0, positions, inv_freq, "w16", "xla")
+        return y + finished(mlp_out), {names[k]: v for k, v in captured.items()}
 
     def call(layer_params, x):
         _, state = nnx.split(abstract)

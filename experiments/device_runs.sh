@@ -50,6 +50,7 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
+#   bash experiments/device_runs.sh resnorm  # fused epilogue + residual + RMSNorm kernel: GPU tests, 8B b1/16 off vs on, b1 profile (~8 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -75,7 +76,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | resnorm | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -622,6 +623,22 @@ case "$stage" in
     done
     ;;
   # prefetch: removed (L2 prefetch of the next GEMM's weights measured slower, prefetch_h200_7e1796b.md)
+  resnorm)
+    # Issue 8: the junction after o_proj / down_proj (GEMM epilogue + residual add + RMSNorm,
+    # three XLA kernels at batch 1) as one Pallas kernel (kernel_dispatch.RESIDUAL_NORM). GPU
+    # tests (kernel vs reference, on the Mosaic partials, QSpec lossless in the model), then 8B
+    # w4a16 AR and w4a8 (the draft step) at batch 1 / 16, off vs on, then a batch-1 profile.
+    step 150 resnorm_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+      tests/gpu/test_residual_norm_gpu.py
+    for v in off on; do
+      step 110 resnorm_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16,w4a8 --new-tokens 64 --repeats 3 --residual-norm $v --time-budget 100 \
+        --commit "$COMMIT" --out "$OUT/resnorm_$v.jsonl"
+    done
+    step 90 resnorm_profile.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
+      --configs w4a16 --new-tokens 32 --residual-norm on --commit "$COMMIT" --out "$OUT/prof_rn"
+    rm -rf "$OUT/prof_rn"/trace_*
+    ;;
   xpad)
     # Issue 8: x of < 8 rows handed to the Mosaic GEMM unpadded (w4_mgpu.X_PAD="tma": its TMA
     # tiles zero-fill the rows past M) instead of an XLA pad (a kernel of its own before o_proj
@@ -730,7 +747,7 @@ case "$stage" in
     [ -f "experiments/results/$f" ] && cp "experiments/results/$f" "$OUT/$f"
     step 560 "${stage}.log" python3 experiments/sweep.py --models "$model" \
       --batches 1,16,64,4,256,2,8,32,128 --modes w4a16,qspec-w4a8,w4a8,qspec-w4a4,w16 \
-      --gammas 3,auto --max-gamma 7 --cost-gammas 0,1,3,5,7 --repeats 2 --new-tokens 64 \
+      --gammas 3,auto --max-gamma 7 --cost-gammas 0,1,3,5,7 --repeats 3 --new-tokens 64 \
       --time-budget 500 --commit "$COMMIT" --out "$OUT/$f"
     ;;
   outmn)

@@ -335,18 +335,28 @@ def environment(commit: str | None) -> dict:
 
 
 def add_mgpu_flags(p) -> None:
-    """--mgpu-x-pad: the Mosaic GEMM experiment flags (sweep.py, profile_cycle.py)."""
+    """--mgpu-x-pad, --residual-norm: the decode-kernel experiment flags (sweep.py,
+    profile_cycle.py)."""
     p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
                    help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
                         "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
+    p.add_argument("--residual-norm", choices=("on", "off"), default=None,
+                   help="kernels=auto on the GPU: the GEMM epilogue + residual add + RMSNorm "
+                        "after o_proj / down_proj as one Pallas kernel "
+                        "(qspec_jax.kernel_dispatch.RESIDUAL_NORM)")
 
 
 def apply_mgpu_flags(args) -> dict:
-    """Set w4_mgpu.X_PAD from add_mgpu_flags' arguments; the settings to record."""
+    """Set w4_mgpu.X_PAD and kernel_dispatch.RESIDUAL_NORM from add_mgpu_flags' arguments; the
+    settings to record."""
     from pallas_kernels import w4_mgpu
+    from qspec_jax import kernel_dispatch
     if args.mgpu_x_pad:
         w4_mgpu.X_PAD = args.mgpu_x_pad
-    return dict(mgpu_x_pad=w4_mgpu.X_PAD)
+    if args.residual_norm:
+        kernel_dispatch.RESIDUAL_NORM = args.residual_norm == "on"
+    return dict(mgpu_x_pad=w4_mgpu.X_PAD,
+                residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off")
 
 
 def _one_non_default(runs: list[dict], key: str, current, missing=None):
@@ -807,7 +817,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 ("--hadamard-impl", "hadamard_impl", rotation.HADAMARD_IMPL, None),
                 ("--mgpu-x-pad", "mgpu_x_pad", w4_mgpu.X_PAD, "xla"),
                 ("--cache-update", "cache_update", model_module.CACHE_UPDATE, "scatter"),
-                ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None)):
+                ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None),
+                ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off")):
             val = _one_non_default(runs, key, current, missing)
             if val is not None:
                 args.append((flag, str(val)))

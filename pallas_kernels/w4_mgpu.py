@@ -194,9 +194,27 @@ def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
             + cfg.stages * cfg.tile_n * cfg.block_k // 2 + cfg.tile_n * Mp * 4)
 
 
-def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None):
+def out_mn_epilogue(part, scales, sx, M: int, dtype):
+    """The out_mn layout's epilogue: split-K partial sums [split_k, Mp, N] (f32; int32 of the
+    int8 GEMM, exact) added in split order, times the per-channel scales [N] (and the int8
+    GEMM's per-token scales sx [M], its result rounded to bf16 first), -> [M, N] in dtype.
+    Adds of slices, not a reduce, so XLA fuses it into the consumer as elementwise work; the
+    fused residual + RMSNorm kernel (pallas_kernels.residual_norm) computes it the same way."""
+    acc = functools.reduce(operator.add, [part[i] for i in range(part.shape[0])])
+    y = acc[:M].astype(jnp.float32) * scales[None, :]
+    if sx is not None:
+        return (y * sx[:, None]).astype(jnp.bfloat16).astype(dtype)
+    return y.astype(dtype)
+
+
+def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None,
+                   partials: bool = False):
     """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= 64), w_nk int4 [N, K], scales
-    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8)."""
+    f32 [N] -> [M, N] (x's dtype; bf16 for w4a8).
+
+    partials=True (an out_mn config only, else ValueError): the kernel's split-K partial sums
+    [split_k, Mp, N] before the epilogue (out_mn_epilogue turns them into the result), for a
+    consumer that applies the epilogue itself (pallas_kernels.residual_norm)."""
     if plgpu is None:
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     M, K = x.shape
@@ -222,13 +240,16 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
     # M = 11 (tile 8, padded to 16) still needs the pad.
     if Mp != M and not (X_PAD == "tma" and cfg.plain and M < 8):
         xp = jnp.pad(xp, ((0, Mp - M), (0, 0)))
+    if partials and not cfg.out_mn:
+        raise ValueError("w4_mgpu_matmul: partials=True needs an out_mn config (partial sums "
+                         "stored [split_k, Mp, N])")
     part = _kernel(cfg, Mp, K, N, int8)(xp, w_nk)
+    if partials:
+        return part
     if cfg.out_mn:  # [split_k, Mp, N]: adds of slices, not a reduce, so the epilogue stays elementwise
-        acc = functools.reduce(operator.add, [part[i] for i in range(cfg.split_k)])
-        y = acc[:M].astype(jnp.float32) * scales[None, :]  # (int32 split sums are exact)
-    else:
-        y = part.sum(0).astype(jnp.float32) * scales[:, None]
-        y = y.T[:M]
+        return out_mn_epilogue(part, scales, sx, M, jnp.bfloat16 if int8 else x.dtype)
+    y = part.sum(0).astype(jnp.float32) * scales[:, None]
+    y = y.T[:M]
     if int8:
         return (y * sx[:, None]).astype(jnp.bfloat16)
     return y.astype(x.dtype)

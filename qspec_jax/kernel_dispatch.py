@@ -162,18 +162,30 @@ def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
     return True
 
 
-def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
-    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path."""
+def _mgpu_gemm(x2, qweight, scales, sx, out_dtype, partials: bool):
+    """The Mosaic GEMM's [M, N] output, or (partials, where the model-wide out_mn layout gives
+    them) its GemmPartials for the caller to finish."""
+    from pallas_kernels import w4_mgpu
+    sx = None if sx is None else sx.reshape(-1)
+    if partials and w4_mgpu.OUT_MN:
+        from .layers import GemmPartials
+        part = w4_mgpu.w4_mgpu_matmul(x2, qweight, scales[0], sx, partials=True)
+        return GemmPartials(part, scales[0], sx, (x2.shape[0],), out_dtype)
+    return w4_mgpu.w4_mgpu_matmul(x2, qweight, scales[0], sx).astype(out_dtype)
+
+
+def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool, partials: bool = False):
+    """x2 [M, K] -> [M, N] via a Pallas kernel, or None to use the XLA reference path.
+    partials=True: where the Mosaic kernel runs, its GemmPartials (layers.QLinear, defer)."""
     import pallas_kernels as pk
     if quant.weight_layout(qweight) == "nk":
         M, K = x2.shape
         if not _mgpu_runs(M, K, qweight.shape[0], scales, mode, required):
             return None
-        from pallas_kernels.w4_mgpu import w4_mgpu_matmul
         if mode == "w4a16":
-            return w4_mgpu_matmul(x2, qweight, scales[0])
+            return _mgpu_gemm(x2, qweight, scales, None, x2.dtype, partials)
         xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
-        return w4_mgpu_matmul(xq, qweight, scales[0], sx.reshape(-1)).astype(x2.dtype)
+        return _mgpu_gemm(xq, qweight, scales, sx, x2.dtype, partials)
     interpret = _gemm_interpret(*x2.shape, qweight, scales, mode, required)
     if interpret is None:
         return None
@@ -189,16 +201,17 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool):
     return pk.w4a8_matmul(xq, sx, qweight, scales, out_dtype=x2.dtype, interpret=interpret)
 
 
-def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool):
+def prequantized_matmul(xq2, sx2, qweight, scales, out_dtype, *, required: bool,
+                        partials: bool = False):
     """xq2 int8 [M, K] with per-token scales sx2 [M, 1] -> [M, N] in out_dtype via the Pallas
-    int8 GEMM (w4a8 and w4a4 share it), or None to use the XLA reference path."""
+    int8 GEMM (w4a8 and w4a4 share it), or None to use the XLA reference path (partials as in
+    quantized_matmul)."""
     import pallas_kernels as pk
     if quant.weight_layout(qweight) == "nk":
         M, K = xq2.shape
         if not _mgpu_runs(M, K, qweight.shape[0], scales, "w4a8", required):
             return None
-        from pallas_kernels.w4_mgpu import w4_mgpu_matmul
-        return w4_mgpu_matmul(xq2, qweight, scales[0], sx2.reshape(-1)).astype(out_dtype)
+        return _mgpu_gemm(xq2, qweight, scales, sx2, out_dtype, partials)
     interpret = _gemm_interpret(*xq2.shape, qweight, scales, "w4a8", required)
     if interpret is None:
         return None
@@ -273,6 +286,52 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
     from pallas_kernels import rmsnorm_quant as rq
     xq, sx = rq.row_quant(x.reshape(-1, W), bits, prologue, interpret=interpret)
     return xq.reshape(*x.shape[:-1], D), sx.reshape(*x.shape[:-1], 1)
+
+
+# The junction after o_proj / down_proj (GEMM epilogue + residual add + the next RMSNorm) as one
+# Pallas kernel (pallas_kernels.residual_norm) instead of XLA's three kernels (batch-1 8B step:
+# 64 junctions, hlo_summary_b1_xpad_7e1796b.md). kernels="pallas" runs it (interpret mode on
+# CPU); under "auto" on the GPU only with RESIDUAL_NORM on, until the H200 measures it faster
+# (sweep.py --residual-norm on, device stage resnorm). Decode shapes only (M <= MAX_M rows;
+# prefill keeps XLA's fusions). Read at trace time.
+RESIDUAL_NORM = False
+RESIDUAL_NORM_MAX_M = 64
+
+
+def residual_norm_runs(kernels: str, mode: str, M: int, D: int):
+    """Whether the fused residual + RMSNorm kernel takes a junction of M rows of width D: None
+    (no: the model adds and normalizes through XLA) or its interpret flag."""
+    if kernels == "xla" or M > RESIDUAL_NORM_MAX_M:
+        return None
+    on_gpu = jax.default_backend() == "gpu"
+    if kernels == "auto" and not (on_gpu and RESIDUAL_NORM):
+        return None
+    from pallas_kernels import rmsnorm_quant as rq
+    if D % rq.CHUNK:
+        log_once(("resnorm-shape", D), "qspec_jax: the fused residual + RMSNorm kernel cannot "
+                 f"take hidden size {D} (not a multiple of {rq.CHUNK}): using XLA", logging.WARNING)
+        return None
+    if mode in ("w4a8", "w4a4") and _fused_quant_interpret(kernels, D, "rmsnorm") is not None:
+        return None  # the RMSNorm + quantization kernel takes this norm (its output quantized)
+    interpret = not on_gpu
+    log_once(("resnorm", interpret), "qspec_jax: residual add + RMSNorm after o_proj / down_proj "
+             "use the fused Pallas kernel" + (" (interpret mode: no GPU)" if interpret else ""))
+    return interpret
+
+
+def residual_norm(x, h, gain, eps: float, interpret: bool):
+    """(x + h, RMSNorm(x + h)) for x [..., D] and a layer output h (an array or GemmPartials)
+    in one Pallas kernel (residual_norm_runs said it runs)."""
+    from pallas_kernels.residual_norm import residual_norm as kernel
+
+    from .layers import GemmPartials
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if isinstance(h, GemmPartials):
+        out = kernel(x2, h.part, h.scales, gain, eps, h.sx, interpret=interpret)
+    else:
+        out = kernel(x2, h.reshape(1, -1, D), None, gain, eps, interpret=interpret)
+    return tuple(o.reshape(x.shape) for o in out)
 
 
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,

@@ -58,6 +58,34 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmPartials:
+    """A quantized layer's output before its GEMM's epilogue: the Mosaic kernel's split-K
+    partial sums part [S, Mp, N] (f32; int32 with the per-token scales sx [M] of an int8 GEMM)
+    and the per-channel scales [N], for a consumer that applies the epilogue itself (the fused
+    residual + RMSNorm kernel, kernel_dispatch.residual_norm). ``lead`` is the output's leading
+    shape, ``dtype`` its dtype; ``finish()`` is the output exactly as the layer returns it."""
+
+    part: jax.Array
+    scales: jax.Array
+    sx: jax.Array | None
+    lead: tuple
+    dtype: Any
+
+    def finish(self) -> jax.Array:
+        from pallas_kernels.w4_mgpu import out_mn_epilogue
+        M = 1
+        for d in self.lead:
+            M *= d
+        y = out_mn_epilogue(self.part, self.scales, self.sx, M, self.dtype)
+        return y.reshape(*self.lead, y.shape[-1])
+
+
+def finished(y) -> jax.Array:
+    """A layer output as an array (GemmPartials finished)."""
+    return y.finish() if isinstance(y, GemmPartials) else y
+
+
 class QLinear(nnx.Module):
     """y = x @ W (+ b) with W stored 16-bit or as 4-bit weights; see ``quant`` for the modes."""
 
@@ -80,8 +108,13 @@ class QLinear(nnx.Module):
     def is_quantized(self) -> bool:
         return hasattr(self, "qweight")
 
-    def __call__(self, x, mode: str, kernels: str = "xla") -> jax.Array:
-        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N]."""
+    def __call__(self, x, mode: str, kernels: str = "xla", defer: bool = False):
+        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N].
+
+        defer=True: where the GEMM runs the Mosaic kernel (and the layer has no bias), its
+        GemmPartials instead (the caller applies the epilogue, e.g. fused with the residual add
+        and the next RMSNorm); anywhere else the output as usual."""
+        defer = defer and self.bias is None
         for captured in _CAPTURES:
             captured[id(self)] = x
         if isinstance(x, QuantizedInput):
@@ -89,7 +122,7 @@ class QLinear(nnx.Module):
                 raise ValueError(f"a pre-quantized input needs a quantized layer in mode w4a8 or "
                                  f"w4a4, got mode {mode!r}"
                                  + ("" if self.is_quantized else " on 16-bit weights"))
-            y = prequantized_matmul(x, self.qweight[...], self.scales[...], kernels)
+            y = prequantized_matmul(x, self.qweight[...], self.scales[...], kernels, defer)
         elif mode == "w16":
             if self.is_quantized:
                 raise ValueError("mode 'w16' needs 16-bit weights but this model is quantized; "
@@ -101,15 +134,21 @@ class QLinear(nnx.Module):
             if not self.is_quantized:
                 raise ValueError(f"mode {mode!r} needs a quantized model; load it with quant='w4' "
                                  "(or convert with --quant w4), or use mode='w16'")
-            y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels)
+            y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels, defer)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
 
-def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str):
+def _with_lead(y, lead):
+    if isinstance(y, GemmPartials):
+        return dataclasses.replace(y, lead=tuple(lead))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str, defer: bool = False):
     """A draft-mode GEMM on already quantized activations: the Pallas int8 kernel or the XLA
-    reference (same dispatch rules as quantized_matmul)."""
+    reference (same dispatch rules as quantized_matmul; ``defer`` as in QLinear)."""
     if kernels not in KERNEL_BACKENDS:
         raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
     lead = x.xq.shape[:-1]
@@ -118,14 +157,15 @@ def prequantized_matmul(x: QuantizedInput, qweight, scales, kernels: str):
     if kernels != "xla":
         from . import kernel_dispatch
         y = kernel_dispatch.prequantized_matmul(xq2, sx2, qweight, scales, x.dtype,
-                                                required=kernels == "pallas")
+                                                required=kernels == "pallas", partials=defer)
     if y is None:
         y = quant.prequantized_matmul_reference(xq2, sx2, qweight, scales, x.dtype)
-    return y.reshape(*lead, y.shape[-1])
+    return _with_lead(y, lead)
 
 
-def quantized_matmul(x, qweight, scales, mode: str, kernels: str):
-    """Route one quantized GEMM to the Pallas kernels or the XLA reference path."""
+def quantized_matmul(x, qweight, scales, mode: str, kernels: str, defer: bool = False):
+    """Route one quantized GEMM to the Pallas kernels or the XLA reference path (``defer`` as
+    in QLinear)."""
     if kernels not in KERNEL_BACKENDS:
         raise ValueError(f"unknown kernels={kernels!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
     lead = x.shape[:-1]
@@ -133,10 +173,11 @@ def quantized_matmul(x, qweight, scales, mode: str, kernels: str):
     y = None
     if kernels != "xla":
         from . import kernel_dispatch
-        y = kernel_dispatch.quantized_matmul(x2, qweight, scales, mode, required=kernels == "pallas")
+        y = kernel_dispatch.quantized_matmul(x2, qweight, scales, mode, required=kernels == "pallas",
+                                             partials=defer)
     if y is None:
         y = quant.quantized_matmul_reference(x2, qweight, scales, mode, out_dtype=x.dtype)
-    return y.reshape(*lead, y.shape[-1])
+    return _with_lead(y, lead)
 
 
 class RMSNorm(nnx.Module):

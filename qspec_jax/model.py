@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, QuantConfig
-from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, rope_inv_freq
+from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, finished, rope_inv_freq
 
 
 # How a decode step (and a fixed-gamma draft or verify pass) writes its new K/V: "layer" (each
@@ -279,7 +279,8 @@ class Attention(nnx.Module):
         self.rotate = qcfg.rotate
 
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
-                 window=None, readonly=False, prefix=None):
+                 window=None, readonly=False, prefix=None, defer=False):
+        """defer: o_proj may return GemmPartials (QLinear's defer)."""
         B, T, _ = x.shape
         if self.fused:
             qkv = self.qkv_proj(x, mode, kernels)
@@ -318,7 +319,7 @@ class Attention(nnx.Module):
                                                  cache.v[layer].astype(q.dtype),
                                                  k_att.astype(q.dtype), v_att.astype(q.dtype),
                                                  cache_len, blk_ok, window, positions)
-            return self._out(out, mode, kernels), (k_blk, v_blk)
+            return self._out(out, mode, kernels, defer), (k_blk, v_blk)
         cache_k = _write_block(cache.k, k, layer, positions)
         cache_v = _write_block(cache.v, v, layer, positions)
         out = None
@@ -328,15 +329,15 @@ class Attention(nnx.Module):
         if out is None:
             out = attention_reference(q, cache_k[layer].astype(q.dtype),
                                       cache_v[layer].astype(q.dtype), positions, window)
-        return self._out(out, mode, kernels), KVCache(cache_k, cache_v)
+        return self._out(out, mode, kernels, defer), KVCache(cache_k, cache_v)
 
-    def _out(self, out, mode, kernels):
+    def _out(self, out, mode, kernels, defer=False):
         B, T = out.shape[:2]
         out = out.reshape(B, T, self.heads * self.head_dim)
         if self.rotate:
             from .rotation import online_hadamard
             out = online_hadamard(out)
-        return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels)
+        return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels, defer)
 
 
 def draft_quantized(x, layer: QLinear, mode, kernels, prologue="none"):
@@ -364,13 +365,14 @@ class MLP(nnx.Module):
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size, **lin)
         self.rotate = qcfg.rotate
 
-    def __call__(self, x, mode, kernels):
+    def __call__(self, x, mode, kernels, defer=False):
+        """defer: down_proj may return GemmPartials (QLinear's defer)."""
         if self.fused:
             gate_up = self.gate_up_proj(x, mode, kernels)
             if not self.rotate:  # down_proj's input straight from [gate | up] in one kernel
                 hq = draft_quantized(gate_up, self.down_proj, mode, kernels, "swiglu")
                 if isinstance(hq, QuantizedInput):
-                    return self.down_proj(hq, mode, kernels)
+                    return self.down_proj(hq, mode, kernels, defer)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, mode, kernels), self.up_proj(x, mode, kernels)
@@ -378,7 +380,8 @@ class MLP(nnx.Module):
         if self.rotate:
             from .rotation import online_hadamard
             h = online_hadamard(h)
-        return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode, kernels)
+        return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode, kernels,
+                              defer)
 
 
 class DecoderLayer(nnx.Module):
@@ -401,13 +404,41 @@ class DecoderLayer(nnx.Module):
                 return QuantizedInput(*r, x.dtype)
         return norm(x)
 
+    def _add_norm(self, x, h, norm: RMSNorm, mode, kernels, fuse):
+        """(x + h, the norm of it for the layers that read it); h None: (x, its norm). With
+        ``fuse`` (residual_norm_runs' interpret flag) one Pallas kernel does the GEMM epilogue
+        of a GemmPartials h, the add and the norm."""
+        if h is None:
+            return x, self._norm(norm, x, mode, kernels)
+        if fuse is not None:
+            from .kernel_dispatch import residual_norm
+            return residual_norm(x, h, norm.scale[...], norm.eps, fuse)
+        x = x + finished(h)
+        return x, self._norm(norm, x, mode, kernels)
+
+    def fuse_junctions(self, x, mode, kernels):
+        """Whether this layer's junctions (o_proj / down_proj output + residual + RMSNorm) run
+        as one kernel each: residual_norm_runs' verdict (None: XLA) for x [..., D]."""
+        if not self.quantized:
+            return None
+        from .kernel_dispatch import residual_norm_runs
+        M = 1
+        for d in x.shape[:-1]:
+            M *= d
+        return residual_norm_runs(kernels, mode, M, x.shape[-1])
+
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
-                 readonly=False, prefix=None):
-        h, cache = self.attn(self._norm(self.attn_norm, x, mode, kernels), cache, layer,
-                             positions, inv_freq, mode, kernels, window, readonly, prefix)
-        x = x + h
-        x = x + self.mlp(self._norm(self.mlp_norm, x, mode, kernels), mode, kernels)
-        return x, cache
+                 readonly=False, prefix=None, pending=None):
+        """-> (x, cache, pending): the residual stream up to this layer's attention block, the
+        cache (or read-only K/V blocks) and the MLP's output not yet added (an array or
+        GemmPartials), which the next running layer (or the caller: ``finished``) adds. The
+        ``pending`` argument is the previous layer's."""
+        fuse = self.fuse_junctions(x, mode, kernels)
+        x, normed = self._add_norm(x, pending, self.attn_norm, mode, kernels, fuse)
+        h, cache = self.attn(normed, cache, layer, positions, inv_freq, mode, kernels, window,
+                             readonly, prefix, defer=fuse is not None)
+        x, normed = self._add_norm(x, h, self.mlp_norm, mode, kernels, fuse)
+        return x, cache, self.mlp(normed, mode, kernels, defer=fuse is not None)
 
 
 def pure_dict(module_or_state) -> dict:
@@ -507,11 +538,11 @@ class Transformer(nnx.Module):
         x = self.embed(tokens).astype(self.dtype)
         if prefix is not None and not readonly_cache:
             raise ValueError("prefix blocks are for read-only forwards (readonly_cache=True)")
-        blocks = []
+        blocks, pending = [], None
         for i, layer in enumerate(self.layers):
             if layers is None or i in layers:
-                x, out = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
-                               readonly_cache, prefix)
+                x, out, pending = layer(x, cache, i, positions, inv_freq, mode, kernels, window,
+                                        readonly_cache, prefix, pending)
                 if readonly_cache:
                     blocks.append(out)
                 else:
@@ -521,6 +552,8 @@ class Transformer(nnx.Module):
                 blocks.append((jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype)))
         if readonly_cache:
             cache = tuple(jnp.stack(t) for t in zip(*blocks))  # (k, v) [L, B, KVH, T, hd]
+        if pending is not None:
+            x = x + finished(pending)
         if logits_positions is not None:
             x = jnp.take_along_axis(x, logits_positions[:, :, None].astype(jnp.int32), axis=1)
         x = self.final_norm(x)

@@ -73,13 +73,17 @@ def test_main_records_rotate_and_cache_write(tmp_path, monkeypatch):
     from pallas_kernels import w4_mgpu
     from qspec_jax import model as model_module
     monkeypatch.setattr(model_module, "CACHE_WRITE", "layer")  # restored after the test
+    from qspec_jax import kernel_dispatch
     monkeypatch.setattr(w4_mgpu, "X_PAD", "xla")
+    monkeypatch.setattr(kernel_dispatch, "RESIDUAL_NORM", False)
     out = tmp_path / "p"
     profile_cycle.main(["--model", "tiny", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
                         "--configs", "w4a16", "--kernels", "xla", "--rotate",
-                        "--cache-write", "step", "--mgpu-x-pad", "tma", "--out", str(out)])
+                        "--cache-write", "step", "--mgpu-x-pad", "tma", "--residual-norm", "on",
+                        "--out", str(out)])
     meta = json.load(open(out / "profile_tiny_b1.json"))["meta"]
     assert meta["rotate"] is True and meta["cache_write"] == "step"
     assert meta["mgpu_x_pad"] == "tma" and w4_mgpu.X_PAD == "tma"
+    assert meta["residual_norm"] == "on" and kernel_dispatch.RESIDUAL_NORM
     md = open(out / "profile_tiny_b1.md").read()
-    assert "--cache-write step --rotate --mgpu-x-pad tma`" in md
+    assert "--cache-write step --rotate --mgpu-x-pad tma --residual-norm on`" in md

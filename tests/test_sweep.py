@@ -344,8 +344,9 @@ def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
 
 
 def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch):
-    """--cache-update / --attn-min-batch / --hadamard-impl set qspec_jax.model.CACHE_UPDATE,
-    kernel_dispatch.ATTN_MIN_BATCH and rotation.HADAMARD_IMPL for the run; rows record them and
+    """--cache-update / --attn-min-batch / --hadamard-impl / --mgpu-x-pad / --residual-norm set
+    qspec_jax.model.CACHE_UPDATE, kernel_dispatch.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL,
+    w4_mgpu.X_PAD and kernel_dispatch.RESIDUAL_NORM for the run; rows record them and
     the report's command names them where they differ from the defaults; bad values are refused."""
     from pallas_kernels import w4_mgpu
     from qspec_jax import kernel_dispatch as kd
@@ -353,7 +354,7 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     from qspec_jax import rotation
     defaults = (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL)
     for mod, name in ((model_module, "CACHE_UPDATE"), (kd, "ATTN_MIN_BATCH"),
-                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "X_PAD")):
+                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "X_PAD"), (kd, "RESIDUAL_NORM")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
     cu = next(c for c in model_module.CACHE_UPDATES if c != defaults[0])
     amb = defaults[1] + 3
@@ -361,18 +362,19 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     out = tmp_path / "cs.jsonl"
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
                        "--attn-min-batch", str(amb), "--hadamard-impl", had,
-                       "--mgpu-x-pad", "tma", "--out", str(out)]) == 0
-    assert w4_mgpu.X_PAD == "tma"
+                       "--mgpu-x-pad", "tma", "--residual-norm", "on", "--out", str(out)]) == 0
+    assert w4_mgpu.X_PAD == "tma" and kd.RESIDUAL_NORM
     assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
     assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"],
-                         r["mgpu_x_pad"]) == (cu, amb, had, "tma")
+                         r["mgpu_x_pad"], r["residual_norm"]) == (cu, amb, had, "tma", "on")
                for r in rows)
     assert all("error" not in r for r in rows)
     model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
-    w4_mgpu.X_PAD = "xla"
+    w4_mgpu.X_PAD, kd.RESIDUAL_NORM = "xla", False
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
+    assert "--residual-norm on" in text
     assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
     assert f"--hadamard-impl {had}" in text and "--mgpu-x-pad tma" in text
     for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft")):
