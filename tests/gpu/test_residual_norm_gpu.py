@@ -14,19 +14,8 @@ EPS = 1e-5
 @pytest.mark.parametrize("M,Mp,S,N,kind", [(1, 8, 4, 4096, "f32"), (16, 16, 2, 4096, "int8"),
                                            (5, 8, 3, 3584, "f32"), (64, 64, 1, 8192, "h")])
 def test_compiled_kernel_matches_reference(M, Mp, S, N, kind):
-    r = np.random.RandomState(M + N)
-    x = jnp.asarray(3 * r.randn(M, N), jnp.bfloat16)
-    gain = jnp.asarray(1 + 0.1 * r.randn(N), jnp.bfloat16)
-    sx = None
-    if kind == "int8":
-        part = jnp.asarray(r.randint(-30000, 30000, (S, Mp, N)), jnp.int32)
-        scales = jnp.asarray(r.rand(N) * 1e-3, jnp.float32)
-        sx = jnp.asarray(r.rand(M) * 1e-2 + 1e-3, jnp.float32)
-    elif kind == "f32":
-        part = jnp.asarray(4 * r.randn(S, Mp, N), jnp.float32)
-        scales = jnp.asarray(r.rand(N) * 0.2, jnp.float32)
-    else:
-        part, scales = jnp.asarray(2 * r.randn(1, Mp, N), jnp.bfloat16), None
+    from test_residual_norm import _case  # tests/ is on sys.path (its conftest)
+    x, part, scales, gain, sx = _case(M, Mp, S, N, kind, seed=M + N)
     x_new, normed = jax.jit(lambda *a: rn.residual_norm(*a[:4], EPS, a[4]))(x, part, scales, gain, sx)
     ref_x, ref_n = jax.jit(lambda *a: rn.residual_norm_reference(*a[:4], EPS, a[4]))(
         x, part, scales, gain, sx)
