@@ -335,11 +335,15 @@ def environment(commit: str | None) -> dict:
 
 
 def add_mgpu_flags(p) -> None:
-    """--mgpu-x-pad, --residual-norm: the decode-kernel experiment flags (sweep.py,
+    """--mgpu-x-pad, --mgpu-max-m, --residual-norm: the decode-kernel experiment flags (sweep.py,
     profile_cycle.py)."""
     p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
                    help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
                         "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
+    p.add_argument("--mgpu-max-m", type=int, default=None,
+                   help="most rows of x a GEMM may have to run the Mosaic kernel in the model "
+                        "(qspec_jax.kernel_dispatch.MGPU_MAX_M, default 64; the kernel takes up "
+                        "to pallas_kernels.w4_mgpu.MAX_M)")
     p.add_argument("--residual-norm", choices=("on", "off"), default=None,
                    help="kernels=auto on the GPU: the GEMM epilogue + residual add + RMSNorm "
                         "after o_proj / down_proj as one Pallas kernel "
@@ -347,15 +351,20 @@ def add_mgpu_flags(p) -> None:
 
 
 def apply_mgpu_flags(args) -> dict:
-    """Set w4_mgpu.X_PAD and kernel_dispatch.RESIDUAL_NORM from add_mgpu_flags' arguments; the
-    settings to record."""
+    """Set w4_mgpu.X_PAD, kernel_dispatch.MGPU_MAX_M and RESIDUAL_NORM from add_mgpu_flags'
+    arguments; the settings to record."""
     from pallas_kernels import w4_mgpu
     from qspec_jax import kernel_dispatch
     if args.mgpu_x_pad:
         w4_mgpu.X_PAD = args.mgpu_x_pad
+    if args.mgpu_max_m is not None:
+        if not 1 <= args.mgpu_max_m <= w4_mgpu.MAX_M:
+            raise SystemExit(f"--mgpu-max-m {args.mgpu_max_m}: give 1 to {w4_mgpu.MAX_M} (the "
+                             "Mosaic kernel's largest M)")
+        kernel_dispatch.MGPU_MAX_M = args.mgpu_max_m
     if args.residual_norm:
         kernel_dispatch.RESIDUAL_NORM = args.residual_norm == "on"
-    return dict(mgpu_x_pad=w4_mgpu.X_PAD,
+    return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m=kernel_dispatch.MGPU_MAX_M,
                 residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off")
 
 
@@ -818,7 +827,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 ("--mgpu-x-pad", "mgpu_x_pad", w4_mgpu.X_PAD, "xla"),
                 ("--cache-update", "cache_update", model_module.CACHE_UPDATE, "scatter"),
                 ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None),
-                ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off")):
+                ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off"),
+                ("--mgpu-max-m", "mgpu_max_m", _kd.MGPU_MAX_M, 64)):
             val = _one_non_default(runs, key, current, missing)
             if val is not None:
                 args.append((flag, str(val)))

@@ -3,7 +3,7 @@
 y[M, N] = x[M, K] @ W[K, N] computed as (W^T x^T)^T: the int4 weight tile [tile_n, block_k]
 is the wgmma's A operand *in registers* (TMA'd to shared memory, loaded in the upcast layout,
 converted to bf16 / int8 in registers), the activation tile x^T [block_k, Mp] the B operand in
-shared memory (Mp = 8, 16, 32 or 64 rows of x, the wgmma's N; measured at M <= 16, where the
+shared memory (Mp = 8, 16, ..., 256 rows of x, the wgmma's N; measured at M <= 64, where the
 model uses it, see kernel_dispatch.MGPU_MAX_M). The weight therefore fills the MMA's
 64-row M dimension and never returns to shared memory after unpacking, which is what the
 Triton kernels cannot do (experiments/results/stream_h200_6341a42.md).
@@ -108,7 +108,10 @@ def default_config(M: int, K: int, N: int) -> MgpuConfig:
     rows (M > 32) about 450 CTAs (gate/up 1 split, down 4: w4a16 per 8B layer 85.1 instead of
     93.2 us at M = 64, w4a8 65 instead of 67.9; mgpu_h200_m64.md). 128 / 64-wide K steps and
     deeper rings were slower at M <= 16 (mgpu_h200_regs_9afe3cf.json)."""
-    tile_n, block_k = 64, 256
+    tile_n = 64
+    # x padded to 256 rows: 256-wide K steps would need 336 KB of shared memory in two stages
+    # (plain_smem_bytes); 128-wide ones take 200 KB. Not yet tuned on the H200 above M = 64.
+    block_k = 128 if padded_rows(M) >= 256 else 256
     max_ctas = 450 if padded_rows(M) > 32 else 900
     split = 1
     while (N // tile_n * split * 2 <= max_ctas and K % (block_k * split * 2) == 0
@@ -133,7 +136,9 @@ def reference(x, w_nk, scales, sx=None):
     return (acc.astype(jnp.float32) * sx[:, None] * scales[None, :]).astype(jnp.bfloat16)
 
 
-MAX_M = 64
+# The wgmma's N (x's padded rows) goes up to 256. kernel_dispatch.MGPU_MAX_M decides how far the
+# model uses the kernel (64: measured faster than XLA's GEMM there, mgpu_h200_m64.md).
+MAX_M = 256
 
 
 def padded_rows(M: int) -> int:
@@ -176,6 +181,10 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         if units % cfg.units_per_cta:
             return (f"units_per_cta={cfg.units_per_cta} must divide the {units} (column tile, "
                     f"K split) units of N={N}, tile_n={cfg.tile_n}, split_k={cfg.split_k}")
+    if not variant and cfg.units_per_cta == 1 and plain_smem_bytes(M, cfg) > SMEM_BYTES:
+        return (f"the kernel needs {plain_smem_bytes(M, cfg)} bytes of shared memory at M={M} "
+                f"(x padded to {padded_rows(M)} rows), block_k={cfg.block_k}, stages={cfg.stages} "
+                f"(limit {SMEM_BYTES}); use a smaller block_k or fewer stages")
     if cfg.smem_a and smem_a_bytes(M, K, cfg) > SMEM_BYTES:
         return (f"smem_a keeps x's whole K slice in shared memory: {smem_a_bytes(M, K, cfg)} bytes "
                 f"at M={M}, K={K}, split_k={cfg.split_k} (limit {SMEM_BYTES}); use a larger "
@@ -184,6 +193,15 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
 
 
 SMEM_BYTES = 227 * 1024  # shared memory per CTA on Hopper (sm_90)
+
+
+def plain_smem_bytes(M: int, cfg: MgpuConfig) -> int:
+    """Shared memory of the plain kernel (the w4a16 bound: 2-byte x): the TMA ring of x
+    [block_k, Mp] and int4 weight [tile_n, block_k] tiles, and the f32 output tile (Mosaic
+    adds a few barriers: 344,080 bytes measured for 344,064 here at Mp 256, block_k 256)."""
+    Mp = padded_rows(M)
+    return (cfg.stages * (cfg.block_k * Mp * 2 + cfg.tile_n * cfg.block_k // 2)
+            + cfg.tile_n * Mp * 4)
 
 
 def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
@@ -209,7 +227,7 @@ def out_mn_epilogue(part, scales, sx, M: int, dtype):
 
 def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None,
                    partials: bool = False):
-    """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= 64), w_nk int4 [N, K], scales
+    """x [M, K] (bf16; int8 with sx [M] f32 for w4a8; 1 <= M <= MAX_M), w_nk int4 [N, K], scales
     f32 [N] -> [M, N] (x's dtype; bf16 for w4a8).
 
     partials=True (an out_mn config only, else ValueError): the kernel's split-K partial sums

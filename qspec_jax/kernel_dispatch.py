@@ -79,8 +79,9 @@ ACT_QUANT_IN_GEMM = False
 # config, per 8B shape: M 16-64 faster than XLA's GEMM over the int4 weight (w4a16 1.0-1.9x,
 # w4a8 1.6-3.0x, mgpu_h200_m64.md) and our Triton kernels; M <= 16 1.27-1.30x Triton per layer
 # (mgpu_h200.md), XLA's GEMM per layer ~2x slower at M = 1, even at M = 4 (w4a16 55.8 vs 55.2 us;
-# w4a8 2.2x slower; mgpu_h200_regs_9afe3cf.json). Larger M (past the kernel's w4_mgpu.MAX_M)
-# run on XLA's GEMM.
+# w4a8 2.2x slower; mgpu_h200_regs_9afe3cf.json). Larger M run on XLA's GEMM: the kernel takes
+# up to w4_mgpu.MAX_M = 256 rows (verify passes of batch 32-64 at gamma 3, AR at batch 128-256),
+# not yet timed there (sweep.py --mgpu-max-m 256, device stage mgpum256).
 MGPU_MAX_M = 64
 
 

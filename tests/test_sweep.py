@@ -354,7 +354,8 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     from qspec_jax import rotation
     defaults = (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL)
     for mod, name in ((model_module, "CACHE_UPDATE"), (kd, "ATTN_MIN_BATCH"),
-                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "X_PAD"), (kd, "RESIDUAL_NORM")):
+                      (rotation, "HADAMARD_IMPL"), (w4_mgpu, "X_PAD"), (kd, "RESIDUAL_NORM"),
+                      (kd, "MGPU_MAX_M")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
     cu = next(c for c in model_module.CACHE_UPDATES if c != defaults[0])
     amb = defaults[1] + 3
@@ -362,22 +363,24 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     out = tmp_path / "cs.jsonl"
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
                        "--attn-min-batch", str(amb), "--hadamard-impl", had,
-                       "--mgpu-x-pad", "tma", "--residual-norm", "on", "--out", str(out)]) == 0
-    assert w4_mgpu.X_PAD == "tma" and kd.RESIDUAL_NORM
+                       "--mgpu-x-pad", "tma", "--residual-norm", "on", "--mgpu-max-m", "256",
+                       "--out", str(out)]) == 0
+    assert w4_mgpu.X_PAD == "tma" and kd.RESIDUAL_NORM and kd.MGPU_MAX_M == 256
     assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
     assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"],
-                         r["mgpu_x_pad"], r["residual_norm"]) == (cu, amb, had, "tma", "on")
+                         r["mgpu_x_pad"], r["residual_norm"], r["mgpu_max_m"])
+               == (cu, amb, had, "tma", "on", 256)
                for r in rows)
     assert all("error" not in r for r in rows)
     model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
-    w4_mgpu.X_PAD, kd.RESIDUAL_NORM = "xla", False
+    w4_mgpu.X_PAD, kd.RESIDUAL_NORM, kd.MGPU_MAX_M = "xla", False, 64
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
-    assert "--residual-norm on" in text
+    assert "--residual-norm on" in text and "--mgpu-max-m 256" in text
     assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
     assert f"--hadamard-impl {had}" in text and "--mgpu-x-pad tma" in text
-    for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft")):
+    for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft"), ("--mgpu-max-m", "300")):
         with pytest.raises(SystemExit, match=f"{flag} {bad}"):
             sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", flag, bad,
                         "--out", str(tmp_path / "bad.jsonl")])

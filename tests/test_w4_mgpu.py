@@ -50,17 +50,23 @@ def test_reference_matches_model_layout_references(M):
 
 
 def test_shape_errors_name_the_problem():
-    assert "M <= 64" in check(65, 256, 64, MgpuConfig())
+    assert "M <= 256" in check(257, 256, 64, MgpuConfig())
     assert check(17, 256, 64, MgpuConfig(tile_n=64)) is None
     from pallas_kernels.w4_mgpu import padded_rows
-    assert [padded_rows(m) for m in (1, 8, 9, 16, 17, 33, 64)] == [8, 8, 16, 16, 32, 64, 64]
+    assert [padded_rows(m) for m in (1, 8, 9, 16, 17, 33, 64, 65, 200, 256)] == [
+        8, 8, 16, 16, 32, 64, 64, 128, 256, 256]
+    # x padded to 256 rows: 256-wide K steps in two stages overflow shared memory (Mosaic's
+    # own count: 344,080 bytes); the message says what to change
+    err = check(256, 4096, 6144, MgpuConfig(tile_n=64, block_k=256, split_k=1, stages=2))
+    assert "344064 bytes of shared memory" in err and "smaller block_k" in err
+    assert check(256, 4096, 6144, MgpuConfig(tile_n=64, block_k=128, split_k=1, stages=2)) is None
     assert "multiple of tile_n" in check(4, 256, 96, MgpuConfig(tile_n=64))
     assert "block_k*split_k" in check(4, 256, 64, MgpuConfig(tile_n=64, block_k=256, split_k=2))
     assert "multiple of 64" in check(4, 256, 64, MgpuConfig(tile_n=32))
     assert "128 with warp_specialized" in check(4, 256, 64, MgpuConfig(tile_n=64, warp_specialized=True))
     assert check(16, 512, 128, MgpuConfig(tile_n=64, split_k=2)) is None
-    x = jnp.zeros((80, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="w4_mgpu_matmul: M=80"):
+    x = jnp.zeros((280, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="w4_mgpu_matmul: M=280"):
         w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((64,), jnp.float32))
 
 
@@ -130,6 +136,26 @@ def test_default_config_follows_the_h200_sweep():
     for (K, N), sk in {(4096, 28672): 1, (14336, 4096): 4, (4096, 6144): 4, (4096, 4096): 4}.items():
         assert default_config(33, K, N).split_k == default_config(64, K, N).split_k == sk
     assert default_config(32, 4096, 28672).split_k == 2
+    # M 65-256 (not yet tuned): 128-wide K steps once x pads to 256 rows, so the ring fits
+
+
+@pytest.mark.parametrize("M", [100, 128, 200, 256])
+@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096)])
+@pytest.mark.parametrize("int8", [False, True])
+def test_large_m_default_configs_fit_and_lower(M, K, N, int8):
+    """The kernel takes M up to MAX_M = 256 (the wgmma's N): each M's default config passes
+    check() (shared memory included) and lowers for CUDA in both modes."""
+    from pallas_kernels.w4_mgpu import MAX_M, default_config, padded_rows
+    assert MAX_M == 256
+    cfg = default_config(M, K, N)
+    assert cfg.block_k == (128 if padded_rows(M) == 256 else 256)
+    assert check(M, K, N, cfg) is None
+    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    if int8:
+        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+    text = jax.jit(w4_mgpu_matmul).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_mismatched_operands_are_rejected():
