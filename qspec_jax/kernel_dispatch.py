@@ -289,9 +289,10 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
     return xq.reshape(*x.shape[:-1], D), sx.reshape(*x.shape[:-1], 1)
 
 
-# The junction after o_proj / down_proj (GEMM epilogue + residual add + the next RMSNorm) as one
-# Pallas kernel (pallas_kernels.residual_norm) instead of XLA's three kernels (batch-1 8B step:
-# 64 junctions, hlo_summary_b1_xpad_7e1796b.md). kernels="pallas" runs it (interpret mode on
+# The junction after o_proj / down_proj (GEMM epilogue + residual add + the next RMSNorm, and in
+# the draft modes the per-token quantization of that norm for the next GEMMs) as one Pallas
+# kernel (pallas_kernels.residual_norm) instead of XLA's three (draft: five) kernels (batch-1 8B
+# step: 64 junctions, hlo_summary_b1_xpad_7e1796b.md). kernels="pallas" runs it (interpret mode on
 # CPU); under "auto" on the GPU only with RESIDUAL_NORM on, until the H200 measures it faster
 # (sweep.py --residual-norm on, device stage resnorm). Decode shapes only (M <= MAX_M rows;
 # prefill keeps XLA's fusions). Read at trace time.
@@ -312,27 +313,26 @@ def residual_norm_runs(kernels: str, mode: str, M: int, D: int):
         log_once(("resnorm-shape", D), "qspec_jax: the fused residual + RMSNorm kernel cannot "
                  f"take hidden size {D} (not a multiple of {rq.CHUNK}): using XLA", logging.WARNING)
         return None
-    if mode in ("w4a8", "w4a4") and _fused_quant_interpret(kernels, D, "rmsnorm") is not None:
-        return None  # the RMSNorm + quantization kernel takes this norm (its output quantized)
     interpret = not on_gpu
     log_once(("resnorm", interpret), "qspec_jax: residual add + RMSNorm after o_proj / down_proj "
              "use the fused Pallas kernel" + (" (interpret mode: no GPU)" if interpret else ""))
     return interpret
 
 
-def residual_norm(x, h, gain, eps: float, interpret: bool):
+def residual_norm(x, h, gain, eps: float, interpret: bool, bits: int | None = None):
     """(x + h, RMSNorm(x + h)) for x [..., D] and a layer output h (an array or GemmPartials)
-    in one Pallas kernel (residual_norm_runs said it runs)."""
+    in one Pallas kernel (residual_norm_runs said it runs); with ``bits`` (a draft mode) the
+    norm per-token quantized instead: (x + h, xq int8 [..., D], sx f32 [..., 1])."""
     from pallas_kernels.residual_norm import residual_norm as kernel
 
     from .layers import GemmPartials
     D = x.shape[-1]
     x2 = x.reshape(-1, D)
     if isinstance(h, GemmPartials):
-        out = kernel(x2, h.part, h.scales, gain, eps, h.sx, interpret=interpret)
+        out = kernel(x2, h.part, h.scales, gain, eps, h.sx, bits=bits, interpret=interpret)
     else:
-        out = kernel(x2, h.reshape(1, -1, D), None, gain, eps, interpret=interpret)
-    return tuple(o.reshape(x.shape) for o in out)
+        out = kernel(x2, h.reshape(1, -1, D), None, gain, eps, bits=bits, interpret=interpret)
+    return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in out)
 
 
 def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, kernels: str,

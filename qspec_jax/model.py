@@ -407,12 +407,15 @@ class DecoderLayer(nnx.Module):
     def _add_norm(self, x, h, norm: RMSNorm, mode, kernels, fuse):
         """(x + h, the norm of it for the layers that read it); h None: (x, its norm). With
         ``fuse`` (residual_norm_runs' interpret flag) one Pallas kernel does the GEMM epilogue
-        of a GemmPartials h, the add and the norm."""
+        of a GemmPartials h, the add and the norm (in the draft modes quantized per token: a
+        QuantizedInput for the next GEMMs)."""
         if h is None:
             return x, self._norm(norm, x, mode, kernels)
         if fuse is not None:
             from .kernel_dispatch import residual_norm
-            return residual_norm(x, h, norm.scale[...], norm.eps, fuse)
+            bits = {"w4a8": 8, "w4a4": 4}.get(mode)  # draft: the next GEMMs take it quantized
+            out = residual_norm(x, h, norm.scale[...], norm.eps, fuse, bits)
+            return (out[0], QuantizedInput(out[1], out[2], x.dtype)) if bits else out
         x = x + finished(h)
         return x, self._norm(norm, x, mode, kernels)
 

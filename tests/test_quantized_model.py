@@ -159,15 +159,18 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
 
 def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
     """kernels="pallas" in w4a8/w4a4 (hidden size 128, a kernel shape): each RMSNorm and the
-    per-token quantization of its output run as one fused kernel (2 per layer), as do the
-    o_proj and down_proj inputs' quantization (row_quant, 2 per layer), whose (xq, sx)
-    the quantized layers take as they are; logits as the XLA path's (which quantizes each
-    layer's input itself; in bfloat16 a few values may round one step apart). Not under "auto" until
-    measured faster on the H200 (kernel_dispatch.NORM_QUANT_AUTO), never in w4a16."""
+    per-token quantization of its output run as one fused kernel: the first layer's as
+    rmsnorm_quant, every later one with the residual add before it (residual_norm with bits,
+    2L - 1 per forward); the o_proj and down_proj inputs' quantization as row_quant (2 per
+    layer); the quantized layers take each (xq, sx) as it is; logits as the XLA path's (which
+    quantizes each layer's input itself; in bfloat16 a few values may round one step apart).
+    Not under "auto" until measured faster on the H200 (kernel_dispatch.NORM_QUANT_AUTO,
+    RESIDUAL_NORM), never in w4a16."""
     import logging
 
     import jax.numpy as jnp
     from hf_models import build_hf_model
+    from pallas_kernels import residual_norm as rn
     from pallas_kernels import rmsnorm_quant as rq
     from qspec_jax import kernel_dispatch
     from qspec_jax.layers import QuantizedInput
@@ -176,6 +179,9 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
     model = qj.load(str(path), dtype="float32", quant="w4", method="rtn")
     real, calls = rq.rmsnorm_quant, []
     monkeypatch.setattr(rq, "rmsnorm_quant", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real_rn, rn_calls = rn.residual_norm, []
+    monkeypatch.setattr(rn, "residual_norm",
+                        lambda *a, **k: rn_calls.append(k.get("bits")) or real_rn(*a, **k))
     real_row, row_calls = rq.row_quant, []
     monkeypatch.setattr(rq, "row_quant", lambda x, bits, prologue="none", **k:
                         row_calls.append((bits, prologue)) or real_row(x, bits, prologue, **k))
@@ -185,13 +191,15 @@ def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
         for mode, bits in (("w4a8", 8), ("w4a4", 4)):
             ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
             ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
-            assert calls[-2 * L:] == [bits] * (2 * L), mode
+            assert calls[-1:] == [bits] and rn_calls[-(2 * L - 1):] == [bits] * (2 * L - 1), mode
             assert row_calls[-2 * L:] == [(bits, "none")] * (2 * L), mode  # after the Hadamard
             assert rel(ours, ref) < 1e-5, mode  # float32: the same quantized values
-        n = len(calls)
+        n, n_rn = len(calls), len(rn_calls)
         qj.logits(model, ids, mode="w4a16", kernels="pallas")
+        assert len(calls) == n and rn_calls[n_rn:] == [None] * (2 * L - 1)  # bf16 norms
         qj.logits(model, ids, mode="w4a8", kernels="auto")  # CPU: the XLA path
-        assert len(calls) == n and not kernel_dispatch.NORM_QUANT_AUTO
+        assert len(calls) == n and len(rn_calls) == n_rn + 2 * L - 1
+        assert not kernel_dispatch.NORM_QUANT_AUTO and not kernel_dispatch.RESIDUAL_NORM
     assert "fused Pallas kernel (interpret mode: no GPU)" in caplog.text
     # Unrotated, down_proj's input comes straight from the fused gate_up output ("swiglu").
     plain = qj.load(str(path), dtype="float32", quant="w4", method="rtn", rotate=False)

@@ -83,6 +83,30 @@ def test_kernel_matches_references(M, Mp, S, N, kind):
     assert np.mean(got == np.asarray(ref_n, np.float64)) > 0.99
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,Mp,S,N,kind", [(1, 8, 4, 4096, "f32"), (3, 8, 2, 384, "int8"),
+                                           (4, 4, 1, 256, "h")])
+def test_quantizing_variant_matches_reference(M, Mp, S, N, kind, bits):
+    """bits=8 / 4 (a draft mode's junction): (x + h, the norm quantized per token) as
+    quantize_per_token_reference of the reference norm; an all-zero norm row gets scale 1."""
+    x, part, scales, gain, sx = _case(M, Mp, S, N, kind, seed=3 * M + N + bits)
+    if kind == "h" and M > 2:  # row 1: x = -h, so x + h = 0 and the norm is all zero
+        x = x.at[1].set(-part[0, 1].astype(x.dtype))
+    x_new, xq, sq = jax.jit(lambda x, p, s, g, sxx: rn.residual_norm(
+        x, p, s, g, EPS, sxx, bits=bits, interpret=True))(x, part, scales, gain, sx)
+    ref_x, ref_q, ref_s = rn.residual_norm_reference(x, part, scales, gain, EPS, sx, bits=bits)
+    assert xq.dtype == jnp.int8 and sq.shape == (M, 1)
+    np.testing.assert_array_equal(np.asarray(x_new), np.asarray(ref_x))
+    np.testing.assert_allclose(np.asarray(sq), np.asarray(ref_s), rtol=2 ** -7)
+    # the same integers but where the norm's last bit differs (its mean's sum order)
+    diff = np.abs(np.asarray(xq, np.int32) - np.asarray(ref_q, np.int32))
+    assert diff.max() <= 1 and np.mean(diff == 0) > 0.99
+    if kind == "h" and M > 2:
+        assert float(sq[1, 0]) == 1.0 and not np.asarray(xq[1]).any()
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        rn.residual_norm(x, part, scales, gain, EPS, sx, bits=6, interpret=True)
+
+
 def test_float32_model_ops():
     """In f32 (no intermediate rounding) the kernel equals the model's ops, x + h and RMSNorm,
     up to f32 rounding (XLA may contract h * scale + x into one FMA in either)."""
@@ -135,7 +159,7 @@ def test_gemm_partials_finish_and_dispatch():
 def test_dispatch_gates(monkeypatch, caplog):
     """"xla" never; "auto" only on a GPU with RESIDUAL_NORM on (not yet measured faster);
     "pallas" always (interpret mode on CPU), for decode shapes (M <= 64) of widths the kernel
-    takes; in the draft modes the RMSNorm + quantization kernel has the norm where it runs."""
+    takes, in every quantized mode (the draft modes quantize the norm in the same kernel)."""
     assert kd.residual_norm_runs("xla", "w4a16", 1, 4096) is None
     assert kd.residual_norm_runs("auto", "w4a16", 1, 4096) is None  # CPU
     assert kd.residual_norm_runs("pallas", "w4a16", 1, 4096) is True  # interpret mode
@@ -143,7 +167,7 @@ def test_dispatch_gates(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="qspec_jax"):
         assert kd.residual_norm_runs("pallas", "w4a16", 1, 4100) is None
     assert "cannot take hidden size 4100" in caplog.text
-    assert kd.residual_norm_runs("pallas", "w4a8", 1, 4096) is None  # rmsnorm_quant's norm
+    assert kd.residual_norm_runs("pallas", "w4a8", 1, 4096) is True  # quantizing variant
     monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
     assert kd.residual_norm_runs("auto", "w4a16", 1, 4096) is None
     monkeypatch.setattr(kd, "RESIDUAL_NORM", True)
@@ -178,24 +202,43 @@ def test_model_routes_each_junction_through_the_kernel(h128_dir, monkeypatch):
     assert not calls  # 66 rows
 
 
-def test_qspec_stays_lossless_with_the_kernel(h128_dir, monkeypatch):
-    """bf16, kernels="pallas" (the kernel in every verify and AR junction; the draft's norms
-    are the RMSNorm + quantization kernel's): QSpec's tokens equal w4a16 AR's."""
+def test_draft_junctions_quantize_in_the_kernel(h128_dir, monkeypatch):
+    """w4a8 / w4a4, kernels="pallas": each junction's kernel returns the norm quantized
+    (bits 8 / 4) and the next GEMMs take it as it is; logits as the XLA path's (f32)."""
     calls = []
     real = rn.residual_norm
-    monkeypatch.setattr(rn, "residual_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(rn, "residual_norm", lambda *a, **k: calls.append(k.get("bits")) or real(*a, **k))
+    model = qj.load(h128_dir, dtype="float32", quant="w4", method="rtn")
+    L = model.cfg.num_hidden_layers
+    ids = np.random.RandomState(1).randint(3, 128, (1, 6))
+    for mode, bits in (("w4a8", 8), ("w4a4", 4)):
+        calls.clear()
+        ours = np.asarray(qj.logits(model, ids, mode=mode, kernels="pallas"))
+        assert calls == [bits] * (2 * L - 1), mode
+        ref = np.asarray(qj.logits(model, ids, mode=mode, kernels="xla"))
+        assert np.max(np.abs(ours - ref)) <= 1e-5 * np.max(np.abs(ref)), mode
+
+
+def test_qspec_stays_lossless_with_the_kernel(h128_dir, monkeypatch):
+    """bf16, kernels="pallas" (the kernel in every draft, verify and AR junction, quantizing
+    in the draft): QSpec's tokens equal w4a16 AR's."""
+    calls = []
+    real = rn.residual_norm
+    monkeypatch.setattr(rn, "residual_norm", lambda *a, **k: calls.append(k.get("bits")) or real(*a, **k))
     model = qj.load(h128_dir, dtype="bfloat16", quant="w4", method="rtn")
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     ar = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16", kernels="pallas")
     assert calls
     spec = qj.generate(model, prompts, max_new_tokens=8, mode="qspec", gamma=2, kernels="pallas")
     assert spec.tokens == ar.tokens
+    assert 8 in calls  # the w4a8 draft's junctions
 
 
 @pytest.mark.parametrize("M,Mp,S,N,dtype,scaled,int8", [
     (1, 8, 4, 4096, jnp.float32, True, False), (16, 16, 2, 4096, jnp.int32, True, True),
     (5, 8, 3, 3584, jnp.float32, True, False), (64, 64, 1, 8192, jnp.bfloat16, False, False)])
-def test_lowers_for_cuda(M, Mp, S, N, dtype, scaled, int8):
+@pytest.mark.parametrize("bits", [None, 8])
+def test_lowers_for_cuda(M, Mp, S, N, dtype, scaled, int8, bits):
     """The kernel lowers to Triton for a CUDA GPU (checked here on CPU; compiled and timed on
     the H200: tests/gpu/test_residual_norm_gpu.py, device stage resnorm)."""
     if rn.pltriton is None:
@@ -204,6 +247,6 @@ def test_lowers_for_cuda(M, Mp, S, N, dtype, scaled, int8):
              jax.ShapeDtypeStruct((N,), jnp.float32) if scaled else None,
              jax.ShapeDtypeStruct((N,), jnp.bfloat16),
              jax.ShapeDtypeStruct((M,), jnp.float32) if int8 else None]
-    text = jax.jit(lambda x, p, s, g, sx: rn.residual_norm(x, p, s, g, EPS, sx)).trace(
+    text = jax.jit(lambda x, p, s, g, sx: rn.residual_norm(x, p, s, g, EPS, sx, bits=bits)).trace(
         *avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower() and "residual_norm" in text

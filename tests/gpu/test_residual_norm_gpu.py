@@ -44,8 +44,8 @@ def test_on_the_mosaic_gemm_partials():
 
 def test_model_with_the_kernel_stays_lossless(monkeypatch, caplog):
     """RESIDUAL_NORM on (kernels="auto", int4 [N, K] weights): each decode junction runs the
-    kernel on the Mosaic GEMM's partial sums; QSpec's tokens equal w4a16 AR's; logits within
-    bf16 rounding of the setting off."""
+    kernel on the Mosaic GEMM's partial sums (the draft's quantizing the norm); QSpec's tokens
+    equal w4a16 AR's; logits within bf16 rounding of the setting off."""
     import logging
 
     import qspec_jax as qj
@@ -65,5 +65,18 @@ def test_model_with_the_kernel_stays_lossless(monkeypatch, caplog):
         qs = qj.generate(m, prompts, max_new_tokens=24, mode="qspec", gamma=3)
     assert "use the fused Pallas kernel" in caplog.text
     assert (jnp.float32, False) in kinds  # on the Mosaic GEMM's partial sums
+    assert (jnp.int32, False) in kinds  # the w4a8 draft's int8 GEMM partials (quantizing)
     np.testing.assert_allclose(on, off, atol=0.02 * np.abs(off).max())
     assert qs.tokens == ar.tokens
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_quantizing_variant(bits):
+    from test_residual_norm import _case
+    x, part, scales, gain, sx = _case(16, 16, 4, 4096, "int8", seed=bits)
+    out = jax.jit(lambda *a: rn.residual_norm(*a[:4], EPS, a[4], bits=bits))(x, part, scales, gain, sx)
+    ref = rn.residual_norm_reference(x, part, scales, gain, EPS, sx, bits=bits)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
+    diff = np.abs(np.asarray(out[1], np.int32) - np.asarray(ref[1], np.int32))
+    assert diff.max() <= 1 and np.mean(diff == 0) > 0.99
+    np.testing.assert_allclose(np.asarray(out[2]), np.asarray(ref[2]), rtol=2 ** -7)
