@@ -250,3 +250,34 @@ def test_lowers_for_cuda(M, Mp, S, N, dtype, scaled, int8, bits):
     text = jax.jit(lambda x, p, s, g, sx: rn.residual_norm(x, p, s, g, EPS, sx, bits=bits)).trace(
         *avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower() and "residual_norm" in text
+
+
+def test_whole_decode_forward_lowers_for_cuda(tmp_path, monkeypatch):
+    """The GPU path end to end, lowered on CPU: an int4 [N, K] model (hidden 256, MLP 2048: a
+    down_proj of 2 K splits) whose GEMMs take the Mosaic kernel (the dispatch told it runs on
+    a Hopper GPU), with RESIDUAL_NORM on:
+    every junction but the first gets the GEMM's partial sums (f32 in w4a16; int32 with the
+    activation scales in w4a8, whose norm the kernel quantizes), and the whole forward lowers
+    for CUDA (the kernels compile on the device: tests/gpu/test_residual_norm_gpu.py)."""
+    from hf_models import build_hf_model
+    from qspec_jax.model import KVCache
+    build_hf_model("llama", hidden_size=256, intermediate_size=2048).save_pretrained(tmp_path)
+    model = qj.with_weight_layout(qj.load(str(tmp_path), dtype="bfloat16", quant="w4",
+                                          method="rtn", rotate=False), "nk")
+    monkeypatch.setattr(kd, "mgpu_unavailable", lambda: None)
+    monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kd, "RESIDUAL_NORM", True)
+    seen = []
+    real = rn.residual_norm
+    monkeypatch.setattr(rn, "residual_norm", lambda x, p, s, *a, **k:
+                        seen.append((p.dtype, p.shape[0], k.get("bits"))) or real(x, p, s, *a, **k))
+    L, net = model.cfg.num_hidden_layers, model.module
+    for mode, dtype, bits in (("w4a16", jnp.float32, None), ("w4a8", jnp.int32, 8)):
+        seen.clear()
+        cache = KVCache.create(model.cfg, 2, 64, jnp.bfloat16)
+        fn = jax.jit(lambda t, c, s: net(t, c, s, mode=mode, kernels="auto"))
+        text = fn.trace(jnp.zeros((2, 1), jnp.int32), cache, jnp.zeros((2,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text and "residual_norm" in text
+        assert len(seen) == 2 * L - 1 and all(d == dtype and b == bits for d, _, b in seen), seen
+        assert any(s > 1 for _, s, _ in seen)  # split-K partial sums, added in the kernel
