@@ -277,3 +277,31 @@ def test_x_pad_by_tma_lowers_without_a_pad():
             jax.jit(w4_mgpu_matmul).trace(*avals)
     finally:
         w4_mgpu.X_PAD = old
+
+
+def test_model_takes_the_kernel_up_to_mgpu_max_m(tmp_path, monkeypatch):
+    """kernel_dispatch.MGPU_MAX_M raised to 256 (sweep.py --mgpu-max-m): a verify-sized forward
+    of 32 x 4 = 128 rows runs its GEMMs on the Mosaic kernel (at the default 64, XLA's GEMM)
+    and the whole forward lowers for CUDA on CPU (the dispatch told it runs on a Hopper GPU)."""
+    import qspec_jax as qj
+    from hf_models import build_hf_model
+    from qspec_jax import kernel_dispatch as kd
+    from qspec_jax.model import KVCache
+    build_hf_model("llama", hidden_size=256, intermediate_size=512).save_pretrained(tmp_path)
+    model = qj.with_weight_layout(qj.load(str(tmp_path), dtype="bfloat16", quant="w4",
+                                          method="rtn", rotate=False), "nk")
+    monkeypatch.setattr(kd, "mgpu_unavailable", lambda: None)
+    monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
+    ms = []
+    real = w4_mgpu.w4_mgpu_matmul
+    monkeypatch.setattr(w4_mgpu, "w4_mgpu_matmul", lambda x, *a, **k: ms.append(x.shape[0]) or real(x, *a, **k))
+    net, L = model.module, model.cfg.num_hidden_layers
+    for max_m, want in ((64, 0), (256, 4 * L)):
+        monkeypatch.setattr(kd, "MGPU_MAX_M", max_m)
+        ms.clear()
+        cache = KVCache.create(model.cfg, 32, 64, jnp.bfloat16)
+        fn = jax.jit(lambda t, c, s: net(t, c, s, mode="w4a16", kernels="auto"))
+        text = fn.trace(jnp.zeros((32, 4), jnp.int32), cache, jnp.zeros((32,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert ms == [128] * want, (max_m, ms)
+        assert ("mosaic_gpu" in text) is (want > 0)
