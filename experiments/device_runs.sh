@@ -50,7 +50,8 @@
 #   bash experiments/device_runs.sh profile16  # device time by kernel, batch-16 AR step vs gamma-3 cycle, nk layout (~4 min)
 #   bash experiments/device_runs.sh ws4        # mgpuws cut to ~4.5 min (M 1 / 16)
 #   bash experiments/device_runs.sh nq16       # batch-16 gamma 3 with the fused rmsnorm / o_proj-input quantization kernels (~3 min)
-#   bash experiments/device_runs.sh mgpum256  # Mosaic GEMM at M 65-256: GPU tests, per-layer vs XLA, 8B b64/b256 with MGPU_MAX_M 64 vs 256 (~10 min)
+#   bash experiments/device_runs.sh mgpum256  # Mosaic GEMM at M 65-256: GPU tests, per-layer vs XLA and Triton (~6 min)
+#   bash experiments/device_runs.sh mgpum256e2e  # 8B b256 AR / b64 QSpec gamma 1 with MGPU_MAX_M 64 vs 256 (~6 min)
 #   bash experiments/device_runs.sh resnorm  # fused epilogue + residual + RMSNorm kernel: GPU tests, 8B b1/16 off vs on, b1 profile (~8 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
@@ -77,7 +78,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | resnorm | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -627,17 +628,20 @@ case "$stage" in
   mgpum256)
     # Issues 6 / 8: the Mosaic GEMM at M 65-256 (w4_mgpu.MAX_M 256; the model uses it up to
     # kernel_dispatch.MGPU_MAX_M = 64, XLA's GEMM above: verify passes of batch >= 32 at gamma 3,
-    # AR at batch >= 128). GPU tests at the new M, per-layer times at M 64 / 128 / 256 against
-    # XLA's GEMM over the same int4 weight and our Triton kernels, then 8B batch 64 / 256 AR and
-    # QSpec gamma 1 with the model's limit at 64 (default) and 256.
-    step 200 mgpum256_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+    # AR at batch >= 128). GPU tests at the new M, then per-layer times at M 64 / 128 / 256
+    # against XLA's GEMM over the same int4 weight and our Triton kernels (~6 min).
+    step 150 mgpum256_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
       tests/gpu/test_w4_mgpu_gpu.py -k "matches_reference and (100 or 128 or 256) or rejects"
-    step 150 mgpum256_probe.log python3 experiments/probe_mgpu.py --out "$OUT/m256" \
-      --ms 64,128,256 --sweep default --commit "$COMMIT" --time-budget 130
+    step 240 mgpum256_probe.log python3 experiments/probe_mgpu.py --out "$OUT/m256" \
+      --ms 64,128,256 --sweep default --commit "$COMMIT" --time-budget 220
+    ;;
+  mgpum256e2e)
+    # ... and end to end: 8B batch-256 AR (M 256) and batch-64 QSpec gamma 1 (its verify: M 128;
+    # the cost table's gamma-1 cycle) with the model's limit at 64 (default) and 256 (~6 min).
     for mm in 64 256; do
-      step 130 mgpum256_e2e_$mm.log python3 experiments/sweep.py --models llama3-8b \
-        --batches 64,256 --modes w4a16,qspec-w4a8 --gammas 1 --max-gamma 1 --cost-gammas 0,1 \
-        --new-tokens 32 --repeats 3 --mgpu-max-m $mm --time-budget 120 --commit "$COMMIT" \
+      step 170 mgpum256_e2e_$mm.log python3 experiments/sweep.py --models llama3-8b \
+        --batches 256,64 --modes w4a16,qspec-w4a8 --gammas 1 --max-gamma 1 --cost-gammas 0,1 \
+        --new-tokens 32 --repeats 3 --mgpu-max-m $mm --time-budget 150 --commit "$COMMIT" \
         --out "$OUT/mgpum256_e2e_$mm.jsonl"
     done
     ;;
