@@ -657,9 +657,15 @@ case "$stage" in
         --modes w4a16,w4a8 --new-tokens 64 --repeats 3 --residual-norm $v --time-budget 100 \
         --commit "$COMMIT" --out "$OUT/resnorm_$v.jsonl"
     done
-    step 90 resnorm_profile.log python3 experiments/profile_cycle.py --model llama3-8b --batch 1 \
-      --configs w4a16 --new-tokens 32 --residual-norm on --commit "$COMMIT" --out "$OUT/prof_rn"
+    # The kernels of a batch-1 step with it (each junction one kernel instead of three?):
+    step 120 resnorm_profile.log env XLA_FLAGS="--xla_dump_to=/tmp/hlo_rn --xla_dump_hlo_as_text \
+      --xla_dump_hlo_module_re=.*decode_autoregressive.*" python3 experiments/profile_cycle.py \
+      --model llama3-8b --batch 1 --configs w4a16 --new-tokens 16 --residual-norm on \
+      --commit "$COMMIT" --out "$OUT/prof_rn"
     rm -rf "$OUT/prof_rn"/trace_*
+    f=$(ls -S /tmp/hlo_rn/*after_optimizations.txt 2>/dev/null | head -1)
+    [ -n "$f" ] && python3 experiments/hlo_summary.py --hlo "$f" --top 40 \
+      --profile "$OUT/prof_rn/profile_llama3-8b_b1.json" --config w4a16 --out "$OUT/hlo_summary_b1_resnorm.md"
     ;;
   xpad)
     # Issue 8: x of < 8 rows handed to the Mosaic GEMM unpadded (w4_mgpu.X_PAD="tma": its TMA
