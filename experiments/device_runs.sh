@@ -666,6 +666,7 @@ case "$stage" in
     f=$(ls -S /tmp/hlo_rn/*after_optimizations.txt 2>/dev/null | head -1)
     [ -n "$f" ] && python3 experiments/hlo_summary.py --hlo "$f" --top 40 \
       --profile "$OUT/prof_rn/profile_llama3-8b_b1.json" --config w4a16 --out "$OUT/hlo_summary_b1_resnorm.md"
+    rm -f "$OUT"/resnorm_o*.log "$OUT"/prof_rn/*.md  # the device returns at most 8 files
     ;;
   xpad)
     # Issue 8: x of < 8 rows handed to the Mosaic GEMM unpadded (w4_mgpu.X_PAD="tma": its TMA
