@@ -15,19 +15,20 @@ token row:
 
 ``part`` is w4_mgpu's out_mn output [S, Mp, N] (f32 partial sums of the bf16 GEMM, int32 of the
 int8 one, whose per-token scales ``sx`` [M] then apply), or any finished GEMM output h as
-[1, M, N] with ``scales`` None (another GEMM path: the kernel then fuses the add and the norm). Every step but the mean rounds as
-the unfused path does; the mean's sum runs in another order than XLA's reduction, so ``normed``
-may differ from XLA's in the last bit of a few elements (the reference below reduces as XLA).
+[1, M, N] with ``scales`` None (another GEMM path: the kernel then fuses the add and the
+norm). Every step but the mean rounds as the unfused path does; the mean's sum runs in another
+order than XLA's reduction, so ``normed`` may differ from XLA's in the last bit of a few
+elements (the reference below reduces as XLA).
 
 The row is walked in pieces of the largest power of two dividing N (rmsnorm_quant.piece; at
-most MAX_PIECE columns): twice, sum of squares then output, recomputing x_new from the inputs
-(L1/L2 hits) rather than reading back what the program stored. Pallas Triton backend; interpret
-mode on CPU for tests. Used by the model only where kernel_dispatch.residual_norm enables it.
+most MAX_PIECE columns): sum of squares, (with bits) the norm's max, then the outputs,
+recomputing x_new from the inputs each time (L1/L2 hits) rather than reading back what the
+program stored. Pallas Triton backend; interpret
+mode on CPU for tests. Used by the model only where kernel_dispatch.residual_norm_runs says so.
 """
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
