@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import QRANGE, quantize_per_token_reference, round_half_even
-from pallas_kernels.rmsnorm_quant import CHUNK, piece
+from pallas_kernels._common import QRANGE, quantize_per_token_reference
+from pallas_kernels.rmsnorm_quant import CHUNK, piece, quantize_piece, row_scale
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -105,10 +105,7 @@ def _kernel(*refs, S, N, eps, kind, bits):
 
     if bits:  # per-token quantization of the norm as quant.quantize_activations does
         qmin, qmax = QRANGE[bits]
-        amax = lax.fori_loop(
-            0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(normed(c, x_new(c)).astype(jnp.float32)))),
-            jnp.float32(0.0))
-        sq = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+        sq = row_scale(lambda c: normed(c, x_new(c)).astype(jnp.float32), n, qmax)
 
     def store(c, carry):
         cols = pl.ds(pl.multiple_of(c * P, P), P)
@@ -116,8 +113,7 @@ def _kernel(*refs, S, N, eps, kind, bits):
         xo_ref[0, cols] = v
         y = normed(c, v)
         if bits:
-            q_ref[0, cols] = jnp.clip(round_half_even(y.astype(jnp.float32) / sq), qmin,
-                                      qmax).astype(jnp.int8)
+            q_ref[0, cols] = quantize_piece(y.astype(jnp.float32), sq, qmin, qmax)
         else:
             no_ref[0, cols] = y
         return carry

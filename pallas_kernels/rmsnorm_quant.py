@@ -52,6 +52,19 @@ def rmsnorm_quant_reference(x: jax.Array, gain: jax.Array, eps: float, bits: int
     return quantize_per_token_reference(gain.astype(x.dtype) * xf.astype(x.dtype), bits)
 
 
+def row_scale(y_chunk, n: int, qmax: float):
+    """Inside a kernel: the per-token scale of a row walked as n pieces y_chunk(c) (f32),
+    max|y| / qmax, 1.0 for an all-zero row (quant.quantize_activations' rule)."""
+    amax = lax.fori_loop(0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(y_chunk(c)))),
+                         jnp.float32(0.0))
+    return jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+
+
+def quantize_piece(y, sx, qmin: float, qmax: float):
+    """Inside a kernel: int8 values of f32 y at scale sx (round half to even, clipped)."""
+    return jnp.clip(round_half_even(y / sx), qmin, qmax).astype(jnp.int8)
+
+
 def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax, prologue):
     # x_ref [1, D] one token row ([1, 2D]: gate | up for "swiglu"); g_ref [D] gain ("rmsnorm";
     # unused otherwise); q_ref [1, D] int8; s_ref [1, 1] f32
@@ -80,13 +93,10 @@ def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax, prologue):
             return (silu * x_chunk(c, D).astype(dtype)).astype(jnp.float32)
         return x_chunk(c)
 
-    amax = lax.fori_loop(0, n, lambda c, m: jnp.maximum(m, jnp.max(jnp.abs(y_chunk(c)))),
-                         jnp.float32(0.0))
-    sx = jnp.where(amax > 0, amax / qmax, jnp.float32(1.0))
+    sx = row_scale(y_chunk, n, qmax)
 
     def store(c, carry):
-        q = jnp.clip(round_half_even(y_chunk(c) / sx), qmin, qmax).astype(jnp.int8)
-        q_ref[0, pl.ds(pl.multiple_of(c * P, P), P)] = q
+        q_ref[0, pl.ds(pl.multiple_of(c * P, P), P)] = quantize_piece(y_chunk(c), sx, qmin, qmax)
         return carry
 
     lax.fori_loop(0, n, store, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import jax
@@ -74,10 +75,7 @@ class GemmPartials:
 
     def finish(self) -> jax.Array:
         from pallas_kernels.w4_mgpu import out_mn_epilogue
-        M = 1
-        for d in self.lead:
-            M *= d
-        y = out_mn_epilogue(self.part, self.scales, self.sx, M, self.dtype)
+        y = out_mn_epilogue(self.part, self.scales, self.sx, math.prod(self.lead), self.dtype)
         return y.reshape(*self.lead, y.shape[-1])
 
 

@@ -11,11 +11,13 @@ References: Touvron et al. 2023 (Llama), HF transformers' modeling_llama / model
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import quant
 from .config import ModelConfig, QuantConfig
 from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, finished, rope_inv_freq
 
@@ -348,7 +350,7 @@ def draft_quantized(x, layer: QLinear, mode, kernels, prologue="none"):
     if mode not in ("w4a8", "w4a4") or not layer.is_quantized:
         return x
     from .kernel_dispatch import row_quant
-    r = row_quant(x, 8 if mode == "w4a8" else 4, kernels, prologue)
+    r = row_quant(x, quant.ACTIVATION_BITS[mode], kernels, prologue)
     return x if r is None else QuantizedInput(*r, x.dtype)
 
 
@@ -399,7 +401,7 @@ class DecoderLayer(nnx.Module):
         dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel."""
         if self.quantized and mode in ("w4a8", "w4a4"):
             from .kernel_dispatch import rmsnorm_quant
-            r = rmsnorm_quant(x, norm.scale[...], norm.eps, 8 if mode == "w4a8" else 4, kernels)
+            r = rmsnorm_quant(x, norm.scale[...], norm.eps, quant.ACTIVATION_BITS[mode], kernels)
             if r is not None:
                 return QuantizedInput(*r, x.dtype)
         return norm(x)
@@ -413,7 +415,7 @@ class DecoderLayer(nnx.Module):
             return x, self._norm(norm, x, mode, kernels)
         if fuse is not None:
             from .kernel_dispatch import residual_norm
-            bits = {"w4a8": 8, "w4a4": 4}.get(mode)  # draft: the next GEMMs take it quantized
+            bits = quant.ACTIVATION_BITS.get(mode)  # draft: the next GEMMs take it quantized
             out = residual_norm(x, h, norm.scale[...], norm.eps, fuse, bits)
             return (out[0], QuantizedInput(out[1], out[2], x.dtype)) if bits else out
         x = x + finished(h)
@@ -425,10 +427,7 @@ class DecoderLayer(nnx.Module):
         if not self.quantized:
             return None
         from .kernel_dispatch import residual_norm_runs
-        M = 1
-        for d in x.shape[:-1]:
-            M *= d
-        return residual_norm_runs(kernels, mode, M, x.shape[-1])
+        return residual_norm_runs(kernels, mode, math.prod(x.shape[:-1]), x.shape[-1])
 
     def __call__(self, x, cache, layer, positions, inv_freq, mode, kernels, window=None,
                  readonly=False, prefix=None, pending=None):

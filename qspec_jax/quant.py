@@ -36,6 +36,7 @@ from jax import lax
 
 MODES = ("w16", "w4a16", "w4a8", "w4a4", "w4a8_fp8")
 QUANT_MODES = MODES[1:]  # the modes that run on quantized weights
+ACTIVATION_BITS = {"w4a8": 8, "w4a4": 4}  # the draft modes' per-token activation bits
 
 INT4_MIN, INT4_MAX = -8, 7
 FP8_E4M3_MAX = 448.0
