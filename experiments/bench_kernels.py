@@ -253,7 +253,8 @@ W4A8_FLOAT_IN = ("ours_w4a8_quant", "ours_w4a8_fq")  # w4a8 kernels that quantiz
 W4A8_VARIANTS = ("ours_w4a8", "ours_w4a8_magic", "ours_w4a8_gemv", "ours_w4a8_gemvm",
                  "ours_w4a8_int8s", "ours_mgpu_w4a8")  # int8 activations in
 # variant -> largest M it is run at (None: all)
-VARIANT_MAX_M = {"ours_mgpu_w4a16": 64, "ours_mgpu_w4a8": 64, "ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
+VARIANT_MAX_M = {"ours_mgpu_w4a16": 256, "ours_mgpu_w4a8": 256,  # (w4_mgpu.MAX_M)
+                 "ours_w4a16_cvt": 128, "ours_w4a16_magic": 128, "ours_w4a8_magic": 128,
                  "ours_w4a16_cvts": 128, "ours_w4a16_asm": 128,
                  "ours_w4a16_gemv": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemv": w4a16_mod.GEMV_MAX_M,
                  "ours_w4a16_gemvm": w4a16_mod.GEMV_MAX_M, "ours_w4a8_gemvm": w4a16_mod.GEMV_MAX_M}

@@ -53,6 +53,9 @@
 #   bash experiments/device_runs.sh mgpum256  # Mosaic GEMM at M 65-256: GPU tests, per-layer vs XLA and Triton (~6 min)
 #   bash experiments/device_runs.sh mgpum256e2e  # 8B b256 AR / b64 QSpec gamma 1 with MGPU_MAX_M 64 vs 256 (~6 min)
 #   bash experiments/device_runs.sh resnorm  # fused epilogue + residual + RMSNorm kernel: GPU tests, 8B b1/16 off vs on, b1 profile (~8 min)
+#   bash experiments/device_runs.sh mgpuauto # kernel_dispatch.mgpu_max_m's table vs one limit of 64: GPU test (160-row verify), 8B b256 AR + b64 gamma 1 (~7 min)
+#   bash experiments/device_runs.sh resnorm2 # the fused residual + RMSNorm kernel at 4 / 8 / 16 warps: GPU tests, 8B b1 w4a16 vs off (~4.5 min)
+#   bash experiments/device_runs.sh bigm     # Mosaic tile sweep at M 128 (w4a16) and 256 (both modes): wider tiles, K steps, rings (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -78,7 +81,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -252,7 +255,7 @@ case "$stage" in
       --target /tmp/site wheels/*.whl
     export PYTHONPATH=.:/tmp/site
     step 380 tokamax.log python3 experiments/bench_kernels.py \
-      --variants ours_w4a16,xla_s4_dot,tokamax_w4a16 --ms 1,4,16,64 --tag h200_tokamax \
+      --variants ours_mgpu_w4a16,ours_w4a16,xla_s4_dot,tokamax_w4a16 --ms 1,4,16,64 --tag h200_tokamax \
       --commit "$COMMIT" --out "$OUT"
     ;;
   sweepsmall)
@@ -627,13 +630,54 @@ case "$stage" in
   # prefetch: removed (L2 prefetch of the next GEMM's weights measured slower, prefetch_h200_7e1796b.md)
   mgpum256)
     # Issues 6 / 8: the Mosaic GEMM at M 65-256 (w4_mgpu.MAX_M 256; the model uses it up to
-    # kernel_dispatch.MGPU_MAX_M = 64, XLA's GEMM above: verify passes of batch >= 32 at gamma 3,
+    # kernel_dispatch.MGPU_MAX_M = 64 then, XLA's GEMM above: verify passes of batch >= 32 at gamma 3,
     # AR at batch >= 128). GPU tests at the new M, then per-layer times at M 64 / 128 / 256
     # against XLA's GEMM over the same int4 weight and our Triton kernels (~6 min).
     step 150 mgpum256_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
       tests/gpu/test_w4_mgpu_gpu.py -k "matches_reference and (100 or 128 or 256) or rejects"
     step 240 mgpum256_probe.log python3 experiments/probe_mgpu.py --out "$OUT/m256" \
       --ms 64,128,256 --sweep default --commit "$COMMIT" --time-budget 220
+    ;;
+  mgpuauto)
+    # Issue 8: kernel_dispatch.mgpu_max_m (draft modes up to 256 rows on the Mosaic kernel, w4a16
+    # up to 256 but 64 for gate/up) against one limit of 64 (the default before): the GPU test
+    # with 160-row verify passes on the kernel, then 8B batch-256 AR and batch-64 gamma 1.
+    step 120 mgpuauto_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+      tests/gpu/test_w4_mgpu_gpu.py -k "auto_layout_on_this_gpu"
+    for mm in auto 64; do
+      flag=""; [ "$mm" = 64 ] && flag="--mgpu-max-m 64"
+      step 190 mgpuauto_e2e_$mm.log python3 experiments/sweep.py --models llama3-8b \
+        --batches 256,64 --modes w4a16,qspec-w4a8 --gammas 1 --max-gamma 1 --cost-gammas 0,1 \
+        --new-tokens 32 --repeats 3 $flag --time-budget 175 --commit "$COMMIT" \
+        --out "$OUT/mgpuauto_e2e_$mm.jsonl"
+    done
+    ;;
+  resnorm2)
+    # Issue 8: the fused residual + RMSNorm kernel was 2-3% slower at 4 warps (one program per
+    # row, latency-bound: resnorm_h200_255f41e.md). Compiled correctness at 16 warps, then 8B
+    # batch-1 w4a16 AR with it off and on at 4 / 8 / 16 warps.
+    step 100 resnorm2_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+      tests/gpu/test_residual_norm_gpu.py -k "compiled_kernel_matches_reference"
+    step 55 resnorm2_off.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
+      --modes w4a16 --new-tokens 64 --repeats 3 --residual-norm off --time-budget 45 \
+      --commit "$COMMIT" --out "$OUT/resnorm2.jsonl"
+    for w in 4 8 16; do
+      step 55 resnorm2_w$w.log python3 experiments/sweep.py --models llama3-8b --batches 1 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --residual-norm on --residual-norm-warps $w \
+        --time-budget 45 --commit "$COMMIT" --out "$OUT/resnorm2_w$w.jsonl"
+    done
+    ;;
+  bigm)
+    # Issues 6 / 8: the Mosaic kernel's default config at M 128 / 256 loses to XLA for gate/up
+    # (its 64-column tiles each re-read x: mgpum256_h200_255f41e.md). Config sweep (probe_mgpu
+    # --sweep bigm: 64-256-column tiles, 128 / 256-wide K steps, 2-3 stages, split-K) at M 128
+    # (w4a16) and 256 (both modes), each best config then timed at its M.
+    step 230 bigm128.log python3 experiments/probe_mgpu.py --out "$OUT/bigm128" --ms 128 \
+      --sweep bigm --sweep-m 128 --modes w4a16 --sweep-modes w4a16 --no-baselines \
+      --commit "$COMMIT" --time-budget 210
+    step 150 bigm256.log python3 experiments/probe_mgpu.py --out "$OUT/bigm256" --ms 256 \
+      --sweep bigm --sweep-m 256 --no-baselines --commit "$COMMIT" --time-budget 130
+    rm -f "$OUT"/bigm*.log
     ;;
   mgpum256e2e)
     # ... and end to end: 8B batch-256 AR (M 256) and batch-64 QSpec gamma 1 (its verify: M 128;

@@ -38,8 +38,8 @@ from experiments.bench_kernels import (HBM_TBS, TIMER, env_meta, make_weights, m
                                        n_copies, parse_shapes)
 from pallas_kernels._common import quantize_per_token_reference  # noqa: E402
 from qspec_jax.layers import quantized_matmul  # noqa: E402
-from pallas_kernels.w4_mgpu import (MgpuConfig, check, default_config, nk_from_half_split,  # noqa: E402
-                                    w4_mgpu_matmul)
+from pallas_kernels.w4_mgpu import (OUT_MN, MgpuConfig, check, default_config,  # noqa: E402
+                                    nk_from_half_split, padded_rows, w4_mgpu_matmul)
 from pallas_kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference  # noqa: E402
 from pallas_kernels.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference  # noqa: E402
 
@@ -90,6 +90,17 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
             # (check: divisibility of N, K and the units); 100-264 CTAs, >= 2 K steps per unit
             if (check(M, K, N, cfg) is None and K // (256 * sk) >= 2
                     and 100 <= N // 64 * sk // upc <= 264):
+                out.append(cfg)
+        return out
+    if kind == "bigm":  # x of 64-256 rows: the default's 64-column tiles re-read all of x per
+        out = []        # tile (gate/up at M = 256: ~0.9 GB from L2), so wider tiles; K step, ring
+        Mp = padded_rows(M)
+        for tn, bk, p, sk in itertools.product((64, 128, 256), (128, 256), (2, 3), (1, 2, 4, 8)):
+            cfg = MgpuConfig(tile_n=tn, block_k=bk, split_k=sk, stages=p, load_layout=ll,
+                             out_mn=OUT_MN)
+            # accumulator <= 128 f32 registers per thread; 100-1024 CTAs; >= p K steps per split
+            if (tn * Mp <= 128 * 128 and check(M, K, N, cfg) is None
+                    and 100 <= N // tn * sk <= 1024 and K // (bk * sk) >= p):
                 out.append(cfg)
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
@@ -291,7 +302,7 @@ def main(argv=None):
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
                     choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "persist",
-                             "full", "diag"),
+                             "bigm", "full", "diag"),
                     help="default: no sweep, the model's w4_mgpu.default_config at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
@@ -303,7 +314,7 @@ def main(argv=None):
                     help="skip our Triton kernels (timed by bench_kernels.py anyway)")
     ap.add_argument("--baseline-variants", default="triton_w4a16,triton_w4a8,xlank_w4a16,xlank_w4a8",
                     help="peers timed at every M: our Triton kernels (stored layout) and XLA's GEMM "
-                         "over the int4 [N, K] weight (the model's path above MGPU_MAX_M)")
+                         "over the int4 [N, K] weight (the model's path above kernel_dispatch.mgpu_max_m)")
     ap.add_argument("--time-budget", type=float, default=480.0)
     args = ap.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -339,7 +350,7 @@ def main(argv=None):
                 for M in m_list:
                     x, xq, sx, ref = shape_inputs(key, M, K, ws, int8)
                     sxv = sx.reshape(-1)
-                    cfgs = (sweep_configs(args.sweep, int8, K, N) if phase == "sweep"
+                    cfgs = (sweep_configs(args.sweep, int8, K, N, M) if phase == "sweep"
                             else sweep_configs("default", int8, K, N, M) if args.sweep == "default"
                             else [best.get(mode, sweep_configs("one", int8)[0])])
                     for cfg in cfgs:
@@ -378,7 +389,7 @@ def main(argv=None):
                                 and r["mode"] == mode and r["M"] == M and "us" in r]
                         if good:
                             b = min(good, key=lambda r: r["us"])
-                            best[mode] = next(c for c in sweep_configs(args.sweep, int8, K, N)
+                            best[mode] = next(c for c in sweep_configs(args.sweep, int8, K, N, M)
                                               if c.short() == b["config"])
         # baselines at every M
         for M in (ms if args.baselines else []):
@@ -387,7 +398,7 @@ def main(argv=None):
             base = {"triton_w4a16": (jax.jit(lambda a, w: tuple(w4a16_matmul(a, q, s) for q, s in w)), (x, ws)),
                     "triton_w4a8": (jax.jit(lambda a, b, w: tuple(w4a8_matmul(a, b, q, s) for q, s in w)), (xq, sx, ws)),
                     # What the model runs for int4 [N, K] GEMMs the Mosaic kernel does not take
-                    # (M > kernel_dispatch.MGPU_MAX_M): XLA's GEMM over the int4 weight (w4a8: the
+                    # (M > kernel_dispatch.mgpu_max_m): XLA's GEMM over the int4 weight (w4a8: the
                     # model's path from bf16 x, so its time includes the activation quantization).
                     "xlank_w4a16": (jax.jit(lambda a, w: tuple(
                         quantized_matmul(a, q, s[None], "w4a16", "xla") for q, s in w)), (x, ws_nk)),

@@ -341,13 +341,16 @@ def add_mgpu_flags(p) -> None:
                    help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
                         "unpadded with the kernel's TMA loads zero-filling (w4_mgpu.X_PAD)")
     p.add_argument("--mgpu-max-m", type=int, default=None,
-                   help="most rows of x a GEMM may have to run the Mosaic kernel in the model "
-                        "(qspec_jax.kernel_dispatch.MGPU_MAX_M, default 64; the kernel takes up "
-                        "to pallas_kernels.w4_mgpu.MAX_M)")
+                   help="one limit for every mode and width: the most rows of x a GEMM may have "
+                        "to run the Mosaic kernel in the model (qspec_jax.kernel_dispatch."
+                        "MGPU_MAX_M; default: the measured table of kernel_dispatch.mgpu_max_m, "
+                        "recorded as 'auto'; the kernel takes up to pallas_kernels.w4_mgpu.MAX_M)")
     p.add_argument("--residual-norm", choices=("on", "off"), default=None,
                    help="kernels=auto on the GPU: the GEMM epilogue + residual add + RMSNorm "
                         "after o_proj / down_proj as one Pallas kernel "
                         "(qspec_jax.kernel_dispatch.RESIDUAL_NORM)")
+    p.add_argument("--residual-norm-warps", type=int, choices=(1, 2, 4, 8, 16), default=None,
+                   help="warps per program of that kernel (kernel_dispatch.RESIDUAL_NORM_WARPS)")
 
 
 def apply_mgpu_flags(args) -> dict:
@@ -364,8 +367,12 @@ def apply_mgpu_flags(args) -> dict:
         kernel_dispatch.MGPU_MAX_M = args.mgpu_max_m
     if args.residual_norm:
         kernel_dispatch.RESIDUAL_NORM = args.residual_norm == "on"
-    return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m=kernel_dispatch.MGPU_MAX_M,
-                residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off")
+    if args.residual_norm_warps:
+        kernel_dispatch.RESIDUAL_NORM_WARPS = args.residual_norm_warps
+    max_m = kernel_dispatch.MGPU_MAX_M
+    return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m="auto" if max_m is None else max_m,
+                residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off",
+                residual_norm_warps=kernel_dispatch.RESIDUAL_NORM_WARPS)
 
 
 def _one_non_default(runs: list[dict], key: str, current, missing=None):
@@ -828,7 +835,9 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 ("--cache-update", "cache_update", model_module.CACHE_UPDATE, "scatter"),
                 ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None),
                 ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off"),
-                ("--mgpu-max-m", "mgpu_max_m", _kd.MGPU_MAX_M, 64)):
+                ("--residual-norm-warps", "residual_norm_warps", _kd.RESIDUAL_NORM_WARPS, 4),
+                # (rows before 2026-12-01 ran GEMMs of up to 64 rows on the kernel, any mode)
+                ("--mgpu-max-m", "mgpu_max_m", _kd.MGPU_MAX_M or "auto", 64)):
             val = _one_non_default(runs, key, current, missing)
             if val is not None:
                 args.append((flag, str(val)))

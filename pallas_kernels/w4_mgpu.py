@@ -3,8 +3,8 @@
 y[M, N] = x[M, K] @ W[K, N] computed as (W^T x^T)^T: the int4 weight tile [tile_n, block_k]
 is the wgmma's A operand *in registers* (TMA'd to shared memory, loaded in the upcast layout,
 converted to bf16 / int8 in registers), the activation tile x^T [block_k, Mp] the B operand in
-shared memory (Mp = 8, 16, ..., 256 rows of x, the wgmma's N; measured at M <= 64, where the
-model uses it, see kernel_dispatch.MGPU_MAX_M). The weight therefore fills the MMA's
+shared memory (Mp = 8, 16, ..., 256 rows of x, the wgmma's N; where the model uses it:
+kernel_dispatch.mgpu_max_m). The weight therefore fills the MMA's
 64-row M dimension and never returns to shared memory after unpacking, which is what the
 Triton kernels cannot do (experiments/results/stream_h200_6341a42.md).
 
@@ -136,8 +136,8 @@ def reference(x, w_nk, scales, sx=None):
     return (acc.astype(jnp.float32) * sx[:, None] * scales[None, :]).astype(jnp.bfloat16)
 
 
-# The wgmma's N (x's padded rows) goes up to 256. kernel_dispatch.MGPU_MAX_M decides how far the
-# model uses the kernel (64: measured faster than XLA's GEMM there, mgpu_h200_m64.md).
+# The wgmma's N (x's padded rows) goes up to 256. kernel_dispatch.mgpu_max_m decides how far the
+# model uses the kernel (per mode and width, from the H200's per-layer times).
 MAX_M = 256
 
 

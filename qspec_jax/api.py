@@ -135,7 +135,7 @@ def assemble(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, tokeni
 def with_weight_layout(model: QSpecModel, layout: str, *, in_place: bool = False) -> QSpecModel:
     """The same model with every int4 weight in ``layout``: "half_split" (int8 [K/2, N], the
     checkpoint format; Pallas Triton kernels), "nk" (XLA's packed int4 [N, K]; the Mosaic GPU
-    swap-AB kernel takes GEMMs of up to kernel_dispatch.MGPU_MAX_M = 64 rows, 1.2-1.4x faster
+    swap-AB kernel takes GEMMs of up to 64-256 rows, kernel_dispatch.mgpu_max_m, 1.2-1.4x faster
     per 8B layer on the H200, experiments/results/mgpu_h200.md, 1.08-1.23x end to end,
     mgpu_e2e_h200.md; wider GEMMs run on XLA) or "auto" (``auto_weight_layout``: nk where that
     kernel runs, else half_split). Same values and the same bytes in memory. The input model is left as it is (both copies live

@@ -74,15 +74,34 @@ def _gemm_interpret(M, K, qweight, scales, mode: str, required: bool):
 ACT_QUANT_IN_GEMM = False
 
 
-# weight_layout="nk" (int4 [N, K]): the Mosaic GPU swap-AB kernel takes GEMMs with M <= this
-# (decode / draft / verify up to batch 16 at gamma 3). Measured on the H200 with each M's default
-# config, per 8B shape: M 16-64 faster than XLA's GEMM over the int4 weight (w4a16 1.0-1.9x,
-# w4a8 1.6-3.0x, mgpu_h200_m64.md) and our Triton kernels; M <= 16 1.27-1.30x Triton per layer
-# (mgpu_h200.md), XLA's GEMM per layer ~2x slower at M = 1, even at M = 4 (w4a16 55.8 vs 55.2 us;
-# w4a8 2.2x slower; mgpu_h200_regs_9afe3cf.json). Larger M run on XLA's GEMM: the kernel takes
-# up to w4_mgpu.MAX_M = 256 rows (verify passes of batch 32-64 at gamma 3, AR at batch 128-256),
-# not yet timed there (sweep.py --mgpu-max-m 256, device stage mgpum256).
-MGPU_MAX_M = 64
+# weight_layout="nk" (int4 [N, K]): how many rows of x a GEMM may have to run the Mosaic GPU
+# swap-AB kernel (w4_mgpu; it takes up to w4_mgpu.MAX_M = 256), per mode and width, from the
+# H200's per-layer times with each M's default config:
+# - M <= 64, every mode and 8B shape: faster than XLA's GEMM over the int4 weight (w4a16
+#   1.0-1.9x, w4a8 1.6-3.0x, mgpu_h200_m64.md) and our Triton kernels; M <= 16 1.27-1.30x Triton
+#   per layer (mgpu_h200.md), XLA's GEMM ~2x slower at M = 1.
+# - M 128 / 256, draft modes (int8 wgmma): 1.2-2.5x faster than XLA's GEMM at all four 8B shapes
+#   (w4a8 per layer 89.5 vs 188.4 us at M = 128, 218.4 vs 310.2 at 256: mgpum256_h200_255f41e.md).
+# - M 128 / 256, w4a16: faster for the narrow shapes (qkv, o_proj, down_proj: 77 vs 96 us at
+#   M = 128, 130 vs 172 at 256) and slower for gate/up (N = 28672: 81.5 vs 58.7 us at 128,
+#   143.7 vs 105.7 at 256), so w4a16 GEMMs wider than MGPU_W4A16_WIDE_N columns stop at
+#   MGPU_W4A16_WIDE_MAX_M rows. (All GEMMs up to 256, end to end: batch-256 AR 12.33 vs 12.22 ms,
+#   the gate/up loss; a batch-256 gamma-1 cycle 26.4 vs 28.5 ms, the draft's gain.)
+MGPU_MODE_MAX_M = {"w4a16": 256, "w4a8": 256, "w4a4": 256}
+MGPU_W4A16_WIDE_N = 8192
+MGPU_W4A16_WIDE_MAX_M = 64
+# A uniform limit that replaces the table above when set (sweep.py --mgpu-max-m: experiments).
+MGPU_MAX_M: int | None = None
+
+
+def mgpu_max_m(mode: str, N: int) -> int:
+    """The most rows of x a GEMM of mode ``mode`` with N output columns runs on the Mosaic
+    kernel (MGPU_MAX_M if set, else the measured table above)."""
+    if MGPU_MAX_M is not None:
+        return MGPU_MAX_M
+    if mode == "w4a16" and N > MGPU_W4A16_WIDE_N:
+        return MGPU_W4A16_WIDE_MAX_M
+    return MGPU_MODE_MAX_M[mode]
 
 
 def mgpu_unavailable() -> str | None:
@@ -149,17 +168,18 @@ def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
         log_once(("nk-group", K, N), "qspec_jax: the Mosaic GPU kernel takes per-channel scales "
                   f"only (this layer has groups of {K // scales.shape[0]}): XLA for it", logging.WARNING)
         return False
-    if M > MGPU_MAX_M:
-        log_once(("nk-bigm",), f"qspec_jax: int4 [N, K] weights: GEMMs with M > {MGPU_MAX_M} rows "
-                  "(prefill, wide verify passes) use XLA's GEMM")
+    max_m = mgpu_max_m(mode, N)
+    if M > max_m:
+        log_once(("nk-bigm", mode, max_m), f"qspec_jax: int4 [N, K] weights: {mode} GEMMs of "
+                  f"more than {max_m} rows (kernel_dispatch.mgpu_max_m; e.g. N = {N}) use XLA's GEMM")
         return False
     err = w4_mgpu.check(M, K, N, w4_mgpu.default_config(M, K, N))
     if err:
         log_once(("nk-shape", K, N), f"qspec_jax: the Mosaic GPU kernel cannot take K={K} N={N} "
                   f"({err}): XLA for this layer", logging.WARNING)
         return False
-    log_once(("nk-mgpu",), f"qspec_jax: quantized GEMMs with M <= {MGPU_MAX_M} use the Mosaic GPU "
-              "kernel (int4 [N, K] weights)")
+    log_once(("nk-mgpu",), "qspec_jax: quantized GEMMs of few rows use the Mosaic GPU kernel "
+              "(int4 [N, K] weights; the limits per mode and width: kernel_dispatch.mgpu_max_m)")
     return True
 
 
@@ -295,9 +315,13 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
 # step: 64 junctions, hlo_summary_b1_xpad_7e1796b.md). kernels="pallas" runs it (interpret mode on
 # CPU); under "auto" on the GPU only with RESIDUAL_NORM on, until the H200 measures it faster
 # (sweep.py --residual-norm on, device stage resnorm). Decode shapes only (M <= MAX_M rows;
-# prefill keeps XLA's fusions). Read at trace time.
+# prefill keeps XLA's fusions). Read at trace time. Measured on the H200 (255f41e): 2-3% slower
+# per 8B step at batch 1 / 16 (resnorm_h200_255f41e.md; its one-program-per-row grid at 4 warps
+# is latency-bound: 3.8-5.4 us per call); RESIDUAL_NORM_WARPS (sweep.py --residual-norm-warps)
+# is the first knob to time.
 RESIDUAL_NORM = False
 RESIDUAL_NORM_MAX_M = 64
+RESIDUAL_NORM_WARPS = 4
 
 
 def residual_norm_runs(kernels: str, mode: str, M: int, D: int):
@@ -328,10 +352,11 @@ def residual_norm(x, h, gain, eps: float, interpret: bool, bits: int | None = No
     from .layers import GemmPartials
     D = x.shape[-1]
     x2 = x.reshape(-1, D)
+    kw = dict(bits=bits, interpret=interpret, num_warps=RESIDUAL_NORM_WARPS)
     if isinstance(h, GemmPartials):
-        out = kernel(x2, h.part, h.scales, gain, eps, h.sx, bits=bits, interpret=interpret)
+        out = kernel(x2, h.part, h.scales, gain, eps, h.sx, **kw)
     else:
-        out = kernel(x2, h.reshape(1, -1, D), None, gain, eps, bits=bits, interpret=interpret)
+        out = kernel(x2, h.reshape(1, -1, D), None, gain, eps, **kw)
     return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in out)
 
 

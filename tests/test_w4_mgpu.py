@@ -280,9 +280,11 @@ def test_x_pad_by_tma_lowers_without_a_pad():
 
 
 def test_model_takes_the_kernel_up_to_mgpu_max_m(tmp_path, monkeypatch):
-    """kernel_dispatch.MGPU_MAX_M raised to 256 (sweep.py --mgpu-max-m): a verify-sized forward
-    of 32 x 4 = 128 rows runs its GEMMs on the Mosaic kernel (at the default 64, XLA's GEMM)
-    and the whole forward lowers for CUDA on CPU (the dispatch told it runs on a Hopper GPU)."""
+    """A verify-sized forward of 32 x 4 = 128 rows runs its GEMMs on the Mosaic kernel (the
+    default table: this model's GEMMs are narrow) and the whole forward lowers for CUDA on CPU
+    (the dispatch told it runs on a Hopper GPU); with the uniform limit kernel_dispatch.MGPU_MAX_M
+    = 64 (sweep.py --mgpu-max-m 64) they run on XLA's GEMM, and with the w4a16 width limit below
+    this model's widest GEMM (gate/up, 1024 columns) that one alone leaves the kernel."""
     import qspec_jax as qj
     from hf_models import build_hf_model
     from qspec_jax import kernel_dispatch as kd
@@ -296,8 +298,10 @@ def test_model_takes_the_kernel_up_to_mgpu_max_m(tmp_path, monkeypatch):
     real = w4_mgpu.w4_mgpu_matmul
     monkeypatch.setattr(w4_mgpu, "w4_mgpu_matmul", lambda x, *a, **k: ms.append(x.shape[0]) or real(x, *a, **k))
     net, L = model.module, model.cfg.num_hidden_layers
-    for max_m, want in ((64, 0), (256, 4 * L)):
+    for max_m, wide_n, want in ((None, kd.MGPU_W4A16_WIDE_N, 4 * L), (64, kd.MGPU_W4A16_WIDE_N, 0),
+                                (256, 512, 4 * L), (None, 512, 3 * L)):
         monkeypatch.setattr(kd, "MGPU_MAX_M", max_m)
+        monkeypatch.setattr(kd, "MGPU_W4A16_WIDE_N", wide_n)
         ms.clear()
         cache = KVCache.create(model.cfg, 32, 64, jnp.bfloat16)
         fn = jax.jit(lambda t, c, s: net(t, c, s, mode="w4a16", kernels="auto"))

@@ -82,13 +82,19 @@ def test_cpu_pallas_request_says_the_kernel_needs_a_gpu(models, caplog):
     assert any("needs a GPU" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-@pytest.mark.parametrize("M,mode,expect", [(4, "w4a16", True), (16, "w4a8", True),
-                                           (64, "w4a16", True), (65, "w4a16", False),
-                                           (2, "w4a8_fp8", False)])
-def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, expect):
-    """With a GPU backend, GEMMs of up to 64 rows (kernel_dispatch.MGPU_MAX_M) of an int4 [N, K]
-    weight are the Mosaic GPU custom call; wider ones (and modes without a kernel) XLA's dot."""
-    K, N = 512, 128
+WIDE = kernel_dispatch.MGPU_W4A16_WIDE_N + 64  # a w4a16 GEMM wider than the measured limit's
+
+
+@pytest.mark.parametrize("M,mode,N,expect", [
+    (4, "w4a16", 128, True), (16, "w4a8", 128, True), (64, "w4a16", WIDE, True),
+    (65, "w4a16", WIDE, False), (65, "w4a16", 128, True), (256, "w4a16", 128, True),
+    (256, "w4a8", WIDE, True), (256, "w4a4", 128, True), (257, "w4a8", 128, False),
+    (2, "w4a8_fp8", 128, False)])
+def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, N, expect):
+    """With a GPU backend, GEMMs of an int4 [N, K] weight within kernel_dispatch.mgpu_max_m
+    (draft modes up to 256 rows; w4a16 up to 256 but 64 for the widest GEMMs, gate/up) are the
+    Mosaic GPU custom call; wider ones (and modes without a kernel) XLA's dot."""
+    K = 512
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(kernel_dispatch, "mgpu_unavailable", lambda: None)  # a pretend Hopper GPU
     nk = quant.to_weight_layout(jnp.zeros((K // 2, N), jnp.int8), "nk")

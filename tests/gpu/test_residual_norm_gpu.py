@@ -13,10 +13,12 @@ EPS = 1e-5
 
 @pytest.mark.parametrize("M,Mp,S,N,kind", [(1, 8, 4, 4096, "f32"), (16, 16, 2, 4096, "int8"),
                                            (5, 8, 3, 3584, "f32"), (64, 64, 1, 8192, "h")])
-def test_compiled_kernel_matches_reference(M, Mp, S, N, kind):
+@pytest.mark.parametrize("warps", [4, 16])  # kernel_dispatch.RESIDUAL_NORM_WARPS candidates
+def test_compiled_kernel_matches_reference(M, Mp, S, N, kind, warps):
     from test_residual_norm import _case  # tests/ is on sys.path (its conftest)
     x, part, scales, gain, sx = _case(M, Mp, S, N, kind, seed=M + N)
-    x_new, normed = jax.jit(lambda *a: rn.residual_norm(*a[:4], EPS, a[4]))(x, part, scales, gain, sx)
+    x_new, normed = jax.jit(lambda *a: rn.residual_norm(*a[:4], EPS, a[4], num_warps=warps))(
+        x, part, scales, gain, sx)
     ref_x, ref_n = jax.jit(lambda *a: rn.residual_norm_reference(*a[:4], EPS, a[4]))(
         x, part, scales, gain, sx)
     np.testing.assert_array_equal(np.asarray(x_new), np.asarray(ref_x))

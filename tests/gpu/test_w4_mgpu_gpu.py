@@ -198,11 +198,12 @@ def test_model_in_nk_layout_uses_the_kernel_and_stays_lossless(caplog):
         np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
 
 
-def test_auto_layout_on_this_gpu(monkeypatch):
+@pytest.mark.parametrize("n_seq", [12, 40])
+def test_auto_layout_on_this_gpu(monkeypatch, n_seq):
     """weight_layout="auto" on the device: nk (the Mosaic kernels) for a model whose layers the
     kernel takes on a Hopper GPU, the stored layout for the default model (K = 384 is not a
-    multiple of 256); QSpec stays lossless in the chosen layout, verify passes of up to 64 rows
-    included."""
+    multiple of 256); QSpec stays lossless in the chosen layout, verify passes of 48 and 160 rows
+    (x padded to 64 / 256) included."""
     import qspec_jax as qj
     from experiments import sweep
     monkeypatch.setitem(sweep.SHAPED, "t256", dict(
@@ -212,9 +213,9 @@ def test_auto_layout_on_this_gpu(monkeypatch):
     m = qj.with_weight_layout(sweep.random_model("t256", True), "auto")
     assert m.weight_layout == ("nk" if hopper else "half_split")
     assert qj.load(None, quant="w4").weight_layout == "half_split"
-    # 12 sequences: draft GEMMs at M = 12, gamma-3 verify passes at M = 48 (both on the Mosaic
-    # kernel since MGPU_MAX_M = 64)
-    prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i] * (1 + i % 5) for i in range(10)]
+    # 12 / 40 sequences: draft GEMMs at M = 12 / 40, gamma-3 verify passes at M = 48 / 160 (all
+    # on the Mosaic kernel: kernel_dispatch.mgpu_max_m)
+    prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i % 200] * (1 + i % 5) for i in range(n_seq - 2)]
     ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
     qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
     _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
