@@ -55,7 +55,8 @@
 #   bash experiments/device_runs.sh resnorm  # fused epilogue + residual + RMSNorm kernel: GPU tests, 8B b1/16 off vs on, b1 profile (~8 min)
 #   bash experiments/device_runs.sh mgpuauto # kernel_dispatch.mgpu_max_m's table vs one limit of 64: GPU test (160-row verify), 8B b256 AR + b64 gamma 1 (~7 min)
 #   bash experiments/device_runs.sh resnorm2 # the fused residual + RMSNorm kernel at 4 / 8 / 16 warps: GPU tests, 8B b1 w4a16 vs off (~4.5 min)
-#   bash experiments/device_runs.sh bigm     # Mosaic tile sweep at M 128 (w4a16) and 256 (both modes): wider tiles, K steps, rings (~6 min)
+#   bash experiments/device_runs.sh bigm     # Mosaic config sweep at M 128 / 256, w4a16: wider tiles, x's rows split over CTAs (tile_m), K steps (~9 min)
+#   bash experiments/device_runs.sh bigm8    # the same for w4a8, after the tile_m GPU tests (~10 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -81,7 +82,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -667,17 +668,24 @@ case "$stage" in
         --time-budget 45 --commit "$COMMIT" --out "$OUT/resnorm2_w$w.jsonl"
     done
     ;;
-  bigm)
+  bigm|bigm8)
     # Issues 6 / 8: the Mosaic kernel's default config at M 128 / 256 loses to XLA for gate/up
     # (its 64-column tiles each re-read x: mgpum256_h200_255f41e.md). Config sweep (probe_mgpu
-    # --sweep bigm: 64-256-column tiles, 128 / 256-wide K steps, 2-3 stages, split-K) at M 128
-    # (w4a16) and 256 (both modes), each best config then timed at its M.
-    step 230 bigm128.log python3 experiments/probe_mgpu.py --out "$OUT/bigm128" --ms 128 \
-      --sweep bigm --sweep-m 128 --modes w4a16 --sweep-modes w4a16 --no-baselines \
-      --commit "$COMMIT" --time-budget 210
-    step 150 bigm256.log python3 experiments/probe_mgpu.py --out "$OUT/bigm256" --ms 256 \
-      --sweep bigm --sweep-m 256 --no-baselines --commit "$COMMIT" --time-budget 130
-    rm -f "$OUT"/bigm*.log
+    # --sweep bigm: 64-256-column tiles, x's rows split over CTAs (tile_m), 128 / 256-wide K
+    # steps, split-K; every row checked against the reference) at M 128 and 256: bigm w4a16,
+    # bigm8 w4a8 after the tile_m GPU tests.
+    mode=w4a16
+    if [ "$stage" = bigm8 ]; then
+      mode=w4a8
+      step 170 bigm_gpu_tests.log python3 -m pytest -q -x -p no:warnings \
+        tests/gpu/test_w4_mgpu_gpu.py -k "tile_m"
+    fi
+    for m in 128 256; do
+      step 270 bigm${m}_$mode.log python3 experiments/probe_mgpu.py --out "$OUT/bigm${m}_$mode" \
+        --ms $m --sweep bigm --sweep-m $m --modes $mode --sweep-modes $mode --no-baselines \
+        --commit "$COMMIT" --time-budget 250
+    done
+    rm -f "$OUT"/bigm*_w4a*.log
     ;;
   mgpum256e2e)
     # ... and end to end: 8B batch-256 AR (M 256) and batch-64 QSpec gamma 1 (its verify: M 128;

@@ -93,14 +93,18 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
                 out.append(cfg)
         return out
     if kind == "bigm":  # x of 64-256 rows: the default's 64-column tiles re-read all of x per
-        out = []        # tile (gate/up at M = 256: ~0.9 GB from L2), so wider tiles; K step, ring
-        Mp = padded_rows(M)
-        for tn, bk, p, sk in itertools.product((64, 128, 256), (128, 256), (2, 3), (1, 2, 4, 8)):
+        out = []        # tile (gate/up at M = 256: ~0.9 GB from L2), so wider tiles or x's rows
+        Mp = padded_rows(M)  # split over CTAs (tile_m); K step, ring
+        for tm, tn, bk, p, sk in itertools.product((0, 64, 128), (64, 128, 256), (128, 256), (2,),
+                                                   (1, 2, 4)):
             cfg = MgpuConfig(tile_n=tn, block_k=bk, split_k=sk, stages=p, load_layout=ll,
-                             out_mn=OUT_MN)
-            # accumulator <= 128 f32 registers per thread; 100-1024 CTAs; >= p K steps per split
-            if (tn * Mp <= 128 * 128 and check(M, K, N, cfg) is None
-                    and 100 <= N // tn * sk <= 1024 and K // (bk * sk) >= p):
+                             out_mn=OUT_MN, tile_m=tm)
+            rows = cfg.rows_per_cta(Mp)
+            ctas = N // tn * sk * (Mp // rows)
+            # a real M split only; accumulator <= 128 f32 registers per thread; 100-1024 CTAs;
+            # >= p K steps per split
+            if ((tm == 0 or tm < Mp) and tn * rows <= 128 * 128 and check(M, K, N, cfg) is None
+                    and 100 <= ctas <= 1024 and K // (bk * sk) >= p):
                 out.append(cfg)
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M

@@ -71,6 +71,11 @@ class MgpuConfig:
     # but skips the unpack and the MMA (the output is zeros), which times what the structure
     # alone (grid, tile sizes, ring depth, partials store) can stream.
     probe: str = ""
+    # Rows of x per CTA (plain kernel): 0 = all of x's padded rows Mp (one CTA column per
+    # weight tile); 64 / 128 = x's rows split over Mp / tile_m CTAs, each re-reading its weight
+    # tile. At Mp = 256 every 64-column tile otherwise reads all of x (gate/up: ~0.9 GB from L2
+    # per call) and the [tile_n, 256] accumulator caps tile_n at 64 (registers).
+    tile_m: int = 0
 
     @property
     def plain(self) -> bool:
@@ -83,7 +88,12 @@ class MgpuConfig:
                 f"w0{self.load_layout[0]}" + ("ws" if self.warp_specialized else "")
                 + ("sa" if self.smem_a else "")
                 + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else "")
-                + ("mn" if self.out_mn else "") + (f"-{self.probe}" if self.probe else ""))
+                + ("mn" if self.out_mn else "") + (f"m{self.tile_m}" if self.tile_m else "")
+                + (f"-{self.probe}" if self.probe else ""))
+
+    def rows_per_cta(self, Mp: int) -> int:
+        """x's rows one CTA computes (the wgmma's N): tile_m, or all Mp rows."""
+        return min(self.tile_m, Mp) if self.tile_m else Mp
 
 
 # The model's GEMMs take MgpuConfig(out_mn=OUT_MN) (default_config). On: 8B w4a16 AR step
@@ -172,6 +182,11 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"probe={cfg.probe!r}: '' (the GEMM) or 'read' (the TMA pipeline alone)"
     if cfg.probe and (variant or cfg.units_per_cta > 1):
         return "probe runs the plain kernel only"
+    if cfg.tile_m:
+        if variant or cfg.units_per_cta > 1:
+            return "tile_m (x's rows split over CTAs) runs the plain kernel only"
+        if cfg.tile_m not in (64, 128):
+            return f"tile_m={cfg.tile_m}: 64 or 128 rows of x per CTA (or 0: all of them)"
     if cfg.units_per_cta < 1:
         return f"units_per_cta={cfg.units_per_cta} must be >= 1"
     if cfg.units_per_cta > 1:
@@ -199,7 +214,7 @@ def plain_smem_bytes(M: int, cfg: MgpuConfig) -> int:
     """Shared memory of the plain kernel (the w4a16 bound: 2-byte x): the TMA ring of x
     [block_k, Mp] and int4 weight [tile_n, block_k] tiles, and the f32 output tile (Mosaic
     adds a few barriers: 344,080 bytes measured for 344,064 here at Mp 256, block_k 256)."""
-    Mp = padded_rows(M)
+    Mp = cfg.rows_per_cta(padded_rows(M))
     return (cfg.stages * (cfg.block_k * Mp * 2 + cfg.tile_n * cfg.block_k // 2)
             + cfg.tile_n * Mp * 4)
 
@@ -285,6 +300,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     acc_dt = jnp.int32 if int8 else jnp.float32
     k_iters = K // cfg.block_k // cfg.split_k
     n_tiles = N // cfg.tile_n
+    Mt = cfg.rows_per_cta(Mp)  # x's rows per CTA (plain kernel); Mp // Mt CTAs along M
     if cfg.load_layout == "upcast":
         load_layout = plgpu.Layout.WGMMA_UPCAST_2X if int8 else plgpu.Layout.WGMMA_UPCAST_4X
     else:
@@ -297,8 +313,8 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             w = plgpu.layout_cast(w, mma_layout)
         return w.astype(cdt)
 
-    def x_spec(index_map):  # [Mp, block_k] tiles of x; index_map: pipeline step -> block index
-        return plgpu.BlockSpec((Mp, cfg.block_k), index_map,
+    def x_spec(index_map, rows=Mp):  # [rows, block_k] tiles of x; index_map: step -> block index
+        return plgpu.BlockSpec((rows, cfg.block_k), index_map,
                                transforms=_transforms(cfg.block_k, cdt, "rhs"))
 
     def w_spec_at(index_map):  # [tile_n, block_k] int4 weight tiles
@@ -308,17 +324,20 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     def w_spec(ni, si):  # the weight tiles of this CTA's column tile and K split
         return w_spec_at(lambda k: (ni, si * k_iters + k))
 
-    def write_partials(acc_scope, o_gmem, o_smem, ni, si):  # run the K loop, store the tile
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, Mp), acc_dt))
+    def write_partials(acc_scope, o_gmem, o_smem, ni, si, mi=None, rows=Mp):
+        """Run the K loop (acc_scope) into a [tile_n, rows] accumulator and store it as this
+        CTA's tile of the partial sums (rows of x from mi * rows when mi is given)."""
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((cfg.tile_n, rows), acc_dt))
         cols = pl.ds(ni * cfg.tile_n, cfg.tile_n)
-        if cfg.out_mn:  # o_smem [Mp, tile_n]: store the [tile_n, Mp] accumulator transposed
+        xrows = slice(None) if mi is None else pl.ds(mi * rows, rows)
+        if cfg.out_mn:  # o_smem [rows, tile_n]: store the [tile_n, rows] accumulator transposed
             # (the ref's own transpose: jax 0.11's plgpu.transpose_ref rejects a scratch ref)
             o_smem.transpose((1, 0))[...] = plgpu.layout_cast(
                 acc, plgpu.Layout.WGMMA_TRANSPOSED)
-            dst = o_gmem.at[si, :, cols]
+            dst = o_gmem.at[si, xrows, cols]
         else:
             o_smem[...] = acc
-            dst = o_gmem.at[si, cols]
+            dst = o_gmem.at[si, cols, xrows]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
@@ -326,6 +345,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
     def kernel(x_gmem, w_gmem, o_gmem, o_smem):
         ni = lax.axis_index("n")
         si = lax.axis_index("s")
+        mi = lax.axis_index("m") if Mt != Mp else None
 
         def acc_scope(acc_ref):
             def body(_, x_smem, w_smem):
@@ -337,11 +357,13 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                 # operand is not kept live across the asynchronous MMA.
                 plgpu.wgmma_wait(0)
 
-            plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=in_specs(ni, si),
+            specs = in_specs(ni, si) if mi is None else [
+                x_spec(lambda k: (mi, si * k_iters + k), Mt), w_spec(ni, si)]
+            plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=specs,
                                 max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
             return acc_ref[...]
 
-        write_partials(acc_scope, o_gmem, o_smem, ni, si)
+        write_partials(acc_scope, o_gmem, o_smem, ni, si, mi, Mt)
 
     def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
         return [x_spec(lambda k: (0, si * k_iters + k)), w_spec(ni, si)]
@@ -467,10 +489,13 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
             kernel_ws, out_type=jax.ShapeDtypeStruct((cfg.split_k, N, Mp), acc_dt),
             grid=(n_tiles, cfg.split_k), grid_names=("n", "s"), num_threads=3, thread_name="wg",
             scratch_types=dict(o_smem=plgpu.SMEM((2, half, Mp), acc_dt)), compiler_params=params)
-    else:  # partials [split_k, Mp, N] with out_mn, else [split_k, N, Mp]; o_smem likewise
-        tile, out = ((Mp, cfg.tile_n), (Mp, N)) if cfg.out_mn else ((cfg.tile_n, Mp), (N, Mp))
+    else:  # partials [split_k, Mp, N] with out_mn, else [split_k, N, Mp]; o_smem: one tile
+        tile, out = ((Mt, cfg.tile_n), (Mp, N)) if cfg.out_mn else ((cfg.tile_n, Mt), (N, Mp))
+        grid, names = (n_tiles, cfg.split_k), ("n", "s")
+        if Mt != Mp:
+            grid, names = grid + (Mp // Mt,), names + ("m",)
         f = plgpu.kernel(
             kernel, out_type=jax.ShapeDtypeStruct((cfg.split_k, *out), acc_dt),
-            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+            grid=grid, grid_names=names,
             scratch_types=dict(o_smem=plgpu.SMEM(tile, acc_dt)), compiler_params=params)
     return jax.jit(f)

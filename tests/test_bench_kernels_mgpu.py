@@ -10,10 +10,10 @@ import experiments.bench_kernels as bk
 import pallas_kernels.w4_mgpu as w4_mgpu
 
 
-def test_skipped_off_gpu_and_above_64_rows(tmp_path):
-    jobs = bk.build_jobs([(256, 128)], [1, 16, 128], list(bk.MGPU_VARIANTS), lambda K: K, quick=True)
-    assert sorted((j.variant, j.M) for j in jobs) == [
-        ("ours_mgpu_w4a16", 1), ("ours_mgpu_w4a16", 16), ("ours_mgpu_w4a8", 1), ("ours_mgpu_w4a8", 16)]
+def test_skipped_off_gpu_and_above_256_rows(tmp_path):
+    jobs = bk.build_jobs([(256, 128)], [1, 256, 512], list(bk.MGPU_VARIANTS), lambda K: K, quick=True)
+    assert sorted((j.variant, j.M) for j in jobs) == [  # (the kernel takes M <= w4_mgpu.MAX_M)
+        ("ours_mgpu_w4a16", 1), ("ours_mgpu_w4a16", 256), ("ours_mgpu_w4a8", 1), ("ours_mgpu_w4a8", 256)]
     assert all(j.skip and "Hopper" in j.skip for j in jobs)
     bk.compile_all(jobs, 1)
     rows = bk.run_jobs(jobs, 2)

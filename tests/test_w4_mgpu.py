@@ -158,6 +158,61 @@ def test_large_m_default_configs_fit_and_lower(M, K, N, int8):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("out_mn", [True, False])
+@pytest.mark.parametrize("M,tile_m", [(256, 128), (200, 64), (128, 64)])
+def test_tile_m_configs_lower(M, tile_m, int8, out_mn):
+    """x's rows split over CTAs (MgpuConfig.tile_m: a third grid axis, [tile_m, block_k] x
+    tiles, a [tile_n, tile_m] accumulator stored at its rows) lowers for CUDA in both modes and
+    both partial-sum layouts; its shared memory counts one M tile."""
+    from pallas_kernels.w4_mgpu import padded_rows, plain_smem_bytes
+    K, N = 1024, 256
+    cfg = MgpuConfig(tile_n=128, block_k=128, split_k=2, stages=2, tile_m=tile_m, out_mn=out_mn,
+                     load_layout="wgmma" if int8 else "upcast")
+    assert check(M, K, N, cfg) is None and cfg.rows_per_cta(padded_rows(M)) == tile_m
+    assert plain_smem_bytes(M, cfg) == 2 * (128 * tile_m * 2 + 128 * 128 // 2) + 128 * tile_m * 4
+    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    if int8:
+        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert cfg.short().endswith(f"m{tile_m}")
+
+
+def test_tile_m_is_checked():
+    """tile_m is 0 (all rows), 64 or 128, and runs the plain kernel only; at or above x's
+    padded rows it is one M tile (the unsplit kernel)."""
+    assert "64 or 128" in check(256, 1024, 256, MgpuConfig(tile_n=64, tile_m=32))
+    for bad in (dict(warp_specialized=True, tile_n=128), dict(smem_a=True),
+                dict(units_per_cta=2)):
+        assert "plain kernel only" in check(256, 1024, 256, MgpuConfig(tile_m=128, block_k=128,
+                                                                       **bad))
+    assert MgpuConfig(tile_m=128).rows_per_cta(64) == 64
+    assert MgpuConfig(tile_m=0).rows_per_cta(256) == 256
+
+
+def test_probe_bigm_sweep_configs_fit_and_lower():
+    """experiments/probe_mgpu.py --sweep bigm (device stages bigm / bigm8): at M 128 and 256,
+    every config passes check() at its M, includes split-M ones, keeps the accumulator within
+    128 registers per thread, and a split-M one lowers for CUDA."""
+    from experiments.probe_mgpu import sweep_configs
+    from pallas_kernels.w4_mgpu import padded_rows
+    for M in (128, 256):
+        for K, N in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]:
+            cfgs = sweep_configs("bigm", False, K, N, M)
+            assert cfgs and all(check(M, K, N, c) is None for c in cfgs)
+            assert all(c.tile_n * c.rows_per_cta(padded_rows(M)) <= 128 * 128 for c in cfgs)
+            assert any(c.tile_m for c in cfgs)
+    cfg = next(c for c in sweep_configs("bigm", True, 4096, 4096, 256) if c.tile_m)
+    avals = [jax.ShapeDtypeStruct((256, 4096), jnp.int8), jax.ShapeDtypeStruct((4096, 4096), jnp.int4),
+             jax.ShapeDtypeStruct((4096,), jnp.float32), jax.ShapeDtypeStruct((256,), jnp.float32)]
+    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_mismatched_operands_are_rejected():
     x = jnp.zeros((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="must be int4"):

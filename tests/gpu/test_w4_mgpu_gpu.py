@@ -102,6 +102,18 @@ def test_persistent_matches_reference(K, N, M, int8):
     _check_default_config_variant(K, N, M, int8, 13 * K + N + M, units_per_cta=2, stages=4)
 
 
+@pytest.mark.parametrize("K,N", [(4096, 28672), (14336, 4096), (512, 256)])
+@pytest.mark.parametrize("M,tile_m,tile_n", [(256, 128, 64), (256, 128, 128), (200, 64, 64),
+                                             (128, 64, 128), (40, 128, 64)])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("out_mn", [True, False])
+def test_tile_m_matches_reference(K, N, M, tile_m, tile_n, int8, out_mn):
+    """x's rows split over CTAs (MgpuConfig.tile_m; M = 40 pads to 64 rows: one M tile) with
+    the default split and 128-wide K steps, both modes, both partial-sum layouts."""
+    _check_default_config_variant(K, N, M, int8, 17 * K + N + M + tile_n, tile_m=tile_m,
+                                  tile_n=tile_n, block_k=128, out_mn=out_mn)
+
+
 @pytest.mark.parametrize("K,N", SHAPES)
 @pytest.mark.parametrize("M", [1, 5, 16, 40, 64])
 @pytest.mark.parametrize("int8", [False, True])
