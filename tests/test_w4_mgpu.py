@@ -20,6 +20,18 @@ def _weights(K, N, seed=0):
     return qw, s
 
 
+def _lowers_to_mosaic(M, K, N, int8, cfg=None) -> bool:
+    """Whether w4_mgpu_matmul (bf16 x, or int8 x with per-token scales) at this shape and config
+    (None: the default) lowers for CUDA on this CPU to the Mosaic GPU custom call."""
+    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
+    if int8:
+        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return "mosaic_gpu" in text
+
+
 def test_nk_layout_is_the_transposed_unpacked_weight():
     qw, _ = _weights(64, 24)
     nk = nk_from_half_split(qw)
@@ -104,13 +116,7 @@ def test_lowers_for_cuda(mode, ws, bk, stages, sa, upc):
     cfg = MgpuConfig(tile_n=128 if ws else 64, block_k=bk, split_k=2, stages=stages,
                      load_layout="wgmma" if int8 else "upcast", warp_specialized=ws, smem_a=sa,
                      units_per_cta=1 if upc == "mn" else upc, out_mn=upc == "mn")
-    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
-             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
-    if int8:
-        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
-    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    assert _lowers_to_mosaic(M, K, N, int8, cfg)
 
 
 def test_smem_a_shapes_it_cannot_hold_are_rejected():
@@ -150,12 +156,7 @@ def test_large_m_default_configs_fit_and_lower(M, K, N, int8):
     cfg = default_config(M, K, N)
     assert cfg.block_k == (128 if padded_rows(M) == 256 else 256)
     assert check(M, K, N, cfg) is None
-    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
-             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
-    if int8:
-        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
-    text = jax.jit(w4_mgpu_matmul).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    assert _lowers_to_mosaic(M, K, N, int8)
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -171,13 +172,7 @@ def test_tile_m_configs_lower(M, tile_m, int8, out_mn):
                      load_layout="wgmma" if int8 else "upcast")
     assert check(M, K, N, cfg) is None and cfg.rows_per_cta(padded_rows(M)) == tile_m
     assert plain_smem_bytes(M, cfg) == 2 * (128 * tile_m * 2 + 128 * 128 // 2) + 128 * tile_m * 4
-    avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
-             jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
-    if int8:
-        avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
-    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    assert _lowers_to_mosaic(M, K, N, int8, cfg)
     assert cfg.short().endswith(f"m{tile_m}")
 
 
@@ -206,11 +201,7 @@ def test_probe_bigm_sweep_configs_fit_and_lower():
             assert all(c.tile_n * c.rows_per_cta(padded_rows(M)) <= 128 * 128 for c in cfgs)
             assert any(c.tile_m for c in cfgs)
     cfg = next(c for c in sweep_configs("bigm", True, 4096, 4096, 256) if c.tile_m)
-    avals = [jax.ShapeDtypeStruct((256, 4096), jnp.int8), jax.ShapeDtypeStruct((4096, 4096), jnp.int4),
-             jax.ShapeDtypeStruct((4096,), jnp.float32), jax.ShapeDtypeStruct((256,), jnp.float32)]
-    text = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg)).trace(*avals).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    assert _lowers_to_mosaic(256, 4096, 4096, True, cfg)
 
 
 def test_mismatched_operands_are_rejected():
@@ -267,11 +258,7 @@ def test_probe_sweep_configs_fit_and_lower(kind):
         cfgs = sweep_configs(kind, False, K, N)
         variant = (lambda c: c.smem_a) if kind == "smem" else (lambda c: c.units_per_cta > 1)
         assert cfgs and all(variant(c) and check(16, K, N, c) is None for c in cfgs)
-        avals = [jax.ShapeDtypeStruct((16, K), jnp.bfloat16), jax.ShapeDtypeStruct((N, K), jnp.int4),
-                 jax.ShapeDtypeStruct((N,), jnp.float32)]
-        text = jax.jit(lambda *a, c=cfgs[0]: w4_mgpu_matmul(*a, config=c)).trace(*avals).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+        assert _lowers_to_mosaic(16, K, N, False, cfgs[0])
 
 
 def test_probe_diag_runs_end_to_end_with_a_stand_in_kernel(tmp_path, monkeypatch):
