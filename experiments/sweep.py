@@ -369,10 +369,16 @@ def apply_mgpu_flags(args) -> dict:
         kernel_dispatch.RESIDUAL_NORM = args.residual_norm == "on"
     if args.residual_norm_warps:
         kernel_dispatch.RESIDUAL_NORM_WARPS = args.residual_norm_warps
-    max_m = kernel_dispatch.MGPU_MAX_M
-    return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m="auto" if max_m is None else max_m,
+    return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m=_mgpu_max_m_setting(),
                 residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off",
                 residual_norm_warps=kernel_dispatch.RESIDUAL_NORM_WARPS)
+
+
+def _mgpu_max_m_setting():
+    """What rows record for the Mosaic kernel's row limit: --mgpu-max-m's value, or "auto"
+    (kernel_dispatch.mgpu_max_m's table)."""
+    from qspec_jax import kernel_dispatch
+    return "auto" if kernel_dispatch.MGPU_MAX_M is None else kernel_dispatch.MGPU_MAX_M
 
 
 def _one_non_default(runs: list[dict], key: str, current, missing=None):
@@ -837,7 +843,7 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off"),
                 ("--residual-norm-warps", "residual_norm_warps", _kd.RESIDUAL_NORM_WARPS, 4),
                 # (rows before 2026-12-01 ran GEMMs of up to 64 rows on the kernel, any mode)
-                ("--mgpu-max-m", "mgpu_max_m", _kd.MGPU_MAX_M or "auto", 64)):
+                ("--mgpu-max-m", "mgpu_max_m", _mgpu_max_m_setting(), 64)):
             val = _one_non_default(runs, key, current, missing)
             if val is not None:
                 args.append((flag, str(val)))

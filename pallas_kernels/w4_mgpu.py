@@ -357,16 +357,16 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                 # operand is not kept live across the asynchronous MMA.
                 plgpu.wgmma_wait(0)
 
-            specs = in_specs(ni, si) if mi is None else [
-                x_spec(lambda k: (mi, si * k_iters + k), Mt), w_spec(ni, si)]
-            plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=specs,
+            plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=in_specs(ni, si, mi),
                                 max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
             return acc_ref[...]
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si, mi, Mt)
 
-    def in_specs(ni, si):  # x^T and weight tiles of this CTA's column tile and K split
-        return [x_spec(lambda k: (0, si * k_iters + k)), w_spec(ni, si)]
+    def in_specs(ni, si, mi=None):  # x^T and weight tiles of this CTA's column tile, K split
+        # and (mi: split over CTAs, Mt rows each) rows of x
+        rows, mb = (Mp, 0) if mi is None else (Mt, mi)
+        return [x_spec(lambda k: (mb, si * k_iters + k), rows), w_spec(ni, si)]
     half = cfg.tile_n // 2
 
     def kernel_ws(x_gmem, w_gmem, o_gmem, o_smem):

@@ -205,14 +205,14 @@ def quantized_matmul(x2, qweight, scales, mode: str, *, required: bool, partials
             return None
         if mode == "w4a16":
             return _mgpu_gemm(x2, qweight, scales, None, x2.dtype, partials)
-        xq, sx = quant.quantize_activations(x2, 8 if mode == "w4a8" else 4)
+        xq, sx = quant.quantize_activations(x2, quant.ACTIVATION_BITS[mode])
         return _mgpu_gemm(xq, qweight, scales, sx, x2.dtype, partials)
     interpret = _gemm_interpret(*x2.shape, qweight, scales, mode, required)
     if interpret is None:
         return None
     if mode == "w4a16":
         return pk.w4a16_matmul(x2, qweight, scales, interpret=interpret)
-    bits = 8 if mode == "w4a8" else 4
+    bits = quant.ACTIVATION_BITS[mode]
     if ACT_QUANT_IN_GEMM:
         # The kernel quantizes x as it loads it (same per-token scales as the XLA path's).
         sx = quant.activation_scales(x2, bits)

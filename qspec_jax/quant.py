@@ -258,7 +258,7 @@ def quantized_matmul_reference(x, qweight, scales, mode, out_dtype=None):
         y = sx * _scaled_sum(xq.astype(jnp.bfloat16), q.astype(jnp.bfloat16), scales,
                              jnp.float32)
     else:
-        xq, sx = quantize_activations(x2, 8 if mode == "w4a8" else 4)
+        xq, sx = quantize_activations(x2, ACTIVATION_BITS[mode])
         y = _int_matmul(xq, sx, q, scales)
     return y.reshape(*lead, n).astype(out_dtype)
 
