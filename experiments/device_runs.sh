@@ -57,6 +57,7 @@
 #   bash experiments/device_runs.sh resnorm2 # the fused residual + RMSNorm kernel at 4 / 8 / 16 warps: GPU tests, 8B b1 w4a16 vs off (~4.5 min)
 #   bash experiments/device_runs.sh bigm     # Mosaic config sweep at M 128 / 256, w4a16: wider tiles, x's rows split over CTAs (tile_m), K steps (~9 min)
 #   bash experiments/device_runs.sh bigm8    # the same for w4a8, after the tile_m GPU tests (~10 min)
+#   bash experiments/device_runs.sh bigmauto # the retuned 128 / 256-row configs: GPU tests + 8B batch 256 / 64 / 128 AR and gamma 1 (~9 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -82,7 +83,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -652,6 +653,17 @@ case "$stage" in
         --new-tokens 32 --repeats 3 $flag --time-budget 175 --commit "$COMMIT" \
         --out "$OUT/mgpuauto_e2e_$mm.jsonl"
     done
+    ;;
+  bigmauto)
+    # Issues 6 / 8: w4_mgpu.default_config retuned at 128 / 256 rows (bigm_h200_c477f3c.md: 128-wide
+    # K steps for bf16 x, ~300 CTAs, tile_m 128 at 256 rows). GPU tests of the default configs at
+    # M 100 / 128 / 256 and the 160-row verify in the model, then the mgpuauto e2e command at
+    # batch 256 / 128 / 64: compare with mgpuauto_h200_c477f3c_auto.jsonl (same command, old configs).
+    step 220 bigmauto_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
+      -k "(matches_reference and (100 or 128 or 256) and not tile_m) or (auto_layout_on_this_gpu and 40)"
+    step 330 bigmauto_e2e.log python3 experiments/sweep.py --models llama3-8b \
+      --batches 256,64,128 --modes w4a16,qspec-w4a8 --gammas 1 --max-gamma 1 --cost-gammas 0,1 \
+      --new-tokens 32 --repeats 3 --time-budget 315 --commit "$COMMIT" --out "$OUT/bigmauto_e2e.jsonl"
     ;;
   resnorm2)
     # Issue 8: the fused residual + RMSNorm kernel was 2-3% slower at 4 warps (one program per

@@ -108,7 +108,7 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
                 out.append(cfg)
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
-        return [dataclasses.replace(default_config(M, K, N), load_layout=ll)]
+        return [dataclasses.replace(default_config(M, K, N, int8), load_layout=ll)]
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":

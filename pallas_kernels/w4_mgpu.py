@@ -111,23 +111,32 @@ X_PADS = ("xla", "tma")
 X_PAD = "tma"
 
 
-def default_config(M: int, K: int, N: int) -> MgpuConfig:
-    """Measured on the H200: 64-row tiles, 256-wide K steps, a 2-stage ring, and split-K up to
-    about 900 CTAs while each split keeps >= 4 K steps (gate/up 4096 x 28672: 2 splits, down
-    14336 x 4096: 8, qkv 4096 x 6144 and o 4096 x 4096: 4; mgpu_h200.md); with x padded to 64
-    rows (M > 32) about 450 CTAs (gate/up 1 split, down 4: w4a16 per 8B layer 85.1 instead of
-    93.2 us at M = 64, w4a8 65 instead of 67.9; mgpu_h200_m64.md). 128 / 64-wide K steps and
-    deeper rings were slower at M <= 16 (mgpu_h200_regs_9afe3cf.json)."""
+def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
+    """Measured on the H200. x of <= 64 padded rows: 64-row tiles, 256-wide K steps, a 2-stage
+    ring, and split-K up to about 900 CTAs while each split keeps >= 4 K steps (gate/up 4096 x
+    28672: 2 splits, down 14336 x 4096: 8, qkv 4096 x 6144 and o 4096 x 4096: 4; mgpu_h200.md);
+    with x padded to 64 rows (M > 32) about 450 CTAs (gate/up 1 split, down 4: w4a16 per 8B
+    layer 85.1 instead of 93.2 us at M = 64, w4a8 65 instead of 67.9; mgpu_h200_m64.md). 128 /
+    64-wide K steps and deeper rings were slower at M <= 16 (mgpu_h200_regs_9afe3cf.json).
+
+    x of 128 / 256 padded rows (bigm_h200_c477f3c.md, the tile sweep of `probe_mgpu.py --sweep
+    bigm`): K steps 128 wide for bf16 x (w4a16), 256 for int8 x (int8: the draft modes), about
+    300 CTAs, and at 256 rows x's rows split over two CTAs (tile_m = 128) so that a 64-column
+    weight tile no longer meets all 256 rows (registers) nor re-reads all of x. Per 8B layer:
+    w4a16 qkv + o + down 77.2 -> 63.0 us at M = 128 and 129.0 -> 105.7 at 256; w4a8 (all four)
+    89.6 -> 86.0 at 128 and 218.4 -> 141.9 at 256."""
     tile_n = 64
-    # x padded to 256 rows: 256-wide K steps would need 336 KB of shared memory in two stages
-    # (plain_smem_bytes); 128-wide ones take 200 KB. Not yet tuned on the H200 above M = 64.
-    block_k = 128 if padded_rows(M) >= 256 else 256
-    max_ctas = 450 if padded_rows(M) > 32 else 900
+    Mp = padded_rows(M)
+    tile_m = 128 if Mp >= 256 else 0
+    block_k = 128 if Mp >= 128 and not int8 else 256
+    max_ctas = 300 if Mp >= 128 else 450 if Mp > 32 else 900
+    m_blocks = Mp // tile_m if tile_m else 1
     split = 1
-    while (N // tile_n * split * 2 <= max_ctas and K % (block_k * split * 2) == 0
+    while (N // tile_n * split * 2 * m_blocks <= max_ctas and K % (block_k * split * 2) == 0
            and K // (block_k * split * 2) >= 4):
         split *= 2
-    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN)
+    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN,
+                      tile_m=tile_m)
 
 
 def nk_from_half_split(qweight: jax.Array) -> jax.Array:
@@ -259,7 +268,7 @@ def w4_mgpu_matmul(x, w_nk, scales, sx=None, *, config: MgpuConfig | None = None
         raise ValueError(f"w4_mgpu_matmul: x {x.shape}, w_nk {w_nk.shape} (want [N, {K}]), "
                          f"scales {scales.shape} (want [{N}]) do not fit")
     int8 = sx is not None
-    cfg = config or default_config(M, K, N)
+    cfg = config or default_config(M, K, N, int8)
     if int8 and cfg.load_layout == "upcast":  # int4 -> int8 needs the 8-bit wgmma layout
         cfg = dataclasses.replace(cfg, load_layout="wgmma")
     err = check(M, K, N, cfg)

@@ -173,7 +173,7 @@ def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
         log_once(("nk-bigm", mode, max_m), f"qspec_jax: int4 [N, K] weights: {mode} GEMMs of "
                   f"more than {max_m} rows (kernel_dispatch.mgpu_max_m; e.g. N = {N}) use XLA's GEMM")
         return False
-    err = w4_mgpu.check(M, K, N, w4_mgpu.default_config(M, K, N))
+    err = w4_mgpu.check(M, K, N, w4_mgpu.default_config(M, K, N, mode in quant.ACTIVATION_BITS))
     if err:
         log_once(("nk-shape", K, N), f"qspec_jax: the Mosaic GPU kernel cannot take K={K} N={N} "
                   f"({err}): XLA for this layer", logging.WARNING)
@@ -317,11 +317,13 @@ def row_quant(x, bits: int, kernels: str, prologue: str = "none"):
 # (sweep.py --residual-norm on, device stage resnorm). Decode shapes only (M <= MAX_M rows;
 # prefill keeps XLA's fusions). Read at trace time. Measured on the H200 (255f41e): 2-3% slower
 # per 8B step at batch 1 / 16 (resnorm_h200_255f41e.md; its one-program-per-row grid at 4 warps
-# is latency-bound: 3.8-5.4 us per call); RESIDUAL_NORM_WARPS (sweep.py --residual-norm-warps)
-# is the first knob to time.
+# is latency-bound: 3.8-5.4 us per call). Warps per program (RESIDUAL_NORM_WARPS, sweep.py
+# --residual-norm-warps) at c477f3c: 8 warps ties XLA at batch 1 (2.345 vs 2.343 ms, two runs
+# each) and is 0.3-1.0% slower at batch 16; 4 warps is the slowest (resnorm2_h200_c477f3c.md).
+# Off; 8 warps when on.
 RESIDUAL_NORM = False
 RESIDUAL_NORM_MAX_M = 64
-RESIDUAL_NORM_WARPS = 4
+RESIDUAL_NORM_WARPS = 8
 
 
 def residual_norm_runs(kernels: str, mode: str, M: int, D: int):

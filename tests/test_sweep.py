@@ -364,24 +364,24 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
                        "--attn-min-batch", str(amb), "--hadamard-impl", had,
                        "--mgpu-x-pad", "tma", "--residual-norm", "on", "--mgpu-max-m", "256",
-                       "--residual-norm-warps", "8",
+                       "--residual-norm-warps", "16",
                        "--out", str(out)]) == 0
     assert w4_mgpu.X_PAD == "tma" and kd.RESIDUAL_NORM and kd.MGPU_MAX_M == 256
-    assert kd.RESIDUAL_NORM_WARPS == 8
+    assert kd.RESIDUAL_NORM_WARPS == 16
     assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
     assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"],
                          r["mgpu_x_pad"], r["residual_norm"], r["mgpu_max_m"],
                          r["residual_norm_warps"])
-               == (cu, amb, had, "tma", "on", 256, 8)
+               == (cu, amb, had, "tma", "on", 256, 16)
                for r in rows)
     assert all("error" not in r for r in rows)
     model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
-    w4_mgpu.X_PAD, kd.RESIDUAL_NORM, kd.MGPU_MAX_M, kd.RESIDUAL_NORM_WARPS = "xla", False, None, 4
+    w4_mgpu.X_PAD, kd.RESIDUAL_NORM, kd.MGPU_MAX_M, kd.RESIDUAL_NORM_WARPS = "xla", False, None, 8
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
     assert "--residual-norm on" in text and "--mgpu-max-m 256" in text
-    assert "--residual-norm-warps 8" in text
+    assert "--residual-norm-warps 16" in text
     assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
     assert f"--hadamard-impl {had}" in text and "--mgpu-x-pad tma" in text
     for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft"), ("--mgpu-max-m", "300")):

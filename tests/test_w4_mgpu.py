@@ -142,7 +142,22 @@ def test_default_config_follows_the_h200_sweep():
     for (K, N), sk in {(4096, 28672): 1, (14336, 4096): 4, (4096, 6144): 4, (4096, 4096): 4}.items():
         assert default_config(33, K, N).split_k == default_config(64, K, N).split_k == sk
     assert default_config(32, 4096, 28672).split_k == 2
-    # M 65-256 (not yet tuned): 128-wide K steps once x pads to 256 rows, so the ring fits
+    # x padded to 128 / 256 rows (bigm_h200_c477f3c.md): the fastest measured config per 8B
+    # shape and mode, or one within 5% of it: (block_k, split_k, tile_m)
+    best = {(128, False): {(4096, 6144): (128, 2, 0), (4096, 4096): (128, 4, 0),
+                           (4096, 28672): (128, 1, 0), (14336, 4096): (128, 4, 0)},
+            (256, False): {(4096, 6144): (128, 1, 128), (4096, 4096): (128, 2, 128),
+                           (4096, 28672): (128, 1, 128), (14336, 4096): (128, 2, 128)},
+            (128, True): {(4096, 6144): (256, 2, 0), (4096, 4096): (256, 4, 0),
+                          (4096, 28672): (256, 1, 0), (14336, 4096): (256, 4, 0)},
+            (256, True): {(4096, 6144): (256, 1, 128), (4096, 4096): (256, 2, 128),
+                          (4096, 28672): (256, 1, 128), (14336, 4096): (256, 2, 128)}}
+    for (M, int8), shapes in best.items():
+        for (K, N), want in shapes.items():
+            for m in (M // 2 + 1, M):  # every M that pads to these rows
+                cfg = default_config(m, K, N, int8)
+                assert (cfg.tile_n, cfg.block_k, cfg.split_k, cfg.tile_m) == (64, *want), (m, K, N, int8)
+                assert check(m, K, N, cfg) is None
 
 
 @pytest.mark.parametrize("M", [100, 128, 200, 256])
@@ -153,8 +168,9 @@ def test_large_m_default_configs_fit_and_lower(M, K, N, int8):
     check() (shared memory included) and lowers for CUDA in both modes."""
     from pallas_kernels.w4_mgpu import MAX_M, default_config, padded_rows
     assert MAX_M == 256
-    cfg = default_config(M, K, N)
-    assert cfg.block_k == (128 if padded_rows(M) == 256 else 256)
+    cfg = default_config(M, K, N, int8)
+    assert cfg.block_k == (256 if int8 else 128)
+    assert cfg.tile_m == (128 if padded_rows(M) == 256 else 0)
     assert check(M, K, N, cfg) is None
     assert _lowers_to_mosaic(M, K, N, int8)
 

@@ -13,7 +13,7 @@ EPS = 1e-5
 
 @pytest.mark.parametrize("M,Mp,S,N,kind", [(1, 8, 4, 4096, "f32"), (16, 16, 2, 4096, "int8"),
                                            (5, 8, 3, 3584, "f32"), (64, 64, 1, 8192, "h")])
-@pytest.mark.parametrize("warps", [4, 16])  # kernel_dispatch.RESIDUAL_NORM_WARPS candidates
+@pytest.mark.parametrize("warps", [4, 8, 16])  # kernel_dispatch.RESIDUAL_NORM_WARPS candidates (8: the default)
 def test_compiled_kernel_matches_reference(M, Mp, S, N, kind, warps):
     from test_residual_norm import _case  # tests/ is on sys.path (its conftest)
     x, part, scales, gain, sx = _case(M, Mp, S, N, kind, seed=M + N)

@@ -71,7 +71,7 @@ def _check_default_config_variant(K, N, M, int8, seed, **changes):
 
     from pallas_kernels.w4_mgpu import default_config
     qw, s, x = _case(K, N, M, seed=seed)
-    cfg = dataclasses.replace(default_config(M, K, N), **changes)
+    cfg = dataclasses.replace(default_config(M, K, N, int8), **changes)
     if int8:
         xq, sx = quantize_per_token_reference(x, 8)
         got = jax.jit(lambda *a: w4_mgpu_matmul(*a, config=cfg))(
