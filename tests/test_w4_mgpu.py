@@ -367,3 +367,16 @@ def test_model_takes_the_kernel_up_to_mgpu_max_m(tmp_path, monkeypatch):
             lowering_platforms=("cuda",)).as_text()
         assert ms == [128] * want, (max_m, ms)
         assert ("mosaic_gpu" in text) is (want > 0)
+    # A draft step of 256 rows (batch 256) takes the kernel with x's rows split over two CTAs
+    # (default_config's tile_m at 256 rows, int8 x: 256-wide K steps) and lowers for CUDA.
+    monkeypatch.setattr(kd, "MGPU_MAX_M", None)
+    cfgs, real_cfg = [], w4_mgpu.default_config
+    monkeypatch.setattr(w4_mgpu, "default_config", lambda *a: cfgs.append(real_cfg(*a)) or cfgs[-1])
+    ms.clear()
+    cache = KVCache.create(model.cfg, 256, 64, jnp.bfloat16)
+    fn = jax.jit(lambda t, c, s: net(t, c, s, mode="w4a8", kernels="auto"))
+    text = fn.trace(jnp.zeros((256, 1), jnp.int32), cache, jnp.zeros((256,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert ms == [256] * (4 * L) and "mosaic_gpu" in text
+    used = [c for c in cfgs if c.tile_m]  # (the dispatch's checks call default_config too)
+    assert len(used) >= 4 * L and all((c.tile_m, c.block_k) == (128, 256) for c in used)
