@@ -19,7 +19,7 @@ def _fast_cpu_compiles() -> None:
     compiling small programs that then run for milliseconds. XLA's older elemental fusion
     emitters instead of its MLIR fusion emitters, and LLVM at -O0 without its expensive passes,
     compile them about 2.5x faster (a greedy QSpec == AR test: 33.4 -> 13.1 s; the whole suite,
-    2 cores: 1,462 s of tests in the last fresh-clone `.ci/run` before them, 759 s here). No fast-math either way; every tolerance
+    2 cores, fresh-clone `.ci/run`: 1,462 -> 732 s of tests). No fast-math either way; every tolerance
     and exact-equality check holds with them (exact ones compare two programs compiled alike).
     Opt out with QSPEC_TEST_FAST_COMPILE=0; flags already in XLA_FLAGS win. Not applied where a
     GPU may run the tests (tests/gpu on the device): the GPU backend reads the same LLVM level.
