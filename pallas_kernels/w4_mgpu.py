@@ -123,8 +123,8 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     bigm`): K steps 128 wide for bf16 x (w4a16), 256 for int8 x (int8: the draft modes), about
     300 CTAs, and at 256 rows x's rows split over two CTAs (tile_m = 128) so that a 64-column
     weight tile no longer meets all 256 rows (registers) nor re-reads all of x. Per 8B layer:
-    w4a16 qkv + o + down 77.2 -> 63.0 us at M = 128 and 129.0 -> 105.7 at 256; w4a8 (all four)
-    89.6 -> 86.0 at 128 and 218.4 -> 141.9 at 256."""
+    w4a16 qkv + o + down 77.1 -> 63.0 us at M = 128 and 129.1 -> 105.6 at 256; w4a8 (all four)
+    89.5 -> 85.9 at 128 and 216.0 -> 141.9 at 256 (old and new timed in the same sweep)."""
     tile_n = 64
     Mp = padded_rows(M)
     tile_m = 128 if Mp >= 256 else 0
