@@ -130,9 +130,8 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     tile_m = 128 if Mp >= 256 else 0
     block_k = 128 if Mp >= 128 and not int8 else 256
     max_ctas = 300 if Mp >= 128 else 450 if Mp > 32 else 900
-    m_blocks = Mp // tile_m if tile_m else 1
     split = 1
-    while (N // tile_n * split * 2 * m_blocks <= max_ctas and K % (block_k * split * 2) == 0
+    while (N // tile_n * split * 2 * (Mp // (tile_m or Mp)) <= max_ctas and K % (block_k * split * 2) == 0
            and K // (block_k * split * 2) >= 4):
         split *= 2
     return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN,
