@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -86,6 +87,10 @@ def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
     from flax import nnx
     from qspec_jax.model import Transformer, pure_dict
 
+    if not quantized:
+        return dataclasses.replace(assemble(cfg, qcfg, random_w16_params(cfg, dtype, seed), dtype),
+                                   eos_ids=())
+
     @jax.jit
     def init():
         model = Transformer(cfg, qcfg, dtype=dtype, rngs=nnx.Rngs(seed))
@@ -105,6 +110,33 @@ def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
 
     model = assemble(cfg, qcfg, init(), dtype)
     return dataclasses.replace(model, eos_ids=())
+
+
+def random_w16_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> dict:
+    """Random 16-bit parameters, drawn leaf by leaf: N(0, 1 / fan_in) matrices (the embedding
+    table N(0, 1 / hidden)), norm scales 1, biases 0. One small jitted program per distinct
+    shape, not one program for the whole model: on the H200 the 8B model's single jitted init
+    (16 GB of bf16 outputs) did not finish compiling within 4 minutes (2026-11-30), so the
+    sweep's w16 points never ran."""
+    from flax import nnx
+    from qspec_jax.model import Transformer, pure_dict
+    abstract = jax.eval_shape(lambda: pure_dict(Transformer(cfg, QuantConfig(), dtype=dtype,
+                                                            rngs=nnx.Rngs(seed))))
+    n = len(jax.tree_util.tree_leaves(abstract))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), n))
+
+    def fill(path, leaf):
+        key, name = next(keys), getattr(path[-1], "key", None)
+        if leaf.ndim < 2:
+            return (jnp.zeros if name == "bias" else jnp.ones)(leaf.shape, leaf.dtype)
+        fan_in = leaf.shape[-1] if name == "embedding" else leaf.shape[0]
+        return _scaled_normal(key, leaf.shape, jnp.dtype(leaf.dtype), fan_in ** -0.5)
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_normal(key, shape, dtype, std):
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
 def step_bytes(model, batch: int, context: int) -> float:

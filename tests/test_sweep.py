@@ -479,3 +479,36 @@ def test_report_flags_ar_steps_that_disagree_with_the_cost_table():
     assert sweep.timing_disagreements([row], [dict(cost, batch=16)]) == []
     assert sweep.timing_disagreements([row], [dict(cost, context=4096)]) == []
     assert sweep.timing_disagreements([dict(row, mode="qspec-w4a8")], [cost]) == []
+
+
+def test_random_w16_model_is_drawn_leaf_by_leaf(tmp_path):
+    """The sweep's random 16-bit model (random_w16_params, one small program per shape): the
+    Transformer's own tree, shapes and dtypes, matrices N(0, 1 / fan_in), norm scales 1; the
+    sweep times a w16 point with it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from experiments import sweep
+    from qspec_jax.config import QuantConfig
+    from qspec_jax.model import Transformer, pure_dict
+    cfg = sweep.shaped_config("tiny")
+    params = sweep.random_w16_params(cfg, jnp.bfloat16, seed=3)
+    want = jax.eval_shape(lambda: pure_dict(Transformer(cfg, QuantConfig(), dtype=jnp.bfloat16,
+                                                        rngs=nnx.Rngs(0))))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
+    seen = set()
+    for (path, x), w in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(want)):
+        assert x.shape == w.shape and x.dtype == w.dtype, jax.tree_util.keystr(path)
+        v, name = np.asarray(x, np.float64), path[-1].key
+        if x.ndim == 1:
+            assert name == "scale" and (v == 1).all()
+            continue
+        fan_in = x.shape[1] if name == "embedding" else x.shape[0]
+        assert abs(v.mean()) < 0.1 * fan_in ** -0.5 and abs(v.std() * fan_in ** 0.5 - 1) < 0.1, jax.tree_util.keystr(path)
+        seen.add(v.tobytes()[:64])
+    assert len(seen) == sum(x.ndim == 2 for x in jax.tree_util.tree_leaves(params))  # distinct draws
+    out = tmp_path / "w16.jsonl"
+    assert sweep_main(["--quick", "--modes", "w16", "--batches", "1", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in open(out)]
+    assert [r["mode"] for r in rows if "mode" in r] == ["w16"] and all("error" not in r for r in rows)
