@@ -3,8 +3,8 @@
 ```python
 import qspec_jax as qj
 model = qj.load(path, dtype="bfloat16")
-logits = qj.logits(model, token_ids, mode="w16")
-out = qj.generate(model, prompts, max_new_tokens=32, mode="w16", temperature=0.0)
+logits = qj.logits(model, token_ids, mode="w16")   # mode=None: w4a16 if quantized, else w16
+out = qj.generate(model, prompts, max_new_tokens=32, mode="w16", temperature=0.0)  # None: qspec if quantized
 out.tokens, out.text, out.stats
 ```
 """
@@ -77,6 +77,13 @@ class QSpecModel:
     def modes(self) -> tuple[str, ...]:
         """Execution modes this model's weights support."""
         return quant_lib.QUANT_MODES if self.qcfg.quantized else ("w16",)
+
+    def default_mode(self, speculative: bool = True) -> str:
+        """The mode ``generate`` / ``logits`` use when given none: "qspec" (``speculative``) or
+        "w4a16" (verify mode) for a quantized model, "w16" for a 16-bit one."""
+        if not self.qcfg.quantized:
+            return "w16"
+        return "qspec" if speculative else "w4a16"
 
     def check_mode(self, mode: str) -> None:
         quant_lib.check_mode(mode)
@@ -304,15 +311,17 @@ def _logits_jit(graphdef, state, tokens, *, mode, kernels, window=None, layers=N
     return logits
 
 
-def logits(model: QSpecModel, token_ids, mode: str = "w16", kernels: str = "auto", *,
+def logits(model: QSpecModel, token_ids, mode: str | None = None, kernels: str = "auto", *,
            window: tuple[int, int] | None = None, layers=None) -> jax.Array:
     """token_ids int [B, T] -> logits float32 [B, T, vocab] (a full causal pass, no cache).
 
+    mode: an execution mode; None: w4a16 (verify mode) for a quantized model, else w16.
     kernels: "auto" (Pallas kernels on GPU, XLA elsewhere), "pallas" or "xla".
     window=(sink, recent) / layers=[...]: the cheaper-draft options of ``generate``.
     """
     from .speculative import normalize_draft_options
     window, layers = normalize_draft_options(model, window, layers)
+    mode = model.default_mode(speculative=False) if mode is None else mode
     model.check_mode(mode)
     check_kernels(kernels)
     try:
@@ -509,6 +518,7 @@ class DecodeCall:
     prefill_chunk: int
     prompt_lens: np.ndarray
     speculative: bool
+    mode: str = "w16"       # the mode asked for ("qspec" or a weight mode), None resolved
 
     def run(self):
         """Decode (the cache argument is donated: a DecodeCall runs once)."""
@@ -519,7 +529,7 @@ class DecodeCall:
         return self.fn.lower(*self.args, **self.kwargs).compile().memory_analysis()
 
 
-def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
+def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
@@ -532,6 +542,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
     ``call.fn.lower(*call.args, **call.kwargs)`` gives its HLO. Arguments: see ``generate``.
     """
     check_kernels(kernels)
+    mode = model.default_mode() if mode is None else mode
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingConfig(float(temperature) if isinstance(temperature, (int, float)) else temperature,
@@ -583,16 +594,18 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
               prefill_chunk=prefill_chunk, cache_write=model_module.CACHE_WRITE)
     return DecodeCall(fn, args, kw, plain=plain, max_gamma=max_gamma,
                       draft_window=draft_window if speculative else None, cache_len=L,
-                      prefill_chunk=prefill_chunk, prompt_lens=lens, speculative=speculative)
+                      prefill_chunk=prefill_chunk, prompt_lens=lens, speculative=speculative,
+                      mode=mode)
 
 
-def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "w16",
+def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
              draft: str = "w4a8", gamma: int | str = 3, max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None, prefill_chunk: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
-    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec".
+    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec"; None
+    (the default): "qspec" for a quantized model (as the CLI), "w16" for a 16-bit one.
 
     ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".
     ``gamma="auto"`` picks gamma in {0..max_gamma} every cycle from ``cycle_costs`` (seconds
@@ -624,7 +637,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str = "
     wall = time.perf_counter() - t0
     new = int(counts.sum())
     lens = call.prompt_lens
-    stats = {"mode": mode, "batch": len(lens), "prompt_tokens": int(lens.sum()),
+    stats = {"mode": call.mode, "batch": len(lens), "prompt_tokens": int(lens.sum()),
              "new_tokens": new, "new_tokens_per_sequence": counts.tolist(), "wall_s": wall,
              "tokens_per_s": new / wall if wall > 0 else float("nan"), "cache_len": call.cache_len,
              "prefill_chunk": call.prefill_chunk}

@@ -62,6 +62,21 @@ def test_mode_model_mismatch_errors(hf_dirs):
         qj.load(hf_dirs["llama"][0], quant="w3")
 
 
+def test_default_mode_follows_the_model(hf_dirs):
+    """mode=None: a quantized model decodes with QSpec (as the CLI does) and its logits are verify
+    mode's (w4a16); a 16-bit model uses w16."""
+    q = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
+    assert (q.default_mode(), q.default_mode(speculative=False)) == ("qspec", "w4a16")
+    np.testing.assert_array_equal(np.asarray(qj.logits(q, IDS)), np.asarray(qj.logits(q, IDS, mode="w4a16")))
+    prompts = [[5, 9, 14, 3], [7, 8]]
+    out = qj.generate(q, prompts, max_new_tokens=6)
+    assert out.stats["mode"] == "qspec" and "acceptance_rate" in out.stats
+    assert out.tokens == qj.generate(q, prompts, max_new_tokens=6, mode="w4a16").tokens
+    w16 = qj.load(hf_dirs["llama"][0], dtype="float32")
+    assert w16.default_mode() == w16.default_mode(speculative=False) == "w16"
+    assert qj.generate(w16, prompts, max_new_tokens=3).stats["mode"] == "w16"
+
+
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_quantized_conversion_reloads_identically(hf_dirs, tmp_path, group_size):
     src = hf_dirs["qwen2"][0]
