@@ -111,6 +111,10 @@ X_PADS = ("xla", "tma")
 X_PAD = "tma"
 
 
+# int8 x padded to 256 rows and at least this many columns: 128-column weight tiles (default_config)
+WIDE_N_INT8_256 = 16384
+
+
 def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     """Measured on the H200. x of <= 64 padded rows: 64-row tiles, 256-wide K steps, a 2-stage
     ring, and split-K up to about 900 CTAs while each split keeps >= 4 K steps (gate/up 4096 x
@@ -124,11 +128,16 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     300 CTAs, and at 256 rows x's rows split over two CTAs (tile_m = 128) so that a 64-column
     weight tile no longer meets all 256 rows (registers) nor re-reads all of x. Per 8B layer:
     w4a16 qkv + o + down 77.1 -> 63.0 us at M = 128 and 129.1 -> 105.6 at 256; w4a8 (all four)
-    89.5 -> 85.9 at 128 and 216.0 -> 141.9 at 256 (old and new timed in the same sweep)."""
+    89.5 -> 85.9 at 128 and 216.0 -> 141.9 at 256 (old and new timed in the same sweep). The one
+    wider weight tile that won in that sweep: int8 x at 256 rows on a wide GEMM (gate/up, 4096 x
+    28672) takes 128-column tiles with 128-wide K steps, 74.2 vs 75.4 us (w4a8 per layer 140.7 us,
+    1.50x w4a16's best path, 211.3; the 70B shapes' N = 57344 follows the same rule, untimed)."""
     tile_n = 64
     Mp = padded_rows(M)
     tile_m = 128 if Mp >= 256 else 0
     block_k = 128 if Mp >= 128 and not int8 else 256
+    if int8 and Mp >= 256 and N >= WIDE_N_INT8_256:
+        tile_n, block_k = 128, 128
     max_ctas = 300 if Mp >= 128 else 450 if Mp > 32 else 900
     split = 1
     while (N // tile_n * split * 2 * (Mp // (tile_m or Mp)) <= max_ctas and K % (block_k * split * 2) == 0

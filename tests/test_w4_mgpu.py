@@ -143,7 +143,8 @@ def test_default_config_follows_the_h200_sweep():
         assert default_config(33, K, N).split_k == default_config(64, K, N).split_k == sk
     assert default_config(32, 4096, 28672).split_k == 2
     # x padded to 128 / 256 rows (bigm_h200_c477f3c.md): the fastest measured config per 8B
-    # shape and mode, or one within 5% of it: (block_k, split_k, tile_m)
+    # shape and mode, or one within 5% of it: (block_k, split_k, tile_m), tile_n 64 but for
+    # the fastest w4a8 gate/up at 256 rows (128 columns, 128-wide K steps: tile_n in `want`)
     best = {(128, False): {(4096, 6144): (128, 2, 0), (4096, 4096): (128, 4, 0),
                            (4096, 28672): (128, 1, 0), (14336, 4096): (128, 4, 0)},
             (256, False): {(4096, 6144): (128, 1, 128), (4096, 4096): (128, 2, 128),
@@ -151,12 +152,13 @@ def test_default_config_follows_the_h200_sweep():
             (128, True): {(4096, 6144): (256, 2, 0), (4096, 4096): (256, 4, 0),
                           (4096, 28672): (256, 1, 0), (14336, 4096): (256, 4, 0)},
             (256, True): {(4096, 6144): (256, 1, 128), (4096, 4096): (256, 2, 128),
-                          (4096, 28672): (256, 1, 128), (14336, 4096): (256, 2, 128)}}
+                          (4096, 28672): (128, 128, 1, 128), (14336, 4096): (256, 2, 128)}}
     for (M, int8), shapes in best.items():
         for (K, N), want in shapes.items():
             for m in (M // 2 + 1, M):  # every M that pads to these rows
                 cfg = default_config(m, K, N, int8)
-                assert (cfg.tile_n, cfg.block_k, cfg.split_k, cfg.tile_m) == (64, *want), (m, K, N, int8)
+                want = want if len(want) == 4 else (64, *want)
+                assert (cfg.tile_n, cfg.block_k, cfg.split_k, cfg.tile_m) == want, (m, K, N, int8)
                 assert check(m, K, N, cfg) is None
 
 
@@ -173,6 +175,18 @@ def test_large_m_default_configs_fit_and_lower(M, K, N, int8):
     assert cfg.tile_m == (128 if padded_rows(M) == 256 else 0)
     assert check(M, K, N, cfg) is None
     assert _lowers_to_mosaic(M, K, N, int8)
+
+
+def test_wide_int8_default_config_at_256_rows_fits_and_lowers():
+    """The one 128-column default (int8 x at 256 rows, N >= WIDE_N_INT8_256: 8B / 70B gate/up)
+    passes check() and lowers for CUDA; narrower GEMMs and bf16 x keep 64-column tiles."""
+    from pallas_kernels.w4_mgpu import WIDE_N_INT8_256, default_config
+    for K, N in ((4096, 28672), (8192, 57344)):
+        cfg = default_config(256, K, N, True)
+        assert (cfg.tile_n, cfg.block_k, cfg.tile_m) == (128, 128, 128) and check(256, K, N, cfg) is None
+        assert default_config(256, K, N).tile_n == default_config(128, K, N, True).tile_n == 64
+    assert default_config(256, 4096, WIDE_N_INT8_256 - 64, True).tile_n == 64
+    assert _lowers_to_mosaic(256, 4096, 28672, True)
 
 
 @pytest.mark.parametrize("int8", [False, True])
