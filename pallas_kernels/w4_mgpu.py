@@ -136,7 +136,7 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     Mp = padded_rows(M)
     tile_m = 128 if Mp >= 256 else 0
     block_k = 128 if Mp >= 128 and not int8 else 256
-    if int8 and Mp >= 256 and N >= WIDE_N_INT8_256:
+    if int8 and Mp >= 256 and N >= WIDE_N_INT8_256 and N % 128 == 0:
         tile_n, block_k = 128, 128
     max_ctas = 300 if Mp >= 128 else 450 if Mp > 32 else 900
     split = 1

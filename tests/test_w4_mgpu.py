@@ -186,6 +186,8 @@ def test_wide_int8_default_config_at_256_rows_fits_and_lowers():
         assert (cfg.tile_n, cfg.block_k, cfg.tile_m) == (128, 128, 128) and check(256, K, N, cfg) is None
         assert default_config(256, K, N).tile_n == default_config(128, K, N, True).tile_n == 64
     assert default_config(256, 4096, WIDE_N_INT8_256 - 64, True).tile_n == 64
+    odd = default_config(256, 4096, WIDE_N_INT8_256 + 64, True)  # N not a multiple of 128
+    assert odd.tile_n == 64 and check(256, 4096, WIDE_N_INT8_256 + 64, odd) is None
     assert _lowers_to_mosaic(256, 4096, 28672, True)
 
 
