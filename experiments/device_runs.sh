@@ -58,6 +58,8 @@
 #   bash experiments/device_runs.sh bigm     # Mosaic config sweep at M 128 / 256, w4a16: wider tiles, x's rows split over CTAs (tile_m), K steps (~9 min)
 #   bash experiments/device_runs.sh bigm8    # the same for w4a8, after the tile_m GPU tests (~10 min)
 #   bash experiments/device_runs.sh bigmauto # the retuned 128 / 256-row configs: GPU tests + 8B batch 256 / 64 / 128 AR and gamma 1 (~9 min)
+#   bash experiments/device_runs.sh defaults256 # GPU tests + per-shape times of the default Mosaic configs at 128 / 256 rows vs XLA (~5 min)
+#   bash experiments/device_runs.sh cachewrite3 # K/V writes per layer vs per step at batch 1 / 4, two alternating runs each (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -83,7 +85,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -652,6 +654,31 @@ case "$stage" in
         --batches 256,64 --modes w4a16,qspec-w4a8 --gammas 1 --max-gamma 1 --cost-gammas 0,1 \
         --new-tokens 32 --repeats 3 $flag --time-budget 175 --commit "$COMMIT" \
         --out "$OUT/mgpuauto_e2e_$mm.jsonl"
+    done
+    ;;
+  defaults256)
+    # Issues 6 / 8: the model's default Mosaic configs at 128 / 256 rows timed alone (the int8
+    # gate/up at 256 rows took the bigm sweep's 128-column tile after 27efb4b; bigm_h200_c477f3c.md
+    # sums per-shape sweep times: w4a8 140.7 vs w4a16's best 211.3 us per 8B layer, 1.50x), with
+    # XLA's GEMM over int4 [N, K] (the model's w4a16 gate/up path above 64 rows) as the peer; GPU
+    # tests of the default configs at 256 rows first.
+    step 150 defaults256_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
+      -k "matches_reference and 256 and not tile_m"
+    step 300 defaults256.log python3 experiments/probe_mgpu.py --sweep default --ms 128,256 \
+      --shapes 8b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
+      --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults256"
+    ;;
+  cachewrite3)
+    # Issue 8: K/V written per layer ("layer", the default) vs once per step ("step") at today's
+    # defaults (Pallas attention at every batch and the batch-1 slice update since a2e4e28; the
+    # last comparison, cachewrite_h200.md, predates both: step 2.543 vs layer 2.653 ms at batch
+    # 1). Two alternating runs of each at batch 1 and 4 (run-to-run spread is ~1-2%).
+    for r in 1 2; do
+      for v in layer step; do
+        step 85 cachewrite3_${v}_$r.log python3 experiments/sweep.py --models llama3-8b \
+          --batches 1,4 --modes w4a16 --new-tokens 64 --repeats 3 --cache-write $v \
+          --time-budget 75 --commit "$COMMIT" --out "$OUT/cachewrite3_${v}_$r.jsonl"
+      done
     done
     ;;
   bigmauto)
