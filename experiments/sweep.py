@@ -492,8 +492,8 @@ def main(argv=None) -> int:
                         "N and N/2 tokens, which also removes a per-call constant (use it for long "
                         "prompts, where the prefill is many times the decode)")
     p.add_argument("--weight-layout", default="auto", choices=qj.api.LAYOUT_CHOICES,
-                   help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of <= 64 "
-                        "rows, XLA above; qj.with_weight_layout), the stored half-split layout, or "
+                   help="int4 weights as int4 [N, K] (nk: Mosaic GPU kernels for GEMMs of up to 64-256 "
+                        "rows (kernel_dispatch.mgpu_max_m), XLA above; qj.with_weight_layout), the stored half-split layout, or "
                         "auto (qj.load's default: nk where the Mosaic GPU kernel runs); rows record "
                         "the layout used")
     p.add_argument("--cache-dir", default=None,

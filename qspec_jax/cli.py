@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-layout", default="auto", choices=["auto", "half_split", "nk"],
                    help="int4 weights in memory: auto (nk where the Mosaic GPU kernel runs: a "
                         "Hopper GPU; else half_split), half_split (stored format, Pallas Triton "
-                        "kernels) or nk (int4 [N, K]: Mosaic GPU kernels for GEMMs of <= 64 rows, "
-                        "XLA above)")
+                        "kernels) or nk (int4 [N, K]: Mosaic GPU kernels for GEMMs of up to 64-256 "
+                        "rows, kernel_dispatch.mgpu_max_m; XLA above)")
     p.add_argument("--cache-dir", default=None,
                    help="where compiled programs and gamma='auto' cost tables persist between runs "
                         "(default: $QSPEC_JAX_CACHE_DIR or ~/.cache/qspec_jax; "
