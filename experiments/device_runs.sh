@@ -60,6 +60,7 @@
 #   bash experiments/device_runs.sh bigmauto # the retuned 128 / 256-row configs: GPU tests + 8B batch 256 / 64 / 128 AR and gamma 1 (~9 min)
 #   bash experiments/device_runs.sh defaults256 # GPU tests + per-shape times of the default Mosaic configs at 128 / 256 rows vs XLA (~5 min)
 #   bash experiments/device_runs.sh cachewrite3 # K/V writes per layer vs per step at batch 1 / 4, two alternating runs each (~6 min)
+#   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -85,7 +86,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -389,6 +390,14 @@ case "$stage" in
     # could save) at the draft's M, width 14336 (Llama-3-8B down_proj input).
     step 150 hadamard.log python3 experiments/bench_fused.py --kinds none,hadamard --ms 1,4,16,64,256 \
       --tag h200_hadamard --commit "$COMMIT" --out "$OUT"
+    ;;
+  attnsweep8)
+    # Issue 7: batch 8 x 2k misses the 70% target (41-47% of 4.8 TB/s, attention_h200_full.md;
+    # ~4 blocks of 128 keys per split at the default ~2 programs per SM): our kernel's configs
+    # there at T = 1 / 4 / 8, and 8 x 8k T = 1 for reference (64-70%).
+    step 330 attnsweep8.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 8:2048:1,8:2048:4,8:2048:8,8:8192:1 --reps 3 --time-budget 300 \
+      --commit "$COMMIT" --out "$OUT/attention_sweep_b8_h200.json"
     ;;
   attnsweep1)
     # Batch 1 misses issue 7's target (7-36% of 4.8 TB/s, attention_h200_full.md) where JAX's
