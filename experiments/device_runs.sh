@@ -671,11 +671,11 @@ case "$stage" in
     # sums per-shape sweep times: w4a8 140.7 vs w4a16's best 211.3 us per 8B layer, 1.50x), with
     # XLA's GEMM over int4 [N, K] (the model's w4a16 gate/up path above 64 rows) as the peer; GPU
     # tests of the default configs at 256 rows first.
-    step 150 defaults256_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
-      -k "matches_reference and 256 and not tile_m"
-    step 300 defaults256.log python3 experiments/probe_mgpu.py --sweep default --ms 128,256 \
+    step 200 defaults256_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
+      -k "matches_reference and 256 and not tile_m"  # incl. the 70B shapes at 256 rows
+    step 260 defaults256.log python3 experiments/probe_mgpu.py --sweep default --ms 128,256 \
       --shapes 8b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
-      --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults256"
+      --time-budget 240 --commit "$COMMIT" --out "$OUT/defaults256"
     ;;
   cachewrite3)
     # Issue 8: K/V written per layer ("layer", the default) vs once per step ("step") at today's

@@ -44,6 +44,24 @@ def test_w4a8_matches_reference(K, N, M):
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3)
 
 
+@pytest.mark.parametrize("K,N", [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)])
+@pytest.mark.parametrize("M", [1, 16, 128, 256])
+@pytest.mark.parametrize("int8", [False, True])
+def test_70b_default_configs_match_reference(K, N, M, int8):
+    """The default configs at the Llama-70B shapes (kernels_h200_70b_27efb4b.md times them),
+    including the 128-column int8 tile for gate/up (N = 57344) at 256 rows."""
+    qw, s, x = _case(K, N, M, seed=K + N + M + int8)
+    if int8:
+        xq, sx = quantize_per_token_reference(x, 8)
+        got = jax.jit(w4_mgpu_matmul)(xq, nk_from_half_split(qw), s[0], sx.reshape(-1))
+        want = w4a8_matmul_reference(xq, sx, qw, s)
+    else:
+        got = jax.jit(w4_mgpu_matmul)(x, nk_from_half_split(qw), s[0])
+        want = w4a16_matmul_reference(x, qw, s)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=1e-3)
+
+
 @pytest.mark.parametrize("cfg", [MgpuConfig(tile_n=128, block_k=512, split_k=1, stages=3),
                                  MgpuConfig(tile_n=64, block_k=256, split_k=4, stages=4),
                                  MgpuConfig(tile_n=64, block_k=128, split_k=2, stages=6),
