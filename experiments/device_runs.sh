@@ -61,6 +61,7 @@
 #   bash experiments/device_runs.sh defaults256 # GPU tests + per-shape times of the default Mosaic configs at 128 / 256 rows vs XLA (~5 min)
 #   bash experiments/device_runs.sh cachewrite3 # K/V writes per layer vs per step at batch 1 / 4, two alternating runs each (~6 min)
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
+#   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
@@ -86,7 +87,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -390,6 +391,31 @@ case "$stage" in
     # could save) at the draft's M, width 14336 (Llama-3-8B down_proj input).
     step 150 hadamard.log python3 experiments/bench_fused.py --kinds none,hadamard --ms 1,4,16,64,256 \
       --tag h200_hadamard --commit "$COMMIT" --out "$OUT"
+    ;;
+  xlaflags3)
+    # Issue 8 (batch-1 AR: ~430 small XLA kernels, ~0.65 ms of the 2.34 ms step): XLA flags found
+    # in jaxlib 0.10.2's flag table (strings of libjax_common.so) that may cut launch gaps or
+    # kernels: programmatic dependent launch (xla_gpu_enable_pdl: both values, the default
+    # unknown) and the block-level fusion rewriter (normalization "diamonds" such as RMSNorm as one
+    # Triton kernel). Each flag set is tried in a child process first (XLA aborts on an unknown
+    # flag); the device's own flag names are saved for later stages.
+    for so in $(python3 -c "import jaxlib, os; print(os.path.dirname(jaxlib.__file__))")/*.so \
+        $(python3 -c "import jax_plugins, os; print(os.path.dirname(jax_plugins.__path__[0]))" 2>/dev/null)/jax_plugins/*/*.so; do
+      [ -f "$so" ] && grep -a -o "xla_gpu_[a-z0-9_]*" "$so"
+    done | sort -u > "$OUT/xla_gpu_flag_names.txt" || true
+    i=0
+    for F in "" "--xla_gpu_enable_pdl=true" "--xla_gpu_enable_pdl=false" \
+        "--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"; do
+      i=$((i + 1))
+      if ! XLA_FLAGS="$F" timeout 60 python3 -c "import jax.numpy as jnp; (jnp.zeros(2) + 1).block_until_ready()" \
+          >/dev/null 2>&1; then
+        echo "== XLA refuses '$F': skipped"; continue
+      fi
+      XLA_FLAGS="$F" step 85 xlaflags3_$i.log python3 experiments/sweep.py --models llama3-8b \
+        --modes w4a16 --batches 1,16 --new-tokens 64 --repeats 3 --time-budget 75 \
+        --commit "$COMMIT" --out "$OUT/xlaflags3_$i.jsonl"
+      echo "== set $i: XLA_FLAGS='$F'"
+    done
     ;;
   attnsweep8)
     # Issue 7: batch 8 x 2k misses the 70% target (41-47% of 4.8 TB/s, attention_h200_full.md;
