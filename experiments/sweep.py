@@ -118,10 +118,9 @@ def random_w16_params(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> di
     shape, not one program for the whole model: on the H200 the 8B model's single jitted init
     (16 GB of bf16 outputs) did not finish compiling within 4 minutes (2026-11-30), so the
     sweep's w16 points never ran."""
-    from flax import nnx
-    from qspec_jax.model import Transformer, pure_dict
-    abstract = jax.eval_shape(lambda: pure_dict(Transformer(cfg, QuantConfig(), dtype=dtype,
-                                                            rngs=nnx.Rngs(seed))))
+    from qspec_jax.api import abstract_model
+    from qspec_jax.model import pure_dict
+    abstract = pure_dict(abstract_model(cfg, QuantConfig(), dtype))
     n = len(jax.tree_util.tree_leaves(abstract))
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), n))
 

@@ -518,7 +518,7 @@ class DecodeCall:
     prefill_chunk: int
     prompt_lens: np.ndarray
     speculative: bool
-    mode: str = "w16"       # the mode asked for ("qspec" or a weight mode), None resolved
+    mode: str               # the mode that ran ("qspec" or a weight mode; None resolved)
 
     def run(self):
         """Decode (the cache argument is donated: a DecodeCall runs once)."""

@@ -92,8 +92,7 @@ def main(argv=None) -> int:
                                  "converted checkpoint)")
         model = qj.load(args.model, dtype=args.dtype, quant=quant,
                         method=args.method if quant else "rtn", weight_layout=args.weight_layout)
-        mode = args.mode or model.default_mode()
-        out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=mode,
+        out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
                           max_gamma=args.max_gamma, kernels=args.kernels,
