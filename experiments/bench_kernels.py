@@ -770,6 +770,15 @@ def qspec_implication(rows, shapes, gamma=3, a=0.9):
     return out
 
 
+def _layer_name(shapes):
+    """What the QSpec table sums: one Llama-3-8B / Llama-70B layer's linears, else the shapes."""
+    names = {"8b": "Llama-3-8B", "70b": "Llama-70B"}
+    for key, ss in SHAPE_SETS.items():
+        if sorted(shapes) == sorted(ss):
+            return f"Linear layers of one {names[key]} decoder layer (sum of the {len(ss)} shapes)"
+    return "The shapes " + ", ".join(f"{K}x{N}" for K, N in shapes) + " (K x N) summed as one layer"
+
+
 def write_md(path, meta, rows, qs, shapes):
     L = [f"# Int4 GEMM kernels on {meta['gpu']}", "",
          f"commit `{meta['commit']}`, jax {meta['jax']}, {meta['date']}, timer: {meta['timer']}. "
@@ -839,7 +848,7 @@ def write_md(path, meta, rows, qs, shapes):
                                     for r in bad[:20]] + [""]
     if qs:
         L += ["## What T_w4a16(M) and T_w4a8(M) imply for QSpec (gamma = 3, acceptance a = 0.9)", "",
-              "Linear layers of one Llama-3-8B decoder layer (sum of the 4 shapes). A QSpec cycle costs "
+              f"{_layer_name(shapes)}. A QSpec cycle costs "
               "3 draft steps at M = B plus one verify pass at M = 4B and yields E = (1 - a^4)/(1 - a) = "
               f"{qs[0]['E']:.3f} tokens; plain W4A16 decoding costs T_w4a16(B) per token. Attention, norms, "
               "lm_head and sampling are not included.", "",

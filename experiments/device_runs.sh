@@ -87,7 +87,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -417,6 +417,18 @@ case "$stage" in
       echo "== set $i: XLA_FLAGS='$F'"
     done
     ;;
+  attnsweep24)
+    # Issue 7: the few-program defaults after 1f8d2a6 (64-key blocks x 3 stages up to 8k at batch
+    # 2-8, 3 stages at batch 1 x 32k; attention_sweep_b{1,8}_h200_1f8d2a6.md) where they were not
+    # swept: batch 2 / 4 at 2k / 8k, and batch 8 x 32k (kept at 128-key blocks) for the boundary;
+    # then the full grid's batch 1 / 8 points with the new defaults against both peers.
+    step 330 attnsweep24.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 2:2048:1,4:2048:1,4:8192:1,8:32768:1 --reps 3 --time-budget 300 \
+      --commit "$COMMIT" --out "$OUT/attention_sweep_b248_h200.json"
+    step 200 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
+      --contexts 2048 8192 32768 --ts 1 4 8 --reps 3 --time-budget 180 --commit "$COMMIT" \
+      --out "$OUT/attention_b18_h200.json"
+    ;;
   attnsweep8)
     # Issue 7: batch 8 x 2k misses the 70% target (41-47% of 4.8 TB/s, attention_h200_full.md;
     # ~4 blocks of 128 keys per split at the default ~2 programs per SM): our kernel's configs
@@ -698,7 +710,7 @@ case "$stage" in
     # XLA's GEMM over int4 [N, K] (the model's w4a16 gate/up path above 64 rows) as the peer; GPU
     # tests of the default configs at 256 rows first.
     step 200 defaults256_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
-      -k "matches_reference and 256 and not tile_m"  # incl. the 70B shapes at 256 rows
+      -k "(matches_reference and 256 and not tile_m) or 70b_default"  # + the 70B shapes (M 1-256)
     step 260 defaults256.log python3 experiments/probe_mgpu.py --sweep default --ms 128,256 \
       --shapes 8b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
       --time-budget 240 --commit "$COMMIT" --out "$OUT/defaults256"

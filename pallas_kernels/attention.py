@@ -77,9 +77,15 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # when a split is at most ONE_WAVE_STAGE3_MAX_BLOCKS blocks long. H200 sweep at batch 1
 # (experiments/results/attention_sweep_b1_h200.md): 32k T=1/4 k128/s16/st2 57.2/58.3 us vs the
 # old s33 78.4/78.1 us; 8k k128/s16/st3 24.8 vs st2 28.2 us; 2k k128/s4/st3 12.8 vs k64/s8 13.8 us.
+# Since 1f8d2a6 3 stages at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
+# timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages.
 ONE_WAVE_MIN_SPLITS = 16
-ONE_WAVE_STAGE3_MAX_BLOCKS = 8  # 8k / 2k: 4 blocks per split (3 stages measured faster); 32k:
-                                # 16 (2 stages kept: 16 splits x 3 stages was not in the sweep)
+# Few base programs but more than one wave's worth of splits (2 * base <= SMs: Llama-3-8B batch
+# 2-8, 16-64 base programs): 64-key blocks (3 stages) up to FEW_PROGRAMS_MAX_KEYS keys. H200 sweep
+# at batch 8 (attention_sweep_b8_h200_1f8d2a6.md): 2k T = 1 / 4 / 8 27.6 / 28.2 / 30.2 us vs
+# 29.5 / 29.9 / 33.9 with 128-key blocks x 2 stages; 8k 76.1 vs 78.0. Longer caches keep 128-key
+# blocks (batch 8 x 32k: 80-85% of HBM in attention_h200_full.md; 64-key blocks not timed there).
+FEW_PROGRAMS_MAX_KEYS = 8192
 ONE_PROGRAM_SMEM = 200 * 1024   # shared memory one program may take when alone on its SM (227 KB)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -221,9 +227,10 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     Tuned on the H200 grid (experiments/results/attention_h200_full.md) and, for few base
     programs (batch 1, `_one_wave`), on the batch-1 sweep
     (experiments/results/attention_sweep_b1_h200.md): one wave of programs instead of two,
-    128-key blocks at 2k too, 3 stages for splits of <= ONE_WAVE_STAGE3_MAX_BLOCKS blocks. Llama-3-8B
-    heads, batch 1: 32k T=1/4 -> k128/s16/w4/st2, 8k -> k128/s16/w4/st3, 2k -> k128/s4/w4/st3 (the
-    measured best of the sweep); every batch 8/32/64 point of the full grid is unchanged."""
+    128-key blocks at 2k too, 3 stages (attention_sweep_b1_h200_1f8d2a6.md). Llama-3-8B heads,
+    batch 1: 32k T=1/4 -> k128/s16/w4/st3, 8k -> k128/s16/w4/st3, 2k -> k128/s4/w4/st3. Batch 2-8
+    up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
+    2k / 8k -> k64/s4/w4/st3); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:
@@ -248,6 +255,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         if one_wave:
             if S_read // block_k < 2 * MIN_BLOCKS_PER_SPLIT:
                 block_k = min(block_k, 64)
+        elif 2 * base <= sms and S_read <= FEW_PROGRAMS_MAX_KEYS:
+            block_k = min(block_k, 64)
         elif base * (S_read // block_k) < sms * SHORT_CACHE_BLOCKS:
             block_k = min(block_k, 64)
     block_k = max(MIN_BLOCK_K, _next_pow2(block_k))
@@ -264,8 +273,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if num_stages is None:
         stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
         num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
-        # One program per SM (few base programs) may take more of it: 3 stages on short splits.
-        if (num_stages == 2 and one_wave and -(-n_blocks // num_splits) <= ONE_WAVE_STAGE3_MAX_BLOCKS
+        # One program per SM (few base programs) may take more of it: 3 stages.
+        if (num_stages == 2 and one_wave
                 and 3 * stage_bytes + block_q * hd * itemsize <= ONE_PROGRAM_SMEM):
             num_stages = 3
     return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)

@@ -187,22 +187,28 @@ def test_default_config():
 
 
 def test_default_config_batch1_sweep(monkeypatch):
-    """Batch-1 defaults are the measured-best configurations of the H200 batch-1 sweep
-    (experiments/results/attention_sweep_b1_h200.md; Llama-3-8B heads, bf16): 32k T=1/4 78.4/78.1
-    -> 57.2/58.3 us, 8k 28.2 -> 24.8 us, 2k 13.8 -> 12.8 us. Batch 8/32/64 points keep the
-    configuration that ran as "ours" in experiments/results/attention_h200_full.json."""
+    """Batch-1 / 8 defaults are the measured-best configurations of the H200 sweeps
+    (experiments/results/attention_sweep_b1_h200.md and attention_sweep_b{1,8}_h200_1f8d2a6.md;
+    Llama-3-8B heads, bf16): 32k T=1/4 78.4/78.1 -> 49.9/49.7 us, 8k 28.2 -> 24.5 us, 2k 13.8 ->
+    12.8 us; batch 8 x 2k T=1/4/8 29.5/29.9/33.9 -> 27.6/28.2/30.2. Batch 8 x 32k and batch 32/64
+    points keep the configuration that ran as "ours" in experiments/results/attention_h200_full.json."""
     import pallas_kernels.attention as attn
     monkeypatch.setattr(attn, "sm_count", lambda: 132)  # H200
     cfg = lambda B, T, S: dataclasses.astuple(default_config(B, T, 32, 8, S, 128, 2))
     # (block_q, block_k, num_splits, num_warps, num_stages)
-    assert cfg(1, 1, 32768) == (16, 128, 16, 4, 2)
-    assert cfg(1, 4, 32768) == (16, 128, 16, 4, 2)
+    # 32k: 3 stages since the 1f8d2a6 sweep (49.9 / 49.7 vs 56.2 / 57.6 us with 2)
+    assert cfg(1, 1, 32768) == (16, 128, 16, 4, 3)
+    assert cfg(1, 4, 32768) == (16, 128, 16, 4, 3)
     assert cfg(1, 1, 8192) == (16, 128, 16, 4, 3)
     assert cfg(1, 1, 2048) == (16, 128, 4, 4, 3)
     assert cfg(1, 1, 512) == (16, 64, 2, 4, 3)      # not swept: unchanged
-    # batch 8 / 32 (attention_h200_full.json): unchanged
+    # batch 8 to 8k: the 1f8d2a6 batch-8 sweep's fastest (attention_sweep_b8_h200_1f8d2a6.md)
+    assert cfg(8, 1, 2048) == (16, 64, 4, 4, 3)
+    assert cfg(8, 4, 2048) == (16, 64, 4, 4, 3)
+    assert cfg(8, 8, 2048) == (32, 64, 4, 4, 3)
+    assert cfg(8, 1, 8192) == (16, 64, 4, 4, 3)
+    # batch 8 x 32k / 32 (attention_h200_full.json): unchanged
     assert cfg(8, 1, 32768) == (16, 128, 4, 4, 2)
-    assert cfg(8, 4, 2048) == (16, 128, 4, 4, 2)
     assert cfg(8, 8, 512) == (32, 64, 2, 4, 3)
     assert cfg(32, 1, 32768) == (16, 128, 1, 4, 2)
     assert cfg(32, 4, 8192) == (16, 128, 1, 4, 2)
