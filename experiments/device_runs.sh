@@ -909,13 +909,16 @@ case "$stage" in
     # gamma 0/1/3/5/7 (the rest interpolated) for the predicted curves. Resumable across calls:
     # the committed file is copied to $OUT first, the sweep skips the points it holds and appends;
     # copy it back into experiments/results/ after each call and commit before the next one.
-    model=llama3-8b; [ "$stage" = sweepgrid1b ] && model=llama3.2-1b
+    # The 1B grid times at least 1 s of runs per point (--min-time: its 64-token decodes take
+    # ~50 ms, and with 3 repeats identical programs came out 15% apart at 1f8d2a6:
+    # sweepgrid_h200_llama3.2-1b_1f8d2a6_3rep.jsonl).
+    model=llama3-8b; mt=0; [ "$stage" = sweepgrid1b ] && model=llama3.2-1b && mt=1.0
     f="sweepgrid_h200_${model}.jsonl"
     [ -f "experiments/results/$f" ] && cp "experiments/results/$f" "$OUT/$f"
     step 560 "${stage}.log" python3 experiments/sweep.py --models "$model" \
       --batches 1,16,64,4,256,2,8,32,128 --modes w4a16,qspec-w4a8,w4a8,qspec-w4a4,w16 \
       --gammas 3,auto --max-gamma 7 --cost-gammas 0,1,3,5,7 --repeats 3 --new-tokens 64 \
-      --time-budget 500 --commit "$COMMIT" --out "$OUT/$f"
+      --min-time "$mt" --time-budget 500 --commit "$COMMIT" --out "$OUT/$f"
     ;;
   outmn)
     # Issue 6/8: the Mosaic GEMMs storing transposed partial sums (MgpuConfig(out_mn=True); at

@@ -200,7 +200,23 @@ def _steps(out) -> int:
     return int(out.stats.get("decode_steps", out.stats.get("cycles")))
 
 
-def _slope_timing(run, new_tokens: int, repeats: int) -> tuple[dict, object]:
+# Timed repeats beyond --repeats while a point's timed runs total less than --min-time seconds
+# (fast points: a 1B-shaped model decodes 64 tokens in ~50 ms, where 3 repeats left identical
+# programs 15% apart in sweepgrid_h200_llama3.2-1b.jsonl), at most this many in all.
+MAX_REPEATS = 25
+# The 1-token runs of a (batch, prompt, cache length) are shared by its later points only when
+# they take at least this long (long prompts: each prefill takes seconds); shorter ones are
+# re-timed beside every point's N-token runs, so each difference pairs runs made together.
+SHARED_ONE_TOKEN_MIN_S = 0.25
+
+
+def _more(i: int, repeats: int, spent_s: float, min_time_s: float) -> bool:
+    """Whether to time repeat i (0-based): the first `repeats`, then more while the timed runs
+    total under min_time_s, up to MAX_REPEATS."""
+    return i < repeats or (spent_s < min_time_s and i < MAX_REPEATS)
+
+
+def _slope_timing(run, new_tokens: int, repeats: int, min_time_s: float = 0.0) -> tuple[dict, object]:
     """decode_timing="slope": runs of N and N/2 new tokens (same cache length); the time per
     step is the slope between them, the rest of the N-token run's time the prefill (it then
     includes any per-call constant)."""
@@ -208,7 +224,7 @@ def _slope_timing(run, new_tokens: int, repeats: int) -> tuple[dict, object]:
     t_half_first, _ = run(half)  # compiles the N/2 program
     run(new_tokens)  # untimed: the first N-token run after a new program's first run is slow
     full, halves, per_step, out = [], [], [], None
-    for _ in range(repeats):
+    while _more(len(full), repeats, sum(full) + sum(halves), min_time_s):
         t_full, out = run(new_tokens)
         t_half, out_half = run(half)
         d_steps = _steps(out) - _steps(out_half)
@@ -226,15 +242,17 @@ def _slope_timing(run, new_tokens: int, repeats: int) -> tuple[dict, object]:
             "decode_spread_s": [float(np.min(per_step) * steps), float(np.max(per_step) * steps)],
             "prefill_shared": False,
             "extra_compile_s": max(t_half_first - float(np.median(halves)), 0.0),
-            "full_s": float(np.median(full))}, out
+            "full_s": float(np.median(full)), "timed_repeats": len(full)}, out
 
 
-def _diff_timing(run, key, new_tokens: int, repeats: int) -> tuple[dict, object]:
+def _diff_timing(run, key, new_tokens: int, repeats: int,
+                 min_time_s: float = 0.0) -> tuple[dict, object]:
     """decode_timing="diff": decode = N-token run - 1-token run (paired per repeat)."""
     # The 1-token runs are one program for every mode at this (batch, prompt, cache length):
-    # measured once, shared by the later points (long prompts: each prefill takes seconds).
+    # measured once, shared by the later points when they are long (long prompts: each prefill
+    # takes seconds); short ones are timed again beside this point's N-token runs.
     shared = _ONE_TOKEN_TIMES.get(key, [])
-    reuse = len(shared) >= repeats
+    reuse = len(shared) >= repeats and float(np.median(shared)) >= SHARED_ONE_TOKEN_MIN_S
     compile1_s = run(1)[0] if not reuse else 0.0  # compile the prefill-only shape
     if not reuse:
         # One untimed N-token run after the 1-token program's first run: on the H200 the first
@@ -242,10 +260,11 @@ def _diff_timing(run, key, new_tokens: int, repeats: int) -> tuple[dict, object]
         # spread, e.g. xpad_h200_7e1796b.md; with 2 repeats the median is their mean).
         run(new_tokens)
     full, one, out = [], [], None
-    for i in range(repeats):
+    while _more(len(full), repeats, sum(full) + (0.0 if reuse else sum(one)), min_time_s):
+        i = len(full)
         t, out = run(new_tokens)
         full.append(t)
-        one.append(shared[i] if reuse else run(1)[0])
+        one.append(shared[i] if reuse and i < len(shared) else run(1)[0])
     if not reuse:
         _ONE_TOKEN_TIMES[key] = one
     # Paired differences remove the prefill; a non-positive one means the decode time is
@@ -258,18 +277,21 @@ def _diff_timing(run, key, new_tokens: int, repeats: int) -> tuple[dict, object]
     return {"decode_timing": "diff", "prefill_s": float(np.median(one)), "decode_s": decode_s,
             "decode_spread_s": [float(diffs.min()), float(diffs.max())], "prefill_shared": reuse,
             "extra_compile_s": max(compile1_s - float(np.median(one)), 0.0) if not reuse else 0.0,
-            "full_s": float(np.median(full))}, out
+            "full_s": float(np.median(full)), "timed_repeats": len(full)}, out
 
 
 def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_tokens: int,
                   kernels: str, repeats: int, cycle_costs=None, max_gamma: int = 7,
-                  draft_window=None, decode_timing: str = "diff") -> dict:
+                  draft_window=None, decode_timing: str = "diff", min_time_s: float = 0.0) -> dict:
     """One sweep point. decode_timing "diff": decode = (N-token run) - (1-token run);
     "slope": time per step = (N-token run - N/2-token run) / (their step difference), which also
     removes a per-call constant that does not scale with the decode (at 16 x 32k about 0.6% of
-    the prefill, 7-15% of a 128-token decode: results/longe2e2k_h200.md)."""
+    the prefill, 7-15% of a 128-token decode: results/longe2e2k_h200.md). `repeats` timed
+    repeats at least, more (up to MAX_REPEATS) while the timed runs total under min_time_s."""
     if decode_timing not in DECODE_TIMINGS:
         raise ValueError(f"decode_timing must be one of {DECODE_TIMINGS}, got {decode_timing!r}")
+    if not (min_time_s >= 0):
+        raise ValueError(f"min_time_s must be >= 0 seconds, got {min_time_s!r}")
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
     qmode, draft = ("qspec", mode.split("-")[1]) if mode.startswith("qspec") else (mode, "w4a8")
@@ -298,16 +320,17 @@ def measure_point(model, mode: str, batch: int, gamma, prompt_len: int, new_toke
 
     compile_s, _ = run(new_tokens)
     if decode_timing == "slope":
-        timing, out = _slope_timing(run, new_tokens, repeats)
+        timing, out = _slope_timing(run, new_tokens, repeats, min_time_s)
     else:
         timing, out = _diff_timing(run, (id(model), batch, prompt_len, max_len, kernels), new_tokens,
-                                   repeats)
+                                   repeats, min_time_s)
     decode_s = timing["decode_s"]
     steps = _steps(out)
     decoded = batch * (new_tokens - 1)
     row = {
         "mode": mode, "batch": batch, "gamma": gamma if qmode == "qspec" else None,
         "prompt_len": prompt_len, "new_tokens": new_tokens, "kernels": kernels, "repeats": repeats,
+        "timed_repeats": timing["timed_repeats"], "min_time_s": min_time_s,
         "prefill_s": timing["prefill_s"], "decode_s": decode_s,
         "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else float("nan"),
         "ms_per_step": 1e3 * decode_s / max(int(steps), 1),
@@ -447,6 +470,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=None, help="default 128")
     p.add_argument("--new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--repeats", type=int, default=None, help="default 3")
+    p.add_argument("--min-time", type=float, default=0.0, metavar="S",
+                   help="time more repeats (up to %d in all) while a point's timed runs total "
+                        "under S seconds: steadier medians for fast points (default 0: exactly "
+                        "--repeats)" % MAX_REPEATS)
     p.add_argument("--kernels", default="auto")
     p.add_argument("--norm-quant-kernel", nargs="?", const="rmsnorm,none,swiglu", default=None,
                    metavar="KINDS",
@@ -521,6 +548,8 @@ def main(argv=None) -> int:
     if args.decode_timing == "slope" and args.new_tokens < 4:
         p.error(f"--decode-timing slope needs --new-tokens >= 4 (runs of N and N/2 tokens must "
                 f"differ by a step), got {args.new_tokens}")
+    if not args.min_time >= 0:
+        p.error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be >= 2 (decode time = time of N tokens - time of 1), got "
                 f"{args.new_tokens}")
@@ -649,7 +678,7 @@ def main(argv=None) -> int:
                 row = measure_point(model, mode, batch, gamma, args.prompt_len, args.new_tokens,
                                     args.kernels, args.repeats, cycle_costs=costs.get(batch),
                                     max_gamma=max_gamma, draft_window=draft_window,
-                                    decode_timing=args.decode_timing)
+                                    decode_timing=args.decode_timing, min_time_s=args.min_time)
             except Exception as e:  # noqa: BLE001 - record, e.g. out of memory, and go on
                 row = {"mode": mode, "batch": batch, "gamma": gamma, "error": f"{type(e).__name__}: {e}"[:300]}
             row.update(model=name, random_weights=name != "default", point_s=time.perf_counter() - t0,

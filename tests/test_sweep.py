@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -273,6 +274,68 @@ def test_timings_leave_out_the_slow_first_run_after_a_new_program():
     assert diff["decode_spread_s"][1] == pytest.approx(383 * step, rel=1e-9)
     slope, _ = sweep._slope_timing(make_run(), 384, repeats=2)
     assert slope["decode_s"] == pytest.approx(383 * step, rel=1e-9)
+
+
+def _linear_run(prefill, step, calls=None, offset=None):
+    """A run fn taking prefill + (n - 1) x step (+ offset["s"]), counting its calls per n."""
+    from types import SimpleNamespace
+
+    def run(n):
+        if calls is not None:
+            calls[n] = calls.get(n, 0) + 1
+        return (prefill + (n - 1) * step + (offset or {}).get("s", 0.0),
+                SimpleNamespace(stats={"decode_steps": n - 1}))
+    return run
+
+
+@pytest.mark.parametrize("timing", ["diff", "slope"])
+def test_min_time_adds_repeats_to_fast_points(timing):
+    """--min-time: after the --repeats timed repeats, more while the timed runs total less than
+    it (a 1B-shaped point decodes 64 tokens in ~50 ms), at most MAX_REPEATS."""
+    from experiments import sweep
+
+    def timed(min_time_s):
+        sweep._ONE_TOKEN_TIMES.clear()
+        run = _linear_run(0.002, 0.0008)
+        if timing == "diff":
+            t, _ = sweep._diff_timing(run, ("key",), 64, 3, min_time_s)
+        else:
+            t, _ = sweep._slope_timing(run, 64, 3, min_time_s)
+        sweep._ONE_TOKEN_TIMES.clear()
+        assert t["decode_s"] == pytest.approx(63 * 0.0008, rel=1e-9)
+        return t["timed_repeats"]
+
+    per_repeat = (0.002 + 63 * 0.0008) + (0.002 if timing == "diff" else 0.002 + 31 * 0.0008)
+    assert timed(0.0) == 3
+    assert timed(0.5) == math.ceil(0.5 / per_repeat) > 3
+    assert timed(1e3) == sweep.MAX_REPEATS
+
+
+def test_short_one_token_runs_are_timed_beside_each_point():
+    """The 1-token runs of a batch are shared by its later points only when long (>=
+    SHARED_ONE_TOKEN_MIN_S: long prompts); short ones are re-timed with each point, so a drift
+    between points (clocks, another process) does not enter its decode time."""
+    from experiments import sweep
+    key = ("key",)
+    for prefill, shared in ((0.01, False), (2 * sweep.SHARED_ONE_TOKEN_MIN_S, True)):
+        sweep._ONE_TOKEN_TIMES.clear()
+        offset = {"s": 0.0}
+        sweep._diff_timing(_linear_run(prefill, 0.001, offset=offset), key, 64, 3)
+        offset["s"] = 0.004  # every later run 4 ms slower
+        calls = {}
+        t, _ = sweep._diff_timing(_linear_run(prefill, 0.001, calls, offset), key, 64, 3)
+        sweep._ONE_TOKEN_TIMES.clear()
+        assert t["prefill_shared"] is shared
+        if shared:  # long prefills: no 1-token run; the drift is the price
+            assert 1 not in calls and t["decode_s"] == pytest.approx(0.063 + 0.004, rel=1e-9)
+        else:
+            assert calls[1] >= 3 and t["decode_s"] == pytest.approx(0.063, rel=1e-9)
+
+
+def test_sweep_rejects_a_negative_min_time(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sweep_main(["--quick", "--min-time", "-1", "--out", str(tmp_path / "x.jsonl")])
+    assert "--min-time must be >= 0" in capsys.readouterr().err
 
 
 def test_sweep_quick_slope_timing(tmp_path):
