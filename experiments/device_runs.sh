@@ -419,9 +419,12 @@ case "$stage" in
     ;;
   attnsweep24)
     # Issue 7: the few-program defaults after 1f8d2a6 (64-key blocks x 3 stages up to 8k at batch
-    # 2-8, 3 stages at batch 1 x 32k; attention_sweep_b{1,8}_h200_1f8d2a6.md) where they were not
+    # 2-8, 3 stages at batch 1 x 32k, ~sqrt(blocks) splits at batch 1;
+    # attention_sweep_b{1,8}_h200_1f8d2a6.md) where they were not
     # swept: batch 2 / 4 at 2k / 8k, and batch 8 x 32k (kept at 128-key blocks) for the boundary;
-    # then the full grid's batch 1 / 8 points with the new defaults against both peers.
+    # then the full grid's batch 1 / 8 points with the new defaults against both peers. GPU
+    # tests of the kernel (its default configs on ragged batches) first.
+    step 150 attn_gpu_tests.log python3 -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
     step 330 attnsweep24.log python3 experiments/bench_attention.py --sweep \
       --sweep-points 2:2048:1,4:2048:1,4:8192:1,8:32768:1 --reps 3 --time-budget 300 \
       --commit "$COMMIT" --out "$OUT/attention_sweep_b248_h200.json"

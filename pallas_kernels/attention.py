@@ -79,7 +79,13 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # old s33 78.4/78.1 us; 8k k128/s16/st3 24.8 vs st2 28.2 us; 2k k128/s4/st3 12.8 vs k64/s8 13.8 us.
 # Since 1f8d2a6 3 stages at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
 # timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages.
+# Splits: from ONE_WAVE_SQRT_MIN_BLOCKS key blocks on, at most about sqrt(key blocks) (the power
+# of 2 at or below it) or half a wave of programs, whichever is more: the fastest split count of
+# each batch-1 sweep point (8 base programs, 132 SMs) was 4 / 8 / 16 for 16 / 64 / 256 blocks of
+# 128 keys (2k / 8k / 32k; 8k: 8 splits 21.9 us vs 16 splits 24.5, both 3 stages). The half-wave
+# floor keeps models with fewer KV heads (fewer base programs) from running on a few SMs.
 ONE_WAVE_MIN_SPLITS = 16
+ONE_WAVE_SQRT_MIN_BLOCKS = 16
 # Few base programs but more than one wave's worth of splits (2 * base <= SMs: Llama-3-8B batch
 # 2-8, 16-64 base programs): 64-key blocks (3 stages) up to FEW_PROGRAMS_MAX_KEYS keys. H200 sweep
 # at batch 8 (attention_sweep_b8_h200_1f8d2a6.md): 2k T = 1 / 4 / 8 27.6 / 28.2 / 30.2 us vs
@@ -228,7 +234,7 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     programs (batch 1, `_one_wave`), on the batch-1 sweep
     (experiments/results/attention_sweep_b1_h200.md): one wave of programs instead of two,
     128-key blocks at 2k too, 3 stages (attention_sweep_b1_h200_1f8d2a6.md). Llama-3-8B heads,
-    batch 1: 32k T=1/4 -> k128/s16/w4/st3, 8k -> k128/s16/w4/st3, 2k -> k128/s4/w4/st3. Batch 2-8
+    batch 1: 32k T=1/4 -> k128/s16/w4/st3, 8k -> k128/s8/w4/st3, 2k -> k128/s4/w4/st3. Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
     2k / 8k -> k64/s4/w4/st3); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
     R = T * (H // KVH)
@@ -267,6 +273,9 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
     if num_splits is None:
         num_splits = _choose_splits(base, n_blocks, sms, 1 if one_wave else PROGRAMS_PER_SM)
+        if one_wave and n_blocks >= ONE_WAVE_SQRT_MIN_BLOCKS:
+            sqrt_splits = 1 << (math.isqrt(n_blocks).bit_length() - 1)
+            num_splits = min(num_splits, max(sqrt_splits, sms // (2 * base)))
     num_splits = max(1, min(int(num_splits), n_blocks))
     if num_warps is None:
         num_warps = 4 if block_q * hd <= 64 * 128 else 8
