@@ -63,7 +63,10 @@
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
-#   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes
+#   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes (--min-time 1.0: at least 1 s of timed runs per point)
+#   bash experiments/device_runs.sh attnsweep24 # attention GPU tests + configs at batch 2 / 4 and 8 x 32k + the batch 1 / 8 grid vs peers (~8 min)
+#   bash experiments/device_runs.sh defaults70b # 70B default-config GPU tests + Mosaic vs XLA's int4 [N, K] GEMM at M 64-256 (the dispatch rule) (~6 min)
+#   bash experiments/device_runs.sh kernels    # issue 6's full 8B kernel table (all M, Mosaic + Triton + XLA peers) + fused kernels (~9.5 min)
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh cachewrite # K/V written once per step (read-only forward) vs per layer: AR batch 1/16/64 + 32 x 8k (~9.5 min)
 #   bash experiments/device_runs.sh hlodump    # the decode programs' optimized HLO (AR, gamma 3; batch 1 / 16), gzipped, to read offline (~4 min)
@@ -87,7 +90,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -416,6 +419,17 @@ case "$stage" in
         --commit "$COMMIT" --out "$OUT/xlaflags3_$i.jsonl"
       echo "== set $i: XLA_FLAGS='$F'"
     done
+    ;;
+  defaults70b)
+    # Issue 6: the model's GEMM dispatch at Llama-70B shapes. kernel_dispatch sends w4a16 GEMMs
+    # wider than 8192 columns above 64 rows to XLA's GEMM over int4 [N, K] (measured faster for
+    # the 8B gate/up); kernels_h200_70b_1f8d2a6.md timed the Mosaic kernel against XLA's s4 dot
+    # over [K, N], not that path. GPU tests of the 70B default configs first (M 1-256).
+    step 200 defaults70b_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
+      -k "70b_default"
+    step 300 defaults70b.log python3 experiments/probe_mgpu.py --sweep default --ms 64,128,256 \
+      --shapes 70b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
+      --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults70b"
     ;;
   attnsweep24)
     # Issue 7: the few-program defaults after 1f8d2a6 (64-key blocks x 3 stages up to 8k at batch
