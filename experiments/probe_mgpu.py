@@ -109,6 +109,10 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
         return [dataclasses.replace(default_config(M, K, N, int8), load_layout=ll)]
+    if kind == "pdl":  # the default config and its programmatic-dependent-launch variants
+        base = dataclasses.replace(default_config(M, K, N, int8), load_layout=ll, pdl="")
+        return [base] + [c for c in (dataclasses.replace(base, pdl=p) for p in ("wait", "prefetch"))
+                         if check(M, K, N, c) is None]
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":
@@ -306,8 +310,9 @@ def main(argv=None):
     ap.add_argument("--ms", default="1,4,8,16")
     ap.add_argument("--sweep", default="small",
                     choices=("default", "one", "small", "mid", "tune", "ws", "regs", "smem", "persist",
-                             "bigm", "full", "diag"),
-                    help="default: no sweep, the model's w4_mgpu.default_config at every M")
+                             "bigm", "full", "diag", "pdl"),
+                    help="default: no sweep, the model's w4_mgpu.default_config at every M; pdl: "
+                         "the same and its programmatic-dependent-launch variants at every M")
     ap.add_argument("--sweep-m", type=int, default=16, help="M at which configs are swept")
     ap.add_argument("--modes", default="w4a16,w4a8")
     ap.add_argument("--sweep-modes", default="w4a16,w4a8",
@@ -346,7 +351,8 @@ def main(argv=None):
         for mode in modes:
             int8 = mode == "w4a8"
             # 1) config sweep at sweep_m, 2) the best config at every M
-            phases = ((("sweep", [args.sweep_m]),) if args.sweep != "default" else ()) + (("ms", ms),)
+            per_m = args.sweep in ("default", "pdl")  # configs of their own at every M
+            phases = ((("sweep", [args.sweep_m]),) if not per_m else ()) + (("ms", ms),)
             if mode not in args.sweep_modes.split(",") and "w4a16" in best:
                 best[mode] = dataclasses.replace(best["w4a16"], load_layout="wgmma" if int8 else "upcast")
                 phases = (("ms", ms),)
@@ -355,7 +361,7 @@ def main(argv=None):
                     x, xq, sx, ref = shape_inputs(key, M, K, ws, int8)
                     sxv = sx.reshape(-1)
                     cfgs = (sweep_configs(args.sweep, int8, K, N, M) if phase == "sweep"
-                            else sweep_configs("default", int8, K, N, M) if args.sweep == "default"
+                            else sweep_configs(args.sweep, int8, K, N, M) if per_m
                             else [best.get(mode, sweep_configs("one", int8)[0])])
                     for cfg in cfgs:
                         if time.time() - t_start > args.time_budget:

@@ -389,7 +389,7 @@ def environment(commit: str | None) -> dict:
 
 
 def add_mgpu_flags(p) -> None:
-    """--mgpu-x-pad, --mgpu-max-m, --residual-norm: the decode-kernel experiment flags (sweep.py,
+    """--mgpu-x-pad, --mgpu-max-m, --mgpu-pdl, --residual-norm: the decode-kernel experiment flags (sweep.py,
     profile_cycle.py)."""
     p.add_argument("--mgpu-x-pad", choices=("xla", "tma"), default=None,
                    help="how x of fewer than 8 rows reaches the Mosaic GEMM: padded by XLA, or "
@@ -399,6 +399,11 @@ def add_mgpu_flags(p) -> None:
                         "to run the Mosaic kernel in the model (qspec_jax.kernel_dispatch."
                         "MGPU_MAX_M; default: the measured table of kernel_dispatch.mgpu_max_m, "
                         "recorded as 'auto'; the kernel takes up to pallas_kernels.w4_mgpu.MAX_M)")
+    p.add_argument("--mgpu-pdl", choices=("off", "wait", "prefetch"), default=None,
+                   help="Mosaic GEMMs of x with <= w4_mgpu.PDL_MAX_ROWS padded rows launched with "
+                        "programmatic dependent launch: 'wait' (the kernel waits on the previous "
+                        "one before its pipeline) or 'prefetch' (its first weight loads are issued "
+                        "before the wait); w4_mgpu.PDL, off by default")
     p.add_argument("--residual-norm", choices=("on", "off"), default=None,
                    help="kernels=auto on the GPU: the GEMM epilogue + residual add + RMSNorm "
                         "after o_proj / down_proj as one Pallas kernel "
@@ -408,8 +413,8 @@ def add_mgpu_flags(p) -> None:
 
 
 def apply_mgpu_flags(args) -> dict:
-    """Set w4_mgpu.X_PAD, kernel_dispatch.MGPU_MAX_M and RESIDUAL_NORM from add_mgpu_flags'
-    arguments; the settings to record."""
+    """Set w4_mgpu.X_PAD / PDL, kernel_dispatch.MGPU_MAX_M and RESIDUAL_NORM from
+    add_mgpu_flags' arguments; the settings to record."""
     from pallas_kernels import w4_mgpu
     from qspec_jax import kernel_dispatch
     if args.mgpu_x_pad:
@@ -419,11 +424,14 @@ def apply_mgpu_flags(args) -> dict:
             raise SystemExit(f"--mgpu-max-m {args.mgpu_max_m}: give 1 to {w4_mgpu.MAX_M} (the "
                              "Mosaic kernel's largest M)")
         kernel_dispatch.MGPU_MAX_M = args.mgpu_max_m
+    if args.mgpu_pdl:
+        w4_mgpu.PDL = "" if args.mgpu_pdl == "off" else args.mgpu_pdl
     if args.residual_norm:
         kernel_dispatch.RESIDUAL_NORM = args.residual_norm == "on"
     if args.residual_norm_warps:
         kernel_dispatch.RESIDUAL_NORM_WARPS = args.residual_norm_warps
     return dict(mgpu_x_pad=w4_mgpu.X_PAD, mgpu_max_m=_mgpu_max_m_setting(),
+                mgpu_pdl=w4_mgpu.PDL or "off",
                 residual_norm="on" if kernel_dispatch.RESIDUAL_NORM else "off",
                 residual_norm_warps=kernel_dispatch.RESIDUAL_NORM_WARPS)
 
@@ -878,6 +886,9 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             vals = sorted({r[key] for r in runs if key in r}, key=str)
             if vals and not (key == "kernels" and vals == ["auto"]) and vals != ["mma"]:
                 args.append((flag, _join(vals)))
+        min_times = sorted({r["min_time_s"] for r in runs if r.get("min_time_s")})
+        if min_times:
+            args.append(("--min-time", _join(min_times)))
         nq = {str(r["norm_quant_kernel"]) for r in runs if r.get("norm_quant_kernel")}
         if nq:  # (True in files written before the kinds: all of them, the flag's default)
             kinds = sorted({k for v in nq if v != "True" for k in v.split(",")})
@@ -898,6 +909,7 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
                 ("--cache-write", "cache_write", model_module.CACHE_WRITE, "layer"),
                 ("--hadamard-impl", "hadamard_impl", rotation.HADAMARD_IMPL, None),
                 ("--mgpu-x-pad", "mgpu_x_pad", w4_mgpu.X_PAD, "xla"),
+                ("--mgpu-pdl", "mgpu_pdl", w4_mgpu.PDL or "off", "off"),
                 ("--cache-update", "cache_update", model_module.CACHE_UPDATE, "scatter"),
                 ("--attn-min-batch", "attn_min_batch", _kd.ATTN_MIN_BATCH, None),
                 ("--residual-norm", "residual_norm", "on" if _kd.RESIDUAL_NORM else "off", "off"),

@@ -76,6 +76,17 @@ class MgpuConfig:
     # tile. At Mp = 256 every 64-column tile otherwise reads all of x (gate/up: ~0.9 GB from L2
     # per call) and the [tile_n, 256] accumulator caps tile_n at 64 (registers).
     tile_m: int = 0
+    # Programmatic dependent launch (Hopper PDL), so that the kernel's launch and set-up overlap
+    # the tail of the kernel before it (a decode GEMM reading a few MB pays them per call:
+    # probe_mgpu_diag_h200.md). "wait": the plain kernel, plgpu.griddepcontrol_wait() before its
+    # pipeline. "prefetch": the weight pipeline starts (its first `stages` TMA loads in flight)
+    # before the wait, which holds back only what reads the previous kernel's output: x, TMA'd
+    # whole into shared memory (this CTA's K slice) at the first K step (more shared memory per
+    # CTA: pdl_smem_bytes). Both call griddepcontrol_launch_dependents() after the K loop. jax
+    # marks the launch from the wait in the kernel body (jax >= 0.11; on an older jax the wait
+    # is a no-op and the kernel runs as an ordinary launch: pdl_launch_supported()). "" = off.
+    # Model-wide switch: PDL below. Not yet timed on the H200.
+    pdl: str = ""
 
     @property
     def plain(self) -> bool:
@@ -89,6 +100,7 @@ class MgpuConfig:
                 + ("sa" if self.smem_a else "")
                 + (f"u{self.units_per_cta}" if self.units_per_cta > 1 else "")
                 + ("mn" if self.out_mn else "") + (f"m{self.tile_m}" if self.tile_m else "")
+                + (f"pdl{self.pdl[0]}" if self.pdl else "")
                 + (f"-{self.probe}" if self.probe else ""))
 
     def rows_per_cta(self, Mp: int) -> int:
@@ -113,6 +125,25 @@ X_PAD = "tma"
 
 # int8 x padded to 256 rows and at least this many columns: 128-column weight tiles (default_config)
 WIDE_N_INT8_256 = 16384
+
+# default_config's GEMMs with x of at most PDL_MAX_ROWS padded rows take MgpuConfig(pdl=PDL)
+# ("wait" or "prefetch": programmatic dependent launch; "prefetch" only where x's K slice fits
+# in shared memory, else "wait"). Off ("") until measured on the H200 (stage `pdl` in
+# experiments/device_runs.sh). Read at trace time.
+PDL_MODES = ("", "wait", "prefetch")
+PDL = ""
+PDL_MAX_ROWS = 16
+
+
+def pdl_launch_supported() -> bool:
+    """Whether this jax launches a Mosaic GPU kernel whose body waits on griddepcontrol with
+    programmatic dependent launch (jax >= 0.11 marks it from the wait's effect; jax 0.10 has the
+    primitives but launches every kernel plainly)."""
+    try:
+        from jax._src.pallas.mosaic_gpu import core as mgpu_core
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(mgpu_core, "_pdl_effect")
 
 
 def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
@@ -143,8 +174,16 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     while (N // tile_n * split * 2 * (Mp // (tile_m or Mp)) <= max_ctas and K % (block_k * split * 2) == 0
            and K // (block_k * split * 2) >= 4):
         split *= 2
-    return MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN,
-                      tile_m=tile_m)
+    cfg = MgpuConfig(tile_n=tile_n, block_k=block_k, split_k=split, stages=2, out_mn=OUT_MN,
+                     tile_m=tile_m)
+    if PDL not in PDL_MODES:
+        raise ValueError(f"w4_mgpu.PDL={PDL!r}: one of {PDL_MODES}")
+    if PDL and Mp <= PDL_MAX_ROWS and not tile_m:
+        pdl = PDL  # "prefetch" keeps x's K slice in shared memory: "wait" where it cannot
+        if pdl == "prefetch" and pdl_smem_bytes(M, K, cfg) > SMEM_BYTES:
+            pdl = "wait"
+        cfg = dataclasses.replace(cfg, pdl=pdl)
+    return cfg
 
 
 def nk_from_half_split(qweight: jax.Array) -> jax.Array:
@@ -192,6 +231,16 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         return f"N={N} must be a multiple of tile_n={cfg.tile_n}"
     if K % (cfg.block_k * cfg.split_k):
         return f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}"
+    if cfg.pdl not in PDL_MODES:
+        return f"pdl={cfg.pdl!r}: one of {PDL_MODES}"
+    if cfg.pdl and (cfg.smem_a or cfg.warp_specialized or cfg.units_per_cta > 1 or cfg.tile_m
+                    or cfg.probe):
+        return ("pdl (programmatic dependent launch) runs with the plain kernel's options only: "
+                "not smem_a, warp_specialized, units_per_cta > 1, tile_m or probe")
+    if cfg.pdl == "prefetch" and pdl_smem_bytes(M, K, cfg) > SMEM_BYTES:
+        return (f"pdl='prefetch' keeps x's whole K slice in shared memory: "
+                f"{pdl_smem_bytes(M, K, cfg)} bytes at M={M}, K={K}, split_k={cfg.split_k} (limit "
+                f"{SMEM_BYTES}); use a larger split_k, fewer stages or pdl='wait'")
     variant = cfg.smem_a or cfg.warp_specialized  # kernels other than the plain / persistent one
     if cfg.out_mn and (variant or cfg.units_per_cta > 1):
         return "out_mn (transposed partial sums) runs the plain kernel only"
@@ -213,7 +262,8 @@ def check(M: int, K: int, N: int, cfg: MgpuConfig) -> str | None:
         if units % cfg.units_per_cta:
             return (f"units_per_cta={cfg.units_per_cta} must divide the {units} (column tile, "
                     f"K split) units of N={N}, tile_n={cfg.tile_n}, split_k={cfg.split_k}")
-    if not variant and cfg.units_per_cta == 1 and plain_smem_bytes(M, cfg) > SMEM_BYTES:
+    if (not variant and cfg.pdl != "prefetch" and cfg.units_per_cta == 1
+            and plain_smem_bytes(M, cfg) > SMEM_BYTES):
         return (f"the kernel needs {plain_smem_bytes(M, cfg)} bytes of shared memory at M={M} "
                 f"(x padded to {padded_rows(M)} rows), block_k={cfg.block_k}, stages={cfg.stages} "
                 f"(limit {SMEM_BYTES}); use a smaller block_k or fewer stages")
@@ -242,6 +292,14 @@ def smem_a_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
     Mp = padded_rows(M)
     return (Mp * (K // cfg.split_k) * 2 + 2 * cfg.tile_n * cfg.block_k * 2
             + cfg.stages * cfg.tile_n * cfg.block_k // 2 + cfg.tile_n * Mp * 4)
+
+
+def pdl_smem_bytes(M: int, K: int, cfg: MgpuConfig) -> int:
+    """Shared memory of the pdl="prefetch" kernel (the w4a16 bound: 2-byte x): x's K slice, the
+    int4 weight ring and the f32 output tile."""
+    Mp = padded_rows(M)
+    return (Mp * (K // cfg.split_k) * 2 + cfg.stages * cfg.tile_n * cfg.block_k // 2
+            + cfg.tile_n * Mp * 4)
 
 
 def out_mn_epilogue(part, scales, sx, M: int, dtype):
@@ -374,8 +432,12 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                 # operand is not kept live across the asynchronous MMA.
                 plgpu.wgmma_wait(0)
 
+            if cfg.pdl == "wait":  # everything below may read the previous kernel's output
+                plgpu.griddepcontrol_wait()
             plgpu.emit_pipeline(body, grid=(k_iters,), in_specs=in_specs(ni, si, mi),
                                 max_concurrent_steps=cfg.stages)(x_gmem, w_gmem)
+            if cfg.pdl:
+                plgpu.griddepcontrol_launch_dependents()
             return acc_ref[...]
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si, mi, Mt)
@@ -442,6 +504,33 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
 
         write_partials(acc_scope, o_gmem, o_smem, ni, si)
 
+    def kernel_pdl(x_gmem, w_gmem, o_gmem, x_smem, x_bar, o_smem):
+        ni = lax.axis_index("n")
+        si = lax.axis_index("s")
+
+        def acc_scope(acc_ref):
+            def body(idx, w_smem):
+                k = idx[0]
+
+                @pl.when(k == 0)
+                def _():  # the weight ring's first loads are in flight; x is the last kernel's
+                    plgpu.griddepcontrol_wait()
+                    for j in range(k_iters):  # this CTA's x slice, as k_iters [Mp, block_k] tiles
+                        plgpu.copy_gmem_to_smem(
+                            x_gmem.at[pl.ds(0, Mp), pl.ds(si * k_split + j * cfg.block_k, cfg.block_k)],
+                            x_smem.at[j], x_bar)
+                    plgpu.barrier_wait(x_bar)
+
+                plgpu.wgmma(acc_ref, unpacked(w_smem), plgpu.transpose_ref(x_smem.at[k], (1, 0)))
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(body, grid=(k_iters,), max_concurrent_steps=cfg.stages,
+                                in_specs=[w_spec(ni, si)])(w_gmem)
+            plgpu.griddepcontrol_launch_dependents()
+            return acc_ref[...]
+
+        write_partials(acc_scope, o_gmem, o_smem, ni, si)
+
     upc = cfg.units_per_cta
 
     def kernel_persistent(x_gmem, w_gmem, o_gmem, o_smem):
@@ -500,6 +589,17 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                                   transforms=_transforms(cfg.block_k, cdt, "lhs")),
                 x_bar=plgpu.Barrier(num_arrivals=k_iters),
                 o_smem=plgpu.SMEM((cfg.tile_n, Mp), acc_dt)),
+            compiler_params=params)
+    elif cfg.pdl == "prefetch":
+        tile, out = ((Mp, cfg.tile_n), (Mp, N)) if cfg.out_mn else ((cfg.tile_n, Mp), (N, Mp))
+        f = plgpu.kernel(
+            kernel_pdl, out_type=jax.ShapeDtypeStruct((cfg.split_k, *out), acc_dt),
+            grid=(n_tiles, cfg.split_k), grid_names=("n", "s"),
+            scratch_types=dict(
+                x_smem=plgpu.SMEM((k_iters, Mp, cfg.block_k), cdt,
+                                  transforms=_transforms(cfg.block_k, cdt, "rhs")),
+                x_bar=plgpu.Barrier(num_arrivals=k_iters),
+                o_smem=plgpu.SMEM(tile, acc_dt)),
             compiler_params=params)
     elif cfg.warp_specialized:
         f = plgpu.kernel(

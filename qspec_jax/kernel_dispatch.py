@@ -178,8 +178,14 @@ def _mgpu_runs(M, K, N, scales, mode: str, required: bool) -> bool:
         log_once(("nk-shape", K, N), f"qspec_jax: the Mosaic GPU kernel cannot take K={K} N={N} "
                   f"({err}): XLA for this layer", logging.WARNING)
         return False
+    if w4_mgpu.PDL and not w4_mgpu.pdl_launch_supported():
+        log_once(("pdl-unsupported",), "qspec_jax: w4_mgpu.PDL is set, but this jax "
+                  f"({jax.__version__}) launches Mosaic GPU kernels without programmatic dependent "
+                  "launch: the pdl GEMMs run as ordinary launches", logging.WARNING)
     log_once(("nk-mgpu",), "qspec_jax: quantized GEMMs of few rows use the Mosaic GPU kernel "
-              "(int4 [N, K] weights; the limits per mode and width: kernel_dispatch.mgpu_max_m)")
+              "(int4 [N, K] weights; the limits per mode and width: kernel_dispatch.mgpu_max_m"
+              + (f"; x of <= {w4_mgpu.PDL_MAX_ROWS} rows: pdl={w4_mgpu.PDL!r}" if w4_mgpu.PDL else "")
+              + ")")
     return True
 
 

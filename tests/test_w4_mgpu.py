@@ -1,6 +1,8 @@
 """Mosaic GPU swap-AB int4 GEMM (pallas_kernels/w4_mgpu.py) on CPU: the layout conversion and
 the kernel's reference against the model-layout references, shape errors, and lowering for CUDA
 (the kernel itself runs only on a GPU: tests/gpu/test_w4_mgpu_gpu.py)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,3 +398,87 @@ def test_model_takes_the_kernel_up_to_mgpu_max_m(tmp_path, monkeypatch):
     assert ms == [256] * (4 * L) and "mosaic_gpu" in text
     used = [c for c in cfgs if c.tile_m]  # (the dispatch's checks call default_config too)
     assert len(used) >= 4 * L and all((c.tile_m, c.block_k) == (128, 256) for c in used)
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("out_mn", [True, False])
+def test_pdl_variants_lower_with_the_grid_dependency_instructions(M, int8, out_mn):
+    """MgpuConfig(pdl="wait" / "prefetch") lowers for CUDA on CPU (x of < 8 rows unpadded: its
+    TMA loads fill the rows past M), and its kernel holds griddepcontrol.wait (from which jax >=
+    0.11 marks the launch as programmatic-dependent) and launch_dependents; the default kernel
+    holds neither; "prefetch" is a different kernel from "wait" (x resident, weights first)."""
+    K, N = 1024, 128
+    cfg = MgpuConfig(tile_n=64, block_k=256, split_k=2, stages=2,
+                     load_layout="wgmma" if int8 else "upcast", out_mn=out_mn)
+    texts = {}
+    for pdl in ("", "wait", "prefetch"):
+        c = dataclasses.replace(cfg, pdl=pdl)
+        avals = [jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16),
+                 jax.ShapeDtypeStruct((N, K), jnp.int4), jax.ShapeDtypeStruct((N,), jnp.float32)]
+        if int8:
+            avals.append(jax.ShapeDtypeStruct((M,), jnp.float32))
+        texts[pdl] = jax.jit(lambda *a, c=c: w4_mgpu_matmul(*a, config=c)).trace(*avals).lower(
+            lowering_platforms=("cuda",)).as_text()
+    for pdl in ("wait", "prefetch"):
+        assert "mosaic_gpu" in texts[pdl]
+        assert "griddepcontrol.wait" in texts[pdl] and "griddepcontrol.launch_dependents" in texts[pdl]
+        assert "pad" not in texts[pdl]  # M 1 / 5: the TMA fills rows past M; 16: no padding
+    assert "griddepcontrol" not in texts[""]
+    assert len({texts[""], texts["wait"], texts["prefetch"]}) == 3
+
+
+def test_pdl_is_checked_and_the_switch_reaches_default_config(monkeypatch):
+    """pdl runs with the plain kernel's options only and keeps x's K slice in shared memory
+    (shapes that cannot hold it are rejected, naming the fix); w4_mgpu.PDL gives the pdl config
+    to GEMMs of <= PDL_MAX_ROWS padded rows whose K slice fits, and every such default config
+    passes check (the 8B and 70B shapes)."""
+    for pdl in ("wait", "prefetch"):
+        assert "plain kernel's options only" in check(1, 1024, 128, MgpuConfig(tile_n=64, pdl=pdl, smem_a=True))
+        assert "plain kernel's options only" in check(200, 1024, 128, MgpuConfig(tile_n=64, pdl=pdl, tile_m=64))
+    assert "one of" in check(1, 1024, 128, MgpuConfig(tile_n=64, pdl="on"))
+    big = MgpuConfig(tile_n=64, block_k=256, split_k=1, pdl="prefetch")
+    err = check(16, 28672, 128, big)
+    assert "x's whole K slice" in err and "pdl='wait'" in err
+    assert check(16, 28672, 128, dataclasses.replace(big, pdl="wait")) is None
+    assert MgpuConfig(pdl="prefetch").short().endswith("pdlp")
+    assert not w4_mgpu.default_config(1, 4096, 6144).pdl  # off by default
+    monkeypatch.setattr(w4_mgpu, "PDL", "on")
+    with pytest.raises(ValueError, match="one of"):
+        w4_mgpu.default_config(1, 4096, 6144)
+    shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),
+              (8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
+    for mode in ("wait", "prefetch"):
+        monkeypatch.setattr(w4_mgpu, "PDL", mode)
+        for K, N in shapes:
+            for M in (1, 4, 11, 16, 17, 64, 256):
+                for int8 in (False, True):
+                    cfg = w4_mgpu.default_config(M, K, N, int8)
+                    assert check(M, K, N, cfg) is None, (M, K, N, cfg)
+                    if w4_mgpu.padded_rows(M) > w4_mgpu.PDL_MAX_ROWS:
+                        assert cfg.pdl == "", (M, K, N)
+                        continue
+                    fits = w4_mgpu.pdl_smem_bytes(M, K, cfg) <= w4_mgpu.SMEM_BYTES
+                    assert cfg.pdl == (mode if fits else "wait"), (M, K, N, cfg)
+    # the 70B down_proj at 16 rows: x's K slice (229 KB) does not fit: "wait"
+    assert w4_mgpu.default_config(16, 28672, 8192).pdl == "wait"
+    assert w4_mgpu.default_config(1, 4096, 6144).pdl == "prefetch"
+    assert isinstance(w4_mgpu.pdl_launch_supported(), bool)
+
+
+def test_probe_pdl_sweep_times_the_default_and_its_pdl_variants():
+    """experiments/probe_mgpu.py --sweep pdl (device stage pdl): at every M the default config
+    (pdl off, whatever w4_mgpu.PDL says) and its "wait" / "prefetch" variants where they fit,
+    all passing check(), otherwise the default config's fields."""
+    from experiments.probe_mgpu import sweep_configs
+    for K, N in [(4096, 6144), (14336, 4096), (28672, 8192)]:
+        for M in (1, 16):
+            for int8 in (False, True):
+                cfgs = sweep_configs("pdl", int8, K, N, M)
+                base = w4_mgpu.default_config(M, K, N, int8)
+                assert [c.pdl for c in cfgs][:2] == ["", "wait"]
+                assert all(check(M, K, N, c) is None for c in cfgs)
+                assert all(dataclasses.replace(c, pdl="", load_layout=base.load_layout) == base
+                           for c in cfgs)
+    assert [c.pdl for c in sweep_configs("pdl", False, 4096, 6144, 16)] == ["", "wait", "prefetch"]
+    assert [c.pdl for c in sweep_configs("pdl", False, 28672, 8192, 16)] == ["", "wait"]  # 229 KB x

@@ -141,6 +141,55 @@ def test_out_mn_matches_reference(K, N, M, int8):
     _check_default_config_variant(K, N, M, int8, 17 * K + N + M, out_mn=True)
 
 
+@pytest.mark.parametrize("K,N,out_mn", [(K, N, True) for K, N in SHAPES] + [(512, 192, False)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("pdl", ["wait", "prefetch"])
+def test_pdl_matches_reference(K, N, out_mn, M, int8, pdl):
+    """The programmatic-dependent-launch variants ("wait": the plain kernel after a
+    griddepcontrol wait; "prefetch": weights loaded before the wait, x TMA'd whole after it,
+    unpadded x below 8 rows) with the default split, both modes, the model's transposed
+    partial sums (and the [split, N, M] layout at one small shape)."""
+    _check_default_config_variant(K, N, M, int8, 17 * K + N + M, pdl=pdl, out_mn=out_mn)
+
+
+@pytest.mark.parametrize("pdl", ["wait", "prefetch"])
+def test_pdl_in_the_model(monkeypatch, request, pdl):
+    """w4_mgpu.PDL (GEMMs of <= 16 padded rows launched with PDL, each overlapping the kernel
+    before it): logits within bf16 rounding of the default kernel's, QSpec still equal to w4a16
+    decoding (near-ties aside); exactly the GEMMs of <= PDL_MAX_ROWS padded rows took a pdl
+    config."""
+    import qspec_jax as qj
+    from experiments import sweep
+    from pallas_kernels import w4_mgpu
+    monkeypatch.setitem(sweep.SHAPED, "t256", dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=256))
+    m = qj.with_weight_layout(sweep.random_model("t256", True), "nk")
+    toks = [[5, 17, 3, 99, 4], [8, 9, 1, 2, 3]]
+    jax.clear_caches()
+    base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
+    monkeypatch.setattr(w4_mgpu, "PDL", pdl)
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)  # nothing traced with PDL on outlives the test
+    seen = []
+    real_kernel = w4_mgpu._kernel
+
+    def spy(cfg, Mp, *a):
+        seen.append((Mp, cfg.pdl))
+        return real_kernel(cfg, Mp, *a)
+    monkeypatch.setattr(w4_mgpu, "_kernel", spy)
+    for mode, a in base.items():
+        b = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
+        np.testing.assert_allclose(a, b, atol=0.02 * np.abs(a).max())
+    prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i] * (1 + i % 5) for i in range(10)]
+    ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
+    qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
+    _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
+    assert any(p == pdl for _, p in seen)
+    assert all(bool(p) == (Mp <= w4_mgpu.PDL_MAX_ROWS) for Mp, p in seen), seen
+
+
 def test_out_mn_in_the_model(monkeypatch, request):
     """w4_mgpu.OUT_MN (every model GEMM stores transposed partial sums): logits within bf16
     rounding of the default kernel's, QSpec still equal to w4a16 decoding (near-ties aside)."""
