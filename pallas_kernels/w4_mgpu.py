@@ -85,6 +85,8 @@ class MgpuConfig:
     # CTA: pdl_smem_bytes). Both call griddepcontrol_launch_dependents() after the K loop. jax
     # marks the launch from the wait in the kernel body (jax >= 0.11; on an older jax the wait
     # is a no-op and the kernel runs as an ordinary launch: pdl_launch_supported()). "" = off.
+    # "prefetch" reads the weight before the wait: the weight must not be the output of the
+    # kernel launched just before this one (the model's weights are program arguments).
     # Model-wide switch: PDL below. Not yet timed on the H200.
     pdl: str = ""
 
