@@ -109,10 +109,15 @@ def sweep_configs(kind: str, int8: bool, K: int = 0, N: int = 0, M: int = 16):
         return out
     if kind == "default":  # what the model runs: w4_mgpu.default_config at this M
         return [dataclasses.replace(default_config(M, K, N, int8), load_layout=ll)]
-    if kind == "pdl":  # the default config and its programmatic-dependent-launch variants
+    if kind == "pdl":  # the default config and its programmatic-dependent-launch variants;
+        # "prefetch" also with a 4-deep weight ring (8 KB a stage: all of a 4-step CTA's weights
+        # requested before the wait), where the CTA has that many K steps
         base = dataclasses.replace(default_config(M, K, N, int8), load_layout=ll, pdl="")
-        return [base] + [c for c in (dataclasses.replace(base, pdl=p) for p in ("wait", "prefetch"))
-                         if check(M, K, N, c) is None]
+        k_steps = K // (base.block_k * base.split_k)
+        variants = [dataclasses.replace(base, pdl="wait"), dataclasses.replace(base, pdl="prefetch")]
+        if k_steps >= 4 and base.stages < 4:
+            variants.append(dataclasses.replace(base, pdl="prefetch", stages=4))
+        return [base] + [c for c in variants if check(M, K, N, c) is None]
     if kind == "one":
         return [MgpuConfig(load_layout=ll)]
     if kind == "small":

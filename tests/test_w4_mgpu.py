@@ -469,7 +469,7 @@ def test_pdl_is_checked_and_the_switch_reaches_default_config(monkeypatch):
 def test_probe_pdl_sweep_times_the_default_and_its_pdl_variants():
     """experiments/probe_mgpu.py --sweep pdl (device stage pdl): at every M the default config
     (pdl off, whatever w4_mgpu.PDL says) and its "wait" / "prefetch" variants where they fit,
-    all passing check(), otherwise the default config's fields."""
+    (also with a 4-deep ring), all passing check(), otherwise the default config's fields."""
     from experiments.probe_mgpu import sweep_configs
     for K, N in [(4096, 6144), (14336, 4096), (28672, 8192)]:
         for M in (1, 16):
@@ -478,7 +478,9 @@ def test_probe_pdl_sweep_times_the_default_and_its_pdl_variants():
                 base = w4_mgpu.default_config(M, K, N, int8)
                 assert [c.pdl for c in cfgs][:2] == ["", "wait"]
                 assert all(check(M, K, N, c) is None for c in cfgs)
-                assert all(dataclasses.replace(c, pdl="", load_layout=base.load_layout) == base
-                           for c in cfgs)
-    assert [c.pdl for c in sweep_configs("pdl", False, 4096, 6144, 16)] == ["", "wait", "prefetch"]
+                assert all(dataclasses.replace(c, pdl="", load_layout=base.load_layout,
+                                               stages=base.stages) == base for c in cfgs)
+    assert [(c.pdl, c.stages) for c in sweep_configs("pdl", False, 4096, 6144, 16)] == [
+        ("", 2), ("wait", 2), ("prefetch", 2), ("prefetch", 4)]
     assert [c.pdl for c in sweep_configs("pdl", False, 28672, 8192, 16)] == ["", "wait"]  # 229 KB x
+    assert _lowers_to_mosaic(16, 4096, 6144, False, sweep_configs("pdl", False, 4096, 6144, 16)[-1])
