@@ -66,7 +66,8 @@
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes (--min-time 1.0: at least 1 s of timed runs per point)
 #   bash experiments/device_runs.sh attnsweep24 # attention GPU tests + configs at batch 2 / 4 and 8 x 32k + the batch 1 / 8 grid vs peers (~8 min)
 #   bash experiments/device_runs.sh defaults70b # 70B default-config GPU tests + Mosaic vs XLA's int4 [N, K] GEMM at M 64-256 (the dispatch rule) (~6 min)
-#   bash experiments/device_runs.sh pdl        # Mosaic GEMMs with programmatic dependent launch (wait / weight prefetch): support, GPU tests, per-GEMM times, 8B b1/16 AR (~9.5 min)
+#   bash experiments/device_runs.sh pdl        # Mosaic GEMMs with programmatic dependent launch (wait / weight prefetch): support, GPU tests, per-GEMM times (~8 min)
+#   bash experiments/device_runs.sh pdle2e     # 8B w4a16 AR at batch 1 / 16 with PDL off / wait / prefetch (~4.5 min)
 #   bash experiments/device_runs.sh kernels    # issue 6's full 8B kernel table (all M, Mosaic + Triton + XLA peers) after the kernel GPU tests (~9 min)
 #   bash experiments/device_runs.sh outmn      # Mosaic GEMMs storing transposed partial sums (fusable epilogue): GPU tests + batch 1/16 end to end on/off (~9 min)
 #   bash experiments/device_runs.sh cachewrite # K/V written once per step (read-only forward) vs per layer: AR batch 1/16/64 + 32 x 8k (~9.5 min)
@@ -91,7 +92,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | pdl | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | pdl | pdle2e | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -428,12 +429,16 @@ case "$stage" in
     # launch and set-up overlap the previous kernel's tail; "prefetch" = its first weight loads
     # issued before the wait, x TMA'd whole after it). Does this jax launch them with PDL; GPU
     # tests; per-GEMM times of the default config and both variants at M 1 / 16 (R distinct
-    # weights per timed call, back to back); 8B w4a16 AR at batch 1 / 16 with each setting.
+    # weights per timed call, back to back). End to end: stage pdle2e.
     step 30 pdl_support.log python3 -c "import jax; from pallas_kernels import w4_mgpu; print('jax', jax.__version__, 'pdl launch:', w4_mgpu.pdl_launch_supported())"
     step 200 pdl_gpu_tests.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py -k "pdl"
-    step 150 pdl_probe.log python3 experiments/probe_mgpu.py --sweep pdl --ms 1,16 --shapes 8b \
-      --modes w4a16,w4a8 --no-baselines --iters 20 --time-budget 140 --commit "$COMMIT" \
+    step 230 pdl_probe.log python3 experiments/probe_mgpu.py --sweep pdl --ms 1,16 --shapes 8b \
+      --modes w4a16,w4a8 --no-baselines --iters 20 --time-budget 210 --commit "$COMMIT" \
       --out "$OUT/pdl_probe"
+    ;;
+  pdle2e)
+    # The pdl stage's end-to-end half: 8B w4a16 AR at batch 1 / 16 with w4_mgpu.PDL off / wait /
+    # prefetch (fresh processes, at least 1 s of timed runs per point).
     for v in off wait prefetch; do
       step 85 pdl_e2e_$v.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
         --modes w4a16 --new-tokens 64 --repeats 3 --min-time 1.0 --mgpu-pdl $v --time-budget 75 \

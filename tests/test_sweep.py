@@ -407,9 +407,10 @@ def test_sweep_quick_with_mgpu_out_mn_and_cache_write(tmp_path, monkeypatch):
 
 
 def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch):
-    """--cache-update / --attn-min-batch / --hadamard-impl / --mgpu-x-pad / --residual-norm set
-    qspec_jax.model.CACHE_UPDATE, kernel_dispatch.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL,
-    w4_mgpu.X_PAD and kernel_dispatch.RESIDUAL_NORM for the run; rows record them and
+    """--cache-update / --attn-min-batch / --hadamard-impl / --mgpu-x-pad / --residual-norm /
+    --mgpu-pdl set qspec_jax.model.CACHE_UPDATE, kernel_dispatch.ATTN_MIN_BATCH,
+    rotation.HADAMARD_IMPL, w4_mgpu.X_PAD, kernel_dispatch.RESIDUAL_NORM and w4_mgpu.PDL for the
+    run (and --min-time is recorded); rows record them and
     the report's command names them where they differ from the defaults; bad values are refused."""
     from pallas_kernels import w4_mgpu
     from qspec_jax import kernel_dispatch as kd
@@ -418,7 +419,7 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     defaults = (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL)
     for mod, name in ((model_module, "CACHE_UPDATE"), (kd, "ATTN_MIN_BATCH"),
                       (rotation, "HADAMARD_IMPL"), (w4_mgpu, "X_PAD"), (kd, "RESIDUAL_NORM"),
-                      (kd, "MGPU_MAX_M"), (kd, "RESIDUAL_NORM_WARPS")):
+                      (kd, "MGPU_MAX_M"), (kd, "RESIDUAL_NORM_WARPS"), (w4_mgpu, "PDL")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
     cu = next(c for c in model_module.CACHE_UPDATES if c != defaults[0])
     amb = defaults[1] + 3
@@ -427,26 +428,29 @@ def test_sweep_quick_with_cache_update_and_attn_min_batch(tmp_path, monkeypatch)
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--cache-update", cu,
                        "--attn-min-batch", str(amb), "--hadamard-impl", had,
                        "--mgpu-x-pad", "tma", "--residual-norm", "on", "--mgpu-max-m", "256",
-                       "--residual-norm-warps", "16",
+                       "--residual-norm-warps", "16", "--mgpu-pdl", "prefetch", "--min-time", "0.1",
                        "--out", str(out)]) == 0
     assert w4_mgpu.X_PAD == "tma" and kd.RESIDUAL_NORM and kd.MGPU_MAX_M == 256
+    assert w4_mgpu.PDL == "prefetch"
     assert kd.RESIDUAL_NORM_WARPS == 16
     assert (model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL) == (cu, amb, had)
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
     assert rows and all((r["cache_update"], r["attn_min_batch"], r["hadamard_impl"],
                          r["mgpu_x_pad"], r["residual_norm"], r["mgpu_max_m"],
-                         r["residual_norm_warps"])
-               == (cu, amb, had, "tma", "on", 256, 16)
+                         r["residual_norm_warps"], r["mgpu_pdl"], r["min_time_s"])
+               == (cu, amb, had, "tma", "on", 256, 16, "prefetch", 0.1)
                for r in rows)
     assert all("error" not in r for r in rows)
     model_module.CACHE_UPDATE, kd.ATTN_MIN_BATCH, rotation.HADAMARD_IMPL = defaults
     w4_mgpu.X_PAD, kd.RESIDUAL_NORM, kd.MGPU_MAX_M, kd.RESIDUAL_NORM_WARPS = "xla", False, None, 8
+    w4_mgpu.PDL = ""
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "cs.md").read()
     assert "--residual-norm on" in text and "--mgpu-max-m 256" in text
     assert "--residual-norm-warps 16" in text
     assert f"--cache-update {cu}" in text and f"--attn-min-batch {amb}" in text
     assert f"--hadamard-impl {had}" in text and "--mgpu-x-pad tma" in text
+    assert "--mgpu-pdl prefetch" in text and "--min-time 0.1" in text
     for flag, bad in (("--attn-min-batch", "0"), ("--hadamard-impl", "fft"), ("--mgpu-max-m", "300")):
         with pytest.raises(SystemExit, match=f"{flag} {bad}"):
             sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", flag, bad,
