@@ -164,7 +164,9 @@ def default_config(M: int, K: int, N: int, int8: bool = False) -> MgpuConfig:
     89.5 -> 85.9 at 128 and 216.0 -> 141.9 at 256 (old and new timed in the same sweep). The one
     wider weight tile that won in that sweep: int8 x at 256 rows on a wide GEMM (gate/up, 4096 x
     28672) takes 128-column tiles with 128-wide K steps, 74.2 vs 75.4 us (w4a8 per layer 140.7 us,
-    1.50x w4a16's best path, 211.3; the 70B shapes' N = 57344 follows the same rule, untimed)."""
+    1.50x w4a16's best path, 211.3). Timed as the default at 1f8d2a6 (defaults256_h200_1f8d2a6.md):
+    74.8 us, w4a8 per layer 141.6 vs 213.6 us = 1.51x; at 70B (N = 57344) 250.1 us at M = 256,
+    correct against the reference (kernels_h200_70b_1f8d2a6.md)."""
     tile_n = 64
     Mp = padded_rows(M)
     tile_m = 128 if Mp >= 256 else 0
