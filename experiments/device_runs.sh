@@ -66,6 +66,7 @@
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes (--min-time 1.0: at least 1 s of timed runs per point)
 #   bash experiments/device_runs.sh attnsweep24 # attention GPU tests + configs at batch 2 / 4 and 8 x 32k + the batch 1 / 8 grid vs peers (~8 min)
 #   bash experiments/device_runs.sh defaults70b # 70B default-config GPU tests + Mosaic vs XLA's int4 [N, K] GEMM at M 64-256 (the dispatch rule) (~6 min)
+#   bash experiments/device_runs.sh sweepgrid8bsmall  # the 8B grid's batch 1-8 rows with --min-time 1.0, resumable (~9.5 min)
 #   bash experiments/device_runs.sh pdl        # Mosaic GEMMs with programmatic dependent launch (wait / weight prefetch): support, GPU tests, per-GEMM times (~8 min)
 #   bash experiments/device_runs.sh pdle2e     # 8B w4a16 AR at batch 1 / 16 with PDL off / wait / prefetch (~4.5 min)
 #   bash experiments/device_runs.sh kernels    # issue 6's full 8B kernel table (all M, Mosaic + Triton + XLA peers) after the kernel GPU tests (~9 min)
@@ -92,7 +93,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | pdl | pdle2e | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -422,6 +423,17 @@ case "$stage" in
         --commit "$COMMIT" --out "$OUT/xlaflags3_$i.jsonl"
       echo "== set $i: XLA_FLAGS='$F'"
     done
+    ;;
+  sweepgrid8bsmall)
+    # Issue 8: the 8B grid's batch 1-8 rows again with --min-time 1.0 (they came from e42adce /
+    # 255f41e with 3 repeats, and the batch-1 / 4 AR rows carry a slow first repeat that makes
+    # gamma auto look 1.04-1.10x AR): every mode but w16, gamma 3 and auto, resumable.
+    f="sweepgrid_h200_llama3-8b_b1-8_mintime.jsonl"
+    [ -f "experiments/results/$f" ] && cp "experiments/results/$f" "$OUT/$f"
+    step 560 "${stage}.log" python3 experiments/sweep.py --models llama3-8b --batches 1,4,2,8 \
+      --modes w4a16,qspec-w4a8,w4a8,qspec-w4a4 --gammas 3,auto --max-gamma 7 \
+      --cost-gammas 0,1,3,5,7 --repeats 3 --new-tokens 64 --min-time 1.0 --time-budget 500 \
+      --commit "$COMMIT" --out "$OUT/$f"
     ;;
   pdl)
     # Issues 6 / 8: programmatic dependent launch for the Mosaic GEMMs of <= 16 padded rows
