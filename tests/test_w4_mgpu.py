@@ -484,3 +484,44 @@ def test_probe_pdl_sweep_times_the_default_and_its_pdl_variants():
         ("", 2), ("wait", 2), ("prefetch", 2), ("prefetch", 4)]
     assert [c.pdl for c in sweep_configs("pdl", False, 28672, 8192, 16)] == ["", "wait"]  # 229 KB x
     assert _lowers_to_mosaic(16, 4096, 6144, False, sweep_configs("pdl", False, 4096, 6144, 16)[-1])
+
+
+@pytest.mark.parametrize("pdl", ["wait", "prefetch"])
+def test_model_decode_step_takes_the_pdl_kernels_and_lowers(tmp_path, monkeypatch, caplog, pdl):
+    """w4_mgpu.PDL set: a batch-1 decode step's GEMMs (both modes) take the pdl config and the
+    forward lowers for CUDA on CPU with the grid-dependency instructions in it; a verify-sized
+    forward of 32 x 4 rows keeps the plain kernel (more than PDL_MAX_ROWS rows). On this jax
+    (no PDL launch before 0.11) the dispatch says once that the kernels launch plainly."""
+    import logging
+
+    import qspec_jax as qj
+    from hf_models import build_hf_model
+    from qspec_jax import kernel_dispatch as kd
+    from qspec_jax.model import KVCache
+    build_hf_model("llama", hidden_size=256, intermediate_size=512).save_pretrained(tmp_path)
+    model = qj.with_weight_layout(qj.load(str(tmp_path), dtype="bfloat16", quant="w4",
+                                          method="rtn", rotate=False), "nk")
+    monkeypatch.setattr(kd, "mgpu_unavailable", lambda: None)
+    monkeypatch.setattr(kd.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kd, "_ANNOUNCED", set())
+    monkeypatch.setattr(w4_mgpu, "PDL", pdl)
+    cfgs, real_kernel = [], w4_mgpu._kernel
+    monkeypatch.setattr(w4_mgpu, "_kernel", lambda cfg, Mp, *a: cfgs.append((Mp, cfg.pdl)) or real_kernel(cfg, Mp, *a))
+    net, L = model.module, model.cfg.num_hidden_layers
+    for mode in ("w4a16", "w4a8"):
+        cfgs.clear()
+        cache = KVCache.create(model.cfg, 1, 64, jnp.bfloat16)
+        fn = jax.jit(lambda t, c, s, mode=mode: net(t, c, s, mode=mode, kernels="auto"))
+        with caplog.at_level(logging.INFO):
+            text = fn.trace(jnp.zeros((1, 1), jnp.int32), cache, jnp.zeros((1,), jnp.int32)).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert cfgs == [(8, pdl)] * (4 * L), cfgs
+        assert "griddepcontrol.wait" in text
+    cfgs.clear()
+    cache = KVCache.create(model.cfg, 32, 64, jnp.bfloat16)
+    fn = jax.jit(lambda t, c, s: net(t, c, s, mode="w4a16", kernels="auto"))
+    fn.trace(jnp.zeros((32, 4), jnp.int32), cache, jnp.zeros((32,), jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    assert cfgs and all(p == "" for _, p in cfgs)
+    if not w4_mgpu.pdl_launch_supported():
+        assert "launches Mosaic GPU kernels without programmatic dependent launch" in caplog.text
