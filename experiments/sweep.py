@@ -202,7 +202,8 @@ def _steps(out) -> int:
 
 # Timed repeats beyond --repeats while a point's timed runs total less than --min-time seconds
 # (fast points: a 1B-shaped model decodes 64 tokens in ~50 ms, where 3 repeats left identical
-# programs 15% apart in sweepgrid_h200_llama3.2-1b.jsonl), at most this many in all.
+# programs 15% apart in results/sweepgrid_h200_llama3.2-1b_1f8d2a6_3rep.jsonl), at most this
+# many in all.
 MAX_REPEATS = 25
 # The 1-token runs of a (batch, prompt, cache length) are shared by its later points only when
 # they take at least this long (long prompts: each prefill takes seconds); shorter ones are

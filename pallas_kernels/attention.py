@@ -73,12 +73,12 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # Few base programs (batch 1): when one wave of programs already holds ONE_WAVE_MIN_SPLITS splits
 # per (b, kv_head, query tile) (base * 16 <= SMs: Llama-3-8B batch 1, 8 base programs on 132 SMs),
 # target one program per SM, keep 128-key blocks while they leave two splits of
-# MIN_BLOCKS_PER_SPLIT blocks, and take 3 pipeline stages (192 KB, fits with one program per SM)
-# when a split is at most ONE_WAVE_STAGE3_MAX_BLOCKS blocks long. H200 sweep at batch 1
-# (experiments/results/attention_sweep_b1_h200.md): 32k T=1/4 k128/s16/st2 57.2/58.3 us vs the
-# old s33 78.4/78.1 us; 8k k128/s16/st3 24.8 vs st2 28.2 us; 2k k128/s4/st3 12.8 vs k64/s8 13.8 us.
-# Since 1f8d2a6 3 stages at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
-# timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages.
+# MIN_BLOCKS_PER_SPLIT blocks, and take 3 pipeline stages (192 KB, fits with one program per SM).
+# H200 sweep at batch 1 (experiments/results/attention_sweep_b1_h200.md): 32k T=1/4
+# k128/s16/st2 57.2/58.3 us vs the old s33 78.4/78.1 us; 8k k128/s16/st3 24.8 vs st2 28.2 us; 2k
+# k128/s4/st3 12.8 vs k64/s8 13.8 us (3 stages then only for splits of <= 8 blocks; since
+# 1f8d2a6 at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
+# timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages).
 # Splits: from ONE_WAVE_SQRT_MIN_BLOCKS key blocks on, at most about sqrt(key blocks) (the power
 # of 2 at or below it) or half a wave of programs, whichever is more: the fastest split count of
 # each batch-1 sweep point (8 base programs, 132 SMs) was 4 / 8 / 16 for 16 / 64 / 256 blocks of
