@@ -481,15 +481,19 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
 
     k_split = K // cfg.split_k
 
+    def load_x_slice(x_gmem, x_smem, x_bar, si):
+        """This CTA's x slice [Mp, K / split_k], once, as k_iters [Mp, block_k] tiles (rows of
+        an unpadded x past M: zeros from the TMA)."""
+        for k in range(k_iters):
+            plgpu.copy_gmem_to_smem(
+                x_gmem.at[pl.ds(0, Mp), pl.ds(si * k_split + k * cfg.block_k, cfg.block_k)],
+                x_smem.at[k], x_bar)
+        plgpu.barrier_wait(x_bar)
+
     def kernel_smem_a(x_gmem, w_gmem, o_gmem, x_smem, a_smem, x_bar, o_smem):
         ni = lax.axis_index("n")
         si = lax.axis_index("s")
-        # this CTA's x slice [Mp, K / split_k], once, as k_iters [Mp, block_k] tiles
-        for k in range(k_iters):
-            plgpu.copy_gmem_to_smem(
-                x_gmem.at[:, pl.ds(si * k_split + k * cfg.block_k, cfg.block_k)],
-                x_smem.at[k], x_bar)
-        plgpu.barrier_wait(x_bar)
+        load_x_slice(x_gmem, x_smem, x_bar, si)
 
         def acc_scope(acc_ref):
             def body(idx, w_smem):
@@ -519,11 +523,7 @@ def _kernel(cfg: MgpuConfig, Mp: int, K: int, N: int, int8: bool):
                 @pl.when(k == 0)
                 def _():  # the weight ring's first loads are in flight; x is the last kernel's
                     plgpu.griddepcontrol_wait()
-                    for j in range(k_iters):  # this CTA's x slice, as k_iters [Mp, block_k] tiles
-                        plgpu.copy_gmem_to_smem(
-                            x_gmem.at[pl.ds(0, Mp), pl.ds(si * k_split + j * cfg.block_k, cfg.block_k)],
-                            x_smem.at[j], x_bar)
-                    plgpu.barrier_wait(x_bar)
+                    load_x_slice(x_gmem, x_smem, x_bar, si)
 
                 plgpu.wgmma(acc_ref, unpacked(w_smem), plgpu.transpose_ref(x_smem.at[k], (1, 0)))
                 plgpu.wgmma_wait(0)

@@ -153,46 +153,10 @@ def test_pdl_matches_reference(K, N, out_mn, M, int8, pdl):
     _check_default_config_variant(K, N, M, int8, 17 * K + N + M, pdl=pdl, out_mn=out_mn)
 
 
-@pytest.mark.parametrize("pdl", ["wait", "prefetch"])
-def test_pdl_in_the_model(monkeypatch, request, pdl):
-    """w4_mgpu.PDL (GEMMs of <= 16 padded rows launched with PDL, each overlapping the kernel
-    before it): logits within bf16 rounding of the default kernel's, QSpec still equal to w4a16
-    decoding (near-ties aside); exactly the GEMMs of <= PDL_MAX_ROWS padded rows took a pdl
-    config."""
-    import qspec_jax as qj
-    from experiments import sweep
-    from pallas_kernels import w4_mgpu
-    monkeypatch.setitem(sweep.SHAPED, "t256", dict(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, vocab_size=256))
-    m = qj.with_weight_layout(sweep.random_model("t256", True), "nk")
-    toks = [[5, 17, 3, 99, 4], [8, 9, 1, 2, 3]]
-    jax.clear_caches()
-    base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
-    monkeypatch.setattr(w4_mgpu, "PDL", pdl)
-    jax.clear_caches()
-    request.addfinalizer(jax.clear_caches)  # nothing traced with PDL on outlives the test
-    seen = []
-    real_kernel = w4_mgpu._kernel
-
-    def spy(cfg, Mp, *a):
-        seen.append((Mp, cfg.pdl))
-        return real_kernel(cfg, Mp, *a)
-    monkeypatch.setattr(w4_mgpu, "_kernel", spy)
-    for mode, a in base.items():
-        b = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
-        np.testing.assert_allclose(a, b, atol=0.02 * np.abs(a).max())
-    prompts = [[3, 4, 5, 6], [7, 8]] + [[9 + i] * (1 + i % 5) for i in range(10)]
-    ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
-    qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
-    _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
-    assert any(p == pdl for _, p in seen)
-    assert all(bool(p) == (Mp <= w4_mgpu.PDL_MAX_ROWS) for Mp, p in seen), seen
-
-
-def test_out_mn_in_the_model(monkeypatch, request):
-    """w4_mgpu.OUT_MN (every model GEMM stores transposed partial sums): logits within bf16
-    rounding of the default kernel's, QSpec still equal to w4a16 decoding (near-ties aside)."""
+def _switch_keeps_the_model_lossless(monkeypatch, request, name, value):
+    """Set w4_mgpu.<name> = value on a small random model (int4 [N, K]): logits of both modes
+    within bf16 rounding of the default kernel's, QSpec still equal to w4a16 decoding (near-ties
+    aside). Returns the (config, Mp) of every Mosaic kernel traced after the switch."""
     import qspec_jax as qj
     from experiments import sweep
     from pallas_kernels import w4_mgpu
@@ -203,15 +167,15 @@ def test_out_mn_in_the_model(monkeypatch, request):
     toks = [[5, 17, 3, 99, 4], [8, 9, 1, 2, 3]]
     jax.clear_caches()  # programs traced by earlier tests (same shapes) must not be reused
     base = {mode: np.asarray(qj.logits(m, toks, mode=mode), np.float32) for mode in ("w4a16", "w4a8")}
-    monkeypatch.setattr(w4_mgpu, "OUT_MN", True)
+    monkeypatch.setattr(w4_mgpu, name, value)
     jax.clear_caches()
-    request.addfinalizer(jax.clear_caches)  # nothing traced with OUT_MN on outlives the test
+    request.addfinalizer(jax.clear_caches)  # nothing traced with the switch outlives the test
     seen = []
     real_kernel = w4_mgpu._kernel
 
-    def spy(cfg, *a):
-        seen.append(cfg.out_mn)
-        return real_kernel(cfg, *a)
+    def spy(cfg, Mp, *a):
+        seen.append((cfg, Mp))
+        return real_kernel(cfg, Mp, *a)
     monkeypatch.setattr(w4_mgpu, "_kernel", spy)
     for mode, a in base.items():
         b = np.asarray(qj.logits(m, toks, mode=mode), np.float32)
@@ -220,7 +184,25 @@ def test_out_mn_in_the_model(monkeypatch, request):
     ar = qj.generate(m, prompts, max_new_tokens=12, mode="w4a16")
     qs = qj.generate(m, prompts, max_new_tokens=12, mode="qspec", gamma=3)
     _assert_equal_but_for_near_ties(m, prompts, qs.tokens, ar.tokens)
-    assert seen and all(seen)  # every Mosaic GEMM traced after the switch stored transposed
+    return seen
+
+
+@pytest.mark.parametrize("pdl", ["wait", "prefetch"])
+def test_pdl_in_the_model(monkeypatch, request, pdl):
+    """w4_mgpu.PDL (GEMMs of <= 16 padded rows launched with PDL, each overlapping the kernel
+    before it): the model stays lossless (_switch_keeps_the_model_lossless); exactly the GEMMs of
+    <= PDL_MAX_ROWS padded rows took a pdl config."""
+    from pallas_kernels import w4_mgpu
+    seen = _switch_keeps_the_model_lossless(monkeypatch, request, "PDL", pdl)
+    assert any(cfg.pdl == pdl for cfg, _ in seen)
+    assert all(bool(cfg.pdl) == (Mp <= w4_mgpu.PDL_MAX_ROWS) for cfg, Mp in seen), seen
+
+
+def test_out_mn_in_the_model(monkeypatch, request):
+    """w4_mgpu.OUT_MN (every model GEMM stores transposed partial sums): the model stays
+    lossless (_switch_keeps_the_model_lossless)."""
+    seen = _switch_keeps_the_model_lossless(monkeypatch, request, "OUT_MN", True)
+    assert seen and all(cfg.out_mn for cfg, _ in seen)  # every Mosaic GEMM traced after the switch
 
 
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096), (512, 192)])
