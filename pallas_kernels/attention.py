@@ -92,6 +92,11 @@ ONE_WAVE_SQRT_MIN_BLOCKS = 16
 # 29.5 / 29.9 / 33.9 with 128-key blocks x 2 stages; 8k 76.1 vs 78.0. Longer caches keep 128-key
 # blocks (batch 8 x 32k: 80-85% of HBM in attention_h200_full.md; 64-key blocks not timed there).
 FEW_PROGRAMS_MAX_KEYS = 8192
+# ... and at most FEW_PROGRAMS_SPLITS splits there: the 74ec0d1 sweep at batch 2 / 4
+# (attention_sweep_b248_h200_74ec0d1.md) timed 4 splits fastest at every point, where the wave
+# rule chose 8: batch 2 x 2k 15.3 vs 16.6 us (64-key blocks), batch 4 x 2k 17.8 vs 21.6, batch 4 x
+# 8k 43.7 vs 46.8; batch 8 x 2k / 8k already took 4 (27.6 vs 29.2 with 2 splits, 38.5 with 1).
+FEW_PROGRAMS_SPLITS = 4
 ONE_PROGRAM_SMEM = 200 * 1024   # shared memory one program may take when alone on its SM (227 KB)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -236,7 +241,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     128-key blocks at 2k too, 3 stages (attention_sweep_b1_h200_1f8d2a6.md). Llama-3-8B heads,
     batch 1: 32k T=1/4 -> k128/s16/w4/st3, 8k -> k128/s8/w4/st3, 2k -> k128/s4/w4/st3. Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
-    2k / 8k -> k64/s4/w4/st3); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
+    2k / 8k -> k64/s4/w4/st3), at most FEW_PROGRAMS_SPLITS splits (batch 2 / 4:
+    attention_sweep_b248_h200_74ec0d1.md); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:
@@ -249,6 +255,7 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     base = B * KVH * n_q          # programs without splitting
     sms = sm_count()
     one_wave = _one_wave(base, sms)
+    few_programs = not one_wave and 2 * base <= sms and S_read <= FEW_PROGRAMS_MAX_KEYS
     if block_k is None:
         # One K tile + one V tile <= 64 KB of shared memory per pipeline stage (bf16 hd 128: 128 keys,
         # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
@@ -261,7 +268,7 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         if one_wave:
             if S_read // block_k < 2 * MIN_BLOCKS_PER_SPLIT:
                 block_k = min(block_k, 64)
-        elif 2 * base <= sms and S_read <= FEW_PROGRAMS_MAX_KEYS:
+        elif few_programs:
             block_k = min(block_k, 64)
         elif base * (S_read // block_k) < sms * SHORT_CACHE_BLOCKS:
             block_k = min(block_k, 64)
@@ -276,6 +283,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         if one_wave and n_blocks >= ONE_WAVE_SQRT_MIN_BLOCKS:
             sqrt_splits = 1 << (math.isqrt(n_blocks).bit_length() - 1)
             num_splits = min(num_splits, max(sqrt_splits, sms // (2 * base)))
+        elif few_programs:
+            num_splits = min(num_splits, FEW_PROGRAMS_SPLITS)
     num_splits = max(1, min(int(num_splits), n_blocks))
     if num_warps is None:
         num_warps = 4 if block_q * hd <= 64 * 128 else 8

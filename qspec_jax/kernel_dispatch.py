@@ -87,9 +87,17 @@ ACT_QUANT_IN_GEMM = False
 #   143.7 vs 105.7 at 256), so w4a16 GEMMs wider than MGPU_W4A16_WIDE_N columns stop at
 #   MGPU_W4A16_WIDE_MAX_M rows. (All GEMMs up to 256, end to end: batch-256 AR 12.33 vs 12.22 ms,
 #   the gate/up loss; a batch-256 gamma-1 cycle 26.4 vs 28.5 ms, the draft's gain.)
+# - Llama-70B shapes, w4a16 (defaults70b_h200_74ec0d1.md): gate/up (N = 57344) like the 8B one
+#   (Mosaic 149.6 vs 176.3 us at 64 rows, 242.8 vs 210.3 at 128, 423.1 vs 417.4 at 256); qkv (N =
+#   10240) faster at 128 (59.1 vs 77.2 us) and slower at 256 (107.3 vs 85.2); o_proj / down_proj
+#   (N = 8192) faster at every M. So GEMMs between MGPU_W4A16_MID_N and MGPU_W4A16_WIDE_N columns
+#   stop at MGPU_W4A16_MID_MAX_M rows (the boundary at 12288: no shape measured between 10240 and
+#   28672; Llama-3.2-1B / 3B gate/up, 16384, keep the 64-row limit).
 MGPU_MODE_MAX_M = {"w4a16": 256, "w4a8": 256, "w4a4": 256}
-MGPU_W4A16_WIDE_N = 8192
+MGPU_W4A16_WIDE_N = 12288
 MGPU_W4A16_WIDE_MAX_M = 64
+MGPU_W4A16_MID_N = 8192
+MGPU_W4A16_MID_MAX_M = 128
 # A uniform limit that replaces the table above when set (sweep.py --mgpu-max-m: experiments).
 MGPU_MAX_M: int | None = None
 
@@ -101,6 +109,8 @@ def mgpu_max_m(mode: str, N: int) -> int:
         return MGPU_MAX_M
     if mode == "w4a16" and N > MGPU_W4A16_WIDE_N:
         return MGPU_W4A16_WIDE_MAX_M
+    if mode == "w4a16" and N > MGPU_W4A16_MID_N:
+        return MGPU_W4A16_MID_MAX_M
     return MGPU_MODE_MAX_M[mode]
 
 

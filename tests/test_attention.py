@@ -212,6 +212,12 @@ def test_default_config_batch1_sweep(monkeypatch):
     assert cfg(8, 4, 2048) == (16, 64, 4, 4, 3)
     assert cfg(8, 8, 2048) == (32, 64, 4, 4, 3)
     assert cfg(8, 1, 8192) == (16, 64, 4, 4, 3)
+    # batch 2 / 4 to 8k: 4 splits, the 74ec0d1 sweep's fastest (attention_sweep_b248_h200_74ec0d1.md;
+    # the wave rule alone chose 8: 16.6 / 21.6 / 46.8 us vs 15.3 / 17.8 / 43.7)
+    assert cfg(2, 1, 2048) == (16, 64, 4, 4, 3)
+    assert cfg(4, 1, 2048) == (16, 64, 4, 4, 3)
+    assert cfg(4, 1, 8192) == (16, 64, 4, 4, 3)
+    assert cfg(2, 4, 8192) == (16, 64, 4, 4, 3)
     # batch 8 x 32k / 32 (attention_h200_full.json): unchanged
     assert cfg(8, 1, 32768) == (16, 128, 4, 4, 2)
     assert cfg(8, 8, 512) == (32, 64, 2, 4, 3)

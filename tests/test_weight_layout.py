@@ -83,16 +83,19 @@ def test_cpu_pallas_request_says_the_kernel_needs_a_gpu(models, caplog):
 
 
 WIDE = kernel_dispatch.MGPU_W4A16_WIDE_N + 64  # a w4a16 GEMM wider than the measured limit's
+MID = kernel_dispatch.MGPU_W4A16_MID_N + 64   # between the two width limits (70B qkv: 10240)
 
 
 @pytest.mark.parametrize("M,mode,N,expect", [
     (4, "w4a16", 128, True), (16, "w4a8", 128, True), (64, "w4a16", WIDE, True),
     (65, "w4a16", WIDE, False), (65, "w4a16", 128, True), (256, "w4a16", 128, True),
+    (128, "w4a16", MID, True), (129, "w4a16", MID, False), (256, "w4a8", MID, True),
     (256, "w4a8", WIDE, True), (256, "w4a4", 128, True), (257, "w4a8", 128, False),
     (2, "w4a8_fp8", 128, False)])
 def test_decode_gemms_lower_to_the_mosaic_kernel_on_gpu(monkeypatch, M, mode, N, expect):
     """With a GPU backend, GEMMs of an int4 [N, K] weight within kernel_dispatch.mgpu_max_m
-    (draft modes up to 256 rows; w4a16 up to 256 but 64 for the widest GEMMs, gate/up) are the
+    (draft modes up to 256 rows; w4a16 up to 256 but 64 for the widest GEMMs, gate/up, and 128
+    for those between MGPU_W4A16_MID_N and MGPU_W4A16_WIDE_N columns, 70B qkv) are the
     Mosaic GPU custom call; wider ones (and modes without a kernel) XLA's dot."""
     K = 512
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
