@@ -7,7 +7,7 @@ per cycle than fixed gamma 3).
     PYTHONPATH=. python3 experiments/profile_cycle.py --model llama3-8b --batch 4 \
         --configs w4a16,qspec3,qspec-auto3 --out /tmp/prof --commit $(git rev-parse --short HEAD)
 
-Configurations: w4a16 (AR), qspecG (QSpec w4a8 draft, fixed gamma G), qspec-autoG (gamma="auto"
+Configurations: w4a16 / w4a8 / w4a4 (AR in that mode), qspecG (QSpec w4a8 draft, fixed gamma G), qspec-autoG (gamma="auto"
 with a cost table under which gamma G always pays most, so it drafts G every cycle like the
 fixed program and only the program structure differs). Models: the sweep's random shaped models
 (experiments/sweep.py) or "default" (the trained model). Writes profile_<model>_b<B>.json and
@@ -99,8 +99,8 @@ def idle_time(trace_dir: str, min_gap_us: float = 20.0) -> dict:
 
 
 def config_kwargs(name: str, max_gamma: int):
-    if name == "w4a16":
-        return dict(mode="w4a16")
+    if name in ("w4a16", "w4a8", "w4a4"):  # plain decoding in that mode (w4a8 / w4a4: the draft's)
+        return dict(mode=name)
     if name.startswith("qspec-auto"):
         g = int(name[len("qspec-auto"):])
         # Cycle costs under which gamma g pays most at every acceptance: drafting is cheap.
@@ -108,7 +108,7 @@ def config_kwargs(name: str, max_gamma: int):
         return dict(mode="qspec", draft="w4a8", gamma="auto", max_gamma=max_gamma, cycle_costs=costs)
     if name.startswith("qspec"):
         return dict(mode="qspec", draft="w4a8", gamma=int(name[len("qspec"):]))
-    raise ValueError(f"unknown configuration {name!r} (w4a16, qspecG, qspec-autoG)")
+    raise ValueError(f"unknown configuration {name!r} (w4a16, w4a8, w4a4, qspecG, qspec-autoG)")
 
 
 def main(argv=None):

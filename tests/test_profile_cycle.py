@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
 import profile_cycle  # noqa: E402
@@ -65,6 +67,13 @@ def test_auto_cost_table_makes_the_requested_gamma_pay_most():
         assert int(choose_gamma(costs, jnp.float32(a))) == 3
 
 
+def test_config_names():
+    assert profile_cycle.config_kwargs("w4a8", 3) == dict(mode="w4a8")
+    assert profile_cycle.config_kwargs("qspec5", 7) == dict(mode="qspec", draft="w4a8", gamma=5)
+    with pytest.raises(ValueError, match="unknown configuration"):
+        profile_cycle.config_kwargs("w8a8", 3)
+
+
 def test_main_records_rotate_and_cache_write(tmp_path, monkeypatch):
     """One CPU run of the script on a tiny random model: --rotate and --cache-write reach the
     model and the module setting, and the JSON meta and the Markdown command record them."""
@@ -78,10 +87,12 @@ def test_main_records_rotate_and_cache_write(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel_dispatch, "RESIDUAL_NORM", False)
     out = tmp_path / "p"
     profile_cycle.main(["--model", "tiny", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
-                        "--configs", "w4a16", "--kernels", "xla", "--rotate",
+                        "--configs", "w4a16,w4a8", "--kernels", "xla", "--rotate",
                         "--cache-write", "step", "--mgpu-x-pad", "tma", "--residual-norm", "on",
                         "--out", str(out)])
-    meta = json.load(open(out / "profile_tiny_b1.json"))["meta"]
+    rec = json.load(open(out / "profile_tiny_b1.json"))
+    meta = rec["meta"]
+    assert set(rec["configs"]) == {"w4a16", "w4a8"}  # plain decoding in the draft's mode too
     assert meta["rotate"] is True and meta["cache_write"] == "step"
     assert meta["mgpu_x_pad"] == "tma" and w4_mgpu.X_PAD == "tma"
     assert meta["residual_norm"] == "on" and kernel_dispatch.RESIDUAL_NORM
