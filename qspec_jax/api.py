@@ -404,20 +404,32 @@ def cache_length(model: QSpecModel, padded_prompt: int, longest_prompt: int, max
 
 
 def _device_memory() -> tuple[int, int] | None:
-    """(bytes the allocator may use, bytes in use) on the default device; None where unknown
-    (CPU)."""
+    """(bytes the allocator may use, bytes in use) on the default device; on the CPU backend
+    the host's physical memory and what is not available of it; None where unknown."""
+    dev = jax.devices()[0]
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = dev.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory statistics
-        return None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+    if dev.platform == "cpu":
+        try:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total, avail = page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # not a POSIX host that reports them
+            return None
+        if total > 0 and 0 <= avail <= total:
+            return total, total - avail
+    return None
 
 
 def check_cache_fits(model: QSpecModel, batch: int, max_len: int) -> None:
     """Refuse a request whose KV cache alone exceeds the device memory left (instead of an
-    out-of-memory error from inside XLA after compiling)."""
+    out-of-memory error from inside XLA after compiling); positions are int32."""
+    if max_len >= 2 ** 31:
+        raise ValueError(f"max_len={max_len}: cache positions are int32, so the KV cache holds "
+                         f"at most {2 ** 31 - 1} positions; shorten the request")
     mem = _device_memory()
     if mem is None:
         return
@@ -425,11 +437,13 @@ def check_cache_fits(model: QSpecModel, batch: int, max_len: int) -> None:
     limit, used = mem
     if need > limit - used:
         gib = 2 ** 30
+        cpu = jax.devices()[0].platform == "cpu"
         raise ValueError(
             f"the KV cache for batch {batch} x {max_len} positions needs {need / gib:.1f} GiB, but "
-            f"the device has {(limit - used) / gib:.1f} GiB free ({limit / gib:.1f} GiB usable, "
-            f"{used / gib:.1f} GiB in use); use a smaller batch, fewer new tokens or a shorter "
-            "max_len (JAX may use more of the device with XLA_PYTHON_CLIENT_MEM_FRACTION)")
+            f"the {'host (CPU backend)' if cpu else 'device'} has {(limit - used) / gib:.1f} GiB "
+            f"free ({limit / gib:.1f} GiB {'in all' if cpu else 'usable'}, {used / gib:.1f} GiB in "
+            "use); use a smaller batch, fewer new tokens or a shorter max_len"
+            + ("" if cpu else " (JAX may use more of the device with XLA_PYTHON_CLIENT_MEM_FRACTION)"))
 
 
 def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, draft: str,
@@ -550,7 +564,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
     speculative = mode == "qspec"
     window_auto = isinstance(draft_window, str)
     if speculative:
-        from .speculative import DEFAULT_MAX_GAMMA, check_speculation, normalize_draft_options
+        from .speculative import check_speculation, normalize_draft_options
         check_speculation(model, draft, gamma, max_gamma)
         if window_auto:
             if draft_window != "auto" or gamma != "auto" or cycle_costs is not None:

@@ -1,4 +1,5 @@
-"""``qspec-generate [--model DIR] --prompt TEXT [...]``: print continuations and statistics."""
+"""``qspec-generate [--model DIR] --prompt TEXT | --prompt-file PATH [...]``: print continuations
+and statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="HF checkpoint or qspec-convert output (default: the embedded model, "
                         "quantized on load to 4-bit with --quant w4 unless --quant none)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
+                   help="a file whose whole text (UTF-8) is one prompt, '-' for standard input "
+                        "(repeat for a batch; after the --prompt ones): prompts too long for the "
+                        "command line")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -76,6 +81,18 @@ def main(argv=None) -> int:
         else:
             parser.error(f"--draft-window takes SINK WINDOW (two integers) or 'auto', got "
                          f"{' '.join(window)!r}")
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        try:
+            if path == "-":
+                prompts.append(sys.stdin.read())
+            else:
+                with open(path, encoding="utf-8") as f:
+                    prompts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--prompt-file {path!r}: {e}")
+    if not prompts:
+        parser.error("give at least one prompt: --prompt TEXT or --prompt-file PATH")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
@@ -92,7 +109,7 @@ def main(argv=None) -> int:
                                  "converted checkpoint)")
         model = qj.load(args.model, dtype=args.dtype, quant=quant,
                         method=args.method if quant else "rtn", weight_layout=args.weight_layout)
-        out = qj.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
+        out = qj.generate(model, prompts, max_new_tokens=args.max_new_tokens, mode=args.mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
                           max_gamma=args.max_gamma, kernels=args.kernels,
@@ -103,9 +120,9 @@ def main(argv=None) -> int:
         print(f"qspec-generate: error: {e}", file=sys.stderr)
         return 2
     texts = out.text if out.text is not None else [" ".join(map(str, t)) for t in out.tokens]
-    for prompt, text in zip(args.prompt, texts):
+    for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}")
-        if len(args.prompt) > 1:
+        if len(prompts) > 1:
             print("-" * 40)
     summary = {k: v for k, v in out.stats.items() if args.stats or not isinstance(v, list)}
     print(json.dumps(summary), file=sys.stderr)  # one line: easy to parse

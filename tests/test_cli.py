@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
@@ -37,7 +38,7 @@ def test_convert_then_generate_qspec(hf_dirs, tmp_path, capsys):
         assert e.value.code == 2 and "--draft-window takes SINK WINDOW" in capsys.readouterr().err
 
 
-def test_generate_cli_with_tokenizer(tmp_path, capsys):
+def test_generate_cli_with_tokenizer(tmp_path, capsys, monkeypatch):
     """A tiny model with a real (locally trained) tokenizer, end to end through the CLI."""
     from hf_models import save_hf_model_with_tokenizer
 
@@ -68,6 +69,25 @@ def test_generate_cli_with_tokenizer(tmp_path, capsys):
     assert generate_main(argv + ["--max-len", "128", "--prefill-chunk", "1"]) == 0
     stats = last_json_line(capsys.readouterr().err)
     assert stats["cache_len"] == 128 and stats["prefill_chunk"] == 1
+    # --prompt-file: a file's whole text is one prompt (after the --prompt ones), '-' is stdin;
+    # same continuation as the same text through --prompt.
+    pf = tmp_path / "p.txt"
+    pf.write_text("def f\n", encoding="utf-8")
+    short = ["--model", str(path), "--max-new-tokens", "5", "--dtype", "float32"]
+    assert generate_main(short + ["--prompt", "def f\n"]) == 0
+    want = capsys.readouterr().out
+    assert generate_main(short + ["--prompt-file", str(pf)]) == 0
+    assert capsys.readouterr().out == want
+    monkeypatch.setattr("sys.stdin", io.StringIO("def f\n"))
+    assert generate_main(short + ["--prompt", "hello", "--prompt-file", "-"]) == 0
+    out = capsys.readouterr()
+    assert last_json_line(out.err)["batch"] == 2 and out.out.startswith("hello")
+    assert want in out.out
+    for bad, msg in ((["--prompt-file", str(tmp_path / "missing.txt")], "--prompt-file"),
+                     ([], "give at least one prompt")):
+        with pytest.raises(SystemExit) as e:
+            generate_main(short + bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
 
     text = tmp_path / "t.txt"
     # ~210 tokens: 6 windows of 32, one batch per mode (one compilation each).

@@ -157,10 +157,17 @@ def test_prefill_chunk_size():
 
 
 def test_cache_that_cannot_fit_fails_clearly(model, monkeypatch):
-    """Where the device reports its memory (GPUs), a KV cache larger than what is left is refused
-    before compiling, with the sizes and the fixes; the CPU reports nothing and is not checked."""
+    """A KV cache larger than the memory left (the device's, or on the CPU backend the host's)
+    is refused before compiling, with the sizes and the fixes."""
     from qspec_jax import api
-    assert api._device_memory() is None  # CPU
+    limit, used = api._device_memory()  # CPU: the host's physical memory
+    assert 0 <= used <= limit and limit > 2**28
+    # A request far beyond any host: refused up front, not an out-of-memory error from XLA.
+    with pytest.raises(ValueError, match=r"KV cache for batch 2 x 2147479552 positions needs "
+                                         r".* GiB, but the host \(CPU backend\) has"):
+        qj.generate(model, PROMPTS, max_new_tokens=8, max_len=2**31 - 4096)
+    with pytest.raises(ValueError, match="positions are int32"):
+        qj.generate(model, PROMPTS, max_new_tokens=8, max_len=2**31)
     c = model.cfg  # K and V, every layer, batch 2, a cache of 64 positions, float32
     cache_bytes = 2 * c.num_hidden_layers * 2 * c.num_key_value_heads * 64 * c.head_dim * 4
     monkeypatch.setattr(api, "_device_memory", lambda: (10 * 2**30, 10 * 2**30 - cache_bytes + 1))
