@@ -330,6 +330,16 @@ def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=N
     ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
                    target_s=target_s)  # (reads one element of each copy: no CSE across copies)
     point["loop_overhead_us"] = ov.get("us_median")
+    # A read-only floor for any attention kernel at this point: XLA's reduction over every K and V
+    # byte (no attention math, the same loop), so % of HBM here is what one streaming read of
+    # these bytes reaches (a launch and a DRAM round trip dominate small caches).
+    if window is None:
+        rf = time_impl(lambda q, k, v, p: q + ((jnp.sum(k, dtype=jnp.float32)
+                                                + jnp.sum(v, dtype=jnp.float32)) * 1e-30).astype(q.dtype),
+                       prep, quick=quick, reps=reps, target_s=target_s)
+        if "us_median" in rf:
+            point["read_floor_us"] = rf["us_median"]
+            point["read_floor_pct_hbm"] = rf["pct_hbm"]
     o = point["impls"]
     for mine in ("ours", "ours_layer"):
         if "us_median" in o.get(mine, {}):
@@ -367,14 +377,16 @@ def markdown(doc):
              f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache; "
              "us per call (median of repeats inside one jitted loop), TB/s on KV bytes, "
              f"% of {HBM_TBS} TB/s; 'loop us' is the timing loop's own per-call cost (included "
-             "in every figure; an implementation that returns q). "
+             "in every figure; an implementation that returns q); 'read floor' is XLA's reduction "
+             "over the same K and V bytes in the same loop (no attention math): what one streaming "
+             "read of them reaches. "
              f"Peers: xla = {doc['notes'].get('xla', '-')}; "
              f"decode_attention = {doc['notes'].get('decode_attention', '-')} (T=1).",
              "",
              "| B | ctx | T | KV MB | ours us | ours TB/s | ours % | ours_layer TB/s | xla us | "
              "xla TB/s | decode_attn us | decode_attn TB/s | x vs xla | x vs decode_attn | "
-             "ours err | cfg | loop us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours err | cfg | loop us | read floor us (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in doc["points"]:
         o, ol, x, d = (p["impls"].get(k, {}) for k in ("ours", "ours_layer", "xla",
                                                         "decode_attention"))
@@ -387,7 +399,9 @@ def markdown(doc):
             f"{_fmt(x, 'us_median', '.1f')} | "
             f"{_fmt(x, 'tbs', '.2f')} | {_fmt(d, 'us_median', '.1f')} | {_fmt(d, 'tbs', '.2f')} | "
             f"{_fmt(o, 'speedup_vs_xla', '.2f')} | {_fmt(o, 'speedup_vs_decode_attention', '.2f')} | "
-            f"{_fmt(o, 'rel_err_vs_f32', '.1e')} | {cfg} | {_fmt(p, 'loop_overhead_us', '.1f')} |")
+            f"{_fmt(o, 'rel_err_vs_f32', '.1e')} | {cfg} | {_fmt(p, 'loop_overhead_us', '.1f')} | "
+            f"{_fmt(p, 'read_floor_us', '.1f')}"
+            f"{' (' + format(p['read_floor_pct_hbm'], '.0f') + ')' if 'read_floor_pct_hbm' in p else ''} |")
     if doc.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
     if doc.get("sweep"):

@@ -409,6 +409,9 @@ def test_bench_quick(tmp_path):
         for name in ("ours", "xla"):
             r = p["impls"][name]
             assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
+        # the read-only floor (XLA's reduction over the same K / V bytes) is timed beside them
+        assert p["read_floor_us"] > 0 and p["read_floor_pct_hbm"] > 0
+    assert "read floor us (%)" in (tmp_path / "attn.md").read_text()
 
 
 def test_bench_quick_window(tmp_path):
