@@ -63,6 +63,7 @@
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
+#   bash experiments/device_runs.sh readfloor  # the read floor by size: XLA's row reduction over each 8B / 70B GEMM's weight bytes (~2 min)
 #   bash experiments/device_runs.sh attnfloor  # attention at batch 1-8, T 1, with the read-only floor (XLA's reduction over the KV bytes) (~5 min)
 #   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9.5 min)
 #   bash experiments/device_runs.sh profile1b  # 1B shapes: device time by kernel, w4a16 / w4a8 steps and a gamma-3 cycle, batch 1 / 16 (~6 min)
@@ -96,7 +97,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | profile1b | gputests | attnfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -426,6 +427,14 @@ case "$stage" in
         --commit "$COMMIT" --out "$OUT/xlaflags3_$i.jsonl"
       echo "== set $i: XLA_FLAGS='$F'"
     done
+    ;;
+  readfloor)
+    # Issues 6 / 8, "show why not": the read floor by size. XLA's row reduction over int8 buffers
+    # of each 1B / 8B / 70B int4 GEMM's weight bytes (2-117 MB; copies > L2): what one streaming read
+    # of that many bytes reaches, whatever the kernel (~2 min).
+    step 150 readfloor.log python3 experiments/probe_stream.py --xla-only \
+      --shapes 8b,70b,2048x3072,2048x2048,2048x16384,8192x2048 \
+      --commit "$COMMIT" --out "$OUT/readfloor"
     ;;
   attnfloor)
     # Issue 7's "show why not" at batch 1: the batch 1 / 2 / 4 / 8 points at T 1 with the read-only

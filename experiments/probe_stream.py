@@ -5,9 +5,11 @@ Issue 6 diagnostic. The small-M GEMM kernels read int8 [K/2, N] weight tiles at 
 times a kernel that only reads the same tiles with the same grid / BlockSpec / K loop as the
 GEMMs and sums them (int32, no dequantization, no MMA), over tile configurations, beside XLA's
 own reduction over the same bytes. If the read alone is slow, the access structure is the
-limit; if it is fast, the per-byte work of the GEMMs is.
+limit; if it is fast, the per-byte work of the GEMMs is. `xla_rowsum` (a row reduction: every
+byte read contiguously, one kernel) is the read floor by size: what one streaming read of that
+many bytes reaches on this GPU, whatever the kernel (`--xla-only` times just the XLA variants).
 
-    PYTHONPATH=. python3 experiments/probe_stream.py --out DIR [--quick]
+    PYTHONPATH=. python3 experiments/probe_stream.py --out DIR [--quick] [--xla-only]
 
 Writes DIR/probe_stream.json (rows: config, us per call, TB/s) and prints a table. Runs on CPU
 in interpret mode with --quick (tiny shapes; a smoke test, no meaningful times).
@@ -92,6 +94,8 @@ def main(argv=None):
     p.add_argument("--commit", default="unknown")
     p.add_argument("--shapes", default="4096x28672,14336x4096,4096x6144",
                    help="comma list of KxN and/or shape sets (8b, 70b), as bench_kernels.py")
+    p.add_argument("--xla-only", action="store_true",
+                   help="only XLA's reductions over the weight bytes (the read floor by size)")
     a = p.parse_args(argv)
     try:
         shapes = [(64, 64)] if a.quick else parse_shapes(a.shapes)
@@ -115,20 +119,27 @@ def main(argv=None):
               for c in range(copies)]
         q0 = np.asarray(qs[0], np.int64)
         lo = ((q0 & 0xF) ^ 8) - 8
-        want = {False: q0.sum(0), True: (lo + (q0 >> 4)).sum(0)}  # read / unpacked nibbles
-        variants = [("xla_sum", None)] + [(f"pallas{' asm' if c.get('dequant') else ''} bn{c['bn']} bk{c['bk']} s{c['split']} w{c['warps']} "
-                                           f"st{c['stages']}", c) for c in configs(a.quick)]
+        variants = [("xla_sum", None), ("xla_rowsum", None)]
+        if not a.xla_only:
+            variants += [(f"pallas{' asm' if c.get('dequant') else ''} bn{c['bn']} bk{c['bk']} "
+                          f"s{c['split']} w{c['warps']} st{c['stages']}", c) for c in configs(a.quick)]
         for name, c in variants:
-            if c is None:
+            if name == "xla_sum":  # a column reduction (not XLA's best read), as the GEMMs' tiles
                 one = lambda q: jnp.sum(q, axis=0, dtype=jnp.int32)[None]  # noqa: E731
+                want = q0.sum(0)
+            elif name == "xla_rowsum":  # rows of N contiguous bytes: the read floor by size
+                one = lambda q: jnp.sum(q, axis=1, dtype=jnp.int32)[:, None]  # noqa: E731
+                want = q0.sum(1)
             else:
                 if N % c["bn"] or (K // 2) % (c["split"] * c["bk"]):
                     continue
                 one = functools.partial(read_call, interpret=interpret, **c)
+                want = (lo + (q0 >> 4)).sum(0) if c.get("dequant") else q0.sum(0)  # unpacked / raw
             fn = jax.jit(lambda *qs, one=one: [one(q) for q in qs])
             try:
-                got = np.asarray(fn(*qs)[0], np.float64).sum(0)
-                ok = bool((got == want[bool(c and c.get("dequant"))]).all())
+                got = np.asarray(fn(*qs)[0], np.float64)
+                got = got[:, 0] if name == "xla_rowsum" else got.sum(0)
+                ok = bool((got == want).all())
                 us = measure(fn, tuple(qs), 3 if a.quick else 20) / copies
                 med = float(np.median(us))
                 row = dict(K=K, N=N, bytes=nbytes, variant=name, config=c, correct=ok, us=med,

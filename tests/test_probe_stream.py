@@ -8,5 +8,10 @@ from experiments import probe_stream
 def test_probe_stream_quick_is_exact(tmp_path):
     probe_stream.main(["--out", str(tmp_path), "--quick"])
     rows = json.loads((tmp_path / "probe_stream.json").read_text())["rows"]
-    assert [r["variant"].split(" ")[0:2] for r in rows] == [["xla_sum"], ["pallas", "bn32"], ["pallas", "asm"]]
+    assert [r["variant"].split(" ")[0:2] for r in rows] == [["xla_sum"], ["xla_rowsum"],
+                                                           ["pallas", "bn32"], ["pallas", "asm"]]
     assert all(r["correct"] for r in rows), rows
+    # --xla-only: the read floor alone (XLA's two reductions over the same bytes)
+    probe_stream.main(["--out", str(tmp_path), "--quick", "--xla-only"])
+    rows = json.loads((tmp_path / "probe_stream.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["xla_sum", "xla_rowsum"] and all(r["correct"] for r in rows)
