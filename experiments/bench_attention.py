@@ -277,9 +277,29 @@ def prepare(B, ctx, T, *, quick, dtype, key, window=None):
     return prep
 
 
-def time_impl(fn, prep, *, quick, reps, target_s, windowed=False):
+def kernel_times(run, args, calls):
+    """{kernel name: device us per attention call} from one profiled call of the timed loop
+    (``calls`` attention calls in it): which launches an implementation's time goes to."""
+    import shutil
+    import tempfile
+
+    from experiments.profile_cycle import kernel_times as trace_kernel_times
+    tdir = tempfile.mkdtemp(prefix="attn_prof_")
+    try:
+        with jax.profiler.trace(tdir, create_perfetto_trace=True):
+            jax.block_until_ready(run(*args))
+        times, kind = trace_kernel_times(tdir)
+    finally:
+        shutil.rmtree(tdir, ignore_errors=True)
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"tracks": kind, "us_per_call": {k: v[0] / calls for k, v in top},
+            "launches_per_call": {k: v[1] / calls for k, v in top}}
+
+
+def time_impl(fn, prep, *, quick, reps, target_s, windowed=False, profile=False):
     """Builds, checks and times one implementation on prepared inputs -> result dict.
-    windowed: checked against the windowed reference, TB/s on the bytes the window reads."""
+    windowed: checked against the windowed reference, TB/s on the bytes the window reads.
+    profile: also the device time per kernel of one profiled call (kernel_times)."""
     nbytes, R = prep["nbytes_window" if windowed else "nbytes"], prep["R"]
     ref = prep["ref_window" if windowed else "ref"]
     predicted = nbytes / 2e12 + 5e-6  # at 2 TB/s + launch
@@ -303,13 +323,16 @@ def time_impl(fn, prep, *, quick, reps, target_s, windowed=False):
         res.update(us_median=float(np.median(us)), us_min=float(us.min()), us_max=float(us.max()))
         tbs = nbytes / (np.median(ts) * 1e12)
         res.update(tbs=float(tbs), pct_hbm=float(100 * tbs / HBM_TBS))
+        if profile:
+            res["kernels"] = kernel_times(run, args, n * R)
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         traceback.print_exc()
     return res
 
 
-def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=None):
+def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=None,
+                profile=False):
     prep = prepare(B, ctx, T, quick=quick, dtype=dtype, key=key, window=window)
     cfg = default_config(B, T, H, KVH, ctx, HD, jnp.dtype(dtype).itemsize)
     point = {"batch": B, "context": ctx, "T": T, "kv_bytes": prep["nbytes"], "copies": prep["R"],
@@ -324,7 +347,7 @@ def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=N
         if name == "decode_attention" and T != 1:
             continue
         point["impls"][name] = time_impl(fn, prep, quick=quick, reps=reps, target_s=target_s,
-                                         windowed=name in WINDOWED)
+                                         windowed=name in WINDOWED, profile=profile)
     # The loop's own per-call cost (the q update and the output sum, ~2 tiny kernels), measured
     # with an implementation that returns q: informative; figures above include it.
     ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
@@ -402,6 +425,16 @@ def markdown(doc):
             f"{_fmt(o, 'rel_err_vs_f32', '.1e')} | {cfg} | {_fmt(p, 'loop_overhead_us', '.1f')} | "
             f"{_fmt(p, 'read_floor_us', '.1f')}"
             f"{' (' + format(p['read_floor_pct_hbm'], '.0f') + ')' if 'read_floor_pct_hbm' in p else ''} |")
+    prof = [(p, name, r["kernels"]) for p in doc["points"] for name, r in p["impls"].items()
+            if "kernels" in r]
+    if prof:
+        lines += ["", "## Device time per kernel (one profiled call of the timed loop, us per "
+                  "attention call; the loop's own small kernels included)", "",
+                  "| B | ctx | T | impl | kernel | us | launches |", "|---|---|---|---|---|---|---|"]
+        for p, name, k in prof:
+            for kn, us in k["us_per_call"].items():
+                lines.append(f"| {p['batch']} | {p['context']} | {p['T']} | {name} | `{kn[:60]}` | "
+                             f"{us:.2f} | {k['launches_per_call'][kn]:.2f} |")
     if doc.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(doc["skipped"])]
     if doc.get("sweep"):
@@ -571,6 +604,9 @@ def main(argv=None):
     ap.add_argument("--max-gb", type=float, default=40.0, help="skip points with a larger cache")
     ap.add_argument("--time-budget", type=float, default=520.0,
                     help="seconds; later points are skipped (and listed) past it")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="also profile one timed call per implementation: device us per kernel "
+                         "(e.g. our attention kernel vs its split combine), in the JSON and a table")
     ap.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                     help="no run: merge the points/sweeps of these result files into --out")
     args = ap.parse_args(argv)
@@ -613,7 +649,7 @@ def main(argv=None):
                     continue
                 p = bench_point(B, ctx, T, impls, quick=args.quick, reps=args.reps, dtype=jnp.bfloat16,
                                 target_s=args.target_ms * 1e-3, key=jax.random.fold_in(key, B * ctx + T),
-                                window=window)
+                                window=window, profile=args.kernel_times)
                 doc["points"].append(p)
                 o = p["impls"]
                 print(f"B={B:3d} ctx={ctx:6d} T={T}: " + "  ".join(

@@ -439,10 +439,12 @@ case "$stage" in
   attnfloor)
     # Issue 7's "show why not" at batch 1: the batch 1 / 2 / 4 / 8 points at T 1 with the read-only
     # floor beside our kernel and decode_attention (XLA's reduction over the same K / V bytes in
-    # the same loop: what one streaming read of 8-134 MB reaches), and the 74ec0d1 few-program
-    # split rule (batch 2 / 4) as defaults (~5 min).
+    # the same loop: what one streaming read of 8-134 MB reaches), the device time per kernel of
+    # each (our attention kernel vs its split combine; decode_attention's), and the 74ec0d1
+    # few-program split rule (batch 2 / 4) as defaults (~5 min).
     step 300 attnfloor.log python3 experiments/bench_attention.py --batches 1 2 4 8 \
       --contexts 2048 8192 32768 --ts 1 --impls ours decode_attention --reps 3 --time-budget 280 \
+      --kernel-times \
       --commit "$COMMIT" --out "$OUT/attention_floor_h200.json"
     ;;
   gputests)

@@ -414,6 +414,18 @@ def test_bench_quick(tmp_path):
     assert "read floor us (%)" in (tmp_path / "attn.md").read_text()
 
 
+def test_bench_quick_kernel_times(tmp_path):
+    """--kernel-times: one profiled call per implementation, device time by kernel (on CPU the
+    XLA thunks), per attention call, in the JSON and the Markdown."""
+    from experiments import bench_attention
+    out = tmp_path / "attn.json"
+    doc = bench_attention.main(["--quick", "--batches", "1", "--contexts", "64", "--ts", "1",
+                                "--impls", "ours", "--kernel-times", "--out", str(out)])
+    k = doc["points"][0]["impls"]["ours"]["kernels"]
+    assert k["tracks"] == "host" and k["us_per_call"] and all(v > 0 for v in k["us_per_call"].values())
+    assert "Device time per kernel" in (tmp_path / "attn.md").read_text()
+
+
 def test_bench_quick_window(tmp_path):
     from experiments import bench_attention
     out = tmp_path / "attn_window.json"
