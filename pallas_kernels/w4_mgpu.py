@@ -87,7 +87,8 @@ class MgpuConfig:
     # is a no-op and the kernel runs as an ordinary launch: pdl_launch_supported()). "" = off.
     # "prefetch" reads the weight before the wait: the weight must not be the output of the
     # kernel launched just before this one (the model's weights are program arguments).
-    # Model-wide switch: PDL below. Not yet timed on the H200.
+    # Model-wide switch: PDL below. Measured on the H200 at 74ec0d1 (mgpu_h200_pdl.md): "wait" a
+    # tie end to end, "prefetch" 1.15-1.19x slower per 8B step.
     pdl: str = ""
 
     @property
@@ -130,8 +131,9 @@ WIDE_N_INT8_256 = 16384
 
 # default_config's GEMMs with x of at most PDL_MAX_ROWS padded rows take MgpuConfig(pdl=PDL)
 # ("wait" or "prefetch": programmatic dependent launch; "prefetch" only where x's K slice fits
-# in shared memory, else "wait"). Off ("") until measured on the H200 (stage `pdl` in
-# experiments/device_runs.sh). Read at trace time.
+# in shared memory, else "wait"). Off (""): on the H200 at 74ec0d1 "wait" was a tie end to end
+# (8B w4a16 AR 2.360 vs 2.346 ms at batch 1, 2.583 vs 2.614 at 16) and "prefetch" slower
+# (experiments/results/mgpu_h200_pdl.md). Read at trace time.
 PDL_MODES = ("", "wait", "prefetch")
 PDL = ""
 PDL_MAX_ROWS = 16
