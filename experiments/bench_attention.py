@@ -353,9 +353,9 @@ def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=N
     ov = time_impl(lambda q, k, v, p: q + k[0, 0, 0, 0], prep, quick=quick, reps=reps,
                    target_s=target_s)  # (reads one element of each copy: no CSE across copies)
     point["loop_overhead_us"] = ov.get("us_median")
-    # A read-only floor for any attention kernel at this point: XLA's reduction over every K and V
-    # byte (no attention math, the same loop), so % of HBM here is what one streaming read of
-    # these bytes reaches (a launch and a DRAM round trip dominate small caches).
+    # A read-only reference for any attention kernel at this point: XLA's reductions over every K
+    # and V byte (no attention math, the same loop): % of HBM here is what a plain read of these
+    # bytes reached, launch and DRAM round trip included (they dominate small caches).
     if window is None:
         rf = time_impl(lambda q, k, v, p: q + ((jnp.sum(k, dtype=jnp.float32)
                                                 + jnp.sum(v, dtype=jnp.float32)) * 1e-30).astype(q.dtype),
@@ -400,9 +400,9 @@ def markdown(doc):
              f"Llama-3-8B heads (H={H}, KVH={KVH}, hd={HD}), {doc['dtype']}, one layer's cache; "
              "us per call (median of repeats inside one jitted loop), TB/s on KV bytes, "
              f"% of {HBM_TBS} TB/s; 'loop us' is the timing loop's own per-call cost (included "
-             "in every figure; an implementation that returns q); 'read floor' is XLA's reduction "
-             "over the same K and V bytes in the same loop (no attention math): what one streaming "
-             "read of them reaches. "
+             "in every figure; an implementation that returns q); 'read floor' is XLA's reductions "
+             "over the same K and V bytes in the same loop (no attention math): what a plain read "
+             "of them reached. "
              f"Peers: xla = {doc['notes'].get('xla', '-')}; "
              f"decode_attention = {doc['notes'].get('decode_attention', '-')} (T=1).",
              "",
