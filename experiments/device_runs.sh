@@ -65,7 +65,7 @@
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
 #   bash experiments/device_runs.sh readfloor  # the read floor by size: XLA's row reduction over each 8B / 70B GEMM's weight bytes (~2 min)
 #   bash experiments/device_runs.sh attnfloor  # attention at batch 1-8, T 1, with the read-only floor (XLA's reduction over the KV bytes) (~5 min)
-#   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9.5 min)
+#   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9 min)
 #   bash experiments/device_runs.sh profile1b  # 1B shapes: device time by kernel, w4a16 / w4a8 steps and a gamma-3 cycle, batch 1 / 16 (~6 min)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes (--min-time 1.0: at least 1 s of timed runs per point)
 #   bash experiments/device_runs.sh attnsweep24 # attention GPU tests + configs at batch 2 / 4 and 8 x 32k + the batch 1 / 8 grid vs peers (~8 min)
@@ -450,11 +450,13 @@ case "$stage" in
   gputests)
     # GPU tests that ran out of their step's time at 74ec0d1 (attention: 58 cases in 150 s; the
     # kernels stage's Triton kernel tests: nothing printed in 120 s) and the Mosaic tests the
-    # 74ec0d1 review refactor touched (smem_a, the model-level switch tests), ~9.5 min.
-    step 180 gputests_mgpu.log python3 -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
+    # 74ec0d1 review refactor touched (smem_a, the model-level switch tests: 19 cases), ~9 min.
+    # Unbuffered (-u): a step cut by its timeout still shows the cases that passed (249 Triton
+    # kernel cases may not all fit).
+    step 120 gputests_mgpu.log python3 -u -m pytest -q -x -p no:warnings tests/gpu/test_w4_mgpu_gpu.py \
       -k "smem_a or in_the_model"
-    step 200 gputests_attention.log python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_attention_gpu.py
-    step 180 gputests_kernels.log python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels_gpu.py
+    step 190 gputests_attention.log python3 -u -m pytest -q -x -p no:cacheprovider tests/gpu/test_attention_gpu.py
+    step 230 gputests_kernels.log python3 -u -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels_gpu.py
     ;;
   profile1b)
     # Issue 8 at Llama-3.2-1B shapes: w4a8 AR was 0.93x / 0.91x w4a16 AR at batch 1 / 16
