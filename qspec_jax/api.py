@@ -466,7 +466,8 @@ def _cycle_costs(model: QSpecModel, batch: int, context: int, max_gamma: int, dr
                      " and in " + persist.cache_dir() if persist.cache_dir() else "")
             costs = measure_cycle_costs(model, batch, key[1], max_gamma, draft, kernels=kernels,
                                         draft_window=draft_window, draft_layers=draft_layers,
-                                        verify_gammas=AUTO_TIMED_GAMMAS)
+                                        verify_gammas=AUTO_TIMED_GAMMAS,
+                                        early_exit_gain=AUTO_MIN_GAIN)
             persist.save_costs(model, key, np.asarray(costs))
         model.cycle_costs[key] = costs
     return jnp.asarray(model.cycle_costs[key], jnp.float32)

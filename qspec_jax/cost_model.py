@@ -113,22 +113,46 @@ def time_forward(model, batch: int, context: int, T: int, mode: str, *, kernels:
     return t
 
 
+def no_gamma_can_pay(t_draft: float, t_verify1: float, max_gamma: int, min_gain: float) -> bool:
+    """Whether no gamma in 1..max_gamma can reach ``min_gain`` over plain decoding even at full
+    acceptance and even if a verify pass of g + 1 tokens cost no more than one of 1 token
+    (T_verify(g + 1) >= T_verify(1)): (g + 1) T_v(1) / (g T_draft + T_v(1)) < min_gain for all g."""
+    return all((g + 1) * t_verify1 < min_gain * (g * t_draft + t_verify1)
+               for g in range(1, max_gamma + 1))
+
+
 def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: str, *,
                         kernels: str = "auto", steps: int = 8, repeats: int = 3,
-                        draft_window=None, draft_layers=None, verify_gammas=None) -> np.ndarray:
+                        draft_window=None, draft_layers=None, verify_gammas=None,
+                        early_exit_gain: float | None = None) -> np.ndarray:
     """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma.
 
     The draft is timed with its own options (windowed attention, layer subset). Every verify
     width is timed (one compiled program each) unless ``verify_gammas`` names a subset: then
     T_verify is timed at those gammas (0 and max_gamma are always added) and linearly
     interpolated in between (verify cost is close to linear in its width), which saves
-    compilations on large models."""
+    compilations on large models.
+
+    ``early_exit_gain`` (gamma="auto"'s AUTO_MIN_GAIN): after the draft step and the 1-token
+    verify step, when no_gamma_can_pay, the wider verify passes are not timed (one compiled
+    program each) and T_verify(g + 1) is taken as T_verify(1): lower bounds of the costs, under
+    which, as under the measured ones, no gamma pays (drafts no cheaper than a verify step: the
+    H200 at short context)."""
     t_draft = time_forward(model, batch, context, 1, draft, kernels=kernels, steps=steps,
                            repeats=repeats, window=draft_window, layers=draft_layers)
     timed = sorted({0, max_gamma} | {int(g) for g in (verify_gammas or range(max_gamma + 1))
                                      if 0 <= int(g) <= max_gamma})
-    measured = [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
-                             repeats=repeats) for g in timed]
+    measured = [time_forward(model, batch, context, 1, "w4a16", kernels=kernels, steps=steps,
+                             repeats=repeats)]
+    if early_exit_gain is not None and no_gamma_can_pay(t_draft, measured[0], max_gamma,
+                                                        early_exit_gain):
+        log.info("qspec_jax: cycle costs (batch %d, context %d, draft %s): T_draft=%.3g s >= "
+                 "T_verify(1)=%.3g s x %.3f: no gamma can pay even with free verify widths, "
+                 "which are not timed", batch, context, draft, t_draft, measured[0],
+                 (max_gamma + 1 - early_exit_gain) / (early_exit_gain * max_gamma))
+        return np.array([g * t_draft + measured[0] for g in range(max_gamma + 1)])
+    measured += [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
+                              repeats=repeats) for g in timed[1:]]
     t_verify = np.interp(np.arange(max_gamma + 1), timed, measured)
     costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])
     log.info("qspec_jax: measured cycle costs (batch %d, context %d, draft %s): T_draft=%.3g s, "

@@ -623,6 +623,43 @@ def test_cycle_costs_time_only_the_requested_verify_widths(monkeypatch):
     assert costs[2] == pytest.approx(2 * 0.5 + 1.9)
 
 
+def test_auto_calibration_stops_when_drafts_cannot_pay(monkeypatch):
+    """gamma="auto"'s calibration (early_exit_gain): with a draft step no cheaper than about a
+    verify step, no gamma can pay even if wider verify passes cost nothing more, so only the draft
+    and the 1-token verify step are timed (two compiled programs instead of one per verify width),
+    and the lower-bound costs it returns lead to the same decision (plain decoding)."""
+    from qspec_jax import api, cost_model
+    calls = []
+    t_draft = {"w4a8": 1.1}  # = the 1-token verify step
+
+    def fake_time_forward(model, batch, context, T, mode, **kw):
+        calls.append((T, mode))
+        return t_draft[mode] if mode != "w4a16" else 1.0 + 0.1 * T
+
+    monkeypatch.setattr(cost_model, "time_forward", fake_time_forward)
+    costs = cost_model.measure_cycle_costs(None, 1, 128, 7, "w4a8", verify_gammas=[1, 3],
+                                           early_exit_gain=api.AUTO_MIN_GAIN)
+    assert calls == [(1, "w4a8"), (1, "w4a16")]
+    np.testing.assert_allclose(costs, [g * 1.1 + 1.1 for g in range(8)])
+    assert not api._can_pay(costs)
+    # Without the early exit, the same draft times every requested width; still no gamma pays.
+    calls.clear()
+    full = cost_model.measure_cycle_costs(None, 1, 128, 7, "w4a8", verify_gammas=[1, 3])
+    assert calls == [(1, "w4a8")] + [(g + 1, "w4a16") for g in (0, 1, 3, 7)]
+    assert not api._can_pay(full) and np.all(full >= costs)
+    # A draft at half a verify step can pay: every width is timed as before.
+    t_draft["w4a8"] = 0.5
+    calls.clear()
+    cost_model.measure_cycle_costs(None, 1, 128, 7, "w4a8", verify_gammas=[1, 3],
+                                   early_exit_gain=api.AUTO_MIN_GAIN)
+    assert len(calls) == 5
+    # The bound's edge: with max_gamma 7 and a 3% minimum gain, drafts dearer than
+    # (8 - 1.03) / (7 * 1.03) = 0.9667 of a verify step cannot pay.
+    assert cost_model.no_gamma_can_pay(0.968, 1.0, 7, 1.03)
+    assert not cost_model.no_gamma_can_pay(0.966, 1.0, 7, 1.03)
+    assert cost_model.no_gamma_can_pay(0.95, 1.0, 1, 1.03)  # gamma <= 1: (2 - 1.03) / 1.03 = 0.94
+
+
 def test_time_forward_times_the_draft_window_and_layers(monkeypatch, quantized):
     """time_forward hands the draft's attention window and layer subset to the timed program
     (it used to overwrite ``window`` with the model's sliding window, None for Llama, so every
