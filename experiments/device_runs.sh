@@ -63,6 +63,7 @@
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
+#   bash experiments/device_runs.sh coldstart  # first / second generate call in a fresh process: w4a16 vs QSpec gamma 3 vs auto, 8B batch 1 / 16 (~7 min)
 #   bash experiments/device_runs.sh readfloor  # the read floor by size: XLA's row reduction over each 8B / 70B GEMM's weight bytes (~2 min)
 #   bash experiments/device_runs.sh attnfloor  # attention at batch 1-8, T 1, with the read-only floor (XLA's reduction over the KV bytes) (~5 min)
 #   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9 min)
@@ -97,7 +98,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | coldstart | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -426,6 +427,17 @@ case "$stage" in
         --modes w4a16 --batches 1,16 --new-tokens 64 --repeats 3 --time-budget 75 \
         --commit "$COMMIT" --out "$OUT/xlaflags3_$i.jsonl"
       echo "== set $i: XLA_FLAGS='$F'"
+    done
+    ;;
+  coldstart)
+    # The API default question (QSpec gamma 3 vs gamma="auto"): a user's first and second
+    # generate call in a fresh process, 8B shapes, batch 1 and 16, w4a16 / qspec3 / auto (auto's
+    # calibration stops early where no gamma can pay, f284377+), ~7 min.
+    for b in 1 16; do
+      for c in w4a16 qspec3 auto; do
+        step 70 coldstart_b${b}_$c.log python3 experiments/coldstart.py --model llama3-8b \
+          --batch $b --config $c --commit "$COMMIT" --out "$OUT/coldstart_h200.jsonl"
+      done
     done
     ;;
   readfloor)
