@@ -63,7 +63,7 @@
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
-#   bash experiments/device_runs.sh coldstart  # first / second generate call in a fresh process: w4a16 vs QSpec gamma 3 vs auto, 8B batch 1 / 16 (~7 min)
+#   bash experiments/device_runs.sh coldstart  # first / second generate call in a fresh process: w4a16 vs QSpec gamma 3 vs auto, 8B batch 1 / 16 (~9 min)
 #   bash experiments/device_runs.sh readfloor  # the read floor by size: XLA's row reduction over each 8B / 70B GEMM's weight bytes (~2 min)
 #   bash experiments/device_runs.sh attnfloor  # attention at batch 1-8, T 1, with the read-only floor (XLA's reduction over the KV bytes) (~5 min)
 #   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9 min)
@@ -432,10 +432,11 @@ case "$stage" in
   coldstart)
     # The API default question (QSpec gamma 3 vs gamma="auto"): a user's first and second
     # generate call in a fresh process, 8B shapes, batch 1 and 16, w4a16 / qspec3 / auto (auto's
-    # calibration stops early where no gamma can pay, f284377+), ~7 min.
+    # calibration stops early where no gamma can pay, f284377+), ~9 min.
     for b in 1 16; do
       for c in w4a16 qspec3 auto; do
-        step 70 coldstart_b${b}_$c.log python3 experiments/coldstart.py --model llama3-8b \
+        t=75; [ $c = auto ] && t=130  # auto: two timed-forward programs + the one it runs
+        step $t coldstart_b${b}_$c.log python3 experiments/coldstart.py --model llama3-8b \
           --batch $b --config $c --commit "$COMMIT" --out "$OUT/coldstart_h200.jsonl"
       done
     done
