@@ -432,7 +432,7 @@ case "$stage" in
   coldstart)
     # The API default question (QSpec gamma 3 vs gamma="auto"): a user's first and second
     # generate call in a fresh process, 8B shapes, batch 1 and 16, w4a16 / qspec3 / auto (auto's
-    # calibration stops early where no gamma can pay, f284377+), ~9 min.
+    # calibration stops early where no gamma can pay: cost_model.no_gamma_can_pay), ~9 min.
     for b in 1 16; do
       for c in w4a16 qspec3 auto; do
         t=75; [ $c = auto ] && t=130  # auto: two timed-forward programs + the one it runs
