@@ -44,7 +44,6 @@ import platform
 import subprocess
 import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -64,7 +63,10 @@ SHAPES_8B = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # K x N 
 # Llama-3-70B (hidden 8192, 64 query / 8 KV heads of 128, intermediate 28672), same order: the
 # issue's "one larger model".
 SHAPES_70B = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
-SHAPE_SETS = {"8b": SHAPES_8B, "70b": SHAPES_70B}
+# Llama-3.2-1B (hidden 2048, 32 query / 8 KV heads of 64, intermediate 8192), same order: where
+# the 1B grid's w4a8 draft step was slower than a w4a16 step (sweepgrid_h200_llama3.2-1b.md).
+SHAPES_1B = [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)]
+SHAPE_SETS = {"8b": SHAPES_8B, "70b": SHAPES_70B, "1b": SHAPES_1B}
 
 
 def add_run_args(p: argparse.ArgumentParser, *, iters: int, quick_help: str) -> None:
@@ -772,7 +774,7 @@ def qspec_implication(rows, shapes, gamma=3, a=0.9):
 
 def _layer_name(shapes):
     """What the QSpec table sums: one Llama-3-8B / Llama-70B layer's linears, else the shapes."""
-    names = {"8b": "Llama-3-8B", "70b": "Llama-70B"}
+    names = {"8b": "Llama-3-8B", "70b": "Llama-70B", "1b": "Llama-3.2-1B"}
     for key, ss in SHAPE_SETS.items():
         if sorted(shapes) == sorted(ss):
             return f"Linear layers of one {names[key]} decoder layer (sum of the {len(ss)} shapes)"
@@ -928,7 +930,6 @@ def probe(out):
         for (Mx, Kx, Nx) in [(256, 4096, 28672), (4096, 4096, 28672), (4096, 4096, 4096)]:
             a = jax.random.randint(jax.random.key(3), (Nx, Kx), -8, 8, jnp.int8)
             b = jax.random.normal(jax.random.key(4), (Kx, Mx), jnp.bfloat16)
-            best = None
             for tm, tn, tk, wg in [(128, 128, 64, hm.MatmulDimension.N), (128, 64, 128, hm.MatmulDimension.N),
                                    (64, 128, 64, hm.MatmulDimension.M)]:
                 cfg = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=4,
@@ -976,7 +977,8 @@ def main(argv=None):
     p.add_argument("--timer", default=None, choices=["cupti", "loop", "pipelined", "host"])
     p.add_argument("--ms", default=None, help="comma list of M")
     p.add_argument("--shapes", default=None,
-                   help="comma list of KxN and/or shape sets: 8b (default), 70b (Llama-3-70B layers)")
+                   help="comma list of KxN and/or shape sets: 8b (default), 70b (Llama-3-70B "
+                        "layers), 1b (Llama-3.2-1B layers)")
     p.add_argument("--group", type=int, default=0, help="group size (0: per-channel)")
     p.add_argument("--variants", default=None)
     a = p.parse_args(argv)

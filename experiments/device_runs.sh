@@ -67,6 +67,7 @@
 #   bash experiments/device_runs.sh readfloor  # the read floor by size: XLA's row reduction over each 8B / 70B GEMM's weight bytes (~2 min)
 #   bash experiments/device_runs.sh attnfloor  # attention at batch 1-8, T 1, with the read-only floor (XLA's reduction over the KV bytes) (~5 min)
 #   bash experiments/device_runs.sh gputests   # GPU tests cut short at 74ec0d1 (attention, Triton kernels) + the Mosaic smem_a / model tests (~9 min)
+#   bash experiments/device_runs.sh kernels1b  # the Llama-3.2-1B layer's GEMMs alone: Mosaic w4a16 / w4a8, XLA bf16, M 1-256 (~3 min)
 #   bash experiments/device_runs.sh profile1b  # 1B shapes: device time by kernel, w4a16 / w4a8 steps and a gamma-3 cycle, batch 1 / 16 (~6 min)
 #   bash experiments/device_runs.sh sweepgrid1b  # the same for the Llama-3.2-1B shapes (--min-time 1.0: at least 1 s of timed runs per point)
 #   bash experiments/device_runs.sh attnsweep24 # attention GPU tests + configs at batch 2 / 4 and 8 x 32k + the batch 1 / 8 grid vs peers (~8 min)
@@ -98,7 +99,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | coldstart | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | coldstart | kernels1b | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -470,6 +471,14 @@ case "$stage" in
       -k "smem_a or in_the_model"
     step 190 gputests_attention.log python3 -u -m pytest -q -x -p no:cacheprovider tests/gpu/test_attention_gpu.py
     step 230 gputests_kernels.log python3 -u -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels_gpu.py
+    ;;
+  kernels1b)
+    # Issue 8 at 1B shapes: the GEMMs of a Llama-3.2-1B layer alone (Mosaic w4a16 / w4a8, XLA
+    # bf16), M 1-256, next to profile1b's step breakdown: is the int8 kernel itself slower on
+    # 2048-wide layers, or the draft's activation quantization (~3 min)?
+    step 200 kernels1b.log python3 experiments/bench_kernels.py --tag h200_1b --shapes 1b \
+      --ms 1,4,16,64,128,256 --variants ours_mgpu_w4a16,ours_mgpu_w4a8,ours_w4a8_quant,xla_bf16 \
+      --commit "$COMMIT" --out "$OUT"
     ;;
   profile1b)
     # Issue 8 at Llama-3.2-1B shapes: w4a8 AR was 0.93x / 0.91x w4a16 AR at batch 1 / 16

@@ -84,6 +84,18 @@ def test_shape_errors_name_the_problem():
         w4_mgpu_matmul(x, jnp.zeros((64, 256), jnp.int4), jnp.ones((64,), jnp.float32))
 
 
+def test_default_configs_fit_the_1b_shapes():
+    """The Llama-3.2-1B layers (bench_kernels.SHAPES_1B; stage kernels1b times them): every
+    default config from 1 to 256 rows passes check() and one lowers for CUDA per shape."""
+    from experiments.bench_kernels import SHAPES_1B, parse_shapes
+    assert parse_shapes("1b") == SHAPES_1B
+    for K, N in SHAPES_1B:
+        for M in (1, 4, 16, 64, 128, 256):
+            for int8 in (False, True):
+                assert check(M, K, N, w4_mgpu.default_config(M, K, N, int8)) is None, (M, K, N, int8)
+        assert _lowers_to_mosaic(16, K, N, True)
+
+
 def test_probe_diag_read_configs_fit_and_lower():
     """probe_mgpu.py --sweep diag: the read-only structures it times at the 8B shapes pass
     check() and lower for CUDA without the MMA the GEMM has; probe values are checked."""
