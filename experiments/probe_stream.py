@@ -87,6 +87,26 @@ def configs(quick):
     return out
 
 
+def markdown(meta, rows, args_text="") -> str:
+    """The rows as a table: bytes read, us per call (median [p10, p90]), TB/s, % of 4.8 TB/s."""
+    lines = [f"# Streaming reads of int4 GEMM weights: {meta.get('gpu')}, jax {meta.get('jax')}, "
+             f"commit {meta.get('commit')}", "",
+             f"`PYTHONPATH=. python3 experiments/probe_stream.py {args_text}` ({meta.get('date')}, "
+             f"timer: {meta.get('timer')}). Per call over copies larger than L2; `xla_rowsum` = "
+             "XLA's row reduction (every byte read contiguously, one kernel), `xla_sum` = its column "
+             "reduction, `pallas ...` = the GEMMs' grid / tiles reading (asm: and unpacking) only.",
+             "", "| K x N | MB | variant | us [p10, p90] | TB/s | % of 4.8 TB/s | correct |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "us" not in r:
+            lines.append(f"| {r['K']} x {r['N']} | - | {r['variant']} | error: {r.get('error', '')[:80]} | - | - | - |")
+            continue
+        lines.append(f"| {r['K']} x {r['N']} | {r['bytes'] / 1e6:.1f} | {r['variant']} | "
+                     f"{r['us']:.1f} [{r['us_p10']:.1f}, {r['us_p90']:.1f}] | {r['TBps']:.2f} | "
+                     f"{100 * r['TBps'] / HBM_TBS:.0f} | {r['correct']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -110,6 +130,10 @@ def main(argv=None):
         with open(tmp, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         os.replace(tmp, os.path.join(a.out, "probe_stream.json"))
+        with open(os.path.join(a.out, "probe_stream.md"), "w") as f:
+            f.write(markdown(meta, rows, argv_text))
+
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
 
     rows = []
     for K, N in shapes:

@@ -15,3 +15,5 @@ def test_probe_stream_quick_is_exact(tmp_path):
     probe_stream.main(["--out", str(tmp_path), "--quick", "--xla-only"])
     rows = json.loads((tmp_path / "probe_stream.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["xla_sum", "xla_rowsum"] and all(r["correct"] for r in rows)
+    md = (tmp_path / "probe_stream.md").read_text()
+    assert "--quick --xla-only" in md and md.count("| 64 x 64 |") == 2
