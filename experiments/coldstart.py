@@ -29,17 +29,43 @@ CONFIGS = {"w4a16": dict(mode="w4a16"), "qspec3": dict(mode="qspec", gamma=3),
            "auto": dict(mode="qspec", gamma="auto")}
 
 
+def report(path: str) -> str:
+    """The JSON lines of ``path`` as a Markdown table, written beside it (.md)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    env = rows[0] if rows else {}
+    lines = [f"# Cold start of one generate call: {env.get('device')}, jax {env.get('jax')}, "
+             f"commit {env.get('commit')}", "",
+             "`experiments/coldstart.py`, one fresh process per row (random weights; first call = "
+             "compile + gamma='auto' calibration + decode; second = the same call again).", "",
+             "| model | batch | config | load s | first call s | second call s | decoded plainly |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['load_s']:.1f} | "
+                     f"{r['first_call_s']:.1f} | {r['second_call_s']:.2f} | {r['plain_decoding']} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--report", default=None, metavar="JSONL",
+                   help="no run: write the rows of this file as a Markdown table beside it")
     p.add_argument("--model", default="llama3-8b", help="a sweep.py shaped model (random weights)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--config", choices=sorted(CONFIGS), required=True)
+    p.add_argument("--config", choices=sorted(CONFIGS))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: off)")
     p.add_argument("--commit", default="unknown")
-    p.add_argument("--out", required=True, help="JSON-lines file to append to")
+    p.add_argument("--out", default=None, help="JSON-lines file to append to")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.report))
+        return {}
+    if a.config is None or a.out is None:
+        p.error("--config and --out are required (or --report JSONL)")
     t0 = time.perf_counter()
     import jax
     import numpy as np

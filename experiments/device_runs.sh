@@ -441,6 +441,7 @@ case "$stage" in
           --batch $b --config $c --commit "$COMMIT" --out "$OUT/coldstart_h200.jsonl"
       done
     done
+    python3 experiments/coldstart.py --report "$OUT/coldstart_h200.jsonl"
     ;;
   readfloor)
     # Issues 6 / 8, "show why not": the read floor by size. XLA's row reduction over int8 buffers

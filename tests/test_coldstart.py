@@ -18,3 +18,6 @@ def test_coldstart_appends_one_row_per_run(tmp_path):
     # a fixed gamma always speculates; "auto" records which it did
     assert rows[1]["plain_decoding"] is False and rows[1]["cycles"] >= 1
     assert isinstance(rows[0]["plain_decoding"], bool)
+    coldstart.main(["--report", str(out)])
+    md = (tmp_path / "c.md").read_text()
+    assert md.count("| tiny | 1 |") == 2 and "| qspec3 |" in md
