@@ -31,7 +31,8 @@ CONFIGS = {"w4a16": dict(mode="w4a16"), "qspec3": dict(mode="qspec", gamma=3),
 
 def report(path: str) -> str:
     """The JSON lines of ``path`` as a Markdown table, written beside it (.md)."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     env = rows[0] if rows else {}
     lines = [f"# Cold start of one generate call: {env.get('device')}, jax {env.get('jax')}, "
              f"commit {env.get('commit')}", "",
