@@ -207,17 +207,14 @@ def test_default_config_batch1_sweep(monkeypatch):
     assert 2 * c.num_splits >= 132 // 2 and c.num_splits < 256, c
     assert cfg(1, 1, 2048) == (16, 128, 4, 4, 3)
     assert cfg(1, 1, 512) == (16, 64, 2, 4, 3)      # not swept: unchanged
-    # batch 8 to 8k: the 1f8d2a6 batch-8 sweep's fastest (attention_sweep_b8_h200_1f8d2a6.md)
-    assert cfg(8, 1, 2048) == (16, 64, 4, 4, 3)
-    assert cfg(8, 4, 2048) == (16, 64, 4, 4, 3)
+    # batch 2-8 to 8k, 64-key blocks x 4 splits x 3 stages: batch 8 the 1f8d2a6 batch-8 sweep's
+    # fastest (attention_sweep_b8_h200_1f8d2a6.md); batch 2 / 4 the 74ec0d1 sweep's
+    # (attention_sweep_b248_h200_74ec0d1.md; the wave rule alone chose 8 splits: 16.6 / 21.6 /
+    # 46.8 us vs 15.3 / 17.8 / 43.7)
+    for B, T, S in ((8, 1, 2048), (8, 4, 2048), (8, 1, 8192),
+                    (2, 1, 2048), (4, 1, 2048), (4, 1, 8192), (2, 4, 8192)):
+        assert cfg(B, T, S) == (16, 64, 4, 4, 3), (B, T, S)
     assert cfg(8, 8, 2048) == (32, 64, 4, 4, 3)
-    assert cfg(8, 1, 8192) == (16, 64, 4, 4, 3)
-    # batch 2 / 4 to 8k: 4 splits, the 74ec0d1 sweep's fastest (attention_sweep_b248_h200_74ec0d1.md;
-    # the wave rule alone chose 8: 16.6 / 21.6 / 46.8 us vs 15.3 / 17.8 / 43.7)
-    assert cfg(2, 1, 2048) == (16, 64, 4, 4, 3)
-    assert cfg(4, 1, 2048) == (16, 64, 4, 4, 3)
-    assert cfg(4, 1, 8192) == (16, 64, 4, 4, 3)
-    assert cfg(2, 4, 8192) == (16, 64, 4, 4, 3)
     # batch 8 x 32k / 32 (attention_h200_full.json): unchanged
     assert cfg(8, 1, 32768) == (16, 128, 4, 4, 2)
     assert cfg(8, 8, 512) == (32, 64, 2, 4, 3)
