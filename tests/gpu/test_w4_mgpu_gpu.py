@@ -89,6 +89,8 @@ def _check_default_config_variant(K, N, M, int8, seed, **changes):
 
     from pallas_kernels.w4_mgpu import default_config
     qw, s, x = _case(K, N, M, seed=seed)
+    if changes.get("smem_a") or changes.get("warp_specialized") or changes.get("units_per_cta", 1) > 1:
+        changes.setdefault("out_mn", False)  # those variants keep the [M, N] partial sums
     cfg = dataclasses.replace(default_config(M, K, N, int8), **changes)
     if int8:
         xq, sx = quantize_per_token_reference(x, 8)
