@@ -118,6 +118,40 @@ def test_padding_rows_without_keys_and_kv_len():
     assert _rel(out[2], ref_trunc[2]) <= 1e-5
 
 
+@pytest.mark.parametrize("ns", [5, 7, 16])
+def test_split_combine_over_power_of_two_chunks(ns):
+    """The split combine loads the splits in power-of-two chunks (5 = 4 + 1, 7 = 4 + 2 + 1, 16)
+    and the head dim in chunks (combine_head_block): every split and head column lands where the
+    f32 reference puts it, with empty splits (ragged lengths) and a row without keys."""
+    from pallas_kernels.attention import _pow2_chunks, combine_head_block
+    assert _pow2_chunks(ns) == {5: [(0, 4), (4, 1)], 7: [(0, 4), (4, 2), (6, 1)],
+                                16: [(0, 16)]}[ns]
+    B, T, H, KVH, S, hd = 2, 1, 8, 2, 16 * 32, 128
+    assert combine_head_block(B * KVH, ns, 16, hd) < hd  # more than one head-dim chunk
+    q, kc, vc = _inputs(ns, B, T, H, KVH, S, hd, F32)
+    q_pos = jnp.asarray([[S - 1], [70]], jnp.int32)  # sequence 1: most splits see no key
+    out, lse = cached_attention(q, kc, vc, q_pos, interpret=True, num_splits=ns, block_k=32,
+                                return_lse=True)
+    ref = cached_attention_reference(q, kc, vc, q_pos)
+    assert _rel(out, ref) <= 1e-5
+    one, lse_one = cached_attention(q, kc, vc, q_pos, interpret=True, num_splits=1, block_k=32,
+                                    return_lse=True)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_one), rtol=1e-5, atol=1e-5)
+    empty = cached_attention(q, kc, vc, jnp.asarray([[-1], [70]], jnp.int32), interpret=True,
+                             num_splits=ns, block_k=32)
+    assert np.all(np.asarray(empty[0]) == 0) and _rel(empty[1], ref[1]) <= 1e-5
+
+
+def test_combine_head_block():
+    """Batch 1 (8 kv heads, one query tile): 16-wide head chunks -> 64 programs; large batches
+    keep the whole head; big tiles (16 splits x 128 rows) narrow it to bound registers."""
+    from pallas_kernels.attention import COMBINE_TILE_ELEMS, combine_head_block
+    assert combine_head_block(8, 16, 16, 128) == 16
+    assert combine_head_block(8 * 64, 4, 16, 128) == 128
+    assert combine_head_block(8 * 64, 16, 128, 128) * 16 * 128 <= COMBINE_TILE_ELEMS
+    assert combine_head_block(8 * 64, 3, 16, 64) == 64  # 3 splits: a 4-row tile bound
+
+
 def test_whole_cache_with_layer_index():
     L, B, T, H, KVH, S, hd = 3, 2, 4, 8, 2, 128, 128
     q, kc, vc = _inputs(7, B, T, H, KVH, S, hd, BF16, layers=L)
