@@ -31,6 +31,7 @@
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
+#   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
@@ -533,6 +534,19 @@ case "$stage" in
     step 300 defaults70b.log python3 experiments/probe_mgpu.py --sweep default --ms 64,128,256 \
       --shapes 70b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
       --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults70b"
+    ;;
+  combine)
+    # Issue 7 after 6c256a0: the split combine loads all splits at once and spreads the head dim
+    # over programs (was 3.9-11.3 us of a 13-50 us batch-1 call, attention_floor_h200_a7717e1.md).
+    # GPU attention tests first (62 cases, ~170 s), then batch 1-8 at T 1 with kernel times, then
+    # a split sweep at batch 1 (a cheaper combine may favour more splits), ~9.5 min.
+    step 200 combine_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
+    step 150 combine_b1248.log python3 experiments/bench_attention.py --batches 1 2 4 8 \
+      --contexts 2048 8192 32768 --ts 1 --impls ours decode_attention --reps 3 --time-budget 130 \
+      --kernel-times --commit "$COMMIT" --out "$OUT/attention_combine_h200.json"
+    step 200 combine_sweep1.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 1:2048:1,1:8192:1,1:32768:1 --reps 3 --time-budget 180 \
+      --commit "$COMMIT" --out "$OUT/attention_sweep_b1_combine_h200.json"
     ;;
   attnsweep24)
     # Issue 7: the few-program defaults after 1f8d2a6 (64-key blocks x 3 stages up to 8k at batch

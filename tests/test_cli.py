@@ -29,8 +29,9 @@ def test_convert_then_generate_qspec(hf_dirs, tmp_path, capsys):
     # ...and errors in arguments are reported without a traceback.
     assert generate_main(["--model", str(out), "--prompt", "hi", "--gamma", "0"]) == 2
     assert "gamma" in capsys.readouterr().err
-    # --draft-window: two integers or 'auto' (which needs --gamma auto).
-    assert generate_main(["--model", str(out), "--prompt", "hi", "--draft-window", "auto"]) == 2
+    # --draft-window: two integers or 'auto' (which needs --gamma auto, the default).
+    assert generate_main(["--model", str(out), "--prompt", "hi", "--gamma", "3",
+                          "--draft-window", "auto"]) == 2
     assert "draft_window='auto'" in capsys.readouterr().err
     for bad in (["4"], ["4", "x"], ["auto", "3"]):
         with pytest.raises(SystemExit) as e:

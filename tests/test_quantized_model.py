@@ -63,14 +63,17 @@ def test_mode_model_mismatch_errors(hf_dirs):
 
 
 def test_default_mode_follows_the_model(hf_dirs):
-    """mode=None: a quantized model decodes with QSpec (as the CLI does) and its logits are verify
-    mode's (w4a16); a 16-bit model uses w16."""
+    """mode=None: a quantized model decodes with QSpec (as the CLI does; gamma="auto" by default)
+    and its logits are verify mode's (w4a16); a 16-bit model uses w16."""
     q = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn")
     assert (q.default_mode(), q.default_mode(speculative=False)) == ("qspec", "w4a16")
     np.testing.assert_array_equal(np.asarray(qj.logits(q, IDS)), np.asarray(qj.logits(q, IDS, mode="w4a16")))
     prompts = [[5, 9, 14, 3], [7, 8]]
-    out = qj.generate(q, prompts, max_new_tokens=6)
+    out = qj.generate(q, prompts, max_new_tokens=6)  # gamma="auto": calibrated here, then run
     assert out.stats["mode"] == "qspec" and "acceptance_rate" in out.stats
+    # gamma="auto" (max_gamma 7): a count per gamma 0..7, one per cycle (fixed gamma 3: 4 counts)
+    assert len(out.stats["gamma_cycles"]) == 8
+    assert sum(out.stats["gamma_cycles"]) == out.stats["cycles"] > 0
     assert out.tokens == qj.generate(q, prompts, max_new_tokens=6, mode="w4a16").tokens
     w16 = qj.load(hf_dirs["llama"][0], dtype="float32")
     assert w16.default_mode() == w16.default_mode(speculative=False) == "w16"

@@ -71,8 +71,8 @@ def test_cache_write_per_step_gives_the_same_tokens_and_cache(quantized, monkeyp
         for extra in ({}, {"draft_window": (1, 4)}, {"draft_layers": [0]}) if cw == "step" else ():
             qs = qj.generate(model, prompts, max_new_tokens=12, mode="qspec", gamma=3, **extra)
             assert qs.tokens == ar, (cw, extra)
-        sampled = [qj.generate(model, prompts, max_new_tokens=8, mode=m, temperature=0.8, seed=5).tokens
-                   for m in ("w4a16", "qspec")]
+        sampled = [qj.generate(model, prompts, max_new_tokens=8, mode=m, temperature=0.8, seed=5,
+                               gamma=3).tokens for m in ("w4a16", "qspec")]
         runs[cw] += (sampled,)
     (t0, l0, k0, v0, s0), (t1, l1, k1, v1, s1) = runs["layer"], runs["step"]
     np.testing.assert_array_equal(t0, t1)
@@ -599,7 +599,7 @@ def test_draft_layer_search(quantized):
     assert predicted_speedup(1.0, 0, 10**6, max_gamma=3)[0] == pytest.approx(4.0, rel=1e-5)
     assert predicted_speedup(0.0, 2, 2)[1] == 0  # a useless draft: plain decoding
     # (24 new tokens from 3 prompts, as in the tests above: programs already compiled there.)
-    out = qj.generate(model, ragged_prompts(17), max_new_tokens=24, mode="qspec",
+    out = qj.generate(model, ragged_prompts(17), max_new_tokens=24, mode="qspec", gamma=3,
                       draft_layers=list(layers))
     assert out.tokens == qj.generate(model, ragged_prompts(17), max_new_tokens=24, mode="w4a16").tokens
 
