@@ -593,6 +593,8 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
             cycle_costs = _cycle_costs(model, len(prompt_ids), int(lens.max()), max_gamma, draft,
                                        kernels, cycle_costs, draft_window, draft_layers)
         plain = _speculation_cannot_pay(np.asarray(cycle_costs), len(prompt_ids))
+        if plain:  # no speculation lookahead: the very program (and cache) of w4a16 decoding
+            L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, 0, max_len)
     cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
     eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
     args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,

@@ -387,6 +387,17 @@ def test_auto_gamma_decodes_plainly_when_drafting_cannot_pay(quantized, caplog):
     assert out.stats["plain_decoding"] and out.stats["drafted"] == [0, 0, 0]
     assert out.stats["gamma_cycles"] == [ref.stats["decode_steps"], 0, 0, 0, 0]
     assert "drafting cannot pay here" in caplog.text
+    # It is w4a16 decoding's own program: same cache length (no speculation lookahead), same
+    # function and arguments, so no compilation of its own (the timing equals w4a16 AR's).
+    from qspec_jax.generate import decode_autoregressive
+    plain_call = qj.decode_call(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto",
+                                max_gamma=4, cycle_costs=[1, 2.5, 4, 5.5, 7])
+    ar_call = qj.decode_call(model, prompts, max_new_tokens=40, mode="w4a16")
+    assert plain_call.cache_len == ar_call.cache_len == out.stats["cache_len"]
+    assert plain_call.kwargs == ar_call.kwargs and plain_call.fn is ar_call.fn
+    size = decode_autoregressive._cache_size()
+    plain_call.run()
+    assert decode_autoregressive._cache_size() == size
     # Just above the guard's margin: the speculative loop runs. At full acceptance gamma 1
     # gives 2 tokens for 1.9: 1.053x; the longer drafts less (3/2.9, 4/3.9, 5/4.9).
     out = qj.generate(model, prompts, max_new_tokens=40, mode="qspec", gamma="auto", max_gamma=4,
