@@ -352,14 +352,46 @@ def check_token_range(tokens: np.ndarray, vocab: int) -> None:
 # generate
 
 
+def _is_conversation(p) -> bool:
+    """A chat conversation: a non-empty list of message dicts ({"role": ..., "content": ...})."""
+    return (isinstance(p, Sequence) and not isinstance(p, str) and len(p) > 0
+            and all(isinstance(m, dict) for m in p))
+
+
+def chat_prompt_ids(model: QSpecModel, messages) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ending with the assistant
+    turn's opening (add_generation_prompt), as the model was trained to see it. messages: a list
+    of {"role": "system" | "user" | "assistant", "content": str}."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer files; a chat conversation needs its "
+                         "tokenizer and chat template (pass token-id lists instead)")
+    if not getattr(model.tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template (tokenizer_config.json "
+                         "'chat_template' or chat_template.jinja: base models usually have none); "
+                         "pass the prompt as plain text instead of a conversation")
+    for m in messages:
+        if not (isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"each chat message must be a dict with string 'role' and 'content', "
+                             f"got {m!r}")
+    # Render, then tokenize without adding special tokens: the template writes BOS itself.
+    text = model.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                               tokenize=False)
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_prompts(model: QSpecModel, prompts) -> list[list[int]]:
-    if isinstance(prompts, str):
+    """prompts: one prompt or a list of them; a prompt is text, a token-id list or a chat
+    conversation (a list of message dicts, formatted with the tokenizer's chat template)."""
+    if isinstance(prompts, str) or _is_conversation(prompts):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        raise ValueError("prompts must be a non-empty list of strings, token-id lists or chat "
+                         "conversations (lists of {'role', 'content'} dicts)")
     out = []
     for p in prompts:
-        if isinstance(p, str):
+        if _is_conversation(p):
+            p = chat_prompt_ids(model, p)
+        elif isinstance(p, str):
             if model.tokenizer is None:
                 raise ValueError("this model has no tokenizer files; pass prompts as token-id lists")
             p = model.tokenizer(p)["input_ids"]
@@ -621,7 +653,10 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | N
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None, prefill_chunk: int | None = None,
              kernels: str = "auto") -> GenerateOutput:
-    """Generate continuations. ``mode``: a weight mode for plain decoding, or "qspec"; None
+    """Generate continuations. ``prompts``: one prompt or a list; each is text, a token-id list
+    or a chat conversation ([{"role": "user", "content": "..."}, ...], formatted with the
+    tokenizer's chat template and its assistant-turn opening: ``chat_prompt_ids``).
+    ``mode``: a weight mode for plain decoding, or "qspec"; None
     (the default): "qspec" for a quantized model (as the CLI), "w16" for a 16-bit one.
 
     ``kernels``: "auto" (Pallas kernels on GPU, XLA reference elsewhere), "pallas", "xla".

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file whose whole text (UTF-8) is one prompt, '-' for standard input "
                         "(repeat for a batch; after the --prompt ones): prompts too long for the "
                         "command line")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, formatted with the model's chat template "
+                        "(instruct models)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system message before each user message")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -94,6 +99,12 @@ def main(argv=None) -> int:
             parser.error(f"--prompt-file {path!r}: {e}")
     if not prompts:
         parser.error("give at least one prompt: --prompt TEXT or --prompt-file PATH")
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
+    requests = prompts
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        requests = [system + [{"role": "user", "content": p}] for p in prompts]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about a missing torch
     import qspec_jax as qj
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
                                  "converted checkpoint)")
         model = qj.load(args.model, dtype=args.dtype, quant=quant,
                         method=args.method if quant else "rtn", weight_layout=args.weight_layout)
-        out = qj.generate(model, prompts, max_new_tokens=args.max_new_tokens, mode=args.mode,
+        out = qj.generate(model, requests, max_new_tokens=args.max_new_tokens, mode=args.mode,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, draft=args.draft, gamma=args.gamma,
                           max_gamma=args.max_gamma, kernels=args.kernels,
@@ -122,7 +133,7 @@ def main(argv=None) -> int:
         return 2
     texts = out.text if out.text is not None else [" ".join(map(str, t)) for t in out.tokens]
     for prompt, text in zip(prompts, texts):
-        print(f"{prompt}{text}")
+        print(f"{prompt}\n{text}" if args.chat else f"{prompt}{text}")
         if len(prompts) > 1:
             print("-" * 40)
     summary = {k: v for k, v in out.stats.items() if args.stats or not isinstance(v, list)}

@@ -106,3 +106,46 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "unsupported model_type 'bert'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert convert_main([str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_conversations_use_the_chat_template(tmp_path, capsys):
+    """A conversation (list of message dicts) is rendered with the tokenizer's chat template and
+    its assistant opening, tokenized without a second BOS: the same tokens as the rendered text
+    tokenized by hand. The CLI's --chat / --system build that conversation. Models without a
+    template, and malformed messages, fail clearly."""
+    from transformers import AutoTokenizer
+
+    from hf_models import save_hf_model_with_tokenizer
+    import qspec_jax as qj
+
+    plain_path = save_hf_model_with_tokenizer(tmp_path / "base")
+    path = save_hf_model_with_tokenizer(tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    model = qj.load(str(path), dtype="float32")
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    want = tok("<s>system: be brief\n<s>user: hello\nassistant:", add_special_tokens=False)["input_ids"]
+    assert want.count(tok.bos_token_id) == 2  # the template's own BOS tokens, none added
+    assert qj.chat_prompt_ids(model, conv) == want
+    by_hand = qj.generate(model, [want], max_new_tokens=4)
+    assert qj.generate(model, [conv], max_new_tokens=4).tokens == by_hand.tokens
+    assert qj.generate(model, conv, max_new_tokens=4).tokens == by_hand.tokens  # one conversation
+    with pytest.raises(ValueError, match="string 'role' and 'content'"):
+        qj.generate(model, [[{"role": "user"}]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="no chat template"):
+        qj.generate(qj.load(str(plain_path), dtype="float32"), [conv], max_new_tokens=4)
+    # CLI: --chat --system gives the same continuation as the API.
+    argv = ["--model", str(path), "--dtype", "float32", "--max-new-tokens", "4", "--prompt", "hello"]
+    assert generate_main(argv + ["--chat", "--system", "be brief"]) == 0
+    assert capsys.readouterr().out == f"hello\n{by_hand.text[0]}\n"
+    assert generate_main(["--model", str(plain_path), "--dtype", "float32", "--prompt", "hi",
+                          "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        generate_main(argv + ["--system", "x"])
+    assert e.value.code == 2 and "--system needs --chat" in capsys.readouterr().err
