@@ -47,6 +47,9 @@ def _cases():
     cs.append(("T8_G8_d64_f32_split5", 6, 8, 32, 4, 1024, 64, F32, "ragged",
                dict(num_splits=5), None))
     cs.append(("prefill_G4_d64_f32", 2, 100, 16, 4, 128, 64, F32, "prefill", {}, None))
+    # 7 splits (combine chunks 4 + 2 + 1) of 128-row query blocks: 8-wide head-dim chunks
+    cs.append(("T16_G8_d128_bf16_split7", 3, 16, 32, 4, 2048, 128, BF16, "ragged",
+               dict(num_splits=7), None))
     # Llama-3-8B heads
     cs.append(("llama_B1_S32768_T1", 1, 1, 32, 8, 32768, 128, BF16, "full", {}, None))
     cs.append(("llama_B4_S8192_T4", 4, 4, 32, 8, 8192, 128, BF16, "ragged", {}, None))
