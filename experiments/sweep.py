@@ -40,7 +40,6 @@ from qspec_jax.config import (ModelConfig, QuantConfig, RopeConfig, model_config
 from qspec_jax.cost_model import CACHE_BUCKET, measure_cycle_costs, per_token_acceptance, predicted_speedup  # noqa: E402
 import qspec_jax.model as model_module  # noqa: E402
 from qspec_jax.model import CACHE_WRITES, KVCache  # noqa: E402
-from qspec_jax.sampling import SamplingConfig  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12
 MODES = ("w16", "w4a16", "w4a8", "qspec-w4a8", "qspec-w4a4")
@@ -671,10 +670,13 @@ def main(argv=None) -> int:
             model = get_model(quantized)
             if mode.startswith("qspec") and batch not in costs:
                 t0 = time.perf_counter()
+                parts = {}
                 c = measure_cycle_costs(model, batch, context, max_gamma, "w4a8", kernels=args.kernels,
-                                        verify_gammas=verify_gammas, draft_window=draft_window)
+                                        verify_gammas=verify_gammas, draft_window=draft_window,
+                                        parts=parts)
                 costs[batch] = c.tolist()
                 write({"model": name, "cycle_costs": costs[batch], "batch": batch, "context": context,
+                       "draft_step_s": parts["draft_s"], "verify_s": parts["verify_s"],
                        "draft": "w4a8", "verify_gammas_timed": verify_gammas or "all",
                        "predicted_speedup_a0.9": predicted_speedup(c, 0.9).tolist(),
                        "measure_s": time.perf_counter() - t0, "random_weights": name != "default",

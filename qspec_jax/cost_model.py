@@ -124,8 +124,13 @@ def no_gamma_can_pay(t_draft: float, t_verify1: float, max_gamma: int, min_gain:
 def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: str, *,
                         kernels: str = "auto", steps: int = 8, repeats: int = 3,
                         draft_window=None, draft_layers=None, verify_gammas=None,
-                        early_exit_gain: float | None = None) -> np.ndarray:
+                        early_exit_gain: float | None = None,
+                        parts: dict | None = None) -> np.ndarray:
     """cycle_costs[g] = g * T_draft(B) + T_verify(B, g + 1), seconds, for g = 0..max_gamma.
+
+    ``parts`` (a dict, filled in): "draft_s" = T_draft and "verify_s" = [T_verify(g + 1) for g
+    = 0..max_gamma] (interpolated where not timed), "verify_timed" = the gammas whose verify
+    width was timed.
 
     The draft is timed with its own options (windowed attention, layer subset). Every verify
     width is timed (one compiled program each) unless ``verify_gammas`` names a subset: then
@@ -150,11 +155,15 @@ def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: 
                  "T_verify(1)=%.3g s x %.3f: no gamma can pay even with free verify widths, "
                  "which are not timed", batch, context, draft, t_draft, measured[0],
                  (max_gamma + 1 - early_exit_gain) / (early_exit_gain * max_gamma))
+        if parts is not None:
+            parts.update(draft_s=t_draft, verify_s=[measured[0]] * (max_gamma + 1), verify_timed=[0])
         return np.array([g * t_draft + measured[0] for g in range(max_gamma + 1)])
     measured += [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
                               repeats=repeats) for g in timed[1:]]
     t_verify = np.interp(np.arange(max_gamma + 1), timed, measured)
     costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])
+    if parts is not None:
+        parts.update(draft_s=t_draft, verify_s=t_verify.tolist(), verify_timed=timed)
     log.info("qspec_jax: measured cycle costs (batch %d, context %d, draft %s): T_draft=%.3g s, "
              "T_verify(g + 1)=%s s", batch, context, draft, t_draft,
              ", ".join(f"{t:.3g}" for t in t_verify))

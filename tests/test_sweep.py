@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from experiments.sweep import main as sweep_main
@@ -43,6 +44,10 @@ def test_sweep_quick_is_resumable(tmp_path):
     # cycle costs are then linear in g.
     c = costs[0]["cycle_costs"]
     assert abs((c[2] - c[1]) - (c[1] - c[0])) < 1e-9 and abs((c[3] - c[2]) - (c[1] - c[0])) < 1e-9
+    # The row keeps the parts: cycle g = g draft steps + the (g + 1)-token verify pass.
+    d, v = costs[0]["draft_step_s"], costs[0]["verify_s"]
+    assert d > 0 and len(v) == 4 and all(x > 0 for x in v)
+    np.testing.assert_allclose(c, [g * d + v[g] for g in range(4)], rtol=1e-12)
     n = len(rows)
     assert sweep_main(argv[:-2] + ["--out", str(out)]) == 0
     # Resumed with everything done: nothing is measured again.
