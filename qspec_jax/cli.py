@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w16 | w4a16 | w4a8 | w4a4 | w4a8_fp8 | qspec (default: qspec on quantized models, else w16)")
     p.add_argument("--draft", default="w4a8", help="draft mode for --mode qspec (w4a8 | w4a4 | w4a8_fp8)")
     p.add_argument("--gamma", type=_gamma, default="auto",
-                   help="draft tokens per QSpec cycle, or 'auto' (the default: chosen each cycle "
-                        "from measured costs and the acceptance so far; 0 = plain w4a16 decoding)")
+                   help="draft tokens per QSpec cycle (1-16), or 'auto' (the default: chosen in "
+                        "0..--max-gamma each cycle from measured costs and the acceptance so far, "
+                        "0 being a plain w4a16 step)")
     p.add_argument("--max-gamma", type=int, default=7, help="upper bound for --gamma auto")
     p.add_argument("--draft-window", nargs="+", metavar="SINK WINDOW | auto", default=None,
                    help="draft attends only to the first SINK and last WINDOW cached tokens; "
