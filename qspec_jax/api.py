@@ -352,6 +352,20 @@ def check_token_range(tokens: np.ndarray, vocab: int) -> None:
 # generate
 
 
+def stop_ids(model: QSpecModel, stop_token_ids=None) -> tuple[int, ...]:
+    """The model's EOS ids plus ``stop_token_ids`` (validated), without repeats: a sequence stops
+    after emitting any of them."""
+    extra = [] if stop_token_ids is None else stop_token_ids
+    if isinstance(extra, (int, np.integer)):
+        extra = [extra]
+    V = model.cfg.vocab_size
+    if (not isinstance(extra, Sequence) or isinstance(extra, str)
+            or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < V
+                       for t in extra)):
+        raise ValueError(f"stop_token_ids must be token ids in [0, {V}), got {stop_token_ids!r}")
+    return tuple(dict.fromkeys([*model.eos_ids, *(int(t) for t in extra)]))
+
+
 def _is_conversation(p) -> bool:
     """A chat conversation: a non-empty list of message dicts ({"role": ..., "content": ...})."""
     return (isinstance(p, Sequence) and not isinstance(p, str) and len(p) > 0
@@ -581,7 +595,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
              draft: str = "w4a8", gamma: int | str = "auto", max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None, prefill_chunk: int | None = None,
-             kernels: str = "auto") -> DecodeCall:
+             kernels: str = "auto", stop_token_ids=None) -> DecodeCall:
     """The jitted decode program ``generate`` would run for these arguments, with its arguments,
     without running it (same validation, same gamma="auto" calibration and cache allocation):
     ``call.run()`` decodes; ``call.memory_analysis()`` is XLA's memory plan for the program
@@ -589,6 +603,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
     ``call.fn.lower(*call.args, **call.kwargs)`` gives its HLO. Arguments: see ``generate``.
     """
     check_kernels(kernels)
+    eos_ids = stop_ids(model, stop_token_ids)
     mode = model.default_mode() if mode is None else mode
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -628,7 +643,7 @@ def decode_call(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str 
         if plain:  # no speculation lookahead: the very program (and cache) of w4a16 decoding
             L = cache_length(model, tokens.shape[1], int(lens.max()), max_new_tokens, 0, max_len)
     cache = KVCache.create(model.cfg, len(prompt_ids), L, model.dtype)
-    eos = jnp.asarray(model.eos_ids, jnp.int32).reshape(-1)
+    eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
     args = (model.graphdef, model.state, jnp.asarray(tokens), jnp.asarray(lens), cache,
             jax.random.PRNGKey(seed), sampling.arrays(), eos)
     if speculative and not plain:
@@ -652,7 +667,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | N
              draft: str = "w4a8", gamma: int | str = "auto", max_gamma: int = 7, cycle_costs=None,
              draft_window: tuple[int, int] | str | None = None, draft_layers=None,
              max_len: int | None = None, prefill_chunk: int | None = None,
-             kernels: str = "auto") -> GenerateOutput:
+             kernels: str = "auto", stop_token_ids=None) -> GenerateOutput:
     """Generate continuations. ``prompts``: one prompt or a list; each is text, a token-id list
     or a chat conversation ([{"role": "user", "content": "..."}, ...], formatted with the
     tokenizer's chat template and its assistant-turn opening: ``chat_prompt_ids``).
@@ -671,6 +686,8 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | N
     ``draft_window="auto"`` (with ``gamma="auto"``): a windowed draft (AUTO_DRAFT_WINDOW) only
     where the cost tables say the full-cache draft cannot pay and the windowed one can (long
     caches); ``stats["draft_window"]`` says what ran.
+    ``stop_token_ids``: token ids that end a sequence besides the model's EOS ids (kept in
+    the output, as EOS is).
     ``max_len``: KV cache positions (default: what the request needs, rounded up to 64).
     ``prefill_chunk``: prompt positions per sequence per prefill forward (default: about 16k
     tokens per forward over the batch, so long prompts prefill in bounded memory).
@@ -679,7 +696,7 @@ def generate(model: QSpecModel, prompts, max_new_tokens: int = 32, mode: str | N
     call = decode_call(model, prompts, max_new_tokens, mode, temperature, top_k, top_p, seed,
                        draft=draft, gamma=gamma, max_gamma=max_gamma, cycle_costs=cycle_costs,
                        draft_window=draft_window, draft_layers=draft_layers, max_len=max_len,
-                       prefill_chunk=prefill_chunk, kernels=kernels)
+                       prefill_chunk=prefill_chunk, kernels=kernels, stop_token_ids=stop_token_ids)
     res = call.run()
     if call.plain:  # report it in QSpec's terms: every cycle was a gamma = 0 cycle
         steps = int(res.stats["decode_steps"])

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="with --chat: a system message before each user message")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                   help="a token id that ends a sequence besides the model's EOS (repeatable)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                           max_gamma=args.max_gamma, kernels=args.kernels,
                           draft_window=window,
                           draft_layers=args.draft_layers, max_len=args.max_len,
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, stop_token_ids=args.stop_token_id)
     except (ValueError, FileNotFoundError) as e:
         print(f"qspec-generate: error: {e}", file=sys.stderr)
         return 2

@@ -67,6 +67,8 @@ def test_generate_cli_with_tokenizer(tmp_path, capsys, monkeypatch):
     assert "prefill_chunk must be a positive integer" in capsys.readouterr().err
     assert generate_main(argv + ["--max-len", "2"]) == 2
     assert "raise max_len or shorten the request" in capsys.readouterr().err
+    assert generate_main(argv + ["--stop-token-id", "100000"]) == 2  # --stop-token-id reaches generate
+    assert "stop_token_ids must be token ids in [0, " in capsys.readouterr().err
     assert generate_main(argv + ["--max-len", "128", "--prefill-chunk", "1"]) == 0
     stats = last_json_line(capsys.readouterr().err)
     assert stats["cache_len"] == 128 and stats["prefill_chunk"] == 1

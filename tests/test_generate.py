@@ -31,6 +31,22 @@ def test_eos_stops_each_sequence(model):
     assert out.stats["new_tokens_per_sequence"][0] == len(out.tokens[0])
 
 
+def test_stop_token_ids_end_sequences_like_eos(model):
+    """stop_token_ids: extra ids that end a sequence (kept in the output); repeats of the model's
+    EOS ids are fine; bad values fail before any work."""
+    free = qj.generate(model, PROMPTS, max_new_tokens=8)
+    stop = free.tokens[1][2]
+    out = qj.generate(model, PROMPTS, max_new_tokens=8, stop_token_ids=[stop, stop])
+    assert out.tokens[1] == free.tokens[1][:free.tokens[1].index(stop) + 1]
+    t0 = free.tokens[0]
+    assert out.tokens[0] == (t0[:t0.index(stop) + 1] if stop in t0 else t0)
+    from qspec_jax.api import stop_ids
+    assert stop_ids(model, [stop, *model.eos_ids, stop]) == tuple(dict.fromkeys([*model.eos_ids, stop]))
+    for bad in ([128], [-1], ["7"], "7", [True], 2.0):
+        with pytest.raises(ValueError, match=r"stop_token_ids must be token ids in \[0, 128\)"):
+            qj.generate(model, PROMPTS, max_new_tokens=8, stop_token_ids=bad)
+
+
 def test_no_retrace_between_calls_with_same_shapes(model):
     # (max_new_tokens=6: programs no other test compiles, whatever the test order.)
     qj.generate(model, PROMPTS, max_new_tokens=6)

@@ -170,6 +170,20 @@ def test_stats_are_consistent(quantized):
     assert s["committed_tokens_per_cycle"] <= s["tokens_per_cycle"]
 
 
+def test_stop_token_ids_cut_speculative_output_like_verify_mode(quantized):
+    """A stop id accepted mid-cycle ends the sequence there: QSpec's output with stop_token_ids
+    equals w4a16 decoding's with the same ids (ids taken from the free-running output)."""
+    model = quantized["llama"]
+    prompts = ragged_prompts(5, n=4)
+    free = qj.generate(model, prompts, max_new_tokens=30, mode="w4a16")
+    stops = [free.tokens[0][6], free.tokens[2][11]]
+    ref = qj.generate(model, prompts, max_new_tokens=30, mode="w4a16", stop_token_ids=stops)
+    assert ref.tokens != free.tokens and ref.tokens[0][-1] in stops
+    out = qj.generate(model, prompts, max_new_tokens=30, mode="qspec", draft="w4a4", gamma=4,
+                      stop_token_ids=stops)
+    assert out.tokens == ref.tokens
+
+
 def test_identical_draft_accepts_everything(quantized):
     out = qj.generate(quantized["llama"], ragged_prompts(6), max_new_tokens=16, mode="qspec",
                       draft="w4a16", gamma=3)
