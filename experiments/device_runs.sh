@@ -31,6 +31,7 @@
 #   bash experiments/device_runs.sh stream     # issue-6 diagnostic: Pallas read-only / read + unpack kernels vs XLA (~2 min)
 #   bash experiments/device_runs.sh chunktest  # GPU test: chunked prefill through the attention kernel (~2 min)
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
+#   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
@@ -100,7 +101,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 : "${OUT:?set OUT}"
 COMMIT="${COMMIT:-unknown}"
-stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | coldstart | kernels1b | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b}"
+stage="${1:?stage: kernels | asm | asmtune | actquant | normquant | gemv | many | verifym | profile | sweep8b | sweep8b_more | lmhead | compile | tokamax | sweepsmall | attention | longmodel | longctx8b | windowfix | smallbatch | longe2e | longe2e32 | longe2e4k | longwin | stream | chunktest | warmcompile | longe2e2k | attnsweep1 | kernels70b | hadamard | mgpu | mgpuws | mgpucompile | mgpue2e | mgpue2e1 | mgpue2e2 | mgpue2e3 | mgpum64 | hadamard2 | xlaflags | mgpuregs | m64had | b16flags | regs2 | tune64 | b16split | profile16 | ws4 | nq16 | smema | longnk | persist | outmn | outmn2 | diag | lmhead2 | cachewrite | cachewrite2 | hlodump | rotate | autob1 | mgpum256 | mgpum256e2e | resnorm | mgpuauto | resnorm2 | bigm | bigm8 | bigmauto | defaults256 | cachewrite3 | attnsweep8 | attnsweep24 | defaults70b | coldstart | kernels1b | profile1b | gputests | attnfloor | readfloor | pdl | pdle2e | sweepgrid8bsmall | xlaflags3 | sweepgrid8b | sweepgrid1b | combine | normfold}"
 
 step() {  # step SECONDS LOGNAME COMMAND...: run with a timeout, log to $OUT, never abort the stage
   local t="$1" log="$2"
@@ -534,6 +535,23 @@ case "$stage" in
     step 300 defaults70b.log python3 experiments/probe_mgpu.py --sweep default --ms 64,128,256 \
       --shapes 70b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
       --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults70b"
+    ;;
+  normfold)
+    # Issues 8 / 6: the draft's RMSNorm + quantization with the norm folded into the scale
+    # (quant.NORM_QUANT_FOLD, sweep --norm-quant-fold: two sibling row reductions + one pass
+    # instead of norm, max-reduction, quantize) against the default, w4a8 AR and w4a16 AR at batch
+    # 1 / 16 on the 1B and 8B shapes (a w4a8 step ran ~100 more kernels than a w4a16 one at 1B:
+    # profile_h200_1b_b1_a7717e1.md), alternating runs, --min-time 1.0 (~8 min).
+    # (w4a16 does not read the flag: timed once, beside the default w4a8.)
+    for model in llama3.2-1b llama3-8b; do
+      t=100; [ $model = llama3-8b ] && t=170
+      step $t "normfold_${model}_base.log" python3 experiments/sweep.py --models "$model" \
+        --batches 1,16 --modes w4a8,w4a16 --repeats 3 --new-tokens 64 --min-time 1.0 \
+        --time-budget $((t - 15)) --commit "$COMMIT" --out "$OUT/normfold_h200_${model}_base.jsonl"
+      step $((t / 2 + 20)) "normfold_${model}_fold.log" python3 experiments/sweep.py --models "$model" \
+        --batches 1,16 --modes w4a8 --repeats 3 --new-tokens 64 --min-time 1.0 --norm-quant-fold \
+        --time-budget $((t / 2)) --commit "$COMMIT" --out "$OUT/normfold_h200_${model}_fold.jsonl"
+    done
     ;;
   combine)
     # Issue 7 after 6c256a0: the split combine loads all splits at once and spreads the head dim

@@ -489,6 +489,10 @@ def main(argv=None) -> int:
                         "row_quant for the o_proj / down_proj inputs) under kernels=auto "
                         "(kernel_dispatch.NORM_QUANT_AUTO; off by default until measured faster); "
                         "KINDS: a comma list of rmsnorm, none, swiglu (default: all)")
+    p.add_argument("--norm-quant-fold", action="store_true",
+                   help="draft modes, XLA path: quantize RMSNorm(x) with the norm folded into the "
+                        "scale (quant.NORM_QUANT_FOLD: two sibling row reductions and one "
+                        "elementwise pass, no normalized tensor; off by default until measured)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
@@ -576,6 +580,10 @@ def main(argv=None) -> int:
                     f"{', '.join(kernel_dispatch.FUSED_QUANT_KINDS)}")
         kernel_dispatch.NORM_QUANT_AUTO = frozenset(kinds)
         env["norm_quant_kernel"] = ",".join(kinds)
+    if args.norm_quant_fold:
+        from qspec_jax import quant as quant_module
+        quant_module.NORM_QUANT_FOLD = True
+        env["norm_quant_fold"] = True
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
     if args.rotate:
@@ -896,6 +904,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
         if nq:  # (True in files written before the kinds: all of them, the flag's default)
             kinds = sorted({k for v in nq if v != "True" for k in v.split(",")})
             args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
+        if any(r.get("norm_quant_fold") for r in runs):
+            args.append(("--norm-quant-fold", ""))
         if any(r.get("quantize_lm_head") for r in runs):
             args.append(("--quantize-lm-head", ""))
         if any(r.get("rotate") for r in runs):

@@ -402,6 +402,8 @@ class DecoderLayer(nnx.Module):
         if self.quantized and mode in ("w4a8", "w4a4"):
             from .kernel_dispatch import rmsnorm_quant
             r = rmsnorm_quant(x, norm.scale[...], norm.eps, quant.ACTIVATION_BITS[mode], kernels)
+            if r is None and quant.NORM_QUANT_FOLD:
+                r = quant.rmsnorm_quantize(x, norm.scale[...], norm.eps, quant.ACTIVATION_BITS[mode])
             if r is not None:
                 return QuantizedInput(*r, x.dtype)
         return norm(x)

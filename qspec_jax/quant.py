@@ -190,6 +190,33 @@ def quantize_activations(x, bits):
     return xq, sx
 
 
+# Draft modes, XLA path: quantize RMSNorm(x) without materializing it (rmsnorm_quantize).
+# Off until measured faster on the GPU (sweep.py --norm-quant-fold, device stage "normfold").
+NORM_QUANT_FOLD = False
+
+
+def rmsnorm_quantize(x, gain, eps: float, bits: int):
+    """Per-token quantization of RMSNorm(x) * gain (the draft modes' qkv / gate_up input) with
+    the norm folded into the scale: its rsqrt(mean(x^2) + eps) is a positive factor per row, so
+    xq = round(x g qmax / max|x g|) and sx = max|x g| rsqrt(mean(x^2) + eps) / qmax. The two
+    row reductions both read x (siblings XLA can fuse into one kernel) and nothing but xq is
+    written. Equal to quantize_activations(RMSNorm(x) * gain) up to the rounding of the
+    normalized values (a code differs by at most 1 where that path rounds to bf16 first).
+    Returns (xq int8 [..., K], sx f32 [..., 1])."""
+    if bits not in _ACT_RANGE:
+        raise ValueError(f"activation bits must be one of {sorted(_ACT_RANGE)}, got {bits}")
+    qmin, qmax = _ACT_RANGE[bits]
+    xf = jnp.asarray(x, jnp.float32)
+    xg = xf * jnp.asarray(gain, jnp.float32)
+    ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+    nonzero = amax > 0
+    safe = jnp.where(nonzero, amax, 1.0)
+    xq = jnp.clip(jnp.round(xg * (qmax / safe)), qmin, qmax).astype(jnp.int8)
+    sx = jnp.where(nonzero, safe * lax.rsqrt(ms + eps) / qmax, 1.0)
+    return xq, sx
+
+
 def quantize_activations_fp8(x):
     """Per-token e4m3 quantization of x [..., K]: (xq float8_e4m3fn [..., K], sx f32 [..., 1]).
     The clip keeps a division that rounds above 448 from turning into NaN (e4m3fn has no inf)."""

@@ -155,3 +155,23 @@ def test_bench_fused_quick_hadamard(tmp_path):
     assert [(r["kind"], r["M"], r["D"]) for r in rows] == [("hadamard", 1, 384), ("hadamard", 3, 384)]
     assert all(r["ok"] and "hadamard_only_loop_us" in r for r in rows)
     assert "| hadamard | 384 | 3 |" in open(tmp_path / "fused_h200_quick.md").read()
+
+
+@pytest.mark.parametrize("M,D,bits,dtype", [(5, 384, 8, jnp.float32), (3, 512, 4, jnp.float32),
+                                            (4, 4096, 8, jnp.bfloat16), (3, 512, 4, jnp.bfloat16)])
+def test_folded_norm_quantization_matches_norm_then_quantize(M, D, bits, dtype):
+    """quant.rmsnorm_quantize (the norm folded into the scale: no normalized tensor) against the
+    model's RMSNorm followed by quantize_activations: scales equal to f32 rounding (bf16: to the
+    rounding of the normalized values), codes within one step and nearly all equal, an all-zero
+    row gives sx = 1 and xq = 0."""
+    x, gain = _inputs(M, D, dtype, 3 * M + D)
+    xq, sx = quant.rmsnorm_quantize(x, gain, 1e-5, bits)
+    xq_r, sx_r = rmsnorm_quant_reference(x, gain, 1e-5, bits)
+    f32 = dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(sx), np.asarray(sx_r), rtol=1e-6 if f32 else 2 ** -7)
+    diff = np.abs(np.asarray(xq, np.int32) - np.asarray(xq_r, np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() <= (1e-3 if f32 else 0.05)
+    assert xq.dtype == jnp.int8 and sx.shape == (M, 1)
+    assert float(sx[1, 0]) == 1.0 and not np.any(np.asarray(xq[1]))
+    with pytest.raises(ValueError, match="activation bits must be one of"):
+        quant.rmsnorm_quantize(x, gain, 1e-5, 6)

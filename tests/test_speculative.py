@@ -184,6 +184,34 @@ def test_stop_token_ids_cut_speculative_output_like_verify_mode(quantized):
     assert out.tokens == ref.tokens
 
 
+@pytest.mark.parametrize("draft", ["w4a8", "w4a4"])
+def test_folded_norm_quantization_in_the_draft(quantized, monkeypatch, draft):
+    """quant.NORM_QUANT_FOLD (the draft's qkv / gate_up inputs quantized with the RMSNorm folded
+    into the scale): draft logits within quantization noise of the default path, and QSpec's
+    output still exactly verify mode's."""
+    from qspec_jax import quant
+    model = quantized["llama"]
+    prompts = ragged_prompts(21)
+    ids = [p + [1] * (12 - len(p)) for p in prompts]
+    ref = qj.generate(model, prompts, max_new_tokens=12, mode="w4a16")
+    base = np.asarray(qj.logits(model, ids, mode=draft))
+    calls, fold = [], quant.rmsnorm_quantize
+    monkeypatch.setattr(quant, "rmsnorm_quantize", lambda *a: calls.append(1) or fold(*a))
+    monkeypatch.setattr(quant, "NORM_QUANT_FOLD", True)
+    jax.clear_caches()  # the flag is read while tracing
+    try:
+        folded = np.asarray(qj.logits(model, ids, mode=draft))
+        out = qj.generate(model, prompts, max_new_tokens=12, mode="qspec", draft=draft, gamma=3)
+    finally:
+        monkeypatch.setattr(quant, "NORM_QUANT_FOLD", False)
+        jax.clear_caches()  # no folded program outlives the test
+    assert calls  # the folded path ran (with a QuaRot-rotated model's unit gains and f32 it
+    # may give the same codes and, max|x| scaling exactly, the same scales: no difference)
+    scale = np.abs(base).max()
+    assert np.abs(folded - base).max() <= (0.02 if draft == "w4a8" else 0.1) * scale
+    assert out.tokens == ref.tokens
+
+
 def test_identical_draft_accepts_everything(quantized):
     out = qj.generate(quantized["llama"], ragged_prompts(6), max_new_tokens=16, mode="qspec",
                       draft="w4a16", gamma=3)

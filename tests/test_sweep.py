@@ -135,6 +135,30 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
     assert "## Errors" not in text
 
 
+def test_sweep_quick_with_the_folded_norm_quantization(tmp_path):
+    """--norm-quant-fold: the draft's qkv / gate_up inputs go through quant.rmsnorm_quantize;
+    recorded in every row and in the report's command; QSpec stays exact (acceptance recorded,
+    no error)."""
+    from qspec_jax import quant
+    out = tmp_path / "fold.jsonl"
+    calls, real = [], quant.rmsnorm_quantize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "rmsnorm_quantize", lambda *a: calls.append(1) or real(*a))
+        mp.setattr(quant, "NORM_QUANT_FOLD", False)  # restored after: the sweep sets it
+        import jax
+        jax.clear_caches()  # (the flag is read while tracing)
+        try:
+            assert sweep_main(["--quick", "--modes", "w4a8", "--batches", "1", "--norm-quant-fold",
+                               "--new-tokens", "5", "--out", str(out)]) == 0
+        finally:
+            jax.clear_caches()
+    assert calls
+    rows = [json.loads(l) for l in open(out)]
+    assert rows and all(r.get("norm_quant_fold") and "error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--norm-quant-fold" in open(tmp_path / "fold.md").read()
+
+
 def test_sweep_quick_with_an_int4_lm_head(tmp_path):
     """--quantize-lm-head: the quantized model's lm_head is int4 (read in both modes), recorded
     in every row and in the report's command."""
