@@ -1086,6 +1086,10 @@ def report(path: str) -> str:
                 body.append([str(r["batch"]), str(r.get("context", "?")), timed,
                              fmt(r.get("measure_s"), ".1f"), "cycle ms"]
                             + [fmt(1e3 * x, ".3f") for x in c] + pad + [""])
+                if r.get("verify_s") and len(r["verify_s"]) == len(c):  # the parts (since 2026-12-01)
+                    body.append(["", "", "", "", f"draft step ms: {fmt(1e3 * r['draft_step_s'], '.3f')}; "
+                                 "verify pass ms"] + [fmt(1e3 * x, ".3f") for x in r["verify_s"]]
+                                + pad + [""])
                 for a in REPORT_ACCEPTANCES:
                     pred = predicted_speedup(c, a)
                     body.append(["", "", "", "", f"speedup a={a}"] + [fmt(x) for x in pred] + pad

@@ -124,13 +124,16 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
     for s, p in zip(speedup_table(rows, "tiny"), points[1:]):
         assert p["speedup vs w4a16 (measured)"] == fmt(s["measured"])
         assert p["predicted speedup"] == fmt(s["predicted"])
-    # Cost table: cycle ms and the predicted speedup at a = 0.9 and 1.0, one column per gamma 0..3.
+    # Cost table: cycle ms, its parts (draft step, verify pass per gamma) and the predicted
+    # speedup at a = 0.9 and 1.0, one column per gamma 0..3.
     gamma_cols = [k for k in costs[0] if k.startswith("γ=")]
     assert gamma_cols == ["γ=0", "γ=1", "γ=2", "γ=3"]
-    assert [c["quantity"] for c in costs] == ["cycle ms", "speedup a=0.9", "speedup a=1.0"]
+    parts = f"draft step ms: {fmt(1e3 * cost['draft_step_s'], '.3f')}; verify pass ms"
+    assert [c["quantity"] for c in costs] == ["cycle ms", parts, "speedup a=0.9", "speedup a=1.0"]
     assert costs[0]["batch"] == "2" and costs[0]["verify widths timed"].startswith("0, 3")
     assert [costs[0][k] for k in gamma_cols] == [fmt(1e3 * x, ".3f") for x in cost["cycle_costs"]]
-    for c, a in zip(costs[1:], (0.9, 1.0)):
+    assert [costs[1][k] for k in gamma_cols] == [fmt(1e3 * x, ".3f") for x in cost["verify_s"]]
+    for c, a in zip(costs[2:], (0.9, 1.0)):
         assert [c[k] for k in gamma_cols] == [fmt(x) for x in predicted_speedup(cost["cycle_costs"], a)]
     assert "## Errors" not in text
 
