@@ -155,11 +155,10 @@ def measure_cycle_costs(model, batch: int, context: int, max_gamma: int, draft: 
                  "T_verify(1)=%.3g s x %.3f: no gamma can pay even with free verify widths, "
                  "which are not timed", batch, context, draft, t_draft, measured[0],
                  (max_gamma + 1 - early_exit_gain) / (early_exit_gain * max_gamma))
-        if parts is not None:
-            parts.update(draft_s=t_draft, verify_s=[measured[0]] * (max_gamma + 1), verify_timed=[0])
-        return np.array([g * t_draft + measured[0] for g in range(max_gamma + 1)])
-    measured += [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels, steps=steps,
-                              repeats=repeats) for g in timed[1:]]
+        timed = [0]  # every wider verify pass taken as T_verify(1) (interp of one point)
+    else:
+        measured += [time_forward(model, batch, context, g + 1, "w4a16", kernels=kernels,
+                                  steps=steps, repeats=repeats) for g in timed[1:]]
     t_verify = np.interp(np.arange(max_gamma + 1), timed, measured)
     costs = np.array([g * t_draft + t_verify[g] for g in range(max_gamma + 1)])
     if parts is not None:
