@@ -558,7 +558,7 @@ case "$stage" in
     # over programs (was 3.9-11.3 us of a 13-50 us batch-1 call, attention_floor_h200_a7717e1.md).
     # GPU attention tests first (62 cases, ~170 s), then batch 1-8 at T 1 with kernel times, then
     # a split sweep at batch 1 (a cheaper combine may favour more splits), ~9.5 min.
-    step 200 combine_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
+    step 260 combine_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
     step 150 combine_b1248.log python3 experiments/bench_attention.py --batches 1 2 4 8 \
       --contexts 2048 8192 32768 --ts 1 --impls ours decode_attention --reps 3 --time-budget 130 \
       --kernel-times --commit "$COMMIT" --out "$OUT/attention_combine_h200.json"

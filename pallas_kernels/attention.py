@@ -79,13 +79,14 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # k128/s4/st3 12.8 vs k64/s8 13.8 us (3 stages then only for splits of <= 8 blocks; since
 # 1f8d2a6 at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
 # timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages).
-# Splits: from ONE_WAVE_SQRT_MIN_BLOCKS key blocks on, at most about sqrt(key blocks) (the power
-# of 2 at or below it) or half a wave of programs, whichever is more: the fastest split count of
-# each batch-1 sweep point (8 base programs, 132 SMs) was 4 / 8 / 16 for 16 / 64 / 256 blocks of
-# 128 keys (2k / 8k / 32k; 8k: 8 splits 21.9 us vs 16 splits 24.5, both 3 stages). The half-wave
-# floor keeps models with fewer KV heads (fewer base programs) from running on a few SMs.
+# Splits: from ONE_WAVE_FULL_MIN_BLOCKS key blocks on, a full wave of programs (down to one key
+# block per split). Since the split combine loads all splits at once (6c256a0: 1.9-2.7 us at
+# batch 1-8 instead of 3.9-11.3) more splits pay: the c64168d batch-1 sweep
+# (attention_sweep_b1_h200_c64168d.md; 8 base programs on 132 SMs) timed 16 splits fastest at
+# 2k / 8k / 32k: 9.2 / 15.8 / 42.6 us vs 11.3 / 18.0 with the earlier sqrt(key blocks) cap (4 / 8
+# splits; the cap was the fastest while the combine cost 4-11 us, attention_sweep_b1_h200_1f8d2a6.md).
 ONE_WAVE_MIN_SPLITS = 16
-ONE_WAVE_SQRT_MIN_BLOCKS = 16
+ONE_WAVE_FULL_MIN_BLOCKS = 16
 # Few base programs but more than one wave's worth of splits (2 * base <= SMs: Llama-3-8B batch
 # 2-8, 16-64 base programs): 64-key blocks (3 stages) up to FEW_PROGRAMS_MAX_KEYS keys. H200 sweep
 # at batch 8 (attention_sweep_b8_h200_1f8d2a6.md): 2k T = 1 / 4 / 8 27.6 / 28.2 / 30.2 us vs
@@ -204,10 +205,11 @@ def _one_wave(base: int, sms: int) -> bool:
     return base * ONE_WAVE_MIN_SPLITS <= sms
 
 
-def _choose_splits(base: int, n_blocks: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+def _choose_splits(base: int, n_blocks: int, sms: int, programs_per_sm: int = PROGRAMS_PER_SM,
+                   min_blocks: int = MIN_BLOCKS_PER_SPLIT) -> int:
     """Flash-decoding splits: up to `programs_per_sm` waves of programs, whole waves preferred.
 
-    Among 1 .. min(n_blocks // MIN_BLOCKS_PER_SPLIT, cdiv(programs_per_sm * sms, base)) splits,
+    Among 1 .. min(n_blocks // min_blocks, cdiv(programs_per_sm * sms, base)) splits,
     take the one whose programs fill their waves best (p / (waves * sms), or p / sms below one
     wave); ties (within 2%) go to more splits (more programs to hide latency). No splits when
     there are already a wave of programs (large batches, prefill tiles). default_config passes
@@ -215,7 +217,7 @@ def _choose_splits(base: int, n_blocks: int, sms: int, programs_per_sm: int = PR
     programs, one wave) beat 33 (two waves) by 1.37x at 32k (attention_sweep_b1_h200.md)."""
     if base >= sms:
         return 1
-    top = max(1, min(n_blocks // MIN_BLOCKS_PER_SPLIT, pl.cdiv(programs_per_sm * sms, base)))
+    top = max(1, min(n_blocks // min_blocks, pl.cdiv(programs_per_sm * sms, base)))
     best, best_eff = 1, -1.0
     for ns in range(1, top + 1):
         p = base * ns
@@ -239,7 +241,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     programs (batch 1, `_one_wave`), on the batch-1 sweep
     (experiments/results/attention_sweep_b1_h200.md): one wave of programs instead of two,
     128-key blocks at 2k too, 3 stages (attention_sweep_b1_h200_1f8d2a6.md). Llama-3-8B heads,
-    batch 1: 32k T=1/4 -> k128/s16/w4/st3, 8k -> k128/s8/w4/st3, 2k -> k128/s4/w4/st3. Batch 2-8
+    batch 1: 32k T=1/4, 8k, 2k -> k128/s16/w4/st3 (a full wave of splits since the split combine
+    got cheap: attention_sweep_b1_h200_c64168d.md). Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
     2k / 8k -> k64/s4/w4/st3), at most FEW_PROGRAMS_SPLITS splits (batch 2 / 4:
     attention_sweep_b248_h200_74ec0d1.md); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
@@ -279,11 +282,10 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
         n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
     if num_splits is None:
-        num_splits = _choose_splits(base, n_blocks, sms, 1 if one_wave else PROGRAMS_PER_SM)
-        if one_wave and n_blocks >= ONE_WAVE_SQRT_MIN_BLOCKS:
-            sqrt_splits = 1 << (math.isqrt(n_blocks).bit_length() - 1)
-            num_splits = min(num_splits, max(sqrt_splits, sms // (2 * base)))
-        elif few_programs:
+        full_wave = one_wave and n_blocks >= ONE_WAVE_FULL_MIN_BLOCKS
+        num_splits = _choose_splits(base, n_blocks, sms, 1 if one_wave else PROGRAMS_PER_SM,
+                                    1 if full_wave else MIN_BLOCKS_PER_SPLIT)
+        if few_programs:
             num_splits = min(num_splits, FEW_PROGRAMS_SPLITS)
     num_splits = max(1, min(int(num_splits), n_blocks))
     if num_warps is None:
