@@ -33,6 +33,8 @@
 #   bash experiments/device_runs.sh warmcompile  # 8B compile times cold vs a warm persistent cache (two processes; ~5.5 min)
 #   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
+#   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
+#   bash experiments/device_runs.sh retime24   # GPU attention tests (all 63) + 8B w4a16 AR and gamma 3 end to end at batch 1 / 16 with the new attention defaults (~9.5 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
@@ -535,6 +537,29 @@ case "$stage" in
     step 300 defaults70b.log python3 experiments/probe_mgpu.py --sweep default --ms 64,128,256 \
       --shapes 70b --modes w4a16,w4a8 --baseline-variants xlank_w4a16,xlank_w4a8 --iters 20 \
       --time-budget 280 --commit "$COMMIT" --out "$OUT/defaults70b"
+    ;;
+  splits248)
+    # Issue 7 after 5a59859 (batch 1: a full wave of splits, attention_sweep_b1_h200_c64168d.md):
+    # batch 2-8 keep at most FEW_PROGRAMS_SPLITS = 4 splits, chosen while the split combine cost
+    # 4-11 us (attention_sweep_b248_h200_74ec0d1.md); with the 2 us combine more splits may pay.
+    # The sweep varies the splits x0.25-4 around the default at each point; then the batch 1 / 8
+    # grid at T 1 / 4 / 8 against both peers with the current defaults.
+    step 330 splits248.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 2:2048:1,2:8192:1,4:2048:1,4:8192:1,8:2048:1,8:8192:1 --reps 3 \
+      --time-budget 310 --commit "$COMMIT" --out "$OUT/attention_sweep_b248_h200.json"
+    step 220 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
+      --contexts 2048 8192 32768 --ts 1 4 8 --reps 3 --time-budget 200 --commit "$COMMIT" \
+      --out "$OUT/attention_b18_h200.json"
+    ;;
+  retime24)
+    # The GPU attention tests with room for all 63 cases (the combine stage's 200 s cut the last),
+    # then 8B decoding end to end with the new attention defaults: w4a16 AR and gamma 3 at
+    # batch 1 and 16 (compare sweepgrid_h200_llama3-8b.md, normfold_h200_c64168d.md; resumable).
+    step 260 retime_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
+    step 290 retime_llama3-8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+      --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --repeats 3 \
+      --new-tokens 64 --min-time 1.0 --time-budget 250 --commit "$COMMIT" \
+      --out "$OUT/retime_h200_llama3-8b.jsonl"
     ;;
   normfold)
     # Issues 8 / 6: the draft's RMSNorm + quantization with the norm folded into the scale
