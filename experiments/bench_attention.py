@@ -497,6 +497,7 @@ SWEEP_POINTS = [(1, 8192, 1), (1, 32768, 4), (8, 2048, 8), (8, 8192, 1), (32, 81
 # JAX's decode_attention, faster there, reads 256-key blocks in 16 splits: --sweep-points
 # 1:8192:1,1:32768:1,1:32768:4 times those too (256-key blocks take one pipeline stage: 128 KB).
 BATCH1_EXTRA = [(256, 4, 1), (256, 8, 1), (128, 8, 2)]  # (block_k, warps, stages)
+SHORT_CACHE_EXTRA = [(128, 2), (256, 1)]  # (block_k, stages): batch 1, caches <= 512 keys
 
 
 def sweep_configs(B, ctx, T):
@@ -519,6 +520,14 @@ def sweep_configs(B, ctx, T):
             if ctx % bk == 0 and ctx // bk >= splits:
                 c = default_config(B, T, H, KVH, ctx, HD, 2, block_k=bk, num_warps=warps,
                                    num_stages=stages, num_splits=splits)
+                if c not in cfgs:
+                    cfgs.append(c)
+        # Short caches (the decode of a short prompt): the whole cache in one or two key blocks
+        # per program, no splits (no combine kernel): latency, not bandwidth, sets the time.
+        for bk, stages in SHORT_CACHE_EXTRA:
+            if ctx <= 512 and ctx % bk == 0:
+                c = default_config(B, T, H, KVH, ctx, HD, 2, block_k=bk, num_splits=1,
+                                   num_stages=stages)
                 if c not in cfgs:
                     cfgs.append(c)
     return cfgs

@@ -542,13 +542,15 @@ case "$stage" in
     # Issue 7 after 5a59859 (batch 1: a full wave of splits, attention_sweep_b1_h200_c64168d.md):
     # batch 2-8 keep at most FEW_PROGRAMS_SPLITS = 4 splits, chosen while the split combine cost
     # 4-11 us (attention_sweep_b248_h200_74ec0d1.md); with the 2 us combine more splits may pay.
-    # The sweep varies the splits x0.25-4 around the default at each point; then the batch 1 / 8
-    # grid at T 1 / 4 / 8 against both peers with the current defaults.
-    step 330 splits248.log python3 experiments/bench_attention.py --sweep \
-      --sweep-points 2:2048:1,2:8192:1,4:2048:1,4:8192:1,8:2048:1,8:8192:1 --reps 3 \
-      --time-budget 310 --commit "$COMMIT" --out "$OUT/attention_sweep_b248_h200.json"
-    step 220 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
-      --contexts 2048 8192 32768 --ts 1 4 8 --reps 3 --time-budget 200 --commit "$COMMIT" \
+    # The sweep varies the splits x0.25-4 around the default at each point, and times batch 1 at
+    # the short-context decode's 256-position cache (T 1 / 4: the model's attention at 8B batch
+    # 1 takes 4.8 us x 32 layers per step there, hlo_summary_b1_xpad_7e1796b.md); then the batch 1
+    # / 8 grid at T 1 / 4 against both peers with the current defaults.
+    step 370 splits248.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 2:2048:1,4:2048:1,8:2048:1,2:8192:1,4:8192:1,8:8192:1,1:256:1,1:256:4 \
+      --reps 3 --time-budget 350 --commit "$COMMIT" --out "$OUT/attention_sweep_b248_h200.json"
+    step 180 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
+      --contexts 2048 8192 32768 --ts 1 4 --reps 3 --time-budget 160 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
     ;;
   retime24)
