@@ -52,6 +52,10 @@ def _cases():
                dict(num_splits=7), None))
     # Llama-3-8B heads
     cs.append(("llama_B1_S32768_T1", 1, 1, 32, 8, 32768, 128, BF16, "full", {}, None))
+    # batch 1 defaults since 5a59859: a full wave of 16 splits, down to one 128-key block each
+    # (ragged batch 1 = one sequence at position 0: 15 of the 16 splits empty; full: none)
+    cs.append(("llama_B1_S2048_T4", 1, 4, 32, 8, 2048, 128, BF16, "ragged", {}, None))
+    cs.append(("llama_B1_S8192_T1", 1, 1, 32, 8, 8192, 128, BF16, "full", {}, None))
     cs.append(("llama_B4_S8192_T4", 4, 4, 32, 8, 8192, 128, BF16, "ragged", {}, None))
     cs.append(("llama_B64_S2048_T8", 64, 8, 32, 8, 2048, 128, BF16, "ragged", {}, None))
     cs.append(("llama_B8_S4160_T4_bk64", 8, 4, 32, 8, 4160, 128, BF16, "ragged", {}, None))
