@@ -8,6 +8,7 @@ The kernel is also lowered for CUDA (Triton IR) on this CPU machine, which catch
 Triton backend rejects without needing a GPU.
 """
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -221,6 +222,27 @@ def test_default_config():
                     assert (programs >= min(132, B * 8 * S // 256) * 0.95
                             or c.num_splits == n_blocks // MIN_BLOCKS_PER_SPLIT
                             or (B > 1 and c.num_splits == 4)), c
+
+
+def test_choose_splits_fills_one_wave():
+    """The split count the defaults are built on: the most splits whose programs fill their waves
+    (within 2%), capped by the blocks per split (min_blocks) and the waves allowed."""
+    from pallas_kernels.attention import _choose_splits
+    # batch 1, Llama-3-8B heads (8 base programs) on 132 SMs, one wave: 16 splits (128 programs)
+    assert _choose_splits(8, 16, 132, 1, min_blocks=1) == 16      # 2k: one block per split
+    assert _choose_splits(8, 256, 132, 1, min_blocks=1) == 16     # 32k: more blocks change nothing
+    assert _choose_splits(8, 16, 132, 1, min_blocks=4) == 4       # the old 4-blocks-per-split cap
+    assert _choose_splits(8, 6, 132, 1, min_blocks=1) == 6        # fewer blocks than a wave wants
+    # 2 KV heads: 66 splits fill one wave exactly; 67 would start a second
+    assert _choose_splits(2, 256, 132, 1, min_blocks=1) == 66
+    # two waves allowed (programs_per_sm 2), 64 base programs: 4 splits = 256 programs (2 waves, 97%)
+    assert _choose_splits(64, 128, 132, 2) == 4
+    assert _choose_splits(132, 128, 132) == 1                     # already a wave of programs
+    for base, n_blocks, ppsm, mb in itertools.product((1, 3, 8, 16, 40), (1, 5, 16, 300), (1, 2),
+                                                     (1, 4)):
+        ns = _choose_splits(base, n_blocks, 132, ppsm, min_blocks=mb)
+        assert 1 <= ns <= max(1, n_blocks // mb) and base * ns <= max(base, ppsm * 132 + base), (
+            base, n_blocks, ppsm, mb, ns)
 
 
 def test_default_config_batch1_sweep(monkeypatch):
