@@ -35,6 +35,7 @@
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
 #   bash experiments/device_runs.sh retime24   # GPU attention tests (all 63) + 8B w4a16 AR and gamma 3 end to end at batch 1 / 16 with the new attention defaults (~9.5 min)
+#   bash experiments/device_runs.sh normscale  # verify-mode RMSNorm folded into the GEMM epilogue (quant.NORM_SCALE_FOLD) vs default: 8B b1/16, rotated 8B b1, 1B b1/16 w4a16 AR (~9 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
 #   bash experiments/device_runs.sh kernels70b # the kernel table on the Llama-3-70B layer shapes (issue 6's larger model; ~6 min)
 #   bash experiments/device_runs.sh hadamard   # XLA's online Hadamard + quantization before down_proj, and the transform alone (~2 min)
@@ -562,6 +563,23 @@ case "$stage" in
       --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --repeats 3 \
       --new-tokens 64 --min-time 1.0 --time-budget 215 --commit "$COMMIT" \
       --out "$OUT/retime_h200_llama3-8b.jsonl"
+    ;;
+  normscale)
+    # Issue 8 (batch-1 AR roofline): quant.NORM_SCALE_FOLD, the verify GEMMs after each RMSNorm
+    # reading the residual stream and scaling their output rows by the norm's factor, so the
+    # normalize kernel (2 per layer, ~1.3-1.8 us each: hlo_summary_b1_xpad_7e1796b.md) goes.
+    # Random-weight models are not rotated (their gains multiply the residual first); --rotate
+    # times the folded-gains path a converted model runs.
+    flag_ab normscale8b --norm-scale-fold 120
+    for v in off on; do
+      flag=""; [ "$v" = on ] && flag="--norm-scale-fold"
+      step 80 "normscale8b_rot_$v.log" python3 experiments/sweep.py --models llama3-8b \
+        --batches 1 --modes w4a16 --new-tokens 64 --repeats 3 --rotate $flag --time-budget 70 \
+        --commit "$COMMIT" --out "$OUT/normscale8b_rot_$v.jsonl"
+      step 65 "normscale1b_$v.log" python3 experiments/sweep.py --models llama3.2-1b \
+        --batches 1,16 --modes w4a16 --new-tokens 64 --repeats 3 --min-time 1.0 $flag \
+        --time-budget 55 --commit "$COMMIT" --out "$OUT/normscale1b_$v.jsonl"
+    done
     ;;
   normfold)
     # Issues 8 / 6: the draft's RMSNorm + quantization with the norm folded into the scale

@@ -493,6 +493,10 @@ def main(argv=None) -> int:
                    help="draft modes, XLA path: quantize RMSNorm(x) with the norm folded into the "
                         "scale (quant.NORM_QUANT_FOLD: two sibling row reductions and one "
                         "elementwise pass, no normalized tensor; off by default until measured)")
+    p.add_argument("--norm-scale-fold", action="store_true",
+                   help="verify mode (w4a16): the GEMMs after each RMSNorm read the residual stream "
+                        "and scale their output rows by the norm's factor (quant.NORM_SCALE_FOLD: "
+                        "no normalize kernel; off by default until measured)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
@@ -584,6 +588,10 @@ def main(argv=None) -> int:
         from qspec_jax import quant as quant_module
         quant_module.NORM_QUANT_FOLD = True
         env["norm_quant_fold"] = True
+    if args.norm_scale_fold:
+        from qspec_jax import quant as quant_module
+        quant_module.NORM_SCALE_FOLD = True
+        env["norm_scale_fold"] = True
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
     if args.rotate:
@@ -906,6 +914,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
         if any(r.get("norm_quant_fold") for r in runs):
             args.append(("--norm-quant-fold", ""))
+        if any(r.get("norm_scale_fold") for r in runs):
+            args.append(("--norm-scale-fold", ""))
         if any(r.get("quantize_lm_head") for r in runs):
             args.append(("--quantize-lm-head", ""))
         if any(r.get("rotate") for r in runs):

@@ -55,6 +55,29 @@ class QuantizedInput:
         return self.xq.shape
 
 
+@dataclasses.dataclass(frozen=True)
+class NormedInput:
+    """RMSNorm(x) * gain kept factored, for the quantized layers that read it in verify mode
+    (quant.NORM_SCALE_FOLD): ``x`` [..., K] is the residual stream times the gain (or itself where
+    a rotation folded the gains into the weights), ``r`` f32 [..., 1] the norm's per-row factor
+    rsqrt(mean(x^2) + eps). A w4a16 layer multiplies its output rows by r; any other use takes
+    ``materialize()``."""
+
+    x: jax.Array
+    r: jax.Array
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def materialize(self) -> jax.Array:
+        return (self.x.astype(jnp.float32) * self.r).astype(self.x.dtype)
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -107,14 +130,22 @@ class QLinear(nnx.Module):
         return hasattr(self, "qweight")
 
     def __call__(self, x, mode: str, kernels: str = "xla", defer: bool = False):
-        """x [..., K] in the compute dtype, or a QuantizedInput (draft modes) -> [..., N].
+        """x [..., K] in the compute dtype, a QuantizedInput (draft modes) or a NormedInput
+        (RMSNorm kept factored: w4a16 scales its output rows, other modes materialize it) ->
+        [..., N].
 
         defer=True: where the GEMM runs the Mosaic kernel (and the layer has no bias), its
         GemmPartials instead (the caller applies the epilogue, e.g. fused with the residual add
         and the next RMSNorm); anywhere else the output as usual."""
         defer = defer and self.bias is None
+        row_scale = None
+        if isinstance(x, NormedInput):  # verify mode: the norm's factor scales the output rows
+            if mode == "w4a16" and self.is_quantized:
+                x, row_scale, defer = x.x, x.r, False
+            else:
+                x = x.materialize()
         for captured in _CAPTURES:
-            captured[id(self)] = x
+            captured[id(self)] = x if row_scale is None else NormedInput(x, row_scale).materialize()
         if isinstance(x, QuantizedInput):
             if mode not in ("w4a8", "w4a4") or not self.is_quantized:
                 raise ValueError(f"a pre-quantized input needs a quantized layer in mode w4a8 or "
@@ -133,6 +164,8 @@ class QLinear(nnx.Module):
                 raise ValueError(f"mode {mode!r} needs a quantized model; load it with quant='w4' "
                                  "(or convert with --quant w4), or use mode='w16'")
             y = quantized_matmul(x, self.qweight[...], self.scales[...], mode, kernels, defer)
+            if row_scale is not None:
+                y = (y.astype(jnp.float32) * row_scale).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

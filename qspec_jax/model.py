@@ -19,7 +19,8 @@ from flax import nnx
 
 from . import quant
 from .config import ModelConfig, QuantConfig
-from .layers import Embed, QLinear, QuantizedInput, RMSNorm, apply_rope, finished, rope_inv_freq
+from .layers import (Embed, NormedInput, QLinear, QuantizedInput, RMSNorm, apply_rope, finished,
+                     rope_inv_freq)
 
 
 # How a decode step (and a fixed-gamma draft or verify pass) writes its new K/V: "layer" (each
@@ -394,11 +395,17 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, qcfg, dtype, rngs, fused)
         self.quantized = qcfg.quantized
+        # A QuaRot rotation folds the norms' gains into the next linears (they are ones then).
+        self.gains_folded = qcfg.rotate
 
     def _norm(self, norm: RMSNorm, x, mode, kernels):
         """norm(x) for the quantized layers that read it. In the draft modes (w4a8 / w4a4) those
         only need it quantized per token: the fused RMSNorm + quantization kernel, where the
-        dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel."""
+        dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel. In verify mode
+        with quant.NORM_SCALE_FOLD: a NormedInput (the GEMMs scale their output rows)."""
+        if self.quantized and mode == "w4a16" and quant.NORM_SCALE_FOLD:
+            g = None if self.gains_folded else norm.scale[...].astype(x.dtype)
+            return NormedInput(x if g is None else g * x, quant.rms_factor(x, norm.eps))
         if self.quantized and mode in ("w4a8", "w4a4"):
             from .kernel_dispatch import rmsnorm_quant
             r = rmsnorm_quant(x, norm.scale[...], norm.eps, quant.ACTIVATION_BITS[mode], kernels)

@@ -195,6 +195,21 @@ def quantize_activations(x, bits):
 NORM_QUANT_FOLD = False
 
 
+# Verify mode (w4a16), every path: the GEMMs that read an RMSNorm (qkv, gate/up) take the
+# residual stream itself (times the gains where a rotation has not folded them into the weights)
+# and scale their output rows by the norm's factor rsqrt(mean(x^2) + eps) in the epilogue
+# (layers.NormedInput): the norm's separate normalize kernel goes (2 per layer). Output rows
+# scale exactly like input rows; only the bf16 rounding of the normalized input differs (it is
+# not made). Off until measured on the H200 (sweep.py --norm-scale-fold, device stage normscale).
+NORM_SCALE_FOLD = False
+
+
+def rms_factor(x, eps: float):
+    """rsqrt(mean(x^2) + eps) over the last axis, f32 [..., 1]: RMSNorm's per-row factor."""
+    xf = jnp.asarray(x, jnp.float32)
+    return lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rmsnorm_quantize(x, gain, eps: float, bits: int):
     """Per-token quantization of RMSNorm(x) * gain (the draft modes' qkv / gate_up input) with
     the norm folded into the scale: its rsqrt(mean(x^2) + eps) is a positive factor per row, so

@@ -175,6 +175,46 @@ def test_pallas_kernels_in_the_model_match_xla(hf_dirs, caplog):
         qj.logits(model, ids, mode="w4a16", kernels="cuda")
 
 
+@pytest.mark.parametrize("arch, rotate, dtype", [("llama", True, "float32"),
+                                                 ("qwen2", False, "float32"),
+                                                 ("llama", True, "bfloat16")])
+def test_norm_scale_fold_in_verify_mode(arch, rotate, dtype, hf_dirs, monkeypatch):
+    """quant.NORM_SCALE_FOLD: the w4a16 GEMMs after each RMSNorm read the residual stream (times
+    the gains where no rotation folded them: qwen2 unrotated, with q/k/v biases) and scale their
+    output rows by the norm's factor instead. The same function: float32 logits equal up to
+    rounding on the XLA and the Pallas (interpret) paths, bfloat16 within its rounding (the
+    normalized input is no longer rounded to bf16); the draft modes are untouched; greedy
+    tokens unchanged and QSpec still exactly verify mode's."""
+    import jax
+
+    from qspec_jax import quant
+    model = qj.load(hf_dirs[arch][0], dtype=dtype, quant="w4", method="rtn", rotate=rotate)
+    assert model.module.layers[0].gains_folded == rotate
+    ids, prompts = IDS[:1, :8], [list(IDS[0, :6]), list(IDS[1, :4])]
+    kinds = ("xla", "pallas") if dtype == "float32" else ("xla",)
+    base = {k: np.asarray(qj.logits(model, ids, mode="w4a16", kernels=k), np.float32) for k in kinds}
+    draft = np.asarray(qj.logits(model, ids, mode="w4a8"))
+    ref = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16").tokens
+    calls, factor = [], quant.rms_factor
+    monkeypatch.setattr(quant, "rms_factor", lambda *a: calls.append(1) or factor(*a))
+    monkeypatch.setattr(quant, "NORM_SCALE_FOLD", True)
+    jax.clear_caches()  # the flag is read while tracing
+    try:
+        for k, b in base.items():
+            got = np.asarray(qj.logits(model, ids, mode="w4a16", kernels=k), np.float32)
+            assert rel(got, b) < (1e-5 if dtype == "float32" else 3e-2), k
+        assert calls  # the folded path ran
+        np.testing.assert_array_equal(np.asarray(qj.logits(model, ids, mode="w4a8")), draft)
+        out = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16").tokens
+        spec = qj.generate(model, prompts, max_new_tokens=8, mode="qspec", gamma=3).tokens
+    finally:
+        monkeypatch.setattr(quant, "NORM_SCALE_FOLD", False)
+        jax.clear_caches()  # no folded program outlives the test
+    assert spec == out
+    if dtype == "float32":
+        assert out == ref
+
+
 def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):
     """kernels="pallas" in w4a8/w4a4 (hidden size 128, a kernel shape): each RMSNorm and the
     per-token quantization of its output run as one fused kernel: the first layer's as

@@ -138,28 +138,32 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
     assert "## Errors" not in text
 
 
-def test_sweep_quick_with_the_folded_norm_quantization(tmp_path):
+@pytest.mark.parametrize("flag, attr, func, mode", [
+    ("--norm-quant-fold", "NORM_QUANT_FOLD", "rmsnorm_quantize", "w4a8"),
+    ("--norm-scale-fold", "NORM_SCALE_FOLD", "rms_factor", "w4a16")])
+def test_sweep_quick_with_a_folded_norm(tmp_path, flag, attr, func, mode):
     """--norm-quant-fold: the draft's qkv / gate_up inputs go through quant.rmsnorm_quantize;
-    recorded in every row and in the report's command; QSpec stays exact (acceptance recorded,
-    no error)."""
+    --norm-scale-fold: the verify GEMMs scale their output rows by quant.rms_factor. Either is
+    recorded in every row and in the report's command, with no error."""
     from qspec_jax import quant
+    key = flag[2:].replace("-", "_")
     out = tmp_path / "fold.jsonl"
-    calls, real = [], quant.rmsnorm_quantize
+    calls, real = [], getattr(quant, func)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant, "rmsnorm_quantize", lambda *a: calls.append(1) or real(*a))
-        mp.setattr(quant, "NORM_QUANT_FOLD", False)  # restored after: the sweep sets it
+        mp.setattr(quant, func, lambda *a: calls.append(1) or real(*a))
+        mp.setattr(quant, attr, False)  # restored after: the sweep sets it
         import jax
         jax.clear_caches()  # (the flag is read while tracing)
         try:
-            assert sweep_main(["--quick", "--modes", "w4a8", "--batches", "1", "--norm-quant-fold",
+            assert sweep_main(["--quick", "--modes", mode, "--batches", "1", flag,
                                "--new-tokens", "5", "--out", str(out)]) == 0
         finally:
             jax.clear_caches()
     assert calls
     rows = [json.loads(l) for l in open(out)]
-    assert rows and all(r.get("norm_quant_fold") and "error" not in r for r in rows)
+    assert rows and all(r.get(key) and "error" not in r for r in rows)
     assert sweep_main(["--report", "--out", str(out)]) == 0
-    assert "--norm-quant-fold" in open(tmp_path / "fold.md").read()
+    assert flag in open(tmp_path / "fold.md").read()
 
 
 def test_sweep_quick_with_an_int4_lm_head(tmp_path):
