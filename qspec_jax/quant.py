@@ -223,12 +223,11 @@ def rmsnorm_quantize(x, gain, eps: float, bits: int):
     qmin, qmax = _ACT_RANGE[bits]
     xf = jnp.asarray(x, jnp.float32)
     xg = xf * jnp.asarray(gain, jnp.float32)
-    ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
     amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
     nonzero = amax > 0
     safe = jnp.where(nonzero, amax, 1.0)
     xq = jnp.clip(jnp.round(xg * (qmax / safe)), qmin, qmax).astype(jnp.int8)
-    sx = jnp.where(nonzero, safe * lax.rsqrt(ms + eps) / qmax, 1.0)
+    sx = jnp.where(nonzero, safe * rms_factor(xf, eps) / qmax, 1.0)
     return xq, sx
 
 
