@@ -119,15 +119,16 @@ def test_padding_rows_without_keys_and_kv_len():
     assert _rel(out[2], ref_trunc[2]) <= 1e-5
 
 
-@pytest.mark.parametrize("ns", [5, 7, 16])
+@pytest.mark.parametrize("ns", [5, 7, 16, 66])
 def test_split_combine_over_power_of_two_chunks(ns):
-    """The split combine loads the splits in power-of-two chunks (5 = 4 + 1, 7 = 4 + 2 + 1, 16)
-    and the head dim in chunks (combine_head_block): every split and head column lands where the
-    f32 reference puts it, with empty splits (ragged lengths) and a row without keys."""
+    """The split combine loads the splits in power-of-two chunks (5 = 4 + 1, 7 = 4 + 2 + 1, 16;
+    66 = 64 + 2: batch 1 of a 2-KV-head model takes a full wave of 66 splits) and the head dim in
+    chunks (combine_head_block): every split and head column lands where the f32 reference puts
+    it, with empty splits (ragged lengths) and a row without keys."""
     from pallas_kernels.attention import _pow2_chunks, combine_head_block
     assert _pow2_chunks(ns) == {5: [(0, 4), (4, 1)], 7: [(0, 4), (4, 2), (6, 1)],
-                                16: [(0, 16)]}[ns]
-    B, T, H, KVH, S, hd = 2, 1, 8, 2, 16 * 32, 128
+                                16: [(0, 16)], 66: [(0, 64), (64, 2)]}[ns]
+    B, T, H, KVH, S, hd = 2, 1, 8, 2, max(16, ns) * 32, 128
     assert combine_head_block(B * KVH, ns, 16, hd) < hd  # more than one head-dim chunk
     q, kc, vc = _inputs(ns, B, T, H, KVH, S, hd, F32)
     q_pos = jnp.asarray([[S - 1], [70]], jnp.int32)  # sequence 1: most splits see no key
