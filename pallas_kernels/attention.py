@@ -494,7 +494,8 @@ def _compiler_params(num_warps, num_stages):
 def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, interpret: bool,
                     window, return_lse=False):
     B, T, H, hd = q.shape
-    L, _, KVH, S, _ = k_cache.shape
+    stacked = v_cache is None  # [L, 2, B, KVH, S, hd]: the same array read as K and as V
+    L, KVH, S = k_cache.shape[0], k_cache.shape[-3], k_cache.shape[-2]
     G = H // KVH
     R = T * G
     bq, ns = cfg.block_q, cfg.num_splits
@@ -505,11 +506,16 @@ def _attention_call(q, q_pos, anchor, k_cache, v_cache, layer, cfg: AttnConfig, 
     kernel = functools.partial(_attn_kernel, R=R, G=G, S=S, block_q=bq, block_k=cfg.block_k,
                                num_splits=ns, scale=1.0 / math.sqrt(hd), partial=partial,
                                window=window, has_anchor=has_anchor, return_lse=return_lse)
-    kv_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
+    if stacked:
+        k_spec, v_spec = (pl.BlockSpec((L, None, None, None, S, hd),
+                                       lambda b, h, i, s, j=j: (0, j, b, h, 0, 0)) for j in (0, 1))
+        v_cache = k_cache
+    else:
+        k_spec = v_spec = pl.BlockSpec((L, None, None, S, hd), lambda b, h, i, s: (0, b, h, 0, 0))
     seq_spec = pl.BlockSpec((None, T, H, hd), lambda b, h, i, s: (b, 0, 0, 0))  # q / out, in place
     pos_spec = pl.BlockSpec((None, T), lambda b, h, i, s: (b, 0))  # q_pos [B, T]
     in_specs = [pl.BlockSpec((1,), lambda b, h, i, s: (0,)),       # layer [1]
-                pos_spec] + [pos_spec] * has_anchor + [seq_spec, kv_spec, kv_spec]
+                pos_spec] + [pos_spec] * has_anchor + [seq_spec, k_spec, v_spec]
     pos_args = (q_pos, anchor) if has_anchor else (q_pos,)
     # Final outputs: [B, T, H, hd] in q.dtype, or in f32 with the [B, T, H] log-sum-exp.
     final_shape = [jax.ShapeDtypeStruct((B, T, H, hd), jnp.float32 if return_lse else q.dtype)]
@@ -564,7 +570,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     q [B, T, H, hd] (bf16 / f16 / f32).
     k_cache, v_cache: [B, KVH, S, hd] in q's dtype (checked, never cast: a cast would copy the
       cache), or the model's whole [L, B, KVH, S, hd] cache with `layer` (a Python int or a
-      traced int32 scalar: one compiled kernel serves every layer, whose slab is read in place).
+      traced int32 scalar: one compiled kernel serves every layer, whose slab is read in place),
+      or v_cache None and k_cache the stacked [L, 2, B, KVH, S, hd] cache (qspec_jax.model.KVCache:
+      K at [:, 0], V at [:, 1]) with `layer`, read in place the same way.
     q_pos int [B, T]: cache position of each query; key s is visible iff s <= q_pos[b, t].
     kv_len optional int [B]: keys s >= kv_len[b] are masked too. Without it the keys read per
       sequence are those up to max_t q_pos[b, t] (clipped to the cache).
@@ -582,23 +590,33 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     """
     if window is not None:
         window = _check_window(window)
-    ok, why = supported(q.shape, k_cache.shape, q.dtype, window)
+    stacked = v_cache is None
+    if stacked:  # the model's cache: K and V of every layer in one [L, 2, B, KVH, S, hd] array
+        if k_cache.ndim != 6 or k_cache.shape[1] != 2 or layer is None:
+            raise ValueError(f"cached_attention: without v_cache, k_cache must be the stacked "
+                             f"[L, 2, B, KVH, S, hd] cache with layer=i (got {k_cache.shape}, "
+                             f"layer={layer})")
+        k_shape = (k_cache.shape[0],) + k_cache.shape[2:]
+        v_dtype = k_cache.dtype
+    else:
+        k_shape, v_dtype = k_cache.shape, v_cache.dtype
+    ok, why = supported(q.shape, k_shape, q.dtype, window)
     if not ok:
         raise ValueError(f"cached_attention: {why}")
-    if k_cache.shape != v_cache.shape:
+    if not stacked and k_cache.shape != v_cache.shape:
         raise ValueError(f"cached_attention: k {k_cache.shape} and v {v_cache.shape} differ")
-    if (k_cache.ndim == 5) != (layer is not None):
+    if (len(k_shape) == 5) != (layer is not None):
         raise ValueError("cached_attention: pass layer=i exactly when the cache is [L, B, KVH, S, hd]")
     B, T, H, hd = q.shape
     if q_pos.shape != (B, T):
         raise ValueError(f"cached_attention: q_pos shape {q_pos.shape} must be {(B, T)}")
     if kv_len is not None and kv_len.shape != (B,):
         raise ValueError(f"cached_attention: kv_len shape {kv_len.shape} must be {(B,)}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if k_cache.dtype != q.dtype or v_dtype != q.dtype:
         # Not cast here: a cast would copy the whole cache on every call.
-        raise ValueError(f"cached_attention: cache dtype {k_cache.dtype}/{v_cache.dtype} must equal "
+        raise ValueError(f"cached_attention: cache dtype {k_cache.dtype}/{v_dtype} must equal "
                          f"q dtype {q.dtype}")
-    KVH, S = k_cache.shape[-3], k_cache.shape[-2]
+    KVH, S = k_shape[-3], k_shape[-2]
     cfg = default_config(B, T, H, KVH, S, hd, jnp.dtype(q.dtype).itemsize, block_q=block_q,
                          block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                          num_stages=num_stages, window=window)

@@ -304,8 +304,8 @@ def default_model_path() -> str:
 def _logits_jit(graphdef, state, tokens, *, mode, kernels, window=None, layers=None):
     model = nnx.merge(graphdef, state)
     B, T = tokens.shape
-    cache = KVCache(*(jnp.zeros((model.cfg.num_hidden_layers, B, model.cfg.num_key_value_heads,
-                                 T, model.cfg.head_dim), model.dtype) for _ in range(2)))
+    cache = KVCache(jnp.zeros((model.cfg.num_hidden_layers, 2, B, model.cfg.num_key_value_heads,
+                               T, model.cfg.head_dim), model.dtype))
     logits, _ = model(tokens, cache, jnp.zeros((B,), jnp.int32), mode=mode, kernels=kernels,
                       window=window, layers=layers)
     return logits

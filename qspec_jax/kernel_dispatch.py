@@ -384,8 +384,8 @@ def attention_with_block(q, cache_k, cache_v, k_blk, v_blk, start, layer: int, k
     the XLA path (qspec_jax.model.attention_with_block_parts: the same two parts, merged by
     the same model.merge_block).
 
-    The kernel attends over the cache keys s < start[b] (cache_k/v the whole [L, B, KVH, S, hd]
-    cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;
+    The kernel attends over the cache keys s < start[b] (cache_k/v as in ``attention``: the
+    whole cache, layer ``layer`` read in place, nothing written) and returns its rows' log-sum-exp;
     the block keys (k_blk, v_blk [B, KVH, U, hd], visible per ``blk_ok`` [B or 1, T, U],
     default U = T causal) are a T x U attention in XLA; the two softmax parts are merged
     exactly by their log-sum-exps. ``window=(sink, recent)`` with the queries' positions
@@ -414,18 +414,20 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
               return_lse: bool = False, kv_len=None):
     """Causal attention over the cache via the Pallas kernel, or None for the XLA reference.
 
-    q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache (the kernel reads layer
-    ``layer`` in place, so XLA copies nothing); positions [B, T]; ``window=(sink, recent)``
+    q [B, T, H, hd]; cache_k/v the whole [L, B, KVH, S, hd] cache, or cache_k the model's
+    stacked [L, 2, B, KVH, S, hd] cache and cache_v None (the kernel reads layer ``layer`` in
+    place, so XLA copies nothing); positions [B, T]; ``window=(sink, recent)``
     (static): windowed draft attention, the kernel loads only the sink and recent key blocks;
     kv_len [B] (optional): keys at and past it are masked too (the window stays anchored at
     the positions).
     """
     if kernels == "xla":
         return None
+    kshape = cache_k.shape[2:] if cache_v is None else cache_k.shape[1:]  # [B, KVH, S, hd]
     if kernels == "auto":
         if jax.default_backend() != "gpu":
             return None  # the GEMM dispatch already said that there is no GPU
-        if q.shape[0] < ATTN_MIN_BATCH and window is None and cache_k.shape[3] < ATTN_LONG_CACHE:
+        if q.shape[0] < ATTN_MIN_BATCH and window is None and kshape[2] < ATTN_LONG_CACHE:
             # (Windowed drafts always take the kernel: XLA's masked attention reads the whole
             # cache, which defeats the window; bench_longctx measured the draft at batch 4 x 32k
             # costing as much as a full-cache one through XLA.)
@@ -436,10 +438,10 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     from pallas_kernels import attention as pk_attention
     if window is not None:
         window = (int(window[0]), int(window[1]))  # hashable and static for the kernel's jit
-    ok, reason = pk_attention.supported(q.shape, cache_k.shape[1:], q.dtype, window)
+    ok, reason = pk_attention.supported(q.shape, kshape, q.dtype, window)
     if not ok:
-        log_once(("attn", q.shape[1:], cache_k.shape[1:], window), f"qspec_jax: Pallas attention "
-                  f"cannot take q {q.shape} / cache {cache_k.shape[1:]} / window {window} "
+        log_once(("attn", q.shape[1:], kshape, window), f"qspec_jax: Pallas attention "
+                  f"cannot take q {q.shape} / cache {kshape} / window {window} "
                   f"({reason}): using XLA attention", logging.WARNING)
         return None
     interpret = jax.default_backend() != "gpu"

@@ -41,8 +41,9 @@ CACHE_UPDATE = "slice"
 
 
 def _write_block(cache: jax.Array, upd: jax.Array, layer, positions: jax.Array) -> jax.Array:
-    """cache [L, B, KVH, S, hd] with upd [B, T, KVH, hd] (layer an int) or [B, T, L, KVH, hd]
-    (layer None: every layer) written at positions [B, T] (consecutive in each row)."""
+    """cache [L, 2, B, KVH, S, hd] (K and V) with upd [B, T, 2, KVH, hd] (layer an int) or
+    [B, T, L, 2, KVH, hd] (layer None: every layer) written at positions [B, T] (consecutive in
+    each row): K and V in one update."""
     if CACHE_UPDATE not in CACHE_UPDATES:
         raise ValueError(f"qspec_jax.model.CACHE_UPDATE={CACHE_UPDATE!r}: one of "
                          f"{', '.join(map(repr, CACHE_UPDATES))}")
@@ -51,34 +52,44 @@ def _write_block(cache: jax.Array, upd: jax.Array, layer, positions: jax.Array) 
     if CACHE_UPDATE == "slice" and B == 1:
         zero = jnp.zeros((), jnp.int32)
         start = positions[0, 0].astype(jnp.int32)
-        if layer is None:  # [1, T, L, KVH, hd] -> [L, 1, KVH, T, hd]
-            return jax.lax.dynamic_update_slice(cache, jnp.transpose(upd, (2, 0, 3, 1, 4)),
-                                                (zero, zero, zero, start, zero))
-        blk = jnp.swapaxes(upd, 1, 2)[None]  # [1, 1, KVH, T, hd]
-        return jax.lax.dynamic_update_slice(cache, blk, (jnp.int32(layer), zero, zero, start, zero))
+        if layer is None:  # [1, T, L, 2, KVH, hd] -> [L, 2, 1, KVH, T, hd]
+            return jax.lax.dynamic_update_slice(cache, jnp.transpose(upd, (2, 3, 0, 4, 1, 5)),
+                                                (zero, zero, zero, zero, start, zero))
+        blk = jnp.transpose(upd, (2, 0, 3, 1, 4))[None]  # [1, 2, 1, KVH, T, hd]
+        return jax.lax.dynamic_update_slice(cache, blk,
+                                            (jnp.int32(layer), zero, zero, zero, start, zero))
     b = jnp.arange(B)[:, None]
     if layer is None:
-        return cache.at[:, b, :, positions, :].set(upd, mode="drop")
-    return cache.at[layer, b, :, positions, :].set(upd, mode="drop")
+        return cache.at[:, :, b, :, positions, :].set(upd, mode="drop")
+    return cache.at[layer, :, b, :, positions, :].set(upd, mode="drop")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: [layers, batch, kv_heads, max_len, head_dim].
+    """Keys and values of every layer in one array: kv [layers, 2, batch, kv_heads, max_len,
+    head_dim], K at [:, 0] and V at [:, 1], so that a step writes a layer's new K and V with one
+    update (one kernel, not two, per layer) and the attention kernel reads both from it in place.
 
     Sequence lengths are kept by the caller (the decode loops decide how far each sequence
     advances, e.g. by its number of accepted speculative tokens).
     """
 
-    k: jax.Array
-    v: jax.Array
+    kv: jax.Array
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
         cfg.check_cache_len(max_len)
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype))
+
+    @classmethod
+    def of(cls, k: jax.Array, v: jax.Array) -> "KVCache":
+        """The cache holding keys k and values v, each [L, B, KVH, S, hd]."""
+        if k.shape != v.shape or k.ndim != 5:
+            raise ValueError(f"KVCache.of: k {k.shape} and v {v.shape} must both be "
+                             "[layers, batch, kv_heads, max_len, head_dim]")
+        return cls(jnp.stack([k, v], axis=1))
 
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
@@ -88,24 +99,37 @@ class KVCache:
                 * jnp.dtype(dtype).itemsize)
 
     @property
+    def k(self) -> jax.Array:
+        """Keys [L, B, KVH, S, hd] (a slice: reading it in XLA fuses, it is not kept)."""
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> jax.Array:
+        """Values [L, B, KVH, S, hd]."""
+        return self.kv[:, 1]
+
+    @property
+    def dtype(self):
+        return self.kv.dtype
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.kv.shape[4]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[2]
 
     def write_blocks(self, k_blk: jax.Array, v_blk: jax.Array, start: jax.Array) -> "KVCache":
         """Every layer's new K/V at once: blocks [L, B, KVH, T, hd] (a read-only forward's) go
         to positions start[b] + t; positions past the end are dropped, but for batch 1 under
-        CACHE_UPDATE = "slice" (the default) the block must lie inside the cache. Two updates
-        per step instead of two per layer (the cache-writing forward's)."""
+        CACHE_UPDATE = "slice" (the default) the block must lie inside the cache. One update
+        per step instead of one per layer (the cache-writing forward's)."""
         T = k_blk.shape[3]
         pos = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
-        # [L, B, KVH, T, hd] -> [B, T, L, KVH, hd], the indexed update's layout
-        k = _write_block(self.k, jnp.transpose(k_blk, (1, 3, 0, 2, 4)), None, pos)
-        v = _write_block(self.v, jnp.transpose(v_blk, (1, 3, 0, 2, 4)), None, pos)
-        return type(self)(k, v)
+        # [L, 2, B, KVH, T, hd] -> [B, T, L, 2, KVH, hd], the indexed update's layout
+        blk = jnp.transpose(jnp.stack([k_blk, v_blk], axis=1), (2, 4, 0, 1, 3, 5))
+        return type(self)(_write_block(self.kv, blk, None, pos))
 
 
 def einsum_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -297,8 +321,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if readonly:  # leave the cache alone; return this layer's new K/V block
-            k_blk = jnp.swapaxes(k.astype(cache.k.dtype), 1, 2)  # [B, KVH, T, hd]
-            v_blk = jnp.swapaxes(v.astype(cache.v.dtype), 1, 2)
+            k_blk = jnp.swapaxes(k.astype(cache.dtype), 1, 2)  # [B, KVH, T, hd]
+            v_blk = jnp.swapaxes(v.astype(cache.dtype), 1, 2)
             k_att, v_att, cache_len, blk_ok = k_blk, v_blk, positions[:, 0], None
             blk_pos = positions  # [B, U] positions of the block's keys
             if prefix is not None:  # earlier tokens of this cycle, kept outside the cache
@@ -315,24 +339,23 @@ class Attention(nnx.Module):
             out = None
             if kernels != "xla":
                 from .kernel_dispatch import attention_with_block as pallas_attention_with_block
-                out = pallas_attention_with_block(q, cache.k, cache.v, k_att, v_att, cache_len,
+                out = pallas_attention_with_block(q, cache.kv, None, k_att, v_att, cache_len,
                                                   layer, kernels, blk_ok, window, positions)
             if out is None:
-                out = attention_with_block_parts(q, cache.k[layer].astype(q.dtype),
-                                                 cache.v[layer].astype(q.dtype),
+                out = attention_with_block_parts(q, cache.kv[layer, 0].astype(q.dtype),
+                                                 cache.kv[layer, 1].astype(q.dtype),
                                                  k_att.astype(q.dtype), v_att.astype(q.dtype),
                                                  cache_len, blk_ok, window, positions)
             return self._out(out, mode, kernels, defer), (k_blk, v_blk)
-        cache_k = _write_block(cache.k, k, layer, positions)
-        cache_v = _write_block(cache.v, v, layer, positions)
+        kv = _write_block(cache.kv, jnp.stack([k, v], axis=2), layer, positions)  # one update
         out = None
         if kernels != "xla":
             from .kernel_dispatch import attention
-            out = attention(q, cache_k, cache_v, positions, layer, kernels, window)
+            out = attention(q, kv, None, positions, layer, kernels, window)
         if out is None:
-            out = attention_reference(q, cache_k[layer].astype(q.dtype),
-                                      cache_v[layer].astype(q.dtype), positions, window)
-        return self._out(out, mode, kernels, defer), KVCache(cache_k, cache_v)
+            out = attention_reference(q, kv[layer, 0].astype(q.dtype),
+                                      kv[layer, 1].astype(q.dtype), positions, window)
+        return self._out(out, mode, kernels, defer), KVCache(kv)
 
     def _out(self, out, mode, kernels, defer=False):
         B, T = out.shape[:2]
@@ -560,7 +583,7 @@ class Transformer(nnx.Module):
                     cache = out
             elif readonly_cache:  # a skipped layer has no K/V; its block is never read
                 kv_shape = (B, self.cfg.num_key_value_heads, T, self.cfg.head_dim)
-                blocks.append((jnp.zeros(kv_shape, cache.k.dtype), jnp.zeros(kv_shape, cache.v.dtype)))
+                blocks.append((jnp.zeros(kv_shape, cache.dtype), jnp.zeros(kv_shape, cache.dtype)))
         if readonly_cache:
             cache = tuple(jnp.stack(t) for t in zip(*blocks))  # (k, v) [L, B, KVH, T, hd]
         if pending is not None:

@@ -233,7 +233,7 @@ def decode_speculative(graphdef, state, prompt_tokens, prompt_lens, cache, rng, 
             nxt, rng, q = draft_pick(logits[:, 0], rng)
             return (nxt, bk, bv, rng), (nxt, q)
 
-        init = (c["last"], jnp.zeros(shape, cache.k.dtype), jnp.zeros(shape, cache.v.dtype), c["rng"])
+        init = (c["last"], jnp.zeros(shape, cache.dtype), jnp.zeros(shape, cache.dtype), c["rng"])
         (_, _, _, rng), (drafts, q) = jax.lax.scan(step, init, jnp.arange(g))
         return rng, drafts.T, q
 

@@ -169,6 +169,28 @@ def test_whole_cache_with_layer_index():
     assert _rel(out, cached_attention_reference(q, kc[1], vc[1], q_pos)) <= 1e-2
 
 
+def test_stacked_cache_reads_k_and_v_in_place():
+    """The model's cache (qspec_jax.model.KVCache): K and V of every layer in one [L, 2, B, KVH,
+    S, hd] array, passed once with v_cache None: the same result as the separate arrays, bit
+    for bit (the kernel reads the same slabs), with splits and a traced layer index."""
+    L, B, T, H, KVH, S, hd = 3, 2, 4, 8, 2, 128, 64
+    q, kc, vc = _inputs(11, B, T, H, KVH, S, hd, F32, layers=L)
+    kv = jnp.stack([kc, vc], axis=1)
+    q_pos = jnp.asarray(_positions("ragged", B, T, S))
+    for layer, ns in ((0, 1), (2, 3)):
+        out = cached_attention(q, kv, None, q_pos, layer=layer, interpret=True, num_splits=ns)
+        sep = cached_attention(q, kc, vc, q_pos, layer=layer, interpret=True, num_splits=ns)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(sep))
+        assert _rel(out, cached_attention_reference(q, kc[layer], vc[layer], q_pos)) <= 1e-5
+    out = jax.jit(lambda l: cached_attention(q, kv, None, q_pos, layer=l, interpret=True,
+                                             window=(2, 40)))(jnp.int32(1))
+    ref = cached_attention_reference(q, kc[1], vc[1], q_pos, window=(2, 40))
+    assert _rel(out, ref) <= 1e-5
+    for bad, kw in ((kc, dict(layer=0)), (kv, {}), (kv[:, :1], dict(layer=0))):
+        with pytest.raises(ValueError, match="stacked"):
+            cached_attention(q, bad, None, q_pos, interpret=True, **kw)
+
+
 def test_supported_and_errors():
     assert supported((2, 1, 32, 128), (2, 8, 4096, 128)) == (True, "ok")
     assert supported((2, 1, 32, 128), (32, 2, 8, 4096, 128))[0]

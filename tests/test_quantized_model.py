@@ -383,7 +383,7 @@ def test_readonly_cache_forward_matches_writing_forward(hf_dirs, arch):
     junk = jax.random.normal(jax.random.key(0), cache.k.shape, jnp.float32)
     pos = jnp.arange(S)[None, None, None, :, None]
     stale = pos >= start[None, :, None, None, None]
-    cache = KVCache(jnp.where(stale, junk, cache.k), jnp.where(stale, -junk, cache.v))
+    cache = KVCache.of(jnp.where(stale, junk, cache.k), jnp.where(stale, -junk, cache.v))
     tokens = jnp.asarray(IDS[:, 9:9 + T])
     ref_logits, written = net(tokens, cache, start, mode="w4a16")
     logits, (k_blk, v_blk) = net(tokens, cache, start, mode="w4a16", readonly_cache=True)
@@ -431,7 +431,7 @@ def test_readonly_draft_steps_with_a_prefix_block(hf_dirs, kernels, window):
     model, net, cache, start = _prefilled(hf_dirs, mode="w4a8")
     junk = jax.random.normal(jax.random.key(1), cache.k.shape, jnp.float32)
     stale = jnp.arange(S)[None, None, None, :, None] >= start[None, :, None, None, None]
-    ro_cache = KVCache(jnp.where(stale, junk, cache.k), jnp.where(stale, junk, cache.v))
+    ro_cache = KVCache.of(jnp.where(stale, junk, cache.k), jnp.where(stale, junk, cache.v))
     shape = (model.cfg.num_hidden_layers, B, model.cfg.num_key_value_heads, P, model.cfg.head_dim)
     bk, bv = (jax.random.normal(jax.random.key(k), shape, jnp.float32) for k in (2, 3))  # junk
     writing = ro_cache

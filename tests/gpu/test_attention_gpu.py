@@ -60,6 +60,11 @@ def _cases():
     cs.append(("llama_B64_S2048_T8", 64, 8, 32, 8, 2048, 128, BF16, "ragged", {}, None))
     cs.append(("llama_B8_S4160_T4_bk64", 8, 4, 32, 8, 4160, 128, BF16, "ragged", {}, None))
     cs.append(("llama_B2_S1024_T8_layer", 2, 8, 32, 8, 1024, 128, BF16, "ragged", {}, 4))
+    # the model's stacked K/V cache (qspec_jax.model.KVCache), batch 1 full wave and batch 6 windowed
+    cs.append(("llama_B1_S2048_T4_stacked", 1, 4, 32, 8, 2048, 128, BF16, "full",
+               dict(stacked=True), 3))
+    cs.append(("win_llama_B6_S2048_T1_s4_r500_stacked", 6, 1, 32, 8, 2048, 128, BF16, "ragged",
+               dict(stacked=True, window=(4, 500)), 2))
     # whole cache of 4.3 GB per K / V: 64-bit address offsets
     cs.append(("llama_B16_S4096_T4_layers32", 16, 4, 32, 8, 4096, 128, BF16, "ragged", {}, 32))
     cs.append(("llama_B6_S2048_T4_kvlen", 6, 4, 32, 8, 2048, 128, BF16, "kvlen", {}, None))
@@ -116,7 +121,12 @@ def _program(case):
         q = jax.random.normal(k1, (B, T, H, hd), F32).astype(dtype)
         kc = jax.random.normal(k2, lead + (B, KVH, S, hd), F32).astype(dtype)
         vc = jax.random.normal(k3, lead + (B, KVH, S, hd), F32).astype(dtype)
-        out = cached_attention(q, kc, vc, q_pos, kv_len, layer=layer, **kw)
+        if kw.get("stacked"):  # the model's [L, 2, B, KVH, S, hd] cache, read in place
+            kw2 = {k: v for k, v in kw.items() if k != "stacked"}
+            out = cached_attention(q, jnp.stack([kc, vc], axis=1), None, q_pos, kv_len,
+                                   layer=layer, **kw2)
+        else:
+            out = cached_attention(q, kc, vc, q_pos, kv_len, layer=layer, **kw)
         if layers:
             kc, vc = kc[layer], vc[layer]
         ref32 = cached_attention_reference(q.astype(F32), kc.astype(F32), vc.astype(F32), q_pos,
