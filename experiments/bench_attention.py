@@ -13,8 +13,9 @@ The T new queries sit at positions ctx - T .. ctx - 1, so every cached key is re
 KV bytes = 2 (K and V) * B * 8 * ctx * 128 * 2 bytes.
 Implementations (same inputs, same process):
 - ours:  pallas_kernels.attention.cached_attention (default configuration).
-- ours_layer (optional, --impls ... ours_layer): the same kernel reading one [R, B, KVH, S, hd]
-  array with layer=r, as the model calls it on its whole cache (64-bit offsets above 4 GB).
+- ours_layer (optional, --impls ... ours_layer): the same kernel reading one [R, 2, B, KVH, S, hd]
+  array (K and V stacked) with layer=r, as the model calls it on its whole cache
+  (qspec_jax.model.KVCache; 64-bit offsets above 4 GB).
 - xla:   qspec_jax.model.attention_reference under jit (what the model runs without the kernel).
 - decode_attention: jax.experimental.pallas.ops.gpu.decode_attention.mqa (T = 1 only), vmapped
   over the KV heads so that it reads our [B, KVH, S, hd] layout in place (its gqa entry point
@@ -122,11 +123,12 @@ def make_impls(names, interpret, cfg_kwargs=None, window=None):
         impls["ours"] = lambda q, k, v, p: cached_attention(q, k, v, p, interpret=interpret,
                                                             **cfg_kwargs)
         notes["ours"] = "pallas_kernels.attention.cached_attention"
-    if "ours_layer" in names:  # the model's path: whole [L, B, KVH, S, hd] cache + layer index
-        impls["ours_layer"] = Stacked(lambda q, k, v, p, r: cached_attention(
-            q, k, v, p, layer=r, interpret=interpret, **cfg_kwargs))
-        notes["ours_layer"] = ("cached_attention on one [R, B, KVH, S, hd] array with layer=r "
-                               "(the R copies are the layers)")
+    if "ours_layer" in names:  # the model's path: whole [L, 2, B, KVH, S, hd] cache + layer index
+        impls["ours_layer"] = Stacked(lambda q, kv, _, p, r: cached_attention(
+            q, kv, None, p, layer=r, interpret=interpret, **cfg_kwargs))
+        notes["ours_layer"] = ("cached_attention on one [R, 2, B, KVH, S, hd] array (K and V "
+                               "stacked, the model's KVCache) with layer=r (the R copies are "
+                               "the layers)")
     if "xla" in names:
         impls["xla"], notes["xla"] = _xla_attention()
     if "decode_attention" in names:
@@ -192,7 +194,7 @@ def make_inputs(key, B, ctx, T, R, dtype):
 
 
 class Stacked:
-    """An implementation called as f(q, k_all, v_all, q_pos, r) on [R, B, KVH, S, hd] caches."""
+    """An implementation called as f(q, kv, None, q_pos, r) on one [R, 2, B, KVH, S, hd] cache."""
 
     def __init__(self, f):
         self.f = f
@@ -201,7 +203,7 @@ class Stacked:
 def timed_loop(fn, n, R):
     """jit(q, ks, vs, q_pos) -> (scalar, output of copy 0 in the last iteration).
 
-    ks / vs: tuples of R caches, or (Stacked fn) one [R, ...] array each."""
+    ks / vs: tuples of R caches, or (Stacked fn) one [R, 2, ...] array and None."""
 
     @jax.jit
     def run(q, ks, vs, q_pos):
@@ -311,7 +313,8 @@ def time_impl(fn, prep, *, quick, reps, target_s, windowed=False, profile=False)
         if isinstance(fn, Stacked):
             if "args_stacked" not in prep:
                 q, ks, vs, q_pos = prep["args"]
-                prep["args_stacked"] = (q, jnp.stack(ks), jnp.stack(vs), q_pos)
+                prep["args_stacked"] = (q, jnp.stack([jnp.stack(ks), jnp.stack(vs)], axis=1),
+                                        None, q_pos)
             args = prep["args_stacked"]
         else:
             args = prep["args"]

@@ -480,12 +480,13 @@ def test_bench_quick(tmp_path):
     from experiments import bench_attention
     out = tmp_path / "attn.json"
     doc = bench_attention.main(["--quick", "--batches", "2", "--contexts", "256", "--ts", "4",
-                                "--impls", "ours", "xla", "--out", str(out), "--commit", "test"])
+                                "--impls", "ours", "ours_layer", "xla", "--out", str(out),
+                                "--commit", "test"])
     assert out.exists() and (tmp_path / "attn.md").exists()
     saved = json.loads(out.read_text())
     assert saved["env"]["commit"] == "test" and len(saved["points"]) == 1
     for p in doc["points"]:
-        for name in ("ours", "xla"):
+        for name in ("ours", "ours_layer", "xla"):  # ours_layer: the model's stacked cache
             r = p["impls"][name]
             assert "error" not in r and r["rel_err_vs_f32"] < 1e-2 and r["us_median"] > 0
         # the read-only floor (XLA's reduction over the same K / V bytes) is timed beside them
