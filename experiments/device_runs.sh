@@ -555,7 +555,7 @@ case "$stage" in
       --out "$OUT/attention_b18_h200.json"
     ;;
   retime24)
-    # The GPU attention tests with room for all 65 cases (the combine stage's 200 s cut the 63rd),
+    # The GPU attention tests with room for all 67 cases (the combine stage's 200 s cut the 63rd),
     # then 8B decoding end to end with the new attention defaults: w4a16 AR and gamma 3 at
     # batch 1 and 16 (compare sweepgrid_h200_llama3-8b.md, normfold_h200_c64168d.md; resumable).
     step 300 retime_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
