@@ -558,10 +558,14 @@ case "$stage" in
     # The GPU attention tests with room for all 67 cases (the combine stage's 200 s cut the 63rd),
     # then 8B decoding end to end with the new attention defaults: w4a16 AR and gamma 3 at
     # batch 1 and 16 (compare sweepgrid_h200_llama3-8b.md, normfold_h200_c64168d.md; resumable).
-    step 300 retime_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
-    step 250 retime_llama3-8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+    step 280 retime_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
+    # The stacked KV cache (b7c2c73) on the GPU backend: the compiled decode / QSpec loops hold no
+    # copy of the cache and no whole-K/V slice with the Pallas attention reading it twice.
+    step 90 retime_nocopy.log python3 -m pytest tests/test_speculative.py -q -k no_cache_copies \
+      -p no:cacheprovider
+    step 210 retime_llama3-8b.log python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
       --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --repeats 3 \
-      --new-tokens 64 --min-time 1.0 --time-budget 215 --commit "$COMMIT" \
+      --new-tokens 64 --min-time 1.0 --time-budget 180 --commit "$COMMIT" \
       --out "$OUT/retime_h200_llama3-8b.jsonl"
     ;;
   normscale)
