@@ -300,6 +300,18 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)
 
 
+def keys_shape(k_cache, v_cache) -> tuple:
+    """The keys' shape, [B, KVH, S, hd] or [L, B, KVH, S, hd], of a separate K / V pair or (v_cache
+    None) of the stacked [L, 2, B, KVH, S, hd] cache (qspec_jax.model.KVCache). ValueError for
+    another shape without v_cache."""
+    if v_cache is not None:
+        return tuple(k_cache.shape)
+    if k_cache.ndim != 6 or k_cache.shape[1] != 2:
+        raise ValueError(f"cached_attention: without v_cache, k_cache must be the stacked "
+                         f"[L, 2, B, KVH, S, hd] cache (got {tuple(k_cache.shape)})")
+    return (k_cache.shape[0],) + tuple(k_cache.shape[2:])
+
+
 def supported(q_shape, k_shape, dtype=None, window=None) -> tuple[bool, str]:
     """Whether cached_attention takes these shapes (and window). q [B, T, H, hd]; k
     [B, KVH, S, hd] or [L, B, KVH, S, hd]; window None or (sink >= 0, recent >= 1) ints.
@@ -591,15 +603,10 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
     if window is not None:
         window = _check_window(window)
     stacked = v_cache is None
-    if stacked:  # the model's cache: K and V of every layer in one [L, 2, B, KVH, S, hd] array
-        if k_cache.ndim != 6 or k_cache.shape[1] != 2 or layer is None:
-            raise ValueError(f"cached_attention: without v_cache, k_cache must be the stacked "
-                             f"[L, 2, B, KVH, S, hd] cache with layer=i (got {k_cache.shape}, "
-                             f"layer={layer})")
-        k_shape = (k_cache.shape[0],) + k_cache.shape[2:]
-        v_dtype = k_cache.dtype
-    else:
-        k_shape, v_dtype = k_cache.shape, v_cache.dtype
+    if stacked and layer is None:
+        raise ValueError("cached_attention: the stacked cache (v_cache None) needs layer=i")
+    k_shape = keys_shape(k_cache, v_cache)
+    v_dtype = k_cache.dtype if stacked else v_cache.dtype
     ok, why = supported(q.shape, k_shape, q.dtype, window)
     if not ok:
         raise ValueError(f"cached_attention: {why}")
@@ -634,4 +641,4 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_pos
 
 
 __all__ = ["AttnConfig", "cached_attention", "cached_attention_reference", "default_config",
-           "supported", "window_blocks"]
+           "keys_shape", "supported", "window_blocks"]

@@ -423,11 +423,10 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
     """
     if kernels == "xla":
         return None
-    kshape = cache_k.shape[2:] if cache_v is None else cache_k.shape[1:]  # [B, KVH, S, hd]
     if kernels == "auto":
         if jax.default_backend() != "gpu":
             return None  # the GEMM dispatch already said that there is no GPU
-        if q.shape[0] < ATTN_MIN_BATCH and window is None and kshape[2] < ATTN_LONG_CACHE:
+        if q.shape[0] < ATTN_MIN_BATCH and window is None and cache_k.shape[-2] < ATTN_LONG_CACHE:
             # (Windowed drafts always take the kernel: XLA's masked attention reads the whole
             # cache, which defeats the window; bench_longctx measured the draft at batch 4 x 32k
             # costing as much as a full-cache one through XLA.)
@@ -436,6 +435,7 @@ def attention(q, cache_k, cache_v, positions, layer: int, kernels: str, window=N
                       "kernel there on the H200; kernels='pallas' forces the kernel)")
             return None
     from pallas_kernels import attention as pk_attention
+    kshape = pk_attention.keys_shape(cache_k, cache_v)[1:]  # [B, KVH, S, hd]
     if window is not None:
         window = (int(window[0]), int(window[1]))  # hashable and static for the kernel's jit
     ok, reason = pk_attention.supported(q.shape, kshape, q.dtype, window)

@@ -138,14 +138,14 @@ class QLinear(nnx.Module):
         GemmPartials instead (the caller applies the epilogue, e.g. fused with the residual add
         and the next RMSNorm); anywhere else the output as usual."""
         defer = defer and self.bias is None
+        for captured in _CAPTURES:
+            captured[id(self)] = x.materialize() if isinstance(x, NormedInput) else x
         row_scale = None
         if isinstance(x, NormedInput):  # verify mode: the norm's factor scales the output rows
             if mode == "w4a16" and self.is_quantized:
                 x, row_scale, defer = x.x, x.r, False
             else:
                 x = x.materialize()
-        for captured in _CAPTURES:
-            captured[id(self)] = x if row_scale is None else NormedInput(x, row_scale).materialize()
         if isinstance(x, QuantizedInput):
             if mode not in ("w4a8", "w4a4") or not self.is_quantized:
                 raise ValueError(f"a pre-quantized input needs a quantized layer in mode w4a8 or "
@@ -218,8 +218,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # As HF: normalize in f32, cast back, then multiply by the gain in the input dtype.
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        xf = x.astype(jnp.float32) * quant.rms_factor(x, self.eps)
         return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
