@@ -34,6 +34,7 @@
 #   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
+#   bash experiments/device_runs.sh retime25   # new attention splits (b1 short caches, b2) + verify norm fold auto vs on (QSpec b1 gamma 3) (~8.5 min)
 #   bash experiments/device_runs.sh retime24   # GPU attention tests (all 63) + 8B w4a16 AR and gamma 3 end to end at batch 1 / 16 with the new attention defaults (~9.5 min)
 #   bash experiments/device_runs.sh normscale  # verify-mode RMSNorm folded into the GEMM epilogue (quant.NORM_SCALE_FOLD) vs default: 8B b1/16, rotated 8B b1, 1B b1/16 w4a16 AR (~9 min)
 #   bash experiments/device_runs.sh attnsweep1 # batch-1 attention config sweep incl. 256-key blocks (issue 7; ~5 min)
@@ -553,6 +554,24 @@ case "$stage" in
     step 180 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 --reps 3 --time-budget 160 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  retime25)
+    # After the fffd870 runs: batch 1 splits short caches down to one key block per split, batch 2
+    # takes 8 splits (attention_sweep_b248_h200_fffd870.md), and verify mode folds the RMSNorm
+    # into the GEMMs at one row (quant.NORM_SCALE_FOLD = "auto", normscale_h200_fffd870.md).
+    # GPU attention tests; the new defaults at the changed points (sweep: default vs x0.25-4);
+    # 8B w4a16 AR b1 with the defaults, and QSpec gamma 3 at b1 with the fold at every width
+    # ("on": the 4-row verify pass folded too) vs "auto" (the verify pass unfolded).
+    step 240 retime25_gpu_tests.log python3 -u -m pytest tests/gpu/test_attention_gpu.py -q -x -p no:cacheprovider
+    step 100 retime25_attn.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 2:2048:1,2:8192:4,1:512:1,1:1024:1,1:256:4 \
+      --reps 3 --time-budget 90 --commit "$COMMIT" --out "$OUT/attention_sweep_new_h200.json"
+    for v in auto on; do
+      step 95 "retime25_qspec_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 1 \
+        --modes w4a16,qspec-w4a8 --gammas 3 --max-gamma 3 --cost-gammas 0,3 --repeats 3 \
+        --new-tokens 64 --norm-scale-fold $v --time-budget 85 --commit "$COMMIT" \
+        --out "$OUT/retime25_qspec_$v.jsonl"
+    done
     ;;
   retime24)
     # The GPU attention tests with room for all 67 cases (the combine stage's 200 s cut the 63rd),

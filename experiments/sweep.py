@@ -493,10 +493,12 @@ def main(argv=None) -> int:
                    help="draft modes, XLA path: quantize RMSNorm(x) with the norm folded into the "
                         "scale (quant.NORM_QUANT_FOLD: two sibling row reductions and one "
                         "elementwise pass, no normalized tensor; off by default until measured)")
-    p.add_argument("--norm-scale-fold", action="store_true",
+    p.add_argument("--norm-scale-fold", nargs="?", const="on", choices=("on", "off", "auto"),
                    help="verify mode (w4a16): the GEMMs after each RMSNorm read the residual stream "
                         "and scale their output rows by the norm's factor (quant.NORM_SCALE_FOLD: "
-                        "no normalize kernel; off by default until measured)")
+                        "no normalize kernel). on (the flag alone) / off: for every input; auto "
+                        "(the default): for inputs of at most quant.NORM_SCALE_FOLD_MAX_ROWS rows "
+                        "(measured faster at batch 1, slower at batch 16)")
     p.add_argument("--act-quant-in-gemm", action="store_true",
                    help="draft modes: the int8 GEMM quantizes its float input itself "
                         "(kernel_dispatch.ACT_QUANT_IN_GEMM; off by default: measured slower)")
@@ -588,10 +590,10 @@ def main(argv=None) -> int:
         from qspec_jax import quant as quant_module
         quant_module.NORM_QUANT_FOLD = True
         env["norm_quant_fold"] = True
+    from qspec_jax import quant as quant_module
     if args.norm_scale_fold:
-        from qspec_jax import quant as quant_module
-        quant_module.NORM_SCALE_FOLD = True
-        env["norm_scale_fold"] = True
+        quant_module.NORM_SCALE_FOLD = {"on": True, "off": False, "auto": "auto"}[args.norm_scale_fold]
+    env["norm_scale_fold"] = {True: "on", False: "off"}.get(quant_module.NORM_SCALE_FOLD, "auto")
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
     if args.rotate:
@@ -914,8 +916,10 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--norm-quant-kernel", "" if "True" in nq else ",".join(kinds)))
         if any(r.get("norm_quant_fold") for r in runs):
             args.append(("--norm-quant-fold", ""))
-        if any(r.get("norm_scale_fold") for r in runs):
-            args.append(("--norm-scale-fold", ""))
+        folds = {r.get("norm_scale_fold") for r in runs} - {None, "auto"}
+        if folds:  # (True in files written while the flag was on / off only)
+            args.append(("--norm-scale-fold", _join(sorted("on" if v is True else str(v)
+                                                           for v in folds))))
         if any(r.get("quantize_lm_head") for r in runs):
             args.append(("--quantize-lm-head", ""))
         if any(r.get("rotate") for r in runs):

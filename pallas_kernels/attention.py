@@ -79,14 +79,15 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # k128/s4/st3 12.8 vs k64/s8 13.8 us (3 stages then only for splits of <= 8 blocks; since
 # 1f8d2a6 at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
 # timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages).
-# Splits: from ONE_WAVE_FULL_MIN_BLOCKS key blocks on, a full wave of programs (down to one key
-# block per split). Since the split combine loads all splits at once (6c256a0: 1.9-2.7 us at
+# Splits: a full wave of programs (down to one key block per split). Since the split combine loads all splits at once (6c256a0: 1.9-2.7 us at
 # batch 1-8 instead of 3.9-11.3) more splits pay: the c64168d batch-1 sweep
 # (attention_sweep_b1_h200_c64168d.md; 8 base programs on 132 SMs) timed 16 splits fastest at
 # 2k / 8k / 32k: 9.2 / 15.8 / 42.6 us vs 11.3 / 18.0 with the earlier sqrt(key blocks) cap (4 / 8
 # splits; the cap was the fastest while the combine cost 4-11 us, attention_sweep_b1_h200_1f8d2a6.md).
+# Short caches too: the fffd870 sweep (attention_sweep_b248_h200_fffd870.md) timed batch 1 x 256
+# keys (the short-context decode's cache) with 4 splits of one 64-key block at 5.5 / 5.7 us (T = 1 /
+# 4) vs 6.3 / 6.7 with the earlier minimum of 16 key blocks before splitting down to one block.
 ONE_WAVE_MIN_SPLITS = 16
-ONE_WAVE_FULL_MIN_BLOCKS = 16
 # Few base programs but more than one wave's worth of splits (2 * base <= SMs: Llama-3-8B batch
 # 2-8, 16-64 base programs): 64-key blocks (3 stages) up to FEW_PROGRAMS_MAX_KEYS keys. H200 sweep
 # at batch 8 (attention_sweep_b8_h200_1f8d2a6.md): 2k T = 1 / 4 / 8 27.6 / 28.2 / 30.2 us vs
@@ -97,6 +98,10 @@ FEW_PROGRAMS_MAX_KEYS = 8192
 # (attention_sweep_b248_h200_74ec0d1.md) timed 4 splits fastest at every point, where the wave
 # rule chose 8: batch 2 x 2k 15.3 vs 16.6 us (64-key blocks), batch 4 x 2k 17.8 vs 21.6, batch 4 x
 # 8k 43.7 vs 46.8; batch 8 x 2k / 8k already took 4 (27.6 vs 29.2 with 2 splits, 38.5 with 1).
+# With the cheap split combine (6c256a0) up to one wave of programs pays where that is more
+# splits: the fffd870 sweep (attention_sweep_b248_h200_fffd870.md) timed batch 2 (16 base
+# programs) fastest with 8 splits, 11.1 / 24.8 us at 2k / 8k vs 12.7 / 33.2 with 4; batch 4 / 8
+# still fastest with 4 (2 at batch 8: 25.0 / 75.7 vs 24.9 / 74.9 us).
 FEW_PROGRAMS_SPLITS = 4
 ONE_PROGRAM_SMEM = 200 * 1024   # shared memory one program may take when alone on its SM (227 KB)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
@@ -244,8 +249,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     batch 1: 32k T=1/4, 8k, 2k -> k128/s16/w4/st3 (a full wave of splits since the split combine
     got cheap: attention_sweep_b1_h200_c64168d.md). Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
-    2k / 8k -> k64/s4/w4/st3), at most FEW_PROGRAMS_SPLITS splits (batch 2 / 4:
-    attention_sweep_b248_h200_74ec0d1.md); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
+    2k / 8k -> k64/s4/w4/st3), at most one wave of programs or FEW_PROGRAMS_SPLITS splits
+    (batch 2: 8, batch 4 / 8: 4; attention_sweep_b248_h200_fffd870.md); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:
@@ -282,11 +287,10 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if window is not None:  # sink blocks + the recent window's blocks (+1: not block-aligned)
         n_blocks = min(n_blocks, -(-sink // block_k) + -(-(recent + T - 1) // block_k) + 1)
     if num_splits is None:
-        full_wave = one_wave and n_blocks >= ONE_WAVE_FULL_MIN_BLOCKS
         num_splits = _choose_splits(base, n_blocks, sms, 1 if one_wave else PROGRAMS_PER_SM,
-                                    1 if full_wave else MIN_BLOCKS_PER_SPLIT)
-        if few_programs:
-            num_splits = min(num_splits, FEW_PROGRAMS_SPLITS)
+                                    1 if one_wave else MIN_BLOCKS_PER_SPLIT)
+        if few_programs:  # at most one wave, or FEW_PROGRAMS_SPLITS where that is more
+            num_splits = min(num_splits, max(FEW_PROGRAMS_SPLITS, sms // base))
     num_splits = max(1, min(int(num_splits), n_blocks))
     if num_warps is None:
         num_warps = 4 if block_q * hd <= 64 * 128 else 8

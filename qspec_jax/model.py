@@ -425,8 +425,10 @@ class DecoderLayer(nnx.Module):
         """norm(x) for the quantized layers that read it. In the draft modes (w4a8 / w4a4) those
         only need it quantized per token: the fused RMSNorm + quantization kernel, where the
         dispatch picks it, returns (xq, sx) as a QuantizedInput in one kernel. In verify mode
-        with quant.NORM_SCALE_FOLD: a NormedInput (the GEMMs scale their output rows)."""
-        if self.quantized and mode == "w4a16" and quant.NORM_SCALE_FOLD:
+        where quant.norm_scale_fold takes it (batch-1 decoding): a NormedInput (the GEMMs
+        scale their output rows)."""
+        if (self.quantized and mode == "w4a16"
+                and quant.norm_scale_fold(math.prod(x.shape[:-1]))):
             g = None if self.gains_folded else norm.scale[...].astype(x.dtype)
             return NormedInput(x if g is None else g * x, quant.rms_factor(x, norm.eps))
         if self.quantized and mode in ("w4a8", "w4a4"):

@@ -200,8 +200,20 @@ NORM_QUANT_FOLD = False
 # and scale their output rows by the norm's factor rsqrt(mean(x^2) + eps) in the epilogue
 # (layers.NormedInput): the norm's separate normalize kernel goes (2 per layer). Output rows
 # scale exactly like input rows; only the bf16 rounding of the normalized input differs (it is
-# not made). Off until measured on the H200 (sweep.py --norm-scale-fold, device stage normscale).
-NORM_SCALE_FOLD = False
+# not made). True / False: always / never; "auto" (the default): for inputs of at most
+# NORM_SCALE_FOLD_MAX_ROWS rows. H200, fffd870 (normscale_h200_fffd870.md): Llama-3-8B batch 1
+# w4a16 2.305 -> 2.257 ms per step (rotated: 2.623 -> 2.544), Llama-3.2-1B 0.757 -> 0.739; batch 16
+# slower, 2.472 -> 2.527 ms (1B: 0.786 -> 0.800).
+NORM_SCALE_FOLD = "auto"
+NORM_SCALE_FOLD_MAX_ROWS = 1
+
+
+def norm_scale_fold(rows: int) -> bool:
+    """Whether verify mode folds the RMSNorm into the next GEMMs for an input of `rows` token rows
+    (NORM_SCALE_FOLD: True, False or "auto")."""
+    if NORM_SCALE_FOLD == "auto":
+        return rows <= NORM_SCALE_FOLD_MAX_ROWS
+    return bool(NORM_SCALE_FOLD)
 
 
 def rms_factor(x, eps: float):

@@ -239,12 +239,14 @@ def test_default_config():
                     # About a wave of programs, unless splits would get under
                     # MIN_BLOCKS_PER_SPLIT key blocks each (measured slower on the H200; batch 1
                     # from 16 key blocks on: one block each), or, for batch 2-8 up to 8k,
-                    # over FEW_PROGRAMS_SPLITS.
+                    # over one wave or FEW_PROGRAMS_SPLITS.
                     programs = B * 8 * c.num_splits * -(-T * 4 // c.block_q)
                     n_blocks = S // c.block_k
                     assert (programs >= min(132, B * 8 * S // 256) * 0.95
                             or c.num_splits == n_blocks // MIN_BLOCKS_PER_SPLIT
                             or (B > 1 and c.num_splits == 4)), c
+                    if 1 < B <= 8 and S <= 8192 and T * 4 <= 128:  # few base programs
+                        assert programs <= max(132, B * 8 * 4), c
 
 
 def test_choose_splits_fills_one_wave():
@@ -288,14 +290,20 @@ def test_default_config_batch1_sweep(monkeypatch):
     # 2 KV heads (Qwen2.5-7B-like: 28 q heads): a full wave of 66 splits
     c = default_config(1, 1, 28, 2, 32768, 128, 2)
     assert 2 * c.num_splits >= 132 * 0.95 and c.num_splits < 256, c
-    assert cfg(1, 1, 512) == (16, 64, 2, 4, 3)      # not swept: unchanged
-    # batch 2-8 to 8k, 64-key blocks x 4 splits x 3 stages: batch 8 the 1f8d2a6 batch-8 sweep's
-    # fastest (attention_sweep_b8_h200_1f8d2a6.md); batch 2 / 4 the 74ec0d1 sweep's
-    # (attention_sweep_b248_h200_74ec0d1.md; the wave rule alone chose 8 splits: 16.6 / 21.6 /
-    # 46.8 us vs 15.3 / 17.8 / 43.7)
-    for B, T, S in ((8, 1, 2048), (8, 4, 2048), (8, 1, 8192),
-                    (2, 1, 2048), (4, 1, 2048), (4, 1, 8192), (2, 4, 8192)):
+    # short caches split down to one key block each too (fffd870 sweep: batch 1 x 256 keys, 4
+    # splits 5.5 / 5.7 us at T = 1 / 4 vs 6.3 / 6.7 unsplit, attention_sweep_b248_h200_fffd870.md)
+    assert cfg(1, 1, 256) == (16, 64, 4, 4, 3)
+    assert cfg(1, 4, 256) == (16, 64, 4, 4, 3)
+    assert cfg(1, 1, 512) == (16, 64, 8, 4, 3)
+    # batch 4 / 8 to 8k, 64-key blocks x 4 splits x 3 stages: batch 8 the 1f8d2a6 batch-8 sweep's
+    # fastest (attention_sweep_b8_h200_1f8d2a6.md) and the fffd870 sweep's
+    # (attention_sweep_b248_h200_fffd870.md), batch 4 the 74ec0d1 and fffd870 sweeps'
+    for B, T, S in ((8, 1, 2048), (8, 4, 2048), (8, 1, 8192), (4, 1, 2048), (4, 1, 8192)):
         assert cfg(B, T, S) == (16, 64, 4, 4, 3), (B, T, S)
+    # batch 2: one wave of programs, 8 splits (fffd870 sweep: 11.1 / 24.8 us at 2k / 8k vs
+    # 12.7 / 33.2 with 4, now that the split combine is cheap)
+    for T, S in ((1, 2048), (1, 8192), (4, 8192)):
+        assert cfg(2, T, S) == (16, 64, 8, 4, 3), (T, S)
     assert cfg(8, 8, 2048) == (32, 64, 4, 4, 3)
     # batch 8 x 32k / 32 (attention_h200_full.json): unchanged
     assert cfg(8, 1, 32768) == (16, 128, 4, 4, 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import numpy as np
 import pytest
 
@@ -195,8 +197,9 @@ def test_norm_scale_fold_in_verify_mode(arch, rotate, dtype, hf_dirs, monkeypatc
     base = {k: np.asarray(qj.logits(model, ids, mode="w4a16", kernels=k), np.float32) for k in kinds}
     draft = np.asarray(qj.logits(model, ids, mode="w4a8"))
     ref = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16").tokens
-    calls, factor = [], quant.rms_factor
-    monkeypatch.setattr(quant, "rms_factor", lambda *a: calls.append(1) or factor(*a))
+    from qspec_jax import model as model_module
+    calls, normed = [], model_module.NormedInput
+    monkeypatch.setattr(model_module, "NormedInput", lambda *a: calls.append(1) or normed(*a))
     monkeypatch.setattr(quant, "NORM_SCALE_FOLD", True)
     jax.clear_caches()  # the flag is read while tracing
     try:
@@ -213,6 +216,37 @@ def test_norm_scale_fold_in_verify_mode(arch, rotate, dtype, hf_dirs, monkeypatc
     assert spec == out
     if dtype == "float32":
         assert out == ref
+
+
+def test_norm_scale_fold_auto_takes_single_rows(hf_dirs, monkeypatch):
+    """quant.NORM_SCALE_FOLD = "auto" (the default) folds the norm for inputs of at most
+    NORM_SCALE_FOLD_MAX_ROWS rows (batch-1 decode steps: measured faster on the H200) and not for
+    wider ones (prefill, verify passes, batch 16: slower); QSpec stays exactly verify mode's."""
+    import jax
+
+    from qspec_jax import quant
+    assert quant.NORM_SCALE_FOLD == "auto" and quant.NORM_SCALE_FOLD_MAX_ROWS >= 1
+    assert quant.norm_scale_fold(1) and not quant.norm_scale_fold(quant.NORM_SCALE_FOLD_MAX_ROWS + 1)
+    model = qj.load(hf_dirs["llama"][0], dtype="float32", quant="w4", method="rtn", rotate=True)
+    from qspec_jax import model as model_module
+    calls, normed = [], model_module.NormedInput
+    monkeypatch.setattr(model_module, "NormedInput",
+                        lambda x, f: calls.append(x.shape) or normed(x, f))
+    jax.clear_caches()  # the choice is made while tracing
+    try:
+        qj.logits(model, IDS[:1, :8], mode="w4a16")
+        assert not calls  # 8 rows: the plain norm
+        qj.logits(model, IDS[:1, :1], mode="w4a16")
+        assert calls and all(math.prod(s[:-1]) == 1 for s in calls)
+        prompts = [list(IDS[0, :6])]
+        out = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16").tokens
+        spec = qj.generate(model, prompts, max_new_tokens=8, mode="qspec", gamma=3).tokens
+        monkeypatch.setattr(quant, "NORM_SCALE_FOLD", False)
+        jax.clear_caches()
+        plain = qj.generate(model, prompts, max_new_tokens=8, mode="w4a16").tokens
+    finally:
+        jax.clear_caches()
+    assert spec == out == plain
 
 
 def test_fused_norm_quant_in_the_draft_modes(tmp_path, monkeypatch, caplog):

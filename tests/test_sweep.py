@@ -139,18 +139,23 @@ def check_report(text: str, rows: list[dict], out: str) -> None:
 
 
 @pytest.mark.parametrize("flag, attr, func, mode", [
-    ("--norm-quant-fold", "NORM_QUANT_FOLD", "rmsnorm_quantize", "w4a8"),
-    ("--norm-scale-fold", "NORM_SCALE_FOLD", "rms_factor", "w4a16")])
+    ("--norm-quant-fold", "NORM_QUANT_FOLD", "quant.rmsnorm_quantize", "w4a8"),
+    ("--norm-scale-fold", "NORM_SCALE_FOLD", "model.NormedInput", "w4a16")])
 def test_sweep_quick_with_a_folded_norm(tmp_path, flag, attr, func, mode):
     """--norm-quant-fold: the draft's qkv / gate_up inputs go through quant.rmsnorm_quantize;
-    --norm-scale-fold: the verify GEMMs scale their output rows by quant.rms_factor. Either is
-    recorded in every row and in the report's command, with no error."""
+    --norm-scale-fold: the verify GEMMs take a NormedInput (they scale their output rows by the
+    norm's factor) at every width, prefill included. Either is recorded in every row and in the
+    report's command, with no error."""
+    import importlib
+
     from qspec_jax import quant
     key = flag[2:].replace("-", "_")
     out = tmp_path / "fold.jsonl"
-    calls, real = [], getattr(quant, func)
+    mod_name, func = func.split(".")
+    mod = importlib.import_module(f"qspec_jax.{mod_name}")
+    calls, real = [], getattr(mod, func)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant, func, lambda *a: calls.append(1) or real(*a))
+        mp.setattr(mod, func, lambda *a: calls.append(a[0].shape) or real(*a))
         mp.setattr(quant, attr, False)  # restored after: the sweep sets it
         import jax
         jax.clear_caches()  # (the flag is read while tracing)
@@ -160,6 +165,8 @@ def test_sweep_quick_with_a_folded_norm(tmp_path, flag, attr, func, mode):
         finally:
             jax.clear_caches()
     assert calls
+    if mode == "w4a16":  # on: prefill's rows too, not only the batch-1 steps "auto" folds
+        assert any(math.prod(s[:-1]) > quant.NORM_SCALE_FOLD_MAX_ROWS for s in calls)
     rows = [json.loads(l) for l in open(out)]
     assert rows and all(r.get(key) and "error" not in r for r in rows)
     assert sweep_main(["--report", "--out", str(out)]) == 0
