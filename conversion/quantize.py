@@ -53,7 +53,7 @@ def prepare_params(cfg: ModelConfig, qcfg: QuantConfig, params: dict, dtype, *, 
     params = _to_np32(params)
     if qcfg.rotate:
         from qspec_jax.rotation import rotate_params
-        params, notes = rotate_params(params, cfg, seed=qcfg.seed)
+        params, notes = rotate_params(params, cfg, seed=qcfg.seed, v_heads=qcfg.rotate_v_heads)
         log.info("QuaRot rotation folded in: %s", notes)
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     if qcfg.quantize_lm_head and "lm_head" not in params:
@@ -126,9 +126,10 @@ def _set_linear(layer_params: dict, path, new_lin) -> dict:
     return out
 
 
-def _run_layer_fn(cfg: ModelConfig, rotate: bool):
-    """jitted (layer params, x [B,S,D]) -> (y, {linear path: its input}) in f32, w16 math."""
-    qcfg = QuantConfig(rotate=rotate)
+def _run_layer_fn(cfg: ModelConfig, qcfg: QuantConfig):
+    """jitted (layer params, x [B,S,D]) -> (y, {linear path: its input}) in f32, w16 math, for
+    layer params prepared as ``qcfg`` says (its rotation; unquantized)."""
+    qcfg = QuantConfig(rotate=qcfg.rotate, rotate_v_heads=qcfg.rotate_v_heads)
     abstract = nnx.eval_shape(lambda: DecoderLayer(cfg, qcfg, jnp.float32, nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
@@ -157,7 +158,7 @@ def _run_layer_fn(cfg: ModelConfig, rotate: bool):
 def gptq_params(cfg: ModelConfig, qcfg: QuantConfig, params: dict, tokens: np.ndarray) -> dict:
     """GPTQ every decoder linear, layer by layer, on calibration ``tokens`` [n_seq, S]."""
     from qspec_jax.gptq import HessianAccumulator, gptq_quantize
-    run_layer = _run_layer_fn(cfg, qcfg.rotate)
+    run_layer = _run_layer_fn(cfg, qcfg)
     x = jnp.take(jnp.asarray(params["embed"]["embedding"]), jnp.asarray(tokens), axis=0)
     layers = {}
     steps = len(params["layers"]) * len(GPTQ_STAGES)

@@ -34,6 +34,7 @@
 #   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
+#   bash experiments/device_runs.sh vheads     # rotated 8B w4a16 AR b1/16: o_proj's online Hadamard across heads only (v_proj holds the rest) vs the full transform (~3.5 min)
 #   bash experiments/device_runs.sh retime25   # new attention splits (b1 short caches, b2) + verify norm fold auto vs on (QSpec b1 gamma 3) (~8.5 min)
 #   bash experiments/device_runs.sh retime24   # GPU attention tests (all 63) + 8B w4a16 AR and gamma 3 end to end at batch 1 / 16 with the new attention defaults (~9.5 min)
 #   bash experiments/device_runs.sh normscale  # verify-mode RMSNorm folded into the GEMM epilogue (quant.NORM_SCALE_FOLD) vs default: 8B b1/16, rotated 8B b1, 1B b1/16 w4a16 AR (~9 min)
@@ -554,6 +555,17 @@ case "$stage" in
     step 180 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 --reps 3 --time-budget 160 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  vheads)
+    # Rotated models: the per-head part of o_proj's online Hadamard folded into v_proj
+    # (QuantConfig.rotate_v_heads), so only a [heads x heads] mixing runs online, vs the full
+    # 4096-wide transform (--full-o-rotation: conversions before it). 8B w4a16 AR, batch 1 / 16.
+    for v in heads full; do
+      flag=""; [ "$v" = full ] && flag="--full-o-rotation"
+      step 105 "vheads_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --rotate $flag --time-budget 95 \
+        --commit "$COMMIT" --out "$OUT/vheads_$v.jsonl"
+    done
     ;;
   retime25)
     # After the fffd870 runs: batch 1 splits short caches down to one key block per split, batch 2

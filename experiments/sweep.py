@@ -75,13 +75,14 @@ def shaped_config(name: str) -> ModelConfig:
 
 
 def random_model(name: str, quantized: bool, dtype=jnp.bfloat16, seed: int = 0,
-                 quantize_lm_head: bool = False, rotate: bool = False):
+                 quantize_lm_head: bool = False, rotate: bool = False, rotate_v_heads: bool = True):
     """A shaped model with random weights built on the device (int4 weights drawn directly;
     the lm_head too with quantize_lm_head). ``rotate``: the forward runs the online Hadamard
     transforms of a rotated (QuaRot) conversion, before o_proj and down_proj (the random
-    weights are not rotated: timing only)."""
+    weights are not rotated: timing only); before o_proj across heads only unless
+    ``rotate_v_heads`` is False (QuantConfig.rotate_v_heads: conversions before it)."""
     cfg = shaped_config(name)
-    qcfg = (QuantConfig(quant="w4", method="rtn", rotate=rotate,
+    qcfg = (QuantConfig(quant="w4", method="rtn", rotate=rotate, rotate_v_heads=rotate_v_heads,
                         quantize_lm_head=quantize_lm_head) if quantized else QuantConfig())
     from flax import nnx
     from qspec_jax.model import Transformer, pure_dict
@@ -527,6 +528,10 @@ def main(argv=None) -> int:
                         "rotated conversion (qspec-convert / qj.load rotate by default; timing "
                         "only: the random weights are not rotated). The default model is always "
                         "rotated.")
+    p.add_argument("--full-o-rotation", action="store_true",
+                   help="with --rotate: the full online Hadamard before o_proj, as conversions "
+                        "made before the per-head part went into v_proj (QuantConfig."
+                        "rotate_v_heads False) run it; default: across heads only")
     p.add_argument("--draft-window", type=parse_window, default=None, metavar="SINK:WINDOW",
                    help="QSpec modes draft with windowed attention over the shared cache "
                         "(qj.generate's draft_window; the cost table times that draft); use a "
@@ -596,8 +601,11 @@ def main(argv=None) -> int:
     env["norm_scale_fold"] = {True: "on", False: "off"}.get(quant_module.NORM_SCALE_FOLD, "auto")
     if args.quantize_lm_head:
         env["quantize_lm_head"] = True
+    if args.full_o_rotation and not args.rotate:
+        raise SystemExit("--full-o-rotation: only with --rotate")
     if args.rotate:
         env["rotate"] = True
+        env["rotate_v_heads"] = not args.full_o_rotation
     draft_window = args.draft_window
     if draft_window:
         env["draft_window"] = list(draft_window)
@@ -664,7 +672,8 @@ def main(argv=None) -> int:
                                              method="rtn", quantize_lm_head=lm,
                                              weight_layout=args.weight_layout) if name == "default"
                                      else random_model(name, quantized, quantize_lm_head=lm,
-                                                       rotate=args.rotate))
+                                                       rotate=args.rotate,
+                                                       rotate_v_heads=not args.full_o_rotation))
                 if quantized:  # in place: the sweep owns the model (no second copy at the peak)
                     qj.with_weight_layout(models[quantized], args.weight_layout, in_place=True)
                 print(f"[sweep] {name} {'w4' if quantized else 'w16'} model ready in "
@@ -924,6 +933,8 @@ def reproduce_commands(rows: list[dict], out: str) -> list[str]:
             args.append(("--quantize-lm-head", ""))
         if any(r.get("rotate") for r in runs):
             args.append(("--rotate", ""))
+            if any(r.get("rotate_v_heads") is False for r in runs):
+                args.append(("--full-o-rotation", ""))
         if any(r.get("act_quant_in_gemm") for r in runs):
             args.append(("--act-quant-in-gemm", ""))
         if runs and all(r.get("mgpu_out_mn") is False for r in runs):  # (on: the default)

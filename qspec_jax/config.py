@@ -79,6 +79,10 @@ class QuantConfig:
     rotate: bool = False              # QuaRot folded in: the model applies online Hadamards
     quantize_lm_head: bool = False
     seed: int = 0
+    # With rotate: the per-head part of o_proj's online Hadamard is folded into v_proj where the
+    # sizes allow it (rotation.v_head_fold_ok), so the model mixes heads only. Settings saved
+    # before this field existed read False (their v_proj does not hold it).
+    rotate_v_heads: bool = True
 
     @property
     def quantized(self) -> bool:
@@ -90,7 +94,7 @@ class QuantConfig:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "QuantConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{"rotate_v_heads": False, **{k: v for k, v in d.items() if k in known}})
 
 
 # Fields that change the math but that we do not implement: (field, value that is fine).

@@ -304,6 +304,11 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                     cfg.head_dim)
         self.rotate = qcfg.rotate
+        # v_proj holds the per-head part of the online Hadamard (rotation.rotate_params): mix
+        # heads only before o_proj.
+        from .rotation import v_head_fold_ok
+        self.rotate_heads_only = bool(qcfg.rotate and qcfg.rotate_v_heads
+                                      and v_head_fold_ok(cfg.q_size, cfg.head_dim))
 
     def __call__(self, x, cache: KVCache, layer: int, positions, inv_freq, mode, kernels,
                  window=None, readonly=False, prefix=None, defer=False):
@@ -360,7 +365,10 @@ class Attention(nnx.Module):
     def _out(self, out, mode, kernels, defer=False):
         B, T = out.shape[:2]
         out = out.reshape(B, T, self.heads * self.head_dim)
-        if self.rotate:
+        if self.rotate_heads_only:
+            from .rotation import online_hadamard_heads
+            out = online_hadamard_heads(out, self.head_dim)
+        elif self.rotate:
             from .rotation import online_hadamard
             out = online_hadamard(out)
         return self.o_proj(draft_quantized(out, self.o_proj, mode, kernels), mode, kernels, defer)

@@ -241,6 +241,47 @@ def online_hadamard(x, impl: str | None = None):
     return y.astype(x.dtype)
 
 
+def v_head_fold_ok(n: int, head_dim: int) -> bool:
+    """Whether hadamard_matrix(n) for n = heads * head_dim factors as A kron S_head_dim (its
+    Sylvester part p a multiple of head_dim, a power of two), so that the S_head_dim part can be
+    folded into v_proj (rotate_params' v_heads) and only A runs online (online_hadamard_heads)."""
+    _, p, _ = _decompose(n)
+    return head_dim >= 1 and head_dim & (head_dim - 1) == 0 and n % head_dim == 0 and p % head_dim == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _head_mixing(n, head_dim):
+    """A / sqrt(n / head_dim) with hadamard_matrix(n) = A kron S_head_dim (read-only, float64)."""
+    m, p, kind = _decompose(n)
+    a = np.kron(_block(m, kind), _sylvester(p // head_dim)) / math.sqrt(n // head_dim)
+    a.setflags(write=False)
+    return a
+
+
+def online_hadamard_heads(x, head_dim: int):
+    """The online o_proj transform of a model whose v_proj holds the per-head part
+    (rotate_params(v_heads=True)): x [..., n] viewed as [..., n / head_dim, head_dim] (the
+    attention heads), mixed across heads by A / sqrt(n / head_dim). Equal to online_hadamard(x)
+    once x's heads are multiplied by S_head_dim / sqrt(head_dim) (what the rotated V does): with
+    X the [heads, head_dim] view, x @ kron(A, S) is A^T X S. One small GEMM along the head axis
+    (float32 accumulation; +-1 entries: exact products) instead of a transform of all n."""
+    if not v_head_fold_ok(x.shape[-1], head_dim):
+        raise ValueError(f"online_hadamard_heads: size {x.shape[-1]} does not factor into heads of "
+                         f"{head_dim} (v_head_fold_ok); use online_hadamard")
+    *lead, n = x.shape
+    a = _head_mixing(n, head_dim)
+    low = x.dtype in (jnp.bfloat16, jnp.float16) and has_hadamard(n)
+    # +-1 / sqrt(heads) in the input dtype is not exact: scale after the +-1 GEMM instead.
+    sign = np.rint(a * math.sqrt(n // head_dim)) if low else None
+    if low:
+        y = _along(x.reshape(*lead, n // head_dim, head_dim), jnp.asarray(sign, x.dtype), len(lead),
+                   lax.Precision.DEFAULT) * (1.0 / math.sqrt(n // head_dim))
+    else:
+        y = _along(x.reshape(*lead, n // head_dim, head_dim).astype(jnp.float32),
+                   jnp.asarray(a, jnp.float32), len(lead), lax.Precision.HIGHEST)
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
 def hadamard_transform_np(x):
     """float64 NumPy twin of ``online_hadamard`` for offline folding: x [..., n] -> [..., n]."""
     return _fast_transform(np.asarray(x, np.float64), np, _block_matmul_np)
@@ -290,7 +331,7 @@ def _describe(n):
     return f"{n} = {m} x {p} ({kind})"
 
 
-def rotate_params(params, config, seed=0):
+def rotate_params(params, config, seed=0, v_heads=True):
     """QuaRot folding on an unquantized pure-dict tree -> (new params, notes).
 
     The math runs in float64; arrays come back as float32 (float64 if they were float64).
@@ -304,6 +345,12 @@ def rotate_params(params, config, seed=0):
     3. Online rotations: with H_n = hadamard_matrix(n) / sqrt(n), o_proj W -> H_n^T W for
        n = num_heads * head_dim and down_proj W -> H_I^T W for I = intermediate_size, so that
        online_hadamard(a) @ W' == a @ W for the activations a the model rotates online.
+    4. ``v_heads`` (where ``v_head_fold_ok(n, head_dim)``): hadamard_matrix(n) = A kron S for
+       S = S_head_dim, and the S part of o_proj's online transform goes into v_proj instead:
+       each KV head's output columns W_v[:, h] -> W_v[:, h] S / sqrt(head_dim) (and its bias).
+       Attention's output per head is a weighted sum of V rows, so it comes out multiplied by S
+       too (the cache holds V rotated), and the model mixes heads online by A only
+       (online_hadamard_heads: one small GEMM instead of the transform of all n).
 
     ``config`` needs hidden_size, intermediate_size, num_attention_heads, head_dim and
     tie_word_embeddings (a tree without 'lm_head' counts as tied). ``notes`` records what
@@ -330,6 +377,23 @@ def rotate_params(params, config, seed=0):
             out["bias"] = _right(np.asarray(lin["bias"])[None], rot)[0]
         return out
 
+    hd = config.head_dim
+    fold_v = bool(v_heads) and v_head_fold_ok(n_attn, hd)
+    s_hd = _sylvester(hd) / math.sqrt(hd)
+
+    def per_head(rows):
+        """rows [r, KVH * hd] -> each head's hd columns times S_hd / sqrt(hd)."""
+        return (rows.reshape(rows.shape[0], -1, hd) @ s_hd).reshape(rows.shape)
+
+    def v_side(lin, gain):
+        out = input_side(lin, gain)
+        if not fold_v:
+            return out
+        out["kernel"] = _right(out["kernel"], per_head)
+        if "bias" in lin:
+            out["bias"] = _right(np.asarray(lin["bias"])[None], per_head)[0]
+        return out
+
     layers = {}
     for idx, layer in params["layers"].items():
         attn, mlp = layer["attn"], layer["mlp"]
@@ -338,7 +402,8 @@ def rotate_params(params, config, seed=0):
             **layer,
             "attn_norm": {"scale": ones},
             "attn": {**attn,
-                     **{k: input_side(attn[k], g_attn) for k in ("q_proj", "k_proj", "v_proj")},
+                     **{k: input_side(attn[k], g_attn) for k in ("q_proj", "k_proj")},
+                     "v_proj": v_side(attn["v_proj"], g_attn),
                      "o_proj": output_side(attn["o_proj"], n_attn)},
             "mlp_norm": {"scale": ones},
             "mlp": {**mlp,
@@ -357,7 +422,8 @@ def rotate_params(params, config, seed=0):
            "lm_head": input_side(lm_head, params["final_norm"]["scale"])}
     notes = {"seed": seed,
              "residual": rot_note,
-             "online_o_proj": _describe(n_attn),
+             "online_o_proj": _describe(n_attn) + (f", S_{hd} per head in v_proj" if fold_v else ""),
+             "v_heads": fold_v,
              "online_down_proj": _describe(config.intermediate_size),
              "untied_lm_head": tied}
     return out, notes

@@ -25,7 +25,56 @@ def test_rotation_is_exact_in_w16(arch, hf_dirs):
     plain = qj.logits(qj.load(hf_dirs[arch][0], dtype="float32"), IDS)
     rotated_model = qj.load(hf_dirs[arch][0], dtype="float32", rotate=True)
     assert rotated_model.qcfg.rotate and not rotated_model.qcfg.quantized
+    # the per-head part of o_proj's online Hadamard sits in v_proj: heads mixed online only
+    assert rotated_model.qcfg.rotate_v_heads
+    assert rotated_model.module.layers[0].attn.rotate_heads_only
     assert rel(qj.logits(rotated_model, IDS), plain) < 2e-5
+
+
+def test_rotation_without_the_v_head_fold(hf_dirs, monkeypatch, tmp_path):
+    """QuantConfig.rotate_v_heads False (what settings saved before the field read as): v_proj
+    as before, the full online transform before o_proj; the same function. A converted
+    checkpoint whose settings lack the field loads that way."""
+    import dataclasses
+
+    from conversion.convert import convert
+    from qspec_jax import api
+    from qspec_jax.config import QuantConfig
+    src = hf_dirs["llama"][0]
+    plain = qj.logits(qj.load(src, dtype="float32"), IDS)
+    real = api.make_quant_config
+    monkeypatch.setattr(api, "make_quant_config",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), rotate_v_heads=False))
+    old = qj.load(src, dtype="float32", rotate=True)
+    assert not old.module.layers[0].attn.rotate_heads_only
+    assert rel(qj.logits(old, IDS), plain) < 2e-5
+    monkeypatch.setattr(api, "make_quant_config", real)
+    new = qj.load(src, dtype="float32", rotate=True)
+    attn_old, attn_new = old.state["layers"][0]["attn"], new.state["layers"][0]["attn"]
+    name = "v_proj" if "v_proj" in attn_old else "qkv_proj"  # (q, k, v fused: [q | k | v])
+    v_old = np.asarray(attn_old[name]["kernel"][...])[:, -old.cfg.kv_size:]
+    v_new = np.asarray(attn_new[name]["kernel"][...])[:, -new.cfg.kv_size:]
+    assert not np.allclose(v_old, v_new, atol=1e-3)  # the fold changed v_proj
+    np.testing.assert_allclose(np.asarray(attn_old[name]["kernel"][...])[:, :-old.cfg.kv_size],
+                               np.asarray(attn_new[name]["kernel"][...])[:, :-new.cfg.kv_size],
+                               atol=1e-6)  # q and k untouched
+    assert QuantConfig.from_json({"quant": "w4", "rotate": True}).rotate_v_heads is False
+    # a checkpoint written before the field: its settings lack it, its v_proj is unfolded
+    monkeypatch.setattr(api, "make_quant_config",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), rotate_v_heads=False))
+    from conversion import convert as convert_module
+    monkeypatch.setattr(convert_module, "make_quant_config", api.make_quant_config, raising=False)
+    out = tmp_path / "legacy"
+    convert(src, str(out), dtype="float32", rotate=True)
+    meta_path = out / "qspec.json"
+    meta = json.load(open(meta_path))
+    assert meta["quant"]["rotate_v_heads"] is False
+    del meta["quant"]["rotate_v_heads"]
+    json.dump(meta, open(meta_path, "w"))
+    monkeypatch.setattr(api, "make_quant_config", real)
+    legacy = qj.load(str(out), dtype="float32")
+    assert legacy.qcfg.rotate and not legacy.qcfg.rotate_v_heads
+    assert rel(qj.logits(legacy, IDS), plain) < 2e-5
 
 
 def test_quantized_modes_track_w16(hf_dirs):

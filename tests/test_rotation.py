@@ -141,16 +141,27 @@ def _attention(x, attn, cfg):
     return np.einsum("hqk,khd->qhd", probs, v).reshape(t, -1)
 
 
-def _forward(params, cfg, tokens, rotated):
-    """Logits [T, V]; a rotated model applies the online Hadamard before o_proj/down_proj."""
+def _forward(params, cfg, tokens, rotated, v_heads=False):
+    """Logits [T, V]; a rotated model applies the online Hadamard before o_proj/down_proj (with
+    v_heads before o_proj only its across-heads factor A, H_n = A kron S_hd)."""
     def online(a):
         n = a.shape[-1]
         return a @ rotation.hadamard_matrix(n) / math.sqrt(n) if rotated else a
 
+    def online_o(a):
+        if not v_heads:
+            return online(a)
+        n, hd = a.shape[-1], cfg.head_dim
+        h_n = rotation.hadamard_matrix(n)
+        across = h_n[::hd, ::hd]  # A, since H_n = A kron S_hd and S_hd[0, 0] = 1
+        np.testing.assert_array_equal(np.kron(across, rotation.hadamard_matrix(hd)), h_n)
+        x = a.reshape(a.shape[0], n // hd, hd)
+        return np.einsum("tad,ac->tcd", x, across).reshape(a.shape) / math.sqrt(n // hd)
+
     h = params["embed"]["embedding"][tokens]  # [T, D]
     for layer in params["layers"].values():
         a = _attention(_rms_norm(h, layer["attn_norm"]["scale"]), layer["attn"], cfg)
-        h = h + _linear(online(a), layer["attn"]["o_proj"])
+        h = h + _linear(online_o(a), layer["attn"]["o_proj"])
         m = _rms_norm(h, layer["mlp_norm"]["scale"])
         gate = _linear(m, layer["mlp"]["gate_proj"])
         act = gate / (1.0 + np.exp(-gate)) * _linear(m, layer["mlp"]["up_proj"])
@@ -165,21 +176,41 @@ CONFIGS = [
     # residual 10: random orthogonal; heads 12 (Paley I); intermediate 52 = 13 x 4 (DCT);
     # tied embedding, q/k/v biases (Qwen2-like).
     TinyConfig(10, 52, 2, 1, 6, tie_word_embeddings=True, qkv_bias=True),
-    # all powers of two, intermediate 28 x 4 (Paley II).
+    # all powers of two, intermediate 28 x 4 (Paley II); heads 4 x 8: S_8 folded into v_proj.
     TinyConfig(32, 112, 4, 4, 8, tie_word_embeddings=False, num_layers=1),
+    # heads 24 x 4 = 96 = 12 x 8 (Paley I): S_4 into v_proj (with its bias), B_12 kron S_2 online;
+    # 3 query heads per KV head.
+    TinyConfig(24, 80, 24, 8, 4, tie_word_embeddings=False, qkv_bias=True),
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_rotation_is_exact_in_float64(cfg):
     params = _random_params(cfg, seed=cfg.hidden_size)
-    rotated, notes = rotation.rotate_params(params, cfg, seed=3)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 7)
     ref = _forward(params, cfg, tokens, rotated=False)
-    out = _forward(rotated, cfg, tokens, rotated=True)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
-    assert notes["untied_lm_head"] == cfg.tie_word_embeddings
-    assert "lm_head" in rotated
+    fold_ok = rotation.v_head_fold_ok(cfg.num_attention_heads * cfg.head_dim, cfg.head_dim)
+    assert fold_ok == (cfg.head_dim in (4, 8))
+    for v_heads in (False, True):
+        rotated, notes = rotation.rotate_params(params, cfg, seed=3, v_heads=v_heads)
+        assert notes["v_heads"] == (v_heads and fold_ok)
+        out = _forward(rotated, cfg, tokens, rotated=True, v_heads=notes["v_heads"])
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+        assert notes["untied_lm_head"] == cfg.tie_word_embeddings
+        assert "lm_head" in rotated
+    # the jnp transform the model runs: online_hadamard_heads(x S per head) == online_hadamard(x)
+    if fold_ok:
+        n, hd = cfg.num_attention_heads * cfg.head_dim, cfg.head_dim
+        x = np.random.default_rng(2).standard_normal((3, n)).astype(np.float32)
+        xs = (x.reshape(3, -1, hd) @ rotation.hadamard_matrix(hd) / math.sqrt(hd)).reshape(3, n)
+        got = np.asarray(rotation.online_hadamard_heads(jnp.asarray(xs, jnp.float32), hd))
+        np.testing.assert_allclose(got, x @ rotation.hadamard_matrix(n) / math.sqrt(n), atol=1e-5)
+        got16 = rotation.online_hadamard_heads(jnp.asarray(xs, jnp.bfloat16), hd)
+        assert got16.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got16, np.float32), got, atol=0.05)
+    else:
+        with pytest.raises(ValueError, match="does not factor into heads"):
+            rotation.online_hadamard_heads(jnp.zeros((1, 48)), cfg.head_dim)
 
 
 def test_rotated_tree_structure():

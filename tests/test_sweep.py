@@ -555,18 +555,27 @@ def test_sweep_rotate_times_the_online_hadamards(tmp_path, monkeypatch):
     from experiments import sweep
     from qspec_jax import rotation
     plain, rot = sweep.random_model("tiny", True), sweep.random_model("tiny", True, rotate=True)
-    assert not plain.qcfg.rotate and rot.qcfg.rotate
+    full = sweep.random_model("tiny", True, rotate=True, rotate_v_heads=False)
+    assert not plain.qcfg.rotate and rot.qcfg.rotate and rot.qcfg.rotate_v_heads
     calls = []
-    real = rotation.online_hadamard
+    real, real_heads = rotation.online_hadamard, rotation.online_hadamard_heads
     monkeypatch.setattr(rotation, "online_hadamard",
                         lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    monkeypatch.setattr(rotation, "online_hadamard_heads",
+                        lambda x, hd: calls.append(("heads", x.shape)) or real_heads(x, hd))
     toks = [[5, 17, 3, 99, 4]]
     a = np.asarray(qj.logits(plain, toks, mode="w4a16"), np.float32)
     assert not calls
     b = np.asarray(qj.logits(rot, toks, mode="w4a16"), np.float32)
     L, I = sweep.SHAPED["tiny"]["num_hidden_layers"], sweep.SHAPED["tiny"]["intermediate_size"]
-    assert len(calls) == 2 * L and (1, 5, I) in calls  # before o_proj and down_proj, every layer
+    n = rot.cfg.q_size
+    # before o_proj (across heads: v_proj holds the per-head part) and down_proj, every layer
+    assert calls.count((1, 5, I)) == L and calls.count(("heads", (1, 5, n))) == L
+    assert len(calls) == 2 * L
     assert np.abs(a - b).max() > 1e-3
+    calls.clear()
+    qj.logits(full, toks, mode="w4a16")
+    assert calls.count((1, 5, I)) == L and calls.count((1, 5, n)) == L and len(calls) == 2 * L
     out = tmp_path / "rot.jsonl"
     assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--rotate", "--out", str(out)]) == 0
     rows = [json.loads(l) for l in open(out) if '"mode"' in l]
@@ -574,6 +583,16 @@ def test_sweep_rotate_times_the_online_hadamards(tmp_path, monkeypatch):
     assert sweep_main(["--report", "--out", str(out)]) == 0
     text = open(tmp_path / "rot.md").read()
     assert "--rotate" in text and "run the online Hadamard transforms" in text
+    assert "--full-o-rotation" not in text and all(r["rotate_v_heads"] for r in rows)
+    out = tmp_path / "full.jsonl"
+    assert sweep_main(["--quick", "--modes", "w4a16", "--batches", "1", "--rotate",
+                       "--full-o-rotation", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in open(out) if '"mode"' in l]
+    assert rows and all(r["rotate_v_heads"] is False and "error" not in r for r in rows)
+    assert sweep_main(["--report", "--out", str(out)]) == 0
+    assert "--full-o-rotation" in open(tmp_path / "full.md").read()
+    with pytest.raises(SystemExit, match="only with --rotate"):
+        sweep_main(["--quick", "--full-o-rotation", "--out", str(tmp_path / "x.jsonl")])
 
 
 def test_report_flags_ar_steps_that_disagree_with_the_cost_table():
