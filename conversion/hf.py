@@ -14,7 +14,6 @@ import os
 import re
 
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from qspec_jax.config import ModelConfig

@@ -34,6 +34,7 @@
 #   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
+#   bash experiments/device_runs.sh prof16rot  # device time by kernel of a rotated vs plain 8B batch-16 w4a16 step (~5 min)
 #   bash experiments/device_runs.sh vheads     # rotated 8B w4a16 AR b1/16: o_proj's online Hadamard across heads only (v_proj holds the rest) vs the full transform (~3.5 min)
 #   bash experiments/device_runs.sh retime25   # new attention splits (b1 short caches, b2) + verify norm fold auto vs on (QSpec b1 gamma 3) (~8.5 min)
 #   bash experiments/device_runs.sh retime24   # GPU attention tests (all 63) + 8B w4a16 AR and gamma 3 end to end at batch 1 / 16 with the new attention defaults (~9.5 min)
@@ -555,6 +556,17 @@ case "$stage" in
     step 180 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 --reps 3 --time-budget 160 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  prof16rot)
+    # Issue 8: a rotated 8B step at batch 16 cost 3.053 ms vs 2.472 unrotated (vheads_h200_69501a6.md,
+    # normscale_h200_fffd870.md): ~18 us per layer, more than hadamard_h200.md's 7.2 us for the
+    # 14336-wide transform at M = 16 plus the head mixing. Device time by kernel, rotated vs not.
+    for v in rot plain; do
+      flag=""; [ "$v" = rot ] && flag="--rotate"
+      step 150 "profile_b16_$v.log" python3 experiments/profile_cycle.py --model llama3-8b \
+        --batch 16 --configs w4a16 --new-tokens 64 $flag --commit "$COMMIT" --out "$OUT/prof_b16_$v"
+      rm -rf "$OUT/prof_b16_$v"/trace_*
+    done
     ;;
   vheads)
     # Rotated models: the per-head part of o_proj's online Hadamard folded into v_proj
