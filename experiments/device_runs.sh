@@ -34,6 +34,7 @@
 #   bash experiments/device_runs.sh normfold   # issue 8: the draft's norm folded into its quantization scale vs default, w4a8 / w4a16 AR, 1B + 8B, batch 1 / 16 (~8 min)
 #   bash experiments/device_runs.sh combine    # issue 7: the all-splits-at-once combine: GPU attention tests, batch 1-8 kernel times, batch-1 split sweep (~9.5 min)
 #   bash experiments/device_runs.sh splits248  # issue 7 after the full-wave batch-1 splits: batch 2 / 4 / 8 split sweep with the cheap combine + batch 1 / 8 grid vs peers (~9 min)
+#   bash experiments/device_runs.sh hadamardk  # the one-kernel online Hadamard (impl "pallas"): GPU tests, transform alone vs the GEMM form, 8B rotated AR b1/16 (~8 min)
 #   bash experiments/device_runs.sh prof16rot  # device time by kernel of a rotated vs plain 8B batch-16 w4a16 step (~5 min)
 #   bash experiments/device_runs.sh vheads     # rotated 8B w4a16 AR b1/16: o_proj's online Hadamard across heads only (v_proj holds the rest) vs the full transform (~3.5 min)
 #   bash experiments/device_runs.sh retime25   # new attention splits (b1 short caches, b2) + verify norm fold auto vs on (QSpec b1 gamma 3) (~8.5 min)
@@ -556,6 +557,19 @@ case "$stage" in
     step 180 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 --reps 3 --time-budget 160 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  hadamardk)
+    # Issue 8 / 6 (rotated models): the online Hadamard in one Pallas kernel (rotation impl
+    # "pallas", pallas_kernels/hadamard.py) vs the GEMM form (2 XLA GEMMs: 4.4 / 7.2 us at M 1 /
+    # 16 for 14336, hadamard_h200.md). GPU tests, the transform alone, then 8B rotated w4a16 AR.
+    step 150 hadamardk_gpu_tests.log python3 -m pytest tests/gpu/test_hadamard_gpu.py -q -x -p no:cacheprovider
+    step 100 hadamardk_bench.log python3 experiments/bench_hadamard.py --widths 14336,8192,4096 \
+      --ms 1,4,16,64,256,1024 --impls dense,pallas --commit "$COMMIT" --tag h200_kernel --out "$OUT"
+    for v in dense pallas; do
+      step 105 "hadamardk_8b_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
+        --modes w4a16 --new-tokens 64 --repeats 3 --rotate --hadamard-impl $v --time-budget 95 \
+        --commit "$COMMIT" --out "$OUT/hadamardk_8b_$v.jsonl"
+    done
     ;;
   prof16rot)
     # Issue 8: a rotated 8B step at batch 16 cost 3.053 ms vs 2.472 unrotated (vheads_h200_69501a6.md,

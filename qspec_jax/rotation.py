@@ -18,7 +18,7 @@ size m), so every n works and ``H H^T = n I`` still holds. Everything is a deter
 function of n.
 
 ``online_hadamard(x) = x @ hadamard_matrix(n) / sqrt(n)`` along the last axis, computed in one
-of two ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
+of three ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
 
 - "butterfly": a Walsh-Hadamard butterfly over the 2^k part (log2 p elementwise stages: XLA
   runs each as its own pass over the data, ~10 kernels for 14336 = 28 x 512) and one small m x m
@@ -26,7 +26,10 @@ of two ways (``HADAMARD_IMPLS``; the same values up to float32 summation order):
 - "dense": S_p split into Sylvester factors of at most ``DENSE_STAGE`` (S_p = S_r kron S_q), each
   applied as one GEMM along its axis, then the m x m block: 2 GEMMs for 14336 and 4096. The first
   GEMM takes bf16 / f16 input as it is (+-1 entries: exact products, float32 accumulation on
-  tensor cores), the later ones run in float32 at HIGHEST precision.
+  tensor cores), the later ones run in float32 at HIGHEST precision;
+- "pallas": one Pallas kernel (pallas_kernels/hadamard.py: S_p made in registers, the m x m
+  block applied in the same program); shapes it cannot take (no Hadamard block, float32) run
+  the GEMM form, said once. Not measured on the GPU yet (device stage ``hadamardk``).
 
 ``HADAMARD_IMPL`` picks the model's: "dense", measured faster on the H200 at every width and M
 (``experiments/bench_hadamard.py``, experiments/results/hadamard_h200.md; summed device time
@@ -184,7 +187,7 @@ def _block_matmul_np(y, b):
     return np.einsum("...ab,ac->...cb", y, b)
 
 
-HADAMARD_IMPLS = ("butterfly", "dense")
+HADAMARD_IMPLS = ("butterfly", "dense", "pallas")
 HADAMARD_IMPL = "dense"   # the model's (see the module docstring)
 DENSE_STAGE = 512             # largest Sylvester factor applied as one dense GEMM
 
@@ -232,6 +235,11 @@ def online_hadamard(x, impl: str | None = None):
     "butterfly" or "dense" (default ``HADAMARD_IMPL``; see the module docstring)."""
     impl = impl or HADAMARD_IMPL
     x = jnp.asarray(x)
+    if impl == "pallas":
+        y = _pallas_transform(x)
+        if y is not None:
+            return y
+        impl = "dense"
     if impl == "dense":
         return _dense_transform(x).astype(x.dtype)
     if impl != "butterfly":
@@ -280,6 +288,26 @@ def online_hadamard_heads(x, head_dim: int):
         y = _along(x.reshape(*lead, n // head_dim, head_dim).astype(jnp.float32),
                    jnp.asarray(a, jnp.float32), len(lead), lax.Precision.HIGHEST)
     return y.reshape(*lead, n).astype(x.dtype)
+
+
+def _pallas_transform(x):
+    """impl "pallas": the one-kernel transform (pallas_kernels/hadamard.py; the interpreter
+    off the GPU), or None, said once per width / dtype, where the kernel cannot take x."""
+    import jax
+
+    from pallas_kernels import hadamard as kernel
+    from qspec_jax.kernel_dispatch import log_once
+    *lead, n = x.shape
+    ok, why = kernel.supported((math.prod(lead), n), x.dtype)
+    if not ok:
+        log_once(("hadamard", n, str(x.dtype)), f"qspec_jax: the Pallas Hadamard kernel cannot "
+                 f"take this transform ({why}): using the GEMM form (\"dense\")")
+        return None
+    on_gpu = jax.default_backend() == "gpu"
+    log_once(("hadamard_pallas", on_gpu), "qspec_jax: online Hadamard transforms use the Pallas "
+             "kernel" + ("" if on_gpu else " (interpreter: no GPU)"))
+    y = kernel.hadamard(x.reshape(-1, n), interpret=not on_gpu)
+    return y.reshape(x.shape)
 
 
 def hadamard_transform_np(x):

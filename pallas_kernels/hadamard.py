@@ -1,0 +1,145 @@
+"""The online Hadamard transform of rotated models in one kernel (Pallas, Triton backend).
+
+``hadamard(x)`` = ``x @ hadamard_matrix(n) / sqrt(n)`` along the last axis of x [M, n]
+(qspec_jax.rotation: hadamard_matrix(n) = B kron S_p, n = m * p, B an m x m +-1 block, S_p the
+Sylvester matrix). With X the [m, p] view of a row, the transform is B^T X S_p. XLA's GEMM form
+("dense" in rotation.py) runs it as two GEMMs (and S_p read from memory): on the H200 4.4 us of
+device time for Llama-3-8B's 14336 = 28 x 512 at M = 1, 7.2 at M = 16 (hadamard_h200.md), per
+layer and step. Here one program per (row, block of BN output columns of the p axis):
+
+    acc = X S_p[:, cols]       [m_pad, BN], f32 accumulation; X [m_pad, p] with zero rows past
+                               m; the +-1 entries of S_p made in registers as
+                               (-1)^popcount(i & j), never read from memory (exact products)
+    y   = B^T acc / sqrt(n)    B zero-padded to [m_pad, m_pad] (+-1: exact in bf16); acc is
+                               split into three bf16 parts (hi + mid + lo carry its f32 value to
+                               ~2^-24) so the tensor-core GEMM loses nothing against f32
+
+so the (M, p / BN) programs read x once and write y once. Shapes: a true Hadamard block
+(rotation.has_hadamard), m <= MAX_M_PAD, p >= MIN_P (tl.dot's 16), bf16 / f16 x. ``supported``
+says why a shape is not taken; the caller (rotation.online_hadamard, impl "pallas") then runs the
+GEMM form and says so once. ``hadamard_reference`` is the float32 jnp reference.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+MIN_P = 16        # tl.dot's smallest K / N
+MAX_M_PAD = 64    # rows of the [m_pad, BN] accumulator (the odd block padded to a power of two)
+BLOCK_N = 64      # output columns of the p axis per program
+BLOCK_K = 64      # p-axis rows of S_p made per step
+DTYPES = ("bfloat16", "float16")
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _factors(n: int):
+    from qspec_jax.rotation import _decompose
+    return _decompose(n)
+
+
+def supported(shape, dtype) -> tuple[bool, str]:
+    """(True, "ok") or (False, why) for x of ``shape`` [M, n] and ``dtype``."""
+    if len(shape) != 2:
+        return False, f"x must be [M, n], got shape {tuple(shape)}"
+    if jnp.dtype(dtype).name not in DTYPES:
+        return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes {', '.join(DTYPES)})"
+    n = shape[1]
+    m, p, kind = _factors(n)
+    if kind == "dct":
+        return False, f"width {n} = {m} x {p} has no Hadamard block (DCT fallback)"
+    if p < MIN_P:
+        return False, f"width {n} = {m} x {p}: the power-of-two part must be >= {MIN_P}"
+    if max(16, _next_pow2(m)) > MAX_M_PAD:
+        return False, f"width {n} = {m} x {p}: the block m must be <= {MAX_M_PAD}"
+    return True, "ok"
+
+
+def hadamard_reference(x):
+    """float32 jnp reference: x @ hadamard_matrix(n) / sqrt(n) (float32 out)."""
+    from qspec_jax.rotation import hadamard_matrix
+    n = x.shape[-1]
+    h = jnp.asarray(hadamard_matrix(n) / math.sqrt(n), jnp.float32)
+    return jnp.dot(jnp.asarray(x, jnp.float32), h, precision=lax.Precision.HIGHEST)
+
+
+def _sylvester_tile(i0, j0, bk: int, bn: int, dtype):
+    """S_p[i0:i0+bk, j0:j0+bn] = (-1)^popcount(i & j), made from indices (int32 bit ops)."""
+    i = i0 + lax.broadcasted_iota(jnp.int32, (bk, bn), 0)
+    j = j0 + lax.broadcasted_iota(jnp.int32, (bk, bn), 1)
+    v = i & j
+    for s in (16, 8, 4, 2, 1):  # parity of the set bits
+        v = v ^ (v >> s)
+    return (1 - 2 * (v & 1)).astype(dtype)
+
+
+def _kernel(x_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
+    # x_ref [m_pad, p] (rows >= m lie past the token's row: masked); b_ref [m_pad, m_pad]
+    # (B^T zero-padded, x's dtype); o_ref [m_pad, bn] (rows >= m masked)
+    j = pl.program_id(1)
+    dtype = x_ref.dtype
+    rows = lax.broadcasted_iota(jnp.int32, (m_pad, bk), 0)
+
+    def step(c, acc):
+        k0 = pl.multiple_of(c * bk, bk)
+        xt = pltriton.load(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, bk)], mask=rows < m, other=0)
+        st = _sylvester_tile(k0, j * bn, bk, bn, dtype)
+        return acc + jnp.dot(xt, st, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, p // bk, step, jnp.zeros((m_pad, bn), jnp.float32))
+    if m > 1:
+        bt = b_ref[...]
+        hi = acc.astype(dtype)
+        r1 = acc - hi.astype(jnp.float32)
+        mid = r1.astype(dtype)
+        lo = (r1 - mid.astype(jnp.float32)).astype(dtype)
+        acc = (jnp.dot(bt, hi, preferred_element_type=jnp.float32)
+               + jnp.dot(bt, mid, preferred_element_type=jnp.float32)
+               + jnp.dot(bt, lo, preferred_element_type=jnp.float32))
+    out_rows = lax.broadcasted_iota(jnp.int32, (m_pad, bn), 0)
+    pltriton.store(o_ref.at[pl.ds(0, m_pad), pl.ds(0, bn)], (acc * scale).astype(o_ref.dtype),
+                   mask=out_rows < m)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def hadamard(x: jax.Array, *, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+    """x [M, n] (bf16 / f16) -> x @ hadamard_matrix(n) / sqrt(n) in x's dtype (f32 inside).
+    ValueError (with the reason) for shapes / dtypes ``supported`` rejects."""
+    ok, why = supported(x.shape, x.dtype)
+    if ok and pltriton is None:  # pragma: no cover
+        ok, why = False, "this jax has no Pallas Triton backend"
+    if not ok:
+        raise ValueError(f"pallas_kernels.hadamard: {why}")
+    from qspec_jax.rotation import _block
+    M, n = x.shape
+    m, p, kind = _factors(n)
+    m_pad = max(16, _next_pow2(m))
+    bn, bk = min(BLOCK_N, p), min(BLOCK_K, p)
+    bt = np.zeros((m_pad, m_pad), np.float64)
+    bt[:m, :m] = np.asarray(_block(m, kind)).T
+    kernel = functools.partial(_kernel, m=m, p=p, m_pad=m_pad, bn=bn, bk=bk,
+                               scale=1.0 / math.sqrt(n))
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if pltriton else None
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((M, m, p), x.dtype),
+        grid=(M, p // bn),
+        in_specs=[pl.BlockSpec((None, m_pad, p), lambda r, j: (r, 0, 0)),
+                  pl.BlockSpec((m_pad, m_pad), lambda r, j: (0, 0))],
+        out_specs=pl.BlockSpec((None, m_pad, bn), lambda r, j: (r, 0, j)),
+        compiler_params=params, interpret=interpret, name=f"hadamard_{m}x{p}",
+    )(x.reshape(M, m, p), jnp.asarray(bt, x.dtype))
+    return out.reshape(M, n)
