@@ -15,7 +15,9 @@ layer and step. Here one program per (row, block of BN output columns of the p a
                                ~2^-24) so the tensor-core GEMM loses nothing against f32
 
 so the (M, p / BN) programs read x once and write y once. Shapes: a true Hadamard block
-(rotation.has_hadamard), m <= MAX_M_PAD, p >= MIN_P (tl.dot's 16), bf16 / f16 x. ``supported``
+(rotation.has_hadamard), m <= MAX_M_PAD, p >= MIN_P (tl.dot's 16), bf16 / f16 x. With
+prologue "swiglu" the input is silu(gate) * up of a fused [gate | up] GEMM output, made in
+the kernel (the MLP's separate elementwise kernel goes). ``supported``
 says why a shape is not taken; the caller (rotation.online_hadamard, impl "pallas") then runs the
 GEMM form and says so once. ``hadamard_reference`` is the float32 jnp reference.
 """
@@ -86,9 +88,17 @@ def _sylvester_tile(i0, j0, bk: int, bn: int, dtype):
     return (1 - 2 * (v & 1)).astype(dtype)
 
 
-def _kernel(x_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
-    # x_ref [m_pad, p] (rows >= m lie past the token's row: masked); b_ref [m_pad, m_pad]
-    # (B^T zero-padded, x's dtype); o_ref [m_pad, bn] (rows >= m masked)
+def swiglu(gate, up, dtype):
+    """The model's jax.nn.silu(gate) * up in ``dtype``, rounded after each op as XLA does (the
+    sigmoid in f32: Triton divides only f32); gate, up f32 -> ``dtype``."""
+    sig = (1.0 / (1.0 + jnp.exp(-gate))).astype(dtype)
+    return gate.astype(dtype) * sig * up.astype(dtype)
+
+
+def _kernel(x_ref, u_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
+    # x_ref [m_pad, p] (rows >= m lie past the token's row: masked); u_ref: None, or the up half
+    # (x_ref the gate half) of a fused gate_up output: the input is silu(gate) * up;
+    # b_ref [m_pad, m_pad] (B^T zero-padded, x's dtype); o_ref [m_pad, bn] (rows >= m masked)
     j = pl.program_id(1)
     dtype = x_ref.dtype
     rows = lax.broadcasted_iota(jnp.int32, (m_pad, bk), 0)
@@ -96,6 +106,9 @@ def _kernel(x_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
     def step(c, acc):
         k0 = pl.multiple_of(c * bk, bk)
         xt = pltriton.load(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, bk)], mask=rows < m, other=0)
+        if u_ref is not None:
+            ut = pltriton.load(u_ref.at[pl.ds(0, m_pad), pl.ds(k0, bk)], mask=rows < m, other=0)
+            xt = swiglu(xt.astype(jnp.float32), ut.astype(jnp.float32), dtype)
         st = _sylvester_tile(k0, j * bn, bk, bn, dtype)
         return acc + jnp.dot(xt, st, preferred_element_type=jnp.float32)
 
@@ -114,17 +127,30 @@ def _kernel(x_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
                    mask=out_rows < m)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def hadamard(x: jax.Array, *, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+PROLOGUES = ("none", "swiglu")
+
+
+@functools.partial(jax.jit, static_argnames=("prologue", "interpret", "num_warps"))
+def hadamard(x: jax.Array, prologue: str = "none", *, interpret: bool = False,
+             num_warps: int = 4) -> jax.Array:
     """x [M, n] (bf16 / f16) -> x @ hadamard_matrix(n) / sqrt(n) in x's dtype (f32 inside).
+    prologue "swiglu": x [M, 2n] = [gate | up] (the fused gate_up GEMM's output) -> the transform
+    of silu(gate) * up, computed in x's dtype as the model's MLP does (no separate kernel).
     ValueError (with the reason) for shapes / dtypes ``supported`` rejects."""
-    ok, why = supported(x.shape, x.dtype)
+    if prologue not in PROLOGUES:
+        raise ValueError(f"pallas_kernels.hadamard: prologue must be one of {PROLOGUES}, "
+                         f"got {prologue!r}")
+    swi = prologue == "swiglu"
+    if swi and (x.ndim != 2 or x.shape[1] % 2):
+        raise ValueError(f"pallas_kernels.hadamard: prologue swiglu takes [M, 2n] = [gate | up], "
+                         f"got shape {x.shape}")
+    ok, why = supported((x.shape[0], x.shape[1] // 2) if swi else x.shape, x.dtype)
     if ok and pltriton is None:  # pragma: no cover
         ok, why = False, "this jax has no Pallas Triton backend"
     if not ok:
         raise ValueError(f"pallas_kernels.hadamard: {why}")
     from qspec_jax.rotation import _block
-    M, n = x.shape
+    M, n = x.shape[0], x.shape[1] // (2 if swi else 1)
     m, p, kind = _factors(n)
     m_pad = max(16, _next_pow2(m))
     bn, bk = min(BLOCK_N, p), min(BLOCK_K, p)
@@ -133,13 +159,23 @@ def hadamard(x: jax.Array, *, interpret: bool = False, num_warps: int = 4) -> ja
     kernel = functools.partial(_kernel, m=m, p=p, m_pad=m_pad, bn=bn, bk=bk,
                                scale=1.0 / math.sqrt(n))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if pltriton else None
+    b_spec = pl.BlockSpec((m_pad, m_pad), lambda r, j: (0, 0))
+    out_spec = pl.BlockSpec((None, m_pad, bn), lambda r, j: (r, 0, j))
+    bt = jnp.asarray(bt, x.dtype)
+    if swi:  # [M, 2n] viewed [M, 2, m, p]: the same buffer read as gate (0) and up (1)
+        half = lambda h: pl.BlockSpec((None, None, m_pad, p), lambda r, j: (r, h, 0, 0))
+        in_specs, args = [half(0), half(1), b_spec], (x.reshape(M, 2, m, p),) * 2 + (bt,)
+        body = kernel
+    else:
+        in_specs = [pl.BlockSpec((None, m_pad, p), lambda r, j: (r, 0, 0)), b_spec]
+        args = (x.reshape(M, m, p), bt)
+        body = lambda x_ref, b_ref, o_ref: kernel(x_ref, None, b_ref, o_ref)
     out = pl.pallas_call(
-        kernel,
+        body,
         out_shape=jax.ShapeDtypeStruct((M, m, p), x.dtype),
         grid=(M, p // bn),
-        in_specs=[pl.BlockSpec((None, m_pad, p), lambda r, j: (r, 0, 0)),
-                  pl.BlockSpec((m_pad, m_pad), lambda r, j: (0, 0))],
-        out_specs=pl.BlockSpec((None, m_pad, bn), lambda r, j: (r, 0, j)),
-        compiler_params=params, interpret=interpret, name=f"hadamard_{m}x{p}",
-    )(x.reshape(M, m, p), jnp.asarray(bt, x.dtype))
+        in_specs=in_specs, out_specs=out_spec,
+        compiler_params=params, interpret=interpret,
+        name=f"hadamard_{'swiglu_' if swi else ''}{m}x{p}",
+    )(*args)
     return out.reshape(M, n)

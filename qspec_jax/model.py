@@ -407,6 +407,11 @@ class MLP(nnx.Module):
                 hq = draft_quantized(gate_up, self.down_proj, mode, kernels, "swiglu")
                 if isinstance(hq, QuantizedInput):
                     return self.down_proj(hq, mode, kernels, defer)
+            else:  # SwiGLU + online Hadamard (one kernel with rotation's impl "pallas")
+                from .rotation import swiglu_hadamard
+                h = swiglu_hadamard(gate_up)
+                return self.down_proj(draft_quantized(h, self.down_proj, mode, kernels), mode,
+                                      kernels, defer)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, mode, kernels), self.up_proj(x, mode, kernels)

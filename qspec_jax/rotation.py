@@ -290,14 +290,31 @@ def online_hadamard_heads(x, head_dim: int):
     return y.reshape(*lead, n).astype(x.dtype)
 
 
-def _pallas_transform(x):
+def swiglu_hadamard(gate_up, impl: str | None = None):
+    """online_hadamard(jax.nn.silu(gate) * up) of a fused [gate | up] GEMM output [..., 2n]. With
+    impl "pallas" (where the kernel takes the shape) one kernel makes the SwiGLU and the
+    transform (its SwiGLU rounds to the input dtype after each op); otherwise XLA's SwiGLU, then
+    online_hadamard."""
+    import jax
+    impl = impl or HADAMARD_IMPL
+    gate_up = jnp.asarray(gate_up)
+    if impl == "pallas":
+        y = _pallas_transform(gate_up, "swiglu")
+        if y is not None:
+            return y
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return online_hadamard(jax.nn.silu(gate) * up, impl)
+
+
+def _pallas_transform(x, prologue: str = "none"):
     """impl "pallas": the one-kernel transform (pallas_kernels/hadamard.py; the interpreter
     off the GPU), or None, said once per width / dtype, where the kernel cannot take x."""
     import jax
 
     from pallas_kernels import hadamard as kernel
     from qspec_jax.kernel_dispatch import log_once
-    *lead, n = x.shape
+    *lead, w = x.shape
+    n = w // 2 if prologue == "swiglu" else w
     ok, why = kernel.supported((math.prod(lead), n), x.dtype)
     if not ok:
         log_once(("hadamard", n, str(x.dtype)), f"qspec_jax: the Pallas Hadamard kernel cannot "
@@ -306,8 +323,8 @@ def _pallas_transform(x):
     on_gpu = jax.default_backend() == "gpu"
     log_once(("hadamard_pallas", on_gpu), "qspec_jax: online Hadamard transforms use the Pallas "
              "kernel" + ("" if on_gpu else " (interpreter: no GPU)"))
-    y = kernel.hadamard(x.reshape(-1, n), interpret=not on_gpu)
-    return y.reshape(x.shape)
+    y = kernel.hadamard(x.reshape(-1, w), prologue, interpret=not on_gpu)
+    return y.reshape(*lead, n)
 
 
 def hadamard_transform_np(x):

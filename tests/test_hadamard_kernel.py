@@ -77,3 +77,36 @@ def test_online_hadamard_pallas_impl_and_fallback(caplog):
         _x(2, 52 * 4), "dense")))
     text = caplog.text
     assert "Pallas Hadamard kernel cannot take" in text and "width 208 = 104 x 2" in text
+
+
+@pytest.mark.parametrize("M, n", [(3, 192), (2, 1792)])
+def test_swiglu_prologue(M, n):
+    """prologue "swiglu": x = [gate | up] -> the transform of silu(gate) * up made in the kernel
+    (rounded to bf16 after each op: pallas_kernels.hadamard.swiglu), equal to the kernel on that
+    input computed outside; within bf16 rounding of XLA's SwiGLU + the GEMM form
+    (rotation.swiglu_hadamard's two implementations)."""
+    gu = _x(M, 2 * n, seed=7)
+    g, u = jnp.split(gu, 2, axis=-1)
+    h = hk.swiglu(g.astype(jnp.float32), u.astype(jnp.float32), jnp.bfloat16)
+    run = jax.jit(lambda v, pro: hk.hadamard(v, pro, interpret=True), static_argnums=1)
+    y = np.asarray(run(gu, "swiglu"), np.float32)
+    np.testing.assert_array_equal(y, np.asarray(run(h, "none"), np.float32))
+    xla = np.asarray(rotation.swiglu_hadamard(gu, "dense"), np.float32)
+    np.testing.assert_allclose(y, xla, rtol=0, atol=2 ** -6 * np.abs(xla).max())
+    np.testing.assert_array_equal(np.asarray(rotation.swiglu_hadamard(gu, "pallas"), np.float32), y)
+    with pytest.raises(ValueError, match="prologue"):
+        hk.hadamard(gu, "gelu", interpret=True)
+    with pytest.raises(ValueError, match=r"\[gate \| up\]"):
+        hk.hadamard(gu[:, :-1], "swiglu", interpret=True)
+
+
+@pytest.mark.parametrize("shape, prologue", [((16, 14336), "none"), ((1, 4096), "none"),
+                                             ((4, 2 * 14336), "swiglu"), ((3, 3584), "none")])
+def test_lowers_to_triton(shape, prologue):
+    """The kernel lowers for CUDA (Triton IR) on this CPU machine: the ops and block shapes the
+    GPU compile will see (the compile and the timing are the device's: tests/gpu)."""
+    from test_attention import _cuda_lowering_available, _lower_cuda  # tests/ on sys.path
+    if not _cuda_lowering_available():
+        pytest.skip("this jaxlib cannot lower Pallas for CUDA on CPU")
+    txt = _lower_cuda(lambda v: hk.hadamard(v, prologue), jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+    assert "xla.gpu.triton" in txt and "hadamard" in txt

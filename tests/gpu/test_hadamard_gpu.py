@@ -23,6 +23,21 @@ def test_compiled_kernel_matches_the_exact_transform(n, M, dtype):
     assert np.mean(got == dense) > 0.99
 
 
+@pytest.mark.parametrize("n", [14336, 8192])
+@pytest.mark.parametrize("M", [1, 16])
+def test_compiled_swiglu_prologue(n, M):
+    gu = (2 * jax.random.normal(jax.random.key(n + M + 1), (M, 2 * n))).astype(jnp.bfloat16)
+    g, u = jnp.split(gu, 2, axis=-1)
+    h = jax.jit(lambda a, b: hk.swiglu(a.astype(jnp.float32), b.astype(jnp.float32),
+                                       jnp.bfloat16))(g, u)
+    y = np.asarray(jax.jit(lambda v: hk.hadamard(v, "swiglu"))(gu), np.float32)
+    # (XLA may drop the per-op roundings of hk.swiglu inside its fusion: within bf16 rounding)
+    pre = np.asarray(jax.jit(hk.hadamard)(h), np.float32)
+    np.testing.assert_allclose(y, pre, rtol=0, atol=2 ** -6 * np.abs(pre).max())
+    xla = np.asarray(jax.jit(lambda v: rotation.swiglu_hadamard(v, "dense"))(gu), np.float32)
+    np.testing.assert_allclose(y, xla, rtol=0, atol=2 ** -6 * np.abs(xla).max())
+
+
 def test_rotated_model_with_the_kernel(monkeypatch):
     """A rotated w4 model (the embedded default) with every online transform on the kernel:
     logits within bf16 rounding of the GEMM form's, QSpec greedy tokens equal to w4a16's."""
