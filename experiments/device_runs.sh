@@ -565,6 +565,8 @@ case "$stage" in
     step 150 hadamardk_gpu_tests.log python3 -m pytest tests/gpu/test_hadamard_gpu.py -q -x -p no:cacheprovider
     step 100 hadamardk_bench.log python3 experiments/bench_hadamard.py --widths 14336,8192,4096 \
       --ms 1,4,16,64,256,1024 --impls dense,pallas --commit "$COMMIT" --tag h200_kernel --out "$OUT"
+    step 60 hadamardk_swiglu.log python3 experiments/bench_hadamard.py --widths 14336,8192 \
+      --ms 1,4,16,64 --impls dense,pallas --swiglu --commit "$COMMIT" --tag h200_kernel_swiglu --out "$OUT"
     for v in dense pallas; do
       step 105 "hadamardk_8b_$v.log" python3 experiments/sweep.py --models llama3-8b --batches 1,16 \
         --modes w4a16 --new-tokens 64 --repeats 3 --rotate --hadamard-impl $v --time-budget 95 \

@@ -285,3 +285,15 @@ def test_bench_hadamard_quick(tmp_path):
     assert all(r["max_rel_err"] < 2 ** -7 for r in rows)
     assert all(r["equal_to_butterfly"] > 0.99 for r in rows if r["impl"] != "butterfly")
     assert "| 448 (28 x 16) | 3 | dense |" in open(tmp_path / "hadamard_h200_quick.md").read()
+    # --swiglu: [gate | up] in, the first impl the baseline
+    out = tmp_path / "swi"
+    assert main(["--quick", "--swiglu", "--impls", "dense,pallas", "--out", str(out)]) == 0
+    rows = __import__("json").load(open(out / "hadamard_h200_quick.json"))["rows"]
+    assert [(r["width"], r["M"], r["impl"]) for r in rows] == [
+        (n, m, i) for n in (448, 256) for m in (1, 3) for i in ("dense", "pallas")]
+    assert all(r["swiglu"] and r["max_rel_err"] < 2 ** -7 for r in rows)
+    # (the SwiGLUs round differently: XLA's fusion vs bf16 after each op; as close to exact)
+    err = {(r["width"], r["M"], r["impl"]): r["max_rel_err"] for r in rows}
+    assert all(err[n, m, "pallas"] <= 2 * err[n, m, "dense"] for n, m, _ in err)
+    text = open(out / "hadamard_h200_quick.md").read()
+    assert "after the SwiGLU: dense vs pallas" in text and "dense / this (device)" in text
