@@ -79,8 +79,8 @@ KV_TILE_BYTES = 64 * 1024  # K + V tile bytes per pipeline stage (default block_
 # k128/s4/st3 12.8 vs k64/s8 13.8 us (3 stages then only for splits of <= 8 blocks; since
 # 1f8d2a6 at every length: the 1f8d2a6 sweep (attention_sweep_b1_h200_1f8d2a6.md)
 # timed 16 splits x 3 stages at 32k, 49.9 / 49.7 us (T = 1 / 4) vs 56.2 / 57.6 with 2 stages).
-# Splits: a full wave of programs (down to one key block per split). Since the split combine loads all splits at once (6c256a0: 1.9-2.7 us at
-# batch 1-8 instead of 3.9-11.3) more splits pay: the c64168d batch-1 sweep
+# Splits: a full wave of programs (down to one key block per split). Since the split combine
+# loads all splits at once (6c256a0: 1.9-2.7 us at batch 1-8 instead of 3.9-11.3) more splits pay: the c64168d batch-1 sweep
 # (attention_sweep_b1_h200_c64168d.md; 8 base programs on 132 SMs) timed 16 splits fastest at
 # 2k / 8k / 32k: 9.2 / 15.8 / 42.6 us vs 11.3 / 18.0 with the earlier sqrt(key blocks) cap (4 / 8
 # splits; the cap was the fastest while the combine cost 4-11 us, attention_sweep_b1_h200_1f8d2a6.md).
@@ -250,7 +250,8 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     got cheap: attention_sweep_b1_h200_c64168d.md). Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
     2k / 8k -> k64/s4/w4/st3), at most one wave of programs or FEW_PROGRAMS_SPLITS splits
-    (batch 2: 8, batch 4 / 8: 4; attention_sweep_b248_h200_fffd870.md); batch 8 x 32k and every batch 32/64 point of the full grid unchanged."""
+    (batch 2: 8, batch 4 / 8: 4; attention_sweep_b248_h200_fffd870.md); batch 8 x 32k and every
+    batch 32/64 point of the full grid unchanged."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:

@@ -232,7 +232,7 @@ def _along(y, mat, axis, precision):
 def online_hadamard(x, impl: str | None = None):
     """Orthonormal Hadamard-type transform of x [..., n] along the last axis:
     ``x @ hadamard_matrix(n) / sqrt(n)``, float32 inside, returned in x.dtype. ``impl``:
-    "butterfly" or "dense" (default ``HADAMARD_IMPL``; see the module docstring)."""
+    "butterfly", "dense" or "pallas" (default ``HADAMARD_IMPL``; see the module docstring)."""
     impl = impl or HADAMARD_IMPL
     x = jnp.asarray(x)
     if impl == "pallas":
@@ -278,10 +278,9 @@ def online_hadamard_heads(x, head_dim: int):
                          f"{head_dim} (v_head_fold_ok); use online_hadamard")
     *lead, n = x.shape
     a = _head_mixing(n, head_dim)
-    low = x.dtype in (jnp.bfloat16, jnp.float16) and has_hadamard(n)
-    # +-1 / sqrt(heads) in the input dtype is not exact: scale after the +-1 GEMM instead.
-    sign = np.rint(a * math.sqrt(n // head_dim)) if low else None
-    if low:
+    if x.dtype in (jnp.bfloat16, jnp.float16) and has_hadamard(n):
+        # +-1 / sqrt(heads) in the input dtype is not exact: the +-1 GEMM, then the scale.
+        sign = np.rint(a * math.sqrt(n // head_dim))
         y = _along(x.reshape(*lead, n // head_dim, head_dim), jnp.asarray(sign, x.dtype), len(lead),
                    lax.Precision.DEFAULT) * (1.0 / math.sqrt(n // head_dim))
     else:
