@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gptq", choices=["rtn", "gptq"], help="weight quantizer (default gptq)")
     p.add_argument("--group-size", type=int, default=None, help="input channels per scale (default: per channel)")
     p.add_argument("--no-rotate", action="store_true", help="skip the QuaRot rotation (on by default with --quant)")
+    p.add_argument("--no-v-head-fold", action="store_true",
+                   help="rotated: keep v_proj as it is and run o_proj's whole online Hadamard (default: "
+                        "its per-head part folded into v_proj, only a mixing of the heads online)")
     p.add_argument("--quantize-lm-head", action="store_true", help="store lm_head in int4 too (off by default)")
     p.add_argument("--calib", default=None, help="text file for GPTQ calibration (default: built-in data)")
     p.add_argument("--calib-tokens", type=int, default=16384)
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
     try:
         convert(args.hf_dir, args.out_dir, dtype=args.dtype, quant=args.quant, method=args.method,
                 group_size=args.group_size, rotate=(False if args.no_rotate else None),
-                quantize_lm_head=args.quantize_lm_head,
+                quantize_lm_head=args.quantize_lm_head, rotate_v_heads=not args.no_v_head_fold,
                 calib=args.calib, calib_tokens=args.calib_tokens, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qspec-convert: error: {e}", file=sys.stderr)

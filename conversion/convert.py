@@ -19,10 +19,11 @@ log = logging.getLogger("qspec_jax")
 def convert(hf_dir: str, out_dir: str, *, dtype="bfloat16", quant: str | None = None,
             method: str = "rtn", group_size: int | None = None, rotate: bool | None = None,
             quantize_lm_head: bool = False, calib=None, calib_tokens: int = 16384,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, rotate_v_heads: bool = True) -> str:
     """Convert ``hf_dir`` into ``out_dir`` atomically; returns out_dir.
 
-    ``rotate`` defaults to True when quantizing (QuaRot), False otherwise.
+    ``rotate`` defaults to True when quantizing (QuaRot), False otherwise; ``rotate_v_heads``
+    as in ``qspec_jax.load`` (stored in the checkpoint's settings).
     """
     dtype = resolve_dtype(dtype)
     if not os.path.isdir(hf_dir):
@@ -32,7 +33,7 @@ def convert(hf_dir: str, out_dir: str, *, dtype="bfloat16", quant: str | None = 
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     hf_cfg = model_config_from_hf(read_hf_config(hf_dir))
-    qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head)
+    qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head, rotate_v_heads)
     expected = flat_shapes(pure_dict(abstract_model(hf_cfg, QuantConfig(), dtype)))
     params = hf.load_hf_params(hf_dir, hf_cfg, expected, dtype)
     cfg = hf_cfg

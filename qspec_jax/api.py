@@ -231,12 +231,17 @@ def load_tokenizer(path: str):
 def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str | None = None,
          method: str = "rtn", rotate: bool | None = None, group_size: int | None = None,
          quantize_lm_head: bool = False, calib: str | None = None,
-         calib_tokens: int = 16384, weight_layout: str = "auto") -> QSpecModel:
+         calib_tokens: int = 16384, weight_layout: str = "auto",
+         rotate_v_heads: bool = True) -> QSpecModel:
     """Load an HF checkpoint folder or a ``qspec-convert`` output.
 
     On an HF folder, ``quant="w4"`` quantizes on load (``method`` rtn|gptq, ``group_size``),
     ``rotate`` (default: True when quantizing) folds the QuaRot rotation in;
-    ``quantize_lm_head`` stores the lm_head in int4 too (off by default). On a converted
+    ``quantize_lm_head`` stores the lm_head in int4 too (off by default); ``rotate_v_heads``
+    (default True, QuaRot's recipe) folds the per-head part of o_proj's online Hadamard into
+    v_proj so that only a mixing of the heads runs online (3-5% faster rotated 8B steps on the
+    H200; its int4 v_proj error on tiny random models: experiments/results/vfold_quality.md;
+    False keeps v_proj as it is). On a converted
     folder the stored settings are used and conflicting arguments are rejected.
     ``path=None`` loads the embedded default model. ``weight_layout`` of the int4 weights in
     memory: "auto" (default: "nk" where the Mosaic GPU kernel runs, i.e. on a Hopper GPU with
@@ -253,7 +258,7 @@ def load(path: str | os.PathLike | None = None, dtype="bfloat16", *, quant: str 
                                           quantize_lm_head=quantize_lm_head or None)
         return _with_own_layout(model, weight_layout)
     cfg = model_config_from_hf(read_hf_config(path))
-    qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head)
+    qcfg = make_quant_config(quant, method, rotate, group_size, quantize_lm_head, rotate_v_heads)
     params = hf.load_hf_params(path, cfg, flat_shapes(
         pure_dict(abstract_model(cfg, QuantConfig(), dtype))), dtype)
     if qcfg.rotate or qcfg.quantized:
@@ -272,7 +277,8 @@ def _with_own_layout(model: QSpecModel, layout: str) -> QSpecModel:
     return with_weight_layout(model, layout, in_place=True)
 
 
-def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False) -> QuantConfig:
+def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False,
+                      rotate_v_heads: bool = True) -> QuantConfig:
     if quant not in (None, "w4"):
         raise ValueError(f"unknown quant={quant!r}; use 'w4' (4-bit weights) or None (16-bit)")
     if method not in ("rtn", "gptq"):
@@ -285,7 +291,8 @@ def make_quant_config(quant, method, rotate, group_size, quantize_lm_head=False)
         raise ValueError("quantize_lm_head needs quant='w4'")
     return QuantConfig(quant=quant, method=method if quant else None,
                        group_size=group_size if quant else None, rotate=bool(rotate),
-                       quantize_lm_head=bool(quantize_lm_head))
+                       quantize_lm_head=bool(quantize_lm_head),
+                       rotate_v_heads=bool(rotate_v_heads))
 
 
 def default_model_path() -> str:

@@ -31,24 +31,17 @@ def test_rotation_is_exact_in_w16(arch, hf_dirs):
     assert rel(qj.logits(rotated_model, IDS), plain) < 2e-5
 
 
-def test_rotation_without_the_v_head_fold(hf_dirs, monkeypatch, tmp_path):
-    """QuantConfig.rotate_v_heads False (what settings saved before the field read as): v_proj
-    as before, the full online transform before o_proj; the same function. A converted
-    checkpoint whose settings lack the field loads that way."""
-    import dataclasses
-
-    from conversion.convert import convert
-    from qspec_jax import api
+def test_rotation_without_the_v_head_fold(hf_dirs, tmp_path):
+    """qj.load(rotate_v_heads=False) / qspec-convert --no-v-head-fold (and what settings saved
+    before the field read as): v_proj as it is, the full online transform before o_proj; the
+    same function. A converted checkpoint whose settings lack the field loads that way."""
+    from conversion.cli import main as convert_main
     from qspec_jax.config import QuantConfig
     src = hf_dirs["llama"][0]
     plain = qj.logits(qj.load(src, dtype="float32"), IDS)
-    real = api.make_quant_config
-    monkeypatch.setattr(api, "make_quant_config",
-                        lambda *a, **k: dataclasses.replace(real(*a, **k), rotate_v_heads=False))
-    old = qj.load(src, dtype="float32", rotate=True)
-    assert not old.module.layers[0].attn.rotate_heads_only
+    old = qj.load(src, dtype="float32", rotate=True, rotate_v_heads=False)
+    assert not old.qcfg.rotate_v_heads and not old.module.layers[0].attn.rotate_heads_only
     assert rel(qj.logits(old, IDS), plain) < 2e-5
-    monkeypatch.setattr(api, "make_quant_config", real)
     new = qj.load(src, dtype="float32", rotate=True)
     attn_old, attn_new = old.state["layers"][0]["attn"], new.state["layers"][0]["attn"]
     name = "v_proj" if "v_proj" in attn_old else "qkv_proj"  # (q, k, v fused: [q | k | v])
@@ -60,21 +53,21 @@ def test_rotation_without_the_v_head_fold(hf_dirs, monkeypatch, tmp_path):
                                atol=1e-6)  # q and k untouched
     assert QuantConfig.from_json({"quant": "w4", "rotate": True}).rotate_v_heads is False
     # a checkpoint written before the field: its settings lack it, its v_proj is unfolded
-    monkeypatch.setattr(api, "make_quant_config",
-                        lambda *a, **k: dataclasses.replace(real(*a, **k), rotate_v_heads=False))
-    from conversion import convert as convert_module
-    monkeypatch.setattr(convert_module, "make_quant_config", api.make_quant_config, raising=False)
+    # (written here with qspec-convert --no-v-head-fold, then the field taken out)
     out = tmp_path / "legacy"
-    convert(src, str(out), dtype="float32", rotate=True)
+    assert convert_main([src, str(out), "--dtype", "float32", "--quant", "w4", "--method", "rtn",
+                         "--no-v-head-fold"]) == 0
     meta_path = out / "qspec.json"
     meta = json.load(open(meta_path))
-    assert meta["quant"]["rotate_v_heads"] is False
+    assert meta["quant"]["rotate"] and meta["quant"]["rotate_v_heads"] is False
+    direct = qj.load(src, dtype="float32", quant="w4", method="rtn", rotate_v_heads=False)
     del meta["quant"]["rotate_v_heads"]
     json.dump(meta, open(meta_path, "w"))
-    monkeypatch.setattr(api, "make_quant_config", real)
     legacy = qj.load(str(out), dtype="float32")
     assert legacy.qcfg.rotate and not legacy.qcfg.rotate_v_heads
-    assert rel(qj.logits(legacy, IDS), plain) < 2e-5
+    assert not legacy.module.layers[0].attn.rotate_heads_only
+    np.testing.assert_array_equal(np.asarray(qj.logits(legacy, IDS, mode="w4a16")),
+                                  np.asarray(qj.logits(direct, IDS, mode="w4a16")))
 
 
 def test_quantized_modes_track_w16(hf_dirs):
