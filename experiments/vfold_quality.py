@@ -23,6 +23,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="llama,qwen2")
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
     base = os.path.join(a.out, "vfold_quality")
     with open(base + ".json", "w") as f:
         json.dump({"command": " ".join(["experiments/vfold_quality.py"] + (argv or sys.argv[1:])),
-                   "rows": rows}, f, indent=1)
+                   "commit": _commit(), "rows": rows}, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write("# v_proj per-head Hadamard fold: w4a16 error on tiny random models (CPU)\n\n"
                 f"`PYTHONPATH=. python3 experiments/vfold_quality.py --seeds {a.seeds} --archs "
