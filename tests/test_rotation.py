@@ -297,3 +297,13 @@ def test_bench_hadamard_quick(tmp_path):
     assert all(err[n, m, "pallas"] <= 2 * err[n, m, "dense"] for n, m, _ in err)
     text = open(out / "hadamard_h200_quick.md").read()
     assert "after the SwiGLU: dense vs pallas" in text and "dense / this (device)" in text
+
+
+def test_vfold_quality_smoke(tmp_path):
+    """experiments/vfold_quality.py: one seed, RTN, llama: both errors measured and sane, the
+    table written."""
+    from experiments.vfold_quality import main
+    assert main(["--seeds", "1", "--archs", "llama", "--methods", "rtn", "--out", str(tmp_path)]) == 0
+    rows = __import__("json").load(open(tmp_path / "vfold_quality.json"))["rows"]
+    assert len(rows) == 1 and 0 < rows[0]["fold"] < 0.5 and 0 < rows[0]["no_fold"] < 0.5
+    assert "| llama | rtn |" in open(tmp_path / "vfold_quality.md").read()
