@@ -14,7 +14,9 @@ layer and step. Here one program per (row, block of BN output columns of the p a
                                split into three bf16 parts (hi + mid + lo carry its f32 value to
                                ~2^-24) so the tensor-core GEMM loses nothing against f32
 
-so the (M, p / BN) programs read x once and write y once. Shapes: a true Hadamard block
+so the (M, p / BN) programs read x once and write y once. Widths with a small block (m = 1:
+4096, 8192) move Sylvester factors into it (`_view`: B' = B kron S_2^j, p' = p / 2^j) so that a
+row is about 32 x p' rather than 16 mostly-masked rows x p. Shapes: a true Hadamard block
 (rotation.has_hadamard), m <= MAX_M_PAD, p >= MIN_P (tl.dot's 16), bf16 / f16 x. With
 prologue "swiglu" the input is silu(gate) * up of a fused [gate | up] GEMM output, made in
 the kernel (the MLP's separate elementwise kernel goes). ``supported``
@@ -51,6 +53,22 @@ def _next_pow2(v: int) -> int:
 def _factors(n: int):
     from qspec_jax.rotation import _decompose
     return _decompose(n)
+
+
+ROWS = 32        # rows the [m', p'] view aims at: m' = m * 2^j up to this while p' >= BLOCK_N
+
+
+def _view(n: int):
+    """(m', p', B') with hadamard_matrix(n) = B' kron S_p': the Sylvester part is split
+    S_p = S_2^j kron S_p' and S_2^j moved into the block (B' = B kron S_2^j, +-1 where B is), so
+    that a row of x becomes [m', p'] with m' = m * 2^j near ROWS: a width with m = 1 (4096 = S_4096)
+    runs as 32 x 128 instead of 16 mostly-masked rows x 4096."""
+    from qspec_jax.rotation import _block, _sylvester
+    m, p, kind = _factors(n)
+    j = 0
+    while m << (j + 1) <= ROWS and p >> (j + 1) >= BLOCK_N:
+        j += 1
+    return m << j, p >> j, np.kron(_block(m, kind), _sylvester(1 << j))
 
 
 def supported(shape, dtype) -> tuple[bool, str]:
@@ -113,7 +131,7 @@ def _kernel(x_ref, u_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):
         return acc + jnp.dot(xt, st, preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, p // bk, step, jnp.zeros((m_pad, bn), jnp.float32))
-    if m > 1:
+    if m > 1:  # (the [m', p'] view has m' > 1 unless n itself is that small)
         bt = b_ref[...]
         hi = acc.astype(dtype)
         r1 = acc - hi.astype(jnp.float32)
@@ -149,13 +167,12 @@ def hadamard(x: jax.Array, prologue: str = "none", *, interpret: bool = False,
         ok, why = False, "this jax has no Pallas Triton backend"
     if not ok:
         raise ValueError(f"pallas_kernels.hadamard: {why}")
-    from qspec_jax.rotation import _block
     M, n = x.shape[0], x.shape[1] // (2 if swi else 1)
-    m, p, kind = _factors(n)
+    m, p, block = _view(n)
     m_pad = max(16, _next_pow2(m))
     bn, bk = min(BLOCK_N, p), min(BLOCK_K, p)
     bt = np.zeros((m_pad, m_pad), np.float64)
-    bt[:m, :m] = np.asarray(_block(m, kind)).T
+    bt[:m, :m] = block.T
     kernel = functools.partial(_kernel, m=m, p=p, m_pad=m_pad, bn=bn, bk=bk,
                                scale=1.0 / math.sqrt(n))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if pltriton else None

@@ -19,7 +19,8 @@ def _x(M, n, dtype=jnp.bfloat16, seed=0):
 @pytest.mark.parametrize("M, n, dtype", [
     (3, 192, jnp.bfloat16),    # 12 x 16 (Paley I), padded to 16 rows; 3 tokens: no row leaks
     (2, 1792, jnp.bfloat16),   # 28 x 64 (Paley II: the 14336 = 28 x 512 block of Llama-3-8B)
-    (2, 256, jnp.float16),     # Sylvester only (m = 1)
+    (2, 256, jnp.float16),     # Sylvester only (m = 1): viewed as 4 x 64
+    (2, 4096, jnp.bfloat16),   # 4096 = S_4096 viewed as 32 x 128 (S_32 as the block)
     (1, 640, jnp.bfloat16),    # 20 x 32, one token
 ])
 def test_kernel_matches_the_exact_transform(M, n, dtype):
@@ -41,6 +42,15 @@ def test_kernel_matches_the_exact_transform(M, n, dtype):
     h = rotation.hadamard_matrix(n)
     np.testing.assert_allclose(twice, np.asarray(x, np.float64) @ h @ h / n, rtol=0,
                                atol=4 * eps * np.abs(exact).max())
+
+
+def test_view_moves_sylvester_factors_into_the_block():
+    for n, (m, p) in {14336: (28, 512), 8192: (32, 256), 4096: (32, 128), 3584: (28, 128),
+                      384: (12, 32), 256: (4, 64)}.items():
+        mm, pp, block = hk._view(n)
+        assert (mm, pp) == (m, p) and block.shape == (m, m)
+        np.testing.assert_array_equal(np.kron(block, rotation.hadamard_matrix(p)),
+                                      rotation.hadamard_matrix(n))
 
 
 def test_sylvester_tile_is_the_sylvester_matrix():
