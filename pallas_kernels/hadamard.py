@@ -14,14 +14,15 @@ layer and step. Here one program per (row, block of BN output columns of the p a
                                split into three bf16 parts (hi + mid + lo carry its f32 value to
                                ~2^-24) so the tensor-core GEMM loses nothing against f32
 
-so the (M, p / BN) programs read x once and write y once. Widths with a small block (m = 1:
+so one kernel replaces the GEMMs (M x p / BN programs; each reads its token's row of x, from L2
+after the first, and writes its block of y once). Widths with a small block (m = 1:
 4096, 8192) move Sylvester factors into it (`_view`: B' = B kron S_2^j, p' = p / 2^j) so that a
 row is about 32 x p' rather than 16 mostly-masked rows x p. Shapes: a true Hadamard block
 (rotation.has_hadamard), m <= MAX_M_PAD, p >= MIN_P (tl.dot's 16), bf16 / f16 x. With
 prologue "swiglu" the input is silu(gate) * up of a fused [gate | up] GEMM output, made in
-the kernel (the MLP's separate elementwise kernel goes). ``supported``
-says why a shape is not taken; the caller (rotation.online_hadamard, impl "pallas") then runs the
-GEMM form and says so once. ``hadamard_reference`` is the float32 jnp reference.
+the kernel (the MLP's separate elementwise kernel goes). ``supported`` says why a shape is not
+taken; the caller (rotation.online_hadamard, impl "pallas") then runs the GEMM form and says so
+once. ``hadamard_reference`` is the float32 jnp reference.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ MIN_P = 16        # tl.dot's smallest K / N
 MAX_M_PAD = 64    # rows of the [m_pad, BN] accumulator (the odd block padded to a power of two)
 BLOCK_N = 64      # output columns of the p axis per program
 BLOCK_K = 64      # p-axis rows of S_p made per step
+ROWS = 32         # rows the [m', p'] view aims at: m' = m * 2^j up to this while p' >= BLOCK_N
 DTYPES = ("bfloat16", "float16")
 
 
@@ -53,9 +55,6 @@ def _next_pow2(v: int) -> int:
 def _factors(n: int):
     from qspec_jax.rotation import _decompose
     return _decompose(n)
-
-
-ROWS = 32        # rows the [m', p'] view aims at: m' = m * 2^j up to this while p' >= BLOCK_N
 
 
 def _view(n: int):
