@@ -591,11 +591,10 @@ def main(argv=None) -> int:
                     f"{', '.join(kernel_dispatch.FUSED_QUANT_KINDS)}")
         kernel_dispatch.NORM_QUANT_AUTO = frozenset(kinds)
         env["norm_quant_kernel"] = ",".join(kinds)
+    from qspec_jax import quant as quant_module
     if args.norm_quant_fold:
-        from qspec_jax import quant as quant_module
         quant_module.NORM_QUANT_FOLD = True
         env["norm_quant_fold"] = True
-    from qspec_jax import quant as quant_module
     if args.norm_scale_fold:
         quant_module.NORM_SCALE_FOLD = {"on": True, "off": False, "auto": "auto"}[args.norm_scale_fold]
     env["norm_scale_fold"] = {True: "on", False: "off"}.get(quant_module.NORM_SCALE_FOLD, "auto")

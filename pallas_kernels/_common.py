@@ -157,6 +157,13 @@ def as_int16_pairs(qweight):
     return lax.bitcast_convert_type(qweight.reshape(kh, n // 2, 2), jnp.int16)
 
 
+def swiglu(gate, up, dtype):
+    """Inside a kernel: the model's jax.nn.silu(gate) * up in ``dtype``, rounded after each op
+    as XLA does (the sigmoid in f32: Triton divides only f32); gate, up f32 -> ``dtype``."""
+    sig = (1.0 / (1.0 + jnp.exp(-gate))).astype(dtype)
+    return gate.astype(dtype) * sig * up.astype(dtype)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 

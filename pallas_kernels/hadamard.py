@@ -35,6 +35,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._common import _next_pow2, swiglu
+from qspec_jax.rotation import _block, _decompose, _sylvester, hadamard_matrix
+
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
@@ -48,22 +51,12 @@ ROWS = 32         # rows the [m', p'] view aims at: m' = m * 2^j up to this whil
 DTYPES = ("bfloat16", "float16")
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _factors(n: int):
-    from qspec_jax.rotation import _decompose
-    return _decompose(n)
-
-
 def _view(n: int):
     """(m', p', B') with hadamard_matrix(n) = B' kron S_p': the Sylvester part is split
     S_p = S_2^j kron S_p' and S_2^j moved into the block (B' = B kron S_2^j, +-1 where B is), so
     that a row of x becomes [m', p'] with m' = m * 2^j near ROWS: a width with m = 1 (4096 = S_4096)
     runs as 32 x 128 instead of 16 mostly-masked rows x 4096."""
-    from qspec_jax.rotation import _block, _sylvester
-    m, p, kind = _factors(n)
+    m, p, kind = _decompose(n)
     j = 0
     while m << (j + 1) <= ROWS and p >> (j + 1) >= BLOCK_N:
         j += 1
@@ -77,7 +70,7 @@ def supported(shape, dtype) -> tuple[bool, str]:
     if jnp.dtype(dtype).name not in DTYPES:
         return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes {', '.join(DTYPES)})"
     n = shape[1]
-    m, p, kind = _factors(n)
+    m, p, kind = _decompose(n)
     if kind == "dct":
         return False, f"width {n} = {m} x {p} has no Hadamard block (DCT fallback)"
     if p < MIN_P:
@@ -89,7 +82,6 @@ def supported(shape, dtype) -> tuple[bool, str]:
 
 def hadamard_reference(x):
     """float32 jnp reference: x @ hadamard_matrix(n) / sqrt(n) (float32 out)."""
-    from qspec_jax.rotation import hadamard_matrix
     n = x.shape[-1]
     h = jnp.asarray(hadamard_matrix(n) / math.sqrt(n), jnp.float32)
     return jnp.dot(jnp.asarray(x, jnp.float32), h, precision=lax.Precision.HIGHEST)
@@ -103,13 +95,6 @@ def _sylvester_tile(i0, j0, bk: int, bn: int, dtype):
     for s in (16, 8, 4, 2, 1):  # parity of the set bits
         v = v ^ (v >> s)
     return (1 - 2 * (v & 1)).astype(dtype)
-
-
-def swiglu(gate, up, dtype):
-    """The model's jax.nn.silu(gate) * up in ``dtype``, rounded after each op as XLA does (the
-    sigmoid in f32: Triton divides only f32); gate, up f32 -> ``dtype``."""
-    sig = (1.0 / (1.0 + jnp.exp(-gate))).astype(dtype)
-    return gate.astype(dtype) * sig * up.astype(dtype)
 
 
 def _kernel(x_ref, u_ref, b_ref, o_ref, *, m, p, m_pad, bn, bk, scale):

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import QRANGE as _RANGE
-from pallas_kernels._common import quantize_per_token_reference, round_half_even
+from pallas_kernels._common import quantize_per_token_reference, round_half_even, swiglu
 
 try:  # Triton-specific Pallas API (deprecated in jax 0.11 but present).
     from jax.experimental.pallas import triton as pltriton
@@ -85,12 +85,8 @@ def _kernel(x_ref, g_ref, q_ref, s_ref, *, D, eps, qmin, qmax, prologue):
         if prologue == "rmsnorm":
             g = g_ref[pl.ds(pl.multiple_of(c * P, P), P)].astype(dtype)
             return (g * (x_chunk(c) * rstd).astype(dtype)).astype(jnp.float32)
-        if prologue == "swiglu":  # the MLP's jax.nn.silu(gate) * up, rounded to the model's
-            # dtype after each op as XLA does; the sigmoid in f32 (Triton divides only f32)
-            gate = x_chunk(c)
-            sig = (1.0 / (1.0 + jnp.exp(-gate))).astype(dtype)
-            silu = gate.astype(dtype) * sig
-            return (silu * x_chunk(c, D).astype(dtype)).astype(jnp.float32)
+        if prologue == "swiglu":  # the MLP's jax.nn.silu(gate) * up (_common.swiglu)
+            return swiglu(x_chunk(c), x_chunk(c, D), dtype).astype(jnp.float32)
         return x_chunk(c)
 
     sx = row_scale(y_chunk, n, qmax)

@@ -259,9 +259,10 @@ def v_head_fold_ok(n: int, head_dim: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _head_mixing(n, head_dim):
-    """A / sqrt(n / head_dim) with hadamard_matrix(n) = A kron S_head_dim (read-only, float64)."""
+    """A with hadamard_matrix(n) = A kron S_head_dim (read-only, float64; +-1 where
+    has_hadamard(n))."""
     m, p, kind = _decompose(n)
-    a = np.kron(_block(m, kind), _sylvester(p // head_dim)) / math.sqrt(n // head_dim)
+    a = np.kron(_block(m, kind), _sylvester(p // head_dim))
     a.setflags(write=False)
     return a
 
@@ -277,15 +278,13 @@ def online_hadamard_heads(x, head_dim: int):
         raise ValueError(f"online_hadamard_heads: size {x.shape[-1]} does not factor into heads of "
                          f"{head_dim} (v_head_fold_ok); use online_hadamard")
     *lead, n = x.shape
-    a = _head_mixing(n, head_dim)
-    if x.dtype in (jnp.bfloat16, jnp.float16) and has_hadamard(n):
-        # +-1 / sqrt(heads) in the input dtype is not exact: the +-1 GEMM, then the scale.
-        sign = np.rint(a * math.sqrt(n // head_dim))
-        y = _along(x.reshape(*lead, n // head_dim, head_dim), jnp.asarray(sign, x.dtype), len(lead),
-                   lax.Precision.DEFAULT) * (1.0 / math.sqrt(n // head_dim))
+    heads = x.reshape(*lead, n // head_dim, head_dim)
+    if x.dtype in (jnp.bfloat16, jnp.float16) and has_hadamard(n):  # +-1 in x's dtype: exact
+        mix, precision = jnp.asarray(_head_mixing(n, head_dim), x.dtype), lax.Precision.DEFAULT
     else:
-        y = _along(x.reshape(*lead, n // head_dim, head_dim).astype(jnp.float32),
-                   jnp.asarray(a, jnp.float32), len(lead), lax.Precision.HIGHEST)
+        heads = heads.astype(jnp.float32)
+        mix, precision = jnp.asarray(_head_mixing(n, head_dim), jnp.float32), lax.Precision.HIGHEST
+    y = _along(heads, mix, len(lead), precision) * (1.0 / math.sqrt(n // head_dim))
     return y.reshape(*lead, n).astype(x.dtype)
 
 
