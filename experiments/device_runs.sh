@@ -69,6 +69,7 @@
 #   bash experiments/device_runs.sh bigmauto # the retuned 128 / 256-row configs: GPU tests + 8B batch 256 / 64 / 128 AR and gamma 1 (~9 min)
 #   bash experiments/device_runs.sh defaults256 # GPU tests + per-shape times of the default Mosaic configs at 128 / 256 rows vs XLA (~5 min)
 #   bash experiments/device_runs.sh cachewrite3 # K/V writes per layer vs per step at batch 1 / 4, two alternating runs each (~6 min)
+#   bash experiments/device_runs.sh attnsweep64 # attention configs at batch 64 x 8k / 32k and batch 1 x 32k, T 1 (~6.5 min)
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
 #   bash experiments/device_runs.sh sweepgrid8b  # issue 8's full grid (all modes, batch 1-256), resumable: run it until done (~9.5 min per call)
@@ -688,6 +689,14 @@ case "$stage" in
     step 200 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 8 --reps 3 --time-budget 180 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  attnsweep64)
+    # Issue 7: batch 64 reads its KV at 79-80% of 4.8 TB/s at 8k / 32k where batch 32 reaches
+    # 87-91% and the read floor 90% (attention_h200_full_f7709b4.md): the config sweep there, and
+    # batch 1 x 32k (67%, floor 72%, target 70%).
+    step 400 attnsweep64.log python3 experiments/bench_attention.py --sweep \
+      --sweep-points 64:8192:1,64:32768:1,1:32768:1 --reps 3 --time-budget 370 \
+      --commit "$COMMIT" --out "$OUT/attention_sweep_b64_h200.json"
     ;;
   attnsweep8)
     # Issue 7: batch 8 x 2k misses the 70% target (41-47% of 4.8 TB/s, attention_h200_full.md;
