@@ -69,6 +69,7 @@
 #   bash experiments/device_runs.sh bigmauto # the retuned 128 / 256-row configs: GPU tests + 8B batch 256 / 64 / 128 AR and gamma 1 (~9 min)
 #   bash experiments/device_runs.sh defaults256 # GPU tests + per-shape times of the default Mosaic configs at 128 / 256 rows vs XLA (~5 min)
 #   bash experiments/device_runs.sh cachewrite3 # K/V writes per layer vs per step at batch 1 / 4, two alternating runs each (~6 min)
+#   bash experiments/device_runs.sh attnst3    # GPU attention tests + batch 8 / 32 / 64 grid points after the 3-stage rule (~8 min)
 #   bash experiments/device_runs.sh attnsweep64 # attention configs at batch 64 x 8k / 32k and batch 1 x 32k, T 1 (~6.5 min)
 #   bash experiments/device_runs.sh attnsweep8  # attention configs at batch 8 x 2k (T 1 / 4 / 8) and 8 x 8k (~3 min)
 #   bash experiments/device_runs.sh xlaflags3   # 8B AR at batch 1 / 16 with XLA's PDL and block-level fusion flags (~6 min)
@@ -689,6 +690,16 @@ case "$stage" in
     step 200 attnpeers18.log python3 experiments/bench_attention.py --batches 1 8 \
       --contexts 2048 8192 32768 --ts 1 4 8 --reps 3 --time-budget 180 --commit "$COMMIT" \
       --out "$OUT/attention_b18_h200.json"
+    ;;
+  attnst3)
+    # Issue 7 after 3 stages for one-program-per-SM configs (128-key bf16 blocks: batch 8 x 32k,
+    # batch 32 / 64, windowed batch 16): GPU attention tests, then the batch 8 / 32 / 64 grid
+    # points at 2k-32k, T 1 / 4 / 8 (ours only: the peers ran at f7709b4, attention_h200_full_f7709b4.md).
+    step 200 attnst3_gpu_tests.log python3 -m pytest tests/gpu/test_attention_gpu.py -q -x \
+      -p no:cacheprovider -k "not chunked"
+    step 300 attnst3.log python3 experiments/bench_attention.py --ts 1 4 8 --batches 8 32 64 \
+      --contexts 2048 8192 32768 --impls ours --time-budget 270 --reps 3 --commit "$COMMIT" \
+      --out "$OUT/attention_st3_h200.json"
     ;;
   attnsweep64)
     # Issue 7: batch 64 reads its KV at 79-80% of 4.8 TB/s at 8k / 32k where batch 32 reaches

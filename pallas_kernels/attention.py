@@ -103,6 +103,7 @@ FEW_PROGRAMS_MAX_KEYS = 8192
 # programs) fastest with 8 splits, 11.1 / 24.8 us at 2k / 8k vs 12.7 / 33.2 with 4; batch 4 / 8
 # still fastest with 4 (2 at batch 8: 25.0 / 75.7 vs 24.9 / 74.9 us).
 FEW_PROGRAMS_SPLITS = 4
+SMEM_PER_SM = 227 * 1024        # H100 / H200 shared memory per SM (per block at most)
 ONE_PROGRAM_SMEM = 200 * 1024   # shared memory one program may take when alone on its SM (227 KB)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -298,8 +299,11 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     if num_stages is None:
         stage_bytes = 2 * block_k * hd * itemsize  # one K and one V tile
         num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2  # 227 KB of shared memory per SM
-        # One program per SM (few base programs) may take more of it: 3 stages.
-        if (num_stages == 2 and one_wave
+        # Where two programs of two stages cannot share an SM anyway (bf16 hd 128 x 128 keys:
+        # 64 KB a stage), the one program per SM takes a third stage: batch 64 x 8k / 32k
+        # 554 / 2290 -> 498 / 1975 us (attention_sweep_b64_h200_6d65aa3.md), batch 1 x 32k
+        # 56.2 -> 49.9 (attention_sweep_b1_h200_1f8d2a6.md).
+        if (num_stages == 2 and 2 * 2 * stage_bytes > SMEM_PER_SM
                 and 3 * stage_bytes + block_q * hd * itemsize <= ONE_PROGRAM_SMEM):
             num_stages = 3
     return AttnConfig(block_q, block_k, num_splits, num_warps, num_stages)

@@ -305,15 +305,18 @@ def test_default_config_batch1_sweep(monkeypatch):
     for T, S in ((1, 2048), (1, 8192), (4, 8192)):
         assert cfg(2, T, S) == (16, 64, 8, 4, 3), (T, S)
     assert cfg(8, 8, 2048) == (32, 64, 4, 4, 3)
-    # batch 8 x 32k / 32 (attention_h200_full.json): unchanged
-    assert cfg(8, 1, 32768) == (16, 128, 4, 4, 2)
+    # batch 8 x 32k / 32 / 64: one program per SM with 128-key blocks, so 3 stages (batch 64 x
+    # 8k / 32k 554 / 2290 -> 498 / 1975 us, attention_sweep_b64_h200_6d65aa3.md)
+    assert cfg(64, 1, 8192) == (16, 128, 1, 4, 3)
+    assert cfg(64, 1, 32768) == (16, 128, 1, 4, 3)
+    assert cfg(8, 1, 32768) == (16, 128, 4, 4, 3)
     assert cfg(8, 8, 512) == (32, 64, 2, 4, 3)
-    assert cfg(32, 1, 32768) == (16, 128, 1, 4, 2)
-    assert cfg(32, 4, 8192) == (16, 128, 1, 4, 2)
-    assert cfg(32, 8, 2048) == (32, 128, 1, 4, 2)
-    # windowed draft at batch 16 with a 4 + 2048 window: unchanged (not few base programs)
+    assert cfg(32, 1, 32768) == (16, 128, 1, 4, 3)
+    assert cfg(32, 4, 8192) == (16, 128, 1, 4, 3)
+    assert cfg(32, 8, 2048) == (32, 128, 1, 4, 3)
+    # windowed draft at batch 16 with a 4 + 2048 window (not few base programs): 3 stages too
     assert dataclasses.astuple(default_config(16, 1, 32, 8, 32768, 128, 2, window=(4, 2048))) == (
-        16, 128, 3, 4, 2)
+        16, 128, 3, 4, 3)
 
 
 # ----------------------------------------------------------------------------- windowed (issue 9)
