@@ -251,8 +251,9 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
     got cheap: attention_sweep_b1_h200_c64168d.md). Batch 2-8
     up to FEW_PROGRAMS_MAX_KEYS keys: 64-key blocks (attention_sweep_b8_h200_1f8d2a6.md: batch 8 x
     2k / 8k -> k64/s4/w4/st3), at most one wave of programs or FEW_PROGRAMS_SPLITS splits
-    (batch 2: 8, batch 4 / 8: 4; attention_sweep_b248_h200_fffd870.md); batch 8 x 32k and every
-    batch 32/64 point of the full grid unchanged."""
+    (batch 2: 8, batch 4 / 8: 4; attention_sweep_b248_h200_fffd870.md). One program per SM with
+    128-key bf16 blocks (batch 8 x 32k, batch 32 / 64): 3 stages (attention_sweep_b64_h200_6d65aa3.md);
+    32-row query blocks (T 8) there: 64-key blocks (attention_sweep_t8_h200_77a681c.md)."""
     R = T * (H // KVH)
     S_read = S  # keys one query tile reads at most (decode / verify: the cache)
     if window is not None:
@@ -271,6 +272,11 @@ def default_config(B: int, T: int, H: int, KVH: int, S: int, hd: int, itemsize: 
         # f32 hd 128: 64); 128-row query blocks (T * G = 128) take 64 keys to bound registers.
         block_k = min(128, KV_TILE_BYTES // (2 * hd * itemsize))
         if block_q >= 128:
+            block_k = min(block_k, 64)
+        # 32-row query blocks (verify T = 8 at GQA 4) from a wave of programs on: 64 keys
+        # (batch 32 x 8k: 264.6 us vs 307.0 / 311.1 with 128 keys x 3 / 2 stages,
+        # attention_sweep_t8_h200_77a681c.md); batch 1 keeps 128 (47.7 vs 50.9 us at 32k).
+        elif block_q >= 32 and not one_wave:
             block_k = min(block_k, 64)
         # Short caches: smaller key blocks leave enough of them to split over the SMs. Few base
         # programs: only when the larger blocks cannot make two splits of the minimum length

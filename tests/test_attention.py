@@ -313,7 +313,13 @@ def test_default_config_batch1_sweep(monkeypatch):
     assert cfg(8, 8, 512) == (32, 64, 2, 4, 3)
     assert cfg(32, 1, 32768) == (16, 128, 1, 4, 3)
     assert cfg(32, 4, 8192) == (16, 128, 1, 4, 3)
-    assert cfg(32, 8, 2048) == (32, 128, 1, 4, 3)
+    # 32-row query blocks (T 8) from a wave of programs on: 64-key blocks (batch 32 x 8k T 8:
+    # 264.6 vs 307.0 us, attention_sweep_t8_h200_77a681c.md; batch 8 / 32 / 64 x 2k-32k T 8 at
+    # 70-89% of 4.8 TB/s, attention_t8k64_h200_*.md); batch 1 keeps 128 keys (47.7 vs 50.9 us)
+    assert cfg(32, 8, 2048) == (32, 64, 1, 4, 3)
+    assert cfg(64, 8, 32768) == (32, 64, 1, 4, 3)
+    assert cfg(8, 8, 32768) == (32, 64, 4, 4, 3)
+    assert cfg(1, 8, 32768) == (32, 128, 16, 4, 3)
     # windowed draft at batch 16 with a 4 + 2048 window (not few base programs): 3 stages too
     assert dataclasses.astuple(default_config(16, 1, 32, 8, 32768, 128, 2, window=(4, 2048))) == (
         16, 128, 3, 4, 3)
