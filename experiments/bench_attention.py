@@ -366,16 +366,7 @@ def bench_point(B, ctx, T, impls, *, quick, reps, dtype, target_s, key, window=N
         if "us_median" in rf:
             point["read_floor_us"] = rf["us_median"]
             point["read_floor_pct_hbm"] = rf["pct_hbm"]
-    o = point["impls"]
-    for mine in ("ours", "ours_layer"):
-        if "us_median" in o.get(mine, {}):
-            for peer in ("xla", "decode_attention"):
-                if "us_median" in o.get(peer, {}):
-                    o[mine][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o[mine]["us_median"]
-    if "us_median" in o.get("ours_window", {}):
-        for peer in ("ours", "xla_window"):
-            if "us_median" in o.get(peer, {}):
-                o["ours_window"][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o["ours_window"]["us_median"]
+    _speedups(point["impls"])
     del prep
     gc.collect()
     return point
@@ -574,14 +565,46 @@ def run_sweep(args, doc, key):
         gc.collect()
 
 
+def _speedups(o):
+    """Each of our implementations' speedup over the peers timed at the same point."""
+    for mine, peers in (("ours", ("xla", "decode_attention")),
+                        ("ours_layer", ("xla", "decode_attention")),
+                        ("ours_window", ("ours", "xla_window"))):
+        if "us_median" in o.get(mine, {}):
+            for peer in peers:
+                if "us_median" in o.get(peer, {}):
+                    o[mine][f"speedup_vs_{peer}"] = o[peer]["us_median"] / o[mine]["us_median"]
+
+
 def merge(paths, out):
-    """Joins result files of several runs (e.g. split by --ts to fit the 10-minute limit)."""
+    """Joins result files of several runs (e.g. split by --ts to fit the 10-minute limit).
+
+    A point in several files is joined implementation by implementation, later files winning
+    (a re-run of "ours" alone after a kernel change keeps the peers timed earlier); each
+    implementation records the commit it ran at ("commit"), the point the read floor and
+    configuration of the file that timed "ours" last, and the speedups are recomputed."""
     docs = [json.load(open(p)) for p in paths]
     doc = dict(docs[0])
     key = lambda p: (p["T"], p["context"], p["batch"])  # noqa: E731
     points = {}
     for d in docs:
+        commit = (d.get("env") or {}).get("commit")
         for p in d.get("points", []):
+            p = json.loads(json.dumps(p))  # a copy
+            for r in p.get("impls", {}).values():
+                r.setdefault("commit", commit)
+            old = points.get(key(p))
+            if old is not None:
+                impls = {**old.get("impls", {}), **p.get("impls", {})}
+                if "ours" not in p.get("impls", {}):  # keep the floor / config of the last "ours"
+                    p = {**p, **{k: old[k] for k in ("ours_config", "read_floor_us",
+                                                     "read_floor_pct_hbm", "loop_overhead_us")
+                                 if k in old}}
+                p["impls"] = impls
+            for r in p.get("impls", {}).values():
+                for k in [k for k in r if k.startswith("speedup_vs_")]:
+                    del r[k]
+            _speedups(p.get("impls", {}))
             points[key(p)] = p
     doc["points"] = [points[k] for k in sorted(points)]
     done = {f"B={b} ctx={c} T={t}" for t, c, b in points}

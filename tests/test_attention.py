@@ -511,6 +511,20 @@ def test_bench_quick(tmp_path):
         # the read-only floor (XLA's reduction over the same K / V bytes) is timed beside them
         assert p["read_floor_us"] > 0 and p["read_floor_pct_hbm"] > 0
     assert "read floor us (%)" in (tmp_path / "attn.md").read_text()
+    # a later run of "ours" alone (after a kernel change) merged over it keeps the peers' times
+    # and recomputes the speedups against them; each implementation says which commit timed it
+    again = tmp_path / "again.json"
+    doc2 = bench_attention.main(["--quick", "--batches", "2", "--contexts", "256", "--ts", "4",
+                                 "--impls", "ours", "--out", str(again), "--commit", "later"])
+    merged = bench_attention.main(["--merge", str(out), str(again), "--out",
+                                   str(tmp_path / "merged.json")])
+    (p,) = merged["points"]
+    o, new = p["impls"], doc2["points"][0]["impls"]["ours"]
+    assert o["ours"]["us_median"] == new["us_median"] and o["ours"]["commit"] == "later"
+    assert o["xla"]["us_median"] == saved["points"][0]["impls"]["xla"]["us_median"]
+    assert o["xla"]["commit"] == "test" and o["ours_layer"]["commit"] == "test"
+    assert o["ours"]["speedup_vs_xla"] == o["xla"]["us_median"] / new["us_median"]
+    assert p["read_floor_us"] == doc2["points"][0]["read_floor_us"]
 
 
 def test_bench_quick_kernel_times(tmp_path):
