@@ -45,6 +45,7 @@ Caches above 4 GB are generated and checked in batch chunks (bounded memory).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -566,7 +567,11 @@ def run_sweep(args, doc, key):
 
 
 def _speedups(o):
-    """Each of our implementations' speedup over the peers timed at the same point."""
+    """Each of our implementations' speedup over the peers timed at the same point (stale
+    ratios, e.g. of a merged point whose peers came from another run, are dropped first)."""
+    for r in o.values():
+        for k in [k for k in r if k.startswith("speedup_vs_")]:
+            del r[k]
     for mine, peers in (("ours", ("xla", "decode_attention")),
                         ("ours_layer", ("xla", "decode_attention")),
                         ("ours_window", ("ours", "xla_window"))):
@@ -590,7 +595,7 @@ def merge(paths, out):
     for d in docs:
         commit = (d.get("env") or {}).get("commit")
         for p in d.get("points", []):
-            p = json.loads(json.dumps(p))  # a copy
+            p = copy.deepcopy(p)
             for r in p.get("impls", {}).values():
                 r.setdefault("commit", commit)
             old = points.get(key(p))
@@ -601,9 +606,6 @@ def merge(paths, out):
                                                      "read_floor_pct_hbm", "loop_overhead_us")
                                  if k in old}}
                 p["impls"] = impls
-            for r in p.get("impls", {}).values():
-                for k in [k for k in r if k.startswith("speedup_vs_")]:
-                    del r[k]
             _speedups(p.get("impls", {}))
             points[key(p)] = p
     doc["points"] = [points[k] for k in sorted(points)]
